@@ -1,0 +1,91 @@
+"""Every error ddpfleet raises for a user to read.
+
+    DdpfleetError                 one line: what, where, and the fix
+    ├── InventoryError            bad inventory file or flag (file:line: key: problem; fix)
+    ├── SandboxError              sandbox cannot be made here (not root, not Linux, ...)
+    ├── NodeError                 something about one node (carries .node)
+    │   ├── ConnectError          the node could not be reached
+    │   │   ├── Unreachable       timeout, refused, name resolution, lost connection
+    │   │   ├── AuthError         the server rejected our key
+    │   │   ├── HostKeyUnknown    not in any known_hosts: `invoke trust`
+    │   │   └── HostKeyChanged    differs from known_hosts: refused, never overwritten
+    │   └── CommandError          a remote command failed (node, command, exit code, stderr tail)
+    └── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
+
+SSH and socket exceptions become these at the connection boundary, so nothing above
+`ddpfleet.connection` handles paramiko's or socket's types.
+"""
+
+from __future__ import annotations
+
+
+class DdpfleetError(Exception):
+    """Base: str(err) is a complete one-line message for the user."""
+
+
+class InventoryError(DdpfleetError):
+    pass
+
+
+class SandboxError(DdpfleetError):
+    pass
+
+
+class PlanError(DdpfleetError):
+    pass
+
+
+class NodeError(DdpfleetError):
+    kind = "error"
+
+    def __init__(self, node: str, message: str):
+        self.node = node
+        self.message = message
+        super().__init__(f"{node}: {message}")
+
+
+class ConnectError(NodeError):
+    kind = "unreachable"
+
+
+class Unreachable(ConnectError):
+    pass
+
+
+class AuthError(ConnectError):
+    kind = "auth"
+
+
+class HostKeyUnknown(ConnectError):
+    kind = "host key unknown"
+
+    def __init__(self, node: str, host: str, fingerprint: str, key_type: str):
+        self.host, self.fingerprint, self.key_type = host, fingerprint, key_type
+        super().__init__(
+            node,
+            f"host key unknown ({key_type} {fingerprint} at {host}); "
+            f"check it, then run: invoke trust --nodes {node}",
+        )
+
+
+class HostKeyChanged(ConnectError):
+    kind = "host key changed"
+
+    def __init__(self, node: str, host: str, expected: str, got: str, known_hosts: str):
+        self.host, self.expected, self.got = host, expected, got
+        super().__init__(
+            node,
+            f"HOST KEY CHANGED for {host}: known_hosts has {expected}, the server offers {got}; "
+            f"refusing to connect (possible man-in-the-middle). If the node was really "
+            f"reinstalled, remove its line from {known_hosts} and run invoke trust",
+        )
+
+
+class CommandError(NodeError):
+    def __init__(self, node: str, command: str, exit_code: int | None, stderr: str = ""):
+        self.command, self.exit_code, self.stderr = command, exit_code, stderr
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        short = command if len(command) <= 80 else command[:77] + "..."
+        super().__init__(
+            node, f"command failed (exit {exit_code}): {short}" + (f": {tail}" if tail else "")
+        )

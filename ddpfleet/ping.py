@@ -1,0 +1,47 @@
+"""`invoke ping`: every node's reachability and basic facts, one round trip each."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ddpfleet.connection import Conn, Fleet
+from ddpfleet.errors import NodeError
+from ddpfleet.facts import FACTS_SCRIPT, human_kb, parse_facts
+from ddpfleet.report import table
+
+COLUMNS = ("node", "address", "reachable", "os", "arch", "python3", "free disk", "nvidia-smi",
+           "rtt ms")
+
+
+@dataclass(frozen=True)
+class Pong:
+    facts: dict[str, str]
+    rtt_ms: float
+
+
+def _probe(conn: Conn) -> Pong:
+    start = time.monotonic()
+    result = conn.run(FACTS_SCRIPT)
+    return Pong(parse_facts(result.stdout), (time.monotonic() - start) * 1000)
+
+
+def ping(fleet: Fleet) -> dict[str, Pong | NodeError]:
+    return fleet.map(_probe)
+
+
+def render(fleet: Fleet, results: dict[str, Pong | NodeError]):
+    rows = []
+    for node in fleet.nodes:
+        r = results[node.name]
+        if isinstance(r, NodeError):
+            rows.append((node.name, node.address, f"no ({r.kind}): {r.message}",
+                         "", "", "", "", "", ""))
+            continue
+        f = r.facts
+        rows.append((
+            node.name, node.address, "yes", f.get("os", "?"), f.get("arch", "?"),
+            f.get("python3") or "missing", human_kb(f.get("disk_free_kb", "")),
+            "yes" if f.get("nvidia_smi") else "no", f"{r.rtt_ms:.1f}",
+        ))
+    return table(None, COLUMNS, rows)

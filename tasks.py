@@ -1,0 +1,168 @@
+"""ddpfleet tasks: a table of contents. Each task resolves its flags, then calls the core."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from invoke import Collection, Exit, task
+
+from ddpfleet import inventory as inv
+from ddpfleet import report
+from ddpfleet.errors import DdpfleetError
+
+INVENTORY_HELP = "inventory file (default: $DDPFLEET_INVENTORY, else ./inventory.yaml)"
+NODES_HELP = "comma-separated node names (default: all nodes)"
+
+
+def cli(fn):
+    """User mistakes and node failures end as one line on stderr and exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(c, *args, **kwargs):
+        try:
+            return fn(c, *args, **kwargs)
+        except DdpfleetError as e:
+            raise Exit(f"error: {e}", code=1) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+
+    return wrapper
+
+
+def _fleet(inventory, nodes):
+    from ddpfleet.connection import Fleet
+
+    loaded = inv.load(inventory, nodes)
+    return Fleet(loaded)
+
+
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def ping(c, inventory=None, nodes=None):
+    """Reach every node in parallel: address, OS, arch, python3, disk, nvidia-smi, round trip."""
+    from ddpfleet import ping as ping_mod
+
+    with _fleet(inventory, nodes) as fleet:
+        results = ping_mod.ping(fleet)
+        report.show(ping_mod.render(fleet, results))
+        report.exit_if_failed(results, "ping")
+
+
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP,
+            "yes": "record every unknown key without asking"})
+@cli
+def trust(c, inventory=None, nodes=None, yes=False):
+    """Show each unknown node's host key fingerprint and record it in the project known_hosts."""
+    from ddpfleet import hostkeys
+
+    loaded = inv.load(inventory, nodes)
+    failures = []
+    for node in loaded.nodes:
+        try:
+            offered = hostkeys.scan(node)
+        except DdpfleetError as e:
+            failures.append(str(e))
+            report.err_console.print(f"{e}")
+            continue
+        if offered.known:
+            report.show(f"{node.name}: already trusted ({offered.name} {offered.fingerprint})")
+            continue
+        report.show(f"{node.name}: {offered.name} offers {offered.key.get_name()} "
+                    f"{offered.fingerprint}")
+        if not yes and not _confirm(f"trust {node.name}'s key?"):
+            failures.append(f"{node.name}: not trusted")
+            continue
+        hostkeys.record(offered, node.known_hosts)
+        report.show(f"{node.name}: recorded in {node.known_hosts}")
+    if failures:
+        raise DdpfleetError(f"trust failed: {'; '.join(failures)}")
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise DdpfleetError(f"{question} needs an answer: run in a terminal or pass --yes")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+# -- sandbox ----------------------------------------------------------------------------------
+
+
+def _sandbox_spec(inventory, count=None):
+    from ddpfleet import sandbox
+
+    loaded = inv.load(inventory, check_files=False)
+    return sandbox.spec_for(loaded, int(count) if count else None)
+
+
+@task(name="up", help={"inventory": INVENTORY_HELP,
+                       "nodes": "how many nodes (default: the inventory's nodes)"})
+@cli
+def sandbox_up(c, inventory=None, nodes=None):
+    """Bring up a real local cluster: netns + overlay root + sshd per node (root, Linux)."""
+    from ddpfleet import sandbox
+
+    spec, written = _sandbox_spec(inventory, nodes)
+    sandbox.preflight()
+    report.show(sandbox.render(sandbox.up(spec)))
+    if written:
+        report.show(f"inventory for {len(spec.nodes)} nodes: {written} (pass --inventory)")
+
+
+@task(name="down", help={"inventory": INVENTORY_HELP,
+                         "nodes": "how many nodes were brought up (default: the inventory's)"})
+@cli
+def sandbox_down(c, inventory=None, nodes=None):
+    """Remove every namespace, link, mount and process the sandbox made."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory, nodes)
+    sandbox.preflight()
+    sandbox.down(spec)
+    report.show(f"sandbox {spec.prefix}: down")
+
+
+@task(name="status", help={"inventory": INVENTORY_HELP, "nodes": "how many nodes"})
+@cli
+def sandbox_status(c, inventory=None, nodes=None):
+    """Each sandbox node: namespace, address, init pid, sshd listening."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory, nodes)
+    report.show(sandbox.render(sandbox.status(spec)))
+
+
+@task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to stop"})
+@cli
+def sandbox_stop(c, nodes, inventory=None):
+    """Stop sandbox nodes (sshd and every process in them) for fault tests; files are kept."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory)
+    sandbox.stop(spec, _names(spec, nodes))
+    report.show(f"stopped: {nodes}")
+
+
+@task(name="start", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to start"})
+@cli
+def sandbox_start(c, nodes, inventory=None):
+    """Start stopped sandbox nodes again, with the files they had."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory)
+    sandbox.start(spec, _names(spec, nodes))
+    report.show(f"started: {nodes}")
+
+
+def _names(spec, nodes: str) -> list[str]:
+    known = [n.name for n in spec.nodes]
+    names = [n.strip() for n in nodes.split(",") if n.strip()]
+    for name in names:
+        if name not in known:
+            raise DdpfleetError(f"--nodes: unknown sandbox node {name!r}; known: {', '.join(known)}")
+    return names
+
+
+sandbox_ns = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop,
+                        sandbox_start)
+ns = Collection(ping, trust, sandbox_ns)

@@ -1,0 +1,105 @@
+"""Inventory loading: every bad-input case is one line naming file, line, key and fix."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from ddpfleet import inventory as inv
+from ddpfleet.errors import InventoryError
+
+GOOD = """\
+cluster:
+  name: demo
+  master_port: 29500
+ssh:
+  user: root
+  key: id_test
+  connect_timeout: 3
+nodes:
+  node0: {host: 10.0.0.10, gpus: 8}
+  node1: {host: 10.0.0.11, gpus: 8, user: ubuntu, port: 2222}
+"""
+
+
+@pytest.fixture
+def write(tmp_path):
+    (tmp_path / "id_test").write_text("not really a key\n")
+
+    def _write(text: str):
+        p = tmp_path / "inventory.yaml"
+        p.write_text(textwrap.dedent(text))
+        return p
+
+    return _write
+
+
+def test_good_inventory_resolves_precedence(write, tmp_path):
+    i = inv.load(write(GOOD))
+    n0, n1 = i.nodes
+    assert (n0.user, n0.port, n0.gpus) == ("root", 22, 8)
+    assert (n1.user, n1.port) == ("ubuntu", 2222)  # node entry beats top level
+    assert n0.key == tmp_path / "id_test"  # relative to the inventory file
+    assert n0.known_hosts == tmp_path / ".ddpfleet/known_hosts"
+    assert i.cluster.master == "node0"  # default: first node
+    assert n0.connect_timeout == 3.0
+
+
+def test_env_var_and_default_path(write, tmp_path, monkeypatch):
+    p = write(GOOD)
+    monkeypatch.setenv(inv.ENV_VAR, str(p))
+    assert inv.load().path == p
+    monkeypatch.delenv(inv.ENV_VAR)
+    monkeypatch.chdir(tmp_path)
+    assert inv.load().path == p
+
+
+def test_select_keeps_order_and_rejects_unknown(write):
+    i = inv.load(write(GOOD))
+    assert [n.name for n in i.select("node1,node0").nodes] == ["node1", "node0"]
+    with pytest.raises(InventoryError, match=r"unknown node 'node7'.*known nodes .*node0, node1"):
+        i.select("node0,node7")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nodes:\n  node0: {host: [1\n", r"inventory.yaml:\d+: YAML syntax error"),
+        ("nodes:\n  node0: {host: a}\n  node0: {host: b}\n",
+         r"inventory.yaml:3: duplicate key 'node0' \(first at line 2\)"),
+        ("ssh:\n  user: a\n  user: b\nnodes: {n: {host: a}}\n",
+         r"inventory.yaml:3: duplicate key 'user'"),
+        ("nodes:\n  node0: {host: a, prot: 22}\n",
+         r"inventory.yaml:2: nodes.node0.prot: unknown key; did you mean 'port'\?"),
+        ("sssh: {}\nnodes: {n: {host: a}}\n", r"inventory.yaml:1: sssh: unknown key; did you mean 'ssh'"),
+        ("nodes:\n  a: {host: h1}\n  b: {host: h1}\n",
+         r"inventory.yaml:3: nodes.b.host: h1 is already node 'a'"),
+        ("nodes:\n  a: {host: h1, port: 70000}\n", r"inventory.yaml:2: nodes.a.port: must be an integer"),
+        ("ssh:\n  port: twenty\nnodes: {a: {host: h}}\n", r"inventory.yaml:2: ssh.port: must be an integer"),
+        ("ssh:\n  key: missing_key\nnodes: {a: {host: h}}\n",
+         r"inventory.yaml:2: ssh.key: key file .*missing_key not found; create it"),
+        ("nodes:\n  a: {gpus: 2}\n", r"inventory.yaml:2: nodes.a: missing host"),
+        ("nodes: {}\n", r"nodes: no nodes defined"),
+        ("cluster: {master: nodeX}\nnodes: {node0: {host: h}}\n",
+         r"inventory.yaml:1: cluster.master: 'nodeX' is not a node"),
+        ("- just\n- a list\n", r"inventory.yaml:1: the inventory must be a mapping"),
+    ],
+)
+def test_bad_inventory_is_one_line(write, text, message):
+    with pytest.raises(InventoryError, match=message) as e:
+        inv.load(write(text))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(InventoryError, match="inventory not found; pass --inventory"):
+        inv.load(tmp_path / "nope.yaml")
+
+
+def test_loaded_inventory_is_frozen(write):
+    i = inv.load(write(GOOD))
+    with pytest.raises(AttributeError):
+        i.nodes[0].host = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        i.nodes[0].vars["x"] = 1  # type: ignore[index]
