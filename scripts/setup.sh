@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what ddpfleet and its sandbox need on a fresh Debian/Ubuntu machine, as root:
+# the Debian packages (only those missing) and the controller's virtualenv in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(openssh-client openssh-server iproute2 python3-venv python3-pip util-linux procps rsync
+      pdsh chromium)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  # Keep the host's own sshd from being started by the package scripts.
+  made_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+  [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+if [ "${1:-}" = "--with-torch" ]; then
+  # The controller runs scripts/train_ddp.py in the unit tests; nodes get torch from bootstrap.
+  .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+fi
+echo "setup: ok (.venv ready)"
