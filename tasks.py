@@ -85,6 +85,33 @@ def _confirm(question: str) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
+@task(
+    help={
+        "inventory": INVENTORY_HELP, "nodes": NODES_HELP,
+        "check": "change nothing; report what would change",
+        "diff": "show the diff of every config file that changes (or would)",
+        "roles": "only these roles, e.g. miniconda,conda_env",
+        "skip_roles": "all roles but these",
+    }
+)
+@cli
+def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None,
+              skip_roles=None):
+    """Make every node ready for training: sshd hardened, Python env with torch, Jupyter."""
+    from ddpfleet import bootstrap as boot
+    from ddpfleet import roles as roles_mod
+
+    with _fleet(inventory, nodes) as fleet:
+        selected = roles_mod.select_roles(roles, skip_roles)
+        roles_mod.validate_sections(fleet.inventory, selected)
+        runs = boot.bootstrap(fleet, selected, check=check, diff=diff,
+                              log_dir=fleet.inventory.root / "logs")
+        bad = boot.failures(runs)
+        if bad:
+            raise DdpfleetError(f"bootstrap failed on {len({b.split(':')[0] for b in bad})} "
+                                f"node(s): " + "; ".join(bad))
+
+
 # -- sandbox ----------------------------------------------------------------------------------
 
 
@@ -165,4 +192,4 @@ def _names(spec, nodes: str) -> list[str]:
 
 sandbox_ns = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop,
                         sandbox_start)
-ns = Collection(ping, trust, sandbox_ns)
+ns = Collection(ping, trust, bootstrap, sandbox_ns)

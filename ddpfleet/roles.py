@@ -1,0 +1,299 @@
+"""The roles engine: roles in order on every node, nodes in parallel, steps reported.
+
+A role is a directory roles/<name>/ with
+    role.py        SECTION (its inventory section), applies(cfg, host) -> bool,
+                   apply(host, cfg) -> Iterator[Step], optional HANDLERS {name: fn(host, cfg)}
+    defaults.yaml  every knob, prefixed with the role name (miniconda_prefix: /opt/miniconda3)
+    templates/     jinja2 templates, rendered with host.template(name, **vars)
+
+cfg is the role's resolved settings, unprefixed and read-only:
+    defaults.yaml  <  inventory section (miniconda: {prefix: ...})  <  node vars (miniconda_prefix)
+
+A role reads what it needs through `host` (probe/run never change anything), changes the node
+only through host.change()/host.put() (both no-ops under --check), and yields one Step per thing
+it looked after: ok (already right), changed, skipped (with why) or failed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType, ModuleType
+from typing import Any, Callable, Iterator, Mapping
+
+import yaml
+
+from ddpfleet.connection import Conn, Result
+from ddpfleet.errors import CommandError, DdpfleetError, InventoryError, NodeError
+from ddpfleet.facts import FACTS_SCRIPT, parse_facts
+from ddpfleet.inventory import Inventory, Node, _did_you_mean
+
+ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
+ROLE_ORDER = ("openssh_server", "miniconda", "conda_env", "venv_env", "jupyter")
+STATUSES = ("ok", "changed", "failed", "skipped")
+
+
+@dataclass(frozen=True)
+class Step:
+    role: str
+    name: str
+    status: str  # one of STATUSES
+    reason: str = ""
+    diff: str = ""
+
+
+def ok(name: str, reason: str = "") -> Step:
+    return Step("", name, "ok", reason)
+
+
+def changed(name: str, reason: str = "", diff: str = "") -> Step:
+    return Step("", name, "changed", reason, diff)
+
+
+def skipped(name: str, reason: str) -> Step:
+    return Step("", name, "skipped", reason)
+
+
+def failed(name: str, reason: str) -> Step:
+    return Step("", name, "failed", reason)
+
+
+# -- loading roles and their settings --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    module: ModuleType
+    defaults: Mapping[str, Any]  # unprefixed
+    directory: Path
+
+    @property
+    def section(self) -> str:
+        return getattr(self.module, "SECTION", self.name)
+
+    def config(self, inventory: Inventory, node: Node, flags: Mapping[str, Any] | None = None
+               ) -> Mapping[str, Any]:
+        """defaults < inventory section < node vars (prefixed) < task flags."""
+        cfg = dict(self.defaults)
+        cfg.update({k: v for k, v in inventory.section(self.section).items() if k in cfg})
+        prefix = self.name + "_"
+        cfg.update({k[len(prefix):]: v for k, v in node.vars.items() if k.startswith(prefix)})
+        cfg.update(flags or {})
+        return MappingProxyType(cfg)
+
+
+def load_role(name: str, roles_dir: Path = ROLES_DIR) -> Role:
+    directory = roles_dir / name
+    spec = importlib.util.spec_from_file_location(f"ddpfleet_role_{name}", directory / "role.py")
+    if spec is None or not (directory / "role.py").is_file():
+        raise InventoryError(f"--roles: no role {name!r} (roles/{name}/role.py missing)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    raw = yaml.safe_load((directory / "defaults.yaml").read_text()) or {}
+    prefix = name + "_"
+    defaults = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    return Role(name, module, MappingProxyType(defaults), directory)
+
+
+def select_roles(only: str | None = None, skip: str | None = None) -> list[Role]:
+    names = list(ROLE_ORDER)
+    wanted = _split(only) or names
+    skipped_names = _split(skip)
+    for flag, given in (("--roles", wanted), ("--skip-roles", skipped_names)):
+        for n in given:
+            if n not in names:
+                raise InventoryError(f"{flag}: unknown role {n!r}{_did_you_mean(n, names)}; "
+                                     f"roles: {', '.join(names)}")
+    return [load_role(n) for n in names if n in wanted and n not in skipped_names]
+
+
+def validate_sections(inventory: Inventory, roles: list[Role]) -> None:
+    """Unknown keys in a role section are inventory mistakes: name the line and the fix."""
+    known: dict[str, set[str]] = {}
+    for role in [load_role(n) for n in ROLE_ORDER if (ROLES_DIR / n / "role.py").is_file()]:
+        known.setdefault(role.section, set()).update(role.defaults)
+    for section, keys in known.items():
+        for key in inventory.section(section):
+            if key not in keys:
+                raise InventoryError(
+                    f"{inventory.where(section, key)}: {section}.{key}: unknown key"
+                    f"{_did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
+                )
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+# -- what a role sees ------------------------------------------------------------------------
+
+
+@dataclass
+class Host:
+    """One node during one bootstrap: facts, read-only probes, and the only ways to change it."""
+
+    conn: Conn
+    inventory: Inventory
+    check: bool = False
+    diff: bool = False
+    facts: Mapping[str, str] = field(default_factory=dict)
+    role: Role | None = None
+    notified: list[str] = field(default_factory=list)
+    on_progress: Callable[[str], None] = lambda text: None
+
+    @property
+    def name(self) -> str:
+        return self.conn.name
+
+    @property
+    def node(self) -> Node:
+        return self.conn.node
+
+    def gather(self) -> None:
+        """Facts that cannot change during a run (OS, arch, init system), once per node."""
+        self.facts = MappingProxyType(self.probe(FACTS_SCRIPT))
+
+    def probe(self, script: str) -> dict[str, str]:
+        """Run a read-only sh script printing key=value lines; runs under --check too."""
+        return parse_facts(self.conn.run(script).stdout)
+
+    def run(self, command: str | list[str], stdin: str | bytes | None = None,
+            check: bool = True, timeout: float | None = None) -> Result:
+        """A read-only command: runs under --check too."""
+        return self.conn.run(command, stdin=stdin, check=check, timeout=timeout)
+
+    def change(self, command: str | list[str], stdin: str | bytes | None = None,
+               check: bool = True, timeout: float | None = None) -> Result | None:
+        """A command that changes the node; skipped under --check (returns None)."""
+        if self.check:
+            return None
+        self.on_progress(command if isinstance(command, str) else " ".join(command))
+        return self.conn.run(command, stdin=stdin, check=check, timeout=timeout)
+
+    def read_file(self, path: str) -> bytes | None:
+        try:
+            with self.conn.sftp().open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:  # permission denied and the like
+            raise CommandError(self.name, f"read {path}", None, str(e)) from None
+
+    def put(self, path: str, content: str | bytes, mode: int = 0o644, owner: str | None = None
+            ) -> tuple[bool, str]:
+        """Make a file hold exactly `content` with `mode`; returns (changed, diff text).
+
+        The file is written beside and renamed into place, so readers never see half of it.
+        """
+        data = content.encode() if isinstance(content, str) else content
+        current = self.read_file(path)
+        mode_now = None
+        if current is not None:
+            mode_now = self.conn.sftp().stat(path).st_mode & 0o7777
+        if current == data and mode_now == mode and owner is None:
+            return False, ""
+        text_diff = _diff(path, current, data) if self.diff else ""
+        if current == data and mode_now == mode and owner is not None:
+            owner_now = self.run(["stat", "-c", "%U", path]).stdout.strip()
+            if owner_now == owner:
+                return False, ""
+        if not self.check:
+            tmp = f"{path}.ddpfleet-tmp"
+            self.conn.put_bytes(data, tmp, mode)
+            if owner is not None:
+                self.conn.run(["chown", owner, tmp])
+            self.conn.run(["mv", "-f", tmp, path])
+        return True, text_diff
+
+    def template(self, name: str, **values: Any) -> str:
+        import jinja2
+
+        assert self.role is not None
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(self.role.directory / "templates")),
+            undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+        )
+        return env.get_template(name).render(**values)
+
+    def notify(self, handler: str) -> None:
+        if handler not in self.notified:
+            self.notified.append(handler)
+
+
+def _diff(path: str, old: bytes | None, new: bytes) -> str:
+    a = (old or b"").decode(errors="replace").splitlines(keepends=True)
+    b = new.decode(errors="replace").splitlines(keepends=True)
+    return "".join(difflib.unified_diff(a, b, f"{path} (node)", f"{path} (new)"))
+
+
+# -- running roles on one node ---------------------------------------------------------------
+
+
+@dataclass
+class NodeRun:
+    node: str
+    steps: list[Step] = field(default_factory=list)
+    unreachable: str = ""
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.steps if s.status == status)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.unreachable) or self.count("failed") > 0
+
+
+def run_roles(host: Host, roles: list[Role], flags: Mapping[str, Any] | None = None,
+              on_step: Callable[[str, Step], None] = lambda node, step: None) -> NodeRun:
+    """Roles in order on one node; a failed role stops this node's later roles."""
+    out = NodeRun(host.name)
+    start = time.monotonic()
+
+    def record(step: Step) -> None:
+        out.steps.append(step)
+        on_step(host.name, step)
+
+    try:
+        host.gather()
+        for role in roles:
+            cfg = role.config(host.inventory, host.node, flags)
+            host.role, host.notified = role, []
+            if not role.module.applies(cfg, host):
+                continue
+            if not _apply(host, role, cfg, record):
+                break
+    except NodeError as e:
+        if e.kind in ("unreachable",):
+            out.unreachable = e.message
+        else:
+            record(Step(host.role.name if host.role else "", "connect", "failed", e.message))
+    out.seconds = time.monotonic() - start
+    return out
+
+
+def _apply(host: Host, role: Role, cfg, record) -> bool:
+    try:
+        for step in role.module.apply(host, cfg):
+            record(Step(role.name, step.name, step.status, step.reason, step.diff))
+            if step.status == "failed":
+                return False
+        handlers = getattr(role.module, "HANDLERS", {})
+        for name in host.notified:
+            for step in handlers[name](host, cfg):
+                record(Step(role.name, step.name, step.status, step.reason, step.diff))
+                if step.status == "failed":
+                    return False
+    except NodeError as e:
+        if e.kind == "unreachable":
+            raise
+        record(Step(role.name, "error", "failed", e.message))
+        return False
+    except DdpfleetError as e:
+        record(Step(role.name, "error", "failed", str(e)))
+        return False
+    return True
