@@ -17,6 +17,7 @@ it looked after: ok (already right), changed, skipped (with why) or failed.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class Role:
         return MappingProxyType(cfg)
 
 
+@functools.lru_cache(maxsize=None)
 def load_role(name: str, roles_dir: Path = ROLES_DIR) -> Role:
     directory = roles_dir / name
     spec = importlib.util.spec_from_file_location(f"ddpfleet_role_{name}", directory / "role.py")
