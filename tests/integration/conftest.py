@@ -1,0 +1,93 @@
+"""A real 2-node sandbox cluster for the integration tests (one per test session).
+
+Its inventory is the project's inventory.yaml with its own prefix, subnet and state directory,
+so a test session never touches a sandbox someone brought up by hand. Override with
+DDPFLEET_TEST_PREFIX / DDPFLEET_TEST_SUBNET to run two sessions side by side.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+PREFIX = os.environ.get("DDPFLEET_TEST_PREFIX", "ddpi")
+SUBNET = os.environ.get("DDPFLEET_TEST_SUBNET", "10.215.0.0/24")
+
+
+def write_inventory(directory: Path, count: int = 2, prefix: str = PREFIX, subnet: str = SUBNET,
+                    **changes) -> Path:
+    """The project inventory, moved to `directory`, its own prefix/subnet, `count` nodes."""
+    data = yaml.safe_load((ROOT / "inventory.yaml").read_text())
+    net = ipaddress.IPv4Network(subnet)
+    data["sandbox"].update(prefix=prefix, subnet=subnet, state_dir=str(directory / "state"))
+    data["ssh"].update(key=str(directory / "state" / "id_ed25519"),
+                       known_hosts=str(directory / "known_hosts"))
+    data["nodes"] = {f"node{i}": {"host": str(net[10 + i])} for i in range(count)}
+    for key, value in changes.items():
+        data[key] = value
+    path = directory / "inventory.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    inventory: Path
+
+    @property
+    def data(self) -> dict:
+        return yaml.safe_load(self.inventory.read_text())
+
+    def env(self, **extra) -> dict:
+        return {**os.environ, "DDPFLEET_INVENTORY": str(self.inventory), "COLUMNS": "200",
+                **extra}
+
+    def invoke(self, *args: str, timeout: float = 900, inventory: Path | None = None,
+               **kw) -> subprocess.CompletedProcess:
+        env = self.env()
+        if inventory is not None:
+            env["DDPFLEET_INVENTORY"] = str(inventory)
+        return subprocess.run([*INVOKE, *args], cwd=self.dir, env=env, capture_output=True,
+                              text=True, timeout=timeout, **kw)
+
+    def address(self, node: str) -> str:
+        return self.data["nodes"][node]["host"]
+
+    def ssh(self, node: str, command: str, timeout: float = 60, **kw
+            ) -> subprocess.CompletedProcess:
+        """The system OpenSSH client, strict host keys, to check what a user would check."""
+        d = self.data
+        return subprocess.run(
+            ["ssh", "-i", d["ssh"]["key"], "-o", "BatchMode=yes", "-o",
+             "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={d['ssh']['known_hosts']}",
+             "-o", "ConnectTimeout=5", f"root@{self.address(node)}", command],
+            capture_output=True, text=True, timeout=timeout, **kw,
+        )
+
+    def logins(self, node: str) -> int:
+        """Accepted logins so far, from the node's own sshd log."""
+        out = self.ssh(node, "grep -c 'Accepted publickey' /var/log/sshd.log || true").stdout
+        return int(out.strip() or 0) - 1  # minus the login that asked
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Cluster:
+    directory = tmp_path_factory.mktemp("cluster")
+    c = Cluster(directory, write_inventory(directory))
+    up = c.invoke("sandbox.up", timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield c
+    finally:
+        down = c.invoke("sandbox.down", timeout=300)
+        assert down.returncode == 0, down.stdout + down.stderr
