@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 PREFIX = os.environ.get("DDPFLEET_TEST_PREFIX", "ddpi")
 SUBNET = os.environ.get("DDPFLEET_TEST_SUBNET", "10.215.0.0/24")
+USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()
 
 
 def write_inventory(directory: Path, count: int = 2, prefix: str = PREFIX, subnet: str = SUBNET,
