@@ -85,6 +85,20 @@ def _confirm(question: str) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def env_export(c, inventory=None, nodes=None):
+    """Write envs/<node>.yml (pip freeze / conda env export); show what differs between nodes."""
+    from ddpfleet import envexport
+
+    with _fleet(inventory, nodes) as fleet:
+        snapshots = envexport.collect(fleet)
+        for path in envexport.write(snapshots, fleet.inventory.root / "envs"):
+            report.show(f"wrote {path}")
+        report.show(envexport.render(snapshots))
+        report.exit_if_failed(snapshots, "env-export")
+
+
 @task(
     help={
         "inventory": INVENTORY_HELP, "nodes": NODES_HELP,
@@ -192,4 +206,4 @@ def _names(spec, nodes: str) -> list[str]:
 
 sandbox_ns = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop,
                         sandbox_start)
-ns = Collection(ping, trust, bootstrap, sandbox_ns)
+ns = Collection(ping, trust, bootstrap, env_export, sandbox_ns)

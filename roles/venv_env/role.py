@@ -1,0 +1,311 @@
+"""venv_env: `python3 -m venv` + pip: torch and the packages, optionally from a pushed wheelhouse.
+
+A converged node costs one probe: the node's python3 reports its platform, the env's python its
+stored spec hash and, from package metadata (no `import torch`, which takes seconds), torch's
+version and any missing package. `import torch` runs after an install only; what it reported is
+kept in the env and shown on later runs. Files the role keeps in the env:
+
+    <path>/.ddpfleet-spec.sha256   the spec installed and verified (written last: a failed or
+                                   cut-short install leaves the old hash, so the next run retries)
+    <path>/.ddpfleet-torch.json    what verify saw: torch, CUDA, cuda available, GPU count
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ddpfleet import wheelhouse
+from ddpfleet.roles import Step, changed, failed, ok, skipped
+from ddpfleet.wheelhouse import Spec, Target
+
+SECTION = "python_env"
+SPEC_FILE = ".ddpfleet-spec.sha256"
+RECORD_FILE = ".ddpfleet-torch.json"
+CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
+PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+
+# Run by the env's python with: spec file, record file, requirement names. It reads dist-info
+# directory names instead of importing importlib.metadata: ~5 ms instead of ~50 ms a node.
+ENV_PY = """
+import os, re, sys
+spec_file, record_file, *names = sys.argv[1:]
+def read(path):
+    try:
+        with open(path) as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return ""
+def key(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+dists = {}
+for d in sys.path:
+    if d.endswith("site-packages") and os.path.isdir(d):
+        for entry in os.listdir(d):
+            if entry.endswith(".dist-info"):
+                name, _, version = entry[:-10].partition("-")
+                dists.setdefault(key(name), version)
+print("env_python=%d.%d.%d" % sys.version_info[:3])
+print("env_spec=" + read(spec_file))
+print("env_torch=" + dists.get("torch", ""))
+print("env_missing=" + ",".join(n for n in names if key(n) not in dists))
+print("env_record=" + read(record_file))
+"""
+
+VERIFY_PY = """
+import json, platform, torch
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+                  "available": torch.cuda.is_available(), "gpus": torch.cuda.device_count(),
+                  "python": platform.python_version()}))
+"""
+
+
+def applies(cfg: Mapping[str, Any], host) -> bool:
+    return cfg["manager"] == "venv"
+
+
+def index_url(cfg: Mapping[str, Any], facts: Mapping[str, str]) -> str:
+    """'auto': the cu118 index on GPU nodes (nvidia-smi found), the CPU index elsewhere."""
+    if cfg["index_url"] != "auto":
+        return cfg["index_url"] or ""
+    return cfg["cuda_index_url"] if facts.get("nvidia_smi") else cfg["cpu_index_url"]
+
+
+def spec_for(cfg: Mapping[str, Any], facts: Mapping[str, str]) -> Spec:
+    return Spec(cfg["torch"], index_url(cfg, facts), tuple(cfg["packages"] or ()))
+
+
+def pin_problem(spec: Spec) -> str:
+    """A torch pin the cu118 index cannot serve, said before anything is downloaded."""
+    pinned = re.search(r"==\s*(\d+)\.(\d+)", spec.torch)
+    cu118 = spec.index_url.rstrip("/").endswith("/cu118")
+    if cu118 and pinned and (int(pinned[1]), int(pinned[2])) > CU118_LAST:
+        return (
+            f"{spec.torch} has no CUDA 11.8 wheels (the cu118 index ends at 2.7.x): "
+            "pin python_env.torch to torch==2.5.1 or set python_env.index_url"
+        )
+    return ""
+
+
+def requirement_name(requirement: str) -> str:
+    """'torch==2.5.1' -> 'torch'; 'jupyterlab[full]>=4' -> 'jupyterlab'."""
+    return re.split(r"[\s<>=!~;\[@(]", requirement.strip(), maxsplit=1)[0]
+
+
+def probe_script(path: str, names: list[str]) -> str:
+    """One round trip: the node's python3 (platform, for the wheelhouse) and the env's state."""
+    py = f"{path}/bin/python"
+    env = shlex.join(
+        [py, "-I", "-c", ENV_PY, f"{path}/{SPEC_FILE}", f"{path}/{RECORD_FILE}", *names]
+    )
+    base = shlex.join(["python3", "-c", wheelhouse.TARGET_PY])
+    cfg_file = shlex.quote(f"{path}/pyvenv.cfg")
+    return (
+        f"{base} 2>/dev/null\n[ -f {cfg_file} ] && echo env_cfg=1\n"
+        f"[ -x {shlex.quote(py)} ] && {env} 2>/dev/null\ntrue"
+    )
+
+
+def drift(state: Mapping[str, str], digest: str, path: str) -> str:
+    """Why the env is not converged ('' when it is)."""
+    if not state.get("env_python"):
+        return f"no working venv at {path}"
+    if state.get("env_spec") != digest:
+        return "spec changed" if state.get("env_spec") else "no spec recorded"
+    if not state.get("env_torch"):
+        return "torch not installed"
+    if state.get("env_missing"):
+        return f"missing: {state['env_missing']}"
+    if _record(state).get("torch") != state["env_torch"]:
+        return f"torch {state['env_torch']} installed outside ddpfleet"
+    return ""
+
+
+def install_commands(python: str, spec: Spec, wheel_dir: str | None) -> list[list[str]]:
+    """pip argv lists for the node. A wheelhouse install ignores the node's pip config, so the
+    wheelhouse is the only source; otherwise torch comes from its index, the rest from pip's."""
+    if wheel_dir is not None:
+        return [
+            [
+                "env",
+                "PIP_CONFIG_FILE=/dev/null",
+                python,
+                *PIP,
+                "--no-index",
+                "--find-links",
+                wheel_dir,
+                *spec.requirements,
+            ]
+        ]
+    if not spec.index_url:
+        return [[python, *PIP, *spec.requirements]]
+    commands = [[python, *PIP, "--index-url", spec.index_url, spec.torch]]
+    if spec.packages:
+        commands.append([python, *PIP, *spec.requirements])
+    return commands
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    return (
+        f"torch {record.get('torch')}, CUDA {record.get('cuda') or 'none'}, "
+        f"cuda available: {'yes' if record.get('available') else 'no'}, "
+        f"GPUs: {record.get('gpus', 0)}"
+    )
+
+
+def _record(state: Mapping[str, str]) -> dict:
+    try:
+        return json.loads(state.get("env_record") or "{}")
+    except ValueError:
+        return {}
+
+
+# -- apply -------------------------------------------------------------------------------------
+
+
+class Env:
+    """One apply's view of the env: what the role decided from the probe, passed to each step.
+
+    A plain class, not a dataclass: the engine loads role.py without registering it in
+    sys.modules, which dataclasses need under postponed annotations.
+    """
+
+    def __init__(self, host, cfg: Mapping[str, Any], spec: Spec, state: Mapping[str, str]):
+        self.host, self.cfg, self.spec, self.state = host, cfg, spec, state
+        self.why = drift(state, spec.digest(), cfg["path"])
+
+    @property
+    def path(self) -> str:
+        return self.cfg["path"]
+
+    @property
+    def python(self) -> str:
+        return f"{self.path}/bin/python"
+
+    def progress(self, text: str) -> None:
+        getattr(self.host, "on_progress", lambda t: None)(text)
+
+
+PAST = {"install": "installed", "create": "created", "recreate": "recreated"}
+
+
+def _did(env: Env, action: str) -> str:
+    """'create X' -> 'created X', or 'would create X' under --check."""
+    if env.host.check:
+        return "would " + action
+    verb, _, rest = action.partition(" ")
+    return f"{PAST[verb]} {rest}"
+
+
+def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
+    spec = spec_for(cfg, host.facts)
+    problem = pin_problem(spec)
+    if problem:
+        yield failed("torch", problem)
+        return
+    names = [requirement_name(r) for r in spec.requirements]
+    state = host.probe(probe_script(cfg["path"], names))
+    env = Env(host, cfg, spec, state)
+    if not env.why:
+        yield ok("venv", f"{env.path} (python {state['env_python']})")
+        yield ok("packages", f"spec {spec.digest()[:12]} installed: {', '.join(spec.requirements)}")
+        yield ok("verify", describe(_record(state)) + " (verified at install)")
+        return
+    for step_fn in (_venv_support, _venv, _wheelhouse, _packages, _verify):
+        step = step_fn(env)
+        if step is not None:
+            yield step
+            if step.status == "failed":
+                return
+
+
+def _venv_support(env: Env) -> Step | None:
+    """Debian/Ubuntu split venv's ensurepip into python3-venv; without it `venv` fails."""
+    if env.state.get("env_python") or env.state.get("base_ensurepip") == "1":
+        return None
+    if not env.state.get("base_python"):
+        return failed("python3-venv", "no python3 on the node: install python3 (>= 3.9)")
+    facts = env.host.facts
+    if "debian" not in (facts.get("os_id", ""), *facts.get("os_like", "").split()):
+        return failed(
+            "python3-venv",
+            "python3 has no ensurepip, so `python3 -m venv` cannot "
+            "work: install your distribution's python3 venv package",
+        )
+    apt = [
+        "env",
+        "DEBIAN_FRONTEND=noninteractive",
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "python3-venv",
+    ]
+    result = env.host.change(apt, check=False)
+    if result is not None and not result.ok:  # stale or absent package lists
+        env.host.change(["apt-get", "update", "-q"])
+        env.host.change(apt)
+    return changed("python3-venv", _did(env, "install python3-venv (ensurepip for venv)"))
+
+
+def _venv(env: Env) -> Step:
+    if env.state.get("env_python"):
+        return ok("venv", f"{env.path} (python {env.state['env_python']})")
+    # --clear only where a venv already is (its python no longer runs): never empty a directory
+    # that is not a venv.
+    clear = ["--clear"] if env.state.get("env_cfg") else []
+    env.host.change(["python3", "-m", "venv", *clear, env.path])
+    what = "recreate broken venv" if clear else "create"
+    base = env.state.get("base_python", "?")
+    return changed("venv", _did(env, f"{what} {env.path} (python3 {base})"))
+
+
+def _wheelhouse(env: Env) -> Step | None:
+    if not env.cfg["wheelhouse"]:
+        return None
+    target = Target.from_probe(env.state)
+    remote = env.cfg["wheelhouse_dir"]
+    if env.host.check:
+        return changed(
+            "wheelhouse",
+            f"would fetch wheels for {target.tag} and send the node the ones {remote} lacks",
+        )
+    cache = env.host.inventory.root / ".ddpfleet" / "wheelhouse"
+    files = wheelhouse.fetch(cache, env.spec, target, env.progress)
+    env.host.change(["mkdir", "-p", remote])
+    count, size = wheelhouse.push(env.host.conn.sftp(), remote, files, env.progress)
+    if not count:
+        return ok("wheelhouse", f"{len(files)} wheels for {target.tag} already in {remote}")
+    return changed(
+        "wheelhouse",
+        f"sent {count} of {len(files)} wheels for {target.tag} "
+        f"({size / 2**20:.0f} MiB) to {remote}",
+    )
+
+
+def _packages(env: Env) -> Step:
+    wheel_dir = env.cfg["wheelhouse_dir"] if env.cfg["wheelhouse"] else None
+    source = "the wheelhouse" if wheel_dir else (env.spec.index_url or "pip's configured index")
+    what = f"{', '.join(env.spec.requirements)} from {source} ({env.why})"
+    if env.host.check:
+        return changed("packages", f"would install {what}")
+    outputs = [env.host.change(argv) for argv in install_commands(env.python, env.spec, wheel_dir)]
+    if not any("Successfully installed" in r.stdout for r in outputs if r is not None):
+        return ok("packages", f"already satisfied: {', '.join(env.spec.requirements)}")
+    return changed("packages", f"installed {what}")
+
+
+def _verify(env: Env) -> Step:
+    if env.host.check:
+        return skipped("verify", "--check: nothing installed to import yet")
+    result = env.host.run([env.python, "-c", VERIFY_PY], check=False, timeout=600)
+    if not result.ok:
+        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        return failed("verify", f"`import torch` failed in {env.path}: {tail}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    env.host.put(f"{env.path}/{RECORD_FILE}", json.dumps(record, sort_keys=True) + "\n")
+    env.host.put(f"{env.path}/{SPEC_FILE}", env.spec.digest() + "\n")
+    return ok("verify", describe(record))

@@ -1,0 +1,281 @@
+"""venv_env: node state in (one probe's answer), steps and commands out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import MappingProxyType, SimpleNamespace
+
+import pytest
+
+from ddpfleet.roles import load_role
+from tests.roles.fakehost import FACTS, FakeHost, apply
+
+ROLE = load_role("venv_env").module
+PATH = "/opt/ddpfleet/venv"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+CU118 = "https://download.pytorch.org/whl/cu118"
+RECORD = {"torch": "2.5.1+cpu", "cuda": None, "available": False, "gpus": 0, "python": "3.11.2"}
+VERIFY_OUT = json.dumps(RECORD)
+GPU_FACTS = MappingProxyType({**FACTS, "nvidia_smi": "/usr/bin/nvidia-smi"})
+BASE = {
+    "base_python": "3.11.2",
+    "base_py": "3.11",
+    "base_impl": "cp",
+    "base_abi": "cp311",
+    "base_plat": "linux-x86_64",
+    "base_glibc": "2.36",
+    "base_ensurepip": "1",
+}
+
+
+def digest(facts=FACTS, **cfg) -> str:
+    return ROLE.spec_for({**load_role("venv_env").defaults, **cfg}, facts).digest()
+
+
+def probe(
+    env: bool = True,
+    spec: str | None = None,
+    torch: str = "2.5.1+cpu",
+    missing: str = "",
+    record: dict | None = None,
+    **base,
+) -> str:
+    """What the node answers to the role's probe: base python facts, then the env's state."""
+    lines = {**BASE, **base}
+    if env:
+        lines.update(
+            env_cfg="1",
+            env_python="3.11.2",
+            env_spec=digest() if spec is None else spec,
+            env_torch=torch,
+            env_missing=missing,
+            env_record=json.dumps(RECORD if record is None else record),
+        )
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def host(
+    probe_out: str,
+    facts=FACTS,
+    check: bool = False,
+    pip_out: str = "Successfully installed torch-2.5.1",
+    verify_code: int = 0,
+    tmp: Path | None = None,
+) -> FakeHost:
+    return FakeHost(
+        answers=[
+            (r"base_ensurepip", 0, probe_out),
+            (r"-m pip install", 0, pip_out),
+            (
+                r"torch\.cuda\.device_count",
+                verify_code,
+                VERIFY_OUT if verify_code == 0 else "ImportError: libfoo.so",
+            ),
+        ],
+        facts=facts,
+        check=check,
+        inventory=SimpleNamespace(root=tmp or Path("/nonexistent")),
+    )
+
+
+def run(h: FakeHost, **cfg):
+    steps, _ = apply("venv_env", h, manager="venv", **cfg)
+    return [(s.name, s.status) for s in steps], steps
+
+
+def test_applies_only_to_the_venv_manager():
+    assert ROLE.applies({"manager": "venv"}, None)
+    assert not ROLE.applies({"manager": "conda"}, None)
+
+
+def test_absent_env_is_created_and_installed_from_the_cpu_index():
+    h = host(probe(env=False))
+    statuses, steps = run(h)
+    assert statuses == [("venv", "changed"), ("packages", "changed"), ("verify", "ok")]
+    pip = f"{PATH}/bin/python -m pip install --disable-pip-version-check --no-input"
+    assert h.changes == [
+        f"python3 -m venv {PATH}",
+        f"{pip} --index-url {CPU_INDEX} torch==2.5.1",
+        f"{pip} torch==2.5.1 jupyterlab",
+    ]
+    assert h.written[f"{PATH}/.ddpfleet-spec.sha256"] == (digest() + "\n").encode()
+    assert json.loads(h.written[f"{PATH}/.ddpfleet-torch.json"]) == RECORD
+    assert steps[-1].reason == "torch 2.5.1+cpu, CUDA none, cuda available: no, GPUs: 0"
+
+
+def test_converged_env_costs_one_probe_and_changes_nothing():
+    h = host(probe())
+    statuses, steps = run(h)
+    assert statuses == [("venv", "ok"), ("packages", "ok"), ("verify", "ok")]
+    assert h.changes == [] and h.written == {}
+    assert len(h.ran) == 1  # the probe: no `import torch`, no pip
+    assert "torch 2.5.1+cpu" in steps[-1].reason
+
+
+def test_changed_spec_reinstalls_into_the_existing_env():
+    h = host(probe(spec="0" * 64))
+    statuses, steps = run(h)
+    assert statuses == [("venv", "ok"), ("packages", "changed"), ("verify", "ok")]
+    assert not any("-m venv" in c for c in h.changes)
+    assert any("pip install" in c for c in h.changes)
+    assert "spec changed" in steps[1].reason
+    assert h.written[f"{PATH}/.ddpfleet-spec.sha256"] == (digest() + "\n").encode()
+
+
+def test_new_package_in_the_inventory_is_a_changed_spec():
+    spec = digest()
+    h = host(probe(spec=spec))
+    statuses, _ = run(h, packages=["jupyterlab", "numpy"])
+    assert ("packages", "changed") in statuses
+    assert any(c.endswith("torch==2.5.1 jupyterlab numpy") for c in h.changes)
+
+
+@pytest.mark.parametrize(
+    "state, why",
+    [
+        ({"missing": "jupyterlab"}, "missing: jupyterlab"),
+        ({"torch": ""}, "torch not installed"),
+        ({"torch": "2.4.0"}, "torch 2.4.0 installed outside ddpfleet"),
+    ],
+)
+def test_drift_inside_the_env_is_repaired(state, why):
+    h = host(probe(**state))
+    statuses, steps = run(h)
+    assert ("packages", "changed") in statuses
+    assert why in steps[1].reason
+
+
+def test_check_reports_what_would_change_and_changes_nothing():
+    h = host(probe(env=False), check=True)
+    statuses, steps = run(h)
+    assert statuses == [("venv", "changed"), ("packages", "changed"), ("verify", "skipped")]
+    assert steps[0].reason.startswith("would create")
+    assert h.changes == [] and h.written == {}
+    assert [c for c in h.ran if "base_ensurepip" not in c] == []
+
+
+def test_check_on_a_converged_env_is_all_ok():
+    h = host(probe(), check=True)
+    statuses, _ = run(h)
+    assert {s for _, s in statuses} == {"ok"}
+    assert h.changes == []
+
+
+def test_gpu_node_gets_the_cu118_index():
+    h = host(probe(env=False), facts=GPU_FACTS)
+    run(h)
+    assert any(f"--index-url {CU118} torch==2.5.1" in c for c in h.changes)
+
+
+def test_cpu_only_pin_on_a_gpu_node_is_refused_before_anything_runs():
+    h = host(probe(env=False), facts=GPU_FACTS)
+    statuses, steps = run(h, torch="torch==2.13.0")
+    assert statuses == [("torch", "failed")]
+    assert "cu118 index ends at 2.7.x" in steps[0].reason
+    assert h.ran == []
+
+
+def test_explicit_empty_index_url_means_one_pip_install_from_pips_own_config():
+    h = host(probe(env=False), facts=GPU_FACTS)
+    run(h, torch="torch==2.13.0", index_url="")
+    pips = [c for c in h.changes if "pip install" in c]
+    pip = f"{PATH}/bin/python -m pip install --disable-pip-version-check --no-input"
+    assert pips == [f"{pip} torch==2.13.0 jupyterlab"]
+
+
+def test_wheelhouse_pushes_then_installs_offline(monkeypatch, tmp_path):
+    fetched, pushed = [], []
+    wheels = [tmp_path / "torch-2.5.1+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"]
+    monkeypatch.setattr(
+        ROLE.wheelhouse,
+        "fetch",
+        lambda cache, spec, target, progress: fetched.append((cache, target.tag)) or wheels,
+    )
+    monkeypatch.setattr(
+        ROLE.wheelhouse,
+        "push",
+        lambda sftp, remote, files, progress: pushed.append((remote, files)) or (1, 2**20),
+    )
+    h = host(probe(env=False), tmp=tmp_path)
+    h.conn = SimpleNamespace(sftp=lambda: "sftp")
+    statuses, _ = run(h, wheelhouse=True)
+    assert statuses == [
+        ("venv", "changed"),
+        ("wheelhouse", "changed"),
+        ("packages", "changed"),
+        ("verify", "ok"),
+    ]
+    assert fetched == [(tmp_path / ".ddpfleet" / "wheelhouse", "cp311-manylinux_2_36_x86_64")]
+    assert pushed == [("/var/cache/ddpfleet/wheelhouse", wheels)]
+    assert h.changes[-1] == (
+        f"env PIP_CONFIG_FILE=/dev/null {PATH}/bin/python -m pip install "
+        "--disable-pip-version-check --no-input --no-index --find-links "
+        "/var/cache/ddpfleet/wheelhouse torch==2.5.1 jupyterlab"
+    )
+
+
+def test_wheelhouse_with_everything_already_on_the_node_is_ok(monkeypatch, tmp_path):
+    monkeypatch.setattr(ROLE.wheelhouse, "fetch", lambda *a: [tmp_path / "a.whl"])
+    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a: (0, 0))
+    h = host(probe(spec="0" * 64), tmp=tmp_path)
+    h.conn = SimpleNamespace(sftp=lambda: None)
+    statuses, _ = run(h, wheelhouse=True)
+    assert ("wheelhouse", "ok") in statuses
+
+
+def test_wheelhouse_under_check_downloads_and_sends_nothing(monkeypatch):
+    monkeypatch.setattr(ROLE.wheelhouse, "fetch", lambda *a: pytest.fail("fetched under --check"))
+    h = host(probe(env=False), check=True)
+    statuses, _ = run(h, wheelhouse=True)
+    assert ("wheelhouse", "changed") in statuses
+    assert h.changes == []
+
+
+def test_debian_without_ensurepip_gets_python3_venv():
+    h = host(probe(env=False, base_ensurepip="0"))
+    statuses, _ = run(h)
+    assert statuses[0] == ("python3-venv", "changed")
+    assert h.changes[0] == ("env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv")
+
+
+def test_non_debian_without_ensurepip_fails_with_the_fix():
+    facts = MappingProxyType({**FACTS, "os_id": "alpine"})
+    h = host(probe(env=False, base_ensurepip="0"), facts=facts)
+    statuses, steps = run(h)
+    assert statuses == [("python3-venv", "failed")]
+    assert "venv package" in steps[0].reason
+
+
+def test_broken_venv_is_recreated_with_clear():
+    h = host(probe(env=False) + "env_cfg=1\n")
+    run(h)
+    assert h.changes[0] == f"python3 -m venv --clear {PATH}"
+
+
+def test_failed_import_fails_verify_and_keeps_the_old_hash():
+    h = host(probe(env=False), verify_code=1)
+    statuses, steps = run(h)
+    assert statuses[-1] == ("verify", "failed")
+    assert "ImportError: libfoo.so" in steps[-1].reason
+    assert h.written == {}
+
+
+def test_install_that_changed_nothing_is_ok():
+    h = host(probe(spec=""), pip_out="Requirement already satisfied: torch")
+    statuses, _ = run(h)
+    assert ("packages", "ok") in statuses
+
+
+@pytest.mark.parametrize(
+    "requirement, name",
+    [
+        ("torch==2.5.1", "torch"),
+        ("jupyterlab[full]>=4", "jupyterlab"),
+        ("numpy", "numpy"),
+        ("foo ; python_version<'3.12'", "foo"),
+        ("bar @ https://x/y.whl", "bar"),
+    ],
+)
+def test_requirement_name(requirement, name):
+    assert ROLE.requirement_name(requirement) == name
