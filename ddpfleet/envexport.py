@@ -197,7 +197,8 @@ def render(snapshots: Mapping[str, Snapshot | NodeError]) -> Group:
     parts: list = []
     if snaps and not rows:
         count = len(next(iter(snaps.values())).packages)
-        parts.append(Text(f"all nodes identical: {same}; {count} packages"))
+        who = "all nodes identical" if len(snaps) > 1 else f"{next(iter(snaps))} only"
+        parts.append(Text(f"{who}: {same}; {count} packages"))
     elif rows:
         parts.append(report.table("what differs between nodes", ("", *snaps), rows))
         if same:

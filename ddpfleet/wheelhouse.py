@@ -32,7 +32,7 @@ from ddpfleet.errors import DdpfleetError
 MANYLINUX_FLOOR = {"x86_64": 5, "i686": 5}
 MANYLINUX_DEFAULT_FLOOR = 17
 LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
-SAVED = re.compile(r"^(?:Saved|File was already downloaded) (.+\.whl)\s*$", re.MULTILINE)
+SAVED = re.compile(r"^\s*(?:Saved|File was already downloaded) (.+\.whl)\s*$", re.MULTILINE)
 
 # Run by the node's python3 (stdlib only); prints what pip download needs to know, e.g.
 #   base_python=3.11.2  base_py=3.11  base_impl=cp  base_abi=cp311
@@ -194,6 +194,11 @@ def fetch(
             for argv in download_commands(spec, target, tag_dir):
                 on_progress(f"pip download for {target.tag}: {' '.join(argv[-3:])}")
                 names += saved_wheels(_pip(argv))
+            if not names:
+                raise DdpfleetError(
+                    f"controller: pip download for {target.tag} named no wheels; "
+                    f"run it by hand: {' '.join(argv)}"
+                )
             files = [tag_dir / n for n in dict.fromkeys(names)]
             manifest.write_text("".join(f"{f.name}\n" for f in files))
     return files

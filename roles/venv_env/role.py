@@ -27,6 +27,7 @@ SPEC_FILE = ".ddpfleet-spec.sha256"
 RECORD_FILE = ".ddpfleet-torch.json"
 CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-yq", "python3-venv"]
 
 # Run by the env's python with: spec file, record file, requirement names. It reads dist-info
 # directory names instead of importing importlib.metadata: ~5 ms instead of ~50 ms a node.
@@ -128,18 +129,8 @@ def install_commands(python: str, spec: Spec, wheel_dir: str | None) -> list[lis
     """pip argv lists for the node. A wheelhouse install ignores the node's pip config, so the
     wheelhouse is the only source; otherwise torch comes from its index, the rest from pip's."""
     if wheel_dir is not None:
-        return [
-            [
-                "env",
-                "PIP_CONFIG_FILE=/dev/null",
-                python,
-                *PIP,
-                "--no-index",
-                "--find-links",
-                wheel_dir,
-                *spec.requirements,
-            ]
-        ]
+        offline = ["env", "PIP_CONFIG_FILE=/dev/null", python, *PIP, "--no-index", "--find-links"]
+        return [[*offline, wheel_dir, *spec.requirements]]
     if not spec.index_url:
         return [[python, *PIP, *spec.requirements]]
     commands = [[python, *PIP, "--index-url", spec.index_url, spec.torch]]
@@ -235,19 +226,10 @@ def _venv_support(env: Env) -> Step | None:
             "python3 has no ensurepip, so `python3 -m venv` cannot "
             "work: install your distribution's python3 venv package",
         )
-    apt = [
-        "env",
-        "DEBIAN_FRONTEND=noninteractive",
-        "apt-get",
-        "install",
-        "-y",
-        "-q",
-        "python3-venv",
-    ]
-    result = env.host.change(apt, check=False)
+    result = env.host.change(APT_VENV, check=False)
     if result is not None and not result.ok:  # stale or absent package lists
         env.host.change(["apt-get", "update", "-q"])
-        env.host.change(apt)
+        env.host.change(APT_VENV)
     return changed("python3-venv", _did(env, "install python3-venv (ensurepip for venv)"))
 
 

@@ -108,7 +108,7 @@ def test_saved_wheels_reads_pips_output():
     out = (
         "Collecting torch==2.13.0\n"
         "Saved /c/t/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl\n"
-        "File was already downloaded /c/t/filelock-3.16.1-py3-none-any.whl\n"
+        "  File was already downloaded /c/t/filelock-3.16.1-py3-none-any.whl\n"
         "Saved /c/t/filelock-3.16.1-py3-none-any.whl\n"
         "Successfully downloaded torch filelock\n"
     )
