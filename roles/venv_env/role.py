@@ -29,8 +29,8 @@ CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
 APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-yq", "python3-venv"]
 
-# Run by the env's python with: spec file, record file, requirement names. It reads dist-info
-# directory names instead of importing importlib.metadata: ~5 ms instead of ~50 ms a node.
+# Run by the env's python after wheelhouse.TARGET_PY, with: spec file, record file, requirement
+# names. It reads dist-info directory names instead of importing importlib.metadata (~50 ms).
 ENV_PY = """
 import os, re, sys
 spec_file, record_file, *names = sys.argv[1:]
@@ -97,16 +97,17 @@ def requirement_name(requirement: str) -> str:
 
 
 def probe_script(path: str, names: list[str]) -> str:
-    """One round trip: the node's python3 (platform, for the wheelhouse) and the env's state."""
+    """One round trip, one python start: the env's python reports the env and its platform (the
+    wheelhouse's target); the node's python3 reports the platform only where the env is absent or
+    broken."""
     py = f"{path}/bin/python"
-    env = shlex.join(
-        [py, "-I", "-c", ENV_PY, f"{path}/{SPEC_FILE}", f"{path}/{RECORD_FILE}", *names]
-    )
+    spec, record = f"{path}/{SPEC_FILE}", f"{path}/{RECORD_FILE}"
+    env = shlex.join([py, "-I", "-c", wheelhouse.TARGET_PY + ENV_PY, spec, record, *names])
     base = shlex.join(["python3", "-c", wheelhouse.TARGET_PY])
     cfg_file = shlex.quote(f"{path}/pyvenv.cfg")
     return (
-        f"{base} 2>/dev/null\n[ -f {cfg_file} ] && echo env_cfg=1\n"
-        f"[ -x {shlex.quote(py)} ] && {env} 2>/dev/null\ntrue"
+        f"[ -f {cfg_file} ] && echo env_cfg=1\n"
+        f"{{ [ -x {shlex.quote(py)} ] && {env}; }} 2>/dev/null || {base} 2>/dev/null\ntrue"
     )
 
 
