@@ -126,6 +126,56 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
                                 f"node(s): " + "; ".join(bad))
 
 
+@task(
+    iterable=["env"],
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": "comma-separated nodes; node_rank = position (default: all, the master first)",
+        "script": "training script, relative to --project-dir (default: scripts/train_ddp.py)",
+        "args": "arguments for the script, one string, e.g. \"--epochs 3\"",
+        "nproc_per_node": "processes per node: auto (the node's GPUs, 1 without) or N",
+        "master_port": "rendezvous port on the master (default: cluster.master_port)",
+        "env": "K=V for every rank, repeatable: --env NCCL_DEBUG=INFO --env A=B",
+        "run_id": "name of the run (default: date-time-random); logs go to logs/<run-id>/",
+        "project_dir": "the directory mirrored to the nodes (default: the current one)",
+        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code)",
+    },
+)
+@cli
+def train(c, inventory=None, nodes=None, script=None, args="", nproc_per_node="auto",
+          master_port=None, env=None, run_id=None, project_dir=".", code_dir=None):
+    """Run torchrun on every node as one gang: plan, preflight, sync, live output, logs."""
+    import shlex
+    from pathlib import Path
+
+    from ddpfleet import envs, launch
+    from ddpfleet.connection import Fleet
+
+    loaded = inv.load(inventory, nodes)
+    flags = launch.TrainFlags(
+        nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
+        script=script or launch.DEFAULT_SCRIPT,
+        args=tuple(shlex.split(args or "")),
+        nproc_per_node=str(nproc_per_node),
+        master_port=_port(master_port),
+        env=launch.parse_env(env or []),
+        run_id=launch.check_run_id(run_id or launch.new_run_id()),
+        project_dir=Path(project_dir),
+        code_dir=code_dir or launch.DEFAULT_CODE_DIR,
+    )
+    python = {n.name: envs.env_python(loaded, n) for n in loaded.nodes}
+    with Fleet(loaded) as fleet:
+        launch.train(fleet, flags, python, log_root=loaded.root / "logs")
+
+
+def _port(value) -> int | None:
+    if value in (None, ""):
+        return None
+    if not str(value).isdigit() or not 1 <= int(value) <= 65535:
+        raise DdpfleetError(f"--master-port {value!r}: use a port from 1 to 65535")
+    return int(value)
+
+
 # -- sandbox ----------------------------------------------------------------------------------
 
 
@@ -206,4 +256,4 @@ def _names(spec, nodes: str) -> list[str]:
 
 sandbox_ns = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop,
                         sandbox_start)
-ns = Collection(ping, trust, bootstrap, env_export, sandbox_ns)
+ns = Collection(ping, trust, bootstrap, env_export, train, sandbox_ns)

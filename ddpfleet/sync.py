@@ -1,0 +1,197 @@
+"""Mirror the project directory to every node, sending only what changed.
+
+    files = project_files(Path("."))              # what the project is, honouring .gitignore
+    change = diff(files, remote_manifest)         # pure: what to send, what to delete
+    stats = push(conn, python, code_dir, root, files, change)   # one exec channel, one tar
+
+The node's manifest comes from node_helper.py's `probe` (sha256 of every file under the code
+dir), so a sync of an unchanged tree costs no channel at all. In a git work tree the file list
+is `git ls-files -co --exclude-standard` (tracked plus untracked-but-not-ignored); elsewhere a
+walk. Either way logs/, envs/, .venv, .ddpfleet and .git at the top, and __pycache__ anywhere,
+stay home: run output, environments, keys, and bytecode for another Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shlex
+import stat
+import subprocess
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpfleet.errors import CommandError, PlanError
+
+ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".ddpfleet", ".git")
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+# Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
+# stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
+HELPER_LOADER = ("import sys;b=sys.stdin.buffer;"
+                 "exec(compile(b.read(int(b.readline())),'{name}','exec'))")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One synced path: kind 'f' (file) or 'l' (symlink), exec bit, sha256 (of the target for
+    a symlink). Same shape as a line of the node's manifest."""
+
+    kind: str
+    executable: bool
+    sha256: str
+
+    def as_list(self) -> list:
+        return [self.kind, self.executable, self.sha256]
+
+
+@dataclass(frozen=True)
+class Change:
+    send: tuple[str, ...]
+    delete: tuple[str, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.send and not self.delete
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    sent: int
+    bytes: int
+    deleted: int
+    script: bool  # the training script is on the node after the sync
+
+
+def left_out(rel: str) -> bool:
+    parts = rel.split("/")
+    return parts[0] in ALWAYS_LEFT_OUT or "__pycache__" in parts
+
+
+def listed_paths(root: Path) -> list[str]:
+    """Relative paths the project consists of: git's view when root is in a work tree."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
+                             capture_output=True, check=True, timeout=60).stdout
+        return sorted({p for p in out.decode().split("\0") if p})
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        pass
+    found = []
+    for top, dirs, files in os.walk(root):
+        rel_top = Path(top).relative_to(root).as_posix()
+        dirs[:] = [d for d in dirs if not left_out(d if rel_top == "." else f"{rel_top}/{d}")]
+        found += [f if rel_top == "." else f"{rel_top}/{f}" for f in files]
+        found += [d if rel_top == "." else f"{rel_top}/{d}" for d in dirs
+                  if (Path(top) / d).is_symlink()]
+    return sorted(found)
+
+
+def entry(path: Path) -> Entry | None:
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return Entry("l", False, hashlib.sha256(os.readlink(path).encode()).hexdigest())
+    if not stat.S_ISREG(st.st_mode):
+        return None  # a submodule's directory, a socket: not part of the mirror
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return Entry("f", bool(st.st_mode & 0o100), h.hexdigest())
+
+
+def project_files(root: Path) -> dict[str, Entry]:
+    """{relative path: Entry} for everything that is mirrored to the nodes."""
+    files = {}
+    for rel in listed_paths(root):
+        if left_out(rel):
+            continue
+        try:
+            found = entry(root / rel)
+        except FileNotFoundError:  # tracked but deleted in the work tree
+            continue
+        if found is not None:
+            files[rel] = found
+    return files
+
+
+def diff(local: Mapping[str, Entry], remote: Mapping[str, list]) -> Change:
+    """What to send (new or different) and what to delete (gone from the project)."""
+    send = tuple(p for p, e in sorted(local.items()) if list(remote.get(p, ())) != e.as_list())
+    delete = tuple(sorted(p for p in remote if p not in local))
+    return Change(send, delete)
+
+
+class _ChannelWriter(io.RawIOBase):
+    """A file object for tarfile's stream mode that writes into an SSH channel."""
+
+    def __init__(self, chan):
+        self.chan, self.bytes = chan, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.chan.sendall(bytes(data))
+        self.bytes += len(data)
+        return len(data)
+
+
+def write_tar(out, root: Path, files: Mapping[str, Entry], paths: tuple[str, ...]) -> None:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for rel in paths:
+            info = tar.gettarinfo(str(root / rel), arcname=rel)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o755 if files[rel].executable else 0o644
+            if info.isreg():
+                with open(root / rel, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+
+
+def helper_source(name: str) -> bytes:
+    """How a node helper travels: its length on one line, then its source (see HELPER_LOADER)."""
+    source = (SCRIPTS_DIR / name).read_bytes()
+    return str(len(source)).encode() + b"\n" + source
+
+
+def helper_command(python: str, name: str, *args: str) -> str:
+    """`python -c LOADER args...` run with helper_source(name) first on stdin, quoted once."""
+    return shlex.join([python, "-u", "-c", HELPER_LOADER.format(name=name), *args])
+
+
+def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry],
+         change: Change, script: str, remote: Mapping[str, list]) -> SyncStats:
+    """One exec channel on `conn` (a connection.Conn): node_helper.py `apply`, then a JSON
+    line of deletions, then the tar of what changed. Nothing changed: no channel at all, and
+    the node's own manifest (`remote`, hashed there) says whether the script is there."""
+    if change.empty:
+        return SyncStats(0, 0, 0, script in remote)
+    chan = conn.transport.open_session(timeout=conn.node.connect_timeout)
+    chan.set_combine_stderr(True)
+    chan.exec_command(helper_command(python, "node_helper.py", "apply", code_dir, script))
+    chan.sendall(helper_source("node_helper.py"))
+    chan.sendall(json.dumps({"delete": list(change.delete)}).encode() + b"\n")
+    writer = _ChannelWriter(chan)
+    write_tar(writer, root, files, change.send)
+    chan.shutdown_write()
+    out = b"".join(iter(lambda: chan.recv(65536), b"")).decode(errors="replace")
+    code = chan.recv_exit_status()
+    chan.close()
+    if code != 0:
+        raise CommandError(conn.name, f"sync to {code_dir}", code, out)
+    report = json.loads(out.strip().splitlines()[-1])
+    return SyncStats(report["written"], writer.bytes, report["deleted"], report["script"])
+
+
+def require(files: Mapping[str, Entry], script: str, root: Path) -> None:
+    """The training script must be part of what is mirrored, or the nodes will not have it."""
+    rel = Path(script).as_posix()
+    if rel not in files:
+        why = "not found" if not (root / rel).exists() else "left out (.gitignore, logs/, envs/ ...)"
+        raise PlanError(f"--script {script}: {why} in the synced project {root}; "
+                        "pass a path relative to --project-dir")

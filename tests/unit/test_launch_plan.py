@@ -1,0 +1,213 @@
+"""The launch plan is pure: inventory + flags + per-node facts in, exact torchrun argv out."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from ddpfleet import inventory as inv
+from ddpfleet import launch
+from ddpfleet.errors import PlanError
+from ddpfleet.launch import NodeFacts, Outcome, TrainFlags
+
+PY = "/opt/ddpfleet/venv/bin/python"
+NODES = """\
+nodes:
+  node0: {host: 10.0.0.10}
+  node1: {host: 10.0.0.11}
+  node2: {host: 10.0.0.12}
+"""
+
+
+def load(tmp_path, text: str = NODES, head: str = "cluster: {name: demo}\n") -> inv.Inventory:
+    p = tmp_path / "inventory.yaml"
+    p.write_text(head + textwrap.dedent(text))
+    return inv.load(p, check_files=False)
+
+
+def facts(name: str, **kw) -> NodeFacts:
+    ip = {"node0": "10.0.0.10", "node1": "10.0.0.11", "node2": "10.0.0.12"}[name]
+    base = {"python": PY, "home": "/root", "ssh_host": ip, "torch": "2.13.0+cpu",
+            "addrs": {"lo": ("127.0.0.1",), "eth0": (ip,)}, "master_resolved": "10.0.0.10",
+            "route_dev": "eth0"}
+    return NodeFacts(**{**base, **kw})
+
+
+def all_facts(**kw) -> dict[str, NodeFacts]:
+    return {n: facts(n, **kw) for n in ("node0", "node1", "node2")}
+
+
+def flags(**kw) -> TrainFlags:
+    return TrainFlags(**{"run_id": "r1", **kw})
+
+
+def test_argv_is_exact_and_ranks_follow_nodes_order(tmp_path):
+    p = launch.plan(load(tmp_path), flags(nodes=("node1", "node0"), args=("--epochs", "2")),
+                    all_facts())
+    assert [(n.node, n.rank) for n in p.nodes] == [("node1", 0), ("node0", 1)]
+    assert p.master == "node1" and p.master_addr == "10.0.0.11" and p.master_port == 29500
+    assert p.nodes[1].argv == (
+        PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1",
+        "--master-addr", "10.0.0.11", "--master-port", "29500", "--nproc-per-node", "1",
+        "--rdzv-id", "r1", "--log-dir", "/root/ddpfleet/demo/runs/r1", "--tee", "3",
+        "scripts/train_ddp.py", "--epochs", "2",
+    )
+    assert p.nodes[0].cwd == "/root/ddpfleet/demo/code"
+
+
+def test_default_order_is_inventory_order_with_the_master_first(tmp_path):
+    i = load(tmp_path, head="cluster: {name: demo, master: node2}\n")
+    p = launch.plan(i, flags(), all_facts())
+    assert [n.node for n in p.nodes] == ["node2", "node0", "node1"]
+    assert p.master_addr == "10.0.0.12"
+
+
+def test_explicit_master_not_first_in_nodes_is_refused(tmp_path):
+    i = load(tmp_path, head="cluster: {name: demo, master: node1}\n")
+    with pytest.raises(PlanError, match="put node1 first"):
+        launch.plan(i, flags(nodes=("node0", "node1")), all_facts())
+
+
+def test_master_port_flag_beats_inventory(tmp_path):
+    i = load(tmp_path, head="cluster: {name: demo, master_port: 29600}\n")
+    assert launch.plan(i, flags(), all_facts()).master_port == 29600
+    p = launch.plan(i, flags(master_port=31000), all_facts())
+    assert p.master_port == 31000 and "31000" in p.nodes[1].argv
+
+
+def test_master_name_is_resolved_by_a_worker_not_by_the_master(tmp_path):
+    f = all_facts()
+    # The master resolves its own name to Debian's 127.0.1.1; the workers see its real address.
+    f["node0"] = facts("node0", ssh_host="gpu-a", master_resolved="127.0.1.1")
+    for w in ("node1", "node2"):
+        f[w] = facts(w, master_resolved="10.0.0.10")
+    p = launch.plan(load(tmp_path), flags(), f)
+    assert p.master_addr == "10.0.0.10"
+    assert p.nodes[0].env["GLOO_SOCKET_IFNAME"] == "eth0"
+
+
+def test_unresolvable_master_name_is_refused(tmp_path):
+    f = {n: facts(n, master_resolved=None) for n in ("node0", "node1")}
+    f["node0"] = facts("node0", ssh_host="gpu-a", master_resolved=None)
+    with pytest.raises(PlanError, match="node1: cannot resolve the master's host 'gpu-a'"):
+        launch.plan(load(tmp_path), flags(nodes=("node0", "node1")), f)
+
+
+def test_env_has_run_id_threads_and_socket_interfaces(tmp_path):
+    f = all_facts()
+    f["node1"] = facts("node1", route_dev="ib0")
+    f["node2"] = facts("node2", route_dev=None)
+    p = launch.plan(load(tmp_path), flags(env=(("NCCL_DEBUG", "INFO"), ("OMP_NUM_THREADS", "4"))),
+                    f)
+    e0, e1, e2 = (n.env for n in p.nodes)
+    assert e0["DDPFLEET_RUN_ID"] == "r1" and e0["PYTHONUNBUFFERED"] == "1"
+    assert e0["GLOO_SOCKET_IFNAME"] == "eth0" and e0["NCCL_SOCKET_IFNAME"] == "=eth0"
+    assert e1["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert "GLOO_SOCKET_IFNAME" not in e2  # unknown: left to gloo/NCCL
+    assert e0["NCCL_DEBUG"] == "INFO" and e0["OMP_NUM_THREADS"] == "4"
+
+
+def test_omp_threads_default_is_one(tmp_path):
+    assert launch.plan(load(tmp_path), flags(), all_facts()).nodes[0].env["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize(("inventory_gpus", "probed", "expected"), [
+    ("", {"node0": 4, "node1": 4, "node2": 4}, 4),          # nvidia-smi counts
+    ("", {"node0": 0, "node1": 0, "node2": 0}, 1),          # no GPUs: one process
+    ("gpus: 8", {"node0": 2, "node1": 2, "node2": 2}, 8),   # inventory wins over the probe
+])
+def test_auto_nproc(tmp_path, inventory_gpus, probed, expected):
+    text = NODES.replace("}", f", {inventory_gpus}}}" if inventory_gpus else "}")
+    f = {n: facts(n, gpus=g) for n, g in probed.items()}
+    p = launch.plan(load(tmp_path, text), flags(), f)
+    assert p.nproc == expected and f"{expected}" == p.nodes[0].argv[12]
+
+
+def test_unequal_gpu_counts_are_refused(tmp_path):
+    f = {"node0": facts("node0", gpus=8), "node1": facts("node1", gpus=4),
+         "node2": facts("node2", gpus=8)}
+    with pytest.raises(PlanError, match=r"different GPU counts \(node0: 8, node1: 4, node2: 8\)"):
+        launch.plan(load(tmp_path), flags(), f)
+
+
+def test_explicit_nproc(tmp_path):
+    assert launch.plan(load(tmp_path), flags(nproc_per_node="2"), all_facts()).nproc == 2
+    with pytest.raises(PlanError, match="--nproc-per-node 'zero'"):
+        launch.plan(load(tmp_path), flags(nproc_per_node="zero"), all_facts())
+
+
+def test_env_flag_parsing():
+    assert launch.parse_env(["A=1", "B=x=y", "C="]) == (("A", "1"), ("B", "x=y"), ("C", ""))
+    for bad in ("A", "1A=2", "A B=1", "DDPFLEET_RUN_ID=x"):
+        with pytest.raises(PlanError):
+            launch.parse_env([bad])
+
+
+def test_run_id_must_be_safe_in_paths():
+    assert launch.check_run_id("exp-1.a_b") == "exp-1.a_b"
+    for bad in ("../x", "a/b", "", "-x", "a b"):
+        with pytest.raises(PlanError):
+            launch.check_run_id(bad)
+
+
+def test_versions_must_match_and_name_both():
+    f = all_facts()
+    assert launch.check_versions(f) == []
+    f["node1"] = facts("node1", torch="2.0.0+fake")
+    (line,) = launch.check_versions(f)
+    assert "torch versions differ" in line
+    assert "2.13.0+cpu on node0, node2" in line and "2.0.0+fake on node1" in line
+    f["node2"] = facts("node2", torch=None)
+    assert launch.check_versions(f) == [
+        f"node2: torch is not installed in {PY}'s env; run invoke bootstrap"]
+
+
+def test_cuda_and_nccl_versions_compared_too():
+    f = {"node0": facts("node0", cuda="11.8", nccl="2.21.5"),
+         "node1": facts("node1", cuda="12.1", nccl="2.21.5")}
+    (line,) = launch.check_versions(f)
+    assert line.startswith("cuda versions differ") and "12.1 on node1" in line
+
+
+def test_plan_table_masks_secret_looking_user_env(tmp_path):
+    fl = flags(env=(("WANDB_API_KEY", "s3cret"), ("NCCL_DEBUG", "INFO")))
+    p = launch.plan(load(tmp_path), fl, all_facts())
+    from rich.console import Console
+
+    console = Console(width=400, record=True)
+    console.print(launch.render_plan(p, fl.env))
+    text = console.export_text()
+    assert "s3cret" not in text and "WANDB_API_KEY=***" in text and "NCCL_DEBUG=INFO" in text
+    assert "--node-rank 2" in text
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("[default0]:rank 0/4: first step", (2, "rank 0/4: first step")),
+    ("[default1]:Traceback (most recent call last):", (3, "Traceback (most recent call last):")),
+    ("W0101 torchrun warning [default0]: not a prefix", (None,
+                                                         "W0101 torchrun warning [default0]: not a prefix")),
+])
+def test_rank_prefix_becomes_the_global_rank(line, expected):
+    assert launch.split_rank(line, node_rank=1, nproc=2) == expected
+
+
+def test_rank_log_names():
+    node = launch.NodePlan("node1", 1, "h", (), {}, "/c", "/l")
+    assert launch.local_log_name(node, 2, "r1_ab/attempt_0/1/stderr.log") == "node1-rank3.stderr.log"
+    assert launch.local_log_name(node, 2, "r1_ab/attempt_2/0/stdout.log") == \
+        "node1-rank2.attempt2.stdout.log"
+    assert launch.local_log_name(node, 2, "r1_ab/attempt_0/filtered_stdout.log") == \
+        "node1-filtered_stdout.log"
+
+
+def test_first_failure_is_the_earliest_evidence_not_the_first_exit():
+    # node1's rank raised (traceback at t=1.0) but its torchrun exited after node0's, whose
+    # ranks only failed because node1's rank was gone (traceback at t=1.2).
+    node0 = Outcome("node0", state="failed", exit_code=1, rank=0, evidence_at=1.2)
+    node1 = Outcome("node1", state="failed", exit_code=1, rank=3, evidence_at=1.0)
+    assert launch.first_failure([node0, node1]) is node1
+    assert launch.first_failure([Outcome("node0", state="ok"),
+                                 Outcome("node1", state="stopped")]) is None
+    msg = launch.failure_message(node1, [node0, node1])
+    assert msg.startswith("training failed: node1 rank 3 failed first (exit 1); node0 failed")
