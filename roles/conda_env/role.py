@@ -1,0 +1,231 @@
+"""conda_env: the training env from a rendered environment.yml, with the node's conda.
+
+Created when absent (`conda env create`), updated only when the rendered spec's hash differs from
+the one stored in the env (`conda env update --prune`); never `conda create --yes`, which deletes
+an existing env (facts.md A6). Verified by the env's own python importing torch. Env binaries are
+called by absolute path, never through `conda run` (it does not forward signals, facts.md A5).
+
+Files the role keeps on the node:
+
+    <prefix>/ddpfleet/<name>.environment.yml   the spec conda was given
+    <env>/.ddpfleet-spec.sha256                its hash, written last (after verify): a failed or
+                                               cut-short run leaves the old one, so the next retries
+    <env>/.ddpfleet-torch.json                 what verify saw: torch, CUDA, cuda available, GPUs
+
+A converged node costs one probe: a few file reads, no conda and no python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
+
+SECTION = "python_env"
+SPEC_FILE = ".ddpfleet-spec.sha256"
+RECORD_FILE = ".ddpfleet-torch.json"
+TOS_ERROR = "CondaToSNonInteractiveError"
+TOS_HINT = (
+    "set `miniconda: {accept_tos: true}` to accept Anaconda's Terms of Service for "
+    "repo.anaconda.com, or `miniconda: {flavor: miniforge}` for conda-forge, which needs no consent"
+)
+
+# $1 miniconda prefix, $2 env prefix.
+PROBE = rf"""
+p=$1 e=$2
+[ -x "$p/bin/conda" ] && echo conda=1
+[ -e "$e" ] && echo env_dir=1
+[ -d "$e/conda-meta" ] && echo env=1
+echo "spec=$(cat "$e/{SPEC_FILE}" 2>/dev/null)"
+echo "record=$(tr -d '\n' <"$e/{RECORD_FILE}" 2>/dev/null)"
+true
+"""
+
+VERIFY_PY = """
+import json, platform, torch
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+                  "available": torch.cuda.is_available(), "gpus": torch.cuda.device_count(),
+                  "python": platform.python_version()}))
+"""
+
+
+def applies(cfg: Mapping[str, Any], host) -> bool:
+    return cfg["manager"] == "conda"
+
+
+def miniconda_cfg(host) -> Mapping[str, Any]:
+    """The miniconda role's settings for this node: prefix, flavor, accept_tos."""
+    return load_role("miniconda").config(host.inventory, host.node)
+
+
+def cpu_only(cfg: Mapping[str, Any], facts: Mapping[str, str]) -> bool:
+    """'auto': the cpuonly variant on nodes without nvidia-smi."""
+    setting = cfg["cpu_only"]
+    if str(setting).lower() == "auto":
+        return not facts.get("nvidia_smi")
+    return setting is True or str(setting).lower() in ("true", "yes", "1")
+
+
+def channels(cfg: Mapping[str, Any], flavor: str, cpu: bool) -> list[str]:
+    if cfg["channels"] != "auto":
+        return [str(c) for c in cfg["channels"]]
+    base = "defaults" if flavor == "miniconda" else "conda-forge"
+    return ["pytorch", *([] if cpu else ["nvidia"]), base]
+
+
+def needs_tos(miniconda: Mapping[str, Any], chans: list[str]) -> bool:
+    """Miniconda's conda checks the Terms of Service of every active repo.anaconda.com channel,
+    and `defaults` is active unless the spec lists nodefaults (facts.md A7)."""
+    if miniconda["flavor"] != "miniconda" or miniconda["accept_tos"]:
+        return False
+    return "nodefaults" not in chans
+
+
+def render(host, cfg: Mapping[str, Any], chans: list[str], cpu: bool) -> str:
+    return host.template(
+        "environment.yml.j2",
+        env_name=cfg["name"],
+        channels=chans,
+        python=cfg["python"],
+        pytorch=cfg["pytorch"],
+        torchvision=cfg["torchvision"],
+        torchaudio=cfg["torchaudio"],
+        cuda="" if cpu else cfg["cuda"],
+        mkl=cfg["mkl"] or "",
+        conda_packages=list(cfg["conda_packages"] or ()),
+        pip_packages=list(cfg["pip_packages"] or ()),
+    )
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    return (
+        f"torch {record.get('torch')}, CUDA {record.get('cuda') or 'none'}, "
+        f"cuda available: {'yes' if record.get('available') else 'no'}, "
+        f"GPUs: {record.get('gpus', 0)}"
+    )
+
+
+class Env:
+    """One apply's view of the env (a plain class: role.py is not in sys.modules)."""
+
+    def __init__(self, host, cfg: Mapping[str, Any]):
+        self.host, self.cfg = host, cfg
+        self.miniconda = miniconda_cfg(host)
+        self.prefix = self.miniconda["prefix"]
+        self.path = f"{self.prefix}/envs/{cfg['name']}"
+        self.conda = f"{self.prefix}/bin/conda"
+        self.yml = f"{self.prefix}/ddpfleet/{cfg['name']}.environment.yml"
+        self.cpu = cpu_only(cfg, host.facts)
+        self.channels = channels(cfg, self.miniconda["flavor"], self.cpu)
+        self.text = render(host, cfg, self.channels, self.cpu)
+        self.digest = hashlib.sha256(self.text.encode()).hexdigest()
+        self.state = host.probe(shlex.join(["sh", "-c", PROBE, "sh", self.prefix, self.path]))
+
+    @property
+    def variant(self) -> str:
+        gpu = "cpuonly" if self.cpu else f"pytorch-cuda={self.cfg['cuda']}"
+        return f"python {self.cfg['python']}, pytorch {self.cfg['pytorch']}, {gpu}"
+
+    @property
+    def record(self) -> dict:
+        try:
+            return json.loads(self.state.get("record") or "{}")
+        except ValueError:
+            return {}
+
+    @property
+    def current(self) -> bool:
+        return bool(self.state.get("env")) and self.state.get("spec") == self.digest
+
+
+def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
+    env = Env(host, cfg)
+    if env.current and env.record:
+        yield ok("environment.yml", f"spec {env.digest[:12]} ({env.variant})")
+        yield ok("env", f"{env.path} matches its spec")
+        yield ok("verify", describe(env.record) + " (verified at install)")
+        return
+    for step_fn in (_preflight, _spec_file, _env, _verify):
+        step = step_fn(env)
+        if step is not None:
+            yield step
+            if step.status == "failed":
+                return
+
+
+def _preflight(env: Env) -> Step | None:
+    """Refusals before any conda command runs."""
+    if env.state.get("env_dir") and not env.state.get("env"):
+        return failed(
+            "env",
+            f"{env.path} exists but is not a conda env (no conda-meta/): move "
+            "it away or set python_env.name",
+        )
+    if not env.current and needs_tos(env.miniconda, env.channels):
+        return failed(
+            "terms of service",
+            f"not running conda: the env's channels include "
+            f"Anaconda's defaults (repo.anaconda.com), whose Terms of Service have "
+            f"not been accepted, so conda would stop with {TOS_ERROR}; {TOS_HINT}",
+        )
+    if not env.state.get("conda") and not env.host.check:
+        return failed(
+            "env",
+            f"no conda at {env.conda}: run the miniconda role first (--roles miniconda,conda_env)",
+        )
+    return None
+
+
+def _spec_file(env: Env) -> Step:
+    env.host.change(["mkdir", "-p", env.yml.rsplit("/", 1)[0]])
+    wrote, diff = env.host.put(env.yml, env.text)
+    what = f"{env.yml}: spec {env.digest[:12]} ({env.variant})"
+    if not wrote:
+        return ok("environment.yml", what)
+    return changed("environment.yml", ("would write " if env.host.check else "wrote ") + what, diff)
+
+
+def _env(env: Env) -> Step | None:
+    if env.current:
+        return ok("env", f"{env.path} matches its spec")
+    if env.state.get("env"):
+        why = "spec changed" if env.state.get("spec") else "no spec recorded"
+        verb, argv = (
+            "update",
+            [env.conda, "env", "update", "-p", env.path, "-f", env.yml, "--prune"],
+        )
+    else:
+        why = "absent"
+        verb, argv = "create", [env.conda, "env", "create", "-p", env.path, "-f", env.yml]
+    if env.host.check:
+        return changed("env", f"would {verb} {env.path} ({why})")
+    result = env.host.change(argv, check=False, timeout=3600)
+    if not result.ok:
+        out = result.stderr + result.stdout
+        if TOS_ERROR in out:
+            return failed(
+                "env",
+                f"conda stopped with {TOS_ERROR}: a channel's Terms of "
+                f"Service are not accepted; {TOS_HINT}",
+            )
+        tail = " | ".join(out.strip().splitlines()[-3:])
+        return failed("env", f"conda env {verb} failed for {env.path}: {tail}")
+    return changed("env", f"{verb}d {env.path} ({why})")
+
+
+def _verify(env: Env) -> Step:
+    if env.host.check:
+        return skipped("verify", "--check: nothing installed to import yet")
+    python = f"{env.path}/bin/python"
+    result = env.host.run([python, "-c", VERIFY_PY], check=False, timeout=600)
+    if not result.ok:
+        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        return failed("verify", f"`import torch` failed in {env.path}: {tail}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    env.host.put(f"{env.path}/{RECORD_FILE}", json.dumps(record, sort_keys=True) + "\n")
+    env.host.put(f"{env.path}/{SPEC_FILE}", env.digest + "\n")
+    return ok("verify", describe(record))

@@ -1,0 +1,535 @@
+"""openssh_server: sshd installed and running, key-only login, node-to-node SSH by name.
+
+A converged node costs one probe (PROBE): package, service, the drop-in's hash, the effective
+settings (`sshd -T`) and the hashes of the cluster files. When the drop-in must change:
+
+1. the candidate, followed by `Include /etc/ssh/sshd_config`, is fed to `sshd -t -f /dev/stdin`
+   (read-only, so --check validates too); a rejected candidate is never written;
+2. it is installed beside the old one, `sshd -t` runs again on the real config, and a rejection
+   puts the old file back in the same script;
+3. the `reload sshd` handler reloads (never restarts: sessions stay up), then opens a NEW
+   controller connection; if that login fails, the old drop-in goes back and sshd reloads again.
+
+Node-to-node SSH: one ed25519 keypair for the cluster, made once in the controller project
+(<inventory dir>/.ddpfleet/cluster_key), copied to every node's ~/.ssh; every node's host key,
+taken from the known_hosts the controller already trusts (no extra round trip per node), lands
+in /etc/ssh/ssh_known_hosts under the node's name and address, and ~/.ssh/config maps each
+name to its address, so `ssh node1` works from node0. Both shared files get a marked block that
+ddpfleet owns; the rest of each file is left as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from ddpfleet import inventory as inv
+from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
+from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.roles import Step, changed, failed, ok
+
+SECTION = "openssh_server"
+SSHD = "/usr/sbin/sshd"
+KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+BEGIN, END = "# BEGIN ddpfleet cluster", "# END ddpfleet cluster"
+KEYWORDS = (
+    ("PubkeyAuthentication", "pubkey_authentication"),
+    ("PasswordAuthentication", "password_authentication"),
+    ("KbdInteractiveAuthentication", "kbd_interactive_authentication"),
+    ("PermitRootLogin", "permit_root_login"),
+)
+EFFECTIVE = "|".join(keyword.lower() for keyword, _ in KEYWORDS)  # names in `sshd -T` output
+
+# $1 drop-in, $2 systemd unit ('' without systemd), $3 cluster key file name ('' when off),
+# $4 the cluster public key line. Prints key=value lines only.
+PROBE = rf"""
+dropin=$1 unit=$2 key=$3 pub=$4
+digest() {{ sha256sum 2>/dev/null <"$1" | cut -c1-64; }}
+block() {{ sed -n '/^{BEGIN}$/,/^{END}$/p' "$1" 2>/dev/null | sha256sum | cut -c1-64; }}
+echo "uid=$(id -u)"
+echo "home=$HOME"
+[ -x {SSHD} ] && echo sshd=1
+if [ -n "$unit" ]; then
+  echo "active=$(systemctl is-active "$unit" 2>/dev/null)"
+else
+  pid=$(cat /run/sshd.pid 2>/dev/null) && kill -0 "$pid" 2>/dev/null && echo active=active
+fi
+awk 'tolower($1) == "include" && index($0, "sshd_config.d/") {{ f = 1 }} END {{ exit !f }}' \
+  /etc/ssh/sshd_config 2>/dev/null && echo include=1
+echo "dropin=$(digest "$dropin")"
+[ -e "$dropin.ddpfleet-pending" ] && echo pending=1
+[ -d /run/sshd ] && echo rundir=1
+[ -x {SSHD} ] && {SSHD} -T 2>/dev/null | awk '$1 ~ /^({EFFECTIVE})$/ \
+  {{ print "eff_" $1 "=" $2 }}'
+if [ -n "$key" ]; then
+  s=$HOME/.ssh
+  echo "ssh_dir=$(stat -c %a "$s" 2>/dev/null)"
+  echo "key=$(digest "$s/$key") $(stat -c %a "$s/$key" 2>/dev/null)"
+  echo "pub=$(digest "$s/$key.pub") $(stat -c %a "$s/$key.pub" 2>/dev/null)"
+  [ -n "$pub" ] && grep -qsxF "$pub" "$s/authorized_keys" && echo authorized=1
+  echo "known_hosts=$(block {KNOWN_HOSTS})"
+  echo "ssh_config=$(block "$s/config")"
+fi
+true
+"""
+
+# $1 drop-in; the candidate on stdin. Writes it beside the live file, swaps it in, and puts the
+# old one back at once if `sshd -t` rejects the real config (the candidate passed already).
+# <drop-in>.ddpfleet-pending marks "installed, not yet proven by a fresh login": a run cut
+# short there reloads and checks on its next run. <drop-in>.ddpfleet-prev is the old version.
+INSTALL = rf"""
+set -e
+d=$1 new="$1.ddpfleet-new" prev="$1.ddpfleet-prev"
+install -d -m 0755 /run/sshd "$(dirname "$d")"
+cat >"$new"
+chmod 0644 "$new"
+rm -f "$prev"
+if [ -e "$d" ]; then cp -p "$d" "$prev"; fi
+: >"$d.ddpfleet-pending"
+mv -f "$new" "$d"
+if ! out=$({SSHD} -t 2>&1); then
+  if [ -e "$prev" ]; then mv -f "$prev" "$d"; else rm -f "$d"; fi
+  rm -f "$d.ddpfleet-pending"
+  printf '%s\n' "$out"
+  exit 3
+fi
+"""
+
+# $1 drop-in: back to the version before the install (none if there was none).
+ROLLBACK = """
+if [ -e "$1.ddpfleet-prev" ]; then mv -f "$1.ddpfleet-prev" "$1"; else rm -f "$1"; fi
+rm -f "$1.ddpfleet-pending"
+"""
+
+APPEND_LINE = """
+mkdir -p "$(dirname "$1")"
+if [ -s "$1" ] && [ -n "$(tail -c1 "$1")" ]; then echo >>"$1"; fi
+printf '%s\\n' "$2" >>"$1"
+chmod 0600 "$1"
+"""
+
+
+def applies(cfg: Mapping[str, Any], host) -> bool:
+    return True
+
+
+def sh(script: str, *args: str) -> str:
+    """A script with its values as positional parameters, quoted once."""
+    return shlex.join(["sh", "-c", script, "sh", *args])
+
+
+def value(v: Any) -> str:
+    """YAML reads yes/no as booleans; sshd wants the words."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+def settings(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    pairs = [(keyword, value(cfg[key])) for keyword, key in KEYWORDS]
+    return pairs + [(str(k), value(v)) for k, v in (cfg["options"] or {}).items()]
+
+
+def is_debian(facts: Mapping[str, str]) -> bool:
+    return "debian" in (facts.get("os_id", ""), *facts.get("os_like", "").split())
+
+
+def is_redhat(facts: Mapping[str, str]) -> bool:
+    family = {facts.get("os_id", ""), *facts.get("os_like", "").split()}
+    return bool(family & {"rhel", "fedora", "centos"})
+
+
+def unit(facts: Mapping[str, str]) -> str:
+    """The service name under systemd ('' without): Debian calls it ssh, Red Hat sshd."""
+    if facts.get("pid1") != "systemd":
+        return ""
+    return "ssh" if is_debian(facts) else "sshd"
+
+
+def with_block(text: str, block: str, top: bool) -> str:
+    """`text` with ddpfleet's marked block replaced by `block`, at the top or the end."""
+    kept, inside = [], False
+    for line in text.splitlines(keepends=True):
+        if line.rstrip("\n") == BEGIN:
+            inside = True
+        elif inside and line.rstrip("\n") == END:
+            inside = False
+        elif not inside:
+            kept.append(line)
+    rest = "".join(kept)
+    if rest and not rest.endswith("\n"):
+        rest += "\n"
+    return block + rest if top else rest + block
+
+
+def sha256(data: str | bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+# -- the controller's side: cluster key and host keys ------------------------------------------
+
+_key_lock = threading.Lock()
+
+
+def cluster_keypair(path: Path, comment: str, create: bool) -> tuple[bytes, str] | None:
+    """(private key file, public key line); made once, shared by every node and every run."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    with _key_lock:  # the nodes' threads call this at once
+        if not path.is_file():
+            if not create:
+                return None
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption())
+            _write_once(path, pem)
+        private = path.read_bytes()
+    public = ser.load_ssh_private_key(private, None).public_key()
+    line = public.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+    line = f"{line} {comment}"
+    pub_path = path.with_name(path.name + ".pub")
+    if not pub_path.is_file() or pub_path.read_text() != line + "\n":
+        pub_path.write_text(line + "\n")
+    return private, line
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """Create `path` 0600 atomically; another bootstrap that got there first wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+@functools.lru_cache(maxsize=8)
+def _all_nodes(path: Path, mtime_ns: int) -> tuple[inv.Node, ...]:
+    return inv.load(path, check_files=False).nodes
+
+
+def cluster_nodes(inventory) -> tuple[inv.Node, ...]:
+    """Every node of the inventory file, also when this run is limited by --nodes."""
+    try:
+        return _all_nodes(inventory.path, inventory.path.stat().st_mtime_ns)
+    except (DdpfleetError, OSError):
+        return tuple(inventory.nodes)
+
+
+def known_host_lines(nodes: tuple[inv.Node, ...]) -> tuple[list[str], list[str]]:
+    """known_hosts lines naming each node by name and address, from the keys the controller
+    trusts; and the nodes it has no key for."""
+    lines, missing = [], []
+    for node in nodes:
+        keys = _trusted_keys(node)
+        if not keys:
+            missing.append(node.name)
+            continue
+        names = sorted(
+            {known_hosts_name(node.name, node.port), known_hosts_name(node.host, node.port)}
+        )
+        lines += [f"{','.join(names)} {kind} {keys[kind].get_base64()}" for kind in sorted(keys)]
+    return lines, missing
+
+
+def _trusted_keys(node: inv.Node) -> dict[str, paramiko.PKey]:
+    name = known_hosts_name(node.host, node.port)
+    for path in (node.known_hosts, USER_KNOWN_HOSTS):
+        if path.is_file():
+            found = paramiko.HostKeys(str(path)).lookup(name)
+            if found:
+                return dict(found)
+    return {}
+
+
+def fresh_login(node: inv.Node, timeout: float) -> str:
+    """'' once a brand-new controller connection runs `true`; else the last error. Retries:
+    sshd re-executes itself on SIGHUP and refuses connections for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = connect(node)
+            try:
+                conn.run("true")
+            finally:
+                conn.close()
+            return ""
+        except NodeError as e:
+            error = e.message
+        if time.monotonic() >= deadline:
+            return error
+        time.sleep(0.25)
+
+
+# -- apply -------------------------------------------------------------------------------------
+
+
+class Target:
+    """One apply's view: the host, the settings, what the probe said. (A plain class: the
+    engine loads role.py without registering it in sys.modules, which dataclasses need.)"""
+
+    def __init__(self, host, cfg: Mapping[str, Any], keypair: tuple[bytes, str] | None):
+        self.host, self.cfg, self.keypair = host, cfg, keypair
+        self.unit = unit(host.facts)
+        self.dropin_text = host.template("hardening.conf.j2", settings=settings(cfg))
+        self.state: dict[str, str] = {}
+
+    def probe(self) -> None:
+        key_name = self.cfg["cluster_key_name"] if self.cfg["cluster_ssh"] else ""
+        pub = self.keypair[1] if self.keypair else ""
+        self.state = self.host.probe(sh(PROBE, self.cfg["dropin"], self.unit, key_name, pub))
+
+    def did(self, action: str, done: str) -> str:
+        return f"would {action}" if self.host.check else done
+
+
+def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
+    keypair, made = None, False
+    if cfg["cluster_ssh"]:
+        path = host.inventory.root / cfg["cluster_key"]
+        comment = f"ddpfleet-cluster@{host.inventory.cluster.name}"
+        keypair = cluster_keypair(path, comment, create=False)
+        if keypair is None and not host.check:
+            keypair, made = cluster_keypair(path, comment, create=True), True
+    node = Target(host, cfg, keypair)
+    node.probe()
+    if node.state.get("uid") != "0":
+        yield failed(
+            "root",
+            f"needs root on the node (logged in with uid {node.state.get('uid')}"
+            "): set ssh.user: root for this node",
+        )
+        return
+    steps = [_package, _service, _hardening]
+    if cfg["cluster_ssh"]:
+        steps += [_cluster_key(made), _authorized_keys, _known_hosts, _ssh_config]
+    for step_fn in steps:
+        out = step_fn(node)
+        for step in out if isinstance(out, list) else [out]:
+            yield step
+            if step.status == "failed":
+                return
+
+
+def _package(node: Target) -> Step:
+    if node.state.get("sshd"):
+        return ok("package", f"{node.cfg['package']} installed ({SSHD})")
+    facts, pkg = node.host.facts, node.cfg["package"]
+    if is_debian(facts):
+        apt = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", pkg]
+        result = node.host.change(apt, check=False)
+        if result is not None and not result.ok:  # stale or absent package lists
+            node.host.change(["apt-get", "update", "-q"])
+            node.host.change(apt)
+        tool = "apt-get"
+    elif is_redhat(facts):
+        node.host.change(["dnf", "install", "-y", pkg])
+        tool = "dnf"
+    else:
+        return failed(
+            "package",
+            f"no apt-get or dnf on {facts.get('os_id')}: install {pkg} yourself, then run again",
+        )
+    if not node.host.check:
+        node.probe()  # the package brings sshd, its host keys and (with systemd) the service
+    return changed("package", node.did(f"install {pkg} ({tool})", f"installed {pkg} ({tool})"))
+
+
+def _service(node: Target) -> Step:
+    how = f"{node.unit} (systemd)" if node.unit else "sshd (pid file /run/sshd.pid)"
+    if node.state.get("active") == "active":
+        return ok("service", f"{how} running")
+    if node.unit:
+        node.host.change(["systemctl", "enable", "--now", node.unit])
+    else:
+        node.host.change(sh(f"install -d -m 0755 /run/sshd && {SSHD}"))
+    return changed("service", node.did(f"start {how}", f"started {how}"))
+
+
+def _hardening(node: Target) -> list[Step]:
+    dropin = node.cfg["dropin"]
+    if not node.state.get("include") and node.state.get("sshd"):
+        return [
+            failed(
+                "hardening",
+                "/etc/ssh/sshd_config does not Include "
+                f"sshd_config.d/*.conf, so {dropin} would have no effect: add `Include "
+                "/etc/ssh/sshd_config.d/*.conf` as its first line, then run again",
+            )
+        ]
+    if node.state.get("dropin") == sha256(node.dropin_text):
+        if node.state.get("pending"):  # installed by a run that stopped before its login check
+            return [ok("hardening", f"{dropin} in place, not yet proven"), *_reload(node)]
+        return [_effective(node)]
+    problem = _validate(node)
+    if problem:
+        return [
+            failed(
+                "hardening",
+                f"sshd -t rejected the new {dropin} ({problem}); "
+                "nothing was installed, the old config stays",
+            )
+        ]
+    diff = _diff(node) if node.host.diff else ""
+    if node.host.check:
+        return [
+            changed("hardening", f"would install {dropin} (key-only login) and reload sshd", diff)
+        ]
+    result = node.host.change(sh(INSTALL, dropin), stdin=node.dropin_text, check=False)
+    if not result.ok:
+        tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
+        return [
+            failed(
+                "hardening",
+                f"sshd -t rejected the installed config ({tail}); the "
+                f"previous {dropin} was put back at once",
+            )
+        ]
+    done = changed("hardening", f"installed {dropin} (key-only login; sshd -t accepts it)", diff)
+    return [done, *_reload(node)]
+
+
+def _reload(node: Target) -> list[Step]:
+    """Reload, then prove a fresh login works; otherwise undo and reload again. Done right
+    after the install, not as an end-of-role handler: a later failed step must not leave a
+    new drop-in on disk that sshd never loaded."""
+    dropin = node.cfg["dropin"]
+    reload = (
+        ["systemctl", "reload", node.unit] if node.unit else sh('kill -HUP "$(cat /run/sshd.pid)"')
+    )
+    node.host.change(reload)
+    error = fresh_login(node.host.node, float(node.cfg["login_timeout"]))
+    if not error:
+        node.host.change(["rm", "-f", f"{dropin}.ddpfleet-prev", f"{dropin}.ddpfleet-pending"])
+        return [changed("reload", "reloaded sshd; a fresh controller login works")]
+    node.host.change(sh(ROLLBACK, dropin))
+    node.host.change(reload)
+    return [
+        failed(
+            "login check",
+            f"no fresh login after the reload ({error}); put the previous "
+            f"{dropin} back and reloaded sshd again",
+        )
+    ]
+
+
+def _validate(node: Target) -> str:
+    """Why sshd rejects the candidate ('' when it accepts it); nothing is written."""
+    if not node.state.get("sshd"):
+        return ""  # --check before the package: nothing to ask yet
+    if not node.state.get("rundir"):
+        if node.host.check:
+            return ""  # sshd -t needs /run/sshd, which --check may not create
+        node.host.change(["install", "-d", "-m", "0755", "/run/sshd"])
+    candidate = node.dropin_text + "\nInclude /etc/ssh/sshd_config\n"
+    result = node.host.run([SSHD, "-t", "-f", "/dev/stdin"], stdin=candidate, check=False)
+    if result.ok:
+        return ""
+    return " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+
+
+def _effective(node: Target) -> Step:
+    """The drop-in is in place; sshd -T says whether something read earlier overrides it."""
+    dropin = node.cfg["dropin"]
+    for keyword, key in KEYWORDS:
+        got = node.state.get(f"eff_{keyword.lower()}")
+        want = value(node.cfg[key]).lower()
+        if got and got != want:
+            return failed(
+                "hardening",
+                f"sshd -T says {keyword} {got}, {dropin} says {want}: a "
+                "file sshd reads earlier sets it; remove it there, then run again",
+            )
+    return ok("hardening", f"{dropin} in place (key-only login)")
+
+
+def _diff(node: Target) -> str:
+    from ddpfleet.roles import _diff as unified
+
+    current = node.host.read_file(node.cfg["dropin"])
+    return unified(node.cfg["dropin"], current, node.dropin_text.encode())
+
+
+def _cluster_key(made: bool):
+    def step(node: Target) -> Step:
+        name = node.cfg["cluster_key_name"]
+        if node.keypair is None:
+            return changed(
+                "cluster key", f"would generate the cluster key and copy it to ~/.ssh/{name}"
+            )
+        private, public = node.keypair
+        ssh_dir = f"{node.state['home']}/.ssh"
+        want = {"key": (name, private), "pub": (f"{name}.pub", (public + "\n").encode())}
+        stale = [k for k, (_, data) in want.items() if node.state.get(k) != f"{sha256(data)} 600"]
+        made_note = " (generated it in the controller project)" if made else ""
+        if not stale and node.state.get("ssh_dir") == "700":
+            return ok("cluster key", f"~/.ssh/{name}{made_note}")
+        node.host.change(["install", "-d", "-m", "0700", ssh_dir])
+        for k in stale:
+            filename, data = want[k]
+            node.host.put(f"{ssh_dir}/{filename}", data, mode=0o600)
+        return changed(
+            "cluster key",
+            node.did(
+                f"copy the cluster key to ~/.ssh/{name}", f"copied the cluster key to ~/.ssh/{name}"
+            )
+            + made_note,
+        )
+
+    return step
+
+
+def _authorized_keys(node: Target) -> Step:
+    if node.state.get("authorized"):
+        return ok("authorized_keys", "the cluster key may log in")
+    if node.keypair is not None:
+        path = f"{node.state['home']}/.ssh/authorized_keys"
+        node.host.change(sh(APPEND_LINE, path, node.keypair[1]))
+    return changed("authorized_keys", node.did("add the cluster key", "added the cluster key"))
+
+
+def _known_hosts(node: Target) -> Step:
+    nodes = cluster_nodes(node.host.inventory)
+    lines, missing = known_host_lines(nodes)
+    what = f"host keys of {len(nodes) - len(missing)} nodes"
+    if missing:
+        what += f" (none trusted yet for {', '.join(missing)}: invoke trust)"
+    block = node.host.template("known_hosts.j2", lines=lines)
+    return _block_step(node, "known_hosts", KNOWN_HOSTS, block, 0o644, top=False, what=what)
+
+
+def _ssh_config(node: Target) -> Step:
+    peers = cluster_nodes(node.host.inventory)
+    block = node.host.template("ssh_config.j2", peers=peers, key_name=node.cfg["cluster_key_name"])
+    path = f"{node.state['home']}/.ssh/config"
+    names = ", ".join(p.name for p in peers)
+    # ssh_config is first-match-wins too: the block goes on top.
+    return _block_step(
+        node, "ssh config", path, block, 0o600, top=True, what=f"Host entries for {names}"
+    )
+
+
+def _block_step(
+    node: Target, name: str, path: str, block: str, mode: int, top: bool, what: str
+) -> Step:
+    if node.state.get(name.replace(" ", "_")) == sha256(block):
+        return ok(name, f"{path}: {what}")
+    current = node.host.read_file(path)
+    text = with_block((current or b"").decode(errors="replace"), block, top)
+    _, diff = node.host.put(path, text, mode=mode)
+    return changed(name, node.did(f"write {what} into {path}", f"wrote {what} into {path}"), diff)

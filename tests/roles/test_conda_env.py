@@ -1,0 +1,258 @@
+"""conda_env: node state in (one probe's answer), steps and commands out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from types import MappingProxyType
+
+import pytest
+import yaml
+
+from ddpfleet import inventory as inv
+from ddpfleet.roles import load_role
+from tests.roles.fakehost import FACTS, FakeHost, apply
+
+ROLE = load_role("conda_env").module
+PREFIX = "/opt/miniconda3"
+ENV = f"{PREFIX}/envs/ddp"
+YML = f"{PREFIX}/ddpfleet/ddp.environment.yml"
+CONDA = f"{PREFIX}/bin/conda"
+GPU_FACTS = MappingProxyType({**FACTS, "nvidia_smi": "/usr/bin/nvidia-smi"})
+RECORD = {"torch": "2.5.1", "cuda": "11.8", "available": True, "gpus": 8, "python": "3.10.16"}
+TOS_OUT = (
+    "CondaToSNonInteractiveError: Terms of Service have not been accepted for the "
+    "following channels. Please accept or remove them before proceeding:\n"
+    "    \u2022 https://repo.anaconda.com/pkgs/main\n"
+)
+
+
+@pytest.fixture
+def inventory(tmp_path):
+    """An inventory whose miniconda section says: accept_tos (Miniconda's default channels)."""
+
+    def make(**miniconda) -> inv.Inventory:
+        data = {
+            "miniconda": {"accept_tos": True, **miniconda},
+            "nodes": {"node0": {"host": "10.9.0.10"}},
+        }
+        (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(data))
+        return inv.load(tmp_path / "inventory.yaml", check_files=False)
+
+    return make
+
+
+def spec_text(inventory: inv.Inventory, facts=FACTS, **cfg) -> str:
+    """The environment.yml the role renders for these settings."""
+    h = node(inventory, probe(env=False, record=None), facts=facts)
+    apply("conda_env", h, **cfg)
+    return h.written.get(YML, b"").decode()
+
+
+def digest(inventory, facts=FACTS, **cfg) -> str:
+    return hashlib.sha256(spec_text(inventory, facts, **cfg).encode()).hexdigest()
+
+
+def probe(env=True, spec="", record=RECORD, conda=True) -> dict[str, str]:
+    state = {
+        "conda": "1" if conda else "",
+        "spec": spec,
+        "record": json.dumps(record) if record else "",
+    }
+    if env:
+        state.update(env_dir="1", env="1")
+    return state
+
+
+def node(inventory, state, facts=FACTS, check=False, conda=(0, "done"), verify=0) -> FakeHost:
+    text = "".join(f"{k}={v}\n" for k, v in state.items() if v)
+    return FakeHost(
+        answers=[
+            (r"ddpfleet-spec\.sha256", 0, text),
+            (rf"{CONDA} env (create|update)", conda[0], conda[1]),
+            (
+                r"torch\.cuda\.device_count",
+                verify,
+                json.dumps(RECORD)
+                if verify == 0
+                else "ImportError: undefined symbol: iJIT_NotifyEvent",
+            ),
+        ],
+        facts=facts,
+        check=check,
+        inventory=inventory,
+        node=inventory.nodes[0],
+    )
+
+
+def run(h: FakeHost, **cfg):
+    steps, _ = apply("conda_env", h, **cfg)
+    return [(s.name, s.status) for s in steps], steps
+
+
+def test_converged_env_costs_one_probe_and_changes_nothing(inventory):
+    i = inventory()
+    h = node(i, probe(spec=digest(i)))
+    statuses, steps = run(h)
+    assert statuses == [("environment.yml", "ok"), ("env", "ok"), ("verify", "ok")]
+    assert h.changes == [] and h.written == {} and len(h.ran) == 1
+    assert steps[-1].reason == (
+        "torch 2.5.1, CUDA 11.8, cuda available: yes, GPUs: 8 (verified at install)"
+    )
+
+
+def test_absent_env_is_created_from_the_rendered_file_and_verified(inventory):
+    i = inventory()
+    h = node(i, probe(env=False, record=None))
+    statuses, steps = run(h)
+    assert statuses == [("environment.yml", "changed"), ("env", "changed"), ("verify", "ok")]
+    assert h.changes == [f"mkdir -p {PREFIX}/ddpfleet", f"{CONDA} env create -p {ENV} -f {YML}"]
+    assert h.written[f"{ENV}/.ddpfleet-spec.sha256"] == (digest(i) + "\n").encode()
+    assert json.loads(h.written[f"{ENV}/.ddpfleet-torch.json"]) == RECORD
+    assert steps[-1].reason == "torch 2.5.1, CUDA 11.8, cuda available: yes, GPUs: 8"
+    verify = [c for c in h.ran if "device_count" in c]
+    assert verify and verify[0].startswith(f"{ENV}/bin/python -c")  # absolute path
+
+
+def test_environment_yml_pins_the_cuda_118_pairing(inventory):
+    doc = yaml.safe_load(spec_text(inventory(), facts=GPU_FACTS))
+    assert doc["name"] == "ddp"
+    assert doc["channels"] == ["pytorch", "nvidia", "defaults"]
+    for dep in (
+        "python=3.10",
+        "pytorch==2.5.1",
+        "torchvision==0.20.1",
+        "torchaudio==2.5.1",
+        "pytorch-cuda=11.8",
+        "mkl<2024.1",
+        "jupyterlab",
+    ):
+        assert dep in doc["dependencies"]
+    assert "cpuonly" not in doc["dependencies"]
+
+
+def test_cpu_node_gets_cpuonly(inventory):
+    doc = yaml.safe_load(spec_text(inventory()))  # FACTS: no nvidia-smi
+    assert "cpuonly" in doc["dependencies"]
+    assert not any(d.startswith("pytorch-cuda") for d in doc["dependencies"] if isinstance(d, str))
+    assert "nvidia" not in doc["channels"]
+
+
+@pytest.mark.parametrize(
+    "setting, facts, cpu",
+    [
+        ("auto", GPU_FACTS, False),
+        ("auto", FACTS, True),
+        (True, GPU_FACTS, True),
+        (False, FACTS, False),
+        ("false", FACTS, False),
+    ],
+)
+def test_cpu_only_setting(setting, facts, cpu):
+    assert ROLE.cpu_only({"cpu_only": setting}, facts) is cpu
+
+
+def test_pip_and_extra_conda_packages_are_rendered(inventory):
+    doc = yaml.safe_load(
+        spec_text(
+            inventory(), conda_packages=["jupyterlab", "numpy<2"], pip_packages=["wandb==0.18.0"]
+        )
+    )
+    assert "numpy<2" in doc["dependencies"]
+    assert {"pip": ["wandb==0.18.0"]} in doc["dependencies"] and "pip" in doc["dependencies"]
+
+
+def test_changed_spec_updates_the_existing_env_with_prune(inventory):
+    i = inventory()
+    h = node(i, probe(spec="0" * 64))
+    statuses, steps = run(h)
+    assert statuses == [("environment.yml", "changed"), ("env", "changed"), ("verify", "ok")]
+    assert f"{CONDA} env update -p {ENV} -f {YML} --prune" in h.changes
+    assert not any("env create" in c for c in h.changes)
+    assert "spec changed" in steps[1].reason
+
+
+def test_new_package_in_the_inventory_is_an_update(inventory):
+    i = inventory()
+    h = node(i, probe(spec=digest(i)))
+    statuses, _ = run(h, conda_packages=["jupyterlab", "numpy"])
+    assert ("env", "changed") in statuses
+    assert any("env update" in c for c in h.changes)
+
+
+def test_env_without_a_recorded_spec_is_updated_never_recreated(inventory):
+    h = node(inventory(), probe(spec=""))
+    _, steps = run(h)
+    assert "no spec recorded" in steps[1].reason
+    assert not any("create" in c for c in h.changes)
+
+
+def test_no_consent_refuses_before_any_conda_command(inventory):
+    h = node(inventory(accept_tos=False), probe(env=False, record=None))
+    statuses, steps = run(h)
+    assert statuses == [("terms of service", "failed")]
+    assert len(h.ran) == 1 and h.changes == []
+    assert "accept_tos: true" in steps[0].reason and "flavor: miniforge" in steps[0].reason
+
+
+def test_miniforge_needs_no_consent_and_uses_conda_forge(inventory):
+    i = inventory(accept_tos=False, flavor="miniforge")
+    h = node(i, probe(env=False, record=None))
+    statuses, _ = run(h)
+    assert ("env", "changed") in statuses
+    assert yaml.safe_load(h.written[YML])["channels"] == ["pytorch", "conda-forge"]
+
+
+def test_nodefaults_needs_no_consent(inventory):
+    h = node(inventory(accept_tos=False), probe(env=False, record=None))
+    statuses, _ = run(h, channels=["pytorch", "conda-forge", "nodefaults"])
+    assert ("env", "changed") in statuses
+
+
+def test_conda_tos_error_becomes_one_clear_line(inventory):
+    h = node(inventory(), probe(env=False, record=None), conda=(1, TOS_OUT))
+    statuses, steps = run(h)
+    assert statuses[-1] == ("env", "failed")
+    assert "CondaToSNonInteractiveError" in steps[-1].reason
+    assert "accept_tos: true" in steps[-1].reason
+
+
+def test_failed_import_keeps_the_old_spec_so_the_next_run_retries(inventory):
+    h = node(inventory(), probe(env=False, record=None), verify=1)
+    statuses, steps = run(h)
+    assert statuses[-1] == ("verify", "failed")
+    assert "iJIT_NotifyEvent" in steps[-1].reason
+    assert f"{ENV}/.ddpfleet-spec.sha256" not in h.written
+
+
+def test_no_conda_yet_names_the_miniconda_role(inventory):
+    h = node(inventory(), probe(env=False, record=None, conda=False))
+    statuses, steps = run(h)
+    assert statuses == [("env", "failed")]
+    assert "--roles miniconda,conda_env" in steps[0].reason
+
+
+def test_a_directory_that_is_not_an_env_is_left_alone(inventory):
+    state = {**probe(env=False, record=None), "env_dir": "1"}
+    statuses, steps = run(node(inventory(), state))
+    assert statuses == [("env", "failed")] and "not a conda env" in steps[0].reason
+
+
+def test_check_reports_what_would_change_and_changes_nothing(inventory):
+    h = node(inventory(), probe(env=False, record=None, conda=False), check=True)
+    statuses, steps = run(h)
+    assert statuses == [("environment.yml", "changed"), ("env", "changed"), ("verify", "skipped")]
+    assert steps[1].reason.startswith("would create")
+    assert h.changes == [] and h.written == {} and len(h.ran) == 1
+
+
+def test_never_conda_create_yes_nor_conda_run(inventory):
+    for state in (probe(env=False, record=None), probe(spec="1" * 64)):
+        h = node(inventory(), state)
+        run(h)
+        assert not any("--yes" in c or " run " in c or "conda create" in c for c in h.ran)
+
+
+def test_applies_only_to_the_conda_manager():
+    assert ROLE.applies({"manager": "conda"}, None)
+    assert not ROLE.applies({"manager": "venv"}, None)

@@ -1,0 +1,351 @@
+"""openssh_server: node state in (one probe's answer), steps and commands out."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ddpfleet import inventory as inv
+from ddpfleet.roles import load_role
+from tests.roles.fakehost import FACTS, FakeHost, apply
+
+ROLE = load_role("openssh_server").module
+DEFAULTS = load_role("openssh_server").defaults
+DROPIN = "/etc/ssh/sshd_config.d/00-ddpfleet-hardening.conf"
+KEY = "ddpfleet_cluster_ed25519"
+COMMENT = "ddpfleet-cluster@t"  # the cluster is named t
+SYSTEMD_DEBIAN = MappingProxyType({**FACTS, "pid1": "systemd"})
+ROCKY = MappingProxyType(
+    {**FACTS, "os_id": "rocky", "os_like": "rhel centos fedora", "pid1": "systemd"}
+)
+REJECTED = '/dev/stdin line 4: unsupported option "maybe".'
+
+
+def host_key() -> str:
+    public = Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+
+
+@pytest.fixture
+def inventory(tmp_path) -> inv.Inventory:
+    known = tmp_path / "known_hosts"
+    known.write_text(f"10.9.0.10 {host_key()}\n10.9.0.11 {host_key()}\n")
+    (tmp_path / "inventory.yaml").write_text(
+        "cluster: {name: t}\n"
+        f"ssh: {{user: root, key: {tmp_path}/id, known_hosts: {known}}}\n"
+        "nodes:\n  node0: {host: 10.9.0.10}\n  node1: {host: 10.9.0.11}\n"
+    )
+    return inv.load(tmp_path / "inventory.yaml", check_files=False)
+
+
+def dropin_text(**cfg) -> str:
+    h = FakeHost(role=load_role("openssh_server"))
+    return h.template("hardening.conf.j2", settings=ROLE.settings({**DEFAULTS, **cfg}))
+
+
+def converged(inventory: inv.Inventory, **cfg) -> dict[str, str]:
+    """What a converged node answers to the probe."""
+    keypair = ROLE.cluster_keypair(inventory.root / ".ddpfleet/cluster_key", COMMENT, create=True)
+    private, public = keypair
+    h = FakeHost(role=load_role("openssh_server"))
+    lines, _ = ROLE.known_host_lines(inventory.nodes)
+    peers = inventory.nodes
+    return {
+        "uid": "0",
+        "home": "/root",
+        "sshd": "1",
+        "active": "active",
+        "include": "1",
+        "dropin": ROLE.sha256(dropin_text(**cfg)),
+        "rundir": "1",
+        "eff_pubkeyauthentication": "yes",
+        "eff_passwordauthentication": "no",
+        "eff_kbdinteractiveauthentication": "no",
+        "eff_permitrootlogin": "prohibit-password",
+        "ssh_dir": "700",
+        "key": f"{ROLE.sha256(private)} 600",
+        "pub": f"{ROLE.sha256(public + chr(10))} 600",
+        "authorized": "1",
+        "known_hosts": ROLE.sha256(h.template("known_hosts.j2", lines=lines)),
+        "ssh_config": ROLE.sha256(h.template("ssh_config.j2", peers=peers, key_name=KEY)),
+    }
+
+
+def text(state: dict[str, str]) -> str:
+    return "".join(f"{k}={v}\n" for k, v in state.items() if v is not None)
+
+
+def node(
+    inventory, state, facts=FACTS, check=False, validate=(0, ""), install=(0, ""), files=None
+) -> FakeHost:
+    return FakeHost(
+        answers=[
+            (r"eff_", 0, text(state)),
+            (r"sshd -t -f /dev/stdin", validate[0], validate[1]),
+            (r"ddpfleet-new", install[0], install[1]),
+        ],
+        facts=facts,
+        check=check,
+        inventory=inventory,
+        node=inventory.nodes[0],
+        files=dict(files or {}),
+    )
+
+
+@pytest.fixture
+def logins(monkeypatch):
+    """fresh_login answers from this list (empty string: the login worked)."""
+    answers: list[str] = []
+    monkeypatch.setattr(
+        ROLE, "fresh_login", lambda node, timeout: answers.pop(0) if answers else ""
+    )
+    return answers
+
+
+def run(h: FakeHost, **cfg):
+    steps, _ = apply("openssh_server", h, **cfg)
+    return [(s.name, s.status) for s in steps], steps
+
+
+NAMES = [
+    "package",
+    "service",
+    "hardening",
+    "cluster key",
+    "authorized_keys",
+    "known_hosts",
+    "ssh config",
+]
+
+
+def test_converged_node_costs_one_probe_and_changes_nothing(inventory):
+    h = node(inventory, converged(inventory))
+    statuses, steps = run(h)
+    assert statuses == [(n, "ok") for n in NAMES]
+    assert h.changes == [] and h.written == {}
+    assert len(h.ran) == 1
+    assert steps[2].reason == f"{DROPIN} in place (key-only login)"
+
+
+def test_check_on_a_converged_node_is_all_ok(inventory):
+    h = node(inventory, converged(inventory), check=True)
+    statuses, _ = run(h)
+    assert {s for _, s in statuses} == {"ok"}
+    assert h.changes == []
+
+
+def test_missing_dropin_is_validated_installed_reloaded_and_login_checked(inventory, logins):
+    h = node(inventory, {**converged(inventory), "dropin": ""})
+    statuses, steps = run(h)
+    assert statuses[2:4] == [("hardening", "changed"), ("reload", "changed")]
+    assert statuses[4:] == [(n, "ok") for n in NAMES[3:]]
+    validate = [c for c in h.ran if "/dev/stdin" in c]
+    assert validate == ["/usr/sbin/sshd -t -f /dev/stdin"]
+    assert h.ran.index(validate[0]) < next(i for i, c in enumerate(h.ran) if "ddpfleet-new" in c)
+    assert any("kill -HUP" in c for c in h.changes)  # no systemd: SIGHUP, not a restart
+    assert h.changes[-1] == f"rm -f {DROPIN}.ddpfleet-prev {DROPIN}.ddpfleet-pending"
+    assert "a fresh controller login works" in steps[3].reason
+
+
+def test_dropin_text_is_key_only():
+    lines = dropin_text().splitlines()
+    for line in (
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+    ):
+        assert line in lines
+
+
+def test_yaml_booleans_become_sshd_words():
+    assert ROLE.settings(
+        {**DEFAULTS, "password_authentication": False, "options": {"X11Forwarding": True}}
+    )[1:] == [
+        ("PasswordAuthentication", "no"),
+        ("KbdInteractiveAuthentication", "no"),
+        ("PermitRootLogin", "prohibit-password"),
+        ("X11Forwarding", "yes"),
+    ]
+
+
+def test_rejected_dropin_is_not_installed(inventory, logins):
+    state = {**converged(inventory), "dropin": ""}
+    h = node(inventory, state, validate=(255, REJECTED))
+    statuses, steps = run(h, permit_root_login="maybe")
+    assert statuses[-1] == ("hardening", "failed")
+    assert not any("ddpfleet-new" in c for c in h.ran)  # never written
+    assert not any("HUP" in c or "reload" in c for c in h.changes)
+    assert 'unsupported option "maybe"' in steps[-1].reason
+    assert "nothing was installed, the old config stays" in steps[-1].reason
+
+
+def test_installed_config_rejected_in_place_is_rolled_back_by_the_script(inventory, logins):
+    h = node(inventory, {**converged(inventory), "dropin": ""}, install=(3, "bad Match"))
+    statuses, steps = run(h)
+    assert statuses[-1] == ("hardening", "failed")
+    assert "put back at once" in steps[-1].reason
+    assert not any("HUP" in c for c in h.changes)
+    install = next(c for c in h.changes if "ddpfleet-new" in c)
+    assert 'mv -f "$prev" "$d"' in install  # the rollback lives in the same script
+
+
+def test_failed_fresh_login_restores_the_old_dropin_and_reloads_again(inventory, logins):
+    logins.append("authentication failed for root@10.9.0.10:22")
+    h = node(inventory, {**converged(inventory), "dropin": ""})
+    statuses, steps = run(h)
+    assert statuses[-1] == ("login check", "failed")
+    assert "put the previous" in steps[-1].reason and "authentication failed" in steps[-1].reason
+    after = h.changes[next(i for i, c in enumerate(h.changes) if "HUP" in c) + 1 :]
+    assert "ddpfleet-prev" in after[0] and "rm -f" in after[0]  # ROLLBACK
+    assert "HUP" in after[1]  # reloaded with the old file
+
+
+def test_check_validates_but_changes_nothing(inventory, logins):
+    h = node(inventory, {**converged(inventory), "dropin": ""}, check=True)
+    statuses, steps = run(h)
+    assert ("hardening", "changed") in statuses
+    assert steps[2].reason.startswith("would install")
+    assert any("/dev/stdin" in c for c in h.ran)
+    assert h.changes == [] and h.written == {}
+
+
+def test_check_reports_a_dropin_sshd_would_reject(inventory):
+    h = node(
+        inventory, {**converged(inventory), "dropin": ""}, check=True, validate=(255, REJECTED)
+    )
+    statuses, _ = run(h)
+    assert statuses[-1] == ("hardening", "failed")
+    assert h.changes == []
+
+
+@pytest.mark.parametrize("facts, unit", [(SYSTEMD_DEBIAN, "ssh"), (ROCKY, "sshd")])
+def test_systemd_nodes_reload_their_unit(inventory, logins, facts, unit):
+    h = node(inventory, {**converged(inventory), "dropin": ""}, facts=facts)
+    run(h)
+    assert f"systemctl reload {unit}" in h.changes
+    assert not any("restart" in c for c in h.changes)
+
+
+def test_pending_install_from_a_cut_short_run_is_reloaded_and_checked(inventory, logins):
+    h = node(inventory, {**converged(inventory), "pending": "1"})
+    statuses, _ = run(h)
+    assert statuses[2:4] == [("hardening", "ok"), ("reload", "changed")]
+
+
+def test_missing_include_fails_before_anything_is_written(inventory):
+    h = node(inventory, {**converged(inventory), "include": None, "dropin": ""})
+    statuses, steps = run(h)
+    assert statuses[-1] == ("hardening", "failed")
+    assert "Include" in steps[-1].reason and h.changes == []
+
+
+def test_earlier_file_overriding_the_dropin_is_reported(inventory):
+    h = node(inventory, {**converged(inventory), "eff_passwordauthentication": "yes"})
+    statuses, steps = run(h)
+    assert statuses[-1] == ("hardening", "failed")
+    assert "PasswordAuthentication yes" in steps[-1].reason
+
+
+@pytest.mark.parametrize(
+    "facts, command",
+    [
+        (FACTS, "env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server"),
+        (ROCKY, "dnf install -y openssh-server"),
+    ],
+)
+def test_missing_package_is_installed_by_the_os_package_manager(inventory, logins, facts, command):
+    h = node(inventory, {**converged(inventory), "sshd": None}, facts=facts)
+    statuses, _ = run(h)
+    assert statuses[0] == ("package", "changed")
+    assert h.changes[0] == command
+
+
+def test_stopped_sshd_is_started(inventory):
+    h = node(inventory, {**converged(inventory), "active": "inactive"}, facts=SYSTEMD_DEBIAN)
+    statuses, _ = run(h)
+    assert statuses[1] == ("service", "changed")
+    assert h.changes == ["systemctl enable --now ssh"]
+
+
+def test_non_root_login_is_refused(inventory):
+    h = node(inventory, {**converged(inventory), "uid": "1000"})
+    statuses, steps = run(h)
+    assert statuses == [("root", "failed")]
+    assert "ssh.user: root" in steps[0].reason
+
+
+def test_fresh_node_gets_the_cluster_key_known_hosts_and_ssh_config(inventory):
+    state = {
+        **converged(inventory),
+        "ssh_dir": "",
+        "key": "",
+        "pub": "",
+        "authorized": None,
+        "known_hosts": "",
+        "ssh_config": "",
+    }
+    files = {"/root/.ssh/config": b"Host github.com\n    User git\n"}
+    h = node(inventory, state, files=files)
+    statuses, _ = run(h)
+    assert statuses[3:] == [(n, "changed") for n in NAMES[3:]]
+    private = (inventory.root / ".ddpfleet/cluster_key").read_bytes()
+    public = (inventory.root / ".ddpfleet/cluster_key.pub").read_text()
+    assert h.written[f"/root/.ssh/{KEY}"] == private
+    assert h.written[f"/root/.ssh/{KEY}.pub"].decode() == public
+    assert "install -d -m 0700 /root/.ssh" in h.changes
+    append = next(c for c in h.changes if "authorized_keys" in c)
+    assert public.strip() in append
+    known = h.written["/etc/ssh/ssh_known_hosts"].decode()
+    for n in inventory.nodes:
+        assert f"{n.host},{n.name} ssh-ed25519 " in known
+    config = h.written["/root/.ssh/config"].decode()
+    assert config.index("Host node1\n    HostName 10.9.0.11") < config.index("Host github.com")
+    assert f"IdentityFile ~/.ssh/{KEY}" in config
+
+
+def test_cluster_key_is_made_once_and_shared(inventory):
+    path = inventory.root / ".ddpfleet/cluster_key"
+    first = ROLE.cluster_keypair(path, "c", create=True)
+    assert ROLE.cluster_keypair(path, "c", create=True) == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert first[1].startswith("ssh-ed25519 ")
+
+
+def test_check_never_makes_the_cluster_key(inventory):
+    h = node(inventory, {**converged(inventory), "key": ""}, check=True)
+    (inventory.root / ".ddpfleet/cluster_key").unlink()
+    statuses, _ = run(h)
+    assert ("cluster key", "changed") in statuses
+    assert not (inventory.root / ".ddpfleet/cluster_key").exists()
+    assert h.changes == [] and h.written == {}
+
+
+def test_cluster_ssh_off_skips_the_cluster_files(inventory):
+    h = node(inventory, converged(inventory))
+    statuses, _ = run(h, cluster_ssh=False)
+    assert [n for n, _ in statuses] == NAMES[:3]
+
+
+def test_a_node_the_controller_does_not_trust_yet_is_left_out(inventory, tmp_path):
+    known = inventory.nodes[0].known_hosts
+    known.write_text(known.read_text().splitlines()[0] + "\n")
+    lines, missing = ROLE.known_host_lines(inventory.nodes)
+    assert missing == ["node1"] and len(lines) == 1
+
+
+@pytest.mark.parametrize(
+    "before, top, after",
+    [
+        ("", True, "B\n"),
+        ("a\n", True, "B\na\n"),
+        ("a", False, "a\nB\n"),
+        (f"a\n{ROLE.BEGIN}\nold\n{ROLE.END}\nb\n", False, "a\nb\nB\n"),
+        (f"{ROLE.BEGIN}\nold\n{ROLE.END}\nb\n", True, "B\nb\n"),
+    ],
+)
+def test_with_block_replaces_only_ddpfleets_block(before, top, after):
+    assert ROLE.with_block(before, "B\n", top) == after

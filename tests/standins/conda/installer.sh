@@ -1,0 +1,65 @@
+#!/bin/sh
+# STAND-IN for a Miniconda / Miniforge installer (tests only): the command line of
+# conda/constructor's header.sh (-b -p PREFIX [-u|-f]), without the payload of packages.
+#
+# Tests build the installer file as this header followed by the stand-in `conda` script
+# (tests/standins/conda/conda) after the __STANDIN_PAYLOAD__ line, like a real installer carries
+# its payload after the header. Name the file Miniforge3-* for the Miniforge flavor (conda-forge,
+# no ToS plugin); any other name installs the Miniconda flavor (defaults channels, ToS plugin).
+# Every run is appended to $DDPFLEET_STANDIN_LOG (default /var/log/ddpfleet-standin-conda.log).
+set -eu
+LOG=${DDPFLEET_STANDIN_LOG:-/var/log/ddpfleet-standin-conda.log}
+PREFIX="${HOME:-/opt}/miniconda3"
+BATCH=0
+FORCE=0
+usage() {
+    echo "usage: $0 [options]"
+    echo "-b  run install in batch mode (without manual intervention)"
+    echo "-f  no error if install prefix already exists"
+    echo "-h  print this help message and exit"
+    echo "-p PREFIX  install prefix, defaults to $PREFIX"
+    echo "-u  update an existing installation"
+}
+while getopts "bfhkp:stu" x; do
+    case "$x" in
+        h) usage; exit 2 ;;
+        b) BATCH=1 ;;
+        f|u) FORCE=1 ;;
+        p) PREFIX="$OPTARG" ;;
+        k|s|t) ;;
+        ?) usage; exit 2 ;;
+    esac
+done
+printf '{"time": %s, "argv": "%s", "action": "installer", "prefix": "%s"}\n' \
+    "$(date +%s)" "$*" "$PREFIX" >>"$LOG" 2>/dev/null || true
+if [ "$BATCH" = 0 ]; then
+    echo "stand-in installer: only batch mode (-b) is supported" >&2
+    exit 2
+fi
+case "$PREFIX" in
+    *" "*) echo "ERROR: Cannot install into directories with spaces" >&2; exit 1 ;;
+esac
+if [ "$FORCE" = "0" ] && [ -e "$PREFIX" ]; then
+    printf "ERROR: File or directory already exists: '%s'\n" "$PREFIX" >&2
+    printf "If you want to update an existing installation, use the -u option.\n" >&2
+    exit 1
+fi
+mkdir -p "$PREFIX"
+PREFIX=$(cd "$PREFIX" && pwd)
+echo "PREFIX=$PREFIX"
+echo "Unpacking payload ..."
+mkdir -p "$PREFIX/bin" "$PREFIX/conda-meta" "$PREFIX/condabin" "$PREFIX/envs" "$PREFIX/pkgs"
+sed '1,/^__STANDIN_PAYLOAD__$/d' "$0" >"$PREFIX/bin/conda.tmp"
+chmod 0755 "$PREFIX/bin/conda.tmp"
+mv -f "$PREFIX/bin/conda.tmp" "$PREFIX/bin/conda"
+ln -sf ../bin/conda "$PREFIX/condabin/conda"
+case "$(basename "$0")" in
+    Miniforge*) printf 'channels:\n  - conda-forge\n' >"$PREFIX/.condarc" ;;
+    *)
+        printf 'channels:\n  - defaults\n' >"$PREFIX/.condarc"
+        : >"$PREFIX/conda-meta/standin-tos-plugin"
+        ;;
+esac
+echo "installation finished."
+exit 0
+__STANDIN_PAYLOAD__
