@@ -204,7 +204,7 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
     if not env.why:
         yield ok("venv", f"{env.path} (python {state['env_python']})")
         yield ok("packages", f"spec {spec.digest()[:12]} installed: {', '.join(spec.requirements)}")
-        yield ok("verify", describe(_record(state)) + " (verified at install)")
+        yield ok("verify", describe(_record(state)) + ", as verified at install")
         return
     for step_fn in (_venv_support, _venv, _wheelhouse, _packages, _verify):
         step = step_fn(env)
