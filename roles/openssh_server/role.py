@@ -20,26 +20,35 @@ ddpfleet owns; the rest of each file is left as it was.
 
 from __future__ import annotations
 
-import functools
-import os
+import importlib.util
 import shlex
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import paramiko
-
 from ddpfleet import inventory as inv
-from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
-from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.connection import connect
+from ddpfleet.errors import NodeError
 from ddpfleet.roles import Step, changed, failed, ok
+
+
+def _beside(name: str) -> ModuleType:
+    """A module next to role.py, loaded the way the engine loads role.py (by path)."""
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"ddpfleet_role_openssh_server_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+controller = _beside("cluster")  # cluster key, trusted host keys, marked blocks
+BEGIN, END = controller.BEGIN, controller.END
 
 SECTION = "openssh_server"
 SSHD = "/usr/sbin/sshd"
 KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
-BEGIN, END = "# BEGIN ddpfleet cluster", "# END ddpfleet cluster"
 KEYWORDS = (
     ("PubkeyAuthentication", "pubkey_authentication"),
     ("PasswordAuthentication", "password_authentication"),
@@ -47,6 +56,7 @@ KEYWORDS = (
     ("PermitRootLogin", "permit_root_login"),
 )
 EFFECTIVE = "|".join(keyword.lower() for keyword, _ in KEYWORDS)  # names in `sshd -T` output
+SSHD_T_ALIASES = {"without-password": "prohibit-password"}  # how `sshd -T` prints a value
 
 # $1 drop-in, $2 systemd unit ('' without systemd), $3 cluster key file name ('' when off),
 # $4 the cluster public key line. Prints key=value lines only.
@@ -154,107 +164,10 @@ def unit(facts: Mapping[str, str]) -> str:
     return "ssh" if is_debian(facts) else "sshd"
 
 
-def with_block(text: str, block: str, top: bool) -> str:
-    """`text` with ddpfleet's marked block replaced by `block`, at the top or the end."""
-    kept, inside = [], False
-    for line in text.splitlines(keepends=True):
-        if line.rstrip("\n") == BEGIN:
-            inside = True
-        elif inside and line.rstrip("\n") == END:
-            inside = False
-        elif not inside:
-            kept.append(line)
-    rest = "".join(kept)
-    if rest and not rest.endswith("\n"):
-        rest += "\n"
-    return block + rest if top else rest + block
-
-
 def sha256(data: str | bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-# -- the controller's side: cluster key and host keys ------------------------------------------
-
-_key_lock = threading.Lock()
-
-
-def cluster_keypair(path: Path, comment: str, create: bool) -> tuple[bytes, str] | None:
-    """(private key file, public key line); made once, shared by every node and every run."""
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    with _key_lock:  # the nodes' threads call this at once
-        if not path.is_file():
-            if not create:
-                return None
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption())
-            _write_once(path, pem)
-        private = path.read_bytes()
-    public = ser.load_ssh_private_key(private, None).public_key()
-    line = public.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
-    line = f"{line} {comment}"
-    pub_path = path.with_name(path.name + ".pub")
-    if not pub_path.is_file() or pub_path.read_text() != line + "\n":
-        pub_path.write_text(line + "\n")
-    return private, line
-
-
-def _write_once(path: Path, data: bytes) -> None:
-    """Create `path` 0600 atomically; another bootstrap that got there first wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-
-
-@functools.lru_cache(maxsize=8)
-def _all_nodes(path: Path, mtime_ns: int) -> tuple[inv.Node, ...]:
-    return inv.load(path, check_files=False).nodes
-
-
-def cluster_nodes(inventory) -> tuple[inv.Node, ...]:
-    """Every node of the inventory file, also when this run is limited by --nodes."""
-    try:
-        return _all_nodes(inventory.path, inventory.path.stat().st_mtime_ns)
-    except (DdpfleetError, OSError):
-        return tuple(inventory.nodes)
-
-
-def known_host_lines(nodes: tuple[inv.Node, ...]) -> tuple[list[str], list[str]]:
-    """known_hosts lines naming each node by name and address, from the keys the controller
-    trusts; and the nodes it has no key for."""
-    lines, missing = [], []
-    for node in nodes:
-        keys = _trusted_keys(node)
-        if not keys:
-            missing.append(node.name)
-            continue
-        names = sorted(
-            {known_hosts_name(node.name, node.port), known_hosts_name(node.host, node.port)}
-        )
-        lines += [f"{','.join(names)} {kind} {keys[kind].get_base64()}" for kind in sorted(keys)]
-    return lines, missing
-
-
-def _trusted_keys(node: inv.Node) -> dict[str, paramiko.PKey]:
-    name = known_hosts_name(node.host, node.port)
-    for path in (node.known_hosts, USER_KNOWN_HOSTS):
-        if path.is_file():
-            found = paramiko.HostKeys(str(path)).lookup(name)
-            if found:
-                return dict(found)
-    return {}
 
 
 def fresh_login(node: inv.Node, timeout: float) -> str:
@@ -303,9 +216,9 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
     if cfg["cluster_ssh"]:
         path = host.inventory.root / cfg["cluster_key"]
         comment = f"ddpfleet-cluster@{host.inventory.cluster.name}"
-        keypair = cluster_keypair(path, comment, create=False)
+        keypair = controller.keypair(path, comment, create=False)
         if keypair is None and not host.check:
-            keypair, made = cluster_keypair(path, comment, create=True), True
+            keypair, made = controller.keypair(path, comment, create=True), True
     node = Target(host, cfg, keypair)
     node.probe()
     if node.state.get("uid") != "0":
@@ -448,6 +361,7 @@ def _effective(node: Target) -> Step:
     dropin = node.cfg["dropin"]
     for keyword, key in KEYWORDS:
         got = node.state.get(f"eff_{keyword.lower()}")
+        got = SSHD_T_ALIASES.get(got, got)
         want = value(node.cfg[key]).lower()
         if got and got != want:
             return failed(
@@ -504,8 +418,8 @@ def _authorized_keys(node: Target) -> Step:
 
 
 def _known_hosts(node: Target) -> Step:
-    nodes = cluster_nodes(node.host.inventory)
-    lines, missing = known_host_lines(nodes)
+    nodes = controller.all_nodes(node.host.inventory)
+    lines, missing = controller.known_host_lines(nodes)
     what = f"host keys of {len(nodes) - len(missing)} nodes"
     if missing:
         what += f" (none trusted yet for {', '.join(missing)}: invoke trust)"
@@ -514,7 +428,7 @@ def _known_hosts(node: Target) -> Step:
 
 
 def _ssh_config(node: Target) -> Step:
-    peers = cluster_nodes(node.host.inventory)
+    peers = controller.all_nodes(node.host.inventory)
     block = node.host.template("ssh_config.j2", peers=peers, key_name=node.cfg["cluster_key_name"])
     path = f"{node.state['home']}/.ssh/config"
     names = ", ".join(p.name for p in peers)
@@ -530,6 +444,6 @@ def _block_step(
     if node.state.get(name.replace(" ", "_")) == sha256(block):
         return ok(name, f"{path}: {what}")
     current = node.host.read_file(path)
-    text = with_block((current or b"").decode(errors="replace"), block, top)
+    text = controller.with_block((current or b"").decode(errors="replace"), block, top)
     _, diff = node.host.put(path, text, mode=mode)
     return changed(name, node.did(f"write {what} into {path}", f"wrote {what} into {path}"), diff)

@@ -13,6 +13,7 @@ from ddpfleet.roles import load_role
 from tests.roles.fakehost import FACTS, FakeHost, apply
 
 ROLE = load_role("openssh_server").module
+CONTROLLER = ROLE.controller
 DEFAULTS = load_role("openssh_server").defaults
 DROPIN = "/etc/ssh/sshd_config.d/00-ddpfleet-hardening.conf"
 KEY = "ddpfleet_cluster_ed25519"
@@ -48,10 +49,10 @@ def dropin_text(**cfg) -> str:
 
 def converged(inventory: inv.Inventory, **cfg) -> dict[str, str]:
     """What a converged node answers to the probe."""
-    keypair = ROLE.cluster_keypair(inventory.root / ".ddpfleet/cluster_key", COMMENT, create=True)
+    keypair = CONTROLLER.keypair(inventory.root / ".ddpfleet/cluster_key", COMMENT, create=True)
     private, public = keypair
     h = FakeHost(role=load_role("openssh_server"))
-    lines, _ = ROLE.known_host_lines(inventory.nodes)
+    lines, _ = CONTROLLER.known_host_lines(inventory.nodes)
     peers = inventory.nodes
     return {
         "uid": "0",
@@ -243,6 +244,12 @@ def test_missing_include_fails_before_anything_is_written(inventory):
     assert "Include" in steps[-1].reason and h.changes == []
 
 
+def test_sshd_t_spelling_of_prohibit_password_is_the_same_value(inventory):
+    h = node(inventory, {**converged(inventory), "eff_permitrootlogin": "without-password"})
+    statuses, _ = run(h)
+    assert statuses[2] == ("hardening", "ok")
+
+
 def test_earlier_file_overriding_the_dropin_is_reported(inventory):
     h = node(inventory, {**converged(inventory), "eff_passwordauthentication": "yes"})
     statuses, steps = run(h)
@@ -309,8 +316,8 @@ def test_fresh_node_gets_the_cluster_key_known_hosts_and_ssh_config(inventory):
 
 def test_cluster_key_is_made_once_and_shared(inventory):
     path = inventory.root / ".ddpfleet/cluster_key"
-    first = ROLE.cluster_keypair(path, "c", create=True)
-    assert ROLE.cluster_keypair(path, "c", create=True) == first
+    first = CONTROLLER.keypair(path, "c", create=True)
+    assert CONTROLLER.keypair(path, "c", create=True) == first
     assert path.stat().st_mode & 0o777 == 0o600
     assert first[1].startswith("ssh-ed25519 ")
 
@@ -333,7 +340,7 @@ def test_cluster_ssh_off_skips_the_cluster_files(inventory):
 def test_a_node_the_controller_does_not_trust_yet_is_left_out(inventory, tmp_path):
     known = inventory.nodes[0].known_hosts
     known.write_text(known.read_text().splitlines()[0] + "\n")
-    lines, missing = ROLE.known_host_lines(inventory.nodes)
+    lines, missing = CONTROLLER.known_host_lines(inventory.nodes)
     assert missing == ["node1"] and len(lines) == 1
 
 
@@ -343,9 +350,9 @@ def test_a_node_the_controller_does_not_trust_yet_is_left_out(inventory, tmp_pat
         ("", True, "B\n"),
         ("a\n", True, "B\na\n"),
         ("a", False, "a\nB\n"),
-        (f"a\n{ROLE.BEGIN}\nold\n{ROLE.END}\nb\n", False, "a\nb\nB\n"),
-        (f"{ROLE.BEGIN}\nold\n{ROLE.END}\nb\n", True, "B\nb\n"),
+        (f"a\n{CONTROLLER.BEGIN}\nold\n{CONTROLLER.END}\nb\n", False, "a\nb\nB\n"),
+        (f"{CONTROLLER.BEGIN}\nold\n{CONTROLLER.END}\nb\n", True, "B\nb\n"),
     ],
 )
 def test_with_block_replaces_only_ddpfleets_block(before, top, after):
-    assert ROLE.with_block(before, "B\n", top) == after
+    assert CONTROLLER.with_block(before, "B\n", top) == after

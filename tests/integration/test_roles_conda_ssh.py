@@ -1,0 +1,335 @@
+"""openssh_server, miniconda and conda_env on the real sandbox nodes.
+
+Anaconda's servers and the pytorch channel cannot be reached from the sandbox, so the installer
+is the Miniconda-CLI-compatible stand-in of tests/standins/conda/ (its `conda` logs every call
+to /var/log/ddpfleet-standin-conda.log on the node), uploaded by the controller or served over
+HTTP from the controller's bridge address. Everything else is real: sshd, sshd -t / -T, SFTP,
+curl, sha256sum, the nodes' python.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import ipaddress
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import Cluster
+
+NODES = ("node0", "node1")
+STANDINS = Path(__file__).resolve().parents[1] / "standins" / "conda"
+PREFIX = "/opt/miniconda3"
+ENV = f"{PREFIX}/envs/ddp"
+LOG = "/var/log/ddpfleet-standin-conda.log"
+DROPIN = "/etc/ssh/sshd_config.d/00-ddpfleet-hardening.conf"
+ROLES = "openssh_server,miniconda,conda_env"
+
+
+def build_installer(directory: Path, name: str) -> tuple[Path, str]:
+    """The stand-in installer: header + the stand-in conda as its payload; and its SHA-256."""
+    path = directory / name
+    path.write_bytes((STANDINS / "installer.sh").read_bytes() + (STANDINS / "conda").read_bytes())
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write(
+    cluster: Cluster,
+    name: str,
+    miniconda: dict | None = None,
+    python_env: dict | None = None,
+    openssh_server: dict | None = None,
+) -> Path:
+    """The session cluster's inventory with these role sections (conda manager)."""
+    data = cluster.data
+    data["miniconda"] = miniconda or {}
+    data["python_env"] = {"manager": "conda", **(python_env or {})}
+    if openssh_server:
+        data["openssh_server"] = openssh_server
+    path = cluster.dir / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def bootstrap(cluster: Cluster, inventory: Path, *flags: str, roles: str = ROLES):
+    start = time.monotonic()
+    result = cluster.invoke("bootstrap", "--roles", roles, *flags, inventory=inventory, timeout=900)
+    return result, time.monotonic() - start
+
+
+def recap(stdout: str) -> dict[str, dict[str, str]]:
+    """The recap table's rows: {node: {column: value}}."""
+    rows = [
+        [c.strip() for c in line.strip().strip("│┃").replace("┃", "│").split("│")]
+        for line in stdout.splitlines()
+        if line.count("│") > 2 or line.count("┃") > 2
+    ]
+    header = next(r for r in rows if r[0] == "node")
+    return {r[0]: dict(zip(header, r)) for r in rows if r[0] in NODES}
+
+
+def changed(result) -> dict[str, int]:
+    return {node: int(row["changed"]) for node, row in recap(result.stdout).items()}
+
+
+def run_log(result) -> str:
+    """The bootstrap's own log (every step, ok ones included), named on its last line."""
+    line = next(ln for ln in reversed(result.stdout.splitlines()) if ln.startswith("log: "))
+    return Path(line[len("log: ") :]).read_text()
+
+
+def conda_log(cluster: Cluster, node: str, prefix: str = PREFIX) -> list[dict]:
+    """What the stand-in installer and conda were asked to do under `prefix` on `node`."""
+    out = cluster.ssh(node, f"cat {LOG} 2>/dev/null || true").stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [e for e in entries if e.get("prefix") == prefix]
+
+
+def actions(entries: list[dict], action: str) -> list[dict]:
+    return [e for e in entries if e["action"] == action]
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args) -> None:  # the test checks the step, not access logs
+        pass
+
+
+@pytest.fixture(scope="module")
+def installer(cluster: Cluster) -> tuple[Path, str]:
+    return build_installer(cluster.dir, "Miniconda3-standin-Linux-x86_64.sh")
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, installer):
+    """All three roles once on fresh nodes: uploaded installer, consent given, CUDA 11.8 env."""
+    path, sha = installer
+    inventory = write(
+        cluster,
+        "inventory-conda.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        python_env={"cpu_only": False},
+    )
+    result, seconds = bootstrap(cluster, inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(f"fresh bootstrap ({ROLES}) of {len(NODES)} nodes: {seconds:.1f}s")
+    return inventory, result
+
+
+def test_checksum_mismatch_refuses_before_executing(cluster: Cluster, installer):
+    path, _ = installer
+    prefix = "/opt/ddpfleet-test-mismatch"
+    inventory = write(
+        cluster,
+        "inventory-mismatch.yaml",
+        miniconda={"installer": str(path), "sha256": "0" * 64, "prefix": prefix},
+    )
+    result, _ = bootstrap(cluster, inventory, roles="miniconda")
+    assert result.returncode != 0
+    assert "sha256 mismatch" in result.stdout + result.stderr
+    for node in NODES:
+        cache = cluster.ssh(node, "ls /var/cache/ddpfleet/ 2>/dev/null || true").stdout
+        assert path.name not in cache  # the mismatching file was deleted (.part included)
+        assert cluster.ssh(node, f"test -e {prefix}").returncode == 1  # nothing installed
+        assert conda_log(cluster, node, prefix) == []  # the installer never ran
+
+
+def test_success_installs_the_env_and_verifies_torch(cluster: Cluster, installed):
+    _, first = installed
+    assert all(n > 0 for n in changed(first).values()), first.stdout
+    for node in NODES:
+        version = cluster.ssh(node, f"{PREFIX}/bin/conda --version")
+        assert version.stdout.strip() == "conda 24.9.2", version.stderr
+        torch = cluster.ssh(
+            node,
+            f"{ENV}/bin/python -c 'import torch; print(torch.__version__, torch.version.cuda)'",
+        )
+        assert torch.stdout.split() == ["2.5.1", "11.8"], torch.stderr
+        assert cluster.ssh(node, "ls /var/cache/ddpfleet/").stdout.strip() == ""  # cleaned up
+    assert "torch 2.5.1, CUDA 11.8, cuda available: no, GPUs: 0" in run_log(first)
+
+
+def test_second_run_changes_nothing(cluster: Cluster, installed):
+    inventory, _ = installed
+    result, seconds = bootstrap(cluster, inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert changed(result) == {n: 0 for n in NODES}, result.stdout
+    node_seconds = {n: row["seconds"] for n, row in recap(result.stdout).items()}
+    print(
+        f"converged {ROLES} on {len(NODES)} nodes: {seconds:.2f}s wall (invoke included), "
+        f"per node {node_seconds}"
+    )
+
+
+def test_environment_yml_pins_the_cuda_118_pairing(cluster: Cluster, installed):
+    for node in NODES:
+        doc = yaml.safe_load(cluster.ssh(node, f"cat {PREFIX}/ddpfleet/ddp.environment.yml").stdout)
+        assert doc["channels"] == ["pytorch", "nvidia", "defaults"]
+        for dep in (
+            "python=3.10",
+            "pytorch==2.5.1",
+            "torchvision==0.20.1",
+            "torchaudio==2.5.1",
+            "pytorch-cuda=11.8",
+            "mkl<2024.1",
+            "jupyterlab",
+        ):
+            assert dep in doc["dependencies"], (node, doc)
+
+
+def test_consent_given_once_system_wide_and_no_recreate(cluster: Cluster, installed):
+    inventory, _ = installed
+    again, _ = bootstrap(cluster, inventory)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for node in NODES:
+        entries = conda_log(cluster, node)
+        accepted = actions(entries, "tos accept")
+        assert sorted(e["channel"] for e in accepted) == [
+            "https://repo.anaconda.com/pkgs/main",
+            "https://repo.anaconda.com/pkgs/r",
+        ]
+        assert {e["scope"] for e in accepted} == {"--system"}
+        assert len(actions(entries, "env create")) == 1, entries  # never re-created
+        assert not [e for e in entries if e["action"].startswith("refused")], entries
+
+
+def test_changed_spec_updates_the_env_then_converges(cluster: Cluster, installer, installed):
+    path, sha = installer
+    inventory = write(
+        cluster,
+        "inventory-conda-numpy.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        python_env={"cpu_only": False, "conda_packages": ["jupyterlab", "numpy"]},
+    )
+    result, _ = bootstrap(cluster, inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in NODES:
+        entries = conda_log(cluster, node)
+        updates = actions(entries, "env update")
+        assert updates and updates[-1]["prune"] and "numpy" in updates[-1]["spec"]["dependencies"]
+        assert len(actions(entries, "env create")) == 1
+    again, _ = bootstrap(cluster, inventory)
+    assert changed(again) == {n: 0 for n in NODES}, again.stdout
+    back, _ = bootstrap(cluster, installed[0])  # and back to the module's spec
+    assert back.returncode == 0, back.stdout + back.stderr
+
+
+def test_half_installed_prefix_is_repaired(cluster: Cluster, installed):
+    inventory, _ = installed
+    cluster.ssh("node0", f"rm {PREFIX}/bin/conda")  # an install cut short
+    cluster.ssh("node1", f"printf '#!/bin/sh\\nexit 1\\n' > {PREFIX}/bin/conda")  # broken
+    result, _ = bootstrap(cluster, inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "half-installed" in result.stdout
+    for node in NODES:
+        runs = actions(conda_log(cluster, node), "installer")
+        assert runs[-1]["argv"] == f"-b -p {PREFIX} -u", runs
+        assert cluster.ssh(node, f"{PREFIX}/bin/conda --version").returncode == 0
+        assert len(actions(conda_log(cluster, node), "env create")) == 1  # the env was kept
+    again, _ = bootstrap(cluster, inventory)
+    assert changed(again) == {n: 0 for n in NODES}, again.stdout
+
+
+def test_no_tos_consent_unless_asked(cluster: Cluster, installer):
+    path, sha = installer
+    prefix = "/opt/ddpfleet-test-notos"
+    inventory = write(
+        cluster,
+        "inventory-notos.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "prefix": prefix},
+    )
+    result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
+    assert result.returncode != 0
+    out = " ".join((result.stdout + result.stderr).split())
+    assert "accept_tos: true" in out and "flavor: miniforge" in out
+    for node in NODES:
+        entries = conda_log(cluster, node, prefix)
+        assert actions(entries, "installer")  # conda itself was installed
+        assert not actions(entries, "tos accept") and not actions(entries, "env create")
+
+
+def test_miniforge_downloaded_over_http_needs_no_consent(cluster: Cluster):
+    (cluster.dir / "served").mkdir(exist_ok=True)
+    path, sha = build_installer(cluster.dir / "served", "Miniforge3-standin-Linux-x86_64.sh")
+    bridge = str(ipaddress.IPv4Network(cluster.data["sandbox"]["subnet"])[1])
+    handler = functools.partial(QuietHandler, directory=str(path.parent))
+    server = http.server.ThreadingHTTPServer((bridge, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://{bridge}:{server.server_address[1]}/{path.name}"
+        prefix = "/opt/ddpfleet-test-forge"
+        inventory = write(
+            cluster,
+            "inventory-forge.yaml",
+            miniconda={"installer": url, "sha256": sha, "prefix": prefix, "flavor": "miniforge"},
+        )
+        result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"downloaded {url}" in " ".join(result.stdout.split())
+    for node in NODES:
+        entries = conda_log(cluster, node, prefix)
+        assert not actions(entries, "tos accept")
+        create = actions(entries, "env create")
+        assert len(create) == 1 and create[0]["spec"]["channels"] == ["pytorch", "conda-forge"]
+        assert "cpuonly" in create[0]["spec"]["dependencies"]  # sandbox nodes: no nvidia-smi
+
+
+def test_check_on_a_new_prefix_changes_nothing(cluster: Cluster, installer):
+    path, sha = installer
+    prefix = "/opt/ddpfleet-test-check"
+    inventory = write(
+        cluster,
+        "inventory-check.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "prefix": prefix, "accept_tos": True},
+    )
+    result, _ = bootstrap(cluster, inventory, "--check", roles="miniconda,conda_env")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(n > 0 for n in changed(result).values())
+    for node in NODES:
+        assert cluster.ssh(node, f"test -e {prefix}").returncode == 1
+        assert conda_log(cluster, node, prefix) == []
+
+
+def test_rejected_sshd_dropin_is_not_installed_and_the_node_stays_reachable(
+    cluster: Cluster, installed
+):
+    before = {n: cluster.ssh(n, f"cat {DROPIN}").stdout for n in NODES}
+    inventory = write(
+        cluster, "inventory-bad-sshd.yaml", openssh_server={"permit_root_login": "maybe"}
+    )
+    result, _ = bootstrap(cluster, inventory, roles="openssh_server")
+    assert result.returncode != 0
+    assert "sshd -t rejected" in result.stdout + result.stderr
+    for node in NODES:
+        assert cluster.ssh(node, "true").returncode == 0  # still reachable
+        assert cluster.ssh(node, f"cat {DROPIN}").stdout == before[node]
+        assert "maybe" not in cluster.ssh(node, "cat /etc/ssh/sshd_config.d/*").stdout
+        assert cluster.ssh(node, f"ls {DROPIN}.ddpfleet-new 2>/dev/null").stdout == ""
+
+
+def test_nodes_reach_each_other_by_name(cluster: Cluster, installed):
+    for src, dst in (("node0", "node1"), ("node1", "node0")):
+        got = cluster.ssh(src, f"ssh -o BatchMode=yes -o StrictHostKeyChecking=yes {dst} hostname")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.strip() == dst
+
+
+def test_password_auth_is_off_per_sshd_T(cluster: Cluster, installed):
+    for node in NODES:
+        effective = dict(
+            line.split(" ", 1)
+            for line in cluster.ssh(node, "sshd -T").stdout.splitlines()
+            if " " in line
+        )
+        assert effective["passwordauthentication"] == "no"
+        assert effective["kbdinteractiveauthentication"] == "no"
+        assert effective["pubkeyauthentication"] == "yes"
+        assert effective["permitrootlogin"] in ("prohibit-password", "without-password")
