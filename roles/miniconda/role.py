@@ -154,16 +154,10 @@ def _fetch(host, installer: Installer, remote: str, state: Mapping[str, str]) ->
     host.change(["mkdir", "-p", remote.rsplit("/", 1)[0]])
     if installer.path is not None:
         _upload(host, installer.path, part)
-    elif state.get("fetch") == "wget":
-        host.change(["wget", "-q", "-O", part, installer.url], timeout=1800)
-    elif state.get("fetch") == "curl":
-        host.change(["curl", "-fsSL", "--retry", "3", "-o", part, installer.url], timeout=1800)
     else:
-        return failed(
-            "installer",
-            "neither curl nor wget on the node: install one, or set "
-            "miniconda.installer to a controller path to upload it",
-        )
+        problem = _download(host, installer.url, part, state.get("fetch", ""))
+        if problem:
+            return failed("installer", problem)
     result = host.change(sh(VERIFY, part, remote, installer.sha256), check=False)
     if not result.ok:
         return failed(
@@ -173,6 +167,29 @@ def _fetch(host, installer: Installer, remote: str, state: Mapping[str, str]) ->
             "nothing was run. Check miniconda.sha256 and the installer",
         )
     return changed("installer", f"{how}ed {installer.where} to {remote}; sha256 ok")
+
+
+def _download(host, url: str, part: str, tool: str) -> str:
+    """Fetch on the node; '' when done, else why (nodes often have no route out)."""
+    if tool == "wget":
+        argv = ["wget", "-q", "-O", part, url]
+    elif tool == "curl":
+        argv = ["curl", "-fsSL", "--retry", "3", "-o", part, url]
+    else:
+        return (
+            "neither curl nor wget on the node: install one, or set miniconda.installer "
+            "to a controller path to upload it"
+        )
+    result = host.change(argv, check=False, timeout=1800)
+    if result.ok:
+        return ""
+    host.change(["rm", "-f", part])
+    tail = (result.stderr or result.stdout).strip()[-200:]
+    return (
+        f"{tool} could not download {url} on the node (exit {result.exit_code}: {tail}); "
+        "for nodes without internet set miniconda.installer to a file on the controller, "
+        "which is uploaded"
+    )
 
 
 def _upload(host, local: Path, remote: str) -> None:

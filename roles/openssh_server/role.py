@@ -221,6 +221,9 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
             keypair, made = controller.keypair(path, comment, create=True), True
     node = Target(host, cfg, keypair)
     node.probe()
+    if not node.state.get("uid"):
+        yield failed("probe", "the node's sh printed no facts; is /bin/sh a POSIX shell?")
+        return
     if node.state.get("uid") != "0":
         yield failed(
             "root",

@@ -84,6 +84,16 @@ def test_wget_when_the_node_has_no_curl():
     assert h.changes[1] == f"wget -q -O {REMOTE}.part {URL}"
 
 
+def test_failed_download_points_at_uploading_from_the_controller():
+    h = node(FRESH)
+    h.answers.insert(0, (r"^curl ", 7, "curl: (7) Failed to connect"))
+    statuses, steps = run(h)
+    assert statuses == [("installer", "failed")]
+    assert "miniconda.installer" in steps[0].reason and "exit 7" in steps[0].reason
+    assert h.changes[-1] == f"rm -f {REMOTE}.part"
+    assert not any(c.startswith("bash ") for c in h.changes)
+
+
 def test_checksum_mismatch_refuses_before_executing_anything():
     h = node(FRESH, verify=(5, "0" * 64 + "\n"))
     statuses, steps = run(h)

@@ -278,6 +278,11 @@ def test_stopped_sshd_is_started(inventory):
     assert h.changes == ["systemctl enable --now ssh"]
 
 
+def test_a_node_whose_probe_says_nothing_fails_clearly(inventory):
+    statuses, _ = run(node(inventory, {}))
+    assert statuses == [("probe", "failed")]
+
+
 def test_non_root_login_is_refused(inventory):
     h = node(inventory, {**converged(inventory), "uid": "1000"})
     statuses, steps = run(h)
