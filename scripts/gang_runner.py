@@ -236,9 +236,10 @@ def load_helper():
 def preflight(helper, ask):
     """Facts for the plan; the master binds and holds its port, a worker connects to it."""
     listener = server = None
+    if ask.get("listen"):  # first: the workers' connects are already on their way
+        listener, server, error = helper.bind(ask["listen"])
     found = helper.facts(ask["code_dir"], ask["master_host"], ask["count_gpus"])
     if ask.get("listen"):
-        listener, server, error = helper.bind(ask["listen"])
         found["listen"] = {"ok": listener is not None, "error": error}
     if ask.get("reach"):
         error = helper.reach(ask["master_host"], ask["reach"]["port"], ask["reach"]["timeout"])

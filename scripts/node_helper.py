@@ -47,6 +47,8 @@ def torch_versions():
     with open(path) as f:
         exec(compile(f.read(), path, "exec"), scope)  # noqa: S102 (torch's own version file)
     nccl = None
+    if scope.get("cuda") is None:  # a CPU build: no NCCL, and no need to scan every dist-info
+        return {"torch": scope.get("__version__"), "cuda": None, "nccl": None}
     try:
         from importlib import metadata
 
