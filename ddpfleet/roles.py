@@ -211,7 +211,7 @@ class Host:
             self.conn.run(["mv", "-f", tmp, path])
         return True, text_diff
 
-    def template(self, name: str, **values: Any) -> str:
+    def template(self, template_name: str, /, **values: Any) -> str:
         import jinja2
 
         assert self.role is not None
@@ -219,7 +219,7 @@ class Host:
             loader=jinja2.FileSystemLoader(str(self.role.directory / "templates")),
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
         )
-        return env.get_template(name).render(**values)
+        return env.get_template(template_name).render(**values)
 
     def notify(self, handler: str) -> None:
         if handler not in self.notified:

@@ -72,7 +72,7 @@ class FakeHost:
             self.written[path] = data
         return True, ""
 
-    def template(self, name: str, **values: Any) -> str:
+    def template(self, template_name: str, /, **values: Any) -> str:
         import jinja2
 
         assert self.role is not None
@@ -80,7 +80,7 @@ class FakeHost:
             loader=jinja2.FileSystemLoader(str(self.role.directory / "templates")),
             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
         )
-        return env.get_template(name).render(**values)
+        return env.get_template(template_name).render(**values)
 
     def notify(self, handler: str) -> None:
         if handler not in self.notified:
