@@ -54,8 +54,8 @@ class Cluster:
                 **extra}
 
     def invoke(self, *args: str, timeout: float = 900, inventory: Path | None = None,
-               **kw) -> subprocess.CompletedProcess:
-        env = self.env()
+               extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        env = self.env(**(extra_env or {}))
         if inventory is not None:
             env["DDPFLEET_INVENTORY"] = str(inventory)
         return subprocess.run([*INVOKE, *args], cwd=self.dir, env=env, capture_output=True,
