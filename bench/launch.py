@@ -40,6 +40,7 @@ from ddpfleet import envs, launch
 from ddpfleet import inventory as inv
 from ddpfleet.connection import Fleet
 from tests.integration.conftest import ROOT, write_inventory
+from tests.integration.test_venv_bootstrap import PYTHON_ENV  # torch through the wheelhouse
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 ARGS = "--epochs 1 --steps-per-epoch 3"
@@ -193,35 +194,40 @@ def pollers(data: dict, run_id: str) -> dict[str, subprocess.Popen]:
     return procs
 
 
-def vanish_times(procs: dict[str, subprocess.Popen], rank: str) -> tuple[float, float]:
-    """(the crashing rank's process gone, the last process of the run gone), unix time."""
-    crashed, last = [], []
-    for proc in procs.values():
+def vanish_times(procs: dict[str, subprocess.Popen], rank: str) -> tuple[float, dict]:
+    """(the crashing rank's process gone, {node: its last process of the run gone}), unix time."""
+    crashed, last = [], {}
+    for node, proc in procs.items():
         out, _ = proc.communicate(timeout=240)
         for t, what, _pid, who in (line.split() for line in out.splitlines()):
             if what == "gone":
-                last.append(float(t))
+                last[node] = max(last.get(node, 0.0), float(t))
                 if who == rank:
                     crashed.append(float(t))
     if not crashed:
         raise SystemExit(f"the pollers did not see rank {rank} go")
-    return min(crashed), max(last)
+    return min(crashed), last
+
+
+def _stop_figures(crash: float, last: dict) -> str:
+    per_node = ", ".join(f"{n} +{t - crash:.2f}s" for n, t in sorted(last.items()))
+    return f"{max(last.values()) - crash:.2f}s ({per_node})"
 
 
 def stop_latency(inventory: Path, data: dict) -> None:
     run_id = f"bench-stop-{uuid.uuid4().hex[:6]}"
     watch = pollers(data, run_id)
     lines, code = run_invoke(inventory, run_id, FAIL_ARGS)
-    first, last = vanish_times(watch, "3")
+    crash, last = vanish_times(watch, "3")
     named = next((x for _, x in lines.lines if x.startswith("error: training failed")), "?")
-    print(f"stop latency, invoke train: {last - first:.2f}s from the crash to the last process "
-          f"gone on every node (target < 3s); exit {code}: {named[:90]}")
+    print(f"stop latency, invoke train: rank 3 crash -> last process gone on every node "
+          f"{_stop_figures(crash, last)} (target < 3s); exit {code}: {named[:70]}")
     p = plan_for(inventory, f"bench-stop-hand-{uuid.uuid4().hex[:6]}", FAIL_ARGS)
     watch = pollers(data, p.run_id)
     run_by_hand(data, p)
-    first, last = vanish_times(watch, "3")
-    print(f"stop latency, torchrun by hand: {last - first:.2f}s (gloo fails the peers fast; "
-          "NCCL peers would wait for their collective timeout)")
+    crash, last = vanish_times(watch, "3")
+    print(f"stop latency, torchrun by hand: {_stop_figures(crash, last)} (gloo fails the peers "
+          "fast; NCCL peers would wait for their collective timeout)")
 
 
 def cleanup(data: dict, run_prefix: str = "bench-") -> None:
@@ -242,7 +248,8 @@ def main() -> None:
     PROJECT = args.project_dir.resolve()
     own = args.inventory is None
     work = Path(tempfile.mkdtemp(prefix="ddpfleet-bench-"))
-    inventory = args.inventory or write_inventory(work, 2, prefix="ddpl", subnet="10.220.0.0/24")
+    inventory = args.inventory or write_inventory(work, 2, prefix="ddpl", subnet="10.220.0.0/24",
+                                                  python_env=PYTHON_ENV)
     env = {**os.environ, "DDPFLEET_INVENTORY": str(inventory)}
     if own:
         subprocess.run([*INVOKE, "sandbox.up"], env=env, check=True, capture_output=True)

@@ -286,9 +286,14 @@ def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()):
 # -- one member per node: gang_runner.py on one exec channel, preflight to exit -------------
 
 RANK_LINE = re.compile(r"^\[([A-Za-z_][\w-]*?)(\d+)\]:(.*)$")
-ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+# torchrun's ChildFailedError summary: '  rank      : 3 (local_rank: 1)', '  exitcode  : 1 (pid...'
+SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 # torch >= 2.4 prefixes a worker's uncaught exception with '[rank3]: '.
 TRACEBACK = re.compile(r"^(\[rank\d+\]:\s*)?Traceback \(most recent call last\)")
+# The agent's own word that a worker died, logged as soon as it sees it, seconds before its
+# own exit (teardown of an interpreter with torch loaded): the earliest reliable signal.
+AGENT_SAW_FAILURE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 
 
 def split_rank(line: str, node_rank: int, nproc: int) -> tuple[int | None, str]:
@@ -298,6 +303,49 @@ def split_rank(line: str, node_rank: int, nproc: int) -> tuple[int | None, str]:
     if not m:
         return None, line
     return node_rank * nproc + int(m.group(2)), m.group(3)
+
+
+@dataclass
+class Clues:
+    """What one node's output says about a failure, fed line by line (pure).
+
+    The blamed rank is the first to print a traceback: a rank that raises prints it before it
+    dies, its peers only fail after it died. Without one (a segfault, the OOM killer), torchrun's
+    word: its 'failed (exitcode: ...)' line, or the root cause of its summary. The summary also
+    gives each failed rank's exit code.
+    """
+
+    node_rank: int = 0
+    nproc: int = 1
+    traceback_rank: int | None = None
+    agent_rank: int | None = None
+    first_at: float | None = None  # when the first clue arrived (monotonic)
+    exits: dict[int, int] = field(default_factory=dict)
+    _summary_rank: int | None = None
+
+    @property
+    def rank(self) -> int | None:
+        return self.traceback_rank if self.traceback_rank is not None else self.agent_rank
+
+    def feed(self, rank: int | None, body: str, now: float) -> bool:
+        """Take one line; True when it is torchrun saying that one of its workers failed."""
+        if rank is not None:
+            if self.traceback_rank is None and TRACEBACK.match(body):
+                self.traceback_rank = rank
+                self.first_at = now if self.first_at is None else self.first_at
+            return False
+        if m := AGENT_SAW_FAILURE.search(body):
+            failed = self.node_rank * self.nproc + int(m.group(2))
+            self.agent_rank = failed if self.agent_rank is None else self.agent_rank
+            self.exits.setdefault(failed, int(m.group(1)))
+            self.first_at = now if self.first_at is None else self.first_at
+            return True
+        if m := SUMMARY_RANK.match(body):
+            self._summary_rank = int(m.group(1))
+        elif (m := SUMMARY_EXIT.match(body)) and self._summary_rank is not None:
+            self.exits[self._summary_rank] = int(m.group(1))
+            self._summary_rank = None
+        return False
 
 
 class Output:
@@ -344,14 +392,22 @@ class Member:
         self.got_facts = threading.Event()
         self.outcome = Outcome(conn.name)
         self.lines: deque[tuple[int | None, str]] = deque(maxlen=400)
-        self.root_cause = False
-        self.stopped_by_us = False
+        self.clues = Clues()
+        self.stopped_by_us = False  # the runner said it is stopping at our word
+        self.told_to_stop = False
+        self.failed_itself = False  # torchrun said a worker failed before we said stop
         self.started = time.monotonic()
         self.done = threading.Event()
 
     @property
     def name(self) -> str:
         return self.conn.name
+
+    @property
+    def failing(self) -> bool:
+        """Failed or lost, or torchrun already said a worker died (its exit is seconds off)."""
+        return self.failed_itself or (self.done.is_set()
+                                      and self.outcome.state in ("failed", "lost"))
 
     def open(self, ask: Mapping[str, object]) -> None:
         chan = self.conn.transport.open_session(timeout=self.conn.node.connect_timeout)
@@ -383,6 +439,7 @@ class Member:
     def launch(self, node: NodePlan, nproc: int, log_path: Path) -> None:
         """Start torchrun: the spec goes on stdin (--env values may be secrets)."""
         self.plan, self.nproc = node, nproc
+        self.clues = Clues(node.rank, nproc)
         self.log = open(log_path, "a")  # noqa: SIM115 (closed in finish, by the pump thread)
         self.started = time.monotonic()
         spec = {"argv": list(node.argv), "env": dict(node.env), "cwd": node.cwd,
@@ -400,6 +457,7 @@ class Member:
             self.chan.close()
 
     def send(self, word: str) -> None:
+        self.told_to_stop = self.told_to_stop or word in ("stop", "kill")
         try:
             if self.chan is not None and not self.done.is_set():
                 self.chan.sendall(word.encode() + b"\n")
@@ -427,19 +485,10 @@ class Member:
         rank, body = (None, text) if self.plan is None else split_rank(
             text, self.plan.rank, self.nproc)
         self.lines.append((rank, body))
-        if rank is not None and TRACEBACK.match(body):
-            self.evidence(rank)
-        if "Root Cause (first observed failure)" in body:
-            self.root_cause = True
-        elif self.root_cause and (m := ROOT_CAUSE_RANK.match(body)):
-            self.outcome.rank, self.root_cause = int(m.group(1)), False
+        if self.plan is not None and self.clues.feed(rank, body, time.monotonic()):
+            self.failed_itself = self.failed_itself or not self.told_to_stop
         prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"
         self.out.line(f"{prefix} {body}", self.log)
-
-    def evidence(self, rank: int) -> None:
-        if self.outcome.evidence_at is None:
-            self.outcome.evidence_at = time.monotonic()
-            self.outcome.rank = rank
 
     def control(self, payload: bytes) -> None:
         try:
@@ -455,8 +504,10 @@ class Member:
             if self.log is not None:
                 self.log.write(f"[{self.name}] ddpfleet: stopping: {event.get('reason')}\n")
         elif kind == "killed":
-            self.out.line(f"[{self.name}] ddpfleet: SIGKILLed pids {event.get('pids')} after "
-                          f"{STOP_GRACE_S:g}s", self.log)
+            what = ("torchrun, its workers gone" if event.get("agent_only") else
+                    f"pids {event.get('pids')}, still there")
+            self.out.line(f"[{self.name}] ddpfleet: SIGKILLed {what} {event.get('after')}s "
+                          "after SIGTERM", self.log)
         elif kind == "error":
             self.out.line(f"[{self.name}] ddpfleet: {event.get('error')}", self.log)
 
@@ -468,12 +519,15 @@ class Member:
             o.state = "ok"
         elif code == -1:
             o.state, o.why = "lost", o.why or "its connection dropped"
-        elif self.stopped_by_us:
+        elif self.stopped_by_us and not self.failed_itself:
             o.state = "stopped"
         else:
             o.state = "failed"
-        if o.state in ("failed", "lost") and o.evidence_at is None:
-            o.evidence_at = time.monotonic()
+        if o.state in ("failed", "lost"):
+            o.rank = self.clues.rank
+            o.evidence_at = self.clues.first_at or time.monotonic()
+            if o.exit_code is not None:  # the failed rank's own code, not torchrun's or ours
+                o.exit_code = self.clues.exits.get(o.rank, o.exit_code)
         o.last_lines = self.tail(o.rank)
         if self.log is not None:
             self.log.close()
@@ -663,9 +717,9 @@ class Gang:
         if self.reason is not None:
             return
         for m in self.members:
-            if m.done.is_set() and m.outcome.state in ("failed", "lost"):
-                why = "failed" if m.outcome.state == "failed" else "lost its connection"
-                self.out.line(f"ddpfleet: {m.name} {why}: stopping every other node")
+            if m.failing:
+                why = "lost its connection" if m.outcome.state == "lost" else "failed"
+                self.out.line(f"ddpfleet: {m.name} {why}: stopping every node")
                 self.stop(f"{m.name} {why}")
                 return
 
@@ -704,21 +758,32 @@ def first_failure(outcomes: Sequence[Outcome]) -> Outcome | None:
     return min(failed, key=lambda o: o.evidence_at or float("inf")) if failed else None
 
 
+def exit_text(code: int | None) -> str:
+    """'exit 1', or 'SIGTERM' for a process a signal ended (Python's negative return code)."""
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            pass
+    return f"exit {code}"
+
+
 def summary_line(o: Outcome, first: Outcome | None, reason: str | None) -> str:
     secs = f"{o.seconds:.1f}s"
     if o.state == "ok":
         return f"{o.node}: ok (exit 0, {secs})"
     if o.state == "stopped":
         return f"{o.node}: stopped ({reason or 'by ddpfleet'}, {secs})"
-    rank = f", rank {o.rank}" if o.rank is not None else ""
+    if o.state == "lost":
+        return f"{o.node}: lost ({o.why}, {secs})" + (" <- first failure" if o is first else "")
+    rank = f"rank {o.rank} " if o.rank is not None else ""
     mark = " <- first failure" if o is first else ""
-    what = f"failed (exit {o.exit_code}{rank}" if o.state == "failed" else f"lost ({o.why}"
-    return f"{o.node}: {what}, {secs}){mark}"
+    return f"{o.node}: failed ({rank}{exit_text(o.exit_code)}, {secs}){mark}"
 
 
 def failure_message(first: Outcome, outcomes: Sequence[Outcome]) -> str:
     rank = f" rank {first.rank}" if first.rank is not None else ""
-    how = f"exit {first.exit_code}" if first.state == "failed" else first.why
+    how = exit_text(first.exit_code) if first.state == "failed" else first.why
     others = ", ".join(f"{o.node} {o.state}" for o in outcomes if o is not first)
     lines = "\n    ".join(first.last_lines) or "(no output)"
     return (f"training failed: {first.node}{rank} failed first ({how})"

@@ -39,6 +39,7 @@ import types
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+AGENT_LINGER_S = 0.5
 STDIN = sys.stdin.buffer
 OUT_LOCK = threading.Lock()
 
@@ -199,16 +200,26 @@ class Member:
         self.stopper.start()
 
     def terminate(self, grace):
-        """SIGTERM to every group, SIGKILL to what is left after `grace` seconds."""
+        """SIGTERM to every group; SIGKILL to what is left after `grace` seconds, or as soon as
+        torchrun alone has outlived its workers by AGENT_LINGER_S: all it does then is print
+        (already relayed) and tear down an interpreter with torch loaded, which takes seconds."""
+        start = time.monotonic()
         if grace:
             signal_all(signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while self.alive() and time.monotonic() < deadline:
+            alone_since = None
+            while (left := self.alive()) and time.monotonic() - start < grace:
+                if left == [self.proc.pid]:
+                    alone_since = alone_since or time.monotonic()
+                    if time.monotonic() - alone_since > AGENT_LINGER_S:
+                        break
+                else:
+                    alone_since = None
                 time.sleep(0.05)
         left = self.alive()
         signal_all(signal.SIGKILL)
         if left and grace:
-            control(event="killed", pids=left)
+            control(event="killed", pids=left, after=round(time.monotonic() - start, 2),
+                    agent_only=left == [self.proc.pid])
         deadline = time.monotonic() + 5  # SIGKILLed processes may take a moment to go
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -211,3 +211,55 @@ def test_first_failure_is_the_earliest_evidence_not_the_first_exit():
                                  Outcome("node1", state="stopped")]) is None
     msg = launch.failure_message(node1, [node0, node1])
     assert msg.startswith("training failed: node1 rank 3 failed first (exit 1); node0 failed")
+
+
+NODE1_FAILURE = """\
+[default1]:[rank3]: Traceback (most recent call last):
+[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 10 (--fail-at-step)
+[default0]:[rank2]: Traceback (most recent call last):
+[default0]:[rank2]: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer
+E1126 19:51:28.020000 151 torch/distributed/elastic/multiprocessing/api.py:1002] failed \
+(exitcode: -6) local_rank: 0 (pid: 155) of binary: /opt/ddpfleet/venv/bin/python
+Failures:
+[1]:
+  time      : 2026-11-26_19:51:28
+  host      : node1
+  rank      : 3 (local_rank: 1)
+  exitcode  : 1 (pid: 156)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-26_19:51:28
+  host      : node1
+  rank      : 2 (local_rank: 0)
+  exitcode  : -6 (pid: 155)
+"""
+
+
+def feed(clues: launch.Clues, text: str) -> list[bool]:
+    said = []
+    for i, line in enumerate(text.splitlines()):
+        rank, body = launch.split_rank(line, clues.node_rank, clues.nproc)
+        said.append(clues.feed(rank, body, now=float(i)))
+    return said
+
+
+def test_clues_blame_the_rank_that_raised_not_the_first_to_die():
+    # rank 2 aborted on the closed socket before rank 3 had finished dying, so torchrun's root
+    # cause is rank 2; rank 3's traceback came first.
+    clues = launch.Clues(node_rank=1, nproc=2)
+    said = feed(clues, NODE1_FAILURE)
+    assert said.count(True) == 1  # torchrun's 'failed (exitcode' line
+    assert clues.rank == 3 and clues.first_at == 0.0
+    assert clues.exits == {2: -6, 3: 1}
+
+
+def test_clues_without_a_traceback_take_torchruns_word():
+    clues = launch.Clues(node_rank=1, nproc=2)
+    feed(clues, "\n".join(ln for ln in NODE1_FAILURE.splitlines() if "[default" not in ln))
+    assert clues.rank == 2 and clues.exits[2] == -6
+
+
+def test_exit_text_names_signals():
+    assert launch.exit_text(1) == "exit 1"
+    assert launch.exit_text(-15) == "SIGTERM" and launch.exit_text(-6) == "SIGABRT"
