@@ -40,7 +40,6 @@ from ddpfleet import envs, launch
 from ddpfleet import inventory as inv
 from ddpfleet.connection import Fleet
 from tests.integration.conftest import ROOT, write_inventory
-from tests.integration.test_venv_bootstrap import PYTHON_ENV  # torch through the wheelhouse
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 ARGS = "--epochs 1 --steps-per-epoch 3"
@@ -248,8 +247,7 @@ def main() -> None:
     PROJECT = args.project_dir.resolve()
     own = args.inventory is None
     work = Path(tempfile.mkdtemp(prefix="ddpfleet-bench-"))
-    inventory = args.inventory or write_inventory(work, 2, prefix="ddpl", subnet="10.220.0.0/24",
-                                                  python_env=PYTHON_ENV)
+    inventory = args.inventory or write_inventory(work, 2, prefix="ddpl", subnet="10.220.0.0/24")
     env = {**os.environ, "DDPFLEET_INVENTORY": str(inventory)}
     if own:
         subprocess.run([*INVOKE, "sandbox.up"], env=env, check=True, capture_output=True)

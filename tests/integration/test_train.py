@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from tests.integration.conftest import INVOKE, ROOT, Cluster
-from tests.integration.test_venv_bootstrap import venv_inventory
 
 NODES = ("node0", "node1")
 SHORT = "--epochs 2 --steps-per-epoch 4 --batch-size 8"
@@ -28,10 +27,8 @@ LONG = "--epochs 100 --steps-per-epoch 100 --step-sleep 0.1"
 
 @pytest.fixture(scope="module")
 def ready(cluster: Cluster) -> Cluster:
-    """The nodes' training env (venv + torch through the wheelhouse), as bootstrap makes it;
-    the same spec as the venv_env tests, so the session's second bootstrap changes nothing."""
-    r = cluster.invoke("bootstrap", "--roles", "venv_env", inventory=venv_inventory(cluster),
-                       timeout=1800)
+    """The nodes' training env (venv + torch through the wheelhouse), as bootstrap makes it."""
+    r = cluster.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return cluster
 
