@@ -52,7 +52,7 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
 HEARTBEAT_S = 2.0
-WATCHDOG_S = 60  # runner stops the run after this long without a line from the controller
+WATCHDOG_S = 30  # silence either way this long: the connection is dead (runner stops the run)
 CONNECT_CHECK_S = 3.0
 CONTROL = b"\x1e"
 
@@ -359,7 +359,7 @@ class Output:
         with self.lock:
             self.stream.write(text + "\n")
             self.stream.flush()
-            if log is not None:
+            if log is not None and not log.closed:  # closed: a node given up on, still talking
                 log.write(text + "\n")
                 log.flush()
 
@@ -396,8 +396,9 @@ class Member:
         self.stopped_by_us = False  # the runner said it is stopping at our word
         self.told_to_stop = False
         self.failed_itself = False  # torchrun said a worker failed before we said stop
-        self.started = time.monotonic()
+        self.started = self.last_heard = time.monotonic()
         self.done = threading.Event()
+        self.finishing = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -441,10 +442,21 @@ class Member:
         self.plan, self.nproc = node, nproc
         self.clues = Clues(node.rank, nproc)
         self.log = open(log_path, "a")  # noqa: SIM115 (closed in finish, by the pump thread)
-        self.started = time.monotonic()
+        self.started = self.last_heard = time.monotonic()
         spec = {"argv": list(node.argv), "env": dict(node.env), "cwd": node.cwd,
-                "grace": STOP_GRACE_S, "watchdog": WATCHDOG_S}
+                "grace": STOP_GRACE_S, "watchdog": WATCHDOG_S, "heartbeat": HEARTBEAT_S}
         self.chan.sendall(json.dumps(spec).encode() + b"\n")
+
+    def give_up(self, why: str) -> None:
+        """Treat the node as lost: close its channel. Its runner, if it still hears anything,
+        sees EOF and stops the run; a dead peer never confirms, so do not wait for it."""
+        self.outcome.why = why
+        try:
+            self.chan.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        if not self.done.wait(2):
+            self.finish(-1)
 
     def call_off(self) -> None:
         """EOF before a spec: the runner frees the port and exits, having started nothing."""
@@ -468,6 +480,7 @@ class Member:
         buf = b""
         try:
             while data := self.chan.recv(65536):
+                self.last_heard = time.monotonic()
                 *complete, buf = (buf + data).split(b"\n")
                 for raw in complete:
                     self.handle(raw)
@@ -496,12 +509,14 @@ class Member:
         except ValueError:
             return
         kind = event.pop("event", None)
+        if kind == "hb":
+            return
         if kind == "facts":
             self.facts = event
             self.got_facts.set()
         elif kind == "stopping":
             self.stopped_by_us = True
-            if self.log is not None:
+            if self.log is not None and not self.log.closed:
                 self.log.write(f"[{self.name}] ddpfleet: stopping: {event.get('reason')}\n")
         elif kind == "killed":
             what = ("torchrun, its workers gone" if event.get("agent_only") else
@@ -512,6 +527,13 @@ class Member:
             self.out.line(f"[{self.name}] ddpfleet: {event.get('error')}", self.log)
 
     def finish(self, code: int) -> None:
+        with self.finishing:
+            if self.done.is_set():
+                return  # given up on already; the pump came back late
+            self.conclude(code)
+            self.done.set()
+
+    def conclude(self, code: int) -> None:
         o = self.outcome
         o.seconds = time.monotonic() - self.started
         o.exit_code = None if code == -1 else code
@@ -531,7 +553,6 @@ class Member:
         o.last_lines = self.tail(o.rank)
         if self.log is not None:
             self.log.close()
-        self.done.set()
 
     def tail(self, rank: int | None, n: int = 12) -> tuple[str, ...]:
         """The failing rank's last lines when known (its traceback), else the node's."""
@@ -698,6 +719,8 @@ class Gang:
                 beat = time.monotonic()
                 for m in self.members:
                     m.send("hb")
+                    if not m.done.is_set() and beat - m.last_heard > WATCHDOG_S:
+                        m.give_up(f"no word from it for {WATCHDOG_S}s")
             if self.deadline is not None and time.monotonic() > self.deadline:
                 self.abandon()
                 return
@@ -740,14 +763,7 @@ class Gang:
         """A node that never confirmed: close its channel; its runner sees EOF and kills."""
         for m in self.members:
             if not m.done.is_set():
-                m.outcome.why = "did not confirm the stop; its channel was closed"
-                try:
-                    m.chan.close()
-                except (OSError, EOFError, paramiko.SSHException):
-                    pass
-                m.done.wait(2)
-                if not m.done.is_set():
-                    m.finish(-1)
+                m.give_up("did not confirm the stop; its channel was closed")
 
 
 def first_failure(outcomes: Sequence[Outcome]) -> Outcome | None:
@@ -820,8 +836,9 @@ def _remote_files(sftp: paramiko.SFTPClient, top: str) -> list[str]:
     return sorted(found)
 
 
-def fetch_rank_logs(fleet: Fleet, p: Plan, run_dir: Path) -> dict[str, int | NodeError]:
-    """torchrun's per-rank files from every node's --log-dir into logs/<run-id>/."""
+def fetch_rank_logs(fleet: Fleet, p: Plan, run_dir: Path, nodes: Sequence[str]
+                    ) -> dict[str, int | NodeError]:
+    """torchrun's per-rank files from these nodes' --log-dir into logs/<run-id>/."""
 
     def one(conn: Conn) -> int:
         n = p.node(conn.name)
@@ -838,8 +855,7 @@ def fetch_rank_logs(fleet: Fleet, p: Plan, run_dir: Path) -> dict[str, int | Nod
             raise NodeError(conn.name, f"SFTP from {n.log_dir} failed: {e}") from None
         return len(paths)
 
-    alive = [m.node for m in p.nodes if fleet.conns[m.node].transport.is_active()]
-    return fleet.map(one, alive)
+    return fleet.map(one, [n for n in nodes if fleet.conns[n].transport.is_active()])
 
 
 def train(fleet: Fleet, flags: TrainFlags, python: Mapping[str, str], log_root: Path,
@@ -869,8 +885,9 @@ def train(fleet: Fleet, flags: TrainFlags, python: Mapping[str, str], log_root: 
 
 def conclude(fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output) -> list[Outcome]:
     """Rank logs back, one summary line per node, and the verdict."""
-    fetched = fetch_rank_logs(fleet, p, run_dir)
     outcomes = [m.outcome for m in gang.members]
+    # Not from a lost node: SFTP to a peer that went silent would hang with it.
+    fetched = fetch_rank_logs(fleet, p, run_dir, [o.node for o in outcomes if o.state != "lost"])
     first = first_failure(outcomes)
     for o in outcomes:
         out.line(summary_line(o, first, gang.reason))

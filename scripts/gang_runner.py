@@ -4,7 +4,8 @@ Stdlib only, Linux. On the channel's stdin the controller sends, in order: this 
 line, then the source), node_helper.py the same way, one JSON line asking for the preflight
 facts, and then either EOF (preflight failed somewhere: nothing is started) or one JSON line
 {"argv", "env", "cwd", "grace", "watchdog"} that starts torchrun. After that it keeps stdin
-open and writes control lines: "hb" (heartbeat), "stop" (graceful), "kill" (at once).
+open and writes control lines: "hb" (heartbeat), "stop" (graceful), "kill" (at once); the runner
+sends its own heartbeat back, so either side notices a connection that died silently.
 
 The preflight runs here, not in channels of its own, so a launch costs one exec per node: the
 facts and code manifest (node_helper.facts), the master port bound on the master and held
@@ -182,10 +183,15 @@ class Member:
         self.stop("the controller's connection closed")
 
     def watchdog(self):
-        limit = self.spec.get("watchdog") or 0
-        while limit and not self.stopping.is_set():
-            time.sleep(1)
-            if time.monotonic() - self.last_line > limit:
+        """Both ways: a heartbeat to the controller, and a stop when its own stop arriving.
+
+        A connection can die silently (power loss, a cable): no EOF then, only silence.
+        """
+        limit, every = self.spec.get("watchdog") or 0, self.spec.get("heartbeat") or 2
+        while not self.stopping.is_set():
+            time.sleep(every)
+            control(event="hb")
+            if limit and time.monotonic() - self.last_line > limit:
                 self.stop(f"no heartbeat from the controller for {limit}s")
 
     def stop(self, reason, grace=None):

@@ -53,16 +53,17 @@ def ps(cluster: Cluster, node: str) -> str:
     return cluster.ssh(node, "ps -eo pid,pgid,sid,stat,args | cut -c1-160").stdout
 
 
-def wait_gone(cluster: Cluster, run_id: str, since: float, within: float) -> float:
-    """Seconds from `since` until no process of the run is left on any node."""
+def wait_gone(cluster: Cluster, run_id: str, since: float, within: float,
+              nodes: tuple[str, ...] = NODES) -> float:
+    """Seconds from `since` until no process of the run is left on any of the nodes."""
     while True:
-        left = {n: run_pids(cluster, n, run_id) for n in NODES}
+        left = {n: run_pids(cluster, n, run_id) for n in nodes}
         now = time.monotonic()
         if not any(left.values()):
             return now - since
         if now - since > within:
             pytest.fail(f"processes of {run_id} still there {within}s on: {left}\n"
-                        + "\n".join(ps(cluster, n) for n in NODES))
+                        + "\n".join(ps(cluster, n) for n in nodes))
         time.sleep(0.3)
 
 
@@ -223,3 +224,22 @@ def test_differing_torch_is_refused_naming_both_versions(ready: Cluster, tmp_pat
     assert f"{real} on node0" in r.stderr and "2.0.0+standin on node1" in r.stderr
     assert "nothing was started" in r.stderr
     assert not any(run_pids(ready, n, run_id) for n in NODES)
+
+
+def test_lost_node_stops_the_others(ready: Cluster):
+    run_id = new_run_id("lost")
+    live = Live(ready, train_args(run_id, LONG))
+    live.wait_for(r"\] rank \d/4: first step", count=4)
+    lost = time.monotonic()
+    stop = ready.invoke("sandbox.stop", "--nodes", "node1", timeout=120)  # every process in it
+    try:
+        assert stop.returncode == 0, stop.stderr
+        code = live.finish(timeout=60)
+        assert code != 0
+        assert "ddpfleet: node1 lost its connection: stopping every node" in live.text
+        assert "error: training failed: node1 failed first (its connection dropped)" in live.text
+        gone = wait_gone(ready, run_id, lost, within=15, nodes=("node0",))
+        print(f"node1 lost -> node0's last process gone: {gone:.2f}s")
+    finally:
+        start = ready.invoke("sandbox.start", "--nodes", "node1", timeout=300)
+        assert start.returncode == 0, start.stderr
