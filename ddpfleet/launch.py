@@ -53,7 +53,7 @@ SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
 HEARTBEAT_S = 2.0
 WATCHDOG_S = 30  # silence either way this long: the connection is dead (runner stops the run)
-CONNECT_CHECK_S = 3.0
+CONNECT_CHECK_S = 10.0  # a worker's connect to the master's port; its runner may start later
 CONTROL = b"\x1e"
 
 
@@ -624,16 +624,18 @@ def preflight(fleet: Fleet, flags: TrainFlags, members: Mapping[str, Member]
               ) -> tuple[Plan, dict[str, Probed]]:
     """Every node's facts (in parallel: the runners probe at once), then the pure plan."""
     order = run_order(fleet.inventory, flags.nodes)
+    port = flags.master_port or fleet.inventory.cluster.master_port
     probed, problems = {}, []
-    for name in order:
+    for name in order:  # the master first: a taken port need not wait for the workers' connects
         m = members[name]
         try:
             probed[name] = _probed(m.conn, m.python, m.wait_facts())
         except NodeError as e:
             problems.append(str(e))
+        if name == order[0] and name in probed and not (probed[name].listen or {}).get("ok"):
+            _fail_if(port_problems(order[:1], probed, port) + problems, "preflight failed")
     _fail_if(problems, "preflight failed")
     facts = {n: p.facts for n, p in probed.items()}
-    port = flags.master_port or fleet.inventory.cluster.master_port
     _fail_if(check_versions(facts) + port_problems(order, probed, port), "preflight failed")
     return plan(fleet.inventory, flags, facts), probed
 

@@ -230,15 +230,17 @@ def serve(srv):
 
 
 def reach(host, port, timeout):
-    """One real TCP connect to the master's listener; retried while it may still be starting.
+    """One real TCP connect to the master's listener; retried while its runner may still be
+    starting (refused), for `timeout` seconds in all.
 
     Returns None or why not.
     """
     deadline = time.monotonic() + timeout
     address = resolve(host) or host
     while True:
+        left = max(0.1, deadline - time.monotonic())
         try:
-            with socket.create_connection((address, port), timeout=max(0.1, timeout)) as s:
+            with socket.create_connection((address, port), timeout=left) as s:
                 s.sendall(b"ddpfleet preflight\n")
             return None
         except OSError as e:
