@@ -113,6 +113,8 @@ class Conn:
             raise Unreachable(self.name, f"connection lost while running {cmd[:60]!r}: {e}") from None
         except TimeoutError:
             raise CommandError(self.name, cmd, None, f"timed out after {timeout}s") from None
+        if code == -1:  # the channel closed with no exit status: the node's sshd went away
+            raise Unreachable(self.name, f"connection lost while running {cmd[:60]!r}")
         result = Result(self.name, cmd, code, out.decode(errors="replace"),
                         err.decode(errors="replace"), time.monotonic() - start)
         if check and code != 0:

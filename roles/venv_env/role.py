@@ -49,7 +49,8 @@ for d in sys.path:
             if entry.endswith(".dist-info"):
                 name, _, version = entry[:-10].partition("-")
                 dists.setdefault(key(name), version)
-print("env_python=%d.%d.%d" % sys.version_info[:3])
+if "pip" in dists:  # a venv cut off before ensurepip finished is no working venv
+    print("env_python=%d.%d.%d" % sys.version_info[:3])
 print("env_spec=" + read(spec_file))
 print("env_torch=" + dists.get("torch", ""))
 print("env_missing=" + ",".join(n for n in names if key(n) not in dists))
