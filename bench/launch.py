@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -267,6 +268,7 @@ def main() -> None:
         cleanup(yaml.safe_load(Path(inventory).read_text()))
         if own:
             subprocess.run([*INVOKE, "sandbox.down"], env=env, check=False, capture_output=True)
+            shutil.rmtree(work, ignore_errors=True)  # its wheelhouse alone is hundreds of MB
 
 
 if __name__ == "__main__":

@@ -197,13 +197,17 @@ def socket_ifname(is_master: bool, addr: str, facts: NodeFacts) -> str | None:
     return facts.route_dev if facts.route_dev and facts.route_dev != "lo" else None
 
 
+def check_nproc(flag: str) -> str:
+    if flag != "auto" and (not flag.isdigit() or int(flag) < 1):
+        raise PlanError(f"--nproc-per-node {flag!r}: use auto or a number >= 1")
+    return flag
+
+
 def nproc_per_node(inventory: Inventory, order: Sequence[str], flag: str,
                    facts: Mapping[str, NodeFacts]) -> int:
     """--nproc-per-node N, or auto: the node's GPUs (inventory gpus:, else nvidia-smi), 1 on a
     node without; torchrun needs the same count on every node."""
-    if flag != "auto":
-        if not flag.isdigit() or int(flag) < 1:
-            raise PlanError(f"--nproc-per-node {flag!r}: use auto or a number >= 1")
+    if check_nproc(flag) != "auto":
         return int(flag)
     counts = {}
     for name in order:
@@ -865,6 +869,7 @@ def train(fleet: Fleet, flags: TrainFlags, python: Mapping[str, str], log_root: 
     """Plan, check, sync, run as one gang, collect. Raises DdpfleetError naming the first
     failing node and rank; KeyboardInterrupt after an interrupt stopped every node."""
     out = out or Output()
+    check_nproc(flags.nproc_per_node)  # flag mistakes before any connection
     root = flags.project_dir.resolve()
     files = sync.project_files(root)
     sync.require(files, flags.script, root)
