@@ -172,6 +172,9 @@ def train(args: argparse.Namespace) -> None:
                 if args.checkpoint_dir:
                     save_checkpoint(args.checkpoint_dir, module, opt, epoch)
         say(f"rank {rank} checksum {checksum(module)}")
+        # Tearing gloo down while a peer still sends can abort ("terminate called without an
+        # active exception"): leave together.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
