@@ -116,8 +116,8 @@ class Inventory:
             if name not in known:
                 hint = _did_you_mean(name, known)
                 raise InventoryError(
-                    f"--nodes: unknown node {name!r}{hint}; known nodes in {self.path.name}: "
-                    f"{self.names()}"
+                    f"--nodes: unknown node {name!r}{hint} (known nodes in {self.path.name}: "
+                    f"{self.names()})"
                 )
         if len(set(wanted)) != len(wanted):
             raise InventoryError(f"--nodes: a node is named twice in {names!r}")
