@@ -176,6 +176,50 @@ def _port(value) -> int | None:
     return int(value)
 
 
+# -- jupyter ----------------------------------------------------------------------------------
+
+
+@task(name="tunnel", default=True, help={
+    "inventory": INVENTORY_HELP,
+    "node": "the node whose Jupyter to reach (default: the first node)",
+    "local_port": "port on this machine's 127.0.0.1 (default 8888; 0 picks a free one)",
+})
+@cli
+def jupyter_tunnel(c, node=None, local_port=8888, inventory=None):
+    """Forward a local port to a node's Jupyter over SSH, print the URL; Ctrl-C closes it."""
+    from ddpfleet import jupyter
+
+    jupyter.open_tunnel(inv.load(inventory, node), int(local_port))
+
+
+@task(name="status", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP,
+                           "json": "one JSON object per node instead of the table"})
+@cli
+def jupyter_status(c, inventory=None, nodes=None, json=False):
+    """Each node's Jupyter as `jupyter server list` reports it: state, pid, port, root_dir."""
+    from ddpfleet import jupyter
+
+    with _fleet(inventory, nodes) as fleet:
+        results = jupyter.status(fleet)
+    jupyter.show_status(results, as_json=json)
+    report.exit_if_failed(results, "jupyter.status")
+
+
+@task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def jupyter_stop(c, inventory=None, nodes=None):
+    """Stop Jupyter on the nodes (the next bootstrap starts it again)."""
+    from ddpfleet import jupyter
+
+    with _fleet(inventory, nodes) as fleet:
+        results = jupyter.stop(fleet)
+    report.show(report.table(None, ("node", "jupyter"), results.items()))
+    report.exit_if_failed(results, "jupyter.stop")
+
+
+jupyter_ns = Collection("jupyter", jupyter_tunnel, jupyter_status, jupyter_stop)
+
+
 # -- sandbox ----------------------------------------------------------------------------------
 
 
@@ -257,3 +301,4 @@ def _names(spec, nodes: str) -> list[str]:
 sandbox_ns = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop,
                         sandbox_start)
 ns = Collection(ping, trust, bootstrap, env_export, train, sandbox_ns)
+ns.add_collection(jupyter_ns)
