@@ -176,6 +176,41 @@ def _port(value) -> int | None:
     return int(value)
 
 
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP,
+            "json": "print the ddpfleet.gpu-status-report/1 document instead of the table",
+            "watch": "refresh every SECONDS, in place, until Ctrl-C"})
+@cli
+def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
+    """Every GPU of every node in one table: use, memory, temperature, power, processes."""
+    from ddpfleet import gpustatus
+
+    with _fleet(inventory, nodes) as fleet:
+        results = gpustatus.run(fleet, as_json=json, every=_seconds(watch))
+        report.exit_if_failed(results, "gpu-status")
+
+
+def _seconds(value) -> float | None:
+    try:
+        seconds = None if value in (None, "") else float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds is not None and not seconds > 0:
+        raise DdpfleetError(f"--watch {value!r}: give the refresh interval in seconds, e.g. 2")
+    return seconds
+
+
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def doctor(c, inventory=None, nodes=None):
+    """Preflight for training: SSH, sudo, driver, GPUs, env, versions, port, clocks, disk, TCP."""
+    from ddpfleet import doctor as doctor_mod
+
+    with _fleet(inventory, nodes) as fleet:
+        checks = doctor_mod.diagnose(fleet)
+        report.show(doctor_mod.render(checks))
+        doctor_mod.exit_if_failed(checks)
+
+
 # -- jupyter ----------------------------------------------------------------------------------
 
 
@@ -300,5 +335,5 @@ def _names(spec, nodes: str) -> list[str]:
 
 sandbox_ns = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop,
                         sandbox_start)
-ns = Collection(ping, trust, bootstrap, env_export, train, sandbox_ns)
+ns = Collection(ping, trust, bootstrap, env_export, train, gpu_status, doctor, sandbox_ns)
 ns.add_collection(jupyter_ns)
