@@ -56,6 +56,8 @@ def bootstrap(cluster: Cluster, inventory: Path, *flags: str):
 def venv_cluster(cluster: Cluster):
     """The cluster after one venv_env bootstrap (fresh nodes: venv made, wheels pushed)."""
     inventory = venv_inventory(cluster)
+    for node in NODES:  # other modules may have made the env already: start from none
+        cluster.ssh(node, f"rm -rf {ENV} /var/cache/ddpfleet/wheelhouse")
     result, seconds = bootstrap(cluster, inventory)
     assert result.returncode == 0, result.stdout + result.stderr
     print(f"fresh venv bootstrap of {len(NODES)} nodes: {seconds:.1f}s")
