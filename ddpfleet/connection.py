@@ -260,7 +260,7 @@ class Fleet:
         self.open()
         names = list(nodes) if nodes is not None else [n.name for n in self.nodes]
         live = [self.conns[n] for n in names if n in self.conns]
-        outcomes = dict(zip((c.name for c in live), self._pool.map(_try_conn(fn), live)))
+        outcomes = dict(zip((c.name for c in live), self._pool.map(_try(fn), live)))
         return {n: outcomes[n] if n in outcomes else self.errors[n] for n in names}
 
     def run(self, command: str | list[str], **kwargs) -> dict[str, Result | NodeError]:
@@ -274,24 +274,14 @@ class Fleet:
 
 
 def _try(fn):
-    def call(node: Node):
+    """fn(item) with a node's failure returned as its own NodeError, never raised."""
+
+    def call(item):
         try:
-            return fn(node)
+            return fn(item)
         except NodeError as e:
             return e
         except DdpfleetError as e:
-            return NodeError(node.name, str(e))
-
-    return call
-
-
-def _try_conn(fn):
-    def call(conn: Conn):
-        try:
-            return fn(conn)
-        except NodeError as e:
-            return e
-        except DdpfleetError as e:
-            return NodeError(conn.name, str(e))
+            return NodeError(item.name, str(e))
 
     return call
