@@ -68,15 +68,18 @@ def test_check_ssh(error, status, fragments) -> None:
     "uid, rc, status, fragment",
     [
         (0, None, PASS, "root"),
-        (1000, 0, PASS, "passwordless sudo"),
-        (1000, 1, WARN, "asks for a password"),
-        (1000, 127, WARN, "not installed"),
+        (1000, 0, WARN, "passwordless sudo"),
+        (1000, 1, WARN, "sudo with a password"),
+        (1000, 127, WARN, "no sudo"),
     ],
 )
 def test_check_sudo(uid, rc, status, fragment) -> None:
     check = doctor.check_sudo(uid, rc, "ubuntu")
     expect(check, status, fragment)
-    assert status is PASS or "NOPASSWD" in check.fix
+    # Review #10: bootstrap does not use sudo, so sudo is never reported as enough, and doctor
+    # never advises widening it.
+    assert status is PASS or "ssh.user: root" in check.fix
+    assert "NOPASSWD" not in check.fix
 
 
 # --- driver and GPUs ---------------------------------------------------------------------------
