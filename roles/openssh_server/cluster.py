@@ -1,32 +1,64 @@
-"""openssh_server's controller side: the cluster key, the host keys the controller trusts, and
-the marked block ddpfleet owns in shared files (ssh_known_hosts, ~/.ssh/config).
+"""openssh_server's controller side of node-to-node SSH: the cluster CA, the certificates it
+signs, the host keys the controller trusts, and the marked block ddpfleet owns in shared files
+(ssh_known_hosts, ~/.ssh/config).
 
-Nothing here touches a node: role.py sends what these functions compute.
+Each node makes its own key (the private key never leaves it); the controller signs the node's
+public key with the cluster CA for one principal that names the node and its pinned host key.
+A node's authorized_keys trusts the CA only for the principals of the nodes in the inventory
+now, and only from their addresses, so a node that leaves the inventory (or is re-imaged: new
+host key) is refused at the next bootstrap, with no cross-node step inside a run.
+
+Nothing here touches a node: peers.py sends what these functions compute.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
+import re
+import secrets
+import socket
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import paramiko
 
 from ddpfleet import inventory as inv
-from ddpfleet.connection import USER_KNOWN_HOSTS, known_hosts_name
+from ddpfleet.connection import (
+    USER_KNOWN_HOSTS,
+    _fabric_connection,
+    fingerprint,
+    known_hosts_name,
+)
 from ddpfleet.errors import DdpfleetError
 
 BEGIN, END = "# BEGIN ddpfleet cluster", "# END ddpfleet cluster"
-_key_lock = threading.Lock()
+# Comments that mark ddpfleet's lines in authorized_keys: the CA line, and the shared root key
+# of ddpfleet before per-node keys ("legacy"), which is removed wherever it is found.
+CA_COMMENT, LEGACY_COMMENT = "ddpfleet-ca@", "ddpfleet-cluster@"
+SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # goes into authorized_keys options unquoted
+_ca_lock = threading.Lock()
+_resolved: dict[tuple[str, int, str], tuple[str, int]] = {}
 
 
-def keypair(path: Path, comment: str, create: bool) -> tuple[bytes, str] | None:
-    """(private key file, public key line); made once, shared by every node and every run."""
+class Peer(NamedTuple):
+    """A node as another node's ssh_config names it."""
+
+    name: str
+    host: str
+    port: int
+    user: str
+
+
+def ca(path: Path, create: bool) -> tuple[bytes, str] | None:
+    """(CA private key file, CA public key 'type base64'); made once in the controller project.
+    It signs certificates only: no node ever receives it."""
     from cryptography.hazmat.primitives import serialization as ser
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    with _key_lock:  # the nodes' threads call this at once
+    with _ca_lock:  # the nodes' threads call this at once
         if not path.is_file():
             if not create:
                 return None
@@ -35,12 +67,7 @@ def keypair(path: Path, comment: str, create: bool) -> tuple[bytes, str] | None:
             _write_once(path, pem)
         private = path.read_bytes()
     public = ser.load_ssh_private_key(private, None).public_key()
-    line = public.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
-    line = f"{line} {comment}"
-    pub_path = path.with_name(path.name + ".pub")
-    if not pub_path.is_file() or pub_path.read_text() != line + "\n":
-        pub_path.write_text(line + "\n")
-    return private, line
+    return private, public.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
 
 
 def _write_once(path: Path, data: bytes) -> None:
@@ -58,17 +85,127 @@ def _write_once(path: Path, data: bytes) -> None:
         tmp.unlink()
 
 
+def public_key(line: str) -> str | None:
+    """'type base64' of an OpenSSH public key line a node sent; None unless it parses (what a
+    node says is never pasted into authorized_keys or a certificate unchecked)."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    try:
+        key = ser.load_ssh_public_key(" ".join(line.split()[:2]).encode())
+        return key.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def sign(ca_private: bytes, node_public: str, principal: str, key_id: str) -> str:
+    """A user certificate for `node_public`, valid for `principal` only, with no extensions
+    (no pty, no forwarding): the authorized_keys line restricts it again."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    cert = (
+        ser.SSHCertificateBuilder()
+        .public_key(ser.load_ssh_public_key(node_public.encode()))
+        .serial(secrets.randbits(64))
+        .type(ser.SSHCertificateType.USER)
+        .key_id(key_id.encode())
+        .valid_principals([principal.encode()])
+        .valid_after(0)
+        .valid_before(2**64 - 1)  # revoked by leaving the principals list, not by expiry
+        .sign(ser.load_ssh_private_key(ca_private, None))
+    )
+    return f"{cert.public_bytes().decode()} {key_id}"
+
+
+def cert_fits(cert_line: str, node_public: str, ca_public: str, principal: str) -> bool:
+    """Whether the node's certificate is for this key, from this CA, for exactly `principal`."""
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization as ser
+
+    try:
+        cert = ser.load_ssh_public_identity(" ".join(cert_line.split()[:2]).encode())
+        if isinstance(cert, ser.SSHCertificate):
+            cert.verify_cert_signature()
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    if not isinstance(cert, ser.SSHCertificate):
+        return False
+
+    def text(key) -> str:
+        return key.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+
+    return (
+        cert.type == ser.SSHCertificateType.USER
+        and text(cert.public_key()) == node_public
+        and text(cert.signature_key()) == ca_public
+        and cert.valid_principals == [principal.encode()]
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _all_nodes(path: Path, mtime_ns: int) -> tuple[inv.Node, ...]:
     return inv.load(path, check_files=False).nodes
 
 
 def all_nodes(inventory) -> tuple[inv.Node, ...]:
-    """Every node of the inventory file, also when this run is limited by --nodes."""
+    """Every node of the inventory file, also when this run is limited by --nodes. Raises
+    DdpfleetError when the file cannot be read again: falling back to the --nodes subset would
+    rewrite every managed block with fewer nodes."""
     try:
         return _all_nodes(inventory.path, inventory.path.stat().st_mtime_ns)
-    except (DdpfleetError, OSError):
-        return tuple(inventory.nodes)
+    except (DdpfleetError, OSError) as e:
+        raise DdpfleetError(
+            f"cannot read {inventory.path} again to list every node ({e}); fix it and run "
+            "again (node-to-node files were left as they are)"
+        ) from None
+
+
+def resolved(node: inv.Node) -> tuple[str, int]:
+    """The address and port `connect` and `trust` use: ~/.ssh/config HostName/Port applied
+    (remembered: every node's thread asks for every node)."""
+    key = (node.host, node.port, node.user)
+    if key not in _resolved:
+        c = _fabric_connection(node)
+        _resolved[key] = (c.host, int(c.port))
+    return _resolved[key]
+
+
+def trusted_keys(node: inv.Node) -> dict[str, paramiko.PKey]:
+    """The node's host keys the controller trusts, looked up under the name `trust` records."""
+    host, port = resolved(node)
+    name = known_hosts_name(host, port)
+    for path in (node.known_hosts, USER_KNOWN_HOSTS):
+        if path.is_file():
+            found = paramiko.HostKeys(str(path)).lookup(name)
+            if found:
+                return dict(found)
+    return {}
+
+
+def principal(node: inv.Node) -> str | None:
+    """'ddpfleet:<node>:<host key fingerprint>' (None without a trusted host key): a re-imaged
+    machine that takes over the name gets a new host key, so the old machine's cert stops
+    working once the pin is updated."""
+    keys = trusted_keys(node)
+    if not keys:
+        return None
+    kind = "ssh-ed25519" if "ssh-ed25519" in keys else min(keys)
+    return f"ddpfleet:{node.name}:{fingerprint(keys[kind]).removeprefix('SHA256:')}"
+
+
+def addresses(node: inv.Node) -> list[str]:
+    """The node's address as the inventory resolves it, plus the IPs a name resolves to here
+    (sshd matches from= against the client's IP unless UseDNS is on)."""
+    host, _ = resolved(node)
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        infos = []
+    return sorted({str(info[4][0]) for info in infos}) + [host]
 
 
 def known_host_lines(nodes: tuple[inv.Node, ...]) -> tuple[list[str], list[str]]:
@@ -76,25 +213,14 @@ def known_host_lines(nodes: tuple[inv.Node, ...]) -> tuple[list[str], list[str]]
     trusts; and the nodes it has no key for."""
     lines, missing = [], []
     for node in nodes:
-        keys = _trusted_keys(node)
+        keys = trusted_keys(node)
         if not keys:
             missing.append(node.name)
             continue
-        names = sorted(
-            {known_hosts_name(node.name, node.port), known_hosts_name(node.host, node.port)}
-        )
+        host, port = resolved(node)
+        names = sorted({known_hosts_name(node.name, port), known_hosts_name(host, port)})
         lines += [f"{','.join(names)} {kind} {keys[kind].get_base64()}" for kind in sorted(keys)]
     return lines, missing
-
-
-def _trusted_keys(node: inv.Node) -> dict[str, paramiko.PKey]:
-    name = known_hosts_name(node.host, node.port)
-    for path in (node.known_hosts, USER_KNOWN_HOSTS):
-        if path.is_file():
-            found = paramiko.HostKeys(str(path)).lookup(name)
-            if found:
-                return dict(found)
-    return {}
 
 
 def with_block(text: str, block: str, top: bool) -> str:

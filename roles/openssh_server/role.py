@@ -10,12 +10,10 @@ settings (`sshd -T`) and the hashes of the cluster files. When the drop-in must 
 3. the `reload sshd` handler reloads (never restarts: sessions stay up), then opens a NEW
    controller connection; if that login fails, the old drop-in goes back and sshd reloads again.
 
-Node-to-node SSH: one ed25519 keypair for the cluster, made once in the controller project
-(<inventory dir>/.ddpfleet/cluster_key), copied to every node's ~/.ssh; every node's host key,
-taken from the known_hosts the controller already trusts (no extra round trip per node), lands
-in /etc/ssh/ssh_known_hosts under the node's name and address, and ~/.ssh/config maps each
-name to its address, so `ssh node1` works from node0. Both shared files get a marked block that
-ddpfleet owns; the rest of each file is left as it was.
+Node-to-node SSH (off by default; pdsh, rsync, MPI-style tools between nodes, which torchrun
+does not need) is peers.py, with its controller half in cluster.py: a key made on each node for
+one named user, certified by a CA kept on the controller, trusted from the cluster's addresses
+only, reconciled against the inventory on every run.
 """
 
 from __future__ import annotations
@@ -43,12 +41,11 @@ def _beside(name: str) -> ModuleType:
     return module
 
 
-controller = _beside("cluster")  # cluster key, trusted host keys, marked blocks
-BEGIN, END = controller.BEGIN, controller.END
+controller = _beside("cluster")  # cluster CA, trusted host keys, marked blocks
+peers = _beside("peers")  # node-to-node SSH on the node
 
 SECTION = "openssh_server"
 SSHD = "/usr/sbin/sshd"
-KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 KEYWORDS = (
     ("PubkeyAuthentication", "pubkey_authentication"),
     ("PasswordAuthentication", "password_authentication"),
@@ -58,12 +55,10 @@ KEYWORDS = (
 EFFECTIVE = "|".join(keyword.lower() for keyword, _ in KEYWORDS)  # names in `sshd -T` output
 SSHD_T_ALIASES = {"without-password": "prohibit-password"}  # how `sshd -T` prints a value
 
-# $1 drop-in, $2 systemd unit ('' without systemd), $3 cluster key file name ('' when off),
-# $4 the cluster public key line. Prints key=value lines only.
+# $1 drop-in, $2 systemd unit ('' without systemd). Prints key=value lines only.
 PROBE = rf"""
-dropin=$1 unit=$2 key=$3 pub=$4
+dropin=$1 unit=$2
 digest() {{ sha256sum 2>/dev/null <"$1" | cut -c1-64; }}
-block() {{ sed -n '/^{BEGIN}$/,/^{END}$/p' "$1" 2>/dev/null | sha256sum | cut -c1-64; }}
 echo "uid=$(id -u)"
 echo "home=$HOME"
 [ -x {SSHD} ] && echo sshd=1
@@ -79,15 +74,6 @@ echo "dropin=$(digest "$dropin")"
 [ -d /run/sshd ] && echo rundir=1
 [ -x {SSHD} ] && {SSHD} -T 2>/dev/null | awk '$1 ~ /^({EFFECTIVE})$/ \
   {{ print "eff_" $1 "=" $2 }}'
-if [ -n "$key" ]; then
-  s=$HOME/.ssh
-  echo "ssh_dir=$(stat -c %a "$s" 2>/dev/null)"
-  echo "key=$(digest "$s/$key") $(stat -c %a "$s/$key" 2>/dev/null)"
-  echo "pub=$(digest "$s/$key.pub") $(stat -c %a "$s/$key.pub" 2>/dev/null)"
-  [ -n "$pub" ] && grep -qsxF "$pub" "$s/authorized_keys" && echo authorized=1
-  echo "known_hosts=$(block {KNOWN_HOSTS})"
-  echo "ssh_config=$(block "$s/config")"
-fi
 true
 """
 
@@ -118,14 +104,6 @@ ROLLBACK = """
 if [ -e "$1.ddpfleet-prev" ]; then mv -f "$1.ddpfleet-prev" "$1"; else rm -f "$1"; fi
 rm -f "$1.ddpfleet-pending"
 """
-
-APPEND_LINE = """
-mkdir -p "$(dirname "$1")"
-if [ -s "$1" ] && [ -n "$(tail -c1 "$1")" ]; then echo >>"$1"; fi
-printf '%s\\n' "$2" >>"$1"
-chmod 0600 "$1"
-"""
-
 
 def applies(cfg: Mapping[str, Any], host) -> bool:
     return True
@@ -196,30 +174,21 @@ class Target:
     """One apply's view: the host, the settings, what the probe said. (A plain class: the
     engine loads role.py without registering it in sys.modules, which dataclasses need.)"""
 
-    def __init__(self, host, cfg: Mapping[str, Any], keypair: tuple[bytes, str] | None):
-        self.host, self.cfg, self.keypair = host, cfg, keypair
+    def __init__(self, host, cfg: Mapping[str, Any]):
+        self.host, self.cfg = host, cfg
         self.unit = unit(host.facts)
         self.dropin_text = host.template("hardening.conf.j2", settings=settings(cfg))
         self.state: dict[str, str] = {}
 
     def probe(self) -> None:
-        key_name = self.cfg["cluster_key_name"] if self.cfg["cluster_ssh"] else ""
-        pub = self.keypair[1] if self.keypair else ""
-        self.state = self.host.probe(sh(PROBE, self.cfg["dropin"], self.unit, key_name, pub))
+        self.state = self.host.probe(sh(PROBE, self.cfg["dropin"], self.unit))
 
     def did(self, action: str, done: str) -> str:
         return f"would {action}" if self.host.check else done
 
 
 def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
-    keypair, made = None, False
-    if cfg["cluster_ssh"]:
-        path = host.inventory.root / cfg["cluster_key"]
-        comment = f"ddpfleet-cluster@{host.inventory.cluster.name}"
-        keypair = controller.keypair(path, comment, create=False)
-        if keypair is None and not host.check:
-            keypair, made = controller.keypair(path, comment, create=True), True
-    node = Target(host, cfg, keypair)
+    node = Target(host, cfg)
     node.probe()
     if not node.state.get("uid"):
         yield failed("probe", "the node's sh printed no facts; is /bin/sh a POSIX shell?")
@@ -231,12 +200,11 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
             "): set ssh.user: root for this node",
         )
         return
-    steps = [_package, _service, _hardening]
-    if cfg["cluster_ssh"]:
-        steps += [_cluster_key(made), _authorized_keys, _known_hosts, _ssh_config]
+    # Node-to-node SSH runs also when off: it removes what an earlier setup left.
+    steps = [_package, _service, _hardening, lambda t: peers.Peers(t, controller).steps()]
     for step_fn in steps:
         out = step_fn(node)
-        for step in out if isinstance(out, list) else [out]:
+        for step in [out] if isinstance(out, Step) else out:
             yield step
             if step.status == "failed":
                 return
@@ -380,73 +348,3 @@ def _diff(node: Target) -> str:
 
     current = node.host.read_file(node.cfg["dropin"])
     return unified(node.cfg["dropin"], current, node.dropin_text.encode())
-
-
-def _cluster_key(made: bool):
-    def step(node: Target) -> Step:
-        name = node.cfg["cluster_key_name"]
-        if node.keypair is None:
-            return changed(
-                "cluster key", f"would generate the cluster key and copy it to ~/.ssh/{name}"
-            )
-        private, public = node.keypair
-        ssh_dir = f"{node.state['home']}/.ssh"
-        want = {"key": (name, private), "pub": (f"{name}.pub", (public + "\n").encode())}
-        stale = [k for k, (_, data) in want.items() if node.state.get(k) != f"{sha256(data)} 600"]
-        made_note = " (generated it in the controller project)" if made else ""
-        if not stale and node.state.get("ssh_dir") == "700":
-            return ok("cluster key", f"~/.ssh/{name}{made_note}")
-        node.host.change(["install", "-d", "-m", "0700", ssh_dir])
-        for k in stale:
-            filename, data = want[k]
-            node.host.put(f"{ssh_dir}/{filename}", data, mode=0o600)
-        return changed(
-            "cluster key",
-            node.did(
-                f"copy the cluster key to ~/.ssh/{name}", f"copied the cluster key to ~/.ssh/{name}"
-            )
-            + made_note,
-        )
-
-    return step
-
-
-def _authorized_keys(node: Target) -> Step:
-    if node.state.get("authorized"):
-        return ok("authorized_keys", "the cluster key may log in")
-    if node.keypair is not None:
-        path = f"{node.state['home']}/.ssh/authorized_keys"
-        node.host.change(sh(APPEND_LINE, path, node.keypair[1]))
-    return changed("authorized_keys", node.did("add the cluster key", "added the cluster key"))
-
-
-def _known_hosts(node: Target) -> Step:
-    nodes = controller.all_nodes(node.host.inventory)
-    lines, missing = controller.known_host_lines(nodes)
-    what = f"host keys of {len(nodes) - len(missing)} nodes"
-    if missing:
-        what += f" (none trusted yet for {', '.join(missing)}: invoke trust)"
-    block = node.host.template("known_hosts.j2", lines=lines)
-    return _block_step(node, "known_hosts", KNOWN_HOSTS, block, 0o644, top=False, what=what)
-
-
-def _ssh_config(node: Target) -> Step:
-    peers = controller.all_nodes(node.host.inventory)
-    block = node.host.template("ssh_config.j2", peers=peers, key_name=node.cfg["cluster_key_name"])
-    path = f"{node.state['home']}/.ssh/config"
-    names = ", ".join(p.name for p in peers)
-    # ssh_config is first-match-wins too: the block goes on top.
-    return _block_step(
-        node, "ssh config", path, block, 0o600, top=True, what=f"Host entries for {names}"
-    )
-
-
-def _block_step(
-    node: Target, name: str, path: str, block: str, mode: int, top: bool, what: str
-) -> Step:
-    if node.state.get(name.replace(" ", "_")) == sha256(block):
-        return ok(name, f"{path}: {what}")
-    current = node.host.read_file(path)
-    text = controller.with_block((current or b"").decode(errors="replace"), block, top)
-    _, diff = node.host.put(path, text, mode=mode)
-    return changed(name, node.did(f"write {what} into {path}", f"wrote {what} into {path}"), diff)

@@ -316,11 +316,13 @@ def test_rejected_sshd_dropin_is_not_installed_and_the_node_stays_reachable(
         assert cluster.ssh(node, f"ls {DROPIN}.ddpfleet-new 2>/dev/null").stdout == ""
 
 
-def test_nodes_reach_each_other_by_name(cluster: Cluster, installed):
+def test_node_to_node_ssh_is_off_by_default(cluster: Cluster, installed):
+    # The contract changed (review finding 2): no shared root key; on only for a named user,
+    # which tests/integration/test_node_ssh.py covers.
     for src, dst in (("node0", "node1"), ("node1", "node0")):
         got = cluster.ssh(src, f"ssh -o BatchMode=yes -o StrictHostKeyChecking=yes {dst} hostname")
-        assert got.returncode == 0, got.stderr
-        assert got.stdout.strip() == dst
+        assert got.returncode == 255 and "Permission denied" in got.stderr
+        assert cluster.ssh(src, "ls ~/.ssh/ddpfleet_cluster_ed25519* 2>/dev/null").stdout == ""
 
 
 def test_password_auth_is_off_per_sshd_T(cluster: Cluster, installed):

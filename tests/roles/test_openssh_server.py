@@ -16,8 +16,8 @@ ROLE = load_role("openssh_server").module
 CONTROLLER = ROLE.controller
 DEFAULTS = load_role("openssh_server").defaults
 DROPIN = "/etc/ssh/sshd_config.d/00-ddpfleet-hardening.conf"
-KEY = "ddpfleet_cluster_ed25519"
-COMMENT = "ddpfleet-cluster@t"  # the cluster is named t
+PEERS = ROLE.peers
+OFF = {"known_hosts": PEERS.EMPTY_BLOCK, "marker": ""}  # node-to-node ssh off, nothing left
 SYSTEMD_DEBIAN = MappingProxyType({**FACTS, "pid1": "systemd"})
 ROCKY = MappingProxyType(
     {**FACTS, "os_id": "rocky", "os_like": "rhel centos fedora", "pid1": "systemd"}
@@ -49,11 +49,6 @@ def dropin_text(**cfg) -> str:
 
 def converged(inventory: inv.Inventory, **cfg) -> dict[str, str]:
     """What a converged node answers to the probe."""
-    keypair = CONTROLLER.keypair(inventory.root / ".ddpfleet/cluster_key", COMMENT, create=True)
-    private, public = keypair
-    h = FakeHost(role=load_role("openssh_server"))
-    lines, _ = CONTROLLER.known_host_lines(inventory.nodes)
-    peers = inventory.nodes
     return {
         "uid": "0",
         "home": "/root",
@@ -66,12 +61,6 @@ def converged(inventory: inv.Inventory, **cfg) -> dict[str, str]:
         "eff_passwordauthentication": "no",
         "eff_kbdinteractiveauthentication": "no",
         "eff_permitrootlogin": "prohibit-password",
-        "ssh_dir": "700",
-        "key": f"{ROLE.sha256(private)} 600",
-        "pub": f"{ROLE.sha256(public + chr(10))} 600",
-        "authorized": "1",
-        "known_hosts": ROLE.sha256(h.template("known_hosts.j2", lines=lines)),
-        "ssh_config": ROLE.sha256(h.template("ssh_config.j2", peers=peers, key_name=KEY)),
     }
 
 
@@ -80,10 +69,12 @@ def text(state: dict[str, str]) -> str:
 
 
 def node(
-    inventory, state, facts=FACTS, check=False, validate=(0, ""), install=(0, ""), files=None
+    inventory, state, facts=FACTS, check=False, validate=(0, ""), install=(0, ""), files=None,
+    peers=OFF,
 ) -> FakeHost:
     return FakeHost(
         answers=[
+            (r"root_legacy", 0, text(peers)),  # node-to-node ssh's probe (peers.py)
             (r"eff_", 0, text(state)),
             (r"sshd -t -f /dev/stdin", validate[0], validate[1]),
             (r"ddpfleet-new", install[0], install[1]),
@@ -111,15 +102,7 @@ def run(h: FakeHost, **cfg):
     return [(s.name, s.status) for s in steps], steps
 
 
-NAMES = [
-    "package",
-    "service",
-    "hardening",
-    "cluster key",
-    "authorized_keys",
-    "known_hosts",
-    "ssh config",
-]
+NAMES = ["package", "service", "hardening", "node-to-node ssh"]
 
 
 def test_converged_node_costs_one_probe_and_changes_nothing(inventory):
@@ -127,7 +110,7 @@ def test_converged_node_costs_one_probe_and_changes_nothing(inventory):
     statuses, steps = run(h)
     assert statuses == [(n, "ok") for n in NAMES]
     assert h.changes == [] and h.written == {}
-    assert len(h.ran) == 1
+    assert len(h.ran) == 2  # the sshd probe and node-to-node ssh's
     assert steps[2].reason == f"{DROPIN} in place (key-only login)"
 
 
@@ -288,65 +271,6 @@ def test_non_root_login_is_refused(inventory):
     statuses, steps = run(h)
     assert statuses == [("root", "failed")]
     assert "ssh.user: root" in steps[0].reason
-
-
-def test_fresh_node_gets_the_cluster_key_known_hosts_and_ssh_config(inventory):
-    state = {
-        **converged(inventory),
-        "ssh_dir": "",
-        "key": "",
-        "pub": "",
-        "authorized": None,
-        "known_hosts": "",
-        "ssh_config": "",
-    }
-    files = {"/root/.ssh/config": b"Host github.com\n    User git\n"}
-    h = node(inventory, state, files=files)
-    statuses, _ = run(h)
-    assert statuses[3:] == [(n, "changed") for n in NAMES[3:]]
-    private = (inventory.root / ".ddpfleet/cluster_key").read_bytes()
-    public = (inventory.root / ".ddpfleet/cluster_key.pub").read_text()
-    assert h.written[f"/root/.ssh/{KEY}"] == private
-    assert h.written[f"/root/.ssh/{KEY}.pub"].decode() == public
-    assert "install -d -m 0700 /root/.ssh" in h.changes
-    append = next(c for c in h.changes if "authorized_keys" in c)
-    assert public.strip() in append
-    known = h.written["/etc/ssh/ssh_known_hosts"].decode()
-    for n in inventory.nodes:
-        assert f"{n.host},{n.name} ssh-ed25519 " in known
-    config = h.written["/root/.ssh/config"].decode()
-    assert config.index("Host node1\n    HostName 10.9.0.11") < config.index("Host github.com")
-    assert f"IdentityFile ~/.ssh/{KEY}" in config
-
-
-def test_cluster_key_is_made_once_and_shared(inventory):
-    path = inventory.root / ".ddpfleet/cluster_key"
-    first = CONTROLLER.keypair(path, "c", create=True)
-    assert CONTROLLER.keypair(path, "c", create=True) == first
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert first[1].startswith("ssh-ed25519 ")
-
-
-def test_check_never_makes_the_cluster_key(inventory):
-    h = node(inventory, {**converged(inventory), "key": ""}, check=True)
-    (inventory.root / ".ddpfleet/cluster_key").unlink()
-    statuses, _ = run(h)
-    assert ("cluster key", "changed") in statuses
-    assert not (inventory.root / ".ddpfleet/cluster_key").exists()
-    assert h.changes == [] and h.written == {}
-
-
-def test_cluster_ssh_off_skips_the_cluster_files(inventory):
-    h = node(inventory, converged(inventory))
-    statuses, _ = run(h, cluster_ssh=False)
-    assert [n for n, _ in statuses] == NAMES[:3]
-
-
-def test_a_node_the_controller_does_not_trust_yet_is_left_out(inventory, tmp_path):
-    known = inventory.nodes[0].known_hosts
-    known.write_text(known.read_text().splitlines()[0] + "\n")
-    lines, missing = CONTROLLER.known_host_lines(inventory.nodes)
-    assert missing == ["node1"] and len(lines) == 1
 
 
 @pytest.mark.parametrize(
