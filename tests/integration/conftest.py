@@ -24,6 +24,12 @@ SUBNET = os.environ.get("DDPFLEET_TEST_SUBNET", "10.215.0.0/24")
 USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()
 
 
+def second_subnet(subnet: str = SUBNET) -> str:
+    """A subnet for a test's second sandbox, next to the session's own (never another session's)."""
+    net = ipaddress.IPv4Network(subnet)
+    return str(ipaddress.IPv4Network((int(net.network_address) + net.num_addresses, net.prefixlen)))
+
+
 def write_inventory(directory: Path, count: int = 2, prefix: str = PREFIX, subnet: str = SUBNET,
                     **changes) -> Path:
     """The project inventory, moved to `directory`, its own prefix/subnet, `count` nodes."""

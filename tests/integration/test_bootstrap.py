@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import INVOKE, Cluster, write_inventory
+from tests.integration.conftest import INVOKE, Cluster, second_subnet, write_inventory
 
 NODES = ("node0", "node1")
 PASSWORD = "bootstrap-test-secret-7f3a"
@@ -47,7 +47,7 @@ def fresh(cluster: Cluster, tmp_path_factory) -> Cluster:
     """A second, never-bootstrapped 2-node cluster (own prefix), sharing the wheel cache."""
     directory = tmp_path_factory.mktemp("fresh")
     c = Cluster(directory, write_inventory(directory, prefix=cluster.data["sandbox"]["prefix"]
-                                           + "f", subnet="10.222.0.0/24"))
+                                           + "f", subnet=second_subnet()))
     (directory / ".ddpfleet").mkdir(exist_ok=True)
     shared = cluster.dir / ".ddpfleet" / "wheelhouse"
     shared.mkdir(parents=True, exist_ok=True)
