@@ -55,6 +55,9 @@ HEARTBEAT_S = 2.0
 WATCHDOG_S = 30  # silence either way this long: the connection is dead (runner stops the run)
 CONNECT_CHECK_S = 10.0  # a worker's connect to the master's port; its runner may start later
 CONTROL = b"\x1e"
+MAX_LINE = 64 * 1024  # a node's output line longer than this is shown in pieces
+TAIL_CHARS = 2000  # of each line kept for the last-lines of a failure message
+RUNNER_FILES = ("gang_runner.py", "node_helper.py", "proctree.py")  # in the order it loads them
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,37 @@ class Clues:
         return False
 
 
+class LineSplitter:
+    """Bytes in, lines out; a line longer than MAX_LINE (a progress bar redrawn with \\r,
+    binary output) comes out in MAX_LINE pieces, so memory stays bounded and the work linear."""
+
+    def __init__(self, limit: int = MAX_LINE):
+        self.limit = limit
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        start = len(self.buf)
+        self.buf += data
+        out, begin = [], 0
+        while True:
+            end = self.buf.find(b"\n", max(begin, start))
+            if end < 0 or end - begin > self.limit:
+                if len(self.buf) - begin <= self.limit:
+                    break
+                end = begin + self.limit  # a piece of an over-long line, without a newline
+                out.append(bytes(self.buf[begin:end]))
+                begin = end
+                continue
+            out.append(bytes(self.buf[begin:end]))
+            begin = end + 1
+        del self.buf[:begin]
+        return out
+
+    def end(self) -> list[bytes]:
+        rest, self.buf = bytes(self.buf), bytearray()
+        return [rest] if rest else []
+
+
 class Output:
     """Lines from every node on our stdout, as they come, one writer at a time."""
 
@@ -420,7 +454,7 @@ class Member:
         # The run id in the runner's own environment too: every process of the run carries it.
         env = shlex.join(["env", f"DDPFLEET_RUN_ID={ask['run_id']}"])
         chan.exec_command(f"{env} {sync.helper_command(self.python, 'gang_runner.py')}")
-        chan.sendall(sync.helper_source("gang_runner.py") + sync.helper_source("node_helper.py")
+        chan.sendall(b"".join(sync.helper_source(h) for h in RUNNER_FILES)
                      + json.dumps(ask).encode() + b"\n")
         self.chan = chan
         threading.Thread(target=self.pump, name=f"pump-{self.name}", daemon=True).start()
@@ -481,15 +515,14 @@ class Member:
             pass  # its connection is gone: the pump reports that
 
     def pump(self) -> None:
-        buf = b""
+        lines = LineSplitter()
         try:
             while data := self.chan.recv(65536):
                 self.last_heard = time.monotonic()
-                *complete, buf = (buf + data).split(b"\n")
-                for raw in complete:
+                for raw in lines.feed(data):
                     self.handle(raw)
-            if buf:
-                self.handle(buf)
+            for raw in lines.end():
+                self.handle(raw)
             code = self.chan.recv_exit_status()
         except (OSError, EOFError, paramiko.SSHException):
             code = -1
@@ -501,7 +534,7 @@ class Member:
         text = raw.decode(errors="replace").rstrip("\r")
         rank, body = (None, text) if self.plan is None else split_rank(
             text, self.plan.rank, self.nproc)
-        self.lines.append((rank, body))
+        self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
         if self.plan is not None and self.clues.feed(rank, body, time.monotonic()):
             self.failed_itself = self.failed_itself or not self.told_to_stop
         prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"

@@ -1,175 +1,150 @@
 """Runs on a node for `invoke train`: this node's part of one run, from preflight to exit.
 
 Stdlib only, Linux. On the channel's stdin the controller sends, in order: this file (a length
-line, then the source), node_helper.py the same way, one JSON line asking for the preflight
-facts, and then either EOF (preflight failed somewhere: nothing is started) or one JSON line
-{"argv", "env", "cwd", "grace", "watchdog"} that starts torchrun. After that it keeps stdin
-open and writes control lines: "hb" (heartbeat), "stop" (graceful), "kill" (at once); the runner
-sends its own heartbeat back, so either side notices a connection that died silently.
+line, then the source), node_helper.py and proctree.py the same way, one JSON line asking for
+the preflight facts, and then either EOF (preflight failed somewhere: nothing is started) or
+one JSON line {"argv", "env", "cwd", "grace", "watchdog"} that starts torchrun. After that it
+keeps stdin open and writes control lines: "hb" (heartbeat), "stop" (graceful), "kill" (at
+once); the runner sends its own heartbeat back, so either side notices a connection that died
+silently.
 
 The preflight runs here, not in channels of its own, so a launch costs one exec per node: the
-facts and code manifest (node_helper.facts), the master port bound on the master and held
-until torchrun needs it, a real TCP connect to it from every worker.
+facts and code manifest (node_helper.facts), the master port bound on the master and held,
+a real TCP connect to it from every worker. The held socket is never closed: torchrun's
+static rendezvous store adopts it (TCPStore's master_listen_fd, see ADOPT), so between the
+check and the run no other process (a second run, `doctor`, a local user) can take the port.
 
 Why each piece of the run is here:
 - torchrun gets its own session (setsid): no terminal, so no SIGHUP from a hang-up, and its
   group is ours to signal. Its workers start their own sessions (start_new_session in torch's
-  SubprocessHandler), so killing torchrun's group alone would orphan them: this runner makes
-  itself a child subreaper, so every descendant, orphaned or not, stays in its tree, and a stop
-  signals every descendant's process group. Nothing is ever looked up by name.
+  SubprocessHandler), so killing torchrun's group alone would orphan them: the runner and its
+  guardian are child subreapers, so every descendant, orphaned or not, stays in their tree, and
+  a stop ends the whole tree (proctree.py: SIGTERM, then freeze and SIGKILL sweeps until none
+  is left). Orphans are reaped as they exit. Nothing is ever looked up by name.
 - stdin is the lifeline: EOF (the controller died, its TCP connection closed, sshd closed the
   channel), a "stop" line, or no line for `watchdog` seconds (a half-open connection) stops the
-  run: SIGTERM to every group, SIGKILL after `grace` seconds.
-- torchrun also gets PR_SET_PDEATHSIG, so it is told to stop even if this runner is SIGKILLed.
+  run: SIGTERM to every group, SIGKILL after `grace` seconds. The watchdog and the stop never
+  wait on output: a controller that stops reading cannot keep the run alive.
+- torchrun also gets PR_SET_PDEATHSIG, and the runner's guardian ends the run if the runner is
+  SIGKILLed.
 
-Output: torchrun's stdout+stderr relayed line by line; control lines start with \\x1e and hold
-JSON ({"event": "facts", ...}, {"event": "stopping", ...}, {"event": "exit", ...}). The exit
-status is torchrun's.
+Output: torchrun's stdout+stderr relayed line by line (over-long lines in MAX_LINE pieces)
+through one writer thread; control lines start with \\x1e and hold JSON ({"event": "facts",
+...}, {"event": "stopping", ...}, {"event": "exit", ...}). The exit status is torchrun's.
 """
 
-import ctypes
 import json
 import os
+import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import types
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-AGENT_LINGER_S = 0.5
 STDIN = sys.stdin.buffer
-OUT_LOCK = threading.Lock()
+OUT_QUEUE = 256  # chunks (a line each, at most MAX_LINE) waiting for a slow controller
+MAX_LINE = 64 * 1024  # torchrun's output relayed in pieces no longer than this
+FLUSH_S = 5.0  # at exit, how long the last words may wait for a controller that stopped reading
+# Run torchrun with the master's held port: the static rendezvous's store adopts the listening
+# socket (argv[1]: its fd) instead of binding the port again, so it is never free in between.
+ADOPT = ("import runpy,sys;fd=int(sys.argv.pop(1));"
+         "import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as m;T=m.TCPStore\n"
+         "def S(*a,**k):\n"
+         " global fd\n"
+         " if fd is not None and (a[3] if len(a)>3 else k.get('is_master')):\n"
+         "  k['master_listen_fd'],fd=fd,None\n"
+         " return T(*a,**k)\n"
+         "m.TCPStore=S;sys.argv[0]='torchrun';"
+         "runpy.run_module('torch.distributed.run',run_name='__main__',alter_sys=True)")
 
 
-try:
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in a forked child
-except (OSError, AttributeError):
-    _PRCTL = None  # not Linux: the process-group kill still holds, orphan capture does not
+class Out:
+    """Everything for the controller goes through one writer thread and a bounded queue, so a
+    controller that stops reading (frozen, or silently partitioned: the SSH window fills and
+    the write blocks) only ever blocks the writer and the relay, never the watchdog or a stop.
+    Before start() (preflight, a single thread) writes go straight out."""
 
+    def __init__(self):
+        self.queue = queue.Queue(OUT_QUEUE)
+        self.thread = None
 
-def prctl(option, value):
-    if _PRCTL is not None:
-        _PRCTL(option, value, 0, 0, 0)
+    def start(self):
+        self.thread = threading.Thread(target=self._drain, name="out", daemon=True)
+        self.thread.start()
 
+    def _drain(self):
+        while (data := self.queue.get()) is not None:
+            self._write(data)
 
-def write(data):
-    """Relay to the controller; once it is gone, keep draining so torchrun never blocks."""
-    with OUT_LOCK:
+    @staticmethod
+    def _write(data):
         try:
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
         except OSError:
-            pass
+            pass  # the controller is gone: keep draining so torchrun never blocks on us
 
-
-def control(**event):
-    write(b"\x1e" + json.dumps(event).encode() + b"\n")
-
-
-def children_map():
-    """{ppid: [pid, ...]} for every process, from /proc/<pid>/stat."""
-    kids = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    def put(self, data, block=True, timeout=None):
+        """False when it could not be queued (only when not blocking, or past the timeout)."""
+        if self.thread is None:
+            self._write(data)
+            return True
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def descendants():
-    kids, found, todo = children_map(), [], [os.getpid()]
-    while todo:
-        for pid in kids.get(todo.pop(), ()):
-            found.append(pid)
-            todo.append(pid)
-    return found
-
-
-def signal_all(sig):
-    """The signal to every descendant's process group, then to each descendant itself."""
-    pids = descendants()
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except OSError:
-            pass
-    groups.discard(os.getpgid(0))  # never our own group: the sshd session shell is in it
-    for pgid in groups:
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            pass
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    return pids
-
-
-def reap(keep):
-    """As subreaper we inherit orphans: collect their exits so they do not linger as zombies.
-
-    Never waitpid(-1): that could collect torchrun (`keep`) before Popen.wait, which would
-    then read its exit code as 0.
-    """
-    for pid in children_map().get(os.getpid(), ()):
-        if pid != keep and is_zombie(pid):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-
-
-def alive(keep):
-    reap(keep)
-    return [p for p in descendants() if not is_zombie(p)]
-
-
-def is_zombie(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z"
-    except OSError:
+            self.queue.put(data, block, timeout)
+        except queue.Full:
+            return False
         return True
+
+    def close(self, timeout):
+        """The last words out, waiting at most `timeout` seconds for the controller to read."""
+        if self.thread is not None and self.put(None, timeout=timeout):
+            self.thread.join(timeout)
+
+
+OUT = Out()
+
+
+def control(block=True, timeout=None, **event):
+    """A control line; block=False drops it when the controller is not reading."""
+    return OUT.put(b"\x1e" + json.dumps(event).encode() + b"\n", block, timeout)
 
 
 class Member:
-    def __init__(self, spec):
-        self.spec = spec
+    def __init__(self, spec, tree):
+        self.spec, self.tree = spec, tree
         self.proc = None
+        self.reaper = None
         self.stopper = None
         self.stopping = threading.Event()
         self.stop_lock = threading.Lock()
         self.last_line = time.monotonic()
+        self.guardian = os.getppid()
 
-    def start(self):
+    def start(self, listener=None):
+        """torchrun in its own session; with `listener` (the master's held port) it adopts it."""
         env = dict(os.environ)
         env.update(self.spec["env"])
+        argv, fds = list(self.spec["argv"]), ()
+        if listener is not None and argv[1:3] == ["-m", "torch.distributed.run"]:
+            argv[1:3], fds = ["-c", ADOPT, str(listener.fileno())], (listener.fileno(),)
+        tree = self.tree
         self.proc = subprocess.Popen(
-            self.spec["argv"], cwd=self.spec["cwd"], env=env, stdin=subprocess.DEVNULL,
+            argv, cwd=self.spec["cwd"], env=env, stdin=subprocess.DEVNULL, pass_fds=fds,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             # No other thread runs at this point (main() starts them after), so a Python
             # preexec_fn is safe here; PDEATHSIG survives torchrun's exec.
-            preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM),  # noqa: PLW1509
+            preexec_fn=lambda: tree.prctl(tree.PR_SET_PDEATHSIG, signal.SIGTERM),  # noqa: PLW1509
         )
+        self.reaper = tree.Reaper(self.proc.pid)
         control(event="started", pid=self.proc.pid, pgid=self.proc.pid)
 
     def relay(self):
-        for line in iter(self.proc.stdout.readline, b""):
-            write(line)
+        """torchrun's output, line by line; a line longer than MAX_LINE (a progress bar
+        redrawn with \\r, binary output) goes in pieces, so memory stays bounded."""
+        for line in iter(lambda: self.proc.stdout.readline(MAX_LINE), b""):
+            OUT.put(line)
 
     def listen(self):
         """Control lines from the controller; EOF means it is gone."""
@@ -185,119 +160,123 @@ class Member:
     def watchdog(self):
         """Both ways: a heartbeat to the controller, and a stop when its own stop arriving.
 
-        A connection can die silently (power loss, a cable): no EOF then, only silence.
+        A connection can die silently (power loss, a cable): no EOF then, only silence. The
+        checks come first and the heartbeat never waits: a controller that stopped reading
+        must not keep this loop from noticing that it stopped talking.
         """
         limit, every = self.spec.get("watchdog") or 0, self.spec.get("heartbeat") or 2
         while not self.stopping.is_set():
             time.sleep(every)
-            control(event="hb")
             if limit and time.monotonic() - self.last_line > limit:
                 self.stop(f"no heartbeat from the controller for {limit}s")
+            elif os.getppid() != self.guardian:
+                self.stop("the runner's guardian process died")
+            control(block=False, event="hb")
 
     def stop(self, reason, grace=None):
+        """Start ending the run; the signals go first, the word to the controller after."""
         grace = self.spec["grace"] if grace is None else grace
         with self.stop_lock:
             hard = self.stopping.is_set()
             self.stopping.set()
         if hard and grace:
             return  # a graceful stop is already under way
-        control(event="stopping", reason=reason, grace=grace)
         self.stopper = threading.Thread(target=self.terminate, args=(grace,), daemon=True)
         self.stopper.start()
+        control(block=False, event="stopping", reason=reason, grace=grace)
 
     def terminate(self, grace):
-        """SIGTERM to every group; SIGKILL to what is left after `grace` seconds, or as soon as
-        torchrun alone has outlived its workers by AGENT_LINGER_S: all it does then is print
-        (already relayed) and tear down an interpreter with torch loaded, which takes seconds."""
-        start = time.monotonic()
-        if grace:
-            signal_all(signal.SIGTERM)
-            alone_since = None
-            while (left := self.alive()) and time.monotonic() - start < grace:
-                if left == [self.proc.pid]:
-                    alone_since = alone_since or time.monotonic()
-                    if time.monotonic() - alone_since > AGENT_LINGER_S:
-                        break
-                else:
-                    alone_since = None
-                time.sleep(0.05)
-        left = self.alive()
-        signal_all(signal.SIGKILL)
-        if left and grace:
-            control(event="killed", pids=left, after=round(time.monotonic() - start, 2),
-                    agent_only=left == [self.proc.pid])
-        deadline = time.monotonic() + 5  # SIGKILLed processes may take a moment to go
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def alive(self):
-        return alive(self.proc.pid)
+        killed = self.tree.end_tree(grace, agent=self.proc.pid)
+        if killed and grace:
+            pids, after = killed
+            control(block=False, event="killed", pids=pids, after=after,
+                    agent_only=pids == [self.proc.pid])
 
     def wait(self):
-        code = self.proc.wait()
+        code = self.reaper.wait()
+        self.proc.returncode = code  # collected by the reaper; Popen must not wait again
         if self.stopper is not None:
             self.stopper.join()
-        if self.alive():  # torchrun is done; anything it left behind is the run's too
+        if self.tree.descendants():  # torchrun is done; anything it left is the run's too
             self.terminate(self.spec["grace"])
         return code
 
 
-def load_helper():
-    """node_helper.py, sent next on stdin the same way as this file."""
-    module = types.ModuleType("node_helper")
+def load_helper(name):
+    """A helper (node_helper.py, then proctree.py), sent on stdin the same way as this file."""
+    module = types.ModuleType(name[:-3])
     source = STDIN.read(int(STDIN.readline()))
-    exec(compile(source, "node_helper.py", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(source, name, "exec"), module.__dict__)  # noqa: S102
     return module
 
 
 def preflight(helper, ask):
     """Facts for the plan; the master binds and holds its port, a worker connects to it."""
-    listener = server = None
+    held = None
     if ask.get("listen"):  # first: the workers' connects are already on their way
-        listener, server, error = helper.bind(ask["listen"])
+        held, error = helper.bind(ask["listen"])
     found = helper.facts(ask["code_dir"], ask["master_host"], ask["count_gpus"])
     if ask.get("listen"):
-        found["listen"] = {"ok": listener is not None, "error": error}
+        found["listen"] = {"ok": held is not None, "error": error}
     if ask.get("reach"):
         error = helper.reach(ask["master_host"], ask["reach"]["port"], ask["reach"]["timeout"])
         found["reach"] = {"ok": error is None, "error": error}
     control(event="facts", **found)
-    return listener, server
+    return held
 
 
-def release(listener, server):
-    """Free the held master port: torchrun's store binds it next."""
+def notify(text):
+    """An error line from the guardian: never blocks (nobody may be reading any more)."""
+    fd = sys.stdout.fileno()
     try:
-        listener.shutdown(socket.SHUT_RDWR)  # wakes the serving thread's accept(); close won't
+        os.set_blocking(fd, False)
+        os.write(fd, b"\x1e" + json.dumps({"event": "error", "error": text}).encode() + b"\n")
     except OSError:
         pass
-    listener.close()
-    server.join(timeout=2)
+
+
+def split_guardian(tree, grace, held):
+    """Fork: the child goes on as the runner and returns; this process, the one sshd waits
+    for, becomes the runner's guardian (see proctree) and exits with the runner's status."""
+    pid = os.fork()
+    if pid == 0:
+        return
+    if held is not None:
+        held.close()  # the runner hands the port to torchrun; a copy here would outlive it
+    os._exit(tree.guard(pid, grace, notify))
 
 
 def main():
-    helper = load_helper()
-    listener, server = preflight(helper, json.loads(STDIN.readline()))
+    helper, tree = load_helper("node_helper.py"), load_helper("proctree.py")
+    held = preflight(helper, json.loads(STDIN.readline()))
     line = STDIN.readline()
-    if listener is not None:
-        release(listener, server)
+    if held is not None:
+        held.quiet()  # still bound and listening: torchrun's store adopts the socket
     if not line.strip():
+        if held is not None:
+            held.close()
         return 0  # the controller called it off: nothing was started
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
     spec = json.loads(line)
-    member = Member(spec)
+    split_guardian(tree, spec["grace"], held)
+    tree.prctl(tree.PR_SET_CHILD_SUBREAPER, 1)
+    member = Member(spec, tree)
     try:
-        member.start()
+        member.start(held.sock if held is not None else None)
     except OSError as e:
         control(event="error", error=f"cannot start {spec['argv'][0]}: {e.strerror or e}")
         return 127
+    finally:
+        if held is not None:
+            held.close()  # torchrun has its own copy now
+    OUT.start()
     relay = threading.Thread(target=member.relay, daemon=True)
     relay.start()
     threading.Thread(target=member.listen, daemon=True).start()
     threading.Thread(target=member.watchdog, daemon=True).start()
     code = member.wait()
     relay.join(timeout=2)
-    control(event="exit", code=code, stopped=member.stopping.is_set())
+    control(timeout=FLUSH_S, event="exit", code=code, stopped=member.stopping.is_set())
+    OUT.close(FLUSH_S)
     return 128 - code if code < 0 else code
 
 

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import stat
@@ -195,10 +196,55 @@ def apply(code_dir, script=None):
     emit(report)
 
 
+class Held:
+    """The master port, bound and listening from the preflight on: connects from the workers'
+    checks are answered until quiet(); then the socket stays listening for torchrun's store to
+    adopt (gang_runner), so the port is never free between the check and the run."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.stopped = threading.Event()
+        self.server = threading.Thread(target=self.serve, daemon=True)
+        self.server.start()
+
+    def serve(self):
+        while not self.stopped.is_set():
+            if not select.select([self.sock], [], [], 0.1)[0]:
+                continue
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            # Wait for the worker to close first, so TIME_WAIT lands on its side, not here.
+            conn.settimeout(10)
+            try:
+                while conn.recv(64):
+                    pass
+            except OSError:
+                pass
+            conn.close()
+
+    def quiet(self):
+        """Stop answering (a stray check's connection is closed) but keep listening."""
+        self.stopped.set()
+        self.server.join(timeout=12)
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.sock.accept()[0].close()
+        except OSError:
+            pass
+        self.sock.setblocking(True)
+
+    def close(self):
+        self.quiet()
+        self.sock.close()
+
+
 def bind(port):
     """The free-port test: bind like torchrun's store will (all IPv4 addresses) and listen.
 
-    Returns (socket, thread serving it, None) or (None, None, why).
+    Returns (Held, None) or (None, why).
     """
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -207,26 +253,8 @@ def bind(port):
         srv.listen(64)
     except OSError as e:
         srv.close()
-        return None, None, e.strerror or str(e)
-    server = threading.Thread(target=serve, args=(srv,), daemon=True)
-    server.start()
-    return srv, server, None
-
-
-def serve(srv):
-    while True:
-        try:
-            conn, _ = srv.accept()
-        except OSError:
-            return  # closed: torchrun is about to bind the port
-        # Wait for the worker to close first, so TIME_WAIT lands on its side, not on this port.
-        conn.settimeout(10)
-        try:
-            while conn.recv(64):
-                pass
-        except OSError:
-            pass
-        conn.close()
+        return None, e.strerror or str(e)
+    return Held(srv), None
 
 
 def reach(host, port, timeout):

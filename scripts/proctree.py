@@ -1,0 +1,193 @@
+"""The runner's process tree on a node: find it, reap it, end it. Stdlib only, Linux.
+
+gang_runner.py receives this file on stdin after node_helper.py (a length line, then the
+source) and uses it in two processes:
+
+    guardian (the process sshd started, a child subreaper)
+      └─ runner (gang_runner's Member; a child subreaper too)
+           └─ torchrun (its own session) ─ workers (their own sessions) ─ whatever they start
+
+Every orphan is re-parented to the nearest living subreaper above it, so while either of the
+two lives, everything the run starts stays in this tree, even a double-forked daemon that
+calls setsid(). If the runner is SIGKILLed, its orphans go to the guardian, which ends them.
+What escapes: processes started outside the tree by another service (systemd-run, docker, an
+already running tmux or screen server, at, `ssh peer cmd`), and the tree itself when both the
+guardian and the runner are SIGKILLed (torchrun still gets PDEATHSIG). A cgroup per run (the
+node-side supervisor) is what closes those.
+
+Ending the tree: SIGTERM to every process group and process, `grace` seconds, then freeze and
+kill: SIGSTOP sweeps until one finds no process still running (a stopped process cannot fork,
+so a fork-and-setsid loop cannot outrun the sweep), then SIGKILL sweeps until one finds nothing
+alive. Nothing is ever looked up by name.
+"""
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+KILL_WAIT_S = 5.0  # SIGKILLed processes may take a moment to go (a D-state read, a core dump)
+
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in a forked child
+except (OSError, AttributeError):
+    _PRCTL = None  # not Linux: the process-group kill still holds, orphan capture does not
+
+
+def prctl(option, value):
+    if _PRCTL is not None:
+        _PRCTL(option, value, 0, 0, 0)
+
+
+def _stat(pid):
+    """(state letter, ppid) from /proc/<pid>/stat, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[1])
+
+
+def children_map():
+    """{ppid: [(pid, state), ...]} for every process."""
+    kids = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(entry)) is not None:
+            kids.setdefault(st[1], []).append((int(entry), st[0]))
+    return kids
+
+
+def descendants(root=None):
+    """[(pid, state), ...] below `root` (this process), zombies and exited ones left out."""
+    kids, found, todo = children_map(), [], [os.getpid() if root is None else root]
+    while todo:
+        for pid, state in kids.get(todo.pop(), ()):
+            todo.append(pid)
+            if state not in "ZX":
+                found.append((pid, state))
+    return found
+
+
+def signal_all(sig, procs):
+    """The signal to each process's group (never our own: sshd's session shell is in it),
+    then to each process itself."""
+    ours = os.getpgid(0)
+    groups = set()
+    for pid, _ in procs:
+        try:
+            groups.add(os.getpgid(pid))
+        except OSError:
+            pass
+    for pgid in groups - {ours}:
+        try:
+            os.killpg(pgid, sig)
+        except OSError:
+            pass
+    for pid, _ in procs:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+def freeze(deadline):
+    """SIGSTOP sweeps until one finds nothing still running (or the deadline)."""
+    while time.monotonic() < deadline:
+        running = [p for p in descendants() if p[1] != "T"]
+        if not running:
+            return
+        signal_all(signal.SIGSTOP, running)
+
+
+def kill_all(wait=KILL_WAIT_S):
+    """Freeze, then SIGKILL sweeps until one finds nothing alive. True when nothing is left."""
+    deadline = time.monotonic() + wait
+    freeze(deadline)
+    while time.monotonic() < deadline:
+        left = descendants()
+        if not left:
+            return True
+        signal_all(signal.SIGKILL, left)
+        time.sleep(0.02)
+    return not descendants()
+
+
+def end_tree(grace, agent=None, linger=0.5):
+    """SIGTERM to everything below us, SIGKILL to what is left after `grace` seconds, or as
+    soon as `agent` (torchrun) alone has outlived its workers by `linger` seconds: all it does
+    then is print and tear down an interpreter with torch loaded, which takes seconds.
+
+    Returns (pids SIGKILLed, seconds after the SIGTERM), or None when nothing needed a SIGKILL.
+    """
+    start = time.monotonic()
+    if grace:
+        signal_all(signal.SIGTERM, descendants())
+        alone_since = None
+        while (left := [p for p, _ in descendants()]) and time.monotonic() - start < grace:
+            if left == [agent]:
+                alone_since = alone_since or time.monotonic()
+                if time.monotonic() - alone_since > linger:
+                    break
+            else:
+                alone_since = None
+            time.sleep(0.05)
+    left = [p for p, _ in descendants()]
+    kill_all()
+    return (left, round(time.monotonic() - start, 2)) if left else None
+
+
+def exit_code(status):
+    """A wait status as Popen reports it: the exit code, or minus the signal that ended it."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+class Reaper:
+    """Collects every child's exit as it happens: as subreaper this process inherits every
+    orphan of the run, and uncollected they pile up as zombies (against pids.max). Keeps the
+    exit of `keep` (torchrun) for wait(); nothing else may wait for children meanwhile."""
+
+    def __init__(self, keep):
+        self.keep, self.code, self.done = keep, None, threading.Event()
+        threading.Thread(target=self._run, name="reaper", daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                time.sleep(0.05)  # no child just now; orphans may still be re-parented to us
+                continue
+            if pid == self.keep:
+                self.code = exit_code(status)
+                self.done.set()
+
+    def wait(self):
+        self.done.wait()
+        return self.code
+
+
+def guard(runner, grace, notify):
+    """The guardian's life: reap until the runner exits, end whatever it left behind, and
+    exit with its status. A runner killed by a signal stops the run here (its orphans are
+    ours now); `notify(text)` tells the controller, never blocking."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 1  # cannot happen while the runner lives; nothing of ours is left
+        if pid == runner:
+            break
+    code = exit_code(status)
+    if code < 0:
+        end_tree(grace)
+        notify(f"the node's runner was killed ({signal.Signals(-code).name}); "
+               "every process of the run on this node was stopped")
+        return 128 - code
+    kill_all()  # the runner ended its run already; only a last-moment orphan can be left
+    return code
