@@ -44,19 +44,14 @@ def _beside(name: str) -> ModuleType:
 
 
 controller = _beside("cluster")  # cluster key, trusted host keys, marked blocks
+hardening = _beside("hardening")  # the drop-in's lines: login, session limits, algorithms
 BEGIN, END = controller.BEGIN, controller.END
 
 SECTION = "openssh_server"
+WHAT = "key-only login, session limits, audited algorithms"  # what the drop-in does, in steps
 SSHD = "/usr/sbin/sshd"
 KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
-KEYWORDS = (
-    ("PubkeyAuthentication", "pubkey_authentication"),
-    ("PasswordAuthentication", "password_authentication"),
-    ("KbdInteractiveAuthentication", "kbd_interactive_authentication"),
-    ("PermitRootLogin", "permit_root_login"),
-)
-EFFECTIVE = "|".join(keyword.lower() for keyword, _ in KEYWORDS)  # names in `sshd -T` output
-SSHD_T_ALIASES = {"without-password": "prohibit-password"}  # how `sshd -T` prints a value
+EFFECTIVE = "|".join(hardening.EFFECTIVE)  # the drop-in's keywords as `sshd -T` prints them
 
 # $1 drop-in, $2 systemd unit ('' without systemd), $3 cluster key file name ('' when off),
 # $4 the cluster public key line. Prints key=value lines only.
@@ -79,6 +74,7 @@ echo "dropin=$(digest "$dropin")"
 [ -d /run/sshd ] && echo rundir=1
 [ -x {SSHD} ] && {SSHD} -T 2>/dev/null | awk '$1 ~ /^({EFFECTIVE})$/ \
   {{ print "eff_" $1 "=" $2 }}'
+{hardening.QUERY.strip()}
 if [ -n "$key" ]; then
   s=$HOME/.ssh
   echo "ssh_dir=$(stat -c %a "$s" 2>/dev/null)"
@@ -136,16 +132,6 @@ def sh(script: str, *args: str) -> str:
     return shlex.join(["sh", "-c", script, "sh", *args])
 
 
-def value(v: Any) -> str:
-    """YAML reads yes/no as booleans; sshd wants the words."""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return str(v)
-
-
-def settings(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
-    pairs = [(keyword, value(cfg[key])) for keyword, key in KEYWORDS]
-    return pairs + [(str(k), value(v)) for k, v in (cfg["options"] or {}).items()]
 
 
 def is_debian(facts: Mapping[str, str]) -> bool:
@@ -199,8 +185,19 @@ class Target:
     def __init__(self, host, cfg: Mapping[str, Any], keypair: tuple[bytes, str] | None):
         self.host, self.cfg, self.keypair = host, cfg, keypair
         self.unit = unit(host.facts)
-        self.dropin_text = host.template("hardening.conf.j2", settings=settings(cfg))
         self.state: dict[str, str] = {}
+        self.lines: list[tuple[str, str]] = []
+        self.dropin_text = ""
+
+    def render(self) -> str:
+        """The drop-in for what the probe said ('' when fine; else why not, naming the key):
+        its algorithm lines depend on the node's OpenSSH."""
+        try:
+            self.lines = hardening.settings(self.cfg, self.state, self.host.node.user)
+        except hardening.BadSetting as e:
+            return str(e)
+        self.dropin_text = self.host.template("hardening.conf.j2", settings=self.lines)
+        return ""
 
     def probe(self) -> None:
         key_name = self.cfg["cluster_key_name"] if self.cfg["cluster_ssh"] else ""
@@ -279,6 +276,9 @@ def _service(node: Target) -> Step:
 
 def _hardening(node: Target) -> list[Step]:
     dropin = node.cfg["dropin"]
+    bad = node.render()
+    if bad:
+        return [failed("hardening", f"{bad}; nothing was changed")]
     if not node.state.get("include") and node.state.get("sshd"):
         return [
             failed(
@@ -303,9 +303,7 @@ def _hardening(node: Target) -> list[Step]:
         ]
     diff = _diff(node) if node.host.diff else ""
     if node.host.check:
-        return [
-            changed("hardening", f"would install {dropin} (key-only login) and reload sshd", diff)
-        ]
+        return [changed("hardening", f"would install {dropin} ({WHAT}) and reload sshd", diff)]
     result = node.host.change(sh(INSTALL, dropin), stdin=node.dropin_text, check=False)
     if not result.ok:
         tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
@@ -316,7 +314,7 @@ def _hardening(node: Target) -> list[Step]:
                 f"previous {dropin} was put back at once",
             )
         ]
-    done = changed("hardening", f"installed {dropin} (key-only login; sshd -t accepts it)", diff)
+    done = changed("hardening", f"installed {dropin} ({WHAT}; sshd -t accepts it)", diff)
     return [done, *_reload(node)]
 
 
@@ -362,17 +360,14 @@ def _validate(node: Target) -> str:
 def _effective(node: Target) -> Step:
     """The drop-in is in place; sshd -T says whether something read earlier overrides it."""
     dropin = node.cfg["dropin"]
-    for keyword, key in KEYWORDS:
-        got = node.state.get(f"eff_{keyword.lower()}")
-        got = SSHD_T_ALIASES.get(got, got)
-        want = value(node.cfg[key]).lower()
-        if got and got != want:
-            return failed(
-                "hardening",
-                f"sshd -T says {keyword} {got}, {dropin} says {want}: a "
-                "file sshd reads earlier sets it; remove it there, then run again",
-            )
-    return ok("hardening", f"{dropin} in place (key-only login)")
+    keyword, got, want = hardening.overridden(node.lines, node.state)
+    if keyword:
+        return failed(
+            "hardening",
+            f"sshd -T says {keyword} {got}, {dropin} says {want}: a "
+            "file sshd reads earlier sets it; remove it there, then run again",
+        )
+    return ok("hardening", f"{dropin} in place ({WHAT})")
 
 
 def _diff(node: Target) -> str:
@@ -432,7 +427,12 @@ def _known_hosts(node: Target) -> Step:
 
 def _ssh_config(node: Target) -> Step:
     peers = controller.all_nodes(node.host.inventory)
-    block = node.host.template("ssh_config.j2", peers=peers, key_name=node.cfg["cluster_key_name"])
+    block = node.host.template(
+        "ssh_config.j2",
+        peers=peers,
+        key_name=node.cfg["cluster_key_name"],
+        algorithms=hardening.client_lines(node.lines),
+    )
     path = f"{node.state['home']}/.ssh/config"
     names = ", ".join(p.name for p in peers)
     # ssh_config is first-match-wins too: the block goes on top.
