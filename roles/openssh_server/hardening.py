@@ -172,3 +172,16 @@ def overridden(lines: list[tuple[str, str]], state: Mapping[str, str]) -> tuple[
         if ALIASES.get(got, got) != ALIASES.get(want, want):
             return keyword, got, want
     return "", "", ""
+
+
+def unoffered_pins(lines: list[tuple[str, str]], pinned: set[str]) -> str:
+    """The host key types the controller trusts for a node, when the HostKeyAlgorithms line
+    would stop sshd offering every one of them (its next login would be refused); else ''."""
+    value = dict(lines).get("HostKeyAlgorithms")
+    if not pinned or value is None or value[:1] in "+-^":
+        return ""
+    offered = set(value.split(","))
+    signatures = {"ssh-rsa": {"rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"}}  # one key, three sigs
+    if any(offered & signatures.get(kind, {kind}) for kind in pinned):
+        return ""
+    return ", ".join(sorted(pinned))

@@ -28,8 +28,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import paramiko
+
 from ddpfleet import inventory as inv
-from ddpfleet.connection import connect
+from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 from ddpfleet.errors import NodeError
 from ddpfleet.roles import Step, changed, failed, ok
 
@@ -276,7 +278,7 @@ def _service(node: Target) -> Step:
 
 def _hardening(node: Target) -> list[Step]:
     dropin = node.cfg["dropin"]
-    bad = node.render()
+    bad = node.render() or _host_key_gap(node)
     if bad:
         return [failed("hardening", f"{bad}; nothing was changed")]
     if not node.state.get("include") and node.state.get("sshd"):
@@ -316,6 +318,26 @@ def _hardening(node: Target) -> list[Step]:
         ]
     done = changed("hardening", f"installed {dropin} ({WHAT}; sshd -t accepts it)", diff)
     return [done, *_reload(node)]
+
+
+def _host_key_gap(node: Target) -> str:
+    """Why the new HostKeyAlgorithms would lock the controller out ('' when they would not):
+    it would refuse the only host key types it trusts for this node (an ecdsa-only pin)."""
+    n = node.host.node
+    name = known_hosts_name(n.host, n.port)
+    pinned: set[str] = set()
+    for path in (n.known_hosts, USER_KNOWN_HOSTS):  # both are read at connect
+        if path.is_file():
+            pinned |= set(paramiko.HostKeys(str(path)).lookup(name) or {})
+    types = hardening.unoffered_pins(node.lines, pinned)
+    if not types:
+        return ""
+    return (
+        f"the controller trusts only {types} host keys for {name}, which the new "
+        "HostKeyAlgorithms stop sshd offering: pin its ed25519 key (`ssh-keyscan -t ed25519 "
+        f"{n.host}`, check the fingerprint, add it to {n.known_hosts}) or add {types} to "
+        "openssh_server.host_key_algorithms"
+    )
 
 
 def _reload(node: Target) -> list[Step]:

@@ -174,3 +174,22 @@ def test_check_on_a_node_with_the_old_dropin_reports_the_change(inventory):
     assert "+KexAlgorithms sntrup761x25519-sha512," in steps[2].diff
     assert "+ClientAliveInterval 15" in steps[2].diff
     assert h.changes == [] and h.written == {}
+
+
+def test_an_ecdsa_only_pin_is_not_locked_out(inventory, logins):
+    """The controller trusts only the node's ECDSA key: the new HostKeyAlgorithms would make
+    sshd stop offering it, so the next login would fail; refused before anything changes."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    line = public.public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+    known = inventory.nodes[0].known_hosts
+    known.write_text(f"10.9.0.10 {line}\n")
+    h = node(inventory, {**converged(inventory), "dropin": ""})
+    statuses, steps = run(h)
+    assert statuses[-1] == ("hardening", "failed")
+    assert "trusts only ecdsa-sha2-nistp256 host keys for 10.9.0.10" in steps[-1].reason
+    assert h.changes == [] and h.written == {}
+    assert HARDENING.unoffered_pins(lines(), {"ssh-rsa"}) == ""  # RSA: rsa-sha2-* sign it
+    assert HARDENING.unoffered_pins(lines(), set()) == ""  # nothing pinned yet: trust decides
