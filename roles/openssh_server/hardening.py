@@ -57,7 +57,12 @@ _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class BadSetting(ValueError):
-    """An inventory value that cannot go into the drop-in; the message names the key and fix."""
+    """An inventory value that cannot go into the drop-in; the message names the key and fix.
+    `key` is the setting (unprefixed), so role.py can point at its line in the inventory."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 def word(v: Any) -> str:
@@ -71,6 +76,7 @@ def _line_value(key: str, v: Any) -> str:
     text = word(v)
     if not text.strip() or any(ord(c) < 32 for c in text):
         raise BadSetting(
+            key.split(".")[0],
             f"openssh_server.{key}: {text!r} is empty or holds a line break or control "
             "character; give one sshd_config value on one line"
         )
@@ -99,6 +105,7 @@ def algorithms(cfg: Mapping[str, Any], state: Mapping[str, str]) -> list[tuple[s
             continue
         if not isinstance(want, list) or not all(isinstance(n, str) for n in want) or not want:
             raise BadSetting(
+                key,
                 f"openssh_server.{key}: give a list of algorithm names (preference order), a "
                 "string to use as written, or null for sshd's default"
             )
@@ -106,6 +113,7 @@ def algorithms(cfg: Mapping[str, Any], state: Mapping[str, str]) -> list[tuple[s
         chosen = [n for n in want if n in known] if known else list(want)
         if not chosen:
             raise BadSetting(
+                key,
                 f"openssh_server.{key}: this node's OpenSSH knows none of {', '.join(want)} "
                 f"(`ssh -Q {query[2:]}`); add one it lists, or set it to null"
             )
@@ -130,10 +138,10 @@ def settings(
     pairs += algorithms(cfg, state)
     options = cfg["options"] or {}
     if not isinstance(options, Mapping):
-        raise BadSetting("openssh_server.options: give a mapping of sshd_config keywords")
+        raise BadSetting("options", "openssh_server.options: give a mapping of sshd keywords")
     for k, v in options.items():
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", str(k)):
-            raise BadSetting(f"openssh_server.options: {k!r} is not an sshd_config keyword")
+            raise BadSetting("options", f"openssh_server.options: {k!r} is not an sshd keyword")
         line = (str(k), _line_value(f"options.{k}", v))
         same = [i for i, (kw, _) in enumerate(pairs) if kw.lower() == str(k).lower()]
         if same:

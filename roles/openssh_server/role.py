@@ -1,5 +1,8 @@
 """openssh_server: sshd installed and running, key-only login, node-to-node SSH by name.
 
+The drop-in's lines (login, session limits, the algorithms ssh-audit passes, picked from the
+node's `ssh -Q`) come from hardening.py; the probe reports what that needs.
+
 A converged node costs one probe (PROBE): package, service, the drop-in's hash, the effective
 settings (`sshd -T`) and the hashes of the cluster files. When the drop-in must change:
 
@@ -134,8 +137,6 @@ def sh(script: str, *args: str) -> str:
     return shlex.join(["sh", "-c", script, "sh", *args])
 
 
-
-
 def is_debian(facts: Mapping[str, str]) -> bool:
     return "debian" in (facts.get("os_id", ""), *facts.get("os_like", "").split())
 
@@ -197,9 +198,19 @@ class Target:
         try:
             self.lines = hardening.settings(self.cfg, self.state, self.host.node.user)
         except hardening.BadSetting as e:
-            return str(e)
+            return f"{self.where(e.key)}: {e}"
         self.dropin_text = self.host.template("hardening.conf.j2", settings=self.lines)
         return ""
+
+    def where(self, key: str) -> str:
+        """Where a setting's value came from: its inventory line, else the role's defaults."""
+        inventory, node = self.host.inventory, self.host.node
+        var = f"{SECTION}_{key}"
+        if var in node.vars:
+            return inventory.where("nodes", node.name, "vars", var)
+        if key in inventory.section(SECTION):
+            return inventory.where(SECTION, key)
+        return f"roles/{SECTION}/defaults.yaml"
 
     def probe(self) -> None:
         key_name = self.cfg["cluster_key_name"] if self.cfg["cluster_ssh"] else ""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import paramiko
 import pytest
 
+from ddpfleet import inventory as inv
+from ddpfleet.roles import load_role
 from tests.roles.test_openssh_server import (
     DEFAULTS,
     DROPIN,
@@ -127,7 +129,7 @@ def test_without_an_ssh_q_answer_the_list_stays_whole_for_sshd_t():
         ({"macs": []}, "openssh_server.macs: give a list"),
         ({"ciphers": "aes128-ctr\nPasswordAuthentication yes"}, "openssh_server.ciphers: "),
         ({"options": {"Banner": "x\nPermitRootLogin yes"}}, "openssh_server.options.Banner: "),
-        ({"options": {"Allow Users": "root"}}, "not an sshd_config keyword"),
+        ({"options": {"Allow Users": "root"}}, "not an sshd keyword"),
         ({"login_grace_time": ""}, "openssh_server.login_grace_time: "),
     ],
 )
@@ -193,3 +195,21 @@ def test_an_ecdsa_only_pin_is_not_locked_out(inventory, logins):
     assert h.changes == [] and h.written == {}
     assert HARDENING.unoffered_pins(lines(), {"ssh-rsa"}) == ""  # RSA: rsa-sha2-* sign it
     assert HARDENING.unoffered_pins(lines(), set()) == ""  # nothing pinned yet: trust decides
+
+
+def test_a_bad_value_names_its_inventory_line(tmp_path, logins):
+    (tmp_path / "inventory.yaml").write_text(
+        "cluster: {name: t}\n"
+        f"ssh: {{user: root, key: {tmp_path}/id, known_hosts: {tmp_path}/known_hosts}}\n"
+        "openssh_server:\n"
+        "  kex_algorithms: [ecdh-sha2-nistp999]\n"
+        "nodes:\n"
+        "  node0: {host: 10.9.0.10, vars: {openssh_server_macs: [hmac-sha3-1024]}}\n"
+    )
+    loaded = inv.load(tmp_path / "inventory.yaml", check_files=False)
+    cfg = load_role("openssh_server").config(loaded, loaded.nodes[0])
+    for key, line in (("kex_algorithms", 4), ("macs", 6)):
+        h = node(loaded, {**converged(loaded), "dropin": ""})
+        _, steps = run(h, **{**DEFAULTS, key: cfg[key]})
+        assert steps[-1].reason.startswith(f"inventory.yaml:{line}: openssh_server.{key}: ")
+        assert h.changes == []
