@@ -130,8 +130,9 @@ printf '%s\\n' $1 >{MARKER}.tmp && chmod 0600 {MARKER}.tmp && mv -f {MARKER}.tmp
 class Peers:
     """One node's node-to-node SSH: what it should hold, what it holds, the steps between."""
 
-    def __init__(self, target, controller):
+    def __init__(self, target, controller, algorithms=()):
         self.t, self.c = target, controller
+        self.algorithms = list(algorithms)  # the drop-in's algorithm lines, for the ssh client
         self.host, self.cfg = target.host, target.cfg
         self.key = self.cfg["cluster_key_name"]
         self.user = str(self.cfg["cluster_user"] or "") if self.cfg["cluster_ssh"] else ""
@@ -263,7 +264,8 @@ class Peers:
     def ssh_config(self) -> Step:
         peers = [self.c.Peer(p.name, *self.c.resolved(p), self.peer_user(p))
                  for p in self.peer_nodes()]
-        block = self.host.template("ssh_config.j2", peers=peers, key_name=self.key)
+        block = self.host.template("ssh_config.j2", peers=peers, key_name=self.key,
+                                   algorithms=self.algorithms)
         names = ", ".join(p.name for p in peers)
         path = f"~{self.user}/.ssh/config"
         if self.state.get("ssh_config") == sha256(block):

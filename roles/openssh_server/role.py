@@ -1,5 +1,8 @@
 """openssh_server: sshd installed and running, key-only login, node-to-node SSH by name.
 
+The drop-in's lines (login, session limits, the algorithms ssh-audit passes, picked from the
+node's `ssh -Q`) come from hardening.py; the probe reports what that needs.
+
 A converged node costs one probe (PROBE): package, service, the drop-in's hash, the effective
 settings (`sshd -T`) and the hashes of the cluster files. When the drop-in must change:
 
@@ -26,8 +29,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import paramiko
+
 from ddpfleet import inventory as inv
-from ddpfleet.connection import connect
+from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 from ddpfleet.errors import NodeError
 from ddpfleet.roles import Step, changed, failed, ok
 
@@ -42,18 +47,13 @@ def _beside(name: str) -> ModuleType:
 
 
 controller = _beside("cluster")  # cluster CA, trusted host keys, marked blocks
+hardening = _beside("hardening")  # the drop-in's lines: login, session limits, algorithms
 peers = _beside("peers")  # node-to-node SSH on the node
 
 SECTION = "openssh_server"
+WHAT = "key-only login, session limits, audited algorithms"  # what the drop-in does, in steps
 SSHD = "/usr/sbin/sshd"
-KEYWORDS = (
-    ("PubkeyAuthentication", "pubkey_authentication"),
-    ("PasswordAuthentication", "password_authentication"),
-    ("KbdInteractiveAuthentication", "kbd_interactive_authentication"),
-    ("PermitRootLogin", "permit_root_login"),
-)
-EFFECTIVE = "|".join(keyword.lower() for keyword, _ in KEYWORDS)  # names in `sshd -T` output
-SSHD_T_ALIASES = {"without-password": "prohibit-password"}  # how `sshd -T` prints a value
+EFFECTIVE = "|".join(hardening.EFFECTIVE)  # the drop-in's keywords as `sshd -T` prints them
 
 # $1 drop-in, $2 systemd unit ('' without systemd). Prints key=value lines only.
 PROBE = rf"""
@@ -74,6 +74,7 @@ echo "dropin=$(digest "$dropin")"
 [ -d /run/sshd ] && echo rundir=1
 [ -x {SSHD} ] && {SSHD} -T 2>/dev/null | awk '$1 ~ /^({EFFECTIVE})$/ \
   {{ print "eff_" $1 "=" $2 }}'
+{hardening.QUERY.strip()}
 true
 """
 
@@ -112,18 +113,6 @@ def applies(cfg: Mapping[str, Any], host) -> bool:
 def sh(script: str, *args: str) -> str:
     """A script with its values as positional parameters, quoted once."""
     return shlex.join(["sh", "-c", script, "sh", *args])
-
-
-def value(v: Any) -> str:
-    """YAML reads yes/no as booleans; sshd wants the words."""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return str(v)
-
-
-def settings(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
-    pairs = [(keyword, value(cfg[key])) for keyword, key in KEYWORDS]
-    return pairs + [(str(k), value(v)) for k, v in (cfg["options"] or {}).items()]
 
 
 def is_debian(facts: Mapping[str, str]) -> bool:
@@ -177,8 +166,29 @@ class Target:
     def __init__(self, host, cfg: Mapping[str, Any]):
         self.host, self.cfg = host, cfg
         self.unit = unit(host.facts)
-        self.dropin_text = host.template("hardening.conf.j2", settings=settings(cfg))
         self.state: dict[str, str] = {}
+        self.lines: list[tuple[str, str]] = []
+        self.dropin_text = ""
+
+    def render(self) -> str:
+        """The drop-in for what the probe said ('' when fine; else why not, naming the key):
+        its algorithm lines depend on the node's OpenSSH."""
+        try:
+            self.lines = hardening.settings(self.cfg, self.state, self.host.node.user)
+        except hardening.BadSetting as e:
+            return f"{self.where(e.key)}: {e}"
+        self.dropin_text = self.host.template("hardening.conf.j2", settings=self.lines)
+        return ""
+
+    def where(self, key: str) -> str:
+        """Where a setting's value came from: its inventory line, else the role's defaults."""
+        inventory, node = self.host.inventory, self.host.node
+        var = f"{SECTION}_{key}"
+        if var in node.vars:
+            return inventory.where("nodes", node.name, "vars", var)
+        if key in inventory.section(SECTION):
+            return inventory.where(SECTION, key)
+        return f"roles/{SECTION}/defaults.yaml"
 
     def probe(self) -> None:
         self.state = self.host.probe(sh(PROBE, self.cfg["dropin"], self.unit))
@@ -201,13 +211,18 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
         )
         return
     # Node-to-node SSH runs also when off: it removes what an earlier setup left.
-    steps = [_package, _service, _hardening, lambda t: peers.Peers(t, controller).steps()]
+    steps = [_package, _service, _hardening, _peers]
     for step_fn in steps:
         out = step_fn(node)
         for step in [out] if isinstance(out, Step) else out:
             yield step
             if step.status == "failed":
                 return
+
+
+def _peers(node: Target) -> Iterator[Step]:
+    # The node-to-node client config uses the drop-in's algorithms (node.lines, set by _hardening).
+    return peers.Peers(node, controller, hardening.client_lines(node.lines)).steps()
 
 
 def _package(node: Target) -> Step:
@@ -247,6 +262,9 @@ def _service(node: Target) -> Step:
 
 def _hardening(node: Target) -> list[Step]:
     dropin = node.cfg["dropin"]
+    bad = node.render() or _host_key_gap(node)
+    if bad:
+        return [failed("hardening", f"{bad}; nothing was changed")]
     if not node.state.get("include") and node.state.get("sshd"):
         return [
             failed(
@@ -271,9 +289,7 @@ def _hardening(node: Target) -> list[Step]:
         ]
     diff = _diff(node) if node.host.diff else ""
     if node.host.check:
-        return [
-            changed("hardening", f"would install {dropin} (key-only login) and reload sshd", diff)
-        ]
+        return [changed("hardening", f"would install {dropin} ({WHAT}) and reload sshd", diff)]
     result = node.host.change(sh(INSTALL, dropin), stdin=node.dropin_text, check=False)
     if not result.ok:
         tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
@@ -284,8 +300,28 @@ def _hardening(node: Target) -> list[Step]:
                 f"previous {dropin} was put back at once",
             )
         ]
-    done = changed("hardening", f"installed {dropin} (key-only login; sshd -t accepts it)", diff)
+    done = changed("hardening", f"installed {dropin} ({WHAT}; sshd -t accepts it)", diff)
     return [done, *_reload(node)]
+
+
+def _host_key_gap(node: Target) -> str:
+    """Why the new HostKeyAlgorithms would lock the controller out ('' when they would not):
+    it would refuse the only host key types it trusts for this node (an ecdsa-only pin)."""
+    n = node.host.node
+    name = known_hosts_name(n.host, n.port)
+    pinned: set[str] = set()
+    for path in (n.known_hosts, USER_KNOWN_HOSTS):  # both are read at connect
+        if path.is_file():
+            pinned |= set(paramiko.HostKeys(str(path)).lookup(name) or {})
+    types = hardening.unoffered_pins(node.lines, pinned)
+    if not types:
+        return ""
+    return (
+        f"the controller trusts only {types} host keys for {name}, which the new "
+        "HostKeyAlgorithms stop sshd offering: pin its ed25519 key (`ssh-keyscan -t ed25519 "
+        f"{n.host}`, check the fingerprint, add it to {n.known_hosts}) or add {types} to "
+        "openssh_server.host_key_algorithms"
+    )
 
 
 def _reload(node: Target) -> list[Step]:
@@ -330,17 +366,14 @@ def _validate(node: Target) -> str:
 def _effective(node: Target) -> Step:
     """The drop-in is in place; sshd -T says whether something read earlier overrides it."""
     dropin = node.cfg["dropin"]
-    for keyword, key in KEYWORDS:
-        got = node.state.get(f"eff_{keyword.lower()}")
-        got = SSHD_T_ALIASES.get(got, got)
-        want = value(node.cfg[key]).lower()
-        if got and got != want:
-            return failed(
-                "hardening",
-                f"sshd -T says {keyword} {got}, {dropin} says {want}: a "
-                "file sshd reads earlier sets it; remove it there, then run again",
-            )
-    return ok("hardening", f"{dropin} in place (key-only login)")
+    keyword, got, want = hardening.overridden(node.lines, node.state)
+    if keyword:
+        return failed(
+            "hardening",
+            f"sshd -T says {keyword} {got}, {dropin} says {want}: a "
+            "file sshd reads earlier sets it; remove it there, then run again",
+        )
+    return ok("hardening", f"{dropin} in place ({WHAT})")
 
 
 def _diff(node: Target) -> str:

@@ -53,6 +53,9 @@ def test_the_user_reaches_the_other_node_by_name(cluster: Cluster, on):
         got = as_user(cluster, src, f"{SSH} {dst} hostname")
         assert got.returncode == 0, got.stderr
         assert got.stdout.strip() == dst
+    # The client uses the hardened sshd's algorithms (openssh_server_kex_algorithms ...).
+    config = cluster.ssh("node0", f"cat ~{USER}/.ssh/config").stdout
+    assert "    KexAlgorithms sntrup761x25519-sha512" in config, config
 
 
 def test_the_authorized_line_is_restricted_to_the_cluster(cluster: Cluster, on):

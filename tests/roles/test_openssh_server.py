@@ -14,6 +14,7 @@ from tests.roles.fakehost import FACTS, FakeHost, apply
 
 ROLE = load_role("openssh_server").module
 CONTROLLER = ROLE.controller
+HARDENING = ROLE.hardening
 DEFAULTS = load_role("openssh_server").defaults
 DROPIN = "/etc/ssh/sshd_config.d/00-ddpfleet-hardening.conf"
 PEERS = ROLE.peers
@@ -23,6 +24,26 @@ ROCKY = MappingProxyType(
     {**FACTS, "os_id": "rocky", "os_like": "rhel centos fedora", "pid1": "systemd"}
 )
 REJECTED = '/dev/stdin line 4: unsupported option "maybe".'
+# What Debian 12's OpenSSH 9.2 prints for `ssh -Q kex|cipher|mac|key-sig` (one line each).
+OPENSSH_92 = {
+    "q_kex": "diffie-hellman-group1-sha1,diffie-hellman-group14-sha1,"
+    "diffie-hellman-group14-sha256,diffie-hellman-group16-sha512,diffie-hellman-group18-sha512,"
+    "diffie-hellman-group-exchange-sha1,diffie-hellman-group-exchange-sha256,ecdh-sha2-nistp256,"
+    "ecdh-sha2-nistp384,ecdh-sha2-nistp521,curve25519-sha256,curve25519-sha256@libssh.org,"
+    "sntrup761x25519-sha512,sntrup761x25519-sha512@openssh.com",
+    "q_cipher": "3des-cbc,aes128-cbc,aes192-cbc,aes256-cbc,aes128-ctr,aes192-ctr,aes256-ctr,"
+    "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
+    "q_mac": "hmac-sha1,hmac-sha1-96,hmac-sha2-256,hmac-sha2-512,hmac-md5,hmac-md5-96,"
+    "umac-64@openssh.com,umac-128@openssh.com,hmac-sha1-etm@openssh.com,"
+    "hmac-sha1-96-etm@openssh.com,hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,"
+    "hmac-md5-etm@openssh.com,hmac-md5-96-etm@openssh.com,umac-64-etm@openssh.com,"
+    "umac-128-etm@openssh.com",
+    "q_key": "ssh-ed25519,ssh-ed25519-cert-v01@openssh.com,sk-ssh-ed25519@openssh.com,"
+    "sk-ssh-ed25519-cert-v01@openssh.com,ecdsa-sha2-nistp256,"
+    "ecdsa-sha2-nistp256-cert-v01@openssh.com,ssh-dss,ssh-rsa,ssh-rsa-cert-v01@openssh.com,"
+    "rsa-sha2-256,rsa-sha2-256-cert-v01@openssh.com,rsa-sha2-512,"
+    "rsa-sha2-512-cert-v01@openssh.com",
+}
 
 
 def host_key() -> str:
@@ -42,9 +63,18 @@ def inventory(tmp_path) -> inv.Inventory:
     return inv.load(tmp_path / "inventory.yaml", check_files=False)
 
 
-def dropin_text(**cfg) -> str:
+def lines(state=OPENSSH_92, user="root", **cfg) -> list[tuple[str, str]]:
+    return HARDENING.settings({**DEFAULTS, **cfg}, state, user)
+
+
+def dropin_text(state=OPENSSH_92, user="root", **cfg) -> str:
     h = FakeHost(role=load_role("openssh_server"))
-    return h.template("hardening.conf.j2", settings=ROLE.settings({**DEFAULTS, **cfg}))
+    return h.template("hardening.conf.j2", settings=lines(state, user, **cfg))
+
+
+def sshd_T(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The probe's eff_* lines for a node where sshd uses every one of these lines."""
+    return {f"eff_{k.lower()}": HARDENING.seconds(v) or v.lower() for k, v in pairs}
 
 
 def converged(inventory: inv.Inventory, **cfg) -> dict[str, str]:
@@ -57,10 +87,8 @@ def converged(inventory: inv.Inventory, **cfg) -> dict[str, str]:
         "include": "1",
         "dropin": ROLE.sha256(dropin_text(**cfg)),
         "rundir": "1",
-        "eff_pubkeyauthentication": "yes",
-        "eff_passwordauthentication": "no",
-        "eff_kbdinteractiveauthentication": "no",
-        "eff_permitrootlogin": "prohibit-password",
+        **sshd_T(lines(**cfg)),
+        **OPENSSH_92,
     }
 
 
@@ -111,7 +139,7 @@ def test_converged_node_costs_one_probe_and_changes_nothing(inventory):
     assert statuses == [(n, "ok") for n in NAMES]
     assert h.changes == [] and h.written == {}
     assert len(h.ran) == 2  # the sshd probe and node-to-node ssh's
-    assert steps[2].reason == f"{DROPIN} in place (key-only login)"
+    assert steps[2].reason == f"{DROPIN} in place ({ROLE.WHAT})"
 
 
 def test_check_on_a_converged_node_is_all_ok(inventory):
@@ -146,14 +174,16 @@ def test_dropin_text_is_key_only():
 
 
 def test_yaml_booleans_become_sshd_words():
-    assert ROLE.settings(
-        {**DEFAULTS, "password_authentication": False, "options": {"X11Forwarding": True}}
-    )[1:] == [
+    # Contract change (issue 15): X11Forwarding has its own setting now; an option naming a
+    # keyword the drop-in already sets replaces that line in place instead of being ignored.
+    got = lines(password_authentication=False, options={"X11Forwarding": True, "Banner": "none"})
+    assert got[1:4] == [
         ("PasswordAuthentication", "no"),
         ("KbdInteractiveAuthentication", "no"),
         ("PermitRootLogin", "prohibit-password"),
-        ("X11Forwarding", "yes"),
     ]
+    assert ("X11Forwarding", "yes") in got and ("X11Forwarding", "no") not in got
+    assert got[-1] == ("Banner", "none")
 
 
 def test_rejected_dropin_is_not_installed(inventory, logins):

@@ -12,7 +12,7 @@ from ddpfleet import inventory as inv
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.roles import load_role
 from tests.roles.fakehost import FakeHost
-from tests.roles.test_openssh_server import OFF, converged, host_key, text
+from tests.roles.test_openssh_server import OFF, converged, host_key, lines, text
 
 ROLE = load_role("openssh_server")
 PEERS, CONTROLLER = ROLE.module.peers, ROLE.module.controller
@@ -61,6 +61,10 @@ class Node(FakeHost):
         return super().change(command, stdin=stdin, check=check, timeout=timeout)
 
 
+# What the role passes: the algorithm lines of the drop-in for a converged OpenSSH 9.2 node.
+CLIENT_LINES = load_role("openssh_server").module.hardening.client_lines(lines())
+
+
 def node(inventory, peers: dict, check: bool = False, keygen: str = "", name: str = "node0"
          ) -> Node:
     return Node(
@@ -93,7 +97,8 @@ def settled(inventory, pub: str, user: str = "alice", marker: str = "alice") -> 
         "pub": f"{pub} ddpfleet-key:node0@t",
         "cert": CONTROLLER.sign(ca[0], pub, me, "ddpfleet-key:node0@t"),
         "ak": PEERS.sha256(p.ca_line(ca[1])[0] + "\n"),
-        "ssh_config": PEERS.sha256(h.template("ssh_config.j2", peers=peers, key_name=KEY)),
+        "ssh_config": PEERS.sha256(h.template("ssh_config.j2", peers=peers, key_name=KEY,
+                                                       algorithms=CLIENT_LINES)),
     }
 
 
@@ -282,3 +287,13 @@ def test_an_unreadable_inventory_fails_instead_of_shrinking_the_blocks(inventory
     assert steps[-1].status == "failed"
     assert f"cannot read {inventory.path} again to list every node" in steps[-1].reason
     assert h.written == {} and not any("cert-authority" in c for c in h.changes)
+
+
+def test_the_ssh_config_block_uses_the_drop_ins_algorithms(inventory):
+    algorithms = [("KexAlgorithms", "curve25519-sha256"), ("MACs", "hmac-sha2-256-etm@openssh.com")]
+    h = node(inventory, {"known_hosts": PEERS.EMPTY_BLOCK, "user_ok": "1"}, keygen=public_line())
+    target = SimpleNamespace(host=h, cfg={**ROLE.defaults, **ON})
+    list(PEERS.Peers(target, CONTROLLER, algorithms).steps())
+    config = next(s for c, s in h.stdins if "'config' 600" in c or " config 600" in c)
+    block = config[config.index("Host node0 node1\n") :]
+    assert "    KexAlgorithms curve25519-sha256\n    MACs hmac-sha2-256-etm@openssh.com\n" in block
