@@ -6,10 +6,11 @@ import io
 import stat
 
 import pytest
+from invoke import Exit
 from rich.console import Console
 
 from ddpfleet import hygiene, report
-from ddpfleet.errors import NodeError
+from ddpfleet.errors import CommandError, DdpfleetError, NodeError
 from ddpfleet.launch import Output, _shown_env
 
 MARKUP = "Debian [/] [link=https://x]12[/link]"
@@ -134,3 +135,20 @@ def test_plan_shows_user_env_values_only_for_harmless_names(name, value, shown):
 
 def test_plan_shows_ddpfleets_own_env():
     assert _shown_env("GLOO_SOCKET_IFNAME", "eth1", set()) == "GLOO_SOCKET_IFNAME=eth1"
+
+
+def test_command_error_quotes_stderr_without_escapes():
+    e = CommandError("node0", "pip install x", 1, f"fine\n{ESC}[2J{ESC}]52;c;aGk=\x07cleared")
+    assert ESC not in str(e) and str(e).endswith(": fine | cleared")
+
+
+def test_task_errors_end_as_one_clean_line():
+    import tasks
+
+    @tasks.cli
+    def fails(c):
+        raise DdpfleetError(f"node0: said {ESC}]0;pwned\x07[bold]x[/]")
+
+    with pytest.raises(Exit) as e:
+        fails(None)
+    assert e.value.message == "error: node0: said [bold]x[/]" and e.value.code == 1

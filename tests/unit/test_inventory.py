@@ -111,15 +111,16 @@ def test_loaded_inventory_is_frozen(write):
         i.nodes[0].vars["x"] = 1  # type: ignore[index]
 
 
-UNSAFE = [  # (inventory text, line, key) for values that would inject or escape (review #13)
-    ('nodes: {"a\\nb": {host: 10.0.0.1}}\n', 1, r"nodes\.'a\\nb': node name"),
-    ('nodes:\n  n0: {host: "10.0.0.1 x"}\n', 2, r"nodes\.n0\.host: '10\.0\.0\.1 x' is not an IP"),
-    ('ssh:\n  user: "root\\nX"\nnodes: {n0: {host: 10.0.0.1}}\n', 2, r"ssh\.user: user 'root\\nX'"),
-    ("nodes:\n  n0: {host: 10.0.0.1}\n  ../x: {host: 10.0.0.2}\n", 3,
+UNSAFE = [  # (inventory text, line, key) for values that would inject or escape (review #13);
+    # loopback hosts: a regression must not reach out to anyone's 10.0.0.x
+    ('nodes: {"a\\nb": {host: 127.0.0.1}}\n', 1, r"nodes\.'a\\nb': node name"),
+    ('nodes:\n  n0: {host: "127.0.0.1 x"}\n', 2, r"nodes\.n0\.host: '127\.0\.0\.1 x' is not an IP"),
+    ('ssh:\n  user: "root\\nX"\nnodes: {n0: {host: 127.0.0.1}}\n', 2, r"ssh\.user: user 'root\\nX'"),
+    ("nodes:\n  n0: {host: 127.0.0.1}\n  ../x: {host: 127.0.0.2}\n", 3,
      r"nodes\.'\.\./x': node name"),
-    ("nodes:\n  n0: {host: 10.0.0.1, user: \"a b\"}\n", 2, r"nodes\.n0\.user: user 'a b'"),
-    ("nodes:\n  'node 1': {host: 10.0.0.1}\n", 2, r"nodes\.'node 1': node name"),
-    ("nodes:\n  a,b: {host: 10.0.0.1}\n", 2, r"nodes\.'a,b': node name"),
+    ("nodes:\n  n0: {host: 127.0.0.1, user: \"a b\"}\n", 2, r"nodes\.n0\.user: user 'a b'"),
+    ("nodes:\n  'node 1': {host: 127.0.0.1}\n", 2, r"nodes\.'node 1': node name"),
+    ("nodes:\n  a,b: {host: 127.0.0.1}\n", 2, r"nodes\.'a,b': node name"),
     ("nodes:\n  n0: {host: \"-oProxyCommand=x\"}\n", 2, r"nodes\.n0\.host: '-oProxyCommand=x'"),
     ("nodes:\n  n0: {host: \"h\\n  ProxyCommand x\"}\n", 2, r"nodes\.n0\.host:"),
 ]
