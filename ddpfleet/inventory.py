@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -21,7 +22,13 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from ddpfleet.errors import InventoryError
-from ddpfleet.names import host_problem, node_name_problem, shown, user_problem
+from ddpfleet.names import (
+    cluster_name_problem,
+    host_problem,
+    node_name_problem,
+    shown,
+    user_problem,
+)
 
 ENV_VAR = "DDPFLEET_INVENTORY"
 DEFAULT_PATH = "inventory.yaml"
@@ -341,8 +348,12 @@ class _Builder:
                 ("cluster", "master"),
                 f"{master!r} is not a node{_did_you_mean(master, names)}; nodes: {', '.join(names)}",
             )
+        if "name" in c:
+            name = self.checked(("cluster", "name"), c["name"], cluster_name_problem)
+        else:  # the inventory's directory, made safe: the name goes into paths and key comments
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.path.parent.name).strip(".-_")[:63]
         return Cluster(
-            name=self.text(("cluster", "name"), c.get("name", self.path.parent.name or "cluster")),
+            name=name or "cluster",
             master=str(master),
             master_port=self.integer(("cluster", "master_port"), c.get("master_port", 29500),
                                      1, 65535),

@@ -1,10 +1,10 @@
-"""What node names, hosts and users in an inventory may look like.
+"""What node names, hosts, users and the cluster's name in an inventory may look like.
 
-They end up in paths (logs/<run>/<node>.log, envs/<node>.yml), in root's ~/.ssh/config
-(`Host`, `HostName`, `User`), in /etc/ssh/ssh_known_hosts, in unit files and in --nodes lists:
-a newline injects a config line, a space makes two patterns, '/' or '..' leaves logs/, ',' splits
---nodes. So each is held to a shape none of those can misread. Each check returns the problem and
-its fix, or '' when the value is fine.
+They end up in paths (logs/<run>/<node>.log, envs/<node>.yml, ~/ddpfleet/<cluster>/code), in
+root's ~/.ssh/config (`Host`, `HostName`, `User`), in /etc/ssh/ssh_known_hosts, authorized_keys
+comments, unit files and --nodes lists: a newline injects a config line, a space makes two
+patterns, '/' or '..' leaves logs/, ',' splits --nodes. So each is held to a shape none of those
+can misread. Each check returns the problem and its fix, or '' when the value is fine.
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ def node_name_problem(name: str) -> str:
         return ""
     return (f"node name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
             "'-', starting with a letter or digit (e.g. node0, gpu-01)")
+
+
+def cluster_name_problem(name: str) -> str:
+    """The cluster's name goes into node paths (~/ddpfleet/<cluster>/code) and key comments."""
+    if NODE_NAME.fullmatch(name) and ".." not in name:
+        return ""
+    return (f"cluster name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit (e.g. demo)")
 
 
 def host_problem(host: str) -> str:

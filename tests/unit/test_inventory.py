@@ -153,3 +153,13 @@ def test_ordinary_hosts_and_names_are_accepted(write, host):
     i = inv.load(write(f"nodes:\n  gpu-01.rack_2: {{host: '{host}', user: first.last}}\n"))
     assert (i.nodes[0].name, i.nodes[0].host, i.nodes[0].user) == ("gpu-01.rack_2", host,
                                                                      "first.last")
+
+
+def test_cluster_name_is_checked_and_the_default_made_safe(write, tmp_path):
+    with pytest.raises(InventoryError, match=r"inventory\.yaml:2: cluster\.name: cluster name "
+                                             r"'\.\./\.\./etc' is not allowed"):
+        inv.load(write("cluster:\n  name: ../../etc\nnodes: {n0: {host: 127.0.0.1}}\n"))
+    odd = tmp_path / "My Cluster\n(2)"
+    odd.mkdir()
+    (odd / "inventory.yaml").write_text("nodes: {n0: {host: 127.0.0.1}}\n")
+    assert inv.load(odd / "inventory.yaml").cluster.name == "My-Cluster-2"
