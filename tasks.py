@@ -10,6 +10,7 @@ from invoke import Collection, Exit, task
 from ddpfleet import inventory as inv
 from ddpfleet import report
 from ddpfleet.errors import DdpfleetError
+from ddpfleet.hygiene import clean
 
 INVENTORY_HELP = "inventory file (default: $DDPFLEET_INVENTORY, else ./inventory.yaml)"
 NODES_HELP = "comma-separated node names (default: all nodes)"
@@ -23,7 +24,7 @@ def cli(fn):
         try:
             return fn(c, *args, **kwargs)
         except DdpfleetError as e:
-            raise Exit(f"error: {e}", code=1) from None
+            raise Exit(f"error: {clean(str(e))}", code=1) from None  # may quote node output
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
 

@@ -14,6 +14,7 @@ from rich.live import Live
 from ddpfleet import report
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
+from ddpfleet.hygiene import open_private, private_dir
 from ddpfleet.roles import Host, NodeRun, Role, Step, run_roles
 
 LOCK_PATH = "/var/lock/ddpfleet-bootstrap.lock"
@@ -58,7 +59,7 @@ class Progress:
     def __init__(self, nodes: list[str], log_path: Path):
         self.state = {n: "waiting" for n in nodes}
         self.lock = threading.Lock()
-        self.log = open(log_path, "a")
+        self.log = open_private(log_path)  # step reasons name hosts, paths, package sources
         self.live: Live | None = None
 
     def __enter__(self) -> Progress:
@@ -100,7 +101,7 @@ class Progress:
 def bootstrap(fleet: Fleet, roles: list[Role], check: bool = False, diff: bool = False,
               flags: Mapping[str, Any] | None = None, log_dir: Path = Path("logs"),
               lock_wait_s: int = LOCK_WAIT_S) -> dict[str, NodeRun]:
-    log_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(log_dir)
     log_path = log_dir / f"bootstrap-{datetime.now():%Y%m%d-%H%M%S}.log"
     names = [n.name for n in fleet.nodes]
     with Progress(names, log_path) as progress:

@@ -25,6 +25,7 @@ from rich.text import Text
 from ddpfleet import envs, report
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
+from ddpfleet.hygiene import private_dir, write_private
 from ddpfleet.roles import load_role
 
 KEY_FACTS = (("torch", "torch"), ("CUDA", "cuda"), ("NCCL", "nccl"), ("python", "python"))
@@ -159,12 +160,13 @@ def document(snap: Snapshot) -> str:
 
 
 def write(snapshots: Mapping[str, Snapshot | NodeError], directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+    # pip freeze and conda exports can carry credentialed index URLs: owner-only.
+    private_dir(directory)
     paths = []
     for name, snap in snapshots.items():
         if isinstance(snap, Snapshot):
             path = directory / f"{name}.yml"
-            path.write_text(document(snap))
+            write_private(path, document(snap))
             paths.append(path)
     return paths
 

@@ -18,6 +18,8 @@ SSH and socket exceptions become these at the connection boundary, so nothing ab
 
 from __future__ import annotations
 
+from ddpfleet.hygiene import clean  # a node's stderr is shown: no escapes reach the terminal
+
 
 class DdpfleetError(Exception):
     """Base: str(err) is a complete one-line message for the user."""
@@ -84,7 +86,7 @@ class HostKeyChanged(ConnectError):
 class CommandError(NodeError):
     def __init__(self, node: str, command: str, exit_code: int | None, stderr: str = ""):
         self.command, self.exit_code, self.stderr = command, exit_code, stderr
-        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        tail = " | ".join(clean(line) for line in stderr.strip().splitlines()[-3:])
         short = command if len(command) <= 80 else command[:77] + "..."
         super().__init__(
             node, f"command failed (exit {exit_code}): {short}" + (f": {tail}" if tail else "")

@@ -13,14 +13,22 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from ddpfleet.errors import InventoryError
+from ddpfleet.names import (
+    cluster_name_problem,
+    host_problem,
+    node_name_problem,
+    shown,
+    user_problem,
+)
 
 ENV_VAR = "DDPFLEET_INVENTORY"
 DEFAULT_PATH = "inventory.yaml"
@@ -215,7 +223,7 @@ class _Builder:
             if line:
                 break
         where = f"{self.path.name}:{line}" if line else self.path.name
-        return InventoryError(f"{where}: {'.'.join(keys)}: {problem}")
+        return InventoryError(f"{where}: {'.'.join(shown(k) for k in keys)}: {problem}")
 
     def mapping(self, keys: tuple[str, ...], value: Any, allowed: tuple[str, ...]) -> dict:
         if value is None:
@@ -264,12 +272,22 @@ class _Builder:
             raise self.fail(keys, f"must be a non-empty string, got {value!r}")
         return str(value)
 
+    def checked(self, keys, value, problem_of: Callable[[str], str]) -> str:
+        """Text that must also pass a names check (it goes into paths and config files)."""
+        value = self.text(keys, value)
+        problem = problem_of(value)
+        if problem:
+            raise self.fail(keys, problem)
+        return value
+
     def file_path(self, value: str) -> Path:
         p = Path(str(value)).expanduser()
         return p if p.is_absolute() else self.path.parent / p
 
     def node(self, name: str, entry: Any, ssh: dict) -> Node:
         keys = ("nodes", name)
+        if problem := node_name_problem(name):
+            raise self.fail(keys, problem)
         if isinstance(entry, str):  # "node0: 10.0.0.10" shorthand
             entry = {"host": entry}
         entry = self.mapping(keys, entry, NODE_KEYS)
@@ -301,9 +319,9 @@ class _Builder:
             raise self.fail(keys + ("vars",), "must be a mapping")
         return Node(
             name=name,
-            host=self.text(keys + ("host",), entry["host"]),
+            host=self.checked(keys + ("host",), entry["host"], host_problem),
             port=self.integer(origin("port"), merged["port"], 1, 65535),
-            user=self.text(origin("user"), merged["user"]),
+            user=self.checked(origin("user"), merged["user"], user_problem),
             key=key_path,
             known_hosts=self.file_path(self.text(origin("known_hosts"), merged["known_hosts"])),
             connect_timeout=float(timeout),
@@ -330,8 +348,12 @@ class _Builder:
                 ("cluster", "master"),
                 f"{master!r} is not a node{_did_you_mean(master, names)}; nodes: {', '.join(names)}",
             )
+        if "name" in c:
+            name = self.checked(("cluster", "name"), c["name"], cluster_name_problem)
+        else:  # the inventory's directory, made safe: the name goes into paths and key comments
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.path.parent.name).strip(".-_")[:63]
         return Cluster(
-            name=self.text(("cluster", "name"), c.get("name", self.path.parent.name or "cluster")),
+            name=name or "cluster",
             master=str(master),
             master_port=self.integer(("cluster", "master_port"), c.get("master_port", 29500),
                                      1, 65535),

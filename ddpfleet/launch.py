@@ -42,6 +42,7 @@ import paramiko
 from ddpfleet import report, sync
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import DdpfleetError, NodeError, PlanError
+from ddpfleet.hygiene import clean, open_private, private_dir
 from ddpfleet.inventory import Inventory
 
 DEFAULT_SCRIPT = "scripts/train_ddp.py"
@@ -49,7 +50,17 @@ DEFAULT_CODE_DIR = "~/ddpfleet/{cluster}/code"
 DEFAULT_REMOTE_LOGS = "~/ddpfleet/{cluster}/runs"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+# --env names whose values the plan table shows: knobs of torch, NCCL, CUDA and the runtime.
+PLAIN_ENV = frozenset({
+    "CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONFAULTHANDLER", "LOGLEVEL",
+    "TORCH_DISTRIBUTED_DEBUG", "TORCH_CPP_LOG_LEVEL", "TORCH_SHOW_CPP_STACKTRACES",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT", "PYTORCH_CUDA_ALLOC_CONF",
+    "TOKENIZERS_PARALLELISM",
+})
+PLAIN_ENV_PREFIXES = ("NCCL_", "GLOO_")
+PLAIN_VALUES = frozenset({"", "0", "1", "true", "false", "yes", "no", "on", "off"})
 STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
 HEARTBEAT_S = 2.0
 WATCHDOG_S = 30  # silence either way this long: the connection is dead (runner stops the run)
@@ -276,8 +287,13 @@ def check_versions(facts: Mapping[str, NodeFacts]) -> list[str]:
 
 
 def _shown_env(name: str, value: str, user: set[str]) -> str:
-    secret = name in user and any(h in name.upper() for h in SECRET_HINTS)
-    return f"{name}={'***' if secret else value}"
+    """A --env value is shown only where it cannot be a secret: a name known to be harmless, or a
+    one-bit value. The rest shows as ***: names do not say what a value holds (DATABASE_URL)."""
+    if name not in user or value.lower() in PLAIN_VALUES:
+        return f"{name}={value}"
+    plain = (name in PLAIN_ENV or name.startswith(PLAIN_ENV_PREFIXES)) and not any(
+        h in name.upper() for h in SECRET_HINTS)
+    return f"{name}={value if plain else '***'}"
 
 
 def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()):
@@ -394,6 +410,9 @@ class Output:
         self.lock = threading.Lock()
 
     def line(self, text: str, log=None) -> None:
+        # Training output is node-controlled: escapes could forge lines, retitle or write the
+        # operator's clipboard (OSC 52), on the terminal and in whatever later cats the log.
+        text = clean(text)
         with self.lock:
             self.stream.write(text + "\n")
             self.stream.flush()
@@ -479,7 +498,7 @@ class Member:
         """Start torchrun: the spec goes on stdin (--env values may be secrets)."""
         self.plan, self.nproc = node, nproc
         self.clues = Clues(node.rank, nproc)
-        self.log = open(log_path, "a")  # noqa: SIM115 (closed in finish, by the pump thread)
+        self.log = open_private(log_path)  # closed in finish, by the pump thread
         self.started = self.last_heard = time.monotonic()
         spec = {"argv": list(node.argv), "env": dict(node.env), "cwd": node.cwd,
                 "grace": STOP_GRACE_S, "watchdog": WATCHDOG_S, "heartbeat": HEARTBEAT_S}
@@ -889,7 +908,8 @@ def fetch_rank_logs(fleet: Fleet, p: Plan, run_dir: Path, nodes: Sequence[str]
                 return 0  # torchrun never got as far as making it
             for path in paths:
                 local = run_dir / local_log_name(n, p.nproc, path[len(n.log_dir) + 1:])
-                sftp.get(path, str(local))
+                with open_private(local, "wb") as f:
+                    sftp.getfo(path, f)
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise NodeError(conn.name, f"SFTP from {n.log_dir} failed: {e}") from None
         return len(paths)
@@ -916,8 +936,7 @@ def train(fleet: Fleet, flags: TrainFlags, python: Mapping[str, str], log_root: 
         for m in members.values():
             m.call_off()
         raise
-    run_dir = log_root / p.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = private_dir(private_dir(log_root) / p.run_id)  # output may hold secrets
     gang = Gang([members[n.node] for n in p.nodes], out)
     gang.run(p, run_dir)
     return conclude(fleet, p, gang, run_dir, out)

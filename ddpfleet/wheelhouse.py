@@ -18,8 +18,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import posixpath
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpfleet.errors import DdpfleetError
+from ddpfleet.hygiene import mask_url, mask_urls
 
 # Oldest glibc a manylinux wheel may ask for, per architecture (PEP 600 / pip's own list).
 MANYLINUX_FLOOR = {"x86_64": 5, "i686": 5}
@@ -139,9 +142,11 @@ def platform_tags(plat: str, glibc: str) -> list[str]:
 
 def download_commands(
     spec: Spec, target: Target, dest: Path, python: str = sys.executable
-) -> list[list[str]]:
-    """pip download argv lists: torch from its index first, then the rest (torch again, so a
-    package that needs torch resolves to the one already in dest, not PyPI's default build)."""
+) -> list[tuple[list[str], str]]:
+    """pip download (argv, index URL) pairs: torch from its index first, then the rest (torch
+    again, so a package that needs torch resolves to the one already in dest, not PyPI's default
+    build). The index URL ('' = pip's own configuration) goes to pip as PIP_INDEX_URL: it may
+    carry credentials, and an argv is visible in ps to every user of the controller."""
     base = [
         python,
         "-m",
@@ -162,10 +167,10 @@ def download_commands(
     for tag in target.platforms:
         base += ["--platform", tag]
     if not spec.index_url:
-        return [base + spec.requirements]
-    commands = [base + ["--index-url", spec.index_url, spec.torch]]
+        return [(base + spec.requirements, "")]
+    commands = [(base + [spec.torch], spec.index_url)]
     if spec.packages:
-        commands.append(base + ["--find-links", str(dest)] + spec.requirements)
+        commands.append((base + ["--find-links", str(dest)] + spec.requirements, ""))
     return commands
 
 
@@ -191,13 +196,15 @@ def fetch(
         files = _from_manifest(manifest)
         if files is None:
             names: list[str] = []
-            for argv in download_commands(spec, target, tag_dir):
-                on_progress(f"pip download for {target.tag}: {' '.join(argv[-3:])}")
-                names += saved_wheels(_pip(argv))
+            for argv, index in download_commands(spec, target, tag_dir):
+                source = mask_url(index) if index else "pip's index"
+                on_progress(f"pip download for {target.tag} from {source}")
+                names += saved_wheels(_pip(argv, index))
             if not names:
+                with_index = f"PIP_INDEX_URL={shlex.quote(mask_url(index))} " if index else ""
                 raise DdpfleetError(
                     f"controller: pip download for {target.tag} named no wheels; "
-                    f"run it by hand: {' '.join(argv)}"
+                    f"run it by hand: {with_index}{shlex.join(argv)}"
                 )
             files = [tag_dir / n for n in dict.fromkeys(names)]
             manifest.write_text("".join(f"{f.name}\n" for f in files))
@@ -211,10 +218,12 @@ def _from_manifest(manifest: Path) -> list[Path] | None:
     return files if files and all(f.is_file() for f in files) else None
 
 
-def _pip(argv: list[str]) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+def _pip(argv: list[str], index_url: str = "") -> str:
+    env = {**os.environ, "PIP_INDEX_URL": index_url} if index_url else None
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+        # pip masks passwords in URLs it prints; masked again in case an old pip does not.
+        tail = mask_urls("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:]))
         raise DdpfleetError(f"controller: pip download failed (exit {proc.returncode}): {tail}")
     return proc.stdout
 

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Overridable for the test that makes apt fail (tests/unit/test_setup_script.py).
+POLICY_RC_D=${POLICY_RC_D:-/usr/sbin/policy-rc.d}
 pkgs=(openssh-client openssh-server iproute2 python3-venv python3-pip util-linux procps rsync
       pdsh chromium)
 missing=()
@@ -12,16 +14,23 @@ for p in "${pkgs[@]}"; do
 done
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
-  # Keep the host's own sshd from being started by the package scripts.
+  # Keep the host's own sshd from being started by the package scripts. The trap removes our
+  # policy-rc.d however apt ends: left behind, it stops every later upgrade restarting services.
   made_policy=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  if [ ! -e "$POLICY_RC_D" ]; then
+    trap 'rm -f "$POLICY_RC_D"' EXIT
+    trap 'exit 129' HUP  # bash skips the EXIT trap on a fatal HUP/TERM; an exit runs it
+    trap 'exit 143' TERM
+    printf '#!/bin/sh\nexit 101\n' > "$POLICY_RC_D" && chmod +x "$POLICY_RC_D"
     made_policy=1
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
-  [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  if [ "$made_policy" = 1 ]; then
+    rm -f "$POLICY_RC_D"
+    trap - EXIT HUP TERM
+  fi
 fi
 
 python=${PYTHON:-python3}

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
 
 SECTION = "miniconda"
@@ -80,7 +81,8 @@ class Installer:
 
     @property
     def where(self) -> str:
-        return self.url or str(self.path)
+        """For reasons and errors: a URL's password masked."""
+        return mask_url(self.url) if self.url else str(self.path)
 
 
 def installer_for(cfg: Mapping[str, Any], arch: str, root: Path) -> Installer | str:
@@ -103,6 +105,8 @@ def installer_for(cfg: Mapping[str, Any], arch: str, root: Path) -> Installer | 
             f"miniconda.sha256 must be the installer's 64-hex-digit SHA-256 "
             f"(sha256sum {found.name}), got {found.sha256 or 'nothing'}"
         )
+    if re.search(r"[\s\x00-\x1f\x7f]", found.url):  # it goes into curl's config, a line
+        return f"miniconda.installer: {found.where!r} has spaces or control characters"
     if found.path is not None and not found.path.is_file():
         return f"miniconda.installer: {found.path} not found on the controller"
     return found
@@ -170,23 +174,27 @@ def _fetch(host, installer: Installer, remote: str, state: Mapping[str, str]) ->
 
 
 def _download(host, url: str, part: str, tool: str) -> str:
-    """Fetch on the node; '' when done, else why (nodes often have no route out)."""
+    """Fetch on the node; '' when done, else why (nodes often have no route out). The URL goes on
+    stdin, never the argv: it may carry credentials, and an argv is visible in ps on the node."""
     if tool == "wget":
-        argv = ["wget", "-q", "-O", part, url]
+        argv, stdin = ["wget", "-q", "-O", part, "-i", "-"], url + "\n"
     elif tool == "curl":
-        argv = ["curl", "-fsSL", "--retry", "3", "-o", part, url]
+        quoted = url.replace("\\", "\\\\").replace('"', '\\"')  # curl's config syntax
+        argv = ["curl", "-fsSL", "--retry", "3", "-o", part, "-K", "-"]
+        stdin = f'url = "{quoted}"\n'
     else:
         return (
             "neither curl nor wget on the node: install one, or set miniconda.installer "
             "to a controller path to upload it"
         )
-    result = host.change(argv, check=False, timeout=1800)
+    result = host.change(argv, stdin=stdin, check=False, timeout=1800)
     if result.ok:
         return ""
     host.change(["rm", "-f", part])
-    tail = (result.stderr or result.stdout).strip()[-200:]
+    tail = mask_urls((result.stderr or result.stdout).strip()[-200:])
     return (
-        f"{tool} could not download {url} on the node (exit {result.exit_code}: {tail}); "
+        f"{tool} could not download {mask_url(url)} on the node (exit {result.exit_code}: "
+        f"{tail}); "
         "for nodes without internet set miniconda.installer to a file on the controller, "
         "which is uploaded"
     )

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ddpfleet import wheelhouse
+from ddpfleet.errors import CommandError
+from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Step, changed, failed, ok, skipped
 from ddpfleet.wheelhouse import Spec, Target
 
@@ -28,6 +30,10 @@ RECORD_FILE = ".ddpfleet-torch.json"
 CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
 APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-yq", "python3-venv"]
+# pip takes its index from PIP_INDEX_URL, read from stdin: the URL may carry credentials
+# (https://user:token@host/...), and an argv is visible in ps to every user of the node.
+INDEX_FROM_STDIN = ["sh", "-c", 'IFS= read -r PIP_INDEX_URL && export PIP_INDEX_URL && exec "$@"',
+                    "sh"]
 
 # Run by the env's python after wheelhouse.TARGET_PY, with: spec file, record file, requirement
 # names. It reads dist-info directory names instead of importing importlib.metadata (~50 ms).
@@ -127,17 +133,19 @@ def drift(state: Mapping[str, str], digest: str, path: str) -> str:
     return ""
 
 
-def install_commands(python: str, spec: Spec, wheel_dir: str | None) -> list[list[str]]:
-    """pip argv lists for the node. A wheelhouse install ignores the node's pip config, so the
-    wheelhouse is the only source; otherwise torch comes from its index, the rest from pip's."""
+def install_commands(python: str, spec: Spec, wheel_dir: str | None
+                     ) -> list[tuple[list[str], str | None]]:
+    """pip (argv, stdin) pairs for the node. A wheelhouse install ignores the node's pip config,
+    so the wheelhouse is the only source; otherwise torch comes from its index (its URL on
+    stdin, never on the argv), the rest from pip's."""
     if wheel_dir is not None:
         offline = ["env", "PIP_CONFIG_FILE=/dev/null", python, *PIP, "--no-index", "--find-links"]
-        return [[*offline, wheel_dir, *spec.requirements]]
+        return [([*offline, wheel_dir, *spec.requirements], None)]
     if not spec.index_url:
-        return [[python, *PIP, *spec.requirements]]
-    commands = [[python, *PIP, "--index-url", spec.index_url, spec.torch]]
+        return [([python, *PIP, *spec.requirements], None)]
+    commands = [([*INDEX_FROM_STDIN, python, *PIP, spec.torch], spec.index_url + "\n")]
     if spec.packages:
-        commands.append([python, *PIP, *spec.requirements])
+        commands.append(([python, *PIP, *spec.requirements], None))
     return commands
 
 
@@ -272,11 +280,16 @@ def _wheelhouse(env: Env) -> Step | None:
 
 def _packages(env: Env) -> Step:
     wheel_dir = env.cfg["wheelhouse_dir"] if env.cfg["wheelhouse"] else None
-    source = "the wheelhouse" if wheel_dir else (env.spec.index_url or "pip's configured index")
+    source = "the wheelhouse" if wheel_dir else (mask_url(env.spec.index_url)
+                                                 or "pip's configured index")
     what = f"{', '.join(env.spec.requirements)} from {source} ({env.why})"
     if env.host.check:
         return changed("packages", f"would install {what}")
-    outputs = [env.host.change(argv) for argv in install_commands(env.python, env.spec, wheel_dir)]
+    try:
+        outputs = [env.host.change(argv, stdin=stdin)
+                   for argv, stdin in install_commands(env.python, env.spec, wheel_dir)]
+    except CommandError as e:  # pip's own output masks index passwords; an old pip may not
+        return failed("packages", mask_urls(e.message))
     if not any("Successfully installed" in r.stdout for r in outputs if r is not None):
         return ok("packages", f"already satisfied: {', '.join(env.spec.requirements)}")
     return changed("packages", f"installed {what}")

@@ -33,6 +33,7 @@ class FakeHost:
     changes: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     written: dict[str, bytes] = field(default_factory=dict)
+    stdin: dict[str, str | bytes] = field(default_factory=dict)  # change command -> its stdin
     notified: list[str] = field(default_factory=list)
     inventory: Any = None
     node: Any = None
@@ -58,6 +59,8 @@ class FakeHost:
         if self.check:
             return None
         self.changes.append(command if isinstance(command, str) else " ".join(command))
+        if stdin is not None:
+            self.stdin[self.changes[-1]] = stdin
         return self.run(command, stdin=stdin, check=check)
 
     def read_file(self, path: str) -> bytes | None:

@@ -71,7 +71,9 @@ def test_fresh_node_downloads_verifies_then_installs():
         ("terms of service", "skipped"),
     ]
     assert h.changes[0] == "mkdir -p /var/cache/ddpfleet"
-    assert h.changes[1] == f"curl -fsSL --retry 3 -o {REMOTE}.part {URL}"
+    # The URL on stdin as curl config, not on the argv (ps on the node shows argvs to all).
+    assert h.changes[1] == f"curl -fsSL --retry 3 -o {REMOTE}.part -K -"
+    assert h.stdin[h.changes[1]] == f'url = "{URL}"\n'
     assert "sha256sum" in h.changes[2] and SHA in h.changes[2]
     assert h.changes[3] == f"bash {REMOTE} -b -p {PREFIX}"
     assert h.changes[4] == f"rm -f {REMOTE}"
@@ -81,7 +83,8 @@ def test_fresh_node_downloads_verifies_then_installs():
 def test_wget_when_the_node_has_no_curl():
     h = node({"fetch": "wget"})
     run(h)
-    assert h.changes[1] == f"wget -q -O {REMOTE}.part {URL}"
+    assert h.changes[1] == f"wget -q -O {REMOTE}.part -i -"
+    assert h.stdin[h.changes[1]] == URL + "\n"
 
 
 def test_failed_download_points_at_uploading_from_the_controller():
@@ -185,7 +188,7 @@ def test_conda_without_the_tos_plugin_has_nothing_to_accept():
 def test_miniforge_uses_its_pin_and_needs_no_consent():
     h = node(FRESH)
     statuses, _ = run(h, flavor="miniforge", accept_tos=True)
-    assert PINS["miniforge"]["x86_64"]["url"] in h.changes[1]
+    assert PINS["miniforge"]["x86_64"]["url"] in h.stdin[h.changes[1]]
     assert statuses[-1] == ("terms of service", "ok")
     assert not any("tos" in c for c in h.changes)
 
@@ -218,3 +221,21 @@ def test_applies_only_to_the_conda_manager(tmp_path):
     (tmp_path / "inventory.yaml").write_text("nodes:\n  node0: {host: 10.9.0.10}\n")
     conda = inv.load(tmp_path / "inventory.yaml", check_files=False)
     assert ROLE.applies({}, SimpleNamespace(inventory=conda, node=conda.nodes[0])) is True
+
+
+def test_installer_url_credentials_stay_off_the_argv_and_out_of_reasons():
+    url = "https://u:SECRET@mirror.example/Miniconda3-standin.sh"
+    h = node(FRESH)
+    h.answers.insert(0, (r"^curl ", 22, f"curl: (22) {url}: 404"))
+    statuses, steps = run(h, installer=url, sha256=SHA)
+    assert statuses == [("installer", "failed")]
+    assert not [c for c in h.changes if "SECRET" in c]
+    assert "SECRET" not in steps[0].reason and "u:***@mirror.example" in steps[0].reason
+    assert "SECRET" in next(iter(h.stdin.values()))  # curl still gets it, on stdin
+
+
+def test_installer_url_with_a_newline_is_refused_before_anything_runs():
+    h = node(FRESH)
+    statuses, steps = run(h, installer="https://x/a.sh\noutput = /etc/passwd", sha256=SHA)
+    assert statuses == [("installer", "failed")]
+    assert "control characters" in steps[0].reason and h.ran == []

@@ -15,6 +15,7 @@ ROLE = load_role("venv_env").module
 PATH = "/opt/ddpfleet/venv"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CU118 = "https://download.pytorch.org/whl/cu118"
+INDEX_FROM_STDIN = 'sh -c IFS= read -r PIP_INDEX_URL && export PIP_INDEX_URL && exec "$@" sh'
 RECORD = {"torch": "2.5.1+cpu", "cuda": None, "available": False, "gpus": 0, "python": "3.11.2"}
 VERIFY_OUT = json.dumps(RECORD)
 GPU_FACTS = MappingProxyType({**FACTS, "nvidia_smi": "/usr/bin/nvidia-smi"})
@@ -96,9 +97,10 @@ def test_absent_env_is_created_and_installed_from_the_cpu_index():
     pip = f"{PATH}/bin/python -m pip install --disable-pip-version-check --no-input"
     assert h.changes == [
         f"python3 -m venv {PATH}",
-        f"{pip} --index-url {CPU_INDEX} torch==2.5.1",
+        f"{INDEX_FROM_STDIN} {pip} torch==2.5.1",
         f"{pip} torch==2.5.1 jupyterlab",
     ]
+    assert h.stdin == {h.changes[1]: CPU_INDEX + "\n"}
     assert h.written[f"{PATH}/.ddpfleet-spec.sha256"] == (digest() + "\n").encode()
     assert json.loads(h.written[f"{PATH}/.ddpfleet-torch.json"]) == RECORD
     assert steps[-1].reason == "torch 2.5.1+cpu, CUDA none, cuda available: no, GPUs: 0"
@@ -165,7 +167,7 @@ def test_check_on_a_converged_env_is_all_ok():
 def test_gpu_node_gets_the_cu118_index():
     h = host(probe(env=False), facts=GPU_FACTS)
     run(h)
-    assert any(f"--index-url {CU118} torch==2.5.1" in c for c in h.changes)
+    assert [h.stdin[c] for c in h.changes if c.endswith(" torch==2.5.1")] == [CU118 + "\n"]
 
 
 def test_cpu_only_pin_on_a_gpu_node_is_refused_before_anything_runs():
@@ -279,3 +281,23 @@ def test_install_that_changed_nothing_is_ok():
 )
 def test_requirement_name(requirement, name):
     assert ROLE.requirement_name(requirement) == name
+
+
+def test_index_credentials_go_on_stdin_and_are_masked_in_every_reason():
+    url = "http://u:SECRET@127.0.0.1:9/simple"
+    h = host(probe(env=False))
+    statuses, steps = run(h, index_url=url)
+    assert ("packages", "changed") in statuses
+    assert not [c for c in h.changes if "SECRET" in c]  # argv: visible in ps on the node
+    assert url + "\n" in h.stdin.values()
+    assert not [s for s in steps if "SECRET" in s.reason]
+    assert "from http://u:***@127.0.0.1:9/simple" in steps[1].reason
+
+
+def test_a_failing_pip_is_a_failed_packages_step_with_the_url_masked():
+    url = "http://u:SECRET@127.0.0.1:9/simple"
+    h = host(probe(env=False), pip_out=f"ERROR: no index at {url}")
+    h.answers[1] = (r"-m pip install", 1, f"ERROR: no index at {url}")
+    statuses, steps = run(h, index_url=url)
+    assert statuses[-1] == ("packages", "failed")
+    assert "SECRET" not in steps[-1].reason and "u:***@127.0.0.1:9" in steps[-1].reason

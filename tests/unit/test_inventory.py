@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from ddpfleet import inventory as inv
 from ddpfleet.errors import InventoryError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """\
 cluster:
@@ -103,3 +109,57 @@ def test_loaded_inventory_is_frozen(write):
         i.nodes[0].host = "x"  # type: ignore[misc]
     with pytest.raises(TypeError):
         i.nodes[0].vars["x"] = 1  # type: ignore[index]
+
+
+UNSAFE = [  # (inventory text, line, key) for values that would inject or escape (review #13);
+    # loopback hosts: a regression must not reach out to anyone's 10.0.0.x
+    ('nodes: {"a\\nb": {host: 127.0.0.1}}\n', 1, r"nodes\.'a\\nb': node name"),
+    ('nodes:\n  n0: {host: "127.0.0.1 x"}\n', 2, r"nodes\.n0\.host: '127\.0\.0\.1 x' is not an IP"),
+    ('ssh:\n  user: "root\\nX"\nnodes: {n0: {host: 127.0.0.1}}\n', 2, r"ssh\.user: user 'root\\nX'"),
+    ("nodes:\n  n0: {host: 127.0.0.1}\n  ../x: {host: 127.0.0.2}\n", 3,
+     r"nodes\.'\.\./x': node name"),
+    ("nodes:\n  n0: {host: 127.0.0.1, user: \"a b\"}\n", 2, r"nodes\.n0\.user: user 'a b'"),
+    ("nodes:\n  'node 1': {host: 127.0.0.1}\n", 2, r"nodes\.'node 1': node name"),
+    ("nodes:\n  a,b: {host: 127.0.0.1}\n", 2, r"nodes\.'a,b': node name"),
+    ("nodes:\n  n0: {host: \"-oProxyCommand=x\"}\n", 2, r"nodes\.n0\.host: '-oProxyCommand=x'"),
+    ("nodes:\n  n0: {host: \"h\\n  ProxyCommand x\"}\n", 2, r"nodes\.n0\.host:"),
+]
+
+
+@pytest.mark.parametrize("text, line, key", UNSAFE)
+def test_unsafe_names_hosts_and_users_are_one_line_with_the_fix(write, text, line, key):
+    with pytest.raises(InventoryError) as e:
+        inv.load(write(text))
+    message = str(e.value)
+    assert re.match(rf"inventory\.yaml:{line}: {key}", message), message
+    assert "\n" not in message and "use " in message
+
+
+@pytest.mark.parametrize("text", [u[0] for u in UNSAFE[:4]],
+                         ids=["newline-name", "host-space", "user-newline", "dotdot-name"])
+def test_invoke_ping_refuses_an_unsafe_inventory_with_one_line(write, text):
+    """The task's exit: one 'error: inventory.yaml:N: ...' line, no traceback, no connection."""
+    p = write(text)
+    proc = subprocess.run([str(Path(sys.executable).parent / "invoke"), "-r", str(ROOT), "ping",
+                           "--inventory", str(p)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"error: inventory\.yaml:\d+: ", lines[0]), proc.stderr
+
+
+@pytest.mark.parametrize("host", ["10.0.0.10", "fe80::1", "gpu01.example.com", "gpu_box",
+                                  "node-1.", "localhost"])
+def test_ordinary_hosts_and_names_are_accepted(write, host):
+    i = inv.load(write(f"nodes:\n  gpu-01.rack_2: {{host: '{host}', user: first.last}}\n"))
+    assert (i.nodes[0].name, i.nodes[0].host, i.nodes[0].user) == ("gpu-01.rack_2", host,
+                                                                     "first.last")
+
+
+def test_cluster_name_is_checked_and_the_default_made_safe(write, tmp_path):
+    with pytest.raises(InventoryError, match=r"inventory\.yaml:2: cluster\.name: cluster name "
+                                             r"'\.\./\.\./etc' is not allowed"):
+        inv.load(write("cluster:\n  name: ../../etc\nnodes: {n0: {host: 127.0.0.1}}\n"))
+    odd = tmp_path / "My Cluster\n(2)"
+    odd.mkdir()
+    (odd / "inventory.yaml").write_text("nodes: {n0: {host: 127.0.0.1}}\n")
+    assert inv.load(odd / "inventory.yaml").cluster.name == "My-Cluster-2"

@@ -5,6 +5,7 @@ pure half of ddpfleet.envexport (parsing, the report).
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,9 @@ def test_spec_digest_changes_with_every_part():
 
 
 def test_download_with_pips_own_config_is_one_command_for_the_target():
-    (argv,) = wheelhouse.download_commands(CPU, Target.from_probe(PROBE), Path("/c/t"), "py")
+    ((argv, index),) = wheelhouse.download_commands(CPU, Target.from_probe(PROBE), Path("/c/t"),
+                                                    "py")
+    assert index == ""
     assert argv[:4] == ["py", "-m", "pip", "download"]
     assert argv[-2:] == ["torch==2.13.0", "jupyterlab"]
     for flag, value in (
@@ -98,10 +101,13 @@ def test_download_with_pips_own_config_is_one_command_for_the_target():
 
 
 def test_download_from_the_torch_index_then_the_rest_against_what_is_there():
-    first, second = wheelhouse.download_commands(CU118, Target.from_probe(PROBE), Path("/c/t"))
-    assert first[-3:] == ["--index-url", "https://download.pytorch.org/whl/cu118", "torch==2.5.1"]
+    (first, index), (second, index2) = wheelhouse.download_commands(
+        CU118, Target.from_probe(PROBE), Path("/c/t"))
+    # The index goes to pip as PIP_INDEX_URL (it may carry a token), never on the argv.
+    assert index == "https://download.pytorch.org/whl/cu118" and first[-1] == "torch==2.5.1"
+    assert "--index-url" not in first and index not in " ".join(first)
     assert second[-4:] == ["--find-links", "/c/t", "torch==2.5.1", "jupyterlab"]
-    assert "--index-url" not in second
+    assert index2 == "" and "--index-url" not in second
 
 
 def test_saved_wheels_reads_pips_output():
@@ -133,7 +139,7 @@ def fake_pip(monkeypatch):
     """pip download that writes one wheel per requirement into --dest and says so."""
     calls = []
 
-    def pip(argv):
+    def pip(argv, index_url=""):
         calls.append(argv)
         dest = Path(argv[argv.index("--dest") + 1])
         out = ""
@@ -300,3 +306,29 @@ def test_documents_venv_yaml_and_conda_export_as_is():
     )
     assert conda.endswith(CONDA_EXPORT) and "# torch 2.5.1, CUDA 11.8, NCCL 2.21.5" in conda
     assert yaml.safe_load(conda)["name"] == "ddp"
+
+
+def test_pip_gets_the_index_from_its_environment_and_errors_mask_the_password():
+    url = "http://u:SECRET@127.0.0.1:9/simple"
+    show_env = [sys.executable, "-c", "import os; print(os.environ['PIP_INDEX_URL'])"]
+    assert wheelhouse._pip(show_env, url).strip() == url
+    fail = [sys.executable, "-c", "import os, sys; sys.exit('no index at ' + os.environ['X'])"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("X", url)
+        with pytest.raises(DdpfleetError) as e:
+            wheelhouse._pip(fail, url)
+    assert "SECRET" not in str(e.value) and "http://u:***@127.0.0.1:9/simple" in str(e.value)
+
+
+def test_a_credentialed_index_never_reaches_argv_progress_or_errors(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(wheelhouse, "_pip", lambda argv, index_url="": calls.append(
+        (argv, index_url)) or "")  # pip that saves nothing
+    spec = Spec("torch==2.13.0", "https://u:SECRET@pkgs.example/simple", ())
+    progress = []
+    with pytest.raises(DdpfleetError) as e:
+        wheelhouse.fetch(tmp_path, spec, Target.from_probe(PROBE), progress.append)
+    assert calls[0][1] == spec.index_url  # pip still gets it, through PIP_INDEX_URL
+    shown = [str(e.value), *progress, *(" ".join(argv) for argv, _ in calls)]
+    assert not [s for s in shown if "SECRET" in s]
+    assert "PIP_INDEX_URL='https://u:***@pkgs.example/simple'" in str(e.value)

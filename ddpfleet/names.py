@@ -1,0 +1,63 @@
+"""What node names, hosts, users and the cluster's name in an inventory may look like.
+
+They end up in paths (logs/<run>/<node>.log, envs/<node>.yml, ~/ddpfleet/<cluster>/code), in
+root's ~/.ssh/config (`Host`, `HostName`, `User`), in /etc/ssh/ssh_known_hosts, authorized_keys
+comments, unit files and --nodes lists: a newline injects a config line, a space makes two
+patterns, '/' or '..' leaves logs/, ',' splits --nodes. So each is held to a shape none of those
+can misread. Each check returns the problem and its fix, or '' when the value is fine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# RFC 1123 labels; '_' too, which ~/.ssh/config aliases often have. No leading '-': an ssh argv
+# would read it as an option.
+HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# useradd's default NAME_REGEX ([a-z_][a-z0-9_-]*[$]?), with upper case and '.' that directory
+# services use, and without the trailing '$' (machine accounts; systemd expands '$' in units).
+USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def shown(value: str) -> str:
+    """The value as it can go into a one-line message: quoted unless it is a plain word."""
+    return value if _WORD.fullmatch(value) and ".." not in value else repr(value)
+
+
+def node_name_problem(name: str) -> str:
+    if NODE_NAME.fullmatch(name) and ".." not in name:
+        return ""
+    return (f"node name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit (e.g. node0, gpu-01)")
+
+
+def cluster_name_problem(name: str) -> str:
+    """The cluster's name goes into node paths (~/ddpfleet/<cluster>/code) and key comments."""
+    if NODE_NAME.fullmatch(name) and ".." not in name:
+        return ""
+    return (f"cluster name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit (e.g. demo)")
+
+
+def host_problem(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return ""
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".") if len(host) <= 253 else []
+    if labels and all(HOST_LABEL.fullmatch(label) for label in labels):
+        return ""
+    return (f"{shown(host)} is not an IP address or host name: use e.g. 10.0.0.10, "
+            "gpu01.example.com or a ~/.ssh/config alias (letters, digits, '-', '_', '.'; "
+            "no spaces)")
+
+
+def user_problem(user: str) -> str:
+    if USER.fullmatch(user):
+        return ""
+    return (f"user {shown(user)} is not a valid login name: use up to 32 letters, digits, "
+            "'_', '.' or '-', starting with a letter or '_' (e.g. ubuntu, root)")
