@@ -268,6 +268,9 @@ def in_the_way(root, rel, deleting):
 def remove_managed(root, rel):
     """Delete one path the mirror put there; a directory now in its place is not ours."""
     full = safe_target(root, rel)
+    if os.path.realpath(os.path.dirname(full)) != os.path.join(
+            os.path.realpath(root), *rel.split("/")[:-1]):
+        return  # a directory on the way was replaced by a symlink: never delete through it
     if os.path.islink(full) or os.path.isfile(full):
         os.unlink(full)
         parent = os.path.dirname(full)

@@ -307,6 +307,20 @@ def test_the_sync_never_deletes_or_overwrites_what_it_did_not_put_there(tmp_path
         assert tree(code) == before
 
 
+def test_a_delete_never_goes_through_a_symlink_made_on_the_node(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    outside = tmp_path / "datasets"
+    (outside).mkdir()
+    (outside / "model.py").write_text("not code: a dataset file of the same name\n")
+    shutil.rmtree(code / "pkg")
+    (code / "pkg").symlink_to(outside)  # the run swapped a synced directory for a link
+    (root / "pkg/model.py").unlink()
+    sync_once(root, code, held)
+    assert (outside / "model.py").read_text() == "not code: a dataset file of the same name\n"
+
+
 def test_unsafe_tar_member_is_refused(tmp_path, held):
     import tarfile
 
