@@ -251,7 +251,7 @@ def in_the_way(root, rel, deleting):
         if not os.path.lexists(full):
             return None
         if os.path.islink(full) or not os.path.isdir(full):
-            return None if sub in deleting else f"{sub!r} is a file made on the node"
+            return None if sub in deleting else f"{sub!r} is a file or symlink made on the node"
     full = os.path.join(root, *parts)
     if not os.path.isdir(full) or os.path.islink(full):
         return None
