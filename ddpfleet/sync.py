@@ -177,7 +177,8 @@ def helper_command(python: str, name: str, *args: str) -> str:
 def header(files: Mapping[str, Entry], change: Change) -> bytes:
     """apply's first line: what to delete, what the tar holds, the manifest once it is done."""
     return json.dumps({"delete": list(change.delete), "send": list(change.send),
-                       "manifest": sorted(files)}).encode() + b"\n"
+                       "manifest": {p: files[p].as_list() for p in sorted(files)}}
+                      ).encode() + b"\n"
 
 
 def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry],

@@ -117,8 +117,9 @@ def file_digest(path):
 
 # The mirror's own bookkeeping, inside the code dir under a name the project never sends
 # (ddpfleet.sync leaves a top-level .ddpfleet at home). manifest.json is both the marker
-# "ddpfleet made this directory" and the list of paths the mirror put there: the only paths a
-# sync may ever delete. lock is flocked by the run using the mirror, for as long as it runs.
+# "ddpfleet made this directory" and what the mirror put there ({path: [kind, mode, sha256]}):
+# the only paths a sync may ever delete, and only while they still hold what was sent. lock is
+# flocked by the run using the mirror, for as long as it runs.
 META = ".ddpfleet"
 MANIFEST = META + "/manifest.json"
 LOCK = META + "/lock"
@@ -148,15 +149,21 @@ def path_entry(full):
 
 
 def listed(root):
-    """The paths the mirror put under root (its manifest), [] when there is none."""
+    """{path: entry as sent} of what the mirror put under root (its manifest); ValueError when
+    the manifest is not one this helper wrote."""
     try:
         with open(os.path.join(root, MANIFEST)) as f:
-            return list(json.load(f)["paths"])
+            paths = json.load(f).get("paths")
     except FileNotFoundError:
-        return []
+        return {}
+    except (ValueError, AttributeError):
+        paths = None
+    if not isinstance(paths, dict) or not all(isinstance(e, list) for e in paths.values()):
+        raise ValueError(f"{os.path.join(root, MANIFEST)} is not a ddpfleet manifest")
+    return paths
 
 
-def write_listed(root, paths):
+def write_listed(root, entries):
     """Replace the manifest atomically (0600): a crash leaves the old or the new list."""
     path = os.path.join(root, MANIFEST)
     tmp = path + ".tmp"
@@ -164,7 +171,7 @@ def write_listed(root, paths):
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"version": 1, "paths": sorted(paths)}, f)
+        json.dump({"version": 1, "paths": entries}, f, sort_keys=True)
     os.replace(tmp, path)
 
 
@@ -211,7 +218,8 @@ def claim(root, run_id):
             os.mkdir(root, 0o700)
             os.chmod(root, 0o700)  # not widened by a umask: the code may hold secrets
             os.mkdir(os.path.join(root, META), 0o700)
-            write_listed(root, [])
+            write_listed(root, {})
+        listed(root)  # readable, or the dir is refused: without it nothing here is known ours
         fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -224,6 +232,8 @@ def claim(root, run_id):
         _HELD.append(fd)
     except OSError as e:
         found.update(problem="error", detail=f"{e.strerror or e}: {e.filename or root}")
+    except ValueError as e:
+        found.update(problem="error", detail=str(e))
     return found
 
 
@@ -314,17 +324,21 @@ def apply(code_dir, run_id, script=None):
                          "nothing was touched: start the run again")
     header = json.loads(STDIN.readline())
     old, send = listed(root), set(header["send"])
-    deleting = set(header["delete"])
-    strays = sorted(deleting - set(old))
+    strays = sorted(set(header["delete"]) - set(old))
     if strays:
         raise SystemExit(f"refusing to delete {strays[0]!r}: the mirror did not put it there")
+    # A sent file the run has since rewritten is the run's now: it stays, unlisted.
+    deleting = {rel for rel in header["delete"]
+                if path_entry(safe_target(root, rel)) in (old[rel], None)}
+    for rel in header["manifest"]:
+        safe_target(root, rel)
     for rel in sorted(send):
         safe_target(root, rel)
         why = in_the_way(root, rel, deleting)
         if why:
             raise SystemExit(f"cannot sync {rel!r}: {why}; nothing was touched: move it out "
                              f"of {root} or rename it in the project")
-    write_listed(root, set(old) | set(header["manifest"]))  # a crash leaves nothing unlisted
+    write_listed(root, {**old, **header["manifest"]})  # a crash leaves nothing unlisted
     for rel in sorted(deleting):
         remove_managed(root, rel)
     written = 0

@@ -214,6 +214,20 @@ def test_what_the_run_wrote_survives_every_sync(tmp_path, held):
     assert set(remote_manifest(code)) == set(sync.project_files(root))
 
 
+def test_a_sent_file_the_run_rewrote_is_not_deleted(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    (code / "run.sh").write_text("#!/bin/sh\n# the run's own results now\n")
+    (root / "run.sh").unlink()
+    (root / "train.py").unlink()
+    change = sync_once(root, code, held)
+    assert change.delete == ("run.sh", "train.py")
+    assert (code / "run.sh").read_text().endswith("# the run's own results now\n")
+    assert not (code / "train.py").exists()
+    assert "run.sh" not in node_helper.listed(str(code))  # the run's now: never ours again
+
+
 def test_foreign_code_dir_is_refused_untouched(tmp_path, held):
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -235,6 +249,20 @@ def test_foreign_code_dir_is_refused_untouched(tmp_path, held):
         r = node_call(["apply", str(code), RUN], tar_of(root, files, change))
         assert r.returncode == 1 and b"not made by ddpfleet; nothing was touched" in r.stderr
     assert (tree(home), home.stat().st_mode) == before
+
+
+def test_an_unreadable_manifest_refuses_the_code_dir(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    (code / ".ddpfleet/manifest.json").write_text('{"paths": ["train.py"]}')
+    found = probe(code)
+    got = found["code"]
+    assert got["problem"] == "error" and found["manifest"] == {}
+    line, = sync.code_dir_problems({"node0": got}, "~/c")
+    assert line == (f"node0: cannot use code dir {code} ({code}/.ddpfleet/manifest.json is not "
+                    "a ddpfleet manifest); fix that or pass another --code-dir")
+    assert (code / "train.py").exists()
 
 
 def test_modes_are_kept_and_the_code_dir_is_private(tmp_path, held):
@@ -333,7 +361,8 @@ def test_unsafe_tar_member_is_refused(tmp_path, held):
         info.size = 2
         tar.addfile(info, io.BytesIO(b"hi"))
     for send in (["../escape.txt"], []):  # announced, or slipped into the tar unannounced
-        head = json.dumps({"delete": [], "send": send, "manifest": send}).encode() + b"\n"
+        listed = {rel: ["f", 0o644, "00"] for rel in send}
+        head = json.dumps({"delete": [], "send": send, "manifest": listed}).encode() + b"\n"
         r = node_call(["apply", str(code), RUN], head + buf.getvalue())
         assert r.returncode != 0 and (b"unsafe path" in r.stderr or b"announced" in r.stderr)
         assert not (tmp_path / "escape.txt").exists()
