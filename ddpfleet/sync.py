@@ -2,7 +2,7 @@
 
     files = project_files(Path("."))              # what the project is, honouring .gitignore
     change = diff(files, remote_manifest)         # pure: what to send, what to delete
-    stats = push(conn, python, code_dir, root, files, change)   # one exec channel, one tar
+    stats = push(conn, python, code_dir, root, files, change, script, remote, run_id)
 
 The node's side comes from node_helper.py's `probe`: the sha256 and mode of each path the
 mirror itself put there (its manifest, CODE_DIR/.ddpfleet/manifest.json), so a sync of an
