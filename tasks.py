@@ -137,9 +137,11 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
         "nproc_per_node": "processes per node: auto (the node's GPUs, 1 without) or N",
         "master_port": "rendezvous port on the master (default: cluster.master_port)",
         "env": "K=V for every rank, repeatable: --env NCCL_DEBUG=INFO --env A=B",
-        "run_id": "name of the run (default: date-time-random); logs go to logs/<run-id>/",
+        "run_id": "name of the run (default: date-time-random); logs go to logs/<run-id>/; "
+                  "an id used before is refused",
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
-        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code)",
+        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
+                    "made by ddpfleet, 0700; an existing directory it did not make is refused",
     },
 )
 @cli
@@ -162,7 +164,7 @@ def train(c, inventory=None, nodes=None, script=None, args="", nproc_per_node="a
         env=launch.parse_env(env or []),
         run_id=launch.check_run_id(run_id or launch.new_run_id()),
         project_dir=Path(project_dir),
-        code_dir=code_dir or launch.DEFAULT_CODE_DIR,
+        code_dir=launch.check_code_dir(code_dir or launch.DEFAULT_CODE_DIR),
     )
     python = {n.name: envs.env_python(loaded, n) for n in loaded.nodes}
     with Fleet(loaded) as fleet:

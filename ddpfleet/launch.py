@@ -7,9 +7,10 @@
 1. plan() is pure: inventory + flags + per-node facts -> per node the exact torchrun argv,
    environment and working directory, shown as a table before anything starts.
 2. Preflight, every node in parallel, nothing started on failure, one line per problem:
-   one probe per node (env python, torch/CUDA/NCCL versions, GPUs, addresses, code manifest),
-   the master port bound on the master and connected to from every worker, the script present
-   after the sync (ddpfleet.sync: only what changed).
+   one probe per node (env python, torch/CUDA/NCCL versions, GPUs, addresses, the code dir
+   claimed and locked for this run with its manifest), a fresh run id, the master port bound
+   on the master and connected to from every worker, the script present after the sync
+   (ddpfleet.sync: only what changed, deleting only what it sent itself).
 3. One exec channel per node runs scripts/gang_runner.py, which owns torchrun and everything
    it starts (see its docstring: setsid, subreaper, stdin as the lifeline). The controller
    prefixes every line with its node and rank, writes logs/<run-id>/<node>.log, stops every
@@ -150,6 +151,17 @@ def parse_env(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
             raise PlanError("--env DDPFLEET_RUN_ID: set by ddpfleet; use --run-id instead")
         out.append((name, value))
     return tuple(out)
+
+
+def check_code_dir(code_dir: str) -> str:
+    try:
+        code_dir.format(cluster="x")
+    except (KeyError, IndexError, ValueError):
+        code_dir = ""
+    if not code_dir.strip():
+        raise PlanError("--code-dir: give a path on the nodes, e.g. ~/ddpfleet/{cluster}/code "
+                        "({cluster} is the only placeholder; write braces as {{ and }})")
+    return code_dir
 
 
 def check_run_id(run_id: str) -> str:
@@ -623,6 +635,7 @@ class Member:
 class Probed:
     facts: NodeFacts
     manifest: Mapping[str, list]
+    code: Mapping[str, object]  # the code dir: claimed and locked for this run, or why not
     listen: Mapping[str, object] | None  # the master's bind test
     reach: Mapping[str, object] | None  # a worker's connect to the master's port
 
@@ -634,7 +647,7 @@ def _probed(conn: Conn, python: str, got: Mapping) -> Probed:
         addrs=MappingProxyType({k: tuple(v) for k, v in got["addrs"].items()}),
         master_resolved=got["master_resolved"], route_dev=got["route_dev"],
     )
-    return Probed(facts, got["manifest"], got.get("listen"), got.get("reach"))
+    return Probed(facts, got["manifest"], got["code"], got.get("listen"), got.get("reach"))
 
 
 def open_members(fleet: Fleet, flags: TrainFlags, order: Sequence[str],
@@ -692,8 +705,43 @@ def preflight(fleet: Fleet, flags: TrainFlags, members: Mapping[str, Member]
             _fail_if(port_problems(order[:1], probed, port) + problems, "preflight failed")
     _fail_if(problems, "preflight failed")
     facts = {n: p.facts for n, p in probed.items()}
-    _fail_if(check_versions(facts) + port_problems(order, probed, port), "preflight failed")
+    claims = {n: probed[n].code for n in order}
+    _fail_if(sync.code_dir_problems(claims, flags.code_dir) + check_versions(facts)
+             + port_problems(order, probed, port), "preflight failed")
     return plan(fleet.inventory, flags, facts), probed
+
+
+def reused_run_id(fleet: Fleet, p: Plan) -> list[str]:
+    """One line per node that already has this run's log dir: torchrun would add to it and
+    the rank logs of two runs would meet under one logs/<run-id>/."""
+
+    def one(conn: Conn) -> bool:
+        try:
+            conn.sftp().lstat(p.node(conn.name).log_dir)
+        except FileNotFoundError:
+            return False
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise NodeError(conn.name, f"cannot check {p.node(conn.name).log_dir}: {e}") from None
+        return True
+
+    results = fleet.map(one, [n.node for n in p.nodes])
+    return [str(r) if isinstance(r, NodeError) else
+            f"{name}: --run-id {p.run_id} was used before ({p.node(name).log_dir} exists); "
+            "pick a new --run-id or leave it out for a fresh one"
+            for name, r in results.items() if r is not False]
+
+
+def fresh_run_dir(run_dir: Path, make: bool = False) -> None:
+    """Refuse a run id whose logs/<run-id>/ exists: a reused id never overwrites old logs."""
+    try:
+        if make:
+            private_dir(run_dir.parent)  # output may hold secrets: 0700, files 0600
+            run_dir.mkdir(mode=0o700)  # exclusive: a second run of the same id loses here
+        elif run_dir.exists():
+            raise FileExistsError
+    except FileExistsError:
+        raise PlanError(f"--run-id {run_dir.name} was used before ({run_dir} exists); pick a "
+                        "new --run-id or leave it out for a fresh one") from None
 
 
 def push_code(fleet: Fleet, p: Plan, files: Mapping[str, sync.Entry], root: Path,
@@ -704,7 +752,8 @@ def push_code(fleet: Fleet, p: Plan, files: Mapping[str, sync.Entry], root: Path
         n = p.node(conn.name)
         remote = probed[conn.name].manifest
         change = sync.diff(files, remote)
-        stats = sync.push(conn, n.argv[0], n.cwd, root, files, change, p.script, remote)
+        stats = sync.push(conn, n.argv[0], n.cwd, root, files, change, p.script, remote,
+                          p.run_id)
         if not stats.script:
             raise NodeError(conn.name, f"{n.cwd}/{p.script} is missing after the sync")
         return stats
@@ -725,6 +774,7 @@ def prepare(fleet: Fleet, flags: TrainFlags, members: Mapping[str, Member],
             files: Mapping[str, sync.Entry], root: Path) -> Plan:
     """Everything before launch: probes, the plan table, the sync and the script check."""
     p, probed = preflight(fleet, flags, members)
+    _fail_if(reused_run_id(fleet, p), "preflight failed")
     report.show(render_plan(p, flags.env))
     results = push_code(fleet, p, files, root, probed)
     _fail_if([str(r) for r in results.values() if isinstance(r, NodeError)], "code sync failed")
@@ -926,17 +976,19 @@ def train(fleet: Fleet, flags: TrainFlags, python: Mapping[str, str], log_root: 
     root = flags.project_dir.resolve()
     files = sync.project_files(root)
     sync.require(files, flags.script, root)
+    run_dir = log_root / flags.run_id
+    fresh_run_dir(run_dir)  # before any connection; made once the preflight passed
     order = run_order(fleet.inventory, flags.nodes)
     _fail_if([str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
              "cannot reach every node")
     members = open_members(fleet, flags, order, python, out)
     try:
         p = prepare(fleet, flags, members, files, root)
+        fresh_run_dir(run_dir, make=True)
     except BaseException:  # a refusal or Ctrl-C: every runner exits having started nothing
         for m in members.values():
             m.call_off()
         raise
-    run_dir = private_dir(private_dir(log_root) / p.run_id)  # output may hold secrets
     gang = Gang([members[n.node] for n in p.nodes], out)
     gang.run(p, run_dir)
     return conclude(fleet, p, gang, run_dir, out)

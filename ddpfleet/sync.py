@@ -2,10 +2,13 @@
 
     files = project_files(Path("."))              # what the project is, honouring .gitignore
     change = diff(files, remote_manifest)         # pure: what to send, what to delete
-    stats = push(conn, python, code_dir, root, files, change)   # one exec channel, one tar
+    stats = push(conn, python, code_dir, root, files, change, script, remote, run_id)
 
-The node's manifest comes from node_helper.py's `probe` (sha256 of every file under the code
-dir), so a sync of an unchanged tree costs no channel at all. In a git work tree the file list
+The node's side comes from node_helper.py's `probe`: the sha256 and mode of each path the
+mirror itself put there (its manifest, CODE_DIR/.ddpfleet/manifest.json), so a sync of an
+unchanged tree costs no channel at all, and files a run wrote beside the code (checkpoints,
+outputs) are neither hashed nor ever deleted. Modes travel as they are: a 0600 file stays 0600,
+and the code dir is made 0700. In a git work tree the file list
 is `git ls-files -co --exclude-standard` (tracked plus untracked-but-not-ignored); elsewhere a
 walk. Either way logs/, envs/, .venv, .ddpfleet and .git at the top, and __pycache__ anywhere,
 stay home: run output, environments, keys, and bytecode for another Python.
@@ -25,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddpfleet.errors import CommandError, PlanError
+from ddpfleet.errors import CommandError, NodeError, PlanError
 
 ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".ddpfleet", ".git")
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
@@ -37,15 +40,19 @@ HELPER_LOADER = ("import sys;b=sys.stdin.buffer;"
 
 @dataclass(frozen=True)
 class Entry:
-    """One synced path: kind 'f' (file) or 'l' (symlink), exec bit, sha256 (of the target for
-    a symlink). Same shape as a line of the node's manifest."""
+    """One synced path: kind 'f' (file) or 'l' (symlink), permission bits (0 for a symlink),
+    sha256 (of the target for a symlink). Same shape as a line of the node's manifest."""
 
     kind: str
-    executable: bool
+    mode: int
     sha256: str
 
+    @property
+    def executable(self) -> bool:
+        return bool(self.mode & 0o100)
+
     def as_list(self) -> list:
-        return [self.kind, self.executable, self.sha256]
+        return [self.kind, self.mode, self.sha256]
 
 
 @dataclass(frozen=True)
@@ -92,14 +99,14 @@ def listed_paths(root: Path) -> list[str]:
 def entry(path: Path) -> Entry | None:
     st = path.lstat()
     if stat.S_ISLNK(st.st_mode):
-        return Entry("l", False, hashlib.sha256(os.readlink(path).encode()).hexdigest())
+        return Entry("l", 0, hashlib.sha256(os.readlink(path).encode()).hexdigest())
     if not stat.S_ISREG(st.st_mode):
         return None  # a submodule's directory, a socket: not part of the mirror
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return Entry("f", bool(st.st_mode & 0o100), h.hexdigest())
+    return Entry("f", stat.S_IMODE(st.st_mode) & 0o777, h.hexdigest())
 
 
 def project_files(root: Path) -> dict[str, Entry]:
@@ -118,7 +125,10 @@ def project_files(root: Path) -> dict[str, Entry]:
 
 
 def diff(local: Mapping[str, Entry], remote: Mapping[str, list]) -> Change:
-    """What to send (new or different) and what to delete (gone from the project)."""
+    """What to send (new, different content or mode) and what to delete (gone from the project).
+
+    `remote` holds only what the mirror put on the node (its manifest), so nothing else there
+    can ever be deleted."""
     send = tuple(p for p, e in sorted(local.items()) if list(remote.get(p, ())) != e.as_list())
     delete = tuple(sorted(p for p in remote if p not in local))
     return Change(send, delete)
@@ -145,7 +155,7 @@ def write_tar(out, root: Path, files: Mapping[str, Entry], paths: tuple[str, ...
             info = tar.gettarinfo(str(root / rel), arcname=rel)
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            info.mode = 0o755 if files[rel].executable else 0o644
+            info.mode = files[rel].mode
             if info.isreg():
                 with open(root / rel, "rb") as f:
                     tar.addfile(info, f)
@@ -164,28 +174,56 @@ def helper_command(python: str, name: str, *args: str) -> str:
     return shlex.join([python, "-u", "-c", HELPER_LOADER.format(name=name), *args])
 
 
+def header(files: Mapping[str, Entry], change: Change) -> bytes:
+    """apply's first line: what to delete, what the tar holds, the manifest once it is done."""
+    return json.dumps({"delete": list(change.delete), "send": list(change.send),
+                       "manifest": {p: files[p].as_list() for p in sorted(files)}}
+                      ).encode() + b"\n"
+
+
 def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry],
-         change: Change, script: str, remote: Mapping[str, list]) -> SyncStats:
-    """One exec channel on `conn` (a connection.Conn): node_helper.py `apply`, then a JSON
-    line of deletions, then the tar of what changed. Nothing changed: no channel at all, and
-    the node's own manifest (`remote`, hashed there) says whether the script is there."""
+         change: Change, script: str, remote: Mapping[str, list], run_id: str) -> SyncStats:
+    """One exec channel on `conn` (a connection.Conn): node_helper.py `apply` into the code dir
+    this run's runner has locked, then header(), then the tar of what changed. Nothing changed:
+    no channel at all, and the node's manifest (`remote`) says whether the script is there."""
     if change.empty:
         return SyncStats(0, 0, 0, script in remote)
     chan = conn.transport.open_session(timeout=conn.node.connect_timeout)
     chan.set_combine_stderr(True)
-    chan.exec_command(helper_command(python, "node_helper.py", "apply", code_dir, script))
+    chan.exec_command(helper_command(python, "node_helper.py", "apply", code_dir, run_id, script))
     chan.sendall(helper_source("node_helper.py"))
-    chan.sendall(json.dumps({"delete": list(change.delete)}).encode() + b"\n")
+    chan.sendall(header(files, change))
     writer = _ChannelWriter(chan)
     write_tar(writer, root, files, change.send)
     chan.shutdown_write()
     out = b"".join(iter(lambda: chan.recv(65536), b"")).decode(errors="replace")
     code = chan.recv_exit_status()
     chan.close()
+    if code == 1 and out.strip():  # the helper's own refusal: one line that says why
+        raise NodeError(conn.name, f"code sync to {code_dir}: {out.strip().splitlines()[-1]}")
     if code != 0:
         raise CommandError(conn.name, f"sync to {code_dir}", code, out)
     report = json.loads(out.strip().splitlines()[-1])
     return SyncStats(report["written"], writer.bytes, report["deleted"], report["script"])
+
+
+def code_dir_problems(claims: Mapping[str, Mapping], flag: str) -> list[str]:
+    """One line per node whose code dir this run may not use; `claims` are node_helper.claim's
+    answers (the runner holds the lock of each one that has no problem)."""
+    problems = []
+    for name, code in claims.items():
+        where, detail = code.get("dir"), code.get("detail")
+        if code.get("problem") == "foreign":
+            problems.append(f"{name}: code dir {where} (--code-dir {flag}) exists and was not "
+                            "made by ddpfleet; nothing in it was touched: pass a --code-dir "
+                            "that does not exist yet (ddpfleet makes it)")
+        elif code.get("problem") == "busy":
+            problems.append(f"{name}: code dir {where} is in use by run {detail}; wait for it "
+                            "to finish or pass another --code-dir")
+        elif code.get("problem"):
+            problems.append(f"{name}: cannot use code dir {where} ({detail}); fix that or "
+                            "pass another --code-dir")
+    return problems
 
 
 def require(files: Mapping[str, Entry], script: str, root: Path) -> None:

@@ -6,11 +6,18 @@ the source; see ddpfleet.sync.helper_command), so nothing has to be installed on
 functions. Subcommands, each printing one JSON object on stdout:
 
     probe CODE_DIR MASTER_HOST [--count-gpus]   home, torch/CUDA/NCCL versions, GPU count,
-                                                IPv4 addresses, route to the master, manifest
-    apply CODE_DIR [SCRIPT]   stdin: a JSON line {"delete": [...]} then a tar stream; mirrors
-                              it, then says whether SCRIPT (relative to CODE_DIR) is there
+                                                IPv4 addresses, route to the master; claims
+                                                and locks the code dir, lists its manifest
+    apply CODE_DIR RUN_ID [SCRIPT]   stdin: a JSON line {"delete", "send", "manifest"} then a
+                              tar stream; mirrors it into the code dir RUN_ID has locked, then
+                              says whether SCRIPT (relative to CODE_DIR) is there
+
+The mirror only ever deletes paths it put there itself (its manifest, CODE_DIR/.ddpfleet/),
+so what a run writes beside the code (checkpoints, outputs) survives every later sync; a
+directory it did not make is refused untouched; modes travel as they are (0600 stays 0600).
 """
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -109,88 +116,241 @@ def file_digest(path):
     return h.hexdigest()
 
 
-def manifest(root):
-    """{relative path: [kind, executable, sha256]}; kind f (file) or l (symlink: its target)."""
-    found = {}
-    for top, dirs, files in os.walk(root):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
-            full = os.path.join(top, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(full)
-                found[rel] = ["l", False, hashlib.sha256(target.encode()).hexdigest()]
-            elif stat.S_ISREG(st.st_mode):
-                found[rel] = ["f", bool(st.st_mode & 0o100), file_digest(full)]
-    return found
-
-
-def facts(code_dir, master_host, count_gpus):
-    master = resolve(master_host)
-    root = os.path.expanduser(code_dir)
-    found = {"home": os.path.expanduser("~"), "hostname": socket.gethostname(),
-             "python": sys.executable, "addrs": addresses(), "master_resolved": master,
-             "route_dev": route_dev(master), "gpus": gpu_count() if count_gpus else None,
-             "manifest": manifest(root) if os.path.isdir(root) else {}}
-    found.update(torch_versions())
-    return found
+# The mirror's own bookkeeping, inside the code dir under a name the project never sends
+# (ddpfleet.sync leaves a top-level .ddpfleet at home). manifest.json is both the marker
+# "ddpfleet made this directory" and what the mirror put there ({path: [kind, mode, sha256]}):
+# the only paths a sync may ever delete, and only while they still hold what was sent. lock is
+# flocked by the run using the mirror, for as long as it runs.
+META = ".ddpfleet"
+MANIFEST = META + "/manifest.json"
+LOCK = META + "/lock"
+_HELD = []  # lock fds of this process: the lock lasts as long as the run's runner does
 
 
 def safe_target(root, name):
     """The member's path under root; anything absolute or climbing out is refused."""
     parts = name.split("/")
-    if name.startswith("/") or ".." in parts or not name:
-        raise SystemExit(f"refusing unsafe path in the code tar: {name!r}")
+    if name.startswith("/") or ".." in parts or "" in parts or "." in parts:
+        raise SystemExit(f"refusing unsafe path in the code sync: {name!r}")
     return os.path.join(root, *parts)
 
 
-def remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+def path_entry(full):
+    """[kind, mode, sha256] as ddpfleet.sync.Entry.as_list(), or None when it is neither a
+    regular file nor a symlink (or gone)."""
+    try:
+        st = os.lstat(full)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return ["l", 0, hashlib.sha256(os.readlink(full).encode()).hexdigest()]
+    if stat.S_ISREG(st.st_mode):
+        return ["f", stat.S_IMODE(st.st_mode) & 0o777, file_digest(full)]
+    return None
 
 
-def prune_empty_dirs(root):
-    for top, dirs, files in os.walk(root, topdown=False):
-        if top != root and not os.listdir(top):
-            os.rmdir(top)
+def listed(root):
+    """{path: entry as sent} of what the mirror put under root (its manifest); ValueError when
+    the manifest is not one this helper wrote."""
+    try:
+        with open(os.path.join(root, MANIFEST)) as f:
+            paths = json.load(f).get("paths")
+    except FileNotFoundError:
+        return {}
+    except (ValueError, AttributeError):
+        paths = None
+    if not isinstance(paths, dict) or not all(isinstance(e, list) for e in paths.values()):
+        raise ValueError(f"{os.path.join(root, MANIFEST)} is not a ddpfleet manifest")
+    return paths
+
+
+def write_listed(root, entries):
+    """Replace the manifest atomically (0600): a crash leaves the old or the new list."""
+    path = os.path.join(root, MANIFEST)
+    tmp = path + ".tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"version": 1, "paths": entries}, f, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def manifest(root):
+    """{relative path: [kind, mode, sha256]} of what the mirror put there and is still there.
+
+    Only the paths in the manifest are hashed: checkpoints and outputs beside them cost nothing
+    and are invisible to the sync, so it can neither resend nor delete them."""
+    found = {}
+    for rel in listed(root):
+        entry = path_entry(safe_target(root, rel))
+        if entry is not None:
+            found[rel] = entry
+    return found
+
+
+def lock_holder(root):
+    """The run id holding root's lock, or None when nobody holds it."""
+    try:
+        fd = os.open(os.path.join(root, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None
+
+
+def claim(root, run_id):
+    """Make the code dir (0700) unless it exists, refuse one ddpfleet did not make, and lock
+    it for this run. {"dir", "problem": None | "foreign" | "busy" | "error", "detail"}."""
+    found = {"dir": root, "problem": None, "detail": None}
+    try:
+        if os.path.lexists(root) and not os.path.isfile(os.path.join(root, MANIFEST)):
+            found["problem"] = "foreign"  # someone's directory: never write or delete in it
+            return found
+        if not os.path.lexists(root):
+            parent = os.path.dirname(root.rstrip("/"))
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            os.mkdir(root, 0o700)
+            os.chmod(root, 0o700)  # not widened by a umask: the code may hold secrets
+            os.mkdir(os.path.join(root, META), 0o700)
+            write_listed(root, {})
+        listed(root)  # readable, or the dir is refused: without it nothing here is known ours
+        fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            found.update(problem="busy", detail=os.read(fd, 200).decode(errors="replace"))
+            os.close(fd)
+            return found
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, run_id.encode(), 0)
+        _HELD.append(fd)
+    except OSError as e:
+        found.update(problem="error", detail=f"{e.strerror or e}: {e.filename or root}")
+    except ValueError as e:
+        found.update(problem="error", detail=str(e))
+    return found
+
+
+def facts(code_dir, master_host, count_gpus):
+    master = resolve(master_host)
+    root = os.path.abspath(os.path.expanduser(code_dir))
+    code = claim(root, os.environ.get("DDPFLEET_RUN_ID", ""))
+    found = {"home": os.path.expanduser("~"), "hostname": socket.gethostname(),
+             "python": sys.executable, "addrs": addresses(), "master_resolved": master,
+             "route_dev": route_dev(master), "gpus": gpu_count() if count_gpus else None,
+             "code": code, "manifest": manifest(root) if code["problem"] is None else {}}
+    found.update(torch_versions())
+    return found
+
+
+def in_the_way(root, rel, deleting):
+    """Why writing rel would destroy something the mirror did not put there, or None.
+
+    A parent that is a file or symlink, or a directory at rel itself, is fine only when all of
+    it is being deleted (a managed file that became a directory, or the reverse)."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        sub = "/".join(parts[:i])
+        full = os.path.join(root, *parts[:i])
+        if not os.path.lexists(full):
+            return None
+        if os.path.islink(full) or not os.path.isdir(full):
+            return None if sub in deleting else f"{sub!r} is a file or symlink made on the node"
+    full = os.path.join(root, *parts)
+    if not os.path.isdir(full) or os.path.islink(full):
+        return None
+    for top, dirs, files in os.walk(full):
+        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
+        kept = [f for f in files + links
+                if os.path.relpath(os.path.join(top, f), root).replace(os.sep, "/")
+                not in deleting]
+        if kept or (not dirs and not files):
+            return f"{rel!r} is a directory holding files made on the node"
+    return None
+
+
+def remove_managed(root, rel):
+    """Delete one path the mirror put there; a directory now in its place is not ours."""
+    full = safe_target(root, rel)
+    if os.path.realpath(os.path.dirname(full)) != os.path.join(
+            os.path.realpath(root), *rel.split("/")[:-1]):
+        return  # a directory on the way was replaced by a symlink: never delete through it
+    if os.path.islink(full) or os.path.isfile(full):
+        os.unlink(full)
+        parent = os.path.dirname(full)
+        while parent != root:  # only the directories this removal emptied
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
 
 
 def write_member(tar, member, dest):
-    parent = os.path.dirname(dest)
-    if os.path.lexists(parent) and not os.path.isdir(parent):
-        os.unlink(parent)  # a file became a directory
-    os.makedirs(parent, exist_ok=True)
-    if os.path.isdir(dest) and not os.path.islink(dest):
-        shutil.rmtree(dest)  # a directory became a file
-    if member.issym():
-        remove(dest)
-        os.symlink(member.linkname, dest)
-        return
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = dest + ".ddpfleet-tmp"
-    with tar.extractfile(member) as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out)
-    os.chmod(tmp, 0o755 if member.mode & 0o100 else 0o644)
-    os.utime(tmp, (member.mtime, member.mtime))
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        os.rmdir(dest)  # emptied by the deletes; in_the_way refused anything else
+    if member.issym():
+        os.symlink(member.linkname, tmp)
+    else:
+        # Created 0600 and only then given its mode: a secret is never readable on the way.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with tar.extractfile(member) as src, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out)
+        os.chmod(tmp, member.mode & 0o777)
+        os.utime(tmp, (member.mtime, member.mtime))
     os.replace(tmp, dest)  # a process reading the old file never sees half a new one
 
 
-def apply(code_dir, script=None):
-    root = os.path.expanduser(code_dir)
-    os.makedirs(root, exist_ok=True)
+def apply(code_dir, run_id, script=None):
+    """Header {"delete", "send", "manifest"} then the tar of `send`. Checks everything before
+    it changes anything: the dir is ddpfleet's, this run holds its lock, deletions are only
+    of managed paths, nothing made on the node is in a sent path's way."""
+    root = os.path.abspath(os.path.expanduser(code_dir))
+    if not os.path.isfile(os.path.join(root, MANIFEST)):
+        raise SystemExit(f"{root} was not made by ddpfleet; nothing was touched")
+    holder = lock_holder(root)
+    if holder != run_id:
+        raise SystemExit(f"{root} is not locked by run {run_id} (holder: {holder or 'none'}); "
+                         "nothing was touched: start the run again")
     header = json.loads(STDIN.readline())
-    for rel in header["delete"]:
-        remove(safe_target(root, rel))
-    prune_empty_dirs(root)
+    old, send = listed(root), set(header["send"])
+    strays = sorted(set(header["delete"]) - set(old))
+    if strays:
+        raise SystemExit(f"refusing to delete {strays[0]!r}: the mirror did not put it there")
+    # A sent file the run has since rewritten is the run's now: it stays, unlisted.
+    deleting = {rel for rel in header["delete"]
+                if path_entry(safe_target(root, rel)) in (old[rel], None)}
+    for rel in header["manifest"]:
+        safe_target(root, rel)
+    for rel in sorted(send):
+        safe_target(root, rel)
+        why = in_the_way(root, rel, deleting)
+        if why:
+            raise SystemExit(f"cannot sync {rel!r}: {why}; nothing was touched: move it out "
+                             f"of {root} or rename it in the project")
+    write_listed(root, {**old, **header["manifest"]})  # a crash leaves nothing unlisted
+    for rel in sorted(deleting):
+        remove_managed(root, rel)
     written = 0
     with tarfile.open(fileobj=STDIN, mode="r|") as tar:
         for member in tar:
-            if not (member.isfile() or member.issym()):
-                raise SystemExit(f"refusing {member.name!r}: only files and symlinks are synced")
+            if not (member.isfile() or member.issym()) or member.name not in send:
+                raise SystemExit(f"refusing {member.name!r}: not a file or symlink announced")
             write_member(tar, member, safe_target(root, member.name))
             written += 1
-    report = {"written": written, "deleted": len(header["delete"])}
+    write_listed(root, header["manifest"])
+    report = {"written": written, "deleted": len(deleting)}
     if script:
         report["script"] = os.path.isfile(safe_target(root, script))
     emit(report)
@@ -283,7 +443,7 @@ def main(argv):
     if cmd == "probe":
         emit(facts(args[0], args[1], "--count-gpus" in args[2:]))
     elif cmd == "apply":
-        apply(args[0], args[1] if len(args) > 1 else None)
+        apply(args[0], args[1], args[2] if len(args) > 2 else None)
     else:
         raise SystemExit(f"node_helper: unknown command {cmd!r}")
 

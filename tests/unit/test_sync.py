@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ddpfleet import sync
+from ddpfleet import launch, sync
 from ddpfleet.errors import PlanError
 
 
@@ -41,24 +44,79 @@ def make_project(root: Path) -> Path:
     return root
 
 
-def node_run(args: list[str], stdin: bytes) -> dict:
+RUN = "r-test"
+
+
+def load_node_helper():
+    """node_helper.py imported here: this process can hold a code dir's lock as a runner does."""
+    path = sync.SCRIPTS_DIR / "node_helper.py"
+    spec = importlib.util.spec_from_file_location("node_helper", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+node_helper = load_node_helper()
+
+
+def let_go() -> None:
+    """The runner holding the locks exits."""
+    while node_helper._HELD:
+        os.close(node_helper._HELD.pop())
+
+
+@pytest.fixture
+def held():
+    """claim(code_dir, run_id) as the run's runner does it; every lock let go afterwards."""
+    yield lambda code, run_id=RUN: node_helper.claim(str(code), run_id)
+    let_go()
+
+
+def node_call(args: list[str], stdin: bytes) -> subprocess.CompletedProcess:
     """node_helper.py exactly as a node runs it: the loader command line, source on stdin."""
     cmd = sync.helper_command(sys.executable, "node_helper.py", *args)
-    r = subprocess.run(["sh", "-c", cmd], input=sync.helper_source("node_helper.py") + stdin,
-                       capture_output=True, check=False)
+    return subprocess.run(["sh", "-c", cmd], input=sync.helper_source("node_helper.py") + stdin,
+                          capture_output=True, check=False)
+
+
+def node_run(args: list[str], stdin: bytes) -> dict:
+    r = node_call(args, stdin)
     assert r.returncode == 0, r.stderr.decode()
     return json.loads(r.stdout.decode().strip().splitlines()[-1])
 
 
+def probe(code: Path) -> dict:
+    return node_run(["probe", str(code), "127.0.0.1"], b"")
+
+
 def remote_manifest(code: Path) -> dict:
-    return node_run(["probe", str(code), "127.0.0.1"], b"")["manifest"]
+    return probe(code)["manifest"]
 
 
-def apply(root: Path, code: Path, files, change) -> dict:
+def tar_of(root: Path, files, change) -> bytes:
     buf = io.BytesIO()
     sync.write_tar(buf, root, files, change.send)
-    header = json.dumps({"delete": list(change.delete)}).encode() + b"\n"
-    return node_run(["apply", str(code)], header + buf.getvalue())
+    return sync.header(files, change) + buf.getvalue()
+
+
+def apply(root: Path, code: Path, files, change, run_id: str = RUN) -> dict:
+    return node_run(["apply", str(code), run_id], tar_of(root, files, change))
+
+
+def sync_once(root: Path, code: Path, held) -> sync.Change:
+    """One `invoke train`'s sync: claim and lock as the runner, diff, apply, run over."""
+    claim = held(code)
+    assert claim["problem"] is None, claim
+    files = sync.project_files(root)
+    change = sync.diff(files, node_helper.manifest(str(code)))
+    apply(root, code, files, change)
+    let_go()
+    return change
+
+
+def tree(top: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.relative_to(top).as_posix(): (p.stat().st_mode, p.read_bytes())
+            for p in sorted(top.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("in_git", [True, False])
@@ -83,24 +141,27 @@ def test_deleted_tracked_file_is_not_listed(tmp_path):
     assert "pkg/model.py" not in sync.project_files(root)
 
 
-def test_diff_sends_new_and_changed_deletes_gone():
-    e = sync.Entry("f", False, "aa")
-    local = {"same": e, "changed": sync.Entry("f", False, "bb"), "new": e,
-             "now_exec": sync.Entry("f", True, "aa")}
-    remote = {"same": ["f", False, "aa"], "changed": ["f", False, "aa"],
-              "now_exec": ["f", False, "aa"], "gone": ["f", False, "cc"]}
+def test_diff_sends_new_changed_and_re_moded_deletes_gone():
+    e = sync.Entry("f", 0o644, "aa")
+    local = {"same": e, "changed": sync.Entry("f", 0o644, "bb"), "new": e,
+             "now_exec": sync.Entry("f", 0o755, "aa"), "now_private": sync.Entry("f", 0o600, "aa")}
+    remote = {"same": ["f", 0o644, "aa"], "changed": ["f", 0o644, "aa"],
+              "now_exec": ["f", 0o644, "aa"], "now_private": ["f", 0o644, "aa"],
+              "gone": ["f", 0o644, "cc"]}
     change = sync.diff(local, remote)
-    assert change.send == ("changed", "new", "now_exec") and change.delete == ("gone",)
+    assert change.send == ("changed", "new", "now_exec", "now_private")
+    assert change.delete == ("gone",)
     assert sync.diff(local, {k: v.as_list() for k, v in local.items()}).empty
 
 
-def test_mirror_round_trip_sends_only_what_changed(tmp_path):
+def test_mirror_round_trip_sends_only_what_changed(tmp_path, held):
     root = make_project(tmp_path / "proj")
     code = tmp_path / "node" / "code"
+    assert held(code)["problem"] is None
     files = sync.project_files(root)
-    first = sync.diff(files, remote_manifest(code))
+    first = sync.diff(files, node_helper.manifest(str(code)))
     assert apply(root, code, files, first) == {"written": len(files), "deleted": 0}
-    assert remote_manifest(code) == {k: v.as_list() for k, v in files.items()}
+    assert node_helper.manifest(str(code)) == {k: v.as_list() for k, v in files.items()}
     assert os.access(code / "run.sh", os.X_OK)
 
     (root / "train.py").write_text("print('changed')\n")
@@ -110,28 +171,220 @@ def test_mirror_round_trip_sends_only_what_changed(tmp_path):
     (root / "pkg/model.py/__init__.py").write_text("")
     (root / "link").symlink_to("train.py")
     files = sync.project_files(root)
-    change = sync.diff(files, remote_manifest(code))
+    change = sync.diff(files, node_helper.manifest(str(code)))
     assert set(change.send) == {"train.py", "pkg/model.py/__init__.py", "link"}
     assert set(change.delete) == {"run.sh", "pkg/model.py"}
     assert apply(root, code, files, change) == {"written": 3, "deleted": 2}
-    assert remote_manifest(code) == {k: v.as_list() for k, v in files.items()}
+    assert node_helper.manifest(str(code)) == {k: v.as_list() for k, v in files.items()}
     assert os.readlink(code / "link") == "train.py"
-    assert sync.diff(files, remote_manifest(code)).empty
+    assert sync.diff(files, node_helper.manifest(str(code))).empty
+
+    (root / "pkg/model.py/__init__.py").unlink()  # and back: a directory became a file
+    (root / "pkg/model.py").rmdir()
+    (root / "pkg/model.py").write_text("W = 2\n")
+    files = sync.project_files(root)
+    change = sync.diff(files, node_helper.manifest(str(code)))
+    assert apply(root, code, files, change) == {"written": 1, "deleted": 1}
+    assert (code / "pkg/model.py").read_text() == "W = 2\n"
 
 
-def test_unsafe_tar_member_is_refused(tmp_path):
+def test_what_the_run_wrote_survives_every_sync(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    git(root, "init", "-q")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    # What a job writes relative to its cwd (the code dir), including names the project's
+    # .gitignore lists and a whole directory.
+    made = {"ckpt/checkpoint.pt": b"weights", "wandb/run.log": b"log", "run.ckpt": b"x",
+            "data/big.bin": b"dataset", "pkg/__pycache__/model.cpython-311.pyc": b"pyc",
+            "notes.txt": b"mine"}
+    for rel, data in made.items():
+        (code / rel).parent.mkdir(parents=True, exist_ok=True)
+        (code / rel).write_bytes(data)
+    (code / "outputs").mkdir()  # empty, made for later
+    (root / "pkg/model.py").unlink()  # the project drops a file: only that one goes
+    (root / "train.py").write_text("print('changed')\n")
+    change = sync_once(root, code, held)
+    assert change.delete == ("pkg/model.py",)
+    for rel, data in made.items():
+        assert (code / rel).read_bytes() == data, rel
+    assert (code / "outputs").is_dir() and not (code / "pkg/model.py").exists()
+    assert (code / "train.py").read_text() == "print('changed')\n"
+    # The preflight hashes only what the mirror sent: the checkpoint is not even looked at.
+    assert set(remote_manifest(code)) == set(sync.project_files(root))
+
+
+def test_a_sent_file_the_run_rewrote_is_not_deleted(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    (code / "run.sh").write_text("#!/bin/sh\n# the run's own results now\n")
+    (root / "run.sh").unlink()
+    (root / "train.py").unlink()
+    change = sync_once(root, code, held)
+    assert change.delete == ("run.sh", "train.py")
+    assert (code / "run.sh").read_text().endswith("# the run's own results now\n")
+    assert not (code / "train.py").exists()
+    assert "run.sh" not in node_helper.listed(str(code))  # the run's now: never ours again
+
+
+def test_foreign_code_dir_is_refused_untouched(tmp_path, held):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh/authorized_keys").write_text("ssh-ed25519 AAAA me\n")
+    (home / "keepme").mkdir()
+    (home / "keepme/sentinel").write_text("keep\n")
+    os.chmod(home, 0o751)
+    before = (tree(home), home.stat().st_mode)
+    for code in (home, home / "keepme"):
+        got = probe(code)
+        assert got["code"]["problem"] == "foreign" and got["manifest"] == {}
+        line, = sync.code_dir_problems({"node0": got["code"]}, "~")
+        assert line.startswith(f"node0: code dir {code} (--code-dir ~) exists and was not made "
+                               "by ddpfleet; nothing in it was touched: pass a --code-dir")
+        # The sync itself refuses too, even when told to delete what is there.
+        root = make_project(tmp_path / "proj")
+        files = sync.project_files(root)
+        change = sync.Change(tuple(files), (".ssh/authorized_keys", "keepme/sentinel"))
+        r = node_call(["apply", str(code), RUN], tar_of(root, files, change))
+        assert r.returncode == 1 and b"not made by ddpfleet; nothing was touched" in r.stderr
+    assert (tree(home), home.stat().st_mode) == before
+
+
+def test_an_unreadable_manifest_refuses_the_code_dir(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    (code / ".ddpfleet/manifest.json").write_text('{"paths": ["train.py"]}')
+    found = probe(code)
+    got = found["code"]
+    assert got["problem"] == "error" and found["manifest"] == {}
+    line, = sync.code_dir_problems({"node0": got}, "~/c")
+    assert line == (f"node0: cannot use code dir {code} ({code}/.ddpfleet/manifest.json is not "
+                    "a ddpfleet manifest); fix that or pass another --code-dir")
+    assert (code / "train.py").exists()
+
+
+def test_modes_are_kept_and_the_code_dir_is_private(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    (root / "secret.env").write_text("TOKEN=x\n")
+    (root / "secret.env").chmod(0o600)
+    (root / "shared.txt").write_text("x\n")
+    (root / "shared.txt").chmod(0o664)
+    code = tmp_path / "node" / "code"
+    old_umask = os.umask(0o022)
+    try:
+        sync_once(root, code, held)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(code.stat().st_mode) == 0o700
+    assert stat.S_IMODE((code / "secret.env").stat().st_mode) == 0o600
+    assert stat.S_IMODE((code / "shared.txt").stat().st_mode) == 0o664
+    assert stat.S_IMODE((code / "run.sh").stat().st_mode) == 0o755
+    (root / "run.sh").chmod(0o700)  # a mode change alone is a change
+    assert sync_once(root, code, held).send == ("run.sh",)
+    assert stat.S_IMODE((code / "run.sh").stat().st_mode) == 0o700
+
+
+def test_a_code_dir_in_use_is_refused_to_a_second_run(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    assert held(code, "run-a")["problem"] is None
+    second = probe(code)["code"]  # run B's runner, while run A's still holds the lock
+    assert second["problem"] == "busy" and second["detail"] == "run-a"
+    line, = sync.code_dir_problems({"node1": second}, "~/c")
+    assert line == (f"node1: code dir {code} is in use by run run-a; wait for it to finish or "
+                    "pass another --code-dir")
+    files = sync.project_files(root)
+    change = sync.diff(files, {})
+    r = node_call(["apply", str(code), "run-b"], tar_of(root, files, change))
+    assert r.returncode == 1 and b"is not locked by run run-b (holder: run-a)" in r.stderr
+    assert sorted(p.name for p in code.iterdir()) == [".ddpfleet"]
+    let_go()  # run A ends: nobody holds it, so nobody may sync into it
+    r = node_call(["apply", str(code), "run-a"], tar_of(root, files, change))
+    assert r.returncode == 1 and b"(holder: none)" in r.stderr
+    assert probe(code)["code"]["problem"] is None  # free again for the next run
+
+
+def test_the_sync_never_deletes_or_overwrites_what_it_did_not_put_there(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    (code / "results").mkdir()
+    (code / "results/epoch1.pt").write_text("weights")
+    (code / "notes").write_text("mine")
+    before = tree(code)
+    held(code)
+    files = sync.project_files(root)
+    # A controller asking to delete a path the mirror never sent is refused.
+    r = node_call(["apply", str(code), RUN], tar_of(root, files, sync.Change((), ("notes",))))
+    assert r.returncode == 1 and b"refusing to delete 'notes'" in r.stderr
+    # The project now has a file where the run made a directory, or below a file it made.
+    (root / "results").write_text("now a file\n")
+    (root / "notes.d").mkdir()
+    for rel, why in (("results", "'results' is a directory holding files made on the node"),
+                     ("notes/x.py", "'notes' is a file or symlink made on the node")):
+        if rel == "notes/x.py":
+            (root / "results").unlink()
+            shutil.move(root / "notes.d", root / "notes")
+            (root / "notes/x.py").write_text("")
+        files = sync.project_files(root)
+        change = sync.diff(files, node_helper.manifest(str(code)))
+        r = node_call(["apply", str(code), RUN], tar_of(root, files, change))
+        assert r.returncode == 1, r.stderr
+        assert f"cannot sync {rel!r}: {why}; nothing was touched".encode() in r.stderr
+        assert tree(code) == before
+
+
+def test_a_delete_never_goes_through_a_symlink_made_on_the_node(tmp_path, held):
+    root = make_project(tmp_path / "proj")
+    code = tmp_path / "node" / "code"
+    sync_once(root, code, held)
+    outside = tmp_path / "datasets"
+    (outside).mkdir()
+    (outside / "model.py").write_text("not code: a dataset file of the same name\n")
+    shutil.rmtree(code / "pkg")
+    (code / "pkg").symlink_to(outside)  # the run swapped a synced directory for a link
+    (root / "pkg/model.py").unlink()
+    sync_once(root, code, held)
+    assert (outside / "model.py").read_text() == "not code: a dataset file of the same name\n"
+
+
+def test_unsafe_tar_member_is_refused(tmp_path, held):
     import tarfile
 
+    code = tmp_path / "code"
+    held(code)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("../escape.txt")
         info.size = 2
         tar.addfile(info, io.BytesIO(b"hi"))
-    cmd = sync.helper_command(sys.executable, "node_helper.py", "apply", str(tmp_path / "code"))
-    r = subprocess.run(["sh", "-c", cmd], input=sync.helper_source("node_helper.py")
-                       + b'{"delete": []}\n' + buf.getvalue(), capture_output=True, check=False)
-    assert r.returncode != 0 and b"unsafe path" in r.stderr
-    assert not (tmp_path / "escape.txt").exists()
+    for send in (["../escape.txt"], []):  # announced, or slipped into the tar unannounced
+        listed = {rel: ["f", 0o644, "00"] for rel in send}
+        head = json.dumps({"delete": [], "send": send, "manifest": listed}).encode() + b"\n"
+        r = node_call(["apply", str(code), RUN], head + buf.getvalue())
+        assert r.returncode != 0 and (b"unsafe path" in r.stderr or b"announced" in r.stderr)
+        assert not (tmp_path / "escape.txt").exists()
+
+
+def test_reused_run_id_is_refused_before_anything(tmp_path):
+    run_dir = tmp_path / "logs" / "r1"
+    launch.fresh_run_dir(run_dir)  # not there: fine
+    launch.fresh_run_dir(run_dir, make=True)
+    (run_dir / "node0.log").write_text("old run\n")
+    for make in (False, True):
+        with pytest.raises(PlanError, match=r"^--run-id r1 was used before \(.*logs/r1 exists\); "
+                                            "pick a new --run-id"):
+            launch.fresh_run_dir(run_dir, make=make)
+    assert (run_dir / "node0.log").read_text() == "old run\n"
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "~/a{b}", "~/{0}", "~/{"])
+def test_code_dir_flag_is_checked(bad):
+    with pytest.raises(PlanError, match="^--code-dir: give a path on the nodes"):
+        launch.check_code_dir(bad)
+    assert launch.check_code_dir("~/x/{cluster}/{{y}}") == "~/x/{cluster}/{{y}}"
 
 
 def test_script_must_be_in_the_mirror(tmp_path):
