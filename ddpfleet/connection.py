@@ -47,8 +47,8 @@ __all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_nam
 
 T = TypeVar("T")
 USER_KNOWN_HOSTS = Path(knownhosts.USER_KNOWN_HOSTS).expanduser()
-KEEPALIVE_S = 10  # an SSH packet on an idle connection, so a silent peer is noticed...
-SILENT_S = 30  # ...and the kernel drops it once data stays unacknowledged this long
+KEEPALIVE_S = 5  # an SSH packet on an idle connection, so a silent peer is noticed...
+SILENT_S = 25  # ...and the kernel drops it once data stays unacknowledged this long
 KILL_GRACE_S = 5  # timeout(1) on the node: SIGKILL this long after SIGTERM
 # I/O failures of one node (SFTP disk full or EACCES, no sftp subsystem, a lost channel, output
 # that does not parse): that node's failure, never the whole run's.

@@ -19,7 +19,7 @@ import yaml
 
 from ddpfleet import inventory as inv
 from ddpfleet.connection import Fleet
-from ddpfleet.errors import CommandError, CommandTimeout, NodeError
+from ddpfleet.errors import CommandError, CommandTimeout, NodeError, Unreachable
 from ddpfleet.roles import Host
 from tests.integration.conftest import ROOT, Cluster
 
@@ -55,8 +55,9 @@ def _root(cluster: Cluster, node: str, script: str, **kw) -> str:
     return r.stdout
 
 
-def _wait_ssh(cluster: Cluster, node: str, argv_extra: list[str] | None = None) -> None:
-    deadline = time.monotonic() + 30
+def _wait_ssh(cluster: Cluster, node: str, argv_extra: list[str] | None = None,
+              deadline_s: float = 30) -> None:
+    deadline = time.monotonic() + deadline_s
     while True:
         if argv_extra is None:
             r = cluster.ssh(node, "true")
@@ -186,6 +187,20 @@ def test_timed_out_command_does_not_keep_running_on_the_node(cluster: Cluster):
     assert "sleep 86398" not in _root(cluster, "node1", "ps -eo args")
 
 
+def test_node_that_goes_silent_mid_command_is_unreachable(cluster: Cluster):
+    # node1 takes its own link down for a minute, behind the command's back: no FIN, no RST,
+    # only silence (a partition). It restores the link itself afterwards.
+    _root(cluster, "node1", "setsid sh -c 'sleep 2; ip link set eth0 down; sleep 60; "
+          "ip link set eth0 up' </dev/null >/dev/null 2>&1 &")
+    try:
+        with Fleet(inv.load(cluster.inventory, "node1")) as fleet:
+            # no timeout: only the keepalive can tell this wait from a slow command
+            out = fleet.run("sleep 90; echo done")["node1"]
+        assert isinstance(out, Unreachable), out
+    finally:
+        _wait_ssh(cluster, "node1", deadline_s=120)
+
+
 # -- #7: one node's I/O error is that node's failure -----------------------------------------
 
 
@@ -246,8 +261,8 @@ done""").split()
         r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server",
                            "--check")
         assert r.returncode == 0, r.stdout + r.stderr
-    finally:
-        cluster.ssh("node0", "kill " + " ".join(pids))
+    finally:  # setsid made each its own process group: end the flock and its sleep together
+        cluster.ssh("node0", "kill -- " + " ".join(f"-{p}" for p in pids) + " 2>/dev/null")
 
 
 def test_lock_is_freed_when_its_holder_goes_silent(cluster: Cluster):
