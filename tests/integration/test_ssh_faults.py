@@ -21,7 +21,7 @@ from ddpfleet import inventory as inv
 from ddpfleet.connection import Fleet
 from ddpfleet.errors import CommandError, CommandTimeout, NodeError, Unreachable
 from ddpfleet.roles import Host
-from tests.integration.conftest import ROOT, Cluster
+from tests.integration.conftest import INVOKE, ROOT, Cluster
 
 
 def _digest(path: Path) -> str:
@@ -177,6 +177,31 @@ def test_hung_probe_times_out_and_is_stopped_on_the_node(cluster: Cluster, tmp_p
     assert "Traceback" not in r.stderr
     assert " yes " in next(ln for ln in r.stdout.splitlines() if " node0 " in ln)
     assert "sleep 86399" not in _root(cluster, "node1", "ps -eo args")
+
+
+def test_ctrl_c_during_a_hung_command_exits_at_once(cluster: Cluster, tmp_path: Path):
+    invent = _inventory(cluster, tmp_path, command_timeout=600)
+    _root(cluster, "node1", "printf '#!/bin/sh\\nexec sleep 86396\\n' > /tmp/ddpf-hang; "
+          "chmod 755 /tmp/ddpf-hang; mount --bind /tmp/ddpf-hang \"$(command -v df)\"")
+    proc = subprocess.Popen([*INVOKE, "ping"], cwd=cluster.dir, text=True,
+                            env={**cluster.env(), "DDPFLEET_INVENTORY": str(invent)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while "sleep 86396" not in _root(cluster, "node1", "ps -eo args"):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)  # not joined on the hung node's thread
+        assert proc.returncode == 130 and "interrupted" in err, out + err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _root(cluster, "node1", 'umount "$(command -v df)"; rm -f /tmp/ddpf-hang; '
+              "kill $(ps -eo pid=,args= | awk '$2 == \"sleep\" && $3 == 86396 {print $1}') "
+              "2>/dev/null; true")  # the test's own sleep, by pid
 
 
 def test_timed_out_command_does_not_keep_running_on_the_node(cluster: Cluster):
