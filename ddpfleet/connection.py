@@ -20,16 +20,15 @@ from __future__ import annotations
 import select
 import shlex
 import socket
-import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, TypeVar
 
 import fabric
 import paramiko
 
-from ddpfleet import knownhosts
+from ddpfleet import jumps, knownhosts
 from ddpfleet.errors import (
     AuthError,
     CommandError,
@@ -42,6 +41,7 @@ from ddpfleet.errors import (
 )
 from ddpfleet.inventory import Inventory, Node
 from ddpfleet.knownhosts import fingerprint, known_hosts_name
+from ddpfleet.parallel import parallel
 
 __all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_name"]
 
@@ -274,7 +274,7 @@ def connect(node: Node, policy: paramiko.MissingHostKeyPolicy | None = None,
     if jump is None and isinstance(c.gateway, fabric.Connection):
         jump = c.ssh_config.get("proxyjump")
     hops: tuple[Conn, ...] = ()
-    if jump and jump.lower() != "none":
+    if jumps.hops(jump):
         hops, chan = _through(node, jump, c.host, c.port)
         c.gateway, c.connect_kwargs["sock"] = None, chan  # Fabric's hops are never used
     elif not c.gateway:
@@ -308,27 +308,14 @@ def _close(c: fabric.Connection, hops: tuple[Conn, ...]) -> None:
         hop.close()
 
 
-def hop_node(node: Node, hop: str) -> Node:
-    """A ProxyJump hop ("[user@]host[:port]") as a Node: the node's key, known_hosts and
-    timeouts; user and port from the hop string, else ~/.ssh/config, else the node's."""
-    user, _, rest = hop.rpartition("@")
-    host, _, port = rest.partition(":")
-    if rest.startswith("["):  # [v6addr]:port
-        host, _, port = rest[1:].partition("]")
-        port = port.lstrip(":")
-    found = fabric.Config().base_ssh_config.lookup(host)
-    return replace(node, host=host, user=user or found.get("user") or node.user,
-                   port=int(port or found.get("port") or 22))
-
-
 def _through(node: Node, jump: str, host: str, port: int) -> tuple[tuple[Conn, ...], object]:
     """Connect to the last hop (through the ones before it), then a channel to host:port."""
-    *before, last = [h.strip() for h in jump.split(",")]
-    hop = hop_node(node, last)
+    *before, last = jumps.hops(jump)
+    hop = jumps.hop_node(node, last)
     try:
         conn = connect(hop, jump=",".join(before) or "none")
     except NodeError as e:
-        raise _as_hop(e, node.name, last) from None
+        raise jumps.as_hop(e, node.name, last) from None
     try:
         chan = conn.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
                                            timeout=node.connect_timeout)
@@ -337,17 +324,6 @@ def _through(node: Node, jump: str, host: str, port: int) -> tuple[tuple[Conn, .
         raise Unreachable(node.name, f"jump host {last} could not reach {host}:{port}: "
                           f"{e}") from None
     return (*conn.hops, conn), chan
-
-
-def _as_hop(e: NodeError, node: str, hop: str) -> NodeError:
-    """A hop's error, told as the node's: 'node1: jump host root@10.0.0.1: host key ...'."""
-    if e.message.startswith("jump host "):  # an earlier hop's, already named
-        return e
-    err = type(e).__new__(type(e))  # same class and fields (.kind, fingerprints), new text
-    err.__dict__.update(e.__dict__)
-    err.node, err.message = node, f"jump host {hop}: {e.message}"
-    err.args = (f"{node}: {err.message}",)
-    return err
 
 
 class Fleet:
@@ -369,7 +345,7 @@ class Fleet:
     def open(self) -> Mapping[str, Conn | NodeError]:
         """Connect to every node not yet connected; failures are kept per node, never dropped."""
         todo = [n for n in self.nodes if n.name not in self.conns and n.name not in self.errors]
-        for node, outcome in zip(todo, _parallel(_try(connect), todo, self.workers)):
+        for node, outcome in zip(todo, parallel(_try(connect), todo, self.workers)):
             if isinstance(outcome, NodeError):
                 self.errors[node.name] = outcome
             else:
@@ -382,7 +358,7 @@ class Fleet:
         self.open()
         names = list(nodes) if nodes is not None else [n.name for n in self.nodes]
         live = [self.conns[n] for n in names if n in self.conns]
-        outcomes = dict(zip((c.name for c in live), _parallel(_try(fn), live, self.workers)))
+        outcomes = dict(zip((c.name for c in live), parallel(_try(fn), live, self.workers)))
         return {n: outcomes[n] if n in outcomes else self.errors[n] for n in names}
 
     def run(self, command: str | list[str], **kwargs) -> dict[str, Result | NodeError]:
@@ -392,36 +368,6 @@ class Fleet:
         for conn in self.conns.values():
             conn.close()
         self.conns.clear()
-
-
-def _parallel(fn: Callable[[object], T], items: list, workers: int) -> list[T]:
-    """fn over items in daemon threads, results in order. Daemon threads, unlike an executor's,
-    are not joined at interpreter exit: Ctrl-C or an error never waits for a hung node."""
-    results: list = [None] * len(items)
-    todo = iter(enumerate(items))
-    lock = threading.Lock()
-    crashed: list[BaseException] = []
-
-    def worker() -> None:
-        while True:
-            with lock:
-                i, item = next(todo, (None, None))
-            if i is None:
-                return
-            try:
-                results[i] = fn(item)
-            except BaseException as e:  # a bug, not a node's failure: re-raised below
-                crashed.append(e)
-
-    threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(workers, len(items)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if crashed:
-        raise crashed[0]
-    return results
 
 
 def _try(fn):

@@ -11,18 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import fabric
 import paramiko
 
-from ddpfleet import knownhosts
-from ddpfleet.connection import (
-    _as_hop,
-    _fabric_connection,
-    _tcp_socket,
-    connect,
-    fingerprint,
-    hop_node,
-    known_hosts_name,
-)
+from ddpfleet import jumps, knownhosts
+from ddpfleet.connection import _fabric_connection, _tcp_socket, connect
+from ddpfleet.knownhosts import fingerprint, known_hosts_name
 from ddpfleet.errors import HostKeyChanged, NodeError, Unreachable
 from ddpfleet.inventory import Node
 
@@ -52,19 +46,19 @@ def scan_chain(node: Node) -> Iterator[Offered]:
     """Each ProxyJump hop's key, then the node's; before moving past a hop the caller records
     or refuses it (a hop is logged into, to reach the next, only once its key is known)."""
     c = _fabric_connection(node)
-    jump = c.ssh_config.get("proxyjump") if isinstance(c.gateway, type(c)) else None
-    hops = [h.strip() for h in jump.split(",")] if jump and jump.lower() != "none" else []
+    jump = c.ssh_config.get("proxyjump") if isinstance(c.gateway, fabric.Connection) else None
+    hops = jumps.hops(jump)
     opened = []
     try:
         for i, hop in enumerate(hops):
-            hnode = hop_node(node, hop)
+            hnode = jumps.hop_node(node, hop)
             prev = opened[-1] if opened else None
             offered = _offered(hnode, *_address(hnode), sock=prev, via=f"jump host {hop}")
             yield offered
             try:
                 opened.append(connect(hnode, jump=",".join(hops[:i]) or "none"))
             except NodeError as e:
-                raise _as_hop(e, node.name, hop) from None
+                raise jumps.as_hop(e, node.name, hop) from None
         yield _offered(node, c.host, c.port, sock=opened[-1] if opened else None)
     finally:
         for conn in reversed(opened):
