@@ -199,5 +199,6 @@ def failures(runs: dict[str, NodeRun]) -> list[str]:
             out.append(f"{name}: unreachable: {run.unreachable}")
         for s in run.steps:
             if s.status == "failed":
-                out.append(f"{name}: {s.role}: {s.name}: {s.reason}")
+                where = ": ".join(part for part in (name, s.role, s.name) if part)
+                out.append(f"{where}: {s.reason}")
     return out

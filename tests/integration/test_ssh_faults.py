@@ -290,6 +290,20 @@ done""").split()
         cluster.ssh("node0", "kill -- " + " ".join(f"-{p}" for p in pids) + " 2>/dev/null")
 
 
+def test_lock_held_by_another_bootstrap_names_its_holder(cluster: Cluster):
+    pid = _root(cluster, "node0", "mkdir -p -m 0700 /run/ddpfleet; setsid flock "
+                "/run/ddpfleet/bootstrap.lock sleep 86395 </dev/null >/dev/null 2>&1 & echo $!")
+    try:
+        r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server",
+                           "--check")
+    finally:
+        cluster.ssh("node0", f"kill -- -{pid.strip()}")  # its own process group, by id
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "another bootstrap holds /run/ddpfleet/bootstrap.lock on this node (held by pid " \
+        in r.stderr and "(user root)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_lock_is_freed_when_its_holder_goes_silent(cluster: Cluster):
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(cluster.inventory)], cwd=ROOT,
