@@ -60,22 +60,20 @@ def trust(c, inventory=None, nodes=None, yes=False):
     loaded = inv.load(inventory, nodes)
     failures = []
     for node in loaded.nodes:
-        try:
-            offered = hostkeys.scan(node)
+        try:  # ProxyJump hops first: each must be trusted before it is used to reach the next
+            for offered in hostkeys.scan_chain(node):
+                who = f"{node.name}: {offered.via + ': ' if offered.via else ''}{offered.name}"
+                if offered.known:
+                    report.show(f"{who}: already trusted ({offered.fingerprint})")
+                    continue
+                report.show(f"{who} offers {offered.key.get_name()} {offered.fingerprint}")
+                if not yes and not _confirm(f"trust {who}'s key?"):
+                    raise DdpfleetError(f"{who}: not trusted")
+                hostkeys.record(offered, node.known_hosts)
+                report.show(f"{who}: recorded in {node.known_hosts}")
         except DdpfleetError as e:
             failures.append(str(e))
-            report.err_console.print(f"{e}")
-            continue
-        if offered.known:
-            report.show(f"{node.name}: already trusted ({offered.name} {offered.fingerprint})")
-            continue
-        report.show(f"{node.name}: {offered.name} offers {offered.key.get_name()} "
-                    f"{offered.fingerprint}")
-        if not yes and not _confirm(f"trust {node.name}'s key?"):
-            failures.append(f"{node.name}: not trusted")
-            continue
-        hostkeys.record(offered, node.known_hosts)
-        report.show(f"{node.name}: recorded in {node.known_hosts}")
+            report.err_console.print(f"{e}", markup=False)
     if failures:
         raise DdpfleetError(f"trust failed: {'; '.join(failures)}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import socket
 import threading
 import time
 from datetime import datetime
@@ -17,39 +19,92 @@ from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private, private_dir
 from ddpfleet.roles import Host, NodeRun, Role, Step, run_roles
 
-LOCK_PATH = "/var/lock/ddpfleet-bootstrap.lock"
+# Root-only (0700): a world-writable /run/lock would let any local user, such as the notebook
+# user, hold the lock forever and block every bootstrap of the node.
+LOCK_DIR = "/run/ddpfleet"
+LOCK_PATH = f"{LOCK_DIR}/bootstrap.lock"
 LOCK_WAIT_S = 30
+HEARTBEAT_S = 5  # the holder sends a byte this often...
+HOLDER_SILENT_S = 20  # ...and the node frees the lock once none came for this long
 RECAP_COLUMNS = ("node", "ok", "changed", "failed", "skipped", "unreachable", "seconds")
+
+# $1 the lock dir, $2 the lock file, $3 seconds to wait for it, $4 seconds of holder silence.
+# Holding it, the node echoes "locked" and stays while a byte arrives every HEARTBEAT_S; it lets
+# go at EOF (we are done or the connection closed) or after $4 s without one (the controller
+# froze or the network went silent: sshd alone may take hours to notice).
+LOCK_SCRIPT = r"""
+mkdir -p -m 0700 "$1" || exit 3
+[ "$(stat -c %u "$1")" = "$(id -u)" ] || {
+  echo "$1 is owned by uid $(stat -c %u "$1"), not by us: remove it" >&2; exit 3; }
+chmod 0700 "$1"
+flock -w "$3" "$2" sh -c '
+  echo locked
+  while [ "$(timeout "$1" dd bs=1 count=1 2>/dev/null)" = . ]; do :; done' sh "$4" && exit 0
+ino=$(stat -c %i "$2")
+pid=$(awk -v i=":$ino" 'substr($6, length($6) - length(i) + 1) == i {print $5; exit}' /proc/locks)
+echo "held by pid ${pid:-?} (user $(ps -o user= -p "${pid:-0}" 2>/dev/null || echo '?'))" >&2
+exit 1
+"""
 
 
 class NodeLock:
-    """flock held by a remote `cat` on its own channel: released when we close the channel or
-    when the connection dies, so a killed controller never leaves a node locked."""
+    """flock held by a node-side loop on its own channel while we send heartbeats: released
+    when we leave, when the connection dies, or when the controller stops sending (frozen or
+    partitioned), so a lost controller never leaves a node locked for long."""
 
     def __init__(self, conn: Conn, wait_s: int = LOCK_WAIT_S):
         self.conn, self.wait_s = conn, wait_s
         self.chan: paramiko.Channel | None = None
+        self._stop = threading.Event()
 
     def __enter__(self) -> NodeLock:
-        chan = self.conn.transport.open_session()
-        chan.exec_command(f"exec flock -w {self.wait_s} {LOCK_PATH} -c 'echo locked; exec cat'")
+        chan = self.conn.transport.open_session(timeout=self.conn.node.connect_timeout)
+        chan.exec_command(shlex.join(["sh", "-c", LOCK_SCRIPT, "sh", LOCK_DIR, LOCK_PATH,
+                                      str(self.wait_s), str(HOLDER_SILENT_S)]))
+        chan.settimeout(self.wait_s + self.conn.node.command_timeout)
         got = b""
-        while b"locked" not in got:
-            data = chan.recv(64)
-            if not data:
-                code = chan.recv_exit_status()
-                chan.close()
-                raise NodeError(self.conn.name, f"another bootstrap holds {LOCK_PATH} on this "
-                                f"node; waited {self.wait_s}s (exit {code}). Let it finish, "
-                                "then run again")
-            got += data
+        try:
+            while b"locked" not in got:
+                data = chan.recv(64)
+                if not data:
+                    code = chan.recv_exit_status()
+                    why = chan.recv_stderr(4096).decode(errors="replace").strip()
+                    raise NodeError(self.conn.name, self._refused(code, why))
+                got += data
+        except socket.timeout:
+            chan.close()
+            raise NodeError(self.conn.name, f"no answer about {LOCK_PATH} within "
+                            f"{self.wait_s + self.conn.node.command_timeout:g}s; is the node "
+                            "overloaded?") from None
+        except NodeError:
+            chan.close()
+            raise
+        chan.settimeout(None)
         self.chan = chan
+        threading.Thread(target=self._beat, daemon=True).start()
         return self
 
+    def _refused(self, code: int, why: str) -> str:
+        if code == 1:
+            return (f"another bootstrap holds {LOCK_PATH} on this node ({why or 'held'}); "
+                    f"waited {self.wait_s}s. Let it finish, then run again")
+        return f"cannot take {LOCK_PATH} (exit {code}): {why or 'no reason given'}"
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.chan.send(b".")
+            except (OSError, EOFError, paramiko.SSHException):
+                return  # the connection is gone: the node lets go by itself
+
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         if self.chan is not None:
-            self.chan.shutdown_write()  # cat sees EOF, flock exits, the lock is free
-            self.chan.recv_exit_status()
+            try:
+                self.chan.shutdown_write()  # the loop sees EOF, flock exits, the lock is free
+                self.chan.status_event.wait(self.conn.node.command_timeout)
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # a dead connection frees the lock on the node as well
             self.chan.close()
 
 
@@ -145,5 +200,6 @@ def failures(runs: dict[str, NodeRun]) -> list[str]:
             out.append(f"{name}: unreachable: {run.unreachable}")
         for s in run.steps:
             if s.status == "failed":
-                out.append(f"{name}: {s.role}: {s.name}: {s.reason}")
+                where = ": ".join(part for part in (name, s.role, s.name) if part)
+                out.append(f"{where}: {s.reason}")
     return out

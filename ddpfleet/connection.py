@@ -7,18 +7,20 @@
 Fabric's Connection resolves ~/.ssh/config (HostName, IdentityFile, ProxyJump); we hand
 paramiko a socket with TCP_NODELAY (a command round trip drops from ~48 ms to ~4 ms: Nagle
 meets delayed ACK otherwise) and replace Fabric's AutoAddPolicy with a refusing policy that
-reads the project known_hosts and ~/.ssh/known_hosts (never written).
+reads the project known_hosts and ~/.ssh/known_hosts (never written). ProxyJump hops are
+opened by `connect` itself, so every hop's host key is checked the same way.
+
+Nothing waits forever: every connection sends keepalives and a silent peer is dropped by the
+kernel after SILENT_S; a command run with a timeout is also bounded on the node (timeout(1)
+kills its process group), so a command we stop waiting for stops there too.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import select
 import shlex
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, TypeVar
@@ -26,9 +28,11 @@ from typing import Callable, Iterable, Mapping, TypeVar
 import fabric
 import paramiko
 
+from ddpfleet import jumps, knownhosts
 from ddpfleet.errors import (
     AuthError,
     CommandError,
+    CommandTimeout,
     DdpfleetError,
     HostKeyChanged,
     HostKeyUnknown,
@@ -36,19 +40,24 @@ from ddpfleet.errors import (
     Unreachable,
 )
 from ddpfleet.inventory import Inventory, Node
+from ddpfleet.knownhosts import fingerprint, known_hosts_name
+from ddpfleet.parallel import parallel
+
+__all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_name"]
 
 T = TypeVar("T")
-USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH-style 'SHA256:...' fingerprint of a host key."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def known_hosts_name(host: str, port: int) -> str:
-    return host if port == 22 else f"[{host}]:{port}"
+USER_KNOWN_HOSTS = Path(knownhosts.USER_KNOWN_HOSTS).expanduser()
+KEEPALIVE_S = 5  # an SSH packet on an idle connection, so a silent peer is noticed...
+SILENT_S = 25  # ...and the kernel drops it once data stays unacknowledged this long
+KILL_GRACE_S = 5  # timeout(1) on the node: SIGKILL this long after SIGTERM
+# I/O failures of one node (SFTP disk full or EACCES, no sftp subsystem, a lost channel, output
+# that does not parse): that node's failure, never the whole run's.
+NODE_IO_ERRORS = (OSError, EOFError, paramiko.SSHException, ValueError)
+# Run by the login shell: the command itself still runs under the login shell, bounded.
+BOUNDED = (
+    'command -v timeout >/dev/null 2>&1 || exec "${SHELL:-/bin/sh}" -c "$3"; '
+    'exec timeout -k "$1" "$2" "${SHELL:-/bin/sh}" -c "$3"'
+)
 
 
 @dataclass(frozen=True)
@@ -80,10 +89,11 @@ class _Refuse(paramiko.MissingHostKeyPolicy):
 class Conn:
     """A live SSH connection to one node; `run` is cheap, call it as often as needed."""
 
-    def __init__(self, node: Node, fabric_conn: fabric.Connection):
+    def __init__(self, node: Node, fabric_conn: fabric.Connection, hops: tuple[Conn, ...] = ()):
         self.node = node
         self.fabric = fabric_conn
         self.transport: paramiko.Transport = fabric_conn.transport
+        self.hops = hops  # ProxyJump connections this one is tunnelled through
         self._sftp: paramiko.SFTPClient | None = None
 
     @property
@@ -97,46 +107,98 @@ class Conn:
         check: bool = True,
         timeout: float | None = None,
     ) -> Result:
-        """Run a command (argv lists are quoted once with shlex.join); stdin is how secrets go."""
+        """Run a command (argv lists are quoted once with shlex.join); stdin is how secrets go.
+
+        With a timeout the node enforces it too: the command is stopped there, never left
+        running behind a closed channel (a later run would race with it).
+        """
         cmd = shlex.join(command) if isinstance(command, list) else command
+        wire = cmd if timeout is None else shlex.join(
+            ["sh", "-c", BOUNDED, "sh", str(KILL_GRACE_S), f"{timeout:g}", cmd])
         start = time.monotonic()
         try:
             chan = self.transport.open_session(timeout=self.node.connect_timeout)
-            chan.exec_command(cmd)
+            chan.exec_command(wire)
             if stdin is not None:
                 chan.sendall(stdin.encode() if isinstance(stdin, str) else stdin)
             chan.shutdown_write()
-            out, err = _drain(chan, timeout)
+            # the node stops the command at `timeout`; past that plus the kill grace and a
+            # round trip the node itself is not answering
+            out, err = _drain(chan, None if timeout is None else
+                              timeout + KILL_GRACE_S + self.node.connect_timeout)
             code = chan.recv_exit_status()
             chan.close()
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise Unreachable(self.name, f"connection lost while running {cmd[:60]!r}: {e}") from None
-        except TimeoutError:
-            raise CommandError(self.name, cmd, None, f"timed out after {timeout}s") from None
+        except _Late:
+            raise CommandTimeout(self.name, cmd, timeout, on_node=False) from None
         if code == -1:  # the channel closed with no exit status: the node's sshd went away
             raise Unreachable(self.name, f"connection lost while running {cmd[:60]!r}")
+        seconds = time.monotonic() - start
+        if timeout is not None and code in (124, 137) and seconds >= timeout:
+            raise CommandTimeout(self.name, cmd, timeout, on_node=True)
         result = Result(self.name, cmd, code, out.decode(errors="replace"),
-                        err.decode(errors="replace"), time.monotonic() - start)
+                        err.decode(errors="replace"), seconds)
         if check and code != 0:
             raise CommandError(self.name, cmd, code, result.stderr or result.stdout)
         return result
 
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
-            self._sftp = paramiko.SFTPClient.from_transport(self.transport)
+            try:
+                self._sftp = paramiko.SFTPClient.from_transport(self.transport)
+            except NODE_IO_ERRORS as e:
+                if not self.transport.is_active():
+                    raise self.failure(e) from None
+                raise CommandError(self.name, "sftp", None, f"cannot start SFTP ({e or 'refused'})"
+                                   "; the node's sshd_config needs a working 'Subsystem sftp' "
+                                   "line") from None
         return self._sftp
 
     def put_bytes(self, data: bytes, remote: str, mode: int = 0o600) -> None:
         """Write a file with its mode set before any content lands (secrets stay 0600)."""
         sftp = self.sftp()
-        with sftp.open(remote, "wb") as f:
-            f.chmod(mode)
-            f.write(data)
+        try:
+            with sftp.open(remote, "wb") as f:
+                f.chmod(mode)
+                f.write(data)
+        except NODE_IO_ERRORS as e:
+            if not self.transport.is_active():
+                raise self.failure(e) from None
+            raise CommandError(self.name, f"write {remote} (sftp)", None, describe(e)) from None
+
+    def failure(self, e: BaseException) -> NodeError:
+        """One node's exception as that node's NodeError: unreachable when the connection is
+        gone, else a failure carrying the exception's reason."""
+        if isinstance(e, NodeError):
+            return e
+        if isinstance(e, DdpfleetError):
+            return NodeError(self.name, str(e))
+        if not self.transport.is_active():
+            return Unreachable(self.name, f"connection lost ({describe(e)})")
+        return NodeError(self.name, describe(e))
 
     def close(self) -> None:
         if self._sftp is not None:
             self._sftp.close()
         self.fabric.close()
+        for hop in reversed(self.hops):
+            hop.close()
+
+
+def describe(e: BaseException) -> str:
+    """An exception as one line for a recap: 'OSError: No space left on device: /x'."""
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror + (f": {e.filename}" if e.filename else "")
+    else:
+        text = str(e) or "(no message)"
+    if text == "Failure":  # SFTP's generic status: sftp-server sends it for ENOSPC and EDQUOT
+        text = "Failure (the SFTP server gives no reason; most often a full disk or quota)"
+    return f"{type(e).__name__}: {text}"
+
+
+class _Late(Exception):
+    """The controller-side deadline of a bounded command passed."""
 
 
 def _drain(chan: paramiko.Channel, timeout: float | None) -> tuple[bytes, bytes]:
@@ -157,7 +219,7 @@ def _drain(chan: paramiko.Channel, timeout: float | None) -> tuple[bytes, bytes]
             continue
         if deadline is not None and time.monotonic() > deadline:
             chan.close()
-            raise TimeoutError
+            raise _Late
         select.select([chan], [], [], 0.5 if deadline is None else
                       max(0.0, min(0.5, deadline - time.monotonic())))
 
@@ -185,47 +247,83 @@ def _tcp_socket(host: str, port: int, timeout: float, node: str) -> socket.socke
     except OSError as e:
         raise Unreachable(node, f"cannot reach {host}:{port}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: give up on a peer that stopped answering
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, SILENT_S * 1000)
     return sock
 
 
-def load_host_keys(client: paramiko.SSHClient, node: Node) -> None:
-    """~/.ssh/known_hosts and the project file, both read-only for us."""
-    if USER_KNOWN_HOSTS.is_file():
-        client.load_system_host_keys(str(USER_KNOWN_HOSTS))
-    if node.known_hosts.is_file():
-        for entry in paramiko.HostKeys(str(node.known_hosts))._entries:
-            for name in entry.hostnames:
-                client.get_host_keys().add(name, entry.key.get_name(), entry.key)
+def _client_keys(client: paramiko.SSHClient, node: Node, name: str) -> Path:
+    """The pins for `name` (see knownhosts for the precedence), as the only keys paramiko
+    knows; returns the file they come from, for messages."""
+    keys, source = knownhosts.pinned(name, node.known_hosts)
+    for key_type, key in keys.items():
+        client.get_host_keys().add(name, key_type, key)
+    return source
 
 
-def connect(node: Node, policy: paramiko.MissingHostKeyPolicy | None = None) -> Conn:
-    """Open one node's connection; every failure is a NodeError naming the node and the fix."""
+def connect(node: Node, policy: paramiko.MissingHostKeyPolicy | None = None,
+            jump: str | None = None) -> Conn:
+    """Open one node's connection; every failure is a NodeError naming the node and the fix.
+
+    `jump` is a ProxyJump value ("user@host:port,host2"); by default ~/.ssh/config's.
+    """
     c = _fabric_connection(node)
     client: paramiko.SSHClient = c.client
-    load_host_keys(client, node)
+    source = _client_keys(client, node, known_hosts_name(c.host, c.port))
     client.set_missing_host_key_policy(policy or _Refuse(node.name))
-    if not c.gateway:
+    if jump is None and isinstance(c.gateway, fabric.Connection):
+        jump = c.ssh_config.get("proxyjump")
+    hops: tuple[Conn, ...] = ()
+    if jumps.hops(jump):
+        hops, chan = _through(node, jump, c.host, c.port)
+        c.gateway, c.connect_kwargs["sock"] = None, chan  # Fabric's hops are never used
+    elif not c.gateway:
         c.connect_kwargs["sock"] = _tcp_socket(c.host, c.port, node.connect_timeout, node.name)
     try:
         c.open()
     except NodeError:
-        c.close()
+        _close(c, hops)
         raise
     except paramiko.BadHostKeyException as e:
-        c.close()
+        _close(c, hops)
         raise HostKeyChanged(node.name, known_hosts_name(c.host, c.port),
                              fingerprint(e.expected_key), fingerprint(e.key),
-                             str(node.known_hosts)) from None
+                             str(source)) from None
     except paramiko.AuthenticationException:
-        c.close()
+        _close(c, hops)
         key = node.key or "your default keys / agent"
         raise AuthError(node.name, f"authentication failed for {c.user}@{c.host}:{c.port} "
                         f"with {key}; add the public key to the node's authorized_keys or "
                         "fix ssh.key") from None
     except (paramiko.SSHException, OSError, EOFError) as e:
-        c.close()
+        _close(c, hops)
         raise Unreachable(node.name, f"SSH handshake with {c.host}:{c.port} failed: {e}") from None
-    return Conn(node, c)
+    c.transport.set_keepalive(KEEPALIVE_S)
+    return Conn(node, c, hops)
+
+
+def _close(c: fabric.Connection, hops: tuple[Conn, ...]) -> None:
+    c.close()
+    for hop in reversed(hops):
+        hop.close()
+
+
+def _through(node: Node, jump: str, host: str, port: int) -> tuple[tuple[Conn, ...], object]:
+    """Connect to the last hop (through the ones before it), then a channel to host:port."""
+    *before, last = jumps.hops(jump)
+    hop = jumps.hop_node(node, last)
+    try:
+        conn = connect(hop, jump=",".join(before) or "none")
+    except NodeError as e:
+        raise jumps.as_hop(e, node.name, last) from None
+    try:
+        chan = conn.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                           timeout=node.connect_timeout)
+    except (paramiko.SSHException, OSError, EOFError) as e:
+        conn.close()
+        raise Unreachable(node.name, f"jump host {last} could not reach {host}:{port}: "
+                          f"{e}") from None
+    return (*conn.hops, conn), chan
 
 
 class Fleet:
@@ -234,7 +332,7 @@ class Fleet:
     def __init__(self, inventory: Inventory, nodes: Iterable[Node] | None = None):
         self.inventory = inventory
         self.nodes = tuple(nodes if nodes is not None else inventory.nodes)
-        self._pool = ThreadPoolExecutor(max_workers=min(inventory.forks, max(1, len(self.nodes))))
+        self.workers = min(inventory.forks, max(1, len(self.nodes)))
         self.conns: dict[str, Conn] = {}
         self.errors: dict[str, NodeError] = {}
 
@@ -247,7 +345,7 @@ class Fleet:
     def open(self) -> Mapping[str, Conn | NodeError]:
         """Connect to every node not yet connected; failures are kept per node, never dropped."""
         todo = [n for n in self.nodes if n.name not in self.conns and n.name not in self.errors]
-        for node, outcome in zip(todo, self._pool.map(_try(connect), todo)):
+        for node, outcome in zip(todo, parallel(_try(connect), todo, self.workers)):
             if isinstance(outcome, NodeError):
                 self.errors[node.name] = outcome
             else:
@@ -260,7 +358,7 @@ class Fleet:
         self.open()
         names = list(nodes) if nodes is not None else [n.name for n in self.nodes]
         live = [self.conns[n] for n in names if n in self.conns]
-        outcomes = dict(zip((c.name for c in live), self._pool.map(_try(fn), live)))
+        outcomes = dict(zip((c.name for c in live), parallel(_try(fn), live, self.workers)))
         return {n: outcomes[n] if n in outcomes else self.errors[n] for n in names}
 
     def run(self, command: str | list[str], **kwargs) -> dict[str, Result | NodeError]:
@@ -270,11 +368,11 @@ class Fleet:
         for conn in self.conns.values():
             conn.close()
         self.conns.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _try(fn):
-    """fn(item) with a node's failure returned as its own NodeError, never raised."""
+    """fn(item) with a node's failure returned as its own NodeError, never raised: ours, and
+    the I/O errors of that node alone (SFTP, a channel, output that does not parse)."""
 
     def call(item):
         try:
@@ -283,5 +381,9 @@ def _try(fn):
             return e
         except DdpfleetError as e:
             return NodeError(item.name, str(e))
+        except NODE_IO_ERRORS as e:
+            if isinstance(item, Conn):
+                return item.failure(e)
+            return NodeError(item.name, describe(e))
 
     return call

@@ -10,6 +10,7 @@
     │   │   ├── HostKeyUnknown    not in any known_hosts: `invoke trust`
     │   │   └── HostKeyChanged    differs from known_hosts: refused, never overwritten
     │   └── CommandError          a remote command failed (node, command, exit code, stderr tail)
+    │       └── CommandTimeout    it ran past its timeout (and was stopped on the node)
     └── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
 
 SSH and socket exceptions become these at the connection boundary, so nothing above
@@ -91,3 +92,15 @@ class CommandError(NodeError):
         super().__init__(
             node, f"command failed (exit {exit_code}): {short}" + (f": {tail}" if tail else "")
         )
+
+
+class CommandTimeout(CommandError):
+    kind = "timed out"
+
+    def __init__(self, node: str, command: str, seconds: float, on_node: bool):
+        super().__init__(node, command, None)
+        short = command if len(command) <= 80 else command[:77] + "..."
+        what = ("stopped it on the node" if on_node else
+                "the node stopped answering; check its load and disks")
+        self.message = f"timed out after {seconds:g}s ({what}): {short}"
+        self.args = (f"{node}: {self.message}",)

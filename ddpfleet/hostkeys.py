@@ -1,24 +1,23 @@
 """Trust on first use: fetch a node's host key, show its fingerprint, record it in the project file.
 
-The user's ~/.ssh/known_hosts is only read. A key that differs from a recorded one is refused
-with both fingerprints and never overwritten.
+The user's ~/.ssh/known_hosts is only read. A key that differs from a recorded one, of the same
+type or of another, is refused with both fingerprints and never recorded. A node behind
+ProxyJump is scanned through its hops, and each hop is checked (and offered for trust) first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import fabric
 import paramiko
 
-from ddpfleet.connection import (
-    USER_KNOWN_HOSTS,
-    _fabric_connection,
-    _tcp_socket,
-    fingerprint,
-    known_hosts_name,
-)
-from ddpfleet.errors import HostKeyChanged, Unreachable
+from ddpfleet import jumps, knownhosts
+from ddpfleet.connection import _fabric_connection, _tcp_socket, connect
+from ddpfleet.knownhosts import fingerprint, known_hosts_name
+from ddpfleet.errors import HostKeyChanged, NodeError, Unreachable
 from ddpfleet.inventory import Node
 
 
@@ -28,6 +27,7 @@ class Offered:
     name: str  # known_hosts host field: "10.0.0.1" or "[10.0.0.1]:2222"
     key: paramiko.PKey
     known: bool  # already recorded (same key)
+    via: str = ""  # "jump host root@10.0.0.1" for a ProxyJump hop of `node`, else ""
 
     @property
     def fingerprint(self) -> str:
@@ -39,36 +39,75 @@ class Offered:
 
 def scan(node: Node) -> Offered:
     """The key the node offers, compared with every known_hosts we read (no login needed)."""
+    return _offered(node, *_address(node), sock=None)
+
+
+def scan_chain(node: Node) -> Iterator[Offered]:
+    """Each ProxyJump hop's key, then the node's; before moving past a hop the caller records
+    or refuses it (a hop is logged into, to reach the next, only once its key is known)."""
+    c = _fabric_connection(node)
+    jump = c.ssh_config.get("proxyjump") if isinstance(c.gateway, fabric.Connection) else None
+    hops = jumps.hops(jump)
+    opened = []
+    try:
+        for i, hop in enumerate(hops):
+            hnode = jumps.hop_node(node, hop)
+            prev = opened[-1] if opened else None
+            offered = _offered(hnode, *_address(hnode), sock=prev, via=f"jump host {hop}")
+            yield offered
+            try:
+                opened.append(connect(hnode, jump=",".join(hops[:i]) or "none"))
+            except NodeError as e:
+                raise jumps.as_hop(e, node.name, hop) from None
+        yield _offered(node, c.host, c.port, sock=opened[-1] if opened else None)
+    finally:
+        for conn in reversed(opened):
+            conn.close()
+
+
+def _address(node: Node) -> tuple[str, int]:
     c = _fabric_connection(node)  # for ~/.ssh/config HostName/Port
-    host, port = c.host, c.port
-    sock = _tcp_socket(host, port, node.connect_timeout, node.name)
-    transport = paramiko.Transport(sock)
+    return c.host, c.port
+
+
+def _offered(node: Node, host: str, port: int, sock, via: str = "") -> Offered:
+    """Handshake with host:port (directly, or through the previous hop's connection)."""
+    label = f"{via}: " if via else ""
+    name = known_hosts_name(host, port)
+    keys, source = knownhosts.pinned(name, node.known_hosts)
+    if sock is None:
+        channel = _tcp_socket(host, port, node.connect_timeout, node.name)
+    else:
+        try:
+            channel = sock.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                                  timeout=node.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise Unreachable(node.name, f"{label}{sock.node.host} could not reach "
+                              f"{host}:{port}: {e}") from None
+    transport = paramiko.Transport(channel)
+    knownhosts.prefer(transport, keys)
     try:
         transport.start_client(timeout=node.connect_timeout)
         key = transport.get_remote_server_key()
     except (paramiko.SSHException, OSError, EOFError) as e:
-        raise Unreachable(node.name, f"SSH handshake with {host}:{port} failed: {e}") from None
+        raise Unreachable(node.name, f"{label}SSH handshake with {host}:{port} failed: "
+                          f"{e}") from None
     finally:
         transport.close()
-    name = known_hosts_name(host, port)
-    recorded = _recorded(name, key.get_name(), node.known_hosts)
-    if recorded is not None and recorded != key:
-        raise HostKeyChanged(node.name, name, fingerprint(recorded), fingerprint(key),
-                             str(node.known_hosts))
-    return Offered(node.name, name, key, known=recorded is not None)
-
-
-def _recorded(name: str, key_type: str, project: Path) -> paramiko.PKey | None:
-    for path in (project, USER_KNOWN_HOSTS):
-        if path.is_file():
-            keys = paramiko.HostKeys(str(path)).lookup(name) or {}
-            if key_type in keys:
-                return keys[key_type]
-    return None
+    if keys and key not in keys.values():
+        # a key of another type than the pinned one is no "new" key: it is a different host
+        expected = keys.get(key.get_name()) or next(iter(keys.values()))
+        raise HostKeyChanged(node.name, f"{label}{name}", fingerprint(expected),
+                             fingerprint(key), str(source))
+    return Offered(node.name, name, key, known=bool(keys), via=via)
 
 
 def record(offered: Offered, known_hosts: Path) -> None:
-    """Append one line; existing lines are never rewritten."""
-    known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    with open(known_hosts, "a") as f:
-        f.write(offered.line())
+    """Append one line; existing lines are never rewritten, a pinned host never gets more."""
+    keys, _ = knownhosts.pinned(offered.name, known_hosts)
+    if offered.key in keys.values():
+        return
+    if keys:
+        raise HostKeyChanged(offered.node, offered.name, fingerprint(next(iter(keys.values()))),
+                             offered.fingerprint, str(known_hosts))
+    knownhosts.append(known_hosts, offered.line())

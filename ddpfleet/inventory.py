@@ -36,7 +36,7 @@ DEFAULT_PATH = "inventory.yaml"
 TOP_KEYS = ("cluster", "ssh", "python_env", "miniconda", "jupyter", "openssh_server", "sandbox",
             "nodes")
 CLUSTER_KEYS = ("name", "master", "master_port")
-SSH_KEYS = ("user", "key", "port", "known_hosts", "connect_timeout", "forks")
+SSH_KEYS = ("user", "key", "port", "known_hosts", "connect_timeout", "command_timeout", "forks")
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k != "forks")
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir")
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
@@ -48,6 +48,7 @@ SSH_DEFAULTS = {
     "port": 22,
     "known_hosts": ".ddpfleet/known_hosts",
     "connect_timeout": 10,
+    "command_timeout": 20,  # quick commands (facts, probes, ping, lock): stopped after this
     "forks": 32,
 }
 
@@ -63,6 +64,7 @@ class Node:
     connect_timeout: float
     gpus: int | None = None
     vars: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    command_timeout: float = 20.0
 
     @property
     def address(self) -> str:
@@ -308,9 +310,10 @@ class _Builder:
                     f"key file {key_path} not found; create it (ssh-keygen -t ed25519 -f "
                     f"{key_path}) or fix the path",
                 )
-        timeout = merged["connect_timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise self.fail(origin("connect_timeout"), f"must be seconds > 0, got {timeout!r}")
+        for k in ("connect_timeout", "command_timeout"):
+            t = merged[k]
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+                raise self.fail(origin(k), f"must be seconds > 0, got {t!r}")
         gpus = entry.get("gpus")
         if gpus is not None:
             gpus = self.integer(keys + ("gpus",), gpus, 0, 1024)
@@ -324,9 +327,10 @@ class _Builder:
             user=self.checked(origin("user"), merged["user"], user_problem),
             key=key_path,
             known_hosts=self.file_path(self.text(origin("known_hosts"), merged["known_hosts"])),
-            connect_timeout=float(timeout),
+            connect_timeout=float(merged["connect_timeout"]),
             gpus=gpus,
             vars=MappingProxyType(dict(node_vars)),
+            command_timeout=float(merged["command_timeout"]),
         )
 
     def check_unique_hosts(self, nodes: tuple[Node, ...]) -> None:

@@ -22,7 +22,7 @@ class Pong:
 
 def _probe(conn: Conn) -> Pong:
     start = time.monotonic()
-    result = conn.run(FACTS_SCRIPT)
+    result = conn.run(FACTS_SCRIPT, timeout=conn.node.command_timeout)
     return Pong(parse_facts(result.stdout), (time.monotonic() - start) * 1000)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from ddpfleet.connection import Conn, Result
+from ddpfleet.connection import NODE_IO_ERRORS, Conn, Result
 from ddpfleet.errors import CommandError, DdpfleetError, InventoryError, NodeError
 from ddpfleet.facts import FACTS_SCRIPT, parse_facts
 from ddpfleet.inventory import Inventory, Node, _did_you_mean
@@ -160,8 +161,9 @@ class Host:
         self.facts = MappingProxyType(self.probe(FACTS_SCRIPT))
 
     def probe(self, script: str) -> dict[str, str]:
-        """Run a read-only sh script printing key=value lines; runs under --check too."""
-        return parse_facts(self.conn.run(script).stdout)
+        """Run a read-only sh script printing key=value lines; runs under --check too.
+        Bounded by ssh.command_timeout: a probe that hangs is a failed node, not a hung run."""
+        return parse_facts(self.conn.run(script, timeout=self.node.command_timeout).stdout)
 
     def run(self, command: str | list[str], stdin: str | bytes | None = None,
             check: bool = True, timeout: float | None = None) -> Result:
@@ -204,12 +206,28 @@ class Host:
             if owner_now == owner:
                 return False, ""
         if not self.check:
-            tmp = f"{path}.ddpfleet-tmp"
+            self._replace(path, data, mode, owner)
+        return True, text_diff
+
+    def _replace(self, path: str, data: bytes, mode: int, owner: str | None) -> None:
+        """Write beside, then rename into place. The temp name is mktemp's (made with O_EXCL,
+        so never a planted file or symlink); chown -h and mv -T act on the names themselves,
+        never on what a symlink points at. A failed write leaves nothing behind."""
+        directory, base = posixpath.split(path)
+        quick = self.node.command_timeout
+        tmp = self.conn.run(["mktemp", "-p", directory or ".", f".{base}.ddpfleet-XXXXXX"],
+                            timeout=quick).stdout.strip()
+        try:
             self.conn.put_bytes(data, tmp, mode)
             if owner is not None:
-                self.conn.run(["chown", owner, tmp])
-            self.conn.run(["mv", "-f", tmp, path])
-        return True, text_diff
+                self.conn.run(["chown", "-h", "--", owner, tmp], timeout=quick)
+            self.conn.run(["mv", "-fT", "--", tmp, path], timeout=quick)
+        except BaseException:
+            try:
+                self.conn.run(["rm", "-f", "--", tmp], check=False, timeout=quick)
+            except NodeError:
+                pass  # the connection is gone too: the original error says more
+            raise
 
     def template(self, template_name: str, /, **values: Any) -> str:
         import jinja2
@@ -269,7 +287,8 @@ def run_roles(host: Host, roles: list[Role], flags: Mapping[str, Any] | None = N
                 continue
             if not _apply(host, role, cfg, record):
                 break
-    except NodeError as e:
+    except (NodeError, *NODE_IO_ERRORS) as e:
+        e = host.conn.failure(e)
         if e.kind in ("unreachable",):
             out.unreachable = e.message
         else:
@@ -297,5 +316,11 @@ def _apply(host: Host, role: Role, cfg, record) -> bool:
         return False
     except DdpfleetError as e:
         record(Step(role.name, "error", "failed", str(e)))
+        return False
+    except NODE_IO_ERRORS as e:  # SFTP disk full / EACCES, output that does not parse
+        failure = host.conn.failure(e)
+        if failure.kind == "unreachable":
+            raise failure from None
+        record(Step(role.name, "error", "failed", failure.message))
         return False
     return True

@@ -60,6 +60,15 @@ if [ "$got" != "$3" ]; then rm -f "$1"; echo "$got"; exit 5; fi
 mv -f "$1" "$2"
 """
 
+# $1 the expected SHA-256, $2 the installer, then its arguments. Checked and run in one command:
+# the file bash runs is the one just checked, with no second round trip to swap it in between.
+INSTALL = r"""
+sum=$1; shift
+printf '%s  %s\n' "$sum" "$1" | sha256sum -c --status - || {
+  echo "sha256 of $1 is not $sum: not run" >&2; exit 5; }
+exec bash "$@"
+"""
+
 
 def applies(cfg: Mapping[str, Any], host) -> bool:
     """Only for python_env.manager: conda (the conda_env role's setting)."""
@@ -141,7 +150,7 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
     yield fetched
     if fetched.status == "failed":
         return
-    installed = _install(host, cfg, remote, state)
+    installed = _install(host, cfg, remote, state, installer.sha256)
     yield installed
     if installed.status == "failed":
         return
@@ -210,7 +219,8 @@ def _upload(host, local: Path, remote: str) -> None:
     conn.sftp().put(str(local), remote)
 
 
-def _install(host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str]) -> Step:
+def _install(host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str], sha256: str
+             ) -> Step:
     prefix = cfg["prefix"]
     repair = bool(state.get("prefix"))
     why = (
@@ -225,7 +235,8 @@ def _install(host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str]
             f"would run bash {remote} -b -p {prefix}"
             + (" -u (half-installed prefix)" if repair else ""),
         )
-    host.change(["bash", remote, "-b", "-p", prefix, *(["-u"] if repair else [])], timeout=1800)
+    host.change(sh(INSTALL, sha256, remote, "-b", "-p", prefix, *(["-u"] if repair else [])),
+                timeout=1800)
     check = host.run([f"{prefix}/bin/conda", "--version"], check=False)
     if not check.ok:
         tail = (check.stderr or check.stdout).strip()[-300:]

@@ -81,7 +81,7 @@ def test_two_bootstraps_at_once_on_one_node(fresh: Cluster):
     assert 0 in codes, outs
     for code, (out, err) in zip(codes, outs):
         if code != 0:  # the loser waited a bounded time, then said so in one line
-            assert "another bootstrap holds /var/lock/ddpfleet-bootstrap.lock" in err, err
+            assert "another bootstrap holds /run/ddpfleet/bootstrap.lock" in err, err
             assert "Traceback" not in err
     # nothing corrupted: the env works and a third run has nothing to do
     torch = fresh.ssh("node0", "/opt/ddpfleet/venv/bin/python -c 'import torch'")

@@ -17,6 +17,11 @@ PREFIX = "/opt/miniconda3"
 URL = PINS["miniconda"]["x86_64"]["url"]
 SHA = PINS["miniconda"]["x86_64"]["sha256"]
 NAME = URL.rsplit("/", 1)[-1]
+
+
+def installs(remote: str, *flags: str, sha: str = SHA) -> str:
+    """The install command: the sha256 check and `bash installer` in one node command."""
+    return ROLE.sh(ROLE.INSTALL, sha, remote, "-b", "-p", PREFIX, *flags)
 REMOTE = f"/var/cache/ddpfleet/{NAME}"
 CONVERGED = {"conda": "conda 24.9.2"}
 FRESH = {"fetch": "curl"}
@@ -75,7 +80,8 @@ def test_fresh_node_downloads_verifies_then_installs():
     assert h.changes[1] == f"curl -fsSL --retry 3 -o {REMOTE}.part -K -"
     assert h.stdin[h.changes[1]] == f'url = "{URL}"\n'
     assert "sha256sum" in h.changes[2] and SHA in h.changes[2]
-    assert h.changes[3] == f"bash {REMOTE} -b -p {PREFIX}"
+    assert h.changes[3] == installs(REMOTE)
+    assert "sha256sum -c" in h.changes[3] and 'exec bash "$@"' in h.changes[3]
     assert h.changes[4] == f"rm -f {REMOTE}"
     assert steps[1].reason == f"conda 24.9.2: installed into {PREFIX}"
 
@@ -94,14 +100,14 @@ def test_failed_download_points_at_uploading_from_the_controller():
     assert statuses == [("installer", "failed")]
     assert "miniconda.installer" in steps[0].reason and "exit 7" in steps[0].reason
     assert h.changes[-1] == f"rm -f {REMOTE}.part"
-    assert not any(c.startswith("bash ") for c in h.changes)
+    assert not any("exec bash" in c for c in h.changes)
 
 
 def test_checksum_mismatch_refuses_before_executing_anything():
     h = node(FRESH, verify=(5, "0" * 64 + "\n"))
     statuses, steps = run(h)
     assert statuses == [("installer", "failed")]
-    assert not any(c.startswith("bash ") for c in h.changes)
+    assert not any("exec bash" in c for c in h.changes)
     verify = h.changes[-1]
     assert 'rm -f "$1"' in verify  # the script deletes the file on a mismatch
     assert f"expected {SHA}, got {'0' * 64}" in steps[0].reason
@@ -117,7 +123,7 @@ def test_local_installer_is_uploaded_not_downloaded(tmp_path):
     remote = "/var/cache/ddpfleet/Miniconda3-standin.sh"
     assert h.written[f"{remote}.part"] == local.read_bytes()
     assert not any("curl" in c or "wget" in c for c in h.changes)
-    assert f"bash {remote} -b -p {PREFIX}" in h.changes
+    assert installs(remote, sha=sha) in h.changes
     assert statuses[0] == ("installer", "changed")
 
 
@@ -147,7 +153,7 @@ def test_half_installed_prefix_is_repaired_with_u(marker):
     h = node({**FRESH, "prefix": "1", marker: "1"})
     statuses, steps = run(h)
     assert ("install", "changed") in statuses
-    assert f"bash {REMOTE} -b -p {PREFIX} -u" in h.changes
+    assert installs(REMOTE, "-u") in h.changes
     assert "half-installed" in steps[1].reason
 
 

@@ -1,0 +1,62 @@
+"""known_hosts lookups shared by `connect` and `trust`, so both see the same pins.
+
+Precedence: the project file (ssh.known_hosts) first, then ~/.ssh/known_hosts. A host with
+any key in the project file is judged by the project file alone: a stale line in the user's
+file never shadows a project pin. ~/.ssh/known_hosts is only ever read.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import paramiko
+
+USER_KNOWN_HOSTS = "~/.ssh/known_hosts"  # expanded at each lookup: $HOME decides
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style 'SHA256:...' fingerprint of a host key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def pinned(name: str, project: Path) -> tuple[dict[str, paramiko.PKey], Path]:
+    """Every key recorded for `name` ({type: key}) and the file they come from.
+
+    Empty when no file knows the host; the path is then the project file, where `trust`
+    records it.
+    """
+    for path in (project, Path(USER_KNOWN_HOSTS).expanduser()):
+        if path.is_file():
+            keys = paramiko.HostKeys(str(path)).lookup(name)
+            if keys:
+                return {t: keys[t] for t in keys.keys()}, path
+    return {}, project
+
+
+def prefer(transport: paramiko.Transport, keys: dict[str, paramiko.PKey]) -> None:
+    """Ask the server for a pinned key type first, as OpenSSH does: a host that also has a
+    key of another type must not look changed."""
+    if keys:
+        opts = transport.get_security_options()
+        first = next(iter(keys))
+        opts.key_types = [first] + [t for t in opts.key_types if t != first]
+
+
+def append(path: Path, line: str) -> None:
+    """Add one line; existing lines are never rewritten. A file whose last line lacks its
+    newline gets one first, or the new entry would become part of that line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        f.seek(0, 2)
+        if f.tell() > 0:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode())

@@ -1,0 +1,38 @@
+"""Bounded parallelism in daemon threads, for per-node work."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def parallel(fn: Callable[[object], T], items: list, workers: int) -> list[T]:
+    """fn over items in daemon threads, results in order. Daemon threads, unlike an executor's,
+    are not joined at interpreter exit: Ctrl-C or an error never waits for a hung node."""
+    results: list = [None] * len(items)
+    todo = iter(enumerate(items))
+    lock = threading.Lock()
+    crashed: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i, item = next(todo, (None, None))
+            if i is None:
+                return
+            try:
+                results[i] = fn(item)
+            except BaseException as e:  # a bug, not a node's failure: re-raised below
+                crashed.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(workers, len(items)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if crashed:
+        raise crashed[0]
+    return results
