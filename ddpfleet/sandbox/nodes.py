@@ -1,5 +1,8 @@
 """One sandbox node: the files of its overlay root, and its init (scripts/sandbox_init.py).
 
+Names resolve like on a cluster with working DNS: every node's /etc/hosts lists every node (so
+each knows the others and itself), and nothing asks the host's DNS server, which no node reaches.
+
 The init writes its host-visible pid to spec.pidfile(node); a pid only counts as the node's
 init while its netns is the node's and it is PID 1 of a PID namespace (so a reused pid never
 does).
@@ -45,6 +48,29 @@ def hosts_file(spec: SandboxSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def nsswitch_file(host_conf: str | None) -> str:
+    """The host's nsswitch.conf with names looked up in /etc/hosts only.
+
+    The node has no route out, so the host's DNS server never answers: a lookup /etc/hosts
+    cannot settle then fails "temporarily" (EAI_AGAIN) instead of "not found". c10d's store
+    looks up each client's IPv4-mapped IPv6 address, which /etc/hosts never lists, and warned
+    "The hostname of the client socket cannot be retrieved. err=-3" for every rank.
+    """
+    ours = ["# ddpfleet sandbox: no DNS server is reachable from a node", "hosts:          files"]
+    lines = [ln for ln in (host_conf or "").splitlines() if not ln.startswith("# ddpfleet")]
+    at = next((i for i, ln in enumerate(lines) if ln.split(":", 1)[0].strip() == "hosts"), None)
+    if at is None:
+        return "\n".join([*lines, *ours]) + "\n"
+    return "\n".join([*lines[:at], *ours, *lines[at + 1 :]]) + "\n"
+
+
+def _host_nsswitch() -> str | None:
+    try:
+        return Path("/etc/nsswitch.conf").read_text()
+    except OSError:
+        return None
+
+
 def _node_files(spec: SandboxSpec, node: SandboxNode) -> dict[str, tuple[bytes, int]]:
     """Files of the node's root, relative to it: content and mode."""
     key = host_key(spec, node.name)
@@ -52,6 +78,7 @@ def _node_files(spec: SandboxSpec, node: SandboxNode) -> dict[str, tuple[bytes, 
     return {
         "etc/hostname": (f"{node.name}\n".encode(), 0o644),
         "etc/hosts": (hosts_file(spec).encode(), 0o644),
+        "etc/nsswitch.conf": (nsswitch_file(_host_nsswitch()).encode(), 0o644),
         "etc/ssh/ssh_known_hosts": (known.encode(), 0o644),  # node-to-node ssh, strict
         "etc/ssh/ssh_host_ed25519_key": (key.read_bytes(), 0o600),
         "etc/ssh/ssh_host_ed25519_key.pub": (Path(f"{key}.pub").read_bytes(), 0o644),
