@@ -26,7 +26,9 @@ from ddpfleet.names import (
     cluster_name_problem,
     host_problem,
     node_name_problem,
+    sandbox_prefix_problem,
     shown,
+    subnet_problem,
     user_problem,
 )
 
@@ -367,18 +369,12 @@ class _Builder:
         if raw is None:
             return None
         s = self.mapping(("sandbox",), raw, SANDBOX_KEYS)
-        subnet = s.get("subnet", "10.213.0.0/24")
-        try:
-            net = ipaddress.IPv4Network(str(subnet))
-        except ValueError:
-            raise self.fail(("sandbox", "subnet"), f"{subnet!r} is not an IPv4 network "
-                            "like 10.213.0.0/24") from None
-        prefix = self.text(("sandbox", "prefix"), s.get("prefix", "ddpf"))
-        if len(prefix) > 8 or not prefix.isalnum():
-            raise self.fail(("sandbox", "prefix"), "must be 1-8 letters/digits (it names "
-                            "network interfaces, which allow 15 characters)")
+        subnet = self.checked(("sandbox", "subnet"), s.get("subnet", "10.213.0.0/24"),
+                              subnet_problem)
+        prefix = self.checked(("sandbox", "prefix"), s.get("prefix", "ddpf"),
+                              sandbox_prefix_problem)
         return SandboxSettings(
             prefix=prefix,
-            subnet=str(net),
+            subnet=str(ipaddress.IPv4Network(subnet)),
             state_dir=self.file_path(s.get("state_dir", ".ddpfleet/sandbox")),
         )

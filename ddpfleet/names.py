@@ -61,3 +61,19 @@ def user_problem(user: str) -> str:
         return ""
     return (f"user {shown(user)} is not a valid login name: use up to 32 letters, digits, "
             "'_', '.' or '-', starting with a letter or '_' (e.g. ubuntu, root)")
+
+
+def sandbox_prefix_problem(prefix: str) -> str:
+    """The sandbox prefix starts every interface name it makes ({prefix}-br, {prefix}-10h)."""
+    if prefix.isascii() and prefix.isalnum() and len(prefix) <= 8:
+        return ""
+    return (f"sandbox prefix {shown(prefix)} is not allowed: use 1-8 letters/digits (it names "
+            "network interfaces, which allow 15 characters)")
+
+
+def subnet_problem(subnet: str) -> str:
+    try:
+        ipaddress.IPv4Network(subnet)
+        return ""
+    except ValueError:
+        return f"subnet {shown(subnet)} is not an IPv4 network like 10.213.0.0/24"
