@@ -29,10 +29,12 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     TaskID,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
 from ddpfleet import report
 
@@ -128,6 +130,14 @@ class _Lines:
         pass
 
 
+class _RateColumn(ProgressColumn):
+    """The rate in the same binary units as the bytes column (rich's own says MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{size(speed)}/s")
+
+
 class _Bars:
     """The live display shared by the transfers in flight on one console: started by the first
     bar, stopped (the finished bars left on screen) when the last transfer ends."""
@@ -145,7 +155,7 @@ class _Bars:
                     TextColumn("{task.description}"),
                     BarColumn(),
                     DownloadColumn(binary_units=True),
-                    TransferSpeedColumn(),
+                    _RateColumn(),
                     TimeRemainingColumn(),
                     console=self.out,
                     get_time=self.clock,
