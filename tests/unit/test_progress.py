@@ -88,3 +88,28 @@ def test_units_and_durations():
     assert [size(n) for n in (512, 1536, 12 * MIB, 1.25 * 1024 * MIB)] == [
         "512 B", "1.5 KiB", "12.0 MiB", "1.25 GiB"]
     assert [duration(s) for s in (7, 750, 3723, math.inf)] == ["0:07", "12:30", "1:02:03", "?"]
+
+
+def test_the_wheelhouse_push_reports_every_byte_it_sends_under_the_node_name(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from ddpfleet import wheelhouse
+    from tests.unit.test_wheelhouse import DirSFTP
+
+    seen = []
+
+    @contextmanager
+    def transfer(node, what, total):
+        meter = Meter(node, what, total, clock=Clock())
+        seen.append(meter)
+        yield progress.Transfer(meter, progress._Lines(meter, Console(file=io.StringIO())))
+
+    monkeypatch.setattr(wheelhouse.progress, "transfer", transfer)
+    (tmp_path / "node").mkdir()
+    files = []
+    for name, n in (("a.whl", 10), ("b.whl", 20)):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(b"x" * n)
+    wheelhouse.push(DirSFTP(), str(tmp_path / "node"), files, node="node1")
+    [meter] = seen
+    assert (meter.node, meter.what, meter.total, meter.done) == ("node1", "wheelhouse", 30, 30)
