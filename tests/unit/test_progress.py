@@ -113,3 +113,17 @@ def test_the_wheelhouse_push_reports_every_byte_it_sends_under_the_node_name(tmp
     wheelhouse.push(DirSFTP(), str(tmp_path / "node"), files, node="node1")
     [meter] = seen
     assert (meter.node, meter.what, meter.total, meter.done) == ("node1", "wheelhouse", 30, 30)
+
+
+def test_the_code_sync_estimates_its_tar_close_to_what_it_sends(tmp_path):
+    from ddpfleet import sync
+
+    (tmp_path / "big.bin").write_bytes(b"x" * 3_000_000)
+    (tmp_path / "small.py").write_text("print(1)\n")
+    (tmp_path / "link").symlink_to("small.py")
+    files = sync.project_files(tmp_path)
+    paths = tuple(sorted(files))
+    buf = io.BytesIO()
+    sync.write_tar(buf, tmp_path, files, paths)
+    estimate, actual = sync.tar_size(tmp_path, paths), len(buf.getvalue())
+    assert estimate <= actual < estimate + 10240  # the rest is the tar's last record padding
