@@ -28,9 +28,9 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
-    TaskID,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -110,8 +110,10 @@ class Meter:
     def line(self) -> str:
         """'node0: wheelhouse 80.0 MiB of 800.0 MiB (10%), 40.0 MiB/s, 0:18 left'"""
         left = "done" if self.done >= self.total else f"{duration(self.eta)} left"
-        return (f"{self.node}: {self.what} {size(self.done)} of {size(self.total)} "
-                f"({self.fraction:.0%}), {size(self.rate)}/s, {left}")
+        return (
+            f"{self.node}: {self.what} {size(self.done)} of {size(self.total)} "
+            f"({self.fraction:.0%}), {size(self.rate)}/s, {left}"
+        )
 
 
 class _Lines:
@@ -162,8 +164,9 @@ class _Bars:
                 )
                 self.progress.start()
             self.active += 1
-            return self.progress.add_task(f"{meter.node} {meter.what}", total=meter.total,
-                                          completed=meter.done)
+            return self.progress.add_task(
+                f"{meter.node} {meter.what}", total=meter.total, completed=meter.done
+            )
 
     def update(self, task: TaskID, meter: Meter) -> None:
         if self.progress is not None:
@@ -218,8 +221,9 @@ class Transfer:
 
 
 @contextmanager
-def transfer(node: str, what: str, total: int, out: Console | None = None,
-             clock: Clock = time.monotonic) -> Iterator[Transfer]:
+def transfer(
+    node: str, what: str, total: int, out: Console | None = None, clock: Clock = time.monotonic
+) -> Iterator[Transfer]:
     """Progress of sending about `total` bytes to `node`; see the module docstring."""
     out = out or report.console
     meter = Meter(node, what, total, clock)

@@ -12,7 +12,7 @@ several: there a table is as wide as its content and a row is one line.
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from rich.console import Console, RenderableType
 from rich.measure import Measurement
@@ -32,8 +32,9 @@ UNBOUNDED = 100_000
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
     """Cells as literal text (see text()); the first column is the key (the node) and keeps its
     line on a narrow terminal while the others wrap."""
-    t = Table(title=None if title is None else text(title), title_justify="left",
-              header_style="bold")
+    t = Table(
+        title=None if title is None else text(title), title_justify="left", header_style="bold"
+    )
     for i, col in enumerate(columns):
         t.add_column(col, overflow="fold", no_wrap=i == 0)
     for row in rows:
@@ -57,8 +58,14 @@ def show(renderable: RenderableType, out: Console | None = None) -> None:
     width = natural_width(item, out)
     # A console of that width for this one print: the shared one keeps its own width, and
     # Console.print(width=...) can only narrow it.
-    Console(file=out.file, width=width, highlight=False, soft_wrap=True,
-            color_system=None, force_terminal=False).print(item)
+    Console(
+        file=out.file,
+        width=width,
+        highlight=False,
+        soft_wrap=True,
+        color_system=None,
+        force_terminal=False,
+    ).print(item)
 
 
 def natural_width(renderable: RenderableType, out: Console | None = None) -> int:

@@ -86,7 +86,11 @@ def test_on_a_terminal_a_quick_transfer_draws_nothing():
 
 def test_units_and_durations():
     assert [size(n) for n in (512, 1536, 12 * MIB, 1.25 * 1024 * MIB)] == [
-        "512 B", "1.5 KiB", "12.0 MiB", "1.25 GiB"]
+        "512 B",
+        "1.5 KiB",
+        "12.0 MiB",
+        "1.25 GiB",
+    ]
     assert [duration(s) for s in (7, 750, 3723, math.inf)] == ["0:07", "12:30", "1:02:03", "?"]
 
 

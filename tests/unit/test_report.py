@@ -15,8 +15,10 @@ from rich.text import Text
 from ddpfleet import report
 
 ROOT = Path(__file__).resolve().parents[2]
-LONG = ("python -m torch.distributed.run --nnodes 2 --node_rank 0 --master_addr 10.0.0.10 "
-        "--master_port 29500 --nproc_per_node 4 scripts/train_ddp.py --epochs 3 --lr 0.1")
+LONG = (
+    "python -m torch.distributed.run --nnodes 2 --node_rank 0 --master_addr 10.0.0.10 "
+    "--master_port 29500 --nproc_per_node 4 scripts/train_ddp.py --epochs 3 --lr 0.1"
+)
 ROWS = [("node0", LONG, "ok"), ("node-with-a-long-name", "short", "[run r1] [bold]x")]
 
 
@@ -25,8 +27,9 @@ def _pipe(code: str, columns: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     if columns is not None:
         env["COLUMNS"] = columns
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def _data_lines(out: str) -> list[str]:

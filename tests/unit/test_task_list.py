@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_task_is_one_line_in_invoke_list():
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    out = subprocess.run([sys.executable, "-m", "invoke", "--list"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "invoke", "--list"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     entries = [line for line in out.splitlines()[1:] if line.strip()]
     assert entries, out
     folded = [line for line in entries if not line.startswith("  ") or line.startswith("   ")]
