@@ -108,10 +108,11 @@ class Meter:
         return self.total >= MIN_BYTES and self.elapsed >= MIN_SECONDS
 
     def line(self) -> str:
-        """'node0: wheelhouse 80.0 MiB of 800.0 MiB (10%), 40.0 MiB/s, 0:18 left'"""
+        """'[node0] wheelhouse: 80.0 MiB of 800.0 MiB (10%), 40.0 MiB/s, 0:18 left': prefixed like
+        the node's other lines (bootstrap steps, streamed training output)."""
         left = "done" if self.done >= self.total else f"{duration(self.eta)} left"
         return (
-            f"{self.node}: {self.what} {size(self.done)} of {size(self.total)} "
+            f"[{self.node}] {self.what}: {size(self.done)} of {size(self.total)} "
             f"({self.fraction:.0%}), {size(self.rate)}/s, {left}"
         )
 
@@ -154,7 +155,7 @@ class _Bars:
         with self.lock:
             if self.progress is None:
                 self.progress = Progress(
-                    TextColumn("{task.description}"),
+                    TextColumn("{task.description}", markup=False),  # '[node0]' is no tag
                     BarColumn(),
                     DownloadColumn(binary_units=True),
                     _RateColumn(),
@@ -165,7 +166,7 @@ class _Bars:
                 self.progress.start()
             self.active += 1
             return self.progress.add_task(
-                f"{meter.node} {meter.what}", total=meter.total, completed=meter.done
+                f"[{meter.node}] {meter.what}", total=meter.total, completed=meter.done
             )
 
     def update(self, task: TaskID, meter: Meter) -> None:

@@ -43,15 +43,15 @@ def test_off_a_terminal_a_long_transfer_prints_a_line_every_tenth():
     _send(out, 100 * MIB, seconds=20)
     lines = buf.getvalue().splitlines()
     assert len(lines) == 10  # from 10% to 100%, one line each, never folded at 40 columns
-    assert lines[0] == "node0: wheelhouse 10.0 MiB of 100.0 MiB (10%), 5.0 MiB/s, 0:18 left"
-    assert lines[-1] == "node0: wheelhouse 100.0 MiB of 100.0 MiB (100%), 5.0 MiB/s, done"
+    assert lines[0] == "[node0] wheelhouse: 10.0 MiB of 100.0 MiB (10%), 5.0 MiB/s, 0:18 left"
+    assert lines[-1] == "[node0] wheelhouse: 100.0 MiB of 100.0 MiB (100%), 5.0 MiB/s, done"
 
 
 def test_the_first_second_prints_nothing():
     out, buf = _plain()
     _send(out, 100 * MIB, seconds=2.5)  # 40% per second: 0.4 s in is already past 10%
     lines = buf.getvalue().splitlines()
-    assert lines[0].startswith("node0: wheelhouse 40.0 MiB of 100.0 MiB (40%)")
+    assert lines[0].startswith("[node0] wheelhouse: 40.0 MiB of 100.0 MiB (40%)")
     assert lines[-1].endswith("done")
 
 
@@ -73,7 +73,7 @@ def test_on_a_terminal_a_long_transfer_draws_a_bar_that_stays_when_done():
     terminal = Console(file=buf, width=100, force_terminal=True, color_system=None)
     _send(terminal, 100 * MIB, seconds=20)
     shown = buf.getvalue()
-    assert "node0 wheelhouse" in shown
+    assert "[node0] wheelhouse" in shown
     assert "100.0/100.0 MiB" in shown
 
 
