@@ -131,3 +131,13 @@ def test_the_code_sync_estimates_its_tar_close_to_what_it_sends(tmp_path):
     sync.write_tar(buf, tmp_path, files, paths)
     estimate, actual = sync.tar_size(tmp_path, paths), len(buf.getvalue())
     assert estimate <= actual < estimate + 10240  # the rest is the tar's last record padding
+
+
+def test_on_a_terminal_bars_nest_under_bootstraps_live_table():
+    from rich.live import Live
+
+    buf = io.StringIO()
+    terminal = Console(file=buf, width=100, force_terminal=True, color_system=None)
+    with Live("node0  venv_env: wheelhouse", console=terminal, transient=True):
+        _send(terminal, 100 * MIB, seconds=20)
+    assert "[node0] wheelhouse" in buf.getvalue()
