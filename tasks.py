@@ -41,7 +41,7 @@ def _fleet(inventory, nodes):
 @task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
 @cli
 def ping(c, inventory=None, nodes=None):
-    """Reach every node in parallel: address, OS, arch, python3, disk, nvidia-smi, round trip."""
+    """Check each node answers; show OS, Python, disk."""
     from ddpfleet import ping as ping_mod
 
     with _fleet(inventory, nodes) as fleet:
@@ -54,7 +54,7 @@ def ping(c, inventory=None, nodes=None):
             "yes": "record every unknown key without asking"})
 @cli
 def trust(c, inventory=None, nodes=None, yes=False):
-    """Show each unknown node's host key fingerprint and record it in the project known_hosts."""
+    """Show new nodes' SSH host keys and trust them."""
     from ddpfleet import hostkeys
 
     loaded = inv.load(inventory, nodes)
@@ -87,7 +87,7 @@ def _confirm(question: str) -> bool:
 @task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
 @cli
 def env_export(c, inventory=None, nodes=None):
-    """Write envs/<node>.yml (pip freeze / conda env export); show what differs between nodes."""
+    """Save each node's package list; show differences."""
     from ddpfleet import envexport
 
     with _fleet(inventory, nodes) as fleet:
@@ -110,7 +110,7 @@ def env_export(c, inventory=None, nodes=None):
 @cli
 def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None,
               skip_roles=None):
-    """Make every node ready for training: sshd hardened, Python env with torch, Jupyter."""
+    """Set up nodes: SSH, Python + PyTorch, Jupyter."""
     from ddpfleet import bootstrap as boot
     from ddpfleet import roles as roles_mod
 
@@ -145,7 +145,7 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
 @cli
 def train(c, inventory=None, nodes=None, script=None, args="", nproc_per_node="auto",
           master_port=None, env=None, run_id=None, project_dir=".", code_dir=None):
-    """Run torchrun on every node as one gang: plan, preflight, sync, live output, logs."""
+    """Run a PyTorch training script across the nodes."""
     import shlex
     from pathlib import Path
 
@@ -182,7 +182,7 @@ def _port(value) -> int | None:
             "watch": "refresh every SECONDS, in place, until Ctrl-C"})
 @cli
 def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
-    """Every GPU of every node in one table: use, memory, temperature, power, processes."""
+    """Show every GPU of every node in one table."""
     from ddpfleet import gpustatus
 
     with _fleet(inventory, nodes) as fleet:
@@ -203,7 +203,7 @@ def _seconds(value) -> float | None:
 @task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
 @cli
 def doctor(c, inventory=None, nodes=None):
-    """Preflight for training: SSH, sudo, driver, GPUs, env, versions, port, clocks, disk, TCP."""
+    """Check that the nodes can train; say what to fix."""
     from ddpfleet import doctor as doctor_mod
 
     with _fleet(inventory, nodes) as fleet:
@@ -222,7 +222,7 @@ def doctor(c, inventory=None, nodes=None):
 })
 @cli
 def jupyter_tunnel(c, node=None, local_port=8888, inventory=None):
-    """Forward a local port to a node's Jupyter over SSH, print the URL; Ctrl-C closes it."""
+    """Open a node's Jupyter on a local port (SSH)."""
     from ddpfleet import jupyter
 
     jupyter.open_tunnel(inv.load(inventory, node), int(local_port))
@@ -232,7 +232,7 @@ def jupyter_tunnel(c, node=None, local_port=8888, inventory=None):
                            "json": "one JSON object per node instead of the table"})
 @cli
 def jupyter_status(c, inventory=None, nodes=None, json=False):
-    """Each node's Jupyter as `jupyter server list` reports it: state, pid, port, root_dir."""
+    """Show whether Jupyter is running on each node."""
     from ddpfleet import jupyter
 
     with _fleet(inventory, nodes) as fleet:
@@ -244,7 +244,7 @@ def jupyter_status(c, inventory=None, nodes=None, json=False):
 @task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
 @cli
 def jupyter_stop(c, inventory=None, nodes=None):
-    """Stop Jupyter on the nodes (the next bootstrap starts it again)."""
+    """Stop Jupyter on the nodes."""
     from ddpfleet import jupyter
 
     with _fleet(inventory, nodes) as fleet:
@@ -270,7 +270,7 @@ def _sandbox_spec(inventory, count=None):
                        "nodes": "how many nodes (default: the inventory's nodes)"})
 @cli
 def sandbox_up(c, inventory=None, nodes=None):
-    """Start a practice cluster on this Linux machine, each node a real SSH host (needs root)."""
+    """Create a local test cluster here (needs root)."""
     from ddpfleet import sandbox
 
     spec, written = _sandbox_spec(inventory, nodes)
@@ -284,7 +284,7 @@ def sandbox_up(c, inventory=None, nodes=None):
                          "nodes": "how many nodes were brought up (default: the inventory's)"})
 @cli
 def sandbox_down(c, inventory=None, nodes=None):
-    """Take the practice cluster away: its nodes, their files and network (the keys stay)."""
+    """Remove the local test cluster, leaving no trace."""
     from ddpfleet import sandbox
 
     spec, _ = _sandbox_spec(inventory, nodes)
@@ -296,7 +296,7 @@ def sandbox_down(c, inventory=None, nodes=None):
 @task(name="status", help={"inventory": INVENTORY_HELP, "nodes": "how many nodes"})
 @cli
 def sandbox_status(c, inventory=None, nodes=None):
-    """Show each practice-cluster node: its address, whether it runs, whether SSH answers."""
+    """Show the local test cluster's nodes."""
     from ddpfleet import sandbox
 
     spec, _ = _sandbox_spec(inventory, nodes)
@@ -306,7 +306,7 @@ def sandbox_status(c, inventory=None, nodes=None):
 @task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to stop"})
 @cli
 def sandbox_stop(c, nodes, inventory=None):
-    """Switch practice-cluster nodes off (every process in them) to try failures; files stay."""
+    """Stop local test cluster nodes (files are kept)."""
     from ddpfleet import sandbox
 
     spec, _ = _sandbox_spec(inventory)
@@ -317,7 +317,7 @@ def sandbox_stop(c, nodes, inventory=None):
 @task(name="start", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to start"})
 @cli
 def sandbox_start(c, nodes, inventory=None):
-    """Switch stopped practice-cluster nodes back on, with the files they had."""
+    """Restart stopped nodes of the local test cluster."""
     from ddpfleet import sandbox
 
     spec, _ = _sandbox_spec(inventory)

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpfleet import progress
 from ddpfleet.errors import CommandError, NodeError, PlanError
 
 ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".ddpfleet", ".git")
@@ -137,8 +138,8 @@ def diff(local: Mapping[str, Entry], remote: Mapping[str, list]) -> Change:
 class _ChannelWriter(io.RawIOBase):
     """A file object for tarfile's stream mode that writes into an SSH channel."""
 
-    def __init__(self, chan):
-        self.chan, self.bytes = chan, 0
+    def __init__(self, chan, sent: progress.Transfer | None = None):
+        self.chan, self.bytes, self.sent = chan, 0, sent
 
     def writable(self) -> bool:
         return True
@@ -146,7 +147,20 @@ class _ChannelWriter(io.RawIOBase):
     def write(self, data) -> int:
         self.chan.sendall(bytes(data))
         self.bytes += len(data)
+        if self.sent is not None:
+            self.sent.advance(len(data))
         return len(data)
+
+
+def tar_size(root: Path, paths: tuple[str, ...]) -> int:
+    """About the bytes write_tar sends: a 512-byte header per member, a file's data padded to
+    512, the two end blocks. Only a progress total: a long name's pax header is not counted."""
+    data = 0
+    for rel in paths:
+        st = (root / rel).lstat()
+        if stat.S_ISREG(st.st_mode):
+            data += -(-st.st_size // 512) * 512
+    return 512 * len(paths) + data + 1024
 
 
 def write_tar(out, root: Path, files: Mapping[str, Entry], paths: tuple[str, ...]) -> None:
@@ -185,7 +199,8 @@ def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry
          change: Change, script: str, remote: Mapping[str, list], run_id: str) -> SyncStats:
     """One exec channel on `conn` (a connection.Conn): node_helper.py `apply` into the code dir
     this run's runner has locked, then header(), then the tar of what changed. Nothing changed:
-    no channel at all, and the node's manifest (`remote`) says whether the script is there."""
+    no channel at all, and the node's manifest (`remote`) says whether the script is there.
+    A long sync shows the node's bytes, rate and time left (ddpfleet.progress)."""
     if change.empty:
         return SyncStats(0, 0, 0, script in remote)
     chan = conn.transport.open_session(timeout=conn.node.connect_timeout)
@@ -193,8 +208,9 @@ def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry
     chan.exec_command(helper_command(python, "node_helper.py", "apply", code_dir, run_id, script))
     chan.sendall(helper_source("node_helper.py"))
     chan.sendall(header(files, change))
-    writer = _ChannelWriter(chan)
-    write_tar(writer, root, files, change.send)
+    with progress.transfer(conn.name, "code", tar_size(root, change.send)) as sent:
+        writer = _ChannelWriter(chan, sent)
+        write_tar(writer, root, files, change.send)
     chan.shutdown_write()
     out = b"".join(iter(lambda: chan.recv(65536), b"")).decode(errors="replace")
     code = chan.recv_exit_status()

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddpfleet import progress
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.hygiene import mask_url, mask_urls
 
@@ -248,18 +249,35 @@ def push(
     remote_dir: str,
     files: Iterable[Path],
     on_progress: Callable[[str], None] = lambda text: None,
+    node: str = "node",
 ) -> tuple[int, int]:
     """Copy the files the node lacks into remote_dir over SFTP; returns (files, bytes) sent.
+    A long push shows its bytes, rate and time left under the node's name (ddpfleet.progress).
 
     Each file lands under a .part name and is renamed, so an interrupted push leaves no wheel
     that looks complete.
     """
     local = {f.name: f for f in files}
-    todo = missing({n: f.stat().st_size for n, f in local.items()}, remote_sizes(sftp, remote_dir))
+    sizes = {n: f.stat().st_size for n, f in local.items()}
+    todo = missing(sizes, remote_sizes(sftp, remote_dir))
     sent = 0
-    for i, name in enumerate(todo, 1):
-        on_progress(f"wheelhouse: sending {name} ({i}/{len(todo)})")
-        part = posixpath.join(remote_dir, name + ".part")
-        sent += sftp.put(str(local[name]), part, confirm=True).st_size
-        sftp.posix_rename(part, posixpath.join(remote_dir, name))
+    with progress.transfer(node, "wheelhouse", sum(sizes[n] for n in todo)) as bytes_out:
+        for i, name in enumerate(todo, 1):
+            on_progress(f"wheelhouse: sending {name} ({i}/{len(todo)})")
+            part = posixpath.join(remote_dir, name + ".part")
+            put = sftp.put(str(local[name]), part, callback=_counter(bytes_out), confirm=True)
+            sent += put.st_size
+            sftp.posix_rename(part, posixpath.join(remote_dir, name))
     return len(todo), sent
+
+
+def _counter(bytes_out: progress.Transfer) -> Callable[[int, int], None]:
+    """sftp.put's callback (bytes of this file so far, its size) as advances of the whole push."""
+    last = 0
+
+    def seen(done: int, _size: int) -> None:
+        nonlocal last
+        bytes_out.advance(done - last)
+        last = done
+
+    return seen

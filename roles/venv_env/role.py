@@ -268,7 +268,9 @@ def _wheelhouse(env: Env) -> Step | None:
     cache = env.host.inventory.root / ".ddpfleet" / "wheelhouse"
     files = wheelhouse.fetch(cache, env.spec, target, env.progress)
     env.host.change(["mkdir", "-p", remote])
-    count, size = wheelhouse.push(env.host.conn.sftp(), remote, files, env.progress)
+    count, size = wheelhouse.push(
+        env.host.conn.sftp(), remote, files, env.progress, node=env.host.conn.name
+    )
     if not count:
         return ok("wheelhouse", f"{len(files)} wheels for {target.tag} already in {remote}")
     return changed(

@@ -197,10 +197,10 @@ def test_wheelhouse_pushes_then_installs_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(
         ROLE.wheelhouse,
         "push",
-        lambda sftp, remote, files, progress: pushed.append((remote, files)) or (1, 2**20),
+        lambda sftp, remote, files, progress, node: pushed.append((remote, files)) or (1, 2**20),
     )
     h = host(probe(env=False), tmp=tmp_path)
-    h.conn = SimpleNamespace(sftp=lambda: "sftp")
+    h.conn = SimpleNamespace(sftp=lambda: "sftp", name="node0")
     statuses, _ = run(h, wheelhouse=True)
     assert statuses == [
         ("venv", "changed"),
@@ -219,9 +219,9 @@ def test_wheelhouse_pushes_then_installs_offline(monkeypatch, tmp_path):
 
 def test_wheelhouse_with_everything_already_on_the_node_is_ok(monkeypatch, tmp_path):
     monkeypatch.setattr(ROLE.wheelhouse, "fetch", lambda *a: [tmp_path / "a.whl"])
-    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a: (0, 0))
+    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a, **kw: (0, 0))
     h = host(probe(spec="0" * 64), tmp=tmp_path)
-    h.conn = SimpleNamespace(sftp=lambda: None)
+    h.conn = SimpleNamespace(sftp=lambda: None, name="node0")
     statuses, _ = run(h, wheelhouse=True)
     assert ("wheelhouse", "ok") in statuses
 
