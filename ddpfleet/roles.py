@@ -17,24 +17,25 @@ it looked after: ok (already right), changed, skipped (with why) or failed.
 from __future__ import annotations
 
 import difflib
-import functools
-import importlib.util
 import posixpath
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import MappingProxyType, ModuleType
-from typing import Any, Callable, Iterator, Mapping
-
-import yaml
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from ddpfleet.connection import NODE_IO_ERRORS, Conn, Result
-from ddpfleet.errors import CommandError, DdpfleetError, InventoryError, NodeError
+from ddpfleet.errors import CommandError, DdpfleetError, NodeError
 from ddpfleet.facts import FACTS_SCRIPT, parse_facts
-from ddpfleet.inventory import Inventory, Node, _did_you_mean
+from ddpfleet.inventory import Inventory, Node
+from ddpfleet.role_settings import (  # noqa: F401  (re-exported: roles and tests import them here)
+    ROLE_ORDER,
+    ROLES_DIR,
+    Role,
+    load_role,
+    select_roles,
+    validate_sections,
+)
 
-ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
-ROLE_ORDER = ("openssh_server", "miniconda", "conda_env", "venv_env", "jupyter")
 STATUSES = ("ok", "changed", "failed", "skipped")
 
 
@@ -61,75 +62,6 @@ def skipped(name: str, reason: str) -> Step:
 
 def failed(name: str, reason: str) -> Step:
     return Step("", name, "failed", reason)
-
-
-# -- loading roles and their settings --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Role:
-    name: str
-    module: ModuleType
-    defaults: Mapping[str, Any]  # unprefixed
-    directory: Path
-
-    @property
-    def section(self) -> str:
-        return getattr(self.module, "SECTION", self.name)
-
-    def config(self, inventory: Inventory, node: Node, flags: Mapping[str, Any] | None = None
-               ) -> Mapping[str, Any]:
-        """defaults < inventory section < node vars (prefixed) < task flags."""
-        cfg = dict(self.defaults)
-        cfg.update({k: v for k, v in inventory.section(self.section).items() if k in cfg})
-        prefix = self.name + "_"
-        cfg.update({k[len(prefix):]: v for k, v in node.vars.items() if k.startswith(prefix)})
-        cfg.update(flags or {})
-        return MappingProxyType(cfg)
-
-
-@functools.lru_cache(maxsize=None)
-def load_role(name: str, roles_dir: Path = ROLES_DIR) -> Role:
-    directory = roles_dir / name
-    spec = importlib.util.spec_from_file_location(f"ddpfleet_role_{name}", directory / "role.py")
-    if spec is None or not (directory / "role.py").is_file():
-        raise InventoryError(f"--roles: no role {name!r} (roles/{name}/role.py missing)")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    raw = yaml.safe_load((directory / "defaults.yaml").read_text()) or {}
-    prefix = name + "_"
-    defaults = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
-    return Role(name, module, MappingProxyType(defaults), directory)
-
-
-def select_roles(only: str | None = None, skip: str | None = None) -> list[Role]:
-    names = list(ROLE_ORDER)
-    wanted = _split(only) or names
-    skipped_names = _split(skip)
-    for flag, given in (("--roles", wanted), ("--skip-roles", skipped_names)):
-        for n in given:
-            if n not in names:
-                raise InventoryError(f"{flag}: unknown role {n!r}{_did_you_mean(n, names)}; "
-                                     f"roles: {', '.join(names)}")
-    return [load_role(n) for n in names if n in wanted and n not in skipped_names]
-
-
-def validate_sections(inventory: Inventory, roles: list[Role]) -> None:
-    """Unknown keys in a role section are inventory mistakes: name the line and the fix."""
-    known: dict[str, set[str]] = {}
-    for role in [load_role(n) for n in ROLE_ORDER if (ROLES_DIR / n / "role.py").is_file()]:
-        known.setdefault(role.section, set()).update(role.defaults)
-    for section, keys in known.items():
-        for key in inventory.section(section):
-            if key not in keys:
-                raise InventoryError(
-                    f"{inventory.where(section, key)}: {section}.{key}: unknown key"
-                    f"{_did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
-                )
-
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 # -- what a role sees ------------------------------------------------------------------------

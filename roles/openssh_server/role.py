@@ -21,12 +21,9 @@ only, reconciled against the inventory on every run.
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import paramiko
@@ -36,19 +33,9 @@ from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 from ddpfleet.errors import NodeError
 from ddpfleet.roles import Step, changed, failed, ok
 
-
-def _beside(name: str) -> ModuleType:
-    """A module next to role.py, loaded the way the engine loads role.py (by path)."""
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"ddpfleet_role_openssh_server_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-controller = _beside("cluster")  # cluster CA, trusted host keys, marked blocks
-hardening = _beside("hardening")  # the drop-in's lines: login, session limits, algorithms
-peers = _beside("peers")  # node-to-node SSH on the node
+from . import cluster as controller  # cluster CA, trusted host keys, marked blocks
+from . import hardening  # the drop-in's lines: login, session limits, algorithms
+from . import peers  # node-to-node SSH on the node
 
 SECTION = "openssh_server"
 WHAT = "key-only login, session limits, audited algorithms"  # what the drop-in does, in steps
