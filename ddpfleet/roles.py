@@ -1,17 +1,22 @@
 """The roles engine: roles in order on every node, nodes in parallel, steps reported.
 
-A role is a directory roles/<name>/ with
+A role is a directory roles/<name>/ (loaded by role_settings, which also resolves its settings):
     role.py        SECTION (its inventory section), applies(cfg, host) -> bool,
                    apply(host, cfg) -> Iterator[Step], optional HANDLERS {name: fn(host, cfg)}
     defaults.yaml  every knob, prefixed with the role name (miniconda_prefix: /opt/miniconda3)
     templates/     jinja2 templates, rendered with host.template(name, **vars)
+    files/         files sent as they are (host.role.directory / "files" / name)
 
-cfg is the role's resolved settings, unprefixed and read-only:
-    defaults.yaml  <  inventory section (miniconda: {prefix: ...})  <  node vars (miniconda_prefix)
+cfg is the role's resolved settings, unprefixed and read-only (precedence: role_settings.py).
 
-A role reads what it needs through `host` (probe/run never change anything), changes the node
-only through host.change()/host.put() (both no-ops under --check), and yields one Step per thing
-it looked after: ok (already right), changed, skipped (with why) or failed.
+A role reads what it needs through `host` (probe/run never change anything) and yields one Step
+per thing it looked after: ok (already right), changed, skipped (with why) or failed. Check mode
+is the engine's: a role changes the node only through host.change()/host.put() (no-ops under
+--check), and says each change once, as an action, through host.changed(name, "install sshd",
+do): under --check the step reads "would install sshd" and `do` is not called; otherwise `do`
+makes the change and the step reads "installed sshd" (or is the Step `do` returned).
+A failed step ends its role, and then its node's run: later roles and the role's handlers do
+not run. Handlers a role notified run once, after its last step.
 """
 
 from __future__ import annotations
@@ -64,6 +69,17 @@ def failed(name: str, reason: str) -> Step:
     return Step("", name, "failed", reason)
 
 
+# Past tenses that are not the verb + "ed"/"d"; the first word of every action must be a verb.
+IRREGULAR = {"write": "wrote", "run": "ran", "send": "sent", "make": "made", "stop": "stopped"}
+
+
+def past(action: str) -> str:
+    """'install sshd' -> 'installed sshd': how a change reads once it is made."""
+    verb, space, rest = action.partition(" ")
+    done = IRREGULAR.get(verb) or verb + ("d" if verb.endswith("e") else "ed")
+    return done + space + rest
+
+
 # -- what a role sees ------------------------------------------------------------------------
 
 
@@ -79,6 +95,7 @@ class Host:
     role: Role | None = None
     notified: list[str] = field(default_factory=list)
     on_progress: Callable[[str], None] = lambda text: None
+    changes: list[str] = field(default_factory=list)  # commands that changed the node, in order
 
     @property
     def name(self) -> str:
@@ -107,8 +124,26 @@ class Host:
         """A command that changes the node; skipped under --check (returns None)."""
         if self.check:
             return None
-        self.on_progress(command if isinstance(command, str) else " ".join(command))
+        text = command if isinstance(command, str) else " ".join(command)
+        self.changes.append(text)
+        self.on_progress(text)
         return self.conn.run(command, stdin=stdin, check=check, timeout=timeout)
+
+    def changed(
+        self, name: str, action: str, do: Callable[[], object] | None = None, diff: str = ""
+    ) -> Step:
+        """A change the role decided on, said once as an action ('install sshd (apt-get)').
+
+        Under --check: 'would install sshd (apt-get)', and `do` is not called. Otherwise `do`
+        (when given) makes the change; a Step it returns is the outcome (failed, ok, or changed
+        with what it found out), anything else reads 'installed sshd (apt-get)'.
+        """
+        if self.check:
+            return Step("", name, "changed", f"would {action}", diff)
+        outcome = do() if do is not None else None
+        if isinstance(outcome, Step):
+            return outcome
+        return Step("", name, "changed", past(action), diff)
 
     def read_file(self, path: str) -> bytes | None:
         try:
@@ -217,7 +252,7 @@ def run_roles(host: Host, roles: list[Role], flags: Mapping[str, Any] | None = N
             host.role, host.notified = role, []
             if not role.module.applies(cfg, host):
                 continue
-            if not _apply(host, role, cfg, record):
+            if not apply_role(host, role, cfg, record):
                 break
     except (NodeError, *NODE_IO_ERRORS) as e:
         e = host.conn.failure(e)
@@ -229,7 +264,13 @@ def run_roles(host: Host, roles: list[Role], flags: Mapping[str, Any] | None = N
     return out
 
 
-def _apply(host: Host, role: Role, cfg, record) -> bool:
+def apply_role(
+    host: Host, role: Role, cfg: Mapping[str, Any], record: Callable[[Step], None]
+) -> bool:
+    """One role on one node: its steps, then each handler it notified, once. False when a step
+    failed: the role's later steps and its handlers do not run (nor, in run_roles, later roles).
+    A node or command error inside the role is its failed step; an unreachable node raises."""
+    host.role, host.notified = role, []
     try:
         for step in role.module.apply(host, cfg):
             record(Step(role.name, step.name, step.status, step.reason, step.diff))

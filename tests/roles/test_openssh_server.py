@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ddpfleet import inventory as inv
 from ddpfleet.roles import load_role
-from tests.roles.fakehost import FACTS, FakeHost, apply
+from tests.roles.fakehost import FACTS, FakeHost, apply, template
 
 ROLE = load_role("openssh_server").module
 CONTROLLER = ROLE.controller
@@ -68,8 +68,7 @@ def lines(state=OPENSSH_92, user="root", **cfg) -> list[tuple[str, str]]:
 
 
 def dropin_text(state=OPENSSH_92, user="root", **cfg) -> str:
-    h = FakeHost(role=load_role("openssh_server"))
-    return h.template("hardening.conf.j2", settings=lines(state, user, **cfg))
+    return template("openssh_server", "hardening.conf.j2", settings=lines(state, user, **cfg))
 
 
 def sshd_T(pairs: list[tuple[str, str]]) -> dict[str, str]:
