@@ -203,8 +203,9 @@ def test_turning_it_off_removes_every_recorded_users_files(inventory):
     state = {**settled(inventory, public_line(), marker="alice bob"), "root_legacy": "1"}
     h = node(inventory, state)
     h.files[PEERS.KNOWN_HOSTS] = f"x\n{CONTROLLER.BEGIN}\nold\n{CONTROLLER.END}\n".encode()
-    statuses, _ = run(h, cluster_ssh=False)
+    statuses, steps = run(h, cluster_ssh=False)
     assert statuses == [("node-to-node ssh", "changed")]
+    assert steps[0].reason.startswith("removed alice's cluster key")
     forgotten = [c for c in h.changes if "getent passwd" in c]
     assert [c.split(" sh ")[-1].split()[0] for c in forgotten] == ["alice", "bob", "root"]
     assert h.written[PEERS.KNOWN_HOSTS] == b"x\n"
