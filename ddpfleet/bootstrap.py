@@ -17,7 +17,8 @@ from ddpfleet import report
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private, private_dir
-from ddpfleet.roles import Host, NodeRun, Role, Step, run_roles
+from ddpfleet.role_settings import Role
+from ddpfleet.roles import Host, NodeRun, Step, run_roles
 
 # Root-only (0700): a world-writable /run/lock would let any local user, such as the notebook
 # user, hold the lock forever and block every bootstrap of the node.

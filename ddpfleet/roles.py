@@ -1,40 +1,46 @@
 """The roles engine: roles in order on every node, nodes in parallel, steps reported.
 
-A role is a directory roles/<name>/ with
+A role is a directory roles/<name>/ (loaded by role_settings, which also resolves its settings):
     role.py        SECTION (its inventory section), applies(cfg, host) -> bool,
                    apply(host, cfg) -> Iterator[Step], optional HANDLERS {name: fn(host, cfg)}
     defaults.yaml  every knob, prefixed with the role name (miniconda_prefix: /opt/miniconda3)
     templates/     jinja2 templates, rendered with host.template(name, **vars)
+    files/         files sent as they are (host.role.directory / "files" / name)
 
-cfg is the role's resolved settings, unprefixed and read-only:
-    defaults.yaml  <  inventory section (miniconda: {prefix: ...})  <  node vars (miniconda_prefix)
+cfg is the role's resolved settings, unprefixed and read-only (precedence: role_settings.py).
 
-A role reads what it needs through `host` (probe/run never change anything), changes the node
-only through host.change()/host.put() (both no-ops under --check), and yields one Step per thing
-it looked after: ok (already right), changed, skipped (with why) or failed.
+A role reads what it needs through `host` (probe/run never change anything) and yields one Step
+per thing it looked after: ok (already right), changed, skipped (with why) or failed. Check mode
+is the engine's: a role changes the node only through host.change()/host.put() (no-ops under
+--check), and says each change once, as an action, through host.changed(name, "install sshd",
+do): under --check the step reads "would install sshd" and `do` is not called; otherwise `do`
+makes the change and the step reads "installed sshd" (or is the Step `do` returned).
+A failed step ends its role, and then its node's run: later roles and the role's handlers do
+not run. Handlers a role notified run once, after its last step.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
-import importlib.util
 import posixpath
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import MappingProxyType, ModuleType
-from typing import Any, Callable, Iterator, Mapping
-
-import yaml
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from ddpfleet.connection import NODE_IO_ERRORS, Conn, Result
-from ddpfleet.errors import CommandError, DdpfleetError, InventoryError, NodeError
+from ddpfleet.errors import CommandError, DdpfleetError, NodeError
 from ddpfleet.facts import FACTS_SCRIPT, parse_facts
-from ddpfleet.inventory import Inventory, Node, _did_you_mean
+from ddpfleet.inventory import Inventory, Node
+from ddpfleet.role_settings import (  # noqa: F401  (re-exported: roles and tests import them here)
+    ROLE_ORDER,
+    ROLES_DIR,
+    Role,
+    load_role,
+    select_roles,
+    validate_sections,
+)
 
-ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
-ROLE_ORDER = ("openssh_server", "miniconda", "conda_env", "venv_env", "jupyter")
 STATUSES = ("ok", "changed", "failed", "skipped")
 
 
@@ -63,73 +69,15 @@ def failed(name: str, reason: str) -> Step:
     return Step("", name, "failed", reason)
 
 
-# -- loading roles and their settings --------------------------------------------------------
+# Past tenses that are not the verb + "ed"/"d"; the first word of every action must be a verb.
+IRREGULAR = {"write": "wrote", "run": "ran", "send": "sent", "make": "made", "stop": "stopped"}
 
 
-@dataclass(frozen=True)
-class Role:
-    name: str
-    module: ModuleType
-    defaults: Mapping[str, Any]  # unprefixed
-    directory: Path
-
-    @property
-    def section(self) -> str:
-        return getattr(self.module, "SECTION", self.name)
-
-    def config(self, inventory: Inventory, node: Node, flags: Mapping[str, Any] | None = None
-               ) -> Mapping[str, Any]:
-        """defaults < inventory section < node vars (prefixed) < task flags."""
-        cfg = dict(self.defaults)
-        cfg.update({k: v for k, v in inventory.section(self.section).items() if k in cfg})
-        prefix = self.name + "_"
-        cfg.update({k[len(prefix):]: v for k, v in node.vars.items() if k.startswith(prefix)})
-        cfg.update(flags or {})
-        return MappingProxyType(cfg)
-
-
-@functools.lru_cache(maxsize=None)
-def load_role(name: str, roles_dir: Path = ROLES_DIR) -> Role:
-    directory = roles_dir / name
-    spec = importlib.util.spec_from_file_location(f"ddpfleet_role_{name}", directory / "role.py")
-    if spec is None or not (directory / "role.py").is_file():
-        raise InventoryError(f"--roles: no role {name!r} (roles/{name}/role.py missing)")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    raw = yaml.safe_load((directory / "defaults.yaml").read_text()) or {}
-    prefix = name + "_"
-    defaults = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
-    return Role(name, module, MappingProxyType(defaults), directory)
-
-
-def select_roles(only: str | None = None, skip: str | None = None) -> list[Role]:
-    names = list(ROLE_ORDER)
-    wanted = _split(only) or names
-    skipped_names = _split(skip)
-    for flag, given in (("--roles", wanted), ("--skip-roles", skipped_names)):
-        for n in given:
-            if n not in names:
-                raise InventoryError(f"{flag}: unknown role {n!r}{_did_you_mean(n, names)}; "
-                                     f"roles: {', '.join(names)}")
-    return [load_role(n) for n in names if n in wanted and n not in skipped_names]
-
-
-def validate_sections(inventory: Inventory, roles: list[Role]) -> None:
-    """Unknown keys in a role section are inventory mistakes: name the line and the fix."""
-    known: dict[str, set[str]] = {}
-    for role in [load_role(n) for n in ROLE_ORDER if (ROLES_DIR / n / "role.py").is_file()]:
-        known.setdefault(role.section, set()).update(role.defaults)
-    for section, keys in known.items():
-        for key in inventory.section(section):
-            if key not in keys:
-                raise InventoryError(
-                    f"{inventory.where(section, key)}: {section}.{key}: unknown key"
-                    f"{_did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
-                )
-
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+def past(action: str) -> str:
+    """'install sshd' -> 'installed sshd': how a change reads once it is made."""
+    verb, space, rest = action.partition(" ")
+    done = IRREGULAR.get(verb) or verb + ("d" if verb.endswith("e") else "ed")
+    return done + space + rest
 
 
 # -- what a role sees ------------------------------------------------------------------------
@@ -147,6 +95,7 @@ class Host:
     role: Role | None = None
     notified: list[str] = field(default_factory=list)
     on_progress: Callable[[str], None] = lambda text: None
+    changes: list[str] = field(default_factory=list)  # commands that changed the node, in order
 
     @property
     def name(self) -> str:
@@ -175,8 +124,26 @@ class Host:
         """A command that changes the node; skipped under --check (returns None)."""
         if self.check:
             return None
-        self.on_progress(command if isinstance(command, str) else " ".join(command))
+        text = command if isinstance(command, str) else " ".join(command)
+        self.changes.append(text)
+        self.on_progress(text)
         return self.conn.run(command, stdin=stdin, check=check, timeout=timeout)
+
+    def changed(
+        self, name: str, action: str, do: Callable[[], object] | None = None, diff: str = ""
+    ) -> Step:
+        """A change the role decided on, said once as an action ('install sshd (apt-get)').
+
+        Under --check: 'would install sshd (apt-get)', and `do` is not called. Otherwise `do`
+        (when given) makes the change; a Step it returns is the outcome (failed, ok, or changed
+        with what it found out), anything else reads 'installed sshd (apt-get)'.
+        """
+        if self.check:
+            return Step("", name, "changed", f"would {action}", diff)
+        outcome = do() if do is not None else None
+        if isinstance(outcome, Step):
+            return outcome
+        return Step("", name, "changed", past(action), diff)
 
     def read_file(self, path: str) -> bytes | None:
         try:
@@ -285,7 +252,7 @@ def run_roles(host: Host, roles: list[Role], flags: Mapping[str, Any] | None = N
             host.role, host.notified = role, []
             if not role.module.applies(cfg, host):
                 continue
-            if not _apply(host, role, cfg, record):
+            if not apply_role(host, role, cfg, record):
                 break
     except (NodeError, *NODE_IO_ERRORS) as e:
         e = host.conn.failure(e)
@@ -297,7 +264,13 @@ def run_roles(host: Host, roles: list[Role], flags: Mapping[str, Any] | None = N
     return out
 
 
-def _apply(host: Host, role: Role, cfg, record) -> bool:
+def apply_role(
+    host: Host, role: Role, cfg: Mapping[str, Any], record: Callable[[Step], None]
+) -> bool:
+    """One role on one node: its steps, then each handler it notified, once. False when a step
+    failed: the role's later steps and its handlers do not run (nor, in run_roles, later roles).
+    A node or command error inside the role is its failed step; an unreachable node raises."""
+    host.role, host.notified = role, []
     try:
         for step in role.module.apply(host, cfg):
             record(Step(role.name, step.name, step.status, step.reason, step.diff))

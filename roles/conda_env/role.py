@@ -21,9 +21,10 @@ import hashlib
 import json
 import shlex
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
+from ddpfleet.roles import Host, Step, failed, load_role, ok, skipped
 
 SECTION = "python_env"
 SPEC_FILE = ".ddpfleet-spec.sha256"
@@ -101,6 +102,10 @@ def render(host, cfg: Mapping[str, Any], chans: list[str], cpu: bool) -> str:
     )
 
 
+def env_path(prefix: str, cfg: Mapping[str, Any]) -> str:
+    return f"{prefix}/envs/{cfg['name']}"
+
+
 def describe(record: Mapping[str, Any]) -> str:
     return (
         f"torch {record.get('torch')}, CUDA {record.get('cuda') or 'none'}, "
@@ -109,21 +114,46 @@ def describe(record: Mapping[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True)
 class Env:
-    """One apply's view of the env (a plain class: role.py is not in sys.modules)."""
+    """One apply's view of the env: its settings, the rendered spec and what the probe said."""
 
-    def __init__(self, host, cfg: Mapping[str, Any]):
-        self.host, self.cfg = host, cfg
-        self.miniconda = miniconda_cfg(host)
-        self.prefix = self.miniconda["prefix"]
-        self.path = f"{self.prefix}/envs/{cfg['name']}"
-        self.conda = f"{self.prefix}/bin/conda"
-        self.yml = f"{self.prefix}/ddpfleet/{cfg['name']}.environment.yml"
-        self.cpu = cpu_only(cfg, host.facts)
-        self.channels = channels(cfg, self.miniconda["flavor"], self.cpu)
-        self.text = render(host, cfg, self.channels, self.cpu)
-        self.digest = hashlib.sha256(self.text.encode()).hexdigest()
-        self.state = host.probe(shlex.join(["sh", "-c", PROBE, "sh", self.prefix, self.path]))
+    host: Host
+    cfg: Mapping[str, Any]
+    miniconda: Mapping[str, Any]  # the miniconda role's settings for this node
+    cpu: bool
+    channels: list[str]
+    text: str  # the rendered environment.yml
+    state: Mapping[str, str]
+
+    @classmethod
+    def read(cls, host: Host, cfg: Mapping[str, Any]) -> Env:
+        miniconda = miniconda_cfg(host)
+        cpu = cpu_only(cfg, host.facts)
+        chans = channels(cfg, miniconda["flavor"], cpu)
+        prefix = miniconda["prefix"]
+        state = host.probe(shlex.join(["sh", "-c", PROBE, "sh", prefix, env_path(prefix, cfg)]))
+        return cls(host, cfg, miniconda, cpu, chans, render(host, cfg, chans, cpu), state)
+
+    @property
+    def prefix(self) -> str:
+        return self.miniconda["prefix"]
+
+    @property
+    def path(self) -> str:
+        return env_path(self.prefix, self.cfg)
+
+    @property
+    def conda(self) -> str:
+        return f"{self.prefix}/bin/conda"
+
+    @property
+    def yml(self) -> str:
+        return f"{self.prefix}/ddpfleet/{self.cfg['name']}.environment.yml"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
 
     @property
     def variant(self) -> str:
@@ -143,7 +173,7 @@ class Env:
 
 
 def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
-    env = Env(host, cfg)
+    env = Env.read(host, cfg)
     if env.current and env.record:
         yield ok("environment.yml", f"spec {env.digest[:12]} ({env.variant})")
         yield ok("env", f"{env.path} matches its spec")
@@ -172,6 +202,7 @@ def _preflight(env: Env) -> Step | None:
             f"Anaconda's defaults (repo.anaconda.com), whose Terms of Service have "
             f"not been accepted, so conda would stop with {TOS_ERROR}; {TOS_HINT}",
         )
+    # Under --check the miniconda role only said it would install conda: nothing to refuse yet.
     if not env.state.get("conda") and not env.host.check:
         return failed(
             "env",
@@ -186,7 +217,7 @@ def _spec_file(env: Env) -> Step:
     what = f"{env.yml}: spec {env.digest[:12]} ({env.variant})"
     if not wrote:
         return ok("environment.yml", what)
-    return changed("environment.yml", ("would write " if env.host.check else "wrote ") + what, diff)
+    return env.host.changed("environment.yml", f"write {what}", diff=diff)
 
 
 def _env(env: Env) -> Step | None:
@@ -201,20 +232,22 @@ def _env(env: Env) -> Step | None:
     else:
         why = "absent"
         verb, argv = "create", [env.conda, "env", "create", "-p", env.path, "-f", env.yml]
-    if env.host.check:
-        return changed("env", f"would {verb} {env.path} ({why})")
+    return env.host.changed("env", f"{verb} {env.path} ({why})", lambda: _conda(env, verb, argv))
+
+
+def _conda(env: Env, verb: str, argv: list[str]) -> Step | None:
     result = env.host.change(argv, check=False, timeout=3600)
-    if not result.ok:
-        out = result.stderr + result.stdout
-        if TOS_ERROR in out:
-            return failed(
-                "env",
-                f"conda stopped with {TOS_ERROR}: a channel's Terms of "
-                f"Service are not accepted; {TOS_HINT}",
-            )
-        tail = " | ".join(out.strip().splitlines()[-3:])
-        return failed("env", f"conda env {verb} failed for {env.path}: {tail}")
-    return changed("env", f"{verb}d {env.path} ({why})")
+    if result.ok:
+        return None
+    out = result.stderr + result.stdout
+    if TOS_ERROR in out:
+        return failed(
+            "env",
+            f"conda stopped with {TOS_ERROR}: a channel's Terms of "
+            f"Service are not accepted; {TOS_HINT}",
+        )
+    tail = " | ".join(out.strip().splitlines()[-3:])
+    return failed("env", f"conda env {verb} failed for {env.path}: {tail}")
 
 
 def _verify(env: Env) -> Step:

@@ -23,12 +23,13 @@ import difflib
 import json
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ddpfleet import jupyter
 from ddpfleet.errors import CommandError, DdpfleetError
 from ddpfleet.jupyter import NodeState, Secret, Settings
-from ddpfleet.roles import Step, changed, failed, ok, skipped
+from ddpfleet.roles import Host, Step, changed, failed, ok, skipped
 
 SECTION = "jupyter"
 RESTART = "restart jupyter"
@@ -83,16 +84,21 @@ def redact(text: str) -> str:
     return re.sub(r"(argon2:|sha1:)[^\"\s]*", r"\1***", text)
 
 
+@dataclass
 class Run:
-    """One apply's view of the node, handed from step to step (a plain class: the engine loads
-    role.py outside sys.modules, where dataclasses cannot resolve postponed annotations)."""
+    """One apply's view of the node, handed from step to step. Not frozen: a step leaves what it
+    learned for the ones after it (the state after useradd, the config file, the hash)."""
 
-    def __init__(self, host, cfg: Mapping[str, Any], s: Settings):
-        self.host, self.cfg, self.s = host, cfg, s
-        self.state: NodeState = jupyter.read_state(host, s)
-        self.current: str | None = None  # the config file's text, when the user can read it
-        self.mode_owner = ""
-        self.hashed = ""
+    host: Host
+    cfg: Mapping[str, Any]
+    s: Settings
+    state: NodeState = field(init=False)
+    current: str | None = None  # the config file's text, when the user can read it
+    mode_owner: str = ""
+    hashed: str = ""
+
+    def __post_init__(self) -> None:
+        self.state = jupyter.read_state(self.host, self.s)
 
     @property
     def home(self) -> str:
@@ -108,9 +114,6 @@ class Run:
 
     def as_user(self, argv: list[str]) -> list[str]:
         return jupyter.as_user(self.s, self.state, self.home, argv)
-
-    def did(self, text: str) -> str:
-        return "would " + text if self.host.check else text
 
 
 def resolve(host, cfg: Mapping[str, Any]) -> Settings:
@@ -148,26 +151,23 @@ def _user(run: Run) -> Step:
         return failed(
             "user", f"no user {s.user} on the node: create it, or set jupyter.create_user: true"
         )
-    run.host.change(
-        [
-            "useradd",
-            "--create-home",
-            "--shell",
-            "/bin/bash",
-            "--comment",
-            "Jupyter (ddpfleet)",
-            s.user,
-        ]
-    )
-    if not run.host.check:
+
+    def create() -> None:
+        run.host.change(
+            ["useradd", "--create-home", "--shell", "/bin/bash", "--comment",
+             "Jupyter (ddpfleet)", s.user]
+        )
         run.state = jupyter.read_state(run.host, s)
-    return changed("user", run.did(f"create {s.user} (no password: notebooks are its only way in)"))
+
+    return run.host.changed(
+        "user", f"create {s.user} (no password: notebooks are its only way in)", create
+    )
 
 
 def _jupyterlab(run: Run) -> Step:
     if run.state.lab:
         return ok("jupyterlab", run.s.lab)
-    if run.host.check:
+    if run.host.check:  # the env role only said it would install it
         return skipped("jupyterlab", f"no {run.s.lab} yet; the env role would install it")
     return failed(
         "jupyterlab",
@@ -177,20 +177,24 @@ def _jupyterlab(run: Run) -> Step:
 
 
 def _root_dir(run: Run) -> Step:
-    root = run.root_dir
+    root, action = run.root_dir, f"create {run.root_dir} as {run.s.user}"
     if not run.state.uid:  # --check, the user is still to be made
-        return changed("root_dir", f"would create {root}")
+        return run.host.changed("root_dir", action)
     if run.host.run(run.as_user(["test", "-d", root, "-a", "-w", root]), check=False).ok:
         return ok("root_dir", root)
-    result = run.host.change(run.as_user(["sh", "-c", MKDIR_SH, "sh", root]), check=False)
-    if result is not None and not result.ok:
+
+    def make() -> Step | None:
+        result = run.host.change(run.as_user(["sh", "-c", MKDIR_SH, "sh", root]), check=False)
+        if result.ok:
+            return None
         return failed(
             "root_dir",
             f"{run.s.user} cannot make or write {root} "
             f"({result.stderr.strip() or 'not writable'}): create it owned by "
             f"{run.s.user}, or set jupyter.root_dir",
         )
-    return changed("root_dir", run.did(f"create {root} as {run.s.user}"))
+
+    return run.host.changed("root_dir", action, make)
 
 
 def _password(run: Run) -> Step:
@@ -246,13 +250,15 @@ def _config(run: Run) -> Step:
         return ok("config", f"{run.config_path} ({want})")
     diff = _diff(run.config_path, run.current, content) if run.host.diff else ""
     directory = run.config_path.rsplit("/", 1)[0]
-    if run.state.uid:
-        run.host.change(
-            run.as_user(["sh", "-c", WRITE_SH, "sh", directory, run.config_path]), stdin=content
-        )
+
+    def write() -> None:
+        argv = run.as_user(["sh", "-c", WRITE_SH, "sh", directory, run.config_path])
+        run.host.change(argv, stdin=content)
+
     if run.state.running:
         run.host.notify(RESTART)
-    return changed("config", run.did(f"write {run.config_path} (0600, {run.s.user})"), diff)
+    action = f"write {run.config_path} (0600, {run.s.user})"
+    return run.host.changed("config", action, write, diff)
 
 
 def _diff(path: str, old: str | None, new: str) -> str:
@@ -284,7 +290,7 @@ def _service_files(run: Run) -> Step:
             host.notify(RESTART)
     if not made:
         return ok("service files", f"{jupyter.SUPERVISOR} (no systemd: supervised process)")
-    return changed("service files", run.did("write " + ", ".join(made)))
+    return host.changed("service files", "write " + ", ".join(made))
 
 
 def _unit(run: Run) -> Step:
@@ -304,7 +310,7 @@ def _unit(run: Run) -> Step:
     run.host.change(["systemctl", "daemon-reload"])
     if run.state.running:
         run.host.notify(RESTART)
-    return changed("service files", run.did(f"write {jupyter.UNIT_PATH}"), diff)
+    return run.host.changed("service files", f"write {jupyter.UNIT_PATH}", diff=diff)
 
 
 def _service(run: Run) -> Step:
@@ -312,8 +318,8 @@ def _service(run: Run) -> Step:
     if state.systemd and state.unit_enabled != "enabled":
         run.host.change(["systemctl", "enable", jupyter.SERVICE])
         if state.running:
-            return changed(
-                "service", run.did(f"enable {jupyter.SERVICE} (running, pid {state.pid})")
+            return run.host.changed(
+                "service", f"enable {jupyter.SERVICE} (running, pid {state.pid})"
             )
     if state.running and state.port_open and state.pid:
         return _running(run)
@@ -343,13 +349,15 @@ def _running(run: Run) -> Step:
 def _start(run: Run, verb: str) -> Step:
     if RESTART in run.host.notified:  # a fresh start reads the new files anyway
         run.host.notified.remove(RESTART)
-    if run.state.systemd:
-        run.host.change(["systemctl", "start", jupyter.SERVICE])
-    else:
-        run.host.change(jupyter.start_command(run.s, run.state, run.root_dir))
-    if run.host.check:
-        return changed("service", f"would start Jupyter on 127.0.0.1:{run.s.port}")
-    return _wait(run, verb)
+
+    def start() -> Step:
+        if run.state.systemd:
+            run.host.change(["systemctl", "start", jupyter.SERVICE])
+        else:
+            run.host.change(jupyter.start_command(run.s, run.state, run.root_dir))
+        return _wait(run, verb)
+
+    return run.host.changed("service", f"start Jupyter on 127.0.0.1:{run.s.port}", start)
 
 
 def _wait(run: Run, verb: str, name: str = "service") -> Step:
@@ -376,15 +384,16 @@ def _wait(run: Run, verb: str, name: str = "service") -> Step:
 def restart(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
     """Once per run, after the role: the config or the service's definition changed."""
     run = Run(host, cfg, resolve(host, cfg))
-    if run.state.systemd:
-        host.change(["systemctl", "restart", jupyter.SERVICE])
-    else:
-        host.change(jupyter.stop_command(run.state))
-        host.change(jupyter.start_command(run.s, run.state, run.root_dir))
-    if host.check:
-        yield changed("restart", "would restart Jupyter")
-        return
-    yield _wait(run, "restarted: config changed", name="restart")
+
+    def restart_now() -> Step:
+        if run.state.systemd:
+            host.change(["systemctl", "restart", jupyter.SERVICE])
+        else:
+            host.change(jupyter.stop_command(run.state))
+            host.change(jupyter.start_command(run.s, run.state, run.root_dir))
+        return _wait(run, "restarted: config changed", name="restart")
+
+    yield host.changed("restart", "restart Jupyter", restart_now)
 
 
 HANDLERS = {RESTART: restart}

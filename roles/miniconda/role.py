@@ -121,10 +121,6 @@ def installer_for(cfg: Mapping[str, Any], arch: str, root: Path) -> Installer | 
     return found
 
 
-def did(host, action: str, done: str) -> str:
-    return f"would {action}" if host.check else done
-
-
 # -- apply -------------------------------------------------------------------------------------
 
 
@@ -161,8 +157,14 @@ def _fetch(host, installer: Installer, remote: str, state: Mapping[str, str]) ->
     if state.get("installer") == installer.sha256:
         return ok("installer", f"{remote} already on the node (sha256 ok)")
     how = "upload" if installer.path else "download"
-    if host.check:
-        return changed("installer", f"would {how} {installer.where} and check its sha256")
+    return host.changed(
+        "installer",
+        f"{how} {installer.where} and check its sha256",
+        lambda: _send(host, installer, remote, state, how),
+    )
+
+
+def _send(host, installer: Installer, remote: str, state: Mapping[str, str], how: str) -> Step:
     part = remote + ".part"
     host.change(["mkdir", "-p", remote.rsplit("/", 1)[0]])
     if installer.path is not None:
@@ -210,13 +212,9 @@ def _download(host, url: str, part: str, tool: str) -> str:
 
 
 def _upload(host, local: Path, remote: str) -> None:
-    """Streamed over the node's SFTP channel (an installer is ~100 MB); FakeHost has no conn."""
-    conn = getattr(host, "conn", None)
-    if conn is None:
-        host.put(remote, local.read_bytes(), mode=0o600)
-        return
-    getattr(host, "on_progress", lambda text: None)(f"upload {local.name}")
-    conn.sftp().put(str(local), remote)
+    """Streamed over the node's SFTP channel (an installer is ~100 MB)."""
+    host.on_progress(f"upload {local.name}")
+    host.conn.sftp().put(str(local), remote)
 
 
 def _install(host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str], sha256: str
@@ -229,12 +227,14 @@ def _install(host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str]
         if repair
         else f"installed into {prefix}"
     )
-    if host.check:
-        return changed(
-            "install",
-            f"would run bash {remote} -b -p {prefix}"
-            + (" -u (half-installed prefix)" if repair else ""),
-        )
+    return host.changed(
+        "install",
+        f"run bash {remote} -b -p {prefix}" + (" -u (half-installed prefix)" if repair else ""),
+        lambda: _run_installer(host, prefix, remote, sha256, repair, why),
+    )
+
+
+def _run_installer(host, prefix: str, remote: str, sha256: str, repair: bool, why: str) -> Step:
     host.change(sh(INSTALL, sha256, remote, "-b", "-p", prefix, *(["-u"] if repair else [])),
                 timeout=1800)
     check = host.run([f"{prefix}/bin/conda", "--version"], check=False)
@@ -258,8 +258,12 @@ def _tos(host, cfg: Mapping[str, Any], state: Mapping[str, str]) -> Step:
         )
     if state.get("tos"):
         return ok("terms of service", "accepted for pkgs/main and pkgs/r (--system)")
-    if host.check:
-        return changed("terms of service", "would accept for pkgs/main and pkgs/r (--system)")
+    return host.changed(
+        "terms of service", "accept for pkgs/main and pkgs/r (--system)", lambda: _accept(host, cfg)
+    )
+
+
+def _accept(host, cfg: Mapping[str, Any]) -> Step:
     conda, notes = f"{cfg['prefix']}/bin/conda", []
     for channel in TOS_CHANNELS:
         argv = [conda, "tos", "accept", "--override-channels", "--channel", channel, "--system"]

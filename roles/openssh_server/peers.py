@@ -20,7 +20,7 @@ import shlex
 from collections.abc import Iterator
 
 from ddpfleet.errors import DdpfleetError
-from ddpfleet.roles import Step, changed, failed, ok
+from ddpfleet.roles import Step, failed, ok
 
 KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 MARKER = "/var/lib/ddpfleet/cluster_ssh_users"  # users whose homes hold ddpfleet's files
@@ -141,9 +141,6 @@ class Peers:
     def probe(self) -> None:
         self.state = self.host.probe(sh(PROBE, self.user, self.key, USER_PROBE))
 
-    def did(self, action: str, done: str) -> str:
-        return f"would {action}" if self.host.check else done
-
     def steps(self) -> Iterator[Step]:
         """The steps in order, each computed after the one before; stops at a failure."""
         if not SAFE_KEY.fullmatch(self.key):
@@ -174,7 +171,7 @@ class Peers:
         if not removed:
             return ok("node-to-node ssh", "off (openssh_server.cluster_ssh: false)")
         what = "; ".join(removed)
-        return changed("node-to-node ssh", self.did(f"remove {what}", f"off: removed {what}"))
+        return self.host.changed("node-to-node ssh", f"remove {what}")
 
     def forget(self, keep: str) -> list[str]:
         """Remove ddpfleet's files from every recorded user but `keep`, and the shared root
@@ -206,7 +203,7 @@ class Peers:
         if user in recorded:
             return ok("cluster user", note)
         self.host.change(sh(RECORD, " ".join([*recorded, user])))
-        return changed("cluster user", self.did(f"record {note}", f"recorded {note}"))
+        return self.host.changed("cluster user", f"record {note}")
 
     def cluster_key(self) -> Step:
         pub = self.c.public_key(self.state.get("pub", ""))
@@ -214,13 +211,15 @@ class Peers:
             return ok("cluster key", f"~{self.user}/.ssh/{self.key} (made on this node)")
         comment = f"ddpfleet-key:{self.host.name}@{self.host.inventory.cluster.name}"
         why = "replace the shared key of older ddpfleet with" if pub else "generate"
-        result = self.host.change(as_user(self.user, KEYGEN, self.key, comment))
-        if result is not None:
+
+        def generate() -> None:
+            result = self.host.change(as_user(self.user, KEYGEN, self.key, comment))
             self.state["pub"] = result.stdout.partition("pub=")[2].strip()
+
         self.state.pop("cert", None)
-        return changed("cluster key", self.did(f"{why} ~{self.user}/.ssh/{self.key} on the node",
-                                               f"{why.replace('generate', 'generated')} "
-                                               f"~{self.user}/.ssh/{self.key} on the node"))
+        return self.host.changed(
+            "cluster key", f"{why} ~{self.user}/.ssh/{self.key} on the node", generate
+        )
 
     def cluster_cert(self) -> Step:
         me = self.c.principal(self.host.node)
@@ -232,13 +231,15 @@ class Peers:
         cert = self.state.get("cert", "")
         if ca and pub and self.c.cert_fits(cert, pub, ca[1], me):
             return ok("cluster cert", f"signed by the cluster CA for {me}")
-        if ca and pub and not self.host.check:
-            key_id = f"ddpfleet-key:{self.host.name}@{self.host.inventory.cluster.name}"
-            line = self.c.sign(ca[0], pub, me, key_id)
-            self.host.change(as_user(self.user, PUT, f"{self.key}-cert.pub", "644"),
-                             stdin=line + "\n")
-        return changed("cluster cert", self.did(f"sign this node's key for {me}",
-                                                f"signed this node's key for {me}"))
+
+        def sign() -> None:
+            if ca and pub:
+                key_id = f"ddpfleet-key:{self.host.name}@{self.host.inventory.cluster.name}"
+                line = self.c.sign(ca[0], pub, me, key_id)
+                self.host.change(as_user(self.user, PUT, f"{self.key}-cert.pub", "644"),
+                                 stdin=line + "\n")
+
+        return self.host.changed("cluster cert", f"sign this node's key for {me}", sign)
 
     def authorized_keys(self) -> Step:
         ca = self.ca()
@@ -246,7 +247,7 @@ class Peers:
         if ca and self.state.get("ak") == sha256(line + "\n"):
             return ok("authorized_keys", note)
         self.host.change(as_user(self.user, AUTHORIZE, line))
-        return changed("authorized_keys", self.did(f"trust {note}", f"trusts {note}"))
+        return self.host.changed("authorized_keys", f"trust {note}")
 
     def known_hosts(self) -> Step:
         nodes = self.peer_nodes()
@@ -258,8 +259,7 @@ class Peers:
         if self.state.get("known_hosts") == sha256(block):
             return ok("known_hosts", f"{KNOWN_HOSTS}: {what}")
         _, diff = self.write_known_hosts(block)
-        return changed("known_hosts", self.did(f"write {what} into {KNOWN_HOSTS}",
-                                               f"wrote {what} into {KNOWN_HOSTS}"), diff)
+        return self.host.changed("known_hosts", f"write {what} into {KNOWN_HOSTS}", diff=diff)
 
     def ssh_config(self) -> Step:
         peers = [self.c.Peer(p.name, *self.c.resolved(p), self.peer_user(p))
@@ -274,22 +274,21 @@ class Peers:
         # ssh_config is first-match-wins too: the block goes on top.
         text = self.c.with_block(current.stdout, block, top=True)
         self.host.change(as_user(self.user, PUT, "config", "600"), stdin=text)
-        return changed("ssh config", self.did(f"write Host entries for {names} into {path}",
-                                              f"wrote Host entries for {names} into {path}"))
+        return self.host.changed("ssh config", f"write Host entries for {names} into {path}")
 
     def cleanup(self) -> Step:
         removed = self.forget(keep=self.user)
         if not removed:
             return ok("cleanup", "nothing left from an earlier setup")
         what = "; ".join(removed)
-        return changed("cleanup", self.did(f"remove {what}", f"removed {what}"))
+        return self.host.changed("cleanup", f"remove {what}")
 
     # -- helpers --------------------------------------------------------------------------------
 
     def ca(self) -> tuple[bytes, str] | None:
         """The cluster CA; made here on the first run (never under --check)."""
         path = self.host.inventory.root / self.cfg["cluster_ca"]
-        return self.c.ca(path, create=not self.host.check)
+        return self.c.ca(path, create=not self.host.check)  # the controller's, not the engine's
 
     def peer_nodes(self) -> tuple:
         """Every node of the inventory file with node-to-node SSH on (not just --nodes)."""

@@ -21,12 +21,10 @@ only, reconciled against the inventory on every run.
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from types import ModuleType
+from dataclasses import dataclass, field
 from typing import Any
 
 import paramiko
@@ -34,21 +32,11 @@ import paramiko
 from ddpfleet import inventory as inv
 from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 from ddpfleet.errors import NodeError
-from ddpfleet.roles import Step, changed, failed, ok
+from ddpfleet.roles import Host, Step, changed, failed, ok
 
-
-def _beside(name: str) -> ModuleType:
-    """A module next to role.py, loaded the way the engine loads role.py (by path)."""
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"ddpfleet_role_openssh_server_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-controller = _beside("cluster")  # cluster CA, trusted host keys, marked blocks
-hardening = _beside("hardening")  # the drop-in's lines: login, session limits, algorithms
-peers = _beside("peers")  # node-to-node SSH on the node
+from . import cluster as controller  # cluster CA, trusted host keys, marked blocks
+from . import hardening  # the drop-in's lines: login, session limits, algorithms
+from . import peers  # node-to-node SSH on the node
 
 SECTION = "openssh_server"
 WHAT = "key-only login, session limits, audited algorithms"  # what the drop-in does, in steps
@@ -159,16 +147,21 @@ def fresh_login(node: inv.Node, timeout: float) -> str:
 # -- apply -------------------------------------------------------------------------------------
 
 
+@dataclass
 class Target:
-    """One apply's view: the host, the settings, what the probe said. (A plain class: the
-    engine loads role.py without registering it in sys.modules, which dataclasses need.)"""
+    """One apply's view: the host, the settings, what the probe said. Not frozen: steps leave
+    what they learned for the ones after them (a fresh probe, the drop-in, a reload owed)."""
 
-    def __init__(self, host, cfg: Mapping[str, Any]):
-        self.host, self.cfg = host, cfg
-        self.unit = unit(host.facts)
-        self.state: dict[str, str] = {}
-        self.lines: list[tuple[str, str]] = []
-        self.dropin_text = ""
+    host: Host
+    cfg: Mapping[str, Any]
+    state: dict[str, str] = field(default_factory=dict)
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    dropin_text: str = ""
+    reload: bool = False  # the drop-in is installed but no fresh login has proven it yet
+
+    @property
+    def unit(self) -> str:
+        return unit(self.host.facts)
 
     def render(self) -> str:
         """The drop-in for what the probe said ('' when fine; else why not, naming the key):
@@ -193,9 +186,6 @@ class Target:
     def probe(self) -> None:
         self.state = self.host.probe(sh(PROBE, self.cfg["dropin"], self.unit))
 
-    def did(self, action: str, done: str) -> str:
-        return f"would {action}" if self.host.check else done
-
 
 def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
     node = Target(host, cfg)
@@ -211,7 +201,7 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
         )
         return
     # Node-to-node SSH runs also when off: it removes what an earlier setup left.
-    steps = [_package, _service, _hardening, _peers]
+    steps = [_package, _service, _hardening, _reload, _peers]
     for step_fn in steps:
         out = step_fn(node)
         for step in [out] if isinstance(out, Step) else out:
@@ -229,24 +219,24 @@ def _package(node: Target) -> Step:
     if node.state.get("sshd"):
         return ok("package", f"{node.cfg['package']} installed ({SSHD})")
     facts, pkg = node.host.facts, node.cfg["package"]
-    if is_debian(facts):
-        apt = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", pkg]
-        result = node.host.change(apt, check=False)
-        if result is not None and not result.ok:  # stale or absent package lists
-            node.host.change(["apt-get", "update", "-q"])
-            node.host.change(apt)
-        tool = "apt-get"
-    elif is_redhat(facts):
-        node.host.change(["dnf", "install", "-y", pkg])
-        tool = "dnf"
-    else:
+    tool = "apt-get" if is_debian(facts) else "dnf" if is_redhat(facts) else ""
+    if not tool:
         return failed(
             "package",
             f"no apt-get or dnf on {facts.get('os_id')}: install {pkg} yourself, then run again",
         )
-    if not node.host.check:
+
+    def install() -> None:
+        if tool == "apt-get":
+            apt = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", pkg]
+            if not node.host.change(apt, check=False).ok:  # stale or absent package lists
+                node.host.change(["apt-get", "update", "-q"])
+                node.host.change(apt)
+        else:
+            node.host.change(["dnf", "install", "-y", pkg])
         node.probe()  # the package brings sshd, its host keys and (with systemd) the service
-    return changed("package", node.did(f"install {pkg} ({tool})", f"installed {pkg} ({tool})"))
+
+    return node.host.changed("package", f"install {pkg} ({tool})", install)
 
 
 def _service(node: Target) -> Step:
@@ -254,10 +244,10 @@ def _service(node: Target) -> Step:
     if node.state.get("active") == "active":
         return ok("service", f"{how} running")
     if node.unit:
-        node.host.change(["systemctl", "enable", "--now", node.unit])
+        argv: str | list[str] = ["systemctl", "enable", "--now", node.unit]
     else:
-        node.host.change(sh(f"install -d -m 0755 /run/sshd && {SSHD}"))
-    return changed("service", node.did(f"start {how}", f"started {how}"))
+        argv = sh(f"install -d -m 0755 /run/sshd && {SSHD}")
+    return node.host.changed("service", f"start {how}", lambda: node.host.change(argv))
 
 
 def _hardening(node: Target) -> list[Step]:
@@ -276,7 +266,8 @@ def _hardening(node: Target) -> list[Step]:
         ]
     if node.state.get("dropin") == sha256(node.dropin_text):
         if node.state.get("pending"):  # installed by a run that stopped before its login check
-            return [ok("hardening", f"{dropin} in place, not yet proven"), *_reload(node)]
+            node.reload = True
+            return [ok("hardening", f"{dropin} in place, not yet proven")]
         return [_effective(node)]
     problem = _validate(node)
     if problem:
@@ -288,20 +279,22 @@ def _hardening(node: Target) -> list[Step]:
             )
         ]
     diff = _diff(node) if node.host.diff else ""
-    if node.host.check:
-        return [changed("hardening", f"would install {dropin} ({WHAT}) and reload sshd", diff)]
+    action = f"install {dropin} ({WHAT}) and reload sshd"
+    return [node.host.changed("hardening", action, lambda: _install(node, diff), diff)]
+
+
+def _install(node: Target, diff: str) -> Step:
+    dropin = node.cfg["dropin"]
     result = node.host.change(sh(INSTALL, dropin), stdin=node.dropin_text, check=False)
     if not result.ok:
         tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
-        return [
-            failed(
-                "hardening",
-                f"sshd -t rejected the installed config ({tail}); the "
-                f"previous {dropin} was put back at once",
-            )
-        ]
-    done = changed("hardening", f"installed {dropin} ({WHAT}; sshd -t accepts it)", diff)
-    return [done, *_reload(node)]
+        return failed(
+            "hardening",
+            f"sshd -t rejected the installed config ({tail}); the "
+            f"previous {dropin} was put back at once",
+        )
+    node.reload = True
+    return changed("hardening", f"installed {dropin} ({WHAT}; sshd -t accepts it)", diff)
 
 
 def _host_key_gap(node: Target) -> str:
@@ -328,6 +321,13 @@ def _reload(node: Target) -> list[Step]:
     """Reload, then prove a fresh login works; otherwise undo and reload again. Done right
     after the install, not as an end-of-role handler: a later failed step must not leave a
     new drop-in on disk that sshd never loaded."""
+    if not node.reload:
+        return []
+    action = "reload sshd and check a fresh controller login"
+    return [node.host.changed("reload", action, lambda: _reload_and_login(node))]
+
+
+def _reload_and_login(node: Target) -> Step:
     dropin = node.cfg["dropin"]
     reload = (
         ["systemctl", "reload", node.unit] if node.unit else sh('kill -HUP "$(cat /run/sshd.pid)"')
@@ -336,16 +336,14 @@ def _reload(node: Target) -> list[Step]:
     error = fresh_login(node.host.node, float(node.cfg["login_timeout"]))
     if not error:
         node.host.change(["rm", "-f", f"{dropin}.ddpfleet-prev", f"{dropin}.ddpfleet-pending"])
-        return [changed("reload", "reloaded sshd; a fresh controller login works")]
+        return changed("reload", "reloaded sshd; a fresh controller login works")
     node.host.change(sh(ROLLBACK, dropin))
     node.host.change(reload)
-    return [
-        failed(
-            "login check",
-            f"no fresh login after the reload ({error}); put the previous "
-            f"{dropin} back and reloaded sshd again",
-        )
-    ]
+    return failed(
+        "login check",
+        f"no fresh login after the reload ({error}); put the previous "
+        f"{dropin} back and reloaded sshd again",
+    )
 
 
 def _validate(node: Target) -> str:
@@ -353,8 +351,8 @@ def _validate(node: Target) -> str:
     if not node.state.get("sshd"):
         return ""  # --check before the package: nothing to ask yet
     if not node.state.get("rundir"):
-        if node.host.check:
-            return ""  # sshd -t needs /run/sshd, which --check may not create
+        if node.host.check:  # sshd -t needs /run/sshd, which --check may not create
+            return ""
         node.host.change(["install", "-d", "-m", "0755", "/run/sshd"])
     candidate = node.dropin_text + "\nInclude /etc/ssh/sshd_config\n"
     result = node.host.run([SSHD, "-t", "-f", "/dev/stdin"], stdin=candidate, check=False)

@@ -16,12 +16,13 @@ import json
 import re
 import shlex
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ddpfleet import wheelhouse
 from ddpfleet.errors import CommandError
 from ddpfleet.hygiene import mask_url, mask_urls
-from ddpfleet.roles import Step, changed, failed, ok, skipped
+from ddpfleet.roles import Host, Step, changed, failed, ok, skipped
 from ddpfleet.wheelhouse import Spec, Target
 
 SECTION = "python_env"
@@ -167,16 +168,19 @@ def _record(state: Mapping[str, str]) -> dict:
 # -- apply -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class Env:
-    """One apply's view of the env: what the role decided from the probe, passed to each step.
+    """One apply's view of the env: what the role decided from the probe, passed to each step."""
 
-    A plain class, not a dataclass: the engine loads role.py without registering it in
-    sys.modules, which dataclasses need under postponed annotations.
-    """
+    host: Host
+    cfg: Mapping[str, Any]
+    spec: Spec
+    state: Mapping[str, str]
 
-    def __init__(self, host, cfg: Mapping[str, Any], spec: Spec, state: Mapping[str, str]):
-        self.host, self.cfg, self.spec, self.state = host, cfg, spec, state
-        self.why = drift(state, spec.digest(), cfg["path"])
+    @property
+    def why(self) -> str:
+        """Why the env is not converged ('' when it is)."""
+        return drift(self.state, self.spec.digest(), self.path)
 
     @property
     def path(self) -> str:
@@ -187,18 +191,7 @@ class Env:
         return f"{self.path}/bin/python"
 
     def progress(self, text: str) -> None:
-        getattr(self.host, "on_progress", lambda t: None)(text)
-
-
-PAST = {"install": "installed", "create": "created", "recreate": "recreated"}
-
-
-def _did(env: Env, action: str) -> str:
-    """'create X' -> 'created X', or 'would create X' under --check."""
-    if env.host.check:
-        return "would " + action
-    verb, _, rest = action.partition(" ")
-    return f"{PAST[verb]} {rest}"
+        self.host.on_progress(text)
 
 
 def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
@@ -236,11 +229,13 @@ def _venv_support(env: Env) -> Step | None:
             "python3 has no ensurepip, so `python3 -m venv` cannot "
             "work: install your distribution's python3 venv package",
         )
-    result = env.host.change(APT_VENV, check=False)
-    if result is not None and not result.ok:  # stale or absent package lists
-        env.host.change(["apt-get", "update", "-q"])
-        env.host.change(APT_VENV)
-    return changed("python3-venv", _did(env, "install python3-venv (ensurepip for venv)"))
+
+    def install() -> None:
+        if not env.host.change(APT_VENV, check=False).ok:  # stale or absent package lists
+            env.host.change(["apt-get", "update", "-q"])
+            env.host.change(APT_VENV)
+
+    return env.host.changed("python3-venv", "install python3-venv (ensurepip for venv)", install)
 
 
 def _venv(env: Env) -> Step:
@@ -249,10 +244,13 @@ def _venv(env: Env) -> Step:
     # --clear only where a venv already is (its python no longer runs): never empty a directory
     # that is not a venv.
     clear = ["--clear"] if env.state.get("env_cfg") else []
-    env.host.change(["python3", "-m", "venv", *clear, env.path])
     what = "recreate broken venv" if clear else "create"
     base = env.state.get("base_python", "?")
-    return changed("venv", _did(env, f"{what} {env.path} (python3 {base})"))
+    return env.host.changed(
+        "venv",
+        f"{what} {env.path} (python3 {base})",
+        lambda: env.host.change(["python3", "-m", "venv", *clear, env.path]),
+    )
 
 
 def _wheelhouse(env: Env) -> Step | None:
@@ -260,11 +258,14 @@ def _wheelhouse(env: Env) -> Step | None:
         return None
     target = Target.from_probe(env.state)
     remote = env.cfg["wheelhouse_dir"]
-    if env.host.check:
-        return changed(
-            "wheelhouse",
-            f"would fetch wheels for {target.tag} and send the node the ones {remote} lacks",
-        )
+    return env.host.changed(
+        "wheelhouse",
+        f"fetch wheels for {target.tag} and send the node the ones {remote} lacks",
+        lambda: _send_wheels(env, target, remote),
+    )
+
+
+def _send_wheels(env: Env, target: Target, remote: str) -> Step:
     cache = env.host.inventory.root / ".ddpfleet" / "wheelhouse"
     files = wheelhouse.fetch(cache, env.spec, target, env.progress)
     env.host.change(["mkdir", "-p", remote])
@@ -285,16 +286,18 @@ def _packages(env: Env) -> Step:
     source = "the wheelhouse" if wheel_dir else (mask_url(env.spec.index_url)
                                                  or "pip's configured index")
     what = f"{', '.join(env.spec.requirements)} from {source} ({env.why})"
-    if env.host.check:
-        return changed("packages", f"would install {what}")
-    try:
-        outputs = [env.host.change(argv, stdin=stdin)
-                   for argv, stdin in install_commands(env.python, env.spec, wheel_dir)]
-    except CommandError as e:  # pip's own output masks index passwords; an old pip may not
-        return failed("packages", mask_urls(e.message))
-    if not any("Successfully installed" in r.stdout for r in outputs if r is not None):
-        return ok("packages", f"already satisfied: {', '.join(env.spec.requirements)}")
-    return changed("packages", f"installed {what}")
+
+    def install() -> Step | None:
+        try:
+            outputs = [env.host.change(argv, stdin=stdin)
+                       for argv, stdin in install_commands(env.python, env.spec, wheel_dir)]
+        except CommandError as e:  # pip's own output masks index passwords; an old pip may not
+            return failed("packages", mask_urls(e.message))
+        if not any("Successfully installed" in r.stdout for r in outputs):
+            return ok("packages", f"already satisfied: {', '.join(env.spec.requirements)}")
+        return None
+
+    return env.host.changed("packages", f"install {what}", install)
 
 
 def _verify(env: Env) -> Step:

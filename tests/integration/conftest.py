@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 PREFIX = os.environ.get("DDPFLEET_TEST_PREFIX", "ddpi")
 SUBNET = os.environ.get("DDPFLEET_TEST_SUBNET", "10.215.0.0/24")
-USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()
+USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()  # under the test HOME (../conftest.py)
+# The system ssh takes ~ from the password database, not $HOME: no user config, no default keys.
+HERMETIC = ["-F", "/dev/null", "-o", "IdentitiesOnly=yes"]
 
 
 def second_subnet(subnet: str = SUBNET) -> str:
@@ -75,7 +77,7 @@ class Cluster:
         """The system OpenSSH client, strict host keys, to check what a user would check."""
         d = self.data
         return subprocess.run(
-            ["ssh", "-i", d["ssh"]["key"], "-o", "BatchMode=yes", "-o",
+            ["ssh", *HERMETIC, "-i", d["ssh"]["key"], "-o", "BatchMode=yes", "-o",
              "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={d['ssh']['known_hosts']}",
              "-o", "ConnectTimeout=5", f"root@{self.address(node)}", command],
             capture_output=True, text=True, timeout=timeout, **kw,

@@ -21,7 +21,7 @@ from ddpfleet import inventory as inv
 from ddpfleet.connection import Fleet
 from ddpfleet.errors import CommandError, CommandTimeout, NodeError, Unreachable
 from ddpfleet.roles import Host
-from tests.integration.conftest import INVOKE, ROOT, Cluster
+from tests.integration.conftest import HERMETIC, INVOKE, ROOT, Cluster
 
 
 def _digest(path: Path) -> str:
@@ -86,7 +86,7 @@ def test_trust_refuses_a_key_of_another_type_than_the_pinned_one(cluster: Cluste
     rsa_known = tmp_path / "rsa_known"
     rsa_known.write_text(f"{addr} {' '.join((tmp_path / 'rsa.pub').read_text().split()[:2])}\n")
     d = cluster.data["ssh"]
-    via_rsa = ["-i", d["key"], "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+    via_rsa = [*HERMETIC, "-i", d["key"], "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                "-o", f"UserKnownHostsFile={rsa_known}", "-o", "ConnectTimeout=5"]
     known = _known_copy(cluster, tmp_path)
     invent = _inventory(cluster, tmp_path, known)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import INVOKE, ROOT, Cluster
+from tests.integration.conftest import HERMETIC, INVOKE, ROOT, Cluster
 
 NODES = ("node0", "node1")
 SHORT = "--epochs 2 --steps-per-epoch 4 --batch-size 8"
@@ -173,7 +173,7 @@ def test_killed_controller_takes_the_run_with_it(ready: Cluster):
 
 def _ssh_argv(cluster: Cluster, node: str, command: str) -> list[str]:
     d = cluster.data
-    return ["ssh", "-i", d["ssh"]["key"], "-o", "BatchMode=yes", "-o",
+    return ["ssh", *HERMETIC, "-i", d["ssh"]["key"], "-o", "BatchMode=yes", "-o",
             "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={d['ssh']['known_hosts']}",
             f"root@{cluster.address(node)}", command]
 

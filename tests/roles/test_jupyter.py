@@ -15,7 +15,7 @@ import pytest
 from ddpfleet import jupyter
 from ddpfleet.connection import Result
 from ddpfleet.roles import load_role
-from tests.roles.fakehost import FACTS, FakeHost, apply
+from tests.roles.fakehost import FACTS, FakeHost, apply, template
 
 ROLE = load_role("jupyter").module
 ENV = "/opt/ddpfleet/venv"
@@ -122,6 +122,7 @@ def node(
         diff=diff,
         inventory=SimpleNamespace(root=tmp),
         files=files,
+        modes={jupyter.SUPERVISOR: 0o755},
     )
 
 
@@ -419,7 +420,8 @@ def test_systemd_node_gets_an_enabled_unit(password):
 
 
 def unit_text() -> str:
-    return FakeHost(role=load_role("jupyter")).template(
+    return template(
+        "jupyter",
         "ddpfleet-jupyter.service.j2",
         user="jupyter",
         group="999",

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ddpfleet import inventory as inv
 from ddpfleet.roles import load_role
-from tests.roles.fakehost import FACTS, FakeHost, apply
+from tests.roles.fakehost import FACTS, FakeHost, apply, template
 
 ROLE = load_role("openssh_server").module
 CONTROLLER = ROLE.controller
@@ -68,8 +68,7 @@ def lines(state=OPENSSH_92, user="root", **cfg) -> list[tuple[str, str]]:
 
 
 def dropin_text(state=OPENSSH_92, user="root", **cfg) -> str:
-    h = FakeHost(role=load_role("openssh_server"))
-    return h.template("hardening.conf.j2", settings=lines(state, user, **cfg))
+    return template("openssh_server", "hardening.conf.j2", settings=lines(state, user, **cfg))
 
 
 def sshd_T(pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -248,6 +247,26 @@ def test_pending_install_from_a_cut_short_run_is_reloaded_and_checked(inventory,
     h = node(inventory, {**converged(inventory), "pending": "1"})
     statuses, _ = run(h)
     assert statuses[2:4] == [("hardening", "ok"), ("reload", "changed")]
+
+
+def test_pending_install_under_check_says_it_would_reload_and_logs_in_nowhere(inventory,
+                                                                               monkeypatch):
+    monkeypatch.setattr(ROLE, "fresh_login", lambda node, timeout: pytest.fail("logged in"))
+    h = node(inventory, {**converged(inventory), "pending": "1"}, check=True)
+    statuses, steps = run(h)
+    assert statuses[2:4] == [("hardening", "ok"), ("reload", "changed")]
+    assert steps[3].reason == "would reload sshd and check a fresh controller login"
+    assert h.changes == []
+
+
+def test_a_change_says_what_it_did_and_under_check_what_it_would_do(inventory, logins):
+    state = {**converged(inventory), "sshd": None, "active": None}
+    done = run(node(inventory, state))[1]
+    would = run(node(inventory, state, check=True))[1]
+    assert [s.reason for s in done[:2]] == [
+        "installed openssh-server (apt-get)", "started sshd (pid file /run/sshd.pid)"]
+    assert [s.reason for s in would[:2]] == [
+        "would install openssh-server (apt-get)", "would start sshd (pid file /run/sshd.pid)"]
 
 
 def test_missing_include_fails_before_anything_is_written(inventory):

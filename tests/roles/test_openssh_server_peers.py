@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ddpfleet import inventory as inv
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.roles import load_role
-from tests.roles.fakehost import FakeHost
+from tests.roles.fakehost import FakeHost, apply
 from tests.roles.test_openssh_server import OFF, converged, host_key, lines, text
 
 ROLE = load_role("openssh_server")
@@ -49,16 +49,18 @@ def inventory(tmp_path) -> inv.Inventory:
 
 
 class Node(FakeHost):
-    """FakeHost that also keeps what each change sent on stdin (the certificate, ssh config)."""
+    """FakeHost that also keeps, in order, what each command got on stdin (the certificate,
+    the ssh config)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.stdins: list[tuple[str, str]] = []
 
-    def change(self, command, stdin=None, check=True, timeout=None):
-        if not self.check and stdin is not None:
-            self.stdins.append((command, stdin if isinstance(stdin, str) else stdin.decode()))
-        return super().change(command, stdin=stdin, check=check, timeout=timeout)
+    def run(self, command, stdin=None, check=True, timeout=None):
+        if stdin is not None:
+            text = command if isinstance(command, str) else " ".join(command)
+            self.stdins.append((text, stdin if isinstance(stdin, str) else stdin.decode()))
+        return super().run(command, stdin=stdin, check=check, timeout=timeout)
 
 
 # What the role passes: the algorithm lines of the drop-in for a converged OpenSSH 9.2 node.
@@ -79,7 +81,7 @@ def node(inventory, peers: dict, check: bool = False, keygen: str = "", name: st
 
 
 def peers_of(h: Node, **cfg) -> PEERS.Peers:
-    return PEERS.Peers(SimpleNamespace(host=h, cfg={**ROLE.defaults, **ON, **cfg}), CONTROLLER)
+    return PEERS.Peers(SimpleNamespace(host=h.host, cfg={**ROLE.defaults, **ON, **cfg}), CONTROLLER)
 
 
 def settled(inventory, pub: str, user: str = "alice", marker: str = "alice") -> dict[str, str]:
@@ -91,19 +93,19 @@ def settled(inventory, pub: str, user: str = "alice", marker: str = "alice") -> 
     lines, _ = CONTROLLER.known_host_lines(inventory.nodes)
     peers = [CONTROLLER.Peer(n.name, *CONTROLLER.resolved(n), user) for n in inventory.nodes]
     return {
-        "known_hosts": PEERS.sha256(h.template("known_hosts.j2", lines=lines)),
+        "known_hosts": PEERS.sha256(h.host.template("known_hosts.j2", lines=lines)),
         "marker": marker,
         "user_ok": "1",
         "pub": f"{pub} ddpfleet-key:node0@t",
         "cert": CONTROLLER.sign(ca[0], pub, me, "ddpfleet-key:node0@t"),
         "ak": PEERS.sha256(p.ca_line(ca[1])[0] + "\n"),
-        "ssh_config": PEERS.sha256(h.template("ssh_config.j2", peers=peers, key_name=KEY,
+        "ssh_config": PEERS.sha256(h.host.template("ssh_config.j2", peers=peers, key_name=KEY,
                                                        algorithms=CLIENT_LINES)),
     }
 
 
 def run(h: Node, **cfg):
-    steps = list(ROLE.module.apply(h, {**ROLE.defaults, **ON, **cfg}))
+    steps, _ = apply("openssh_server", h, **{**ON, **cfg})
     return [(s.name, s.status) for s in steps[3:]], steps[3:]
 
 
@@ -201,8 +203,9 @@ def test_turning_it_off_removes_every_recorded_users_files(inventory):
     state = {**settled(inventory, public_line(), marker="alice bob"), "root_legacy": "1"}
     h = node(inventory, state)
     h.files[PEERS.KNOWN_HOSTS] = f"x\n{CONTROLLER.BEGIN}\nold\n{CONTROLLER.END}\n".encode()
-    statuses, _ = run(h, cluster_ssh=False)
+    statuses, steps = run(h, cluster_ssh=False)
     assert statuses == [("node-to-node ssh", "changed")]
+    assert steps[0].reason.startswith("removed alice's cluster key")
     forgotten = [c for c in h.changes if "getent passwd" in c]
     assert [c.split(" sh ")[-1].split()[0] for c in forgotten] == ["alice", "bob", "root"]
     assert h.written[PEERS.KNOWN_HOSTS] == b"x\n"
@@ -283,7 +286,7 @@ def test_an_unreadable_inventory_fails_instead_of_shrinking_the_blocks(inventory
     subset = inventory.select("node0")
     inventory.path.write_text("nodes: [broken\n")
     h = node(subset, state)
-    steps = list(ROLE.module.apply(h, {**ROLE.defaults, **ON}))
+    steps, _ = apply("openssh_server", h, **ON)
     assert steps[-1].status == "failed"
     assert f"cannot read {inventory.path} again to list every node" in steps[-1].reason
     assert h.written == {} and not any("cert-authority" in c for c in h.changes)
@@ -292,7 +295,7 @@ def test_an_unreadable_inventory_fails_instead_of_shrinking_the_blocks(inventory
 def test_the_ssh_config_block_uses_the_drop_ins_algorithms(inventory):
     algorithms = [("KexAlgorithms", "curve25519-sha256"), ("MACs", "hmac-sha2-256-etm@openssh.com")]
     h = node(inventory, {"known_hosts": PEERS.EMPTY_BLOCK, "user_ok": "1"}, keygen=public_line())
-    target = SimpleNamespace(host=h, cfg={**ROLE.defaults, **ON})
+    target = SimpleNamespace(host=h.host, cfg={**ROLE.defaults, **ON})
     list(PEERS.Peers(target, CONTROLLER, algorithms).steps())
     config = next(s for c, s in h.stdins if "'config' 600" in c or " config 600" in c)
     block = config[config.index("Host node0 node1\n") :]
