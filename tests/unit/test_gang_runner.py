@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from ddpfleet import sync
+from ddpfleet.launch import sync
 from ddpfleet.launch import RUNNER_FILES
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the runner needs Linux")

@@ -31,7 +31,7 @@ from pathlib import Path
 from ddpfleet.errors import CommandError, NodeError, PlanError
 
 ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".ddpfleet", ".git")
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 # Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
 # stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
 HELPER_LOADER = ("import sys;b=sys.stdin.buffer;"

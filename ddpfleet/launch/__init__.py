@@ -40,7 +40,8 @@ from types import MappingProxyType
 
 import paramiko
 
-from ddpfleet import report, sync
+from ddpfleet import report
+from ddpfleet.launch import sync
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import DdpfleetError, NodeError, PlanError
 from ddpfleet.hygiene import clean, open_private, private_dir
