@@ -8,8 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import paramiko
-
+from ddpfleet.errors import NodeError
 from ddpfleet.launch.member import HEARTBEAT_S, STOP_GRACE_S, WATCHDOG_S, Member
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
@@ -40,8 +39,8 @@ class Gang:
     def launch(self, m: Member, node: NodePlan, nproc: int, log_path: Path) -> None:
         try:
             m.launch(node, nproc, log_path)
-        except (OSError, EOFError, paramiko.SSHException) as e:
-            m.outcome.why = f"could not start: {e}"
+        except NodeError as e:
+            m.outcome.why = f"could not start: {e.message}"
 
     def on_signal(self, signum, frame) -> None:
         # Only count here: the loop acts on it (a handler must not take locks the loop holds).

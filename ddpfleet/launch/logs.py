@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
+import stat as st
 from collections.abc import Sequence
 from pathlib import Path
 
-import paramiko
-
-from ddpfleet.connection import Conn, Fleet
+from ddpfleet.connection import NODE_IO_ERRORS, Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch.plan import NodePlan, Plan
@@ -26,9 +25,8 @@ def local_log_name(node: NodePlan, nproc: int, rel: str) -> str:
     return f"{node.node}-rank{rank}{attempt}.{m.group(3)}"
 
 
-def _remote_files(sftp: paramiko.SFTPClient, top: str) -> list[str]:
-    import stat as st
-
+def _remote_files(sftp, top: str) -> list[str]:
+    """Every regular file under `top`, through the node's Conn.sftp() client."""
     found, todo = [], [top]
     while todo:
         d = todo.pop()
@@ -57,7 +55,7 @@ def fetch_rank_logs(fleet: Fleet, p: Plan, run_dir: Path, nodes: Sequence[str]
                 local = run_dir / local_log_name(n, p.nproc, path[len(n.log_dir) + 1:])
                 with open_private(local, "wb") as f:
                     sftp.getfo(path, f)
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except NODE_IO_ERRORS as e:  # this node's SFTP (a full disk, a lost channel)
             raise NodeError(conn.name, f"SFTP from {n.log_dir} failed: {e}") from None
         return len(paths)
 

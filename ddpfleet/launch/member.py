@@ -10,9 +10,7 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
-import paramiko
-
-from ddpfleet.connection import Conn
+from ddpfleet.connection import Conn, Session
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
@@ -35,7 +33,7 @@ class Member:
 
     def __init__(self, conn: Conn, python: str, out: Output):
         self.conn, self.python, self.out = conn, python, out
-        self.chan: paramiko.Channel | None = None
+        self.chan: Session | None = None
         self.plan: NodePlan | None = None
         self.nproc = 1
         self.log = None
@@ -62,11 +60,9 @@ class Member:
                                       and self.outcome.state in ("failed", "lost"))
 
     def open(self, ask: Mapping[str, object]) -> None:
-        chan = self.conn.transport.open_session(timeout=self.conn.node.connect_timeout)
-        chan.set_combine_stderr(True)
         # The run id in the runner's own environment too: every process of the run carries it.
         env = shlex.join(["env", f"DDPFLEET_RUN_ID={ask['run_id']}"])
-        chan.exec_command(f"{env} {sync.helper_command(self.python, 'gang_runner.py')}")
+        chan = self.conn.session(f"{env} {sync.helper_command(self.python, 'gang_runner.py')}")
         chan.sendall(b"".join(sync.helper_source(h) for h in RUNNER_FILES)
                      + json.dumps(ask).encode() + b"\n")
         self.chan = chan
@@ -102,10 +98,7 @@ class Member:
         """Treat the node as lost: close its channel. Its runner, if it still hears anything,
         sees EOF and stops the run; a dead peer never confirms, so do not wait for it."""
         self.outcome.why = why
-        try:
-            self.chan.close()
-        except (OSError, EOFError, paramiko.SSHException):
-            pass
+        self.chan.close()
         if not self.done.wait(2):
             self.finish(-1)
 
@@ -114,7 +107,7 @@ class Member:
         if self.chan is not None:
             try:
                 self.chan.shutdown_write()
-            except (OSError, EOFError, paramiko.SSHException):
+            except NodeError:
                 pass
             self.done.wait(5)
             self.chan.close()
@@ -124,7 +117,7 @@ class Member:
         try:
             if self.chan is not None and not self.done.is_set():
                 self.chan.sendall(word.encode() + b"\n")
-        except (OSError, EOFError, paramiko.SSHException):
+        except NodeError:
             pass  # its connection is gone: the pump reports that
 
     def pump(self) -> None:
@@ -137,7 +130,7 @@ class Member:
             for raw in lines.end():
                 self.handle(raw)
             code = self.chan.recv_exit_status()
-        except (OSError, EOFError, paramiko.SSHException):
+        except NodeError:
             code = -1
         self.finish(code)
 

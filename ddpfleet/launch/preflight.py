@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-import paramiko
-
-from ddpfleet.connection import Conn, Fleet
+from ddpfleet.connection import NODE_IO_ERRORS, Conn, Fleet
 from ddpfleet.errors import NodeError, PlanError
 from ddpfleet.hygiene import private_dir
 from ddpfleet.launch import sync
@@ -111,7 +109,7 @@ def reused_run_id(fleet: Fleet, p: Plan) -> list[str]:
             conn.sftp().lstat(p.node(conn.name).log_dir)
         except FileNotFoundError:
             return False
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except NODE_IO_ERRORS as e:
             raise NodeError(conn.name, f"cannot check {p.node(conn.name).log_dir}: {e}") from None
         return True
 

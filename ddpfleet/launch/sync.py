@@ -188,9 +188,7 @@ def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry
     no channel at all, and the node's manifest (`remote`) says whether the script is there."""
     if change.empty:
         return SyncStats(0, 0, 0, script in remote)
-    chan = conn.transport.open_session(timeout=conn.node.connect_timeout)
-    chan.set_combine_stderr(True)
-    chan.exec_command(helper_command(python, "node_helper.py", "apply", code_dir, run_id, script))
+    chan = conn.session(helper_command(python, "node_helper.py", "apply", code_dir, run_id, script))
     chan.sendall(helper_source("node_helper.py"))
     chan.sendall(header(files, change))
     writer = _ChannelWriter(chan)
