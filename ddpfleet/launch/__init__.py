@@ -1,23 +1,28 @@
 """`invoke train`: torchrun on every node as one gang. Plan, preflight, sync, run, collect.
 
-    flags = TrainFlags(nodes=("node0", "node1"), run_id=new_run_id())
-    with Fleet(inventory, nodes) as fleet:
-        train(fleet, flags)          # raises DdpfleetError naming the first failing node
+    config = resolve(inventory, TrainFlags(nodes=("node0", "node1")), log_root)
+    with Fleet(inventory) as fleet:
+        train(fleet, config)          # raises DdpfleetError naming the first failing node
 
-1. plan() is pure: inventory + flags + per-node facts -> per node the exact torchrun argv,
-   environment and working directory, shown as a table before anything starts.
+0. resolve() (config.py) checks every flag against the inventory once, before any connection,
+   into a frozen TrainConfig; nothing below reads the flags again.
+1. plan() (plan.py) is pure: the config + per-node facts -> per node the exact torchrun argv,
+   environment and working directory, shown (display.py) before anything starts.
 2. Preflight, every node in parallel, nothing started on failure, one line per problem:
    one probe per node (env python, torch/CUDA/NCCL versions, GPUs, addresses, the code dir
    claimed and locked for this run with its manifest), a fresh run id, the master port bound
    on the master and connected to from every worker, the script present after the sync
-   (ddpfleet.sync: only what changed, deleting only what it sent itself).
-3. One exec channel per node runs scripts/gang_runner.py, which owns torchrun and everything
+   (sync.py: only what changed, deleting only what it sent itself).
+3. One exec channel per node (member.py) runs scripts/gang_runner.py, which owns torchrun and everything
    it starts (see its docstring: setsid, subreaper, stdin as the lifeline). The controller
    prefixes every line with its node and rank, writes logs/<run-id>/<node>.log, stops every
-   node when one fails or its connection drops, and on Ctrl-C (twice: kill at once).
-4. torchrun's per-rank logs come back over SFTP; one summary line per node.
+   node when one fails or its connection drops, and on Ctrl-C (twice: kill at once) (gang.py);
+   what the output says about a failure is read by clues.py.
+4. torchrun's per-rank logs come back over SFTP (logs.py); one summary line per node and the
+   verdict (outcome.py, run.py).
 
-This package does not import Invoke; tasks.py resolves the flags and calls train().
+This package does not import Invoke or paramiko: tasks.py gathers the flags, the connection
+layer (Conn.session, Conn.sftp) carries the bytes.
 """
 
 from __future__ import annotations
@@ -39,13 +44,17 @@ from ddpfleet.launch.config import (
     DEFAULT_SCRIPT,
     ENV_NAME_RE,
     RUN_ID_RE,
+    TrainConfig,
     TrainFlags,
     check_code_dir,
     check_nproc,
+    check_port,
     check_run_id,
     new_run_id,
     parse_env,
+    resolve,
     run_order,
+    split_args,
 )
 from ddpfleet.launch.display import PLAIN_ENV, SECRET_HINTS, _shown_env, render_plan
 from ddpfleet.launch.gang import Gang
@@ -80,23 +89,24 @@ from ddpfleet.launch.plan import (
 from ddpfleet.launch.preflight import (
     CONNECT_CHECK_S,
     Probed,
+    fail_if,
     fresh_run_dir,
     open_members,
     port_problems,
     preflight,
     reused_run_id,
 )
-from ddpfleet.launch.run import conclude, prepare, push_code, train
+from ddpfleet.launch.run import prepare, push_code, train, verdict
 
 __all__ = [
     "_shown_env",
     "AGENT_SAW_FAILURE",
     "check_code_dir",
     "check_nproc",
+    "check_port",
     "check_run_id",
     "check_versions",
     "Clues",
-    "conclude",
     "CONNECT_CHECK_S",
     "CONTROL",
     "DEFAULT_CODE_DIR",
@@ -104,6 +114,7 @@ __all__ = [
     "DEFAULT_SCRIPT",
     "ENV_NAME_RE",
     "exit_text",
+    "fail_if",
     "failure_message",
     "fetch_rank_logs",
     "first_failure",
@@ -134,12 +145,14 @@ __all__ = [
     "RANK_LINE",
     "RANK_LOG",
     "render_plan",
+    "resolve",
     "reused_run_id",
     "RUN_ID_RE",
     "run_order",
     "RUNNER_FILES",
     "SECRET_HINTS",
     "socket_ifname",
+    "split_args",
     "split_rank",
     "STOP_GRACE_S",
     "SUMMARY_EXIT",
@@ -149,6 +162,8 @@ __all__ = [
     "TAIL_CHARS",
     "TRACEBACK",
     "train",
+    "verdict",
+    "TrainConfig",
     "TrainFlags",
     "WATCHDOG_S",
 ]

@@ -1,14 +1,27 @@
-"""`invoke train`'s flags, checked before anything connects: run id, --env, code dir, order."""
+"""`invoke train`'s flags, resolved once into a checked, frozen TrainConfig.
+
+torchrun's own shape: parse -> validated config -> plan -> launch. tasks.train hands the raw
+flags and the inventory to resolve(); every mistake a flag can hold is refused there, before
+any connection, and everything below (preflight, plan, gang, logs) reads the TrainConfig only.
+
+    config = resolve(inventory, TrainFlags(nodes=("node0", "node1"), args="--epochs 3"), logs)
+    config.order        # ('node0', 'node1'): node_rank = position, order[0] is the master
+    config.port         # --master-port, else cluster.master_port
+    config.nproc        # --nproc-per-node N, or None for auto (the nodes' GPUs, once probed)
+"""
 
 from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 
+from ddpfleet import envs
 from ddpfleet.errors import PlanError
 from ddpfleet.inventory import Inventory
 
@@ -21,18 +34,86 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class TrainFlags:
-    """`invoke train` flags, parsed; nodes in run order (node_rank = position)."""
+    """`invoke train`'s flags as given on the command line; None or empty: the default."""
 
-    nodes: tuple[str, ...] = ()
-    script: str = DEFAULT_SCRIPT
-    args: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()  # in run order (node_rank = position); empty: all
+    script: str | None = None
+    args: str = ""  # one string, split like a shell would
     nproc_per_node: str = "auto"
-    master_port: int | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    run_id: str = ""
-    project_dir: Path = Path(".")
-    code_dir: str = DEFAULT_CODE_DIR
+    master_port: str | int | None = None
+    env: tuple[str, ...] = ()  # NAME=VALUE, repeatable
+    run_id: str | None = None
+    project_dir: str | Path = "."
+    code_dir: str | None = None
     remote_logs: str = DEFAULT_REMOTE_LOGS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run, resolved and checked: what every stage below the task reads."""
+
+    run_id: str
+    cluster: str
+    order: tuple[str, ...]  # node names by node_rank; order[0] hosts the rendezvous
+    hosts: Mapping[str, str]  # node -> its inventory host
+    python: Mapping[str, str]  # node -> the training env's python
+    gpus: Mapping[str, int | None]  # node -> inventory gpus: (None: not said there)
+    port: int  # the master port
+    nproc: int | None  # processes per node; None: auto, the nodes' GPUs once probed
+    script: str  # relative to project_dir, and so to the code dir on the nodes
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]  # --env, in the order given
+    project_dir: Path  # absolute: the directory mirrored to the nodes
+    code_dir: str  # on the nodes, {cluster} filled in; '~' is each node's home
+    code_dir_flag: str  # --code-dir as given, for messages
+    remote_logs: str  # torchrun's --log-dir parent on the nodes, {cluster} filled in
+    run_dir: Path  # logs/<run-id>/ on the controller
+
+    @property
+    def master(self) -> str:
+        return self.order[0]
+
+    def count_gpus(self, node: str) -> bool:
+        """Whether the node's preflight should count its GPUs: auto, and the inventory is silent."""
+        return self.nproc is None and self.gpus[node] is None
+
+
+def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainConfig:
+    """The flags and the inventory, checked once; a mistake is a PlanError naming the flag."""
+    port = check_port(flags.master_port, inventory.cluster.master_port)
+    env = parse_env(flags.env)
+    run_id = check_run_id(flags.run_id or new_run_id())
+    code_dir = check_code_dir(flags.code_dir or DEFAULT_CODE_DIR)
+    nproc = check_nproc(str(flags.nproc_per_node))
+    order = run_order(inventory, flags.nodes)
+    nodes = [inventory.node(name) for name in order]
+    cluster = inventory.cluster.name
+    return TrainConfig(
+        run_id=run_id, cluster=cluster, order=order,
+        hosts=MappingProxyType({n.name: n.host for n in nodes}),
+        python=MappingProxyType({n.name: envs.env_python(inventory, n) for n in nodes}),
+        gpus=MappingProxyType({n.name: n.gpus for n in nodes}),
+        port=port, nproc=None if nproc == "auto" else int(nproc),
+        script=flags.script or DEFAULT_SCRIPT, args=split_args(flags.args), env=env,
+        project_dir=Path(flags.project_dir).resolve(),
+        code_dir=code_dir.format(cluster=cluster), code_dir_flag=code_dir,
+        remote_logs=flags.remote_logs.format(cluster=cluster), run_dir=log_root / run_id,
+    )
+
+
+def check_port(value: str | int | None, default: int) -> int:
+    if value in (None, ""):
+        return default
+    if not str(value).isdigit() or not 1 <= int(value) <= 65535:
+        raise PlanError(f"--master-port {value!r}: use a port from 1 to 65535")
+    return int(value)
+
+
+def split_args(args: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(args or ""))
+    except ValueError as e:  # an unclosed quote
+        raise PlanError(f"--args {args!r}: {e}; quote the arguments as in a shell") from None
 
 
 def new_run_id() -> str:

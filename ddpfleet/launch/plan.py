@@ -1,5 +1,5 @@
-"""The launch plan (pure): inventory + flags + per-node facts -> per node the exact torchrun
-argv, its environment and working directory."""
+"""The launch plan (pure): the run's TrainConfig + per-node facts -> per node the exact
+torchrun argv, its environment and working directory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ddpfleet.errors import PlanError
-from ddpfleet.inventory import Inventory
-from ddpfleet.launch.config import TrainFlags, check_nproc, run_order
+from ddpfleet.launch.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -89,15 +88,14 @@ def socket_ifname(is_master: bool, addr: str, facts: NodeFacts) -> str | None:
     return facts.route_dev if facts.route_dev and facts.route_dev != "lo" else None
 
 
-def nproc_per_node(inventory: Inventory, order: Sequence[str], flag: str,
-                   facts: Mapping[str, NodeFacts]) -> int:
+def nproc_per_node(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> int:
     """--nproc-per-node N, or auto: the node's GPUs (inventory gpus:, else nvidia-smi), 1 on a
     node without; torchrun needs the same count on every node."""
-    if check_nproc(flag) != "auto":
-        return int(flag)
+    if config.nproc is not None:
+        return config.nproc
     counts = {}
-    for name in order:
-        gpus = inventory.node(name).gpus
+    for name in config.order:
+        gpus = config.gpus[name]
         gpus = facts[name].gpus if gpus is None else gpus
         counts[name] = gpus or 1
     if len(set(counts.values())) > 1:
@@ -112,33 +110,29 @@ def _under_home(path: str, home: str) -> str:
     return home.rstrip("/") + path[1:] if path == "~" or path.startswith("~/") else path
 
 
-def plan(inventory: Inventory, flags: TrainFlags, facts: Mapping[str, NodeFacts]) -> Plan:
+def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
     """Per node: the exact torchrun argv, its environment and working directory."""
-    order = run_order(inventory, flags.nodes)
-    port = flags.master_port or inventory.cluster.master_port
-    if not 1 <= port <= 65535:
-        raise PlanError(f"--master-port {port}: use a port from 1 to 65535")
+    order, run_id = config.order, config.run_id
     addr = master_address(order, facts)
-    nproc = nproc_per_node(inventory, order, flags.nproc_per_node, facts)
-    cluster = inventory.cluster.name
+    nproc = nproc_per_node(config, facts)
     nodes = []
     for rank, name in enumerate(order):
         f = facts[name]
-        log_dir = f"{_under_home(flags.remote_logs.format(cluster=cluster), f.home)}/{flags.run_id}"
+        log_dir = f"{_under_home(config.remote_logs, f.home)}/{run_id}"
         argv = (f.python, "-m", "torch.distributed.run", "--nnodes", str(len(order)),
-                "--node-rank", str(rank), "--master-addr", addr, "--master-port", str(port),
-                "--nproc-per-node", str(nproc), "--rdzv-id", flags.run_id,
-                "--log-dir", log_dir, "--tee", "3", flags.script, *flags.args)
-        env = {"DDPFLEET_RUN_ID": flags.run_id, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+                "--node-rank", str(rank), "--master-addr", addr, "--master-port", str(config.port),
+                "--nproc-per-node", str(nproc), "--rdzv-id", run_id,
+                "--log-dir", log_dir, "--tee", "3", config.script, *config.args)
+        env = {"DDPFLEET_RUN_ID": run_id, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         ifname = socket_ifname(rank == 0, addr, f)
         if ifname:
             # NCCL reads a prefix list; '=' asks for exactly this interface (eth1 != eth10).
             env.update(GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=f"={ifname}")
-        env.update(flags.env)
-        cwd = _under_home(flags.code_dir.format(cluster=cluster), f.home)
-        nodes.append(NodePlan(name, rank, inventory.node(name).host, argv,
+        env.update(config.env)
+        cwd = _under_home(config.code_dir, f.home)
+        nodes.append(NodePlan(name, rank, config.hosts[name], argv,
                               MappingProxyType(env), cwd, log_dir))
-    return Plan(flags.run_id, order[0], addr, port, nproc, flags.script, tuple(nodes))
+    return Plan(run_id, order[0], addr, config.port, nproc, config.script, tuple(nodes))
 
 
 def check_versions(facts: Mapping[str, NodeFacts]) -> list[str]:

@@ -12,7 +12,7 @@ from ddpfleet.connection import NODE_IO_ERRORS, Conn, Fleet
 from ddpfleet.errors import NodeError, PlanError
 from ddpfleet.hygiene import private_dir
 from ddpfleet.launch import sync
-from ddpfleet.launch.config import TrainFlags, run_order
+from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.member import Member
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodeFacts, Plan, check_versions, plan
@@ -39,22 +39,17 @@ def _probed(conn: Conn, python: str, got: Mapping) -> Probed:
     return Probed(facts, got["manifest"], got["code"], got.get("listen"), got.get("reach"))
 
 
-def open_members(fleet: Fleet, flags: TrainFlags, order: Sequence[str],
-                 python: Mapping[str, str], out: Output) -> dict[str, Member]:
+def open_members(fleet: Fleet, config: TrainConfig, out: Output) -> dict[str, Member]:
     """A runner per node; the master binds and holds the port, the workers connect to it."""
-    inventory = fleet.inventory
-    port = flags.master_port or inventory.cluster.master_port
-    master_host = fleet.conns[order[0]].fabric.host
+    port, master_host = config.port, fleet.conns[config.master].fabric.host
     members = {}
-    for rank, name in enumerate(order):
-        ask = {"run_id": flags.run_id,
-               "code_dir": flags.code_dir.format(cluster=inventory.cluster.name),
-               "master_host": master_host,
-               "count_gpus": flags.nproc_per_node == "auto" and inventory.node(name).gpus is None,
-               "listen": port if rank == 0 else None,
-               "reach": None if rank == 0 else {"port": port, "timeout": CONNECT_CHECK_S}}
-        members[name] = Member(fleet.conns[name], python[name], out)
-        members[name].open(ask)
+    for rank, name in enumerate(config.order):
+        request = {"run_id": config.run_id, "code_dir": config.code_dir,
+                   "master_host": master_host, "count_gpus": config.count_gpus(name),
+                   "listen": port if rank == 0 else None,
+                   "reach": None if rank == 0 else {"port": port, "timeout": CONNECT_CHECK_S}}
+        members[name] = Member(fleet.conns[name], config.python[name], out)
+        members[name].open(request)
     return members
 
 
@@ -73,16 +68,15 @@ def port_problems(order: Sequence[str], probed: Mapping[str, Probed], port: int)
     return problems
 
 
-def _fail_if(problems: Sequence[str], what: str) -> None:
+def fail_if(problems: Sequence[str], what: str) -> None:
     if problems:
         raise PlanError(f"{what}; nothing was started:\n  " + "\n  ".join(problems))
 
 
-def preflight(fleet: Fleet, flags: TrainFlags, members: Mapping[str, Member]
+def preflight(config: TrainConfig, members: Mapping[str, Member]
               ) -> tuple[Plan, dict[str, Probed]]:
     """Every node's facts (in parallel: the runners probe at once), then the pure plan."""
-    order = run_order(fleet.inventory, flags.nodes)
-    port = flags.master_port or fleet.inventory.cluster.master_port
+    order, port = config.order, config.port
     probed, problems = {}, []
     for name in order:  # the master first: a taken port need not wait for the workers' connects
         m = members[name]
@@ -91,13 +85,13 @@ def preflight(fleet: Fleet, flags: TrainFlags, members: Mapping[str, Member]
         except NodeError as e:
             problems.append(str(e))
         if name == order[0] and name in probed and not (probed[name].listen or {}).get("ok"):
-            _fail_if(port_problems(order[:1], probed, port) + problems, "preflight failed")
-    _fail_if(problems, "preflight failed")
+            fail_if(port_problems(order[:1], probed, port) + problems, "preflight failed")
+    fail_if(problems, "preflight failed")
     facts = {n: p.facts for n, p in probed.items()}
     claims = {n: probed[n].code for n in order}
-    _fail_if(sync.code_dir_problems(claims, flags.code_dir) + check_versions(facts)
-             + port_problems(order, probed, port), "preflight failed")
-    return plan(fleet.inventory, flags, facts), probed
+    fail_if(sync.code_dir_problems(claims, config.code_dir_flag) + check_versions(facts)
+            + port_problems(order, probed, port), "preflight failed")
+    return plan(config, facts), probed
 
 
 def reused_run_id(fleet: Fleet, p: Plan) -> list[str]:

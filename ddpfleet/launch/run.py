@@ -9,7 +9,7 @@ from ddpfleet import report
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.launch import sync
-from ddpfleet.launch.config import TrainFlags, check_nproc, run_order
+from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.display import render_plan
 from ddpfleet.launch.gang import Gang
 from ddpfleet.launch.logs import fetch_rank_logs
@@ -19,7 +19,7 @@ from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import Plan
 from ddpfleet.launch.preflight import (
     Probed,
-    _fail_if,
+    fail_if,
     fresh_run_dir,
     open_members,
     preflight,
@@ -53,46 +53,41 @@ def _sync_line(results: Mapping[str, sync.SyncStats | NodeError]) -> str:
     return "code: " + "; ".join(parts)
 
 
-def prepare(fleet: Fleet, flags: TrainFlags, members: Mapping[str, Member],
-            files: Mapping[str, sync.Entry], root: Path) -> Plan:
-    """Everything before launch: probes, the plan table, the sync and the script check."""
-    p, probed = preflight(fleet, flags, members)
-    _fail_if(reused_run_id(fleet, p), "preflight failed")
-    report.show(render_plan(p, flags.env))
-    results = push_code(fleet, p, files, root, probed)
-    _fail_if([str(r) for r in results.values() if isinstance(r, NodeError)], "code sync failed")
+def prepare(fleet: Fleet, config: TrainConfig, members: Mapping[str, Member],
+            files: Mapping[str, sync.Entry]) -> Plan:
+    """Everything before launch: probes, the plan shown, the sync and the script check."""
+    p, probed = preflight(config, members)
+    fail_if(reused_run_id(fleet, p), "preflight failed")
+    report.show(render_plan(p, config.env))
+    results = push_code(fleet, p, files, config.project_dir, probed)
+    fail_if([str(r) for r in results.values() if isinstance(r, NodeError)], "code sync failed")
     report.console.print(_sync_line(results), markup=False)
     return p
 
 
-def train(fleet: Fleet, flags: TrainFlags, python: Mapping[str, str], log_root: Path,
-          out: Output | None = None) -> list[Outcome]:
-    """Plan, check, sync, run as one gang, collect. Raises DdpfleetError naming the first
+def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[Outcome]:
+    """Check, plan, sync, run as one gang, collect. Raises DdpfleetError naming the first
     failing node and rank; KeyboardInterrupt after an interrupt stopped every node."""
     out = out or Output()
-    check_nproc(flags.nproc_per_node)  # flag mistakes before any connection
-    root = flags.project_dir.resolve()
-    files = sync.project_files(root)
-    sync.require(files, flags.script, root)
-    run_dir = log_root / flags.run_id
-    fresh_run_dir(run_dir)  # before any connection; made once the preflight passed
-    order = run_order(fleet.inventory, flags.nodes)
-    _fail_if([str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
-             "cannot reach every node")
-    members = open_members(fleet, flags, order, python, out)
+    files = sync.project_files(config.project_dir)  # mistakes here come before any connection
+    sync.require(files, config.script, config.project_dir)
+    fresh_run_dir(config.run_dir)  # made once the preflight passed
+    fail_if([str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
+            "cannot reach every node")
+    members = open_members(fleet, config, out)
     try:
-        p = prepare(fleet, flags, members, files, root)
-        fresh_run_dir(run_dir, make=True)
+        p = prepare(fleet, config, members, files)
+        fresh_run_dir(config.run_dir, make=True)
     except BaseException:  # a refusal or Ctrl-C: every runner exits having started nothing
         for m in members.values():
             m.call_off()
         raise
     gang = Gang([members[n.node] for n in p.nodes], out)
-    gang.run(p, run_dir)
-    return conclude(fleet, p, gang, run_dir, out)
+    gang.run(p, config.run_dir)
+    return verdict(fleet, p, gang, config.run_dir, out)
 
 
-def conclude(fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output) -> list[Outcome]:
+def verdict(fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output) -> list[Outcome]:
     """Rank logs back, one summary line per node, and the verdict."""
     outcomes = [m.outcome for m in gang.members]
     # Not from a lost node: SFTP to a peer that went silent would hang with it.
