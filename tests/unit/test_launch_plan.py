@@ -205,16 +205,51 @@ def test_cuda_and_nccl_versions_compared_too():
     assert line.startswith("cuda versions differ") and "12.1 on node1" in line
 
 
-def test_plan_table_masks_secret_looking_user_env(tmp_path):
-    c = config(load(tmp_path), env=("WANDB_API_KEY=s3cret", "NCCL_DEBUG=INFO"))
-    p = launch.plan(c, all_facts())
+def shown(p: launch.Plan, user_env=()) -> list[str]:
     from rich.console import Console
 
     console = Console(width=400, record=True)
-    console.print(launch.render_plan(p, c.env))
-    text = console.export_text()
+    console.print(launch.render_plan(p, user_env))
+    return [line.rstrip() for line in console.export_text().splitlines()]
+
+
+def cells(lines: list[str], first: str) -> list[str]:
+    """The words of the table row whose first cell is `first`, whatever the borders."""
+    for line in lines:
+        words = [w for w in line.split() if w.strip("│┃|")]
+        if words and words[0] == first:
+            return words
+    raise AssertionError(f"no row {first!r} in {lines}")
+
+
+def test_plan_shows_the_command_once_and_what_differs_per_node(tmp_path):
+    c = config(load(tmp_path), env=("WANDB_API_KEY=s3cret", "NCCL_DEBUG=INFO"))
+    lines = shown(launch.plan(c, all_facts()), c.env)
+    text = "\n".join(lines)
     assert "s3cret" not in text and "WANDB_API_KEY=***" in text and "NCCL_DEBUG=INFO" in text
-    assert "--node-rank 2" in text
+    (command,) = [line for line in lines if line.startswith("command: ")]
+    assert command == (f"command: {PY} -m torch.distributed.run --nnodes 3 --node-rank "
+                       "{node_rank} --master-addr 10.0.0.10 --master-port 29500 "
+                       "--nproc-per-node 1 --rdzv-id r1 --log-dir /root/ddpfleet/demo/runs/r1 "
+                       "--tee 3 scripts/train_ddp.py")
+    assert cells(lines, "node") == ["node", "host", "node_rank"]
+    assert cells(lines, "node2") == ["node2", "10.0.0.12", "2"]
+    assert "cwd: /root/ddpfleet/demo/code" in lines and text.count("torch.distributed.run") == 1
+
+
+def test_what_only_some_nodes_have_becomes_a_column(tmp_path):
+    f = all_facts()
+    f["node1"] = facts("node1", home="/home/ubuntu", route_dev="ib0")
+    f["node2"] = facts("node2", route_dev=None)
+    lines = shown(launch.plan(config(load(tmp_path)), f))
+    assert cells(lines, "node") == ["node", "host", "node_rank", "log_dir", "GLOO_SOCKET_IFNAME",
+                                    "NCCL_SOCKET_IFNAME", "cwd"]
+    home = "/home/ubuntu/ddpfleet/demo"
+    assert cells(lines, "node1") == ["node1", "10.0.0.11", "1", f"{home}/runs/r1", "ib0", "=ib0",
+                                     f"{home}/code"]
+    assert cells(lines, "node2")[4:6] == ["(unset)", "(unset)"]
+    assert any("--log-dir {log_dir}" in line for line in lines)
+    assert not any(line.startswith("cwd:") for line in lines)
 
 
 @pytest.mark.parametrize(("line", "expected"), [
