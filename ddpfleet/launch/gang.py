@@ -88,12 +88,14 @@ class Gang:
         for m in self.members:
             m.send("stop")
         # The runners kill after STOP_GRACE_S; past this, stop waiting for a node to confirm.
+        # The 12 s: the runner's SIGKILL sweep, its exit report and a slow link's round trips.
         self.deadline = time.monotonic() + STOP_GRACE_S + 12
 
     def kill(self) -> None:
         self.reason = self.reason or "killed"
         for m in self.members:
             m.send("kill")
+        # A kill needs no grace, only the sweep and the report: less time than a stop.
         self.deadline = min(self.deadline or float("inf"), time.monotonic() + 8)
 
     def abandon(self) -> None:

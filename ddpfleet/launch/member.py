@@ -40,7 +40,7 @@ class Member:
         self.facts: dict | None = None
         self.got_facts = threading.Event()
         self.outcome = Outcome(conn.name)
-        self.lines: deque[tuple[int | None, str]] = deque(maxlen=400)
+        self.lines: deque[tuple[int | None, str]] = deque(maxlen=400)  # enough for a traceback
         self.clues = Clues()
         self.stopped_by_us = False  # the runner said it is stopping at our word
         self.told_to_stop = False
@@ -59,12 +59,13 @@ class Member:
         return self.failed_itself or (self.done.is_set()
                                       and self.outcome.state in ("failed", "lost"))
 
-    def open(self, ask: Mapping[str, object]) -> None:
+    def open(self, request: Mapping[str, object]) -> None:
+        """Start the runner: its sources, then the preflight request, on stdin."""
         # The run id in the runner's own environment too: every process of the run carries it.
-        env = shlex.join(["env", f"DDPFLEET_RUN_ID={ask['run_id']}"])
+        env = shlex.join(["env", f"DDPFLEET_RUN_ID={request['run_id']}"])
         chan = self.conn.session(f"{env} {sync.helper_command(self.python, 'gang_runner.py')}")
         chan.sendall(b"".join(sync.helper_source(h) for h in RUNNER_FILES)
-                     + json.dumps(ask).encode() + b"\n")
+                     + json.dumps(request).encode() + b"\n")
         self.chan = chan
         threading.Thread(target=self.pump, name=f"pump-{self.name}", daemon=True).start()
 
@@ -99,7 +100,7 @@ class Member:
         sees EOF and stops the run; a dead peer never confirms, so do not wait for it."""
         self.outcome.why = why
         self.chan.close()
-        if not self.done.wait(2):
+        if not self.done.wait(2):  # the pump's own finish, if the close reaches it at once
             self.finish(-1)
 
     def call_off(self) -> None:
@@ -109,7 +110,7 @@ class Member:
                 self.chan.shutdown_write()
             except NodeError:
                 pass
-            self.done.wait(5)
+            self.done.wait(5)  # the runner frees the port first; past this, close regardless
             self.chan.close()
 
     def send(self, word: str) -> None:
