@@ -89,15 +89,22 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
     nodes = [inventory.node(name) for name in order]
     cluster = inventory.cluster.name
     return TrainConfig(
-        run_id=run_id, cluster=cluster, order=order,
+        run_id=run_id,
+        cluster=cluster,
+        order=order,
         hosts=MappingProxyType({n.name: n.host for n in nodes}),
         python=MappingProxyType({n.name: envs.env_python(inventory, n) for n in nodes}),
         gpus=MappingProxyType({n.name: n.gpus for n in nodes}),
-        port=port, nproc=None if nproc == "auto" else int(nproc),
-        script=flags.script or DEFAULT_SCRIPT, args=split_args(flags.args), env=env,
+        port=port,
+        nproc=None if nproc == "auto" else int(nproc),
+        script=flags.script or DEFAULT_SCRIPT,
+        args=split_args(flags.args),
+        env=env,
         project_dir=Path(flags.project_dir).resolve(),
-        code_dir=code_dir.format(cluster=cluster), code_dir_flag=code_dir,
-        remote_logs=flags.remote_logs.format(cluster=cluster), run_dir=log_root / run_id,
+        code_dir=code_dir.format(cluster=cluster),
+        code_dir_flag=code_dir,
+        remote_logs=flags.remote_logs.format(cluster=cluster),
+        run_dir=log_root / run_id,
     )
 
 
@@ -139,15 +146,19 @@ def check_code_dir(code_dir: str) -> str:
     except (KeyError, IndexError, ValueError):
         code_dir = ""
     if not code_dir.strip():
-        raise PlanError("--code-dir: give a path on the nodes, e.g. ~/ddpfleet/{cluster}/code "
-                        "({cluster} is the only placeholder; write braces as {{ and }})")
+        raise PlanError(
+            "--code-dir: give a path on the nodes, e.g. ~/ddpfleet/{cluster}/code "
+            "({cluster} is the only placeholder; write braces as {{ and }})"
+        )
     return code_dir
 
 
 def check_run_id(run_id: str) -> str:
     if not RUN_ID_RE.match(run_id):
-        raise PlanError(f"--run-id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
-                        "(it names directories on every node)")
+        raise PlanError(
+            f"--run-id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
+            "(it names directories on every node)"
+        )
     return run_id
 
 
@@ -163,9 +174,11 @@ def run_order(inventory: Inventory, nodes: Sequence[str]) -> tuple[str, ...]:
         return tuple([master] + [n for n in names if n != master] if master in names else names)
     explicit = (inventory.lines or {}).get(("cluster", "master"))
     if explicit and master in nodes and nodes[0] != master:
-        raise PlanError(f"--nodes {','.join(nodes)}: {inventory.where('cluster', 'master')} makes "
-                        f"{master} the master, but node_rank 0 (the first in --nodes) hosts "
-                        f"torchrun's rendezvous: put {master} first")
+        raise PlanError(
+            f"--nodes {','.join(nodes)}: {inventory.where('cluster', 'master')} makes "
+            f"{master} the master, but node_rank 0 (the first in --nodes) hosts "
+            f"torchrun's rendezvous: put {master} first"
+        )
     return tuple(nodes)
 
 

@@ -13,13 +13,26 @@ from ddpfleet.launch.plan import Plan
 
 SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 # --env names whose values the plan table shows: knobs of torch, NCCL, CUDA and the runtime.
-PLAIN_ENV = frozenset({
-    "CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS", "PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONFAULTHANDLER", "LOGLEVEL",
-    "TORCH_DISTRIBUTED_DEBUG", "TORCH_CPP_LOG_LEVEL", "TORCH_SHOW_CPP_STACKTRACES",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT", "PYTORCH_CUDA_ALLOC_CONF",
-    "TOKENIZERS_PARALLELISM",
-})
+PLAIN_ENV = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_LAUNCH_BLOCKING",
+        "CUBLAS_WORKSPACE_CONFIG",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "PYTHONUNBUFFERED",
+        "PYTHONHASHSEED",
+        "PYTHONFAULTHANDLER",
+        "LOGLEVEL",
+        "TORCH_DISTRIBUTED_DEBUG",
+        "TORCH_CPP_LOG_LEVEL",
+        "TORCH_SHOW_CPP_STACKTRACES",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "TORCH_NCCL_BLOCKING_WAIT",
+        "PYTORCH_CUDA_ALLOC_CONF",
+        "TOKENIZERS_PARALLELISM",
+    }
+)
 PLAIN_ENV_PREFIXES = ("NCCL_", "GLOO_")
 PLAIN_VALUES = frozenset({"", "0", "1", "true", "false", "yes", "no", "on", "off"})
 
@@ -30,7 +43,8 @@ def _shown_env(name: str, value: str, user: set[str]) -> str:
     if name not in user or value.lower() in PLAIN_VALUES:
         return f"{name}={value}"
     plain = (name in PLAIN_ENV or name.startswith(PLAIN_ENV_PREFIXES)) and not any(
-        h in name.upper() for h in SECRET_HINTS)
+        h in name.upper() for h in SECRET_HINTS
+    )
     return f"{name}={value if plain else '***'}"
 
 
@@ -52,14 +66,23 @@ def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()) -> Group:
     cwds = {n.cwd for n in p.nodes}
     if len(cwds) > 1:
         env_columns.append(("cwd", [n.cwd for n in p.nodes]))
-    columns = [("node", [n.node for n in p.nodes]), ("host", [n.host for n in p.nodes]),
-               *columns, *env_columns]
+    columns = [
+        ("node", [n.node for n in p.nodes]),
+        ("host", [n.host for n in p.nodes]),
+        *columns,
+        *env_columns,
+    ]
     rows = list(zip(*(values for _, values in columns)))
-    title = (f"run {p.run_id}: {p.nnodes} node(s) x {p.nproc} process(es), master "
-             f"{p.master} at {p.master_addr}:{p.master_port}")
-    lines = [report.text(title), report.text(f"command: {command}"),
-             report.table(None, [name for name, _ in columns], rows),
-             report.text(f"env: {env}")]
+    title = (
+        f"run {p.run_id}: {p.nnodes} node(s) x {p.nproc} process(es), master "
+        f"{p.master} at {p.master_addr}:{p.master_port}"
+    )
+    lines = [
+        report.text(title),
+        report.text(f"command: {command}"),
+        report.table(None, [name for name, _ in columns], rows),
+        report.text(f"env: {env}"),
+    ]
     if len(cwds) == 1:
         lines.append(report.text(f"cwd: {cwds.pop()}"))
     return Group(*lines)
@@ -77,8 +100,13 @@ def _command(p: Plan) -> tuple[str, list[tuple[str, list[str]]]]:
             words.append(shlex.quote(values[0]))
             continue
         flag = argvs[0][i - 1] if i else ""
-        name = ("python" if i == 0 else flag[2:].replace("-", "_") if flag.startswith("--")
-                else f"arg{i}")
+        name = (
+            "python"
+            if i == 0
+            else flag[2:].replace("-", "_")
+            if flag.startswith("--")
+            else f"arg{i}"
+        )
         words.append(f"{{{name}}}")
         if name != "node_rank":
             columns.append((name, list(values)))
@@ -92,8 +120,7 @@ def _env(p: Plan, user: set[str]) -> tuple[str, list[tuple[str, list[str]]]]:
     shared, columns = [], []
     for name in names:
         values = [n.env.get(name) for n in p.nodes]
-        shown = [None if v is None else _shown_env(name, v, user).split("=", 1)[1]
-                 for v in values]
+        shown = [None if v is None else _shown_env(name, v, user).split("=", 1)[1] for v in values]
         if len(set(values)) == 1:
             shared.append(f"{name}={_quoted(shown[0])}")
         else:

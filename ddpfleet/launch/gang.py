@@ -26,8 +26,10 @@ class Gang:
         self.deadline: float | None = None
 
     def run(self, p: Plan, run_dir: Path) -> None:
-        previous = {s: signal.signal(s, self.on_signal)
-                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        previous = {
+            s: signal.signal(s, self.on_signal)
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
         try:
             for m, node in zip(self.members, p.nodes):
                 self.launch(m, node, p.nproc, run_dir / f"{node.node}.log")
@@ -66,8 +68,9 @@ class Gang:
         while self.handled < self.signals:
             self.handled += 1
             if self.handled == 1:
-                self.out.line("ddpfleet: interrupted: stopping every node "
-                              "(interrupt again to kill at once)")
+                self.out.line(
+                    "ddpfleet: interrupted: stopping every node (interrupt again to kill at once)"
+                )
                 self.stop("interrupted")
             else:
                 self.out.line("ddpfleet: killing every node now")

@@ -39,8 +39,9 @@ def _remote_files(sftp, top: str) -> list[str]:
     return sorted(found)
 
 
-def fetch_rank_logs(fleet: Fleet, p: Plan, run_dir: Path, nodes: Sequence[str]
-                    ) -> dict[str, int | NodeError]:
+def fetch_rank_logs(
+    fleet: Fleet, p: Plan, run_dir: Path, nodes: Sequence[str]
+) -> dict[str, int | NodeError]:
     """torchrun's per-rank files from these nodes' --log-dir into logs/<run-id>/."""
 
     def one(conn: Conn) -> int:
@@ -52,7 +53,7 @@ def fetch_rank_logs(fleet: Fleet, p: Plan, run_dir: Path, nodes: Sequence[str]
             except FileNotFoundError:
                 return 0  # torchrun never got as far as making it
             for path in paths:
-                local = run_dir / local_log_name(n, p.nproc, path[len(n.log_dir) + 1:])
+                local = run_dir / local_log_name(n, p.nproc, path[len(n.log_dir) + 1 :])
                 with open_private(local, "wb") as f:
                     sftp.getfo(path, f)
         except NODE_IO_ERRORS as e:  # this node's SFTP (a full disk, a lost channel)

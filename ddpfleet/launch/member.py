@@ -56,16 +56,20 @@ class Member:
     @property
     def failing(self) -> bool:
         """Failed or lost, or torchrun already said a worker died (its exit is seconds off)."""
-        return self.failed_itself or (self.done.is_set()
-                                      and self.outcome.state in ("failed", "lost"))
+        return self.failed_itself or (
+            self.done.is_set() and self.outcome.state in ("failed", "lost")
+        )
 
     def open(self, request: Mapping[str, object]) -> None:
         """Start the runner: its sources, then the preflight request, on stdin."""
         # The run id in the runner's own environment too: every process of the run carries it.
         env = shlex.join(["env", f"DDPFLEET_RUN_ID={request['run_id']}"])
         chan = self.conn.session(f"{env} {sync.helper_command(self.python, 'gang_runner.py')}")
-        chan.sendall(b"".join(sync.helper_source(h) for h in RUNNER_FILES)
-                     + json.dumps(request).encode() + b"\n")
+        chan.sendall(
+            b"".join(sync.helper_source(h) for h in RUNNER_FILES)
+            + json.dumps(request).encode()
+            + b"\n"
+        )
         self.chan = chan
         threading.Thread(target=self.pump, name=f"pump-{self.name}", daemon=True).start()
 
@@ -79,8 +83,10 @@ class Member:
     def why_no_facts(self, timeout: float) -> str:
         said = " | ".join(t for _, t in list(self.lines)[-3:])
         if self.outcome.exit_code == 127 or "No such file or directory" in said:
-            return (f"no python at {self.python} (the training env); run invoke bootstrap, "
-                    "or fix python_env in the inventory")
+            return (
+                f"no python at {self.python} (the training env); run invoke bootstrap, "
+                "or fix python_env in the inventory"
+            )
         if not self.done.is_set():
             return f"the preflight probe gave no answer within {timeout:g}s"
         return f"the preflight probe failed (exit {self.outcome.exit_code}): {said or 'no output'}"
@@ -91,8 +97,14 @@ class Member:
         self.clues = Clues(node.rank, nproc)
         self.log = open_private(log_path)  # closed in finish, by the pump thread
         self.started = self.last_heard = time.monotonic()
-        spec = {"argv": list(node.argv), "env": dict(node.env), "cwd": node.cwd,
-                "grace": STOP_GRACE_S, "watchdog": WATCHDOG_S, "heartbeat": HEARTBEAT_S}
+        spec = {
+            "argv": list(node.argv),
+            "env": dict(node.env),
+            "cwd": node.cwd,
+            "grace": STOP_GRACE_S,
+            "watchdog": WATCHDOG_S,
+            "heartbeat": HEARTBEAT_S,
+        }
         self.chan.sendall(json.dumps(spec).encode() + b"\n")
 
     def give_up(self, why: str) -> None:
@@ -139,8 +151,9 @@ class Member:
         if raw.startswith(CONTROL):
             return self.control(raw[1:])
         text = raw.decode(errors="replace").rstrip("\r")
-        rank, body = (None, text) if self.plan is None else split_rank(
-            text, self.plan.rank, self.nproc)
+        rank, body = (
+            (None, text) if self.plan is None else split_rank(text, self.plan.rank, self.nproc)
+        )
         self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
         if self.plan is not None and self.clues.feed(rank, body, time.monotonic()):
             self.failed_itself = self.failed_itself or not self.told_to_stop
@@ -163,10 +176,15 @@ class Member:
             if self.log is not None and not self.log.closed:
                 self.log.write(f"[{self.name}] ddpfleet: stopping: {event.get('reason')}\n")
         elif kind == "killed":
-            what = ("torchrun, its workers gone" if event.get("agent_only") else
-                    f"pids {event.get('pids')}, still there")
-            self.out.line(f"[{self.name}] ddpfleet: SIGKILLed {what} {event.get('after')}s "
-                          "after SIGTERM", self.log)
+            what = (
+                "torchrun, its workers gone"
+                if event.get("agent_only")
+                else f"pids {event.get('pids')}, still there"
+            )
+            self.out.line(
+                f"[{self.name}] ddpfleet: SIGKILLed {what} {event.get('after')}s after SIGTERM",
+                self.log,
+            )
         elif kind == "error":
             self.out.line(f"[{self.name}] ddpfleet: {event.get('error')}", self.log)
 

@@ -57,5 +57,7 @@ def failure_message(first: Outcome, outcomes: Sequence[Outcome]) -> str:
     how = exit_text(first.exit_code) if first.state == "failed" else first.why
     others = ", ".join(f"{o.node} {o.state}" for o in outcomes if o is not first)
     lines = "\n    ".join(first.last_lines) or "(no output)"
-    return (f"training failed: {first.node}{rank} failed first ({how})"
-            f"{'; ' + others if others else ''}. Last lines of {first.node}{rank}:\n    {lines}")
+    return (
+        f"training failed: {first.node}{rank} failed first ({how})"
+        f"{'; ' + others if others else ''}. Last lines of {first.node}{rank}:\n    {lines}"
+    )

@@ -75,8 +75,10 @@ def master_address(order: Sequence[str], facts: Mapping[str, NodeFacts]) -> str:
         if facts[name].master_resolved:
             return facts[name].master_resolved
     if len(order) > 1:
-        raise PlanError(f"{order[1]}: cannot resolve the master's host {master.ssh_host!r}; "
-                        f"use an IP address for {order[0]} in the inventory")
+        raise PlanError(
+            f"{order[1]}: cannot resolve the master's host {master.ssh_host!r}; "
+            f"use an IP address for {order[0]} in the inventory"
+        )
     return master.master_resolved or master.ssh_host
 
 
@@ -100,9 +102,11 @@ def nproc_per_node(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> int:
         counts[name] = gpus or 1
     if len(set(counts.values())) > 1:
         found = ", ".join(f"{n}: {c}" for n, c in counts.items())
-        raise PlanError(f"--nproc-per-node auto: the nodes have different GPU counts ({found}); "
-                        "torchrun needs the same count on every node: pick nodes with equal "
-                        "counts or pass --nproc-per-node N")
+        raise PlanError(
+            f"--nproc-per-node auto: the nodes have different GPU counts ({found}); "
+            "torchrun needs the same count on every node: pick nodes with equal "
+            "counts or pass --nproc-per-node N"
+        )
     return next(iter(counts.values()))
 
 
@@ -119,10 +123,29 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
     for rank, name in enumerate(order):
         f = facts[name]
         log_dir = f"{_under_home(config.remote_logs, f.home)}/{run_id}"
-        argv = (f.python, "-m", "torch.distributed.run", "--nnodes", str(len(order)),
-                "--node-rank", str(rank), "--master-addr", addr, "--master-port", str(config.port),
-                "--nproc-per-node", str(nproc), "--rdzv-id", run_id,
-                "--log-dir", log_dir, "--tee", "3", config.script, *config.args)
+        argv = (
+            f.python,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(len(order)),
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            addr,
+            "--master-port",
+            str(config.port),
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-id",
+            run_id,
+            "--log-dir",
+            log_dir,
+            "--tee",
+            "3",
+            config.script,
+            *config.args,
+        )
         env = {"DDPFLEET_RUN_ID": run_id, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         ifname = socket_ifname(rank == 0, addr, f)
         if ifname:
@@ -130,15 +153,19 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
             env.update(GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=f"={ifname}")
         env.update(config.env)
         cwd = _under_home(config.code_dir, f.home)
-        nodes.append(NodePlan(name, rank, config.hosts[name], argv,
-                              MappingProxyType(env), cwd, log_dir))
+        nodes.append(
+            NodePlan(name, rank, config.hosts[name], argv, MappingProxyType(env), cwd, log_dir)
+        )
     return Plan(run_id, order[0], addr, config.port, nproc, config.script, tuple(nodes))
 
 
 def check_versions(facts: Mapping[str, NodeFacts]) -> list[str]:
     """One line per problem: torch missing, or torch/CUDA/NCCL differing between nodes."""
-    problems = [f"{n}: torch is not installed in {f.python}'s env; run invoke bootstrap"
-                for n, f in facts.items() if f.torch is None]
+    problems = [
+        f"{n}: torch is not installed in {f.python}'s env; run invoke bootstrap"
+        for n, f in facts.items()
+        if f.torch is None
+    ]
     if problems:
         return problems
     for what in ("torch", "cuda", "nccl"):
@@ -147,6 +174,8 @@ def check_versions(facts: Mapping[str, NodeFacts]) -> list[str]:
             seen.setdefault(str(getattr(f, what)), []).append(name)
         if len(seen) > 1:
             found = "; ".join(f"{v} on {', '.join(ns)}" for v, ns in seen.items())
-            problems.append(f"{what} versions differ between nodes: {found}; every node needs "
-                            "the same (run invoke bootstrap)")
+            problems.append(
+                f"{what} versions differ between nodes: {found}; every node needs "
+                "the same (run invoke bootstrap)"
+            )
     return problems

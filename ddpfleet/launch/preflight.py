@@ -31,10 +31,16 @@ class Probed:
 
 def _probed(conn: Conn, python: str, got: Mapping) -> Probed:
     facts = NodeFacts(
-        python=python, home=got["home"], ssh_host=conn.fabric.host, torch=got["torch"],
-        cuda=got["cuda"], nccl=got["nccl"], gpus=got["gpus"],
+        python=python,
+        home=got["home"],
+        ssh_host=conn.fabric.host,
+        torch=got["torch"],
+        cuda=got["cuda"],
+        nccl=got["nccl"],
+        gpus=got["gpus"],
         addrs=MappingProxyType({k: tuple(v) for k, v in got["addrs"].items()}),
-        master_resolved=got["master_resolved"], route_dev=got["route_dev"],
+        master_resolved=got["master_resolved"],
+        route_dev=got["route_dev"],
     )
     return Probed(facts, got["manifest"], got["code"], got.get("listen"), got.get("reach"))
 
@@ -44,10 +50,14 @@ def open_members(fleet: Fleet, config: TrainConfig, out: Output) -> dict[str, Me
     port, master_host = config.port, fleet.conns[config.master].fabric.host
     members = {}
     for rank, name in enumerate(config.order):
-        request = {"run_id": config.run_id, "code_dir": config.code_dir,
-                   "master_host": master_host, "count_gpus": config.count_gpus(name),
-                   "listen": port if rank == 0 else None,
-                   "reach": None if rank == 0 else {"port": port, "timeout": CONNECT_CHECK_S}}
+        request = {
+            "run_id": config.run_id,
+            "code_dir": config.code_dir,
+            "master_host": master_host,
+            "count_gpus": config.count_gpus(name),
+            "listen": port if rank == 0 else None,
+            "reach": None if rank == 0 else {"port": port, "timeout": CONNECT_CHECK_S},
+        }
         members[name] = Member(fleet.conns[name], config.python[name], out)
         members[name].open(request)
     return members
@@ -56,15 +66,21 @@ def open_members(fleet: Fleet, config: TrainConfig, out: Output) -> dict[str, Me
 def port_problems(order: Sequence[str], probed: Mapping[str, Probed], port: int) -> list[str]:
     listen = probed[order[0]].listen or {}
     if not listen.get("ok"):
-        return [(f"{order[0]}: master port {port} is not free ({listen.get('error')}); stop "
-                 "what holds it or pick another with --master-port")]
+        return [
+            (
+                f"{order[0]}: master port {port} is not free ({listen.get('error')}); stop "
+                "what holds it or pick another with --master-port"
+            )
+        ]
     problems = []
     for name in order[1:]:
         reach = probed[name].reach or {}
         if not reach.get("ok"):
-            problems.append(f"{name}: cannot reach the master {order[0]} on port {port} "
-                            f"({reach.get('error')}); open that port between the nodes or "
-                            "pick another with --master-port")
+            problems.append(
+                f"{name}: cannot reach the master {order[0]} on port {port} "
+                f"({reach.get('error')}); open that port between the nodes or "
+                "pick another with --master-port"
+            )
     return problems
 
 
@@ -73,8 +89,7 @@ def fail_if(problems: Sequence[str], what: str) -> None:
         raise PlanError(f"{what}; nothing was started:\n  " + "\n  ".join(problems))
 
 
-def preflight(config: TrainConfig, members: Mapping[str, Member]
-              ) -> tuple[Plan, dict[str, Probed]]:
+def preflight(config: TrainConfig, members: Mapping[str, Member]) -> tuple[Plan, dict[str, Probed]]:
     """Every node's facts (in parallel: the runners probe at once), then the pure plan."""
     order, port = config.order, config.port
     probed, problems = {}, []
@@ -89,8 +104,12 @@ def preflight(config: TrainConfig, members: Mapping[str, Member]
     fail_if(problems, "preflight failed")
     facts = {n: p.facts for n, p in probed.items()}
     claims = {n: probed[n].code for n in order}
-    fail_if(sync.code_dir_problems(claims, config.code_dir_flag) + check_versions(facts)
-            + port_problems(order, probed, port), "preflight failed")
+    fail_if(
+        sync.code_dir_problems(claims, config.code_dir_flag)
+        + check_versions(facts)
+        + port_problems(order, probed, port),
+        "preflight failed",
+    )
     return plan(config, facts), probed
 
 
@@ -108,10 +127,14 @@ def reused_run_id(fleet: Fleet, p: Plan) -> list[str]:
         return True
 
     results = fleet.map(one, [n.node for n in p.nodes])
-    return [str(r) if isinstance(r, NodeError) else
-            f"{name}: --run-id {p.run_id} was used before ({p.node(name).log_dir} exists); "
-            "pick a new --run-id or leave it out for a fresh one"
-            for name, r in results.items() if r is not False]
+    return [
+        str(r)
+        if isinstance(r, NodeError)
+        else f"{name}: --run-id {p.run_id} was used before ({p.node(name).log_dir} exists); "
+        "pick a new --run-id or leave it out for a fresh one"
+        for name, r in results.items()
+        if r is not False
+    ]
 
 
 def fresh_run_dir(run_dir: Path, make: bool = False) -> None:
@@ -123,5 +146,7 @@ def fresh_run_dir(run_dir: Path, make: bool = False) -> None:
         elif run_dir.exists():
             raise FileExistsError
     except FileExistsError:
-        raise PlanError(f"--run-id {run_dir.name} was used before ({run_dir} exists); pick a "
-                        "new --run-id or leave it out for a fresh one") from None
+        raise PlanError(
+            f"--run-id {run_dir.name} was used before ({run_dir} exists); pick a "
+            "new --run-id or leave it out for a fresh one"
+        ) from None

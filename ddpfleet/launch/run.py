@@ -27,16 +27,16 @@ from ddpfleet.launch.preflight import (
 )
 
 
-def push_code(fleet: Fleet, p: Plan, files: Mapping[str, sync.Entry], root: Path,
-              probed: Mapping[str, Probed]) -> dict[str, sync.SyncStats | NodeError]:
+def push_code(
+    fleet: Fleet, p: Plan, files: Mapping[str, sync.Entry], root: Path, probed: Mapping[str, Probed]
+) -> dict[str, sync.SyncStats | NodeError]:
     """Only what changed, every node in parallel; each says whether the script is there."""
 
     def one(conn: Conn) -> sync.SyncStats:
         n = p.node(conn.name)
         remote = probed[conn.name].manifest
         change = sync.diff(files, remote)
-        stats = sync.push(conn, n.argv[0], n.cwd, root, files, change, p.script, remote,
-                          p.run_id)
+        stats = sync.push(conn, n.argv[0], n.cwd, root, files, change, p.script, remote, p.run_id)
         if not stats.script:
             raise NodeError(conn.name, f"{n.cwd}/{p.script} is missing after the sync")
         return stats
@@ -48,13 +48,20 @@ def _sync_line(results: Mapping[str, sync.SyncStats | NodeError]) -> str:
     parts = []
     for name, s in results.items():
         if isinstance(s, sync.SyncStats):
-            parts.append(f"{name} unchanged" if not (s.sent or s.deleted) else
-                         f"{name} {s.sent} sent ({s.bytes / 1024:.1f} KiB), {s.deleted} deleted")
+            parts.append(
+                f"{name} unchanged"
+                if not (s.sent or s.deleted)
+                else f"{name} {s.sent} sent ({s.bytes / 1024:.1f} KiB), {s.deleted} deleted"
+            )
     return "code: " + "; ".join(parts)
 
 
-def prepare(fleet: Fleet, config: TrainConfig, members: Mapping[str, Member],
-            files: Mapping[str, sync.Entry]) -> Plan:
+def prepare(
+    fleet: Fleet,
+    config: TrainConfig,
+    members: Mapping[str, Member],
+    files: Mapping[str, sync.Entry],
+) -> Plan:
     """Everything before launch: probes, the plan shown, the sync and the script check."""
     p, probed = preflight(config, members)
     fail_if(reused_run_id(fleet, p), "preflight failed")
@@ -72,8 +79,10 @@ def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[
     files = sync.project_files(config.project_dir)  # mistakes here come before any connection
     sync.require(files, config.script, config.project_dir)
     fresh_run_dir(config.run_dir)  # made once the preflight passed
-    fail_if([str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
-            "cannot reach every node")
+    fail_if(
+        [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
+        "cannot reach every node",
+    )
     members = open_members(fleet, config, out)
     try:
         p = prepare(fleet, config, members, files)

@@ -48,9 +48,11 @@ def test_an_argv_is_quoted_once_and_stderr_merged():
     s = conn(chan).session(["python3", "-c", "print('a b')"])
     s.sendall(b"x")
     assert s.recv_exit_status() == 7
-    assert chan.calls[:3] == [("set_combine_stderr", True),
-                              ("exec_command", "python3 -c 'print('\"'\"'a b'\"'\"')'"),
-                              ("sendall", b"x")]
+    assert chan.calls[:3] == [
+        ("set_combine_stderr", True),
+        ("exec_command", "python3 -c 'print('\"'\"'a b'\"'\"')'"),
+        ("sendall", b"x"),
+    ]
 
 
 @pytest.mark.parametrize(("active", "kind"), [(True, NodeError), (False, Unreachable)])
