@@ -146,35 +146,17 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
 def train(c, inventory=None, nodes=None, script=None, args="", nproc_per_node="auto",
           master_port=None, env=None, run_id=None, project_dir=".", code_dir=None):
     """Run a PyTorch training script across the nodes."""
-    import shlex
-    from pathlib import Path
-
-    from ddpfleet import envs, launch
+    from ddpfleet import launch
     from ddpfleet.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
     flags = launch.TrainFlags(
-        nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
-        script=script or launch.DEFAULT_SCRIPT,
-        args=tuple(shlex.split(args or "")),
-        nproc_per_node=str(nproc_per_node),
-        master_port=_port(master_port),
-        env=launch.parse_env(env or []),
-        run_id=launch.check_run_id(run_id or launch.new_run_id()),
-        project_dir=Path(project_dir),
-        code_dir=launch.check_code_dir(code_dir or launch.DEFAULT_CODE_DIR),
-    )
-    python = {n.name: envs.env_python(loaded, n) for n in loaded.nodes}
+        nodes=tuple(n.name for n in loaded.nodes) if nodes else (), script=script,
+        args=args or "", nproc_per_node=str(nproc_per_node), master_port=master_port,
+        env=tuple(env or ()), run_id=run_id, project_dir=project_dir, code_dir=code_dir)
+    config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
     with Fleet(loaded) as fleet:
-        launch.train(fleet, flags, python, log_root=loaded.root / "logs")
-
-
-def _port(value) -> int | None:
-    if value in (None, ""):
-        return None
-    if not str(value).isdigit() or not 1 <= int(value) <= 65535:
-        raise DdpfleetError(f"--master-port {value!r}: use a port from 1 to 65535")
-    return int(value)
+        launch.train(fleet, config)
 
 
 @task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP,

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml
 
-from ddpfleet import envs, launch
 from ddpfleet import inventory as inv
+from ddpfleet import launch
 from ddpfleet.connection import Fleet
 from tests.integration.conftest import ROOT, write_inventory
 
@@ -129,16 +129,14 @@ def run_invoke(inventory: Path, run_id: str, args: str) -> tuple[Lines, int]:
 def plan_for(inventory: Path, run_id: str, args: str) -> launch.Plan:
     """The plan `invoke train` would run, from a real preflight that then starts nothing."""
     loaded = inv.load(inventory)
-    flags = launch.TrainFlags(run_id=run_id, nproc_per_node="2", project_dir=PROJECT,
-                              args=tuple(shlex.split(args)))
-    python = {n.name: envs.env_python(loaded, n) for n in loaded.nodes}
+    flags = launch.TrainFlags(run_id=run_id, nproc_per_node="2", project_dir=PROJECT, args=args)
+    config = launch.resolve(loaded, flags, log_root=PROJECT / "logs")
     with Fleet(loaded) as fleet:
         fleet.open()
-        order = launch.run_order(loaded, ())
         quiet = launch.Output(open(os.devnull, "w"))  # noqa: SIM115
-        members = launch.open_members(fleet, flags, order, python, quiet)
+        members = launch.open_members(fleet, config, quiet)
         try:
-            p, _ = launch.preflight(fleet, flags, members)
+            p, _ = launch.preflight(config, members)
         finally:
             for m in members.values():
                 m.call_off()

@@ -143,6 +143,18 @@ class Conn:
             raise CommandError(self.name, cmd, code, result.stderr or result.stdout)
         return result
 
+    def session(self, command: str | list[str]) -> Session:
+        """An exec channel left open for a caller that streams both ways (the gang runner's
+        lifeline, the code sync's tar); stderr comes merged into its output."""
+        cmd = shlex.join(command) if isinstance(command, list) else command
+        try:
+            chan = self.transport.open_session(timeout=self.node.connect_timeout)
+            chan.set_combine_stderr(True)
+            chan.exec_command(cmd)
+        except NODE_IO_ERRORS as e:
+            raise self.failure(e) from None
+        return Session(self, chan)
+
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             try:
@@ -184,6 +196,40 @@ class Conn:
         self.fabric.close()
         for hop in reversed(self.hops):
             hop.close()
+
+
+class Session:
+    """Conn.session's channel: the few calls its callers make, each failure this node's
+    NodeError (Unreachable once the connection is gone), so paramiko stays in this module."""
+
+    def __init__(self, conn: Conn, chan: paramiko.Channel):
+        self.conn, self.chan = conn, chan
+
+    def _do(self, fn: Callable[..., T], *args) -> T:
+        try:
+            return fn(*args)
+        except NODE_IO_ERRORS as e:
+            raise self.conn.failure(e) from None
+
+    def sendall(self, data: bytes) -> None:
+        self._do(self.chan.sendall, data)
+
+    def recv(self, size: int = 65536) -> bytes:
+        return self._do(self.chan.recv, size)
+
+    def shutdown_write(self) -> None:
+        self._do(self.chan.shutdown_write)
+
+    def recv_exit_status(self) -> int:
+        """The command's exit status; -1 when the channel closed without one."""
+        return self._do(self.chan.recv_exit_status)
+
+    def close(self) -> None:
+        """Never raises: closing a channel whose connection is gone is not a failure."""
+        try:
+            self.chan.close()
+        except NODE_IO_ERRORS:
+            pass
 
 
 def describe(e: BaseException) -> str:

@@ -3,10 +3,10 @@
 Stdlib only, Linux. On the channel's stdin the controller sends, in order: this file (a length
 line, then the source), node_helper.py and proctree.py the same way, one JSON line asking for
 the preflight facts, and then either EOF (preflight failed somewhere: nothing is started) or
-one JSON line {"argv", "env", "cwd", "grace", "watchdog"} that starts torchrun. After that it
-keeps stdin open and writes control lines: "hb" (heartbeat), "stop" (graceful), "kill" (at
-once); the runner sends its own heartbeat back, so either side notices a connection that died
-silently.
+one JSON line {"argv", "env", "cwd", "grace", "watchdog", "heartbeat"} that starts torchrun.
+After that it keeps stdin open and writes control lines: "hb" (heartbeat), "stop" (graceful),
+"kill" (at once); the runner sends its own heartbeat back, so either side notices a connection
+that died silently.
 
 The preflight runs here, not in channels of its own, so a launch costs one exec per node: the
 facts and code manifest (node_helper.facts), the master port bound on the master and held,
@@ -29,8 +29,9 @@ Why each piece of the run is here:
   SIGKILLed.
 
 Output: torchrun's stdout+stderr relayed line by line (over-long lines in MAX_LINE pieces)
-through one writer thread; control lines start with \\x1e and hold JSON ({"event": "facts",
-...}, {"event": "stopping", ...}, {"event": "exit", ...}). The exit status is torchrun's.
+through one writer thread; control lines start with \\x1e and hold JSON, one "event" each:
+facts, started, hb, stopping, killed, error, exit (ddpfleet.launch.member reads them). The exit
+status is torchrun's.
 """
 
 import json

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from ddpfleet import sync
+from ddpfleet.launch import sync
 from ddpfleet.launch import RUNNER_FILES
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the runner needs Linux")
@@ -150,11 +150,13 @@ def test_a_controller_that_stops_reading_still_stops_a_chatty_run(runners):
 
 def test_daemons_and_fork_hoppers_of_a_failed_run_are_gone(runners):
     for _ in range(3):
+        # No watchdog: this test sends no heartbeats, and on a loaded machine three such runs
+        # can outlast its few seconds, which would end the run as stopped, not failed.
         r = runners(DAEMON, HOPPER, """
             daemon(); hopper()
             time.sleep(0.5)
             raise SystemExit(1)
-            """)
+            """, watchdog=0)
         events = r.events()
         assert events[-1] == {"event": "exit", "code": 1, "stopped": False}
         assert r.proc.wait() == 1

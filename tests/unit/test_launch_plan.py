@@ -1,8 +1,10 @@
-"""The launch plan is pure: inventory + flags + per-node facts in, exact torchrun argv out."""
+"""The launch plan is pure: the resolved config + per-node facts in, exact torchrun argv out."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -38,13 +40,47 @@ def all_facts(**kw) -> dict[str, NodeFacts]:
     return {n: facts(n, **kw) for n in ("node0", "node1", "node2")}
 
 
-def flags(**kw) -> TrainFlags:
-    return TrainFlags(**{"run_id": "r1", **kw})
+def config(inventory: inv.Inventory, **flags) -> launch.TrainConfig:
+    return launch.resolve(inventory, TrainFlags(**{"run_id": "r1", **flags}), Path("/logs"))
+
+
+def plan(inventory: inv.Inventory, facts: dict[str, NodeFacts], **flags) -> launch.Plan:
+    return launch.plan(config(inventory, **flags), facts)
+
+
+def test_flags_are_resolved_once_into_a_frozen_config(tmp_path):
+    i = load(tmp_path, NODES.replace("10.0.0.12}", "10.0.0.12, gpus: 2}"))
+    c = config(i, nodes=("node2", "node0"), master_port="31000", env=("A=1",),
+               args="--name 'a b'", project_dir=tmp_path)
+    assert c.order == ("node2", "node0") and c.master == "node2" and c.port == 31000
+    assert c.args == ("--name", "a b") and c.env == (("A", "1"),) and c.nproc is None
+    assert not c.count_gpus("node2") and c.count_gpus("node0")  # node2's inventory says 2
+    assert c.code_dir == "~/ddpfleet/demo/code" and c.remote_logs == "~/ddpfleet/demo/runs"
+    assert c.run_dir == Path("/logs/r1") and c.project_dir == tmp_path.resolve()
+    assert c.python["node0"].endswith("/bin/python") and c.hosts["node2"] == "10.0.0.12"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"master_port": "99999"}, "--master-port '99999': use a port from 1 to 65535"),
+    ({"master_port": "http"}, "--master-port 'http'"),
+    ({"args": "--name 'unclosed"}, "--args \"--name 'unclosed\": No closing quotation"),
+    ({"nproc_per_node": "0"}, "--nproc-per-node '0'"),
+    ({"env": ("1A=2",)}, "--env '1A=2'"),
+    ({"run_id": "../x"}, "--run-id '../x'"),
+    ({"code_dir": "~/{user}"}, "--code-dir: give a path"),
+    ({"nodes": ("node0", "node1")}, "put node1 first"),
+])
+def test_every_flag_mistake_is_refused_before_any_connection(tmp_path, flags, message):
+    i = load(tmp_path, head="cluster: {name: demo, master: node1}\n")
+    with pytest.raises(PlanError) as e:
+        config(i, **flags)
+    assert message in str(e.value)
 
 
 def test_argv_is_exact_and_ranks_follow_nodes_order(tmp_path):
-    p = launch.plan(load(tmp_path), flags(nodes=("node1", "node0"), args=("--epochs", "2")),
-                    all_facts())
+    p = plan(load(tmp_path), all_facts(), nodes=("node1", "node0"), args="--epochs 2")
     assert [(n.node, n.rank) for n in p.nodes] == [("node1", 0), ("node0", 1)]
     assert p.master == "node1" and p.master_addr == "10.0.0.11" and p.master_port == 29500
     assert p.nodes[1].argv == (
@@ -58,7 +94,7 @@ def test_argv_is_exact_and_ranks_follow_nodes_order(tmp_path):
 
 def test_default_order_is_inventory_order_with_the_master_first(tmp_path):
     i = load(tmp_path, head="cluster: {name: demo, master: node2}\n")
-    p = launch.plan(i, flags(), all_facts())
+    p = plan(i, all_facts())
     assert [n.node for n in p.nodes] == ["node2", "node0", "node1"]
     assert p.master_addr == "10.0.0.12"
 
@@ -66,13 +102,13 @@ def test_default_order_is_inventory_order_with_the_master_first(tmp_path):
 def test_explicit_master_not_first_in_nodes_is_refused(tmp_path):
     i = load(tmp_path, head="cluster: {name: demo, master: node1}\n")
     with pytest.raises(PlanError, match="put node1 first"):
-        launch.plan(i, flags(nodes=("node0", "node1")), all_facts())
+        plan(i, all_facts(), nodes=("node0", "node1"))
 
 
 def test_master_port_flag_beats_inventory(tmp_path):
     i = load(tmp_path, head="cluster: {name: demo, master_port: 29600}\n")
-    assert launch.plan(i, flags(), all_facts()).master_port == 29600
-    p = launch.plan(i, flags(master_port=31000), all_facts())
+    assert plan(i, all_facts()).master_port == 29600
+    p = plan(i, all_facts(), master_port=31000)
     assert p.master_port == 31000 and "31000" in p.nodes[1].argv
 
 
@@ -82,7 +118,7 @@ def test_master_name_is_resolved_by_a_worker_not_by_the_master(tmp_path):
     f["node0"] = facts("node0", ssh_host="gpu-a", master_resolved="127.0.1.1")
     for w in ("node1", "node2"):
         f[w] = facts(w, master_resolved="10.0.0.10")
-    p = launch.plan(load(tmp_path), flags(), f)
+    p = plan(load(tmp_path), f)
     assert p.master_addr == "10.0.0.10"
     assert p.nodes[0].env["GLOO_SOCKET_IFNAME"] == "eth0"
 
@@ -91,15 +127,14 @@ def test_unresolvable_master_name_is_refused(tmp_path):
     f = {n: facts(n, master_resolved=None) for n in ("node0", "node1")}
     f["node0"] = facts("node0", ssh_host="gpu-a", master_resolved=None)
     with pytest.raises(PlanError, match="node1: cannot resolve the master's host 'gpu-a'"):
-        launch.plan(load(tmp_path), flags(nodes=("node0", "node1")), f)
+        plan(load(tmp_path), f, nodes=("node0", "node1"))
 
 
 def test_env_has_run_id_threads_and_socket_interfaces(tmp_path):
     f = all_facts()
     f["node1"] = facts("node1", route_dev="ib0")
     f["node2"] = facts("node2", route_dev=None)
-    p = launch.plan(load(tmp_path), flags(env=(("NCCL_DEBUG", "INFO"), ("OMP_NUM_THREADS", "4"))),
-                    f)
+    p = plan(load(tmp_path), f, env=("NCCL_DEBUG=INFO", "OMP_NUM_THREADS=4"))
     e0, e1, e2 = (n.env for n in p.nodes)
     assert e0["DDPFLEET_RUN_ID"] == "r1" and e0["PYTHONUNBUFFERED"] == "1"
     assert e0["GLOO_SOCKET_IFNAME"] == "eth0" and e0["NCCL_SOCKET_IFNAME"] == "=eth0"
@@ -109,7 +144,7 @@ def test_env_has_run_id_threads_and_socket_interfaces(tmp_path):
 
 
 def test_omp_threads_default_is_one(tmp_path):
-    assert launch.plan(load(tmp_path), flags(), all_facts()).nodes[0].env["OMP_NUM_THREADS"] == "1"
+    assert plan(load(tmp_path), all_facts()).nodes[0].env["OMP_NUM_THREADS"] == "1"
 
 
 @pytest.mark.parametrize(("inventory_gpus", "probed", "expected"), [
@@ -120,7 +155,7 @@ def test_omp_threads_default_is_one(tmp_path):
 def test_auto_nproc(tmp_path, inventory_gpus, probed, expected):
     text = NODES.replace("}", f", {inventory_gpus}}}" if inventory_gpus else "}")
     f = {n: facts(n, gpus=g) for n, g in probed.items()}
-    p = launch.plan(load(tmp_path, text), flags(), f)
+    p = plan(load(tmp_path, text), f)
     assert p.nproc == expected and f"{expected}" == p.nodes[0].argv[12]
 
 
@@ -128,13 +163,13 @@ def test_unequal_gpu_counts_are_refused(tmp_path):
     f = {"node0": facts("node0", gpus=8), "node1": facts("node1", gpus=4),
          "node2": facts("node2", gpus=8)}
     with pytest.raises(PlanError, match=r"different GPU counts \(node0: 8, node1: 4, node2: 8\)"):
-        launch.plan(load(tmp_path), flags(), f)
+        plan(load(tmp_path), f)
 
 
 def test_explicit_nproc(tmp_path):
-    assert launch.plan(load(tmp_path), flags(nproc_per_node="2"), all_facts()).nproc == 2
+    assert plan(load(tmp_path), all_facts(), nproc_per_node="2").nproc == 2
     with pytest.raises(PlanError, match="--nproc-per-node 'zero'"):
-        launch.plan(load(tmp_path), flags(nproc_per_node="zero"), all_facts())
+        plan(load(tmp_path), all_facts(), nproc_per_node="zero")
 
 
 def test_env_flag_parsing():
@@ -170,16 +205,51 @@ def test_cuda_and_nccl_versions_compared_too():
     assert line.startswith("cuda versions differ") and "12.1 on node1" in line
 
 
-def test_plan_table_masks_secret_looking_user_env(tmp_path):
-    fl = flags(env=(("WANDB_API_KEY", "s3cret"), ("NCCL_DEBUG", "INFO")))
-    p = launch.plan(load(tmp_path), fl, all_facts())
+def shown(p: launch.Plan, user_env=()) -> list[str]:
     from rich.console import Console
 
     console = Console(width=400, record=True)
-    console.print(launch.render_plan(p, fl.env))
-    text = console.export_text()
+    console.print(launch.render_plan(p, user_env))
+    return [line.rstrip() for line in console.export_text().splitlines()]
+
+
+def cells(lines: list[str], first: str) -> list[str]:
+    """The words of the table row whose first cell is `first`, whatever the borders."""
+    for line in lines:
+        words = [w for w in line.split() if w.strip("│┃|")]
+        if words and words[0] == first:
+            return words
+    raise AssertionError(f"no row {first!r} in {lines}")
+
+
+def test_plan_shows_the_command_once_and_what_differs_per_node(tmp_path):
+    c = config(load(tmp_path), env=("WANDB_API_KEY=s3cret", "NCCL_DEBUG=INFO"))
+    lines = shown(launch.plan(c, all_facts()), c.env)
+    text = "\n".join(lines)
     assert "s3cret" not in text and "WANDB_API_KEY=***" in text and "NCCL_DEBUG=INFO" in text
-    assert "--node-rank 2" in text
+    (command,) = [line for line in lines if line.startswith("command: ")]
+    assert command == (f"command: {PY} -m torch.distributed.run --nnodes 3 --node-rank "
+                       "{node_rank} --master-addr 10.0.0.10 --master-port 29500 "
+                       "--nproc-per-node 1 --rdzv-id r1 --log-dir /root/ddpfleet/demo/runs/r1 "
+                       "--tee 3 scripts/train_ddp.py")
+    assert cells(lines, "node") == ["node", "host", "node_rank"]
+    assert cells(lines, "node2") == ["node2", "10.0.0.12", "2"]
+    assert "cwd: /root/ddpfleet/demo/code" in lines and text.count("torch.distributed.run") == 1
+
+
+def test_what_only_some_nodes_have_becomes_a_column(tmp_path):
+    f = all_facts()
+    f["node1"] = facts("node1", home="/home/ubuntu", route_dev="ib0")
+    f["node2"] = facts("node2", route_dev=None)
+    lines = shown(launch.plan(config(load(tmp_path)), f))
+    assert cells(lines, "node") == ["node", "host", "node_rank", "log_dir", "GLOO_SOCKET_IFNAME",
+                                    "NCCL_SOCKET_IFNAME", "cwd"]
+    home = "/home/ubuntu/ddpfleet/demo"
+    assert cells(lines, "node1") == ["node1", "10.0.0.11", "1", f"{home}/runs/r1", "ib0", "=ib0",
+                                     f"{home}/code"]
+    assert cells(lines, "node2")[4:6] == ["(unset)", "(unset)"]
+    assert any("--log-dir {log_dir}" in line for line in lines)
+    assert not any(line.startswith("cwd:") for line in lines)
 
 
 @pytest.mark.parametrize(("line", "expected"), [

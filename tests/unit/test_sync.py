@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ddpfleet import launch, sync
+from ddpfleet import launch
+from ddpfleet.launch import sync
 from ddpfleet.errors import PlanError
 
 

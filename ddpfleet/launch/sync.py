@@ -32,7 +32,7 @@ from ddpfleet import progress
 from ddpfleet.errors import CommandError, NodeError, PlanError
 
 ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".ddpfleet", ".git")
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 # Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
 # stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
 HELPER_LOADER = ("import sys;b=sys.stdin.buffer;"
@@ -203,9 +203,7 @@ def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry
     A long sync shows the node's bytes, rate and time left (ddpfleet.progress)."""
     if change.empty:
         return SyncStats(0, 0, 0, script in remote)
-    chan = conn.transport.open_session(timeout=conn.node.connect_timeout)
-    chan.set_combine_stderr(True)
-    chan.exec_command(helper_command(python, "node_helper.py", "apply", code_dir, run_id, script))
+    chan = conn.session(helper_command(python, "node_helper.py", "apply", code_dir, run_id, script))
     chan.sendall(helper_source("node_helper.py"))
     chan.sendall(header(files, change))
     with progress.transfer(conn.name, "code", tar_size(root, change.send)) as sent:

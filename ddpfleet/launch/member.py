@@ -1,0 +1,222 @@
+"""One node's gang_runner.py on one exec channel of the run's connection, preflight to exit."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+
+from ddpfleet.connection import Conn, Session
+from ddpfleet.errors import NodeError
+from ddpfleet.hygiene import open_private
+from ddpfleet.launch import sync
+from ddpfleet.launch.clues import Clues, split_rank
+from ddpfleet.launch.outcome import Outcome
+from ddpfleet.launch.output import LineSplitter, Output
+from ddpfleet.launch.plan import NodePlan
+
+STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
+HEARTBEAT_S = 2.0
+WATCHDOG_S = 30  # silence either way this long: the connection is dead (runner stops the run)
+CONTROL = b"\x1e"
+TAIL_CHARS = 2000  # of each line kept for the last-lines of a failure message
+RUNNER_FILES = ("gang_runner.py", "node_helper.py", "proctree.py")  # in the order it loads them
+
+
+class Member:
+    """One node's gang_runner.py on one exec channel of the run's connection; a thread pumps
+    its output. open() starts the preflight, launch() the run, call_off() ends it unstarted."""
+
+    def __init__(self, conn: Conn, python: str, out: Output):
+        self.conn, self.python, self.out = conn, python, out
+        self.chan: Session | None = None
+        self.plan: NodePlan | None = None
+        self.nproc = 1
+        self.log = None
+        self.facts: dict | None = None
+        self.got_facts = threading.Event()
+        self.outcome = Outcome(conn.name)
+        self.lines: deque[tuple[int | None, str]] = deque(maxlen=400)  # enough for a traceback
+        self.clues = Clues()
+        self.stopped_by_us = False  # the runner said it is stopping at our word
+        self.told_to_stop = False
+        self.failed_itself = False  # torchrun said a worker failed before we said stop
+        self.started = self.last_heard = time.monotonic()
+        self.done = threading.Event()
+        self.finishing = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.conn.name
+
+    @property
+    def failing(self) -> bool:
+        """Failed or lost, or torchrun already said a worker died (its exit is seconds off)."""
+        return self.failed_itself or (
+            self.done.is_set() and self.outcome.state in ("failed", "lost")
+        )
+
+    def open(self, request: Mapping[str, object]) -> None:
+        """Start the runner: its sources, then the preflight request, on stdin."""
+        # The run id in the runner's own environment too: every process of the run carries it.
+        env = shlex.join(["env", f"DDPFLEET_RUN_ID={request['run_id']}"])
+        chan = self.conn.session(f"{env} {sync.helper_command(self.python, 'gang_runner.py')}")
+        chan.sendall(
+            b"".join(sync.helper_source(h) for h in RUNNER_FILES)
+            + json.dumps(request).encode()
+            + b"\n"
+        )
+        self.chan = chan
+        threading.Thread(target=self.pump, name=f"pump-{self.name}", daemon=True).start()
+
+    def wait_facts(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while not self.got_facts.wait(0.05):
+            if self.done.is_set() or time.monotonic() > deadline:
+                raise NodeError(self.name, self.why_no_facts(timeout))
+        return self.facts
+
+    def why_no_facts(self, timeout: float) -> str:
+        said = " | ".join(t for _, t in list(self.lines)[-3:])
+        if self.outcome.exit_code == 127 or "No such file or directory" in said:
+            return (
+                f"no python at {self.python} (the training env); run invoke bootstrap, "
+                "or fix python_env in the inventory"
+            )
+        if not self.done.is_set():
+            return f"the preflight probe gave no answer within {timeout:g}s"
+        return f"the preflight probe failed (exit {self.outcome.exit_code}): {said or 'no output'}"
+
+    def launch(self, node: NodePlan, nproc: int, log_path: Path) -> None:
+        """Start torchrun: the spec goes on stdin (--env values may be secrets)."""
+        self.plan, self.nproc = node, nproc
+        self.clues = Clues(node.rank, nproc)
+        self.log = open_private(log_path)  # closed in finish, by the pump thread
+        self.started = self.last_heard = time.monotonic()
+        spec = {
+            "argv": list(node.argv),
+            "env": dict(node.env),
+            "cwd": node.cwd,
+            "grace": STOP_GRACE_S,
+            "watchdog": WATCHDOG_S,
+            "heartbeat": HEARTBEAT_S,
+        }
+        self.chan.sendall(json.dumps(spec).encode() + b"\n")
+
+    def give_up(self, why: str) -> None:
+        """Treat the node as lost: close its channel. Its runner, if it still hears anything,
+        sees EOF and stops the run; a dead peer never confirms, so do not wait for it."""
+        self.outcome.why = why
+        self.chan.close()
+        if not self.done.wait(2):  # the pump's own finish, if the close reaches it at once
+            self.finish(-1)
+
+    def call_off(self) -> None:
+        """EOF before a spec: the runner frees the port and exits, having started nothing."""
+        if self.chan is not None:
+            try:
+                self.chan.shutdown_write()
+            except NodeError:
+                pass
+            self.done.wait(5)  # the runner frees the port first; past this, close regardless
+            self.chan.close()
+
+    def send(self, word: str) -> None:
+        self.told_to_stop = self.told_to_stop or word in ("stop", "kill")
+        try:
+            if self.chan is not None and not self.done.is_set():
+                self.chan.sendall(word.encode() + b"\n")
+        except NodeError:
+            pass  # its connection is gone: the pump reports that
+
+    def pump(self) -> None:
+        lines = LineSplitter()
+        try:
+            while data := self.chan.recv(65536):
+                self.last_heard = time.monotonic()
+                for raw in lines.feed(data):
+                    self.handle(raw)
+            for raw in lines.end():
+                self.handle(raw)
+            code = self.chan.recv_exit_status()
+        except NodeError:
+            code = -1
+        self.finish(code)
+
+    def handle(self, raw: bytes) -> None:
+        if raw.startswith(CONTROL):
+            return self.control(raw[1:])
+        text = raw.decode(errors="replace").rstrip("\r")
+        rank, body = (
+            (None, text) if self.plan is None else split_rank(text, self.plan.rank, self.nproc)
+        )
+        self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
+        if self.plan is not None and self.clues.feed(rank, body, time.monotonic()):
+            self.failed_itself = self.failed_itself or not self.told_to_stop
+        prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"
+        self.out.line(f"{prefix} {body}", self.log)
+
+    def control(self, payload: bytes) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        kind = event.pop("event", None)
+        if kind == "hb":
+            return
+        if kind == "facts":
+            self.facts = event
+            self.got_facts.set()
+        elif kind == "stopping":
+            self.stopped_by_us = True
+            if self.log is not None and not self.log.closed:
+                self.log.write(f"[{self.name}] ddpfleet: stopping: {event.get('reason')}\n")
+        elif kind == "killed":
+            what = (
+                "torchrun, its workers gone"
+                if event.get("agent_only")
+                else f"pids {event.get('pids')}, still there"
+            )
+            self.out.line(
+                f"[{self.name}] ddpfleet: SIGKILLed {what} {event.get('after')}s after SIGTERM",
+                self.log,
+            )
+        elif kind == "error":
+            self.out.line(f"[{self.name}] ddpfleet: {event.get('error')}", self.log)
+
+    def finish(self, code: int) -> None:
+        with self.finishing:
+            if self.done.is_set():
+                return  # given up on already; the pump came back late
+            self.conclude(code)
+            self.done.set()
+
+    def conclude(self, code: int) -> None:
+        o = self.outcome
+        o.seconds = time.monotonic() - self.started
+        o.exit_code = None if code == -1 else code
+        if code == 0:
+            o.state = "ok"
+        elif code == -1:
+            o.state, o.why = "lost", o.why or "its connection dropped"
+        elif self.stopped_by_us and not self.failed_itself:
+            o.state = "stopped"
+        else:
+            o.state = "failed"
+        if o.state in ("failed", "lost"):
+            o.rank = self.clues.rank
+            o.evidence_at = self.clues.first_at or time.monotonic()
+            if o.exit_code is not None:  # the failed rank's own code, not torchrun's or ours
+                o.exit_code = self.clues.exits.get(o.rank, o.exit_code)
+        o.last_lines = self.tail(o.rank)
+        if self.log is not None:
+            self.log.close()
+
+    def tail(self, rank: int | None, n: int = 12) -> tuple[str, ...]:
+        """The failing rank's last lines when known (its traceback), else the node's."""
+        mine = [t for r, t in self.lines if rank is not None and r == rank]
+        return tuple((mine or [t for _, t in self.lines])[-n:])

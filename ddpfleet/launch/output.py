@@ -1,0 +1,60 @@
+"""Node output on our stdout: bounded line splitting, one writer at a time, escapes cleaned."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from ddpfleet.hygiene import clean
+
+MAX_LINE = 64 * 1024  # a node's output line longer than this is shown in pieces
+
+
+class LineSplitter:
+    """Bytes in, lines out; a line longer than MAX_LINE (a progress bar redrawn with \\r,
+    binary output) comes out in MAX_LINE pieces, so memory stays bounded and the work linear."""
+
+    def __init__(self, limit: int = MAX_LINE):
+        self.limit = limit
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        start = len(self.buf)
+        self.buf += data
+        out, begin = [], 0
+        while True:
+            end = self.buf.find(b"\n", max(begin, start))
+            if end < 0 or end - begin > self.limit:
+                if len(self.buf) - begin <= self.limit:
+                    break
+                end = begin + self.limit  # a piece of an over-long line, without a newline
+                out.append(bytes(self.buf[begin:end]))
+                begin = end
+                continue
+            out.append(bytes(self.buf[begin:end]))
+            begin = end + 1
+        del self.buf[:begin]
+        return out
+
+    def end(self) -> list[bytes]:
+        rest, self.buf = bytes(self.buf), bytearray()
+        return [rest] if rest else []
+
+
+class Output:
+    """Lines from every node on our stdout, as they come, one writer at a time."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.lock = threading.Lock()
+
+    def line(self, text: str, log=None) -> None:
+        # Training output is node-controlled: escapes could forge lines, retitle or write the
+        # operator's clipboard (OSC 52), on the terminal and in whatever later cats the log.
+        text = clean(text)
+        with self.lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            if log is not None and not log.closed:  # closed: a node given up on, still talking
+                log.write(text + "\n")
+                log.flush()
