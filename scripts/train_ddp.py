@@ -22,6 +22,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -172,11 +173,30 @@ def train(args: argparse.Namespace) -> None:
                 if args.checkpoint_dir:
                     save_checkpoint(args.checkpoint_dir, module, opt, epoch)
         say(f"rank {rank} checksum {checksum(module)}")
-        # Tearing gloo down while a peer still sends can abort ("terminate called without an
-        # active exception"): leave together.
-        dist.barrier()
-    finally:
+        leave()
+    finally:  # reached only on a failure: leave() does not return
         dist.destroy_process_group()
+
+
+def leave() -> NoReturn:
+    """Leave together, then end this process without tearing the interpreter down.
+
+    After a collective returns, the gloo worker thread that ran it still holds the finished
+    work and drops it (and the tensors in it) a moment later; dropping a tensor Python has seen
+    takes the GIL. If the interpreter is finalizing by then, CPython (< 3.14) ends that thread
+    with pthread_exit, whose unwinding through the work's noexcept destructor calls
+    std::terminate: "terminate called without an active exception", SIGABRT, and torchrun
+    fails a run that trained. Freeing the group first is no way out: its destructor joins that
+    thread while holding the GIL, a deadlock. destroy_process_group() does neither for gloo,
+    so skip finalization: every rank has passed the barrier, the output is flushed here, and
+    nothing else is pending (a checkpoint is written and renamed before this). A rank that
+    fails raises before this point and exits non-zero as before.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

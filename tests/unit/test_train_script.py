@@ -87,3 +87,30 @@ def test_injected_failure_fails_torchrun(runs: dict) -> None:
     assert code != 0
     assert "rank 1: injected failure at step 3" in out
     assert not checksums(out)
+
+
+def test_a_finished_rank_leaves_together_flushed_and_without_finalizing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """leave(): barrier, group destroyed, output flushed, then os._exit(0) - never interpreter
+    finalization, where a gloo thread dropping its last work aborts the process (SIGABRT)."""
+    spec = importlib.util.spec_from_file_location("train_ddp_under_test", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code: int) -> None:
+        calls.append(f"_exit {code}")
+        raise Exited
+
+    monkeypatch.setattr(script.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(script.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(script.sys.stdout, "flush", lambda: calls.append("flush stdout"))
+    monkeypatch.setattr(script.sys.stderr, "flush", lambda: calls.append("flush stderr"))
+    monkeypatch.setattr(script.os, "_exit", exit_now)
+    with pytest.raises(Exited):
+        script.leave()
+    assert calls == ["barrier", "destroy", "flush stdout", "flush stderr", "_exit 0"]
