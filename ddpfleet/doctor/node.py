@@ -40,8 +40,8 @@ from ddpfleet.errors import (
     HostKeyUnknown,
     NodeError,
 )
-from ddpfleet.gpustatus import NO_DRIVER_CODES
 from ddpfleet.inventory import Inventory, Node
+from ddpfleet.shell import tail
 
 MARK = "@@doctor"
 CUDA_118_DRIVER = (520, 61, 5)  # facts.md B4: CUDA 11.8 GA on Linux
@@ -102,19 +102,7 @@ class PortTest:
 
 # --- node side -------------------------------------------------------------------------------
 
-_TORCH = """\
-import json
-try:
-    import torch
-    try:
-        nccl = ".".join(map(str, torch.cuda.nccl.version()))
-    except Exception:  # CPU builds have no NCCL
-        nccl = None
-    got = {"torch": str(torch.__version__), "cuda": torch.version.cuda, "nccl": nccl}
-except Exception as e:
-    got = {"error": f"{type(e).__name__}: {e}"}
-print("@@doctor env " + json.dumps(got))
-"""
+_TORCH = envs.TORCH_FACTS_PY + 'import json\nprint("@@doctor env " + json.dumps(torch_facts()))\n'
 
 _TCP = """\
 import json, socket, sys
@@ -262,8 +250,8 @@ def _env(said: Mapping[str, str], stderr: str, python: str) -> EnvFacts:
         return EnvFacts(python, present=False)
     got = _json(said.get("env"))
     if got is None:  # the interpreter itself died: its stderr is all there is
-        tail = " | ".join(stderr.strip().splitlines()[-2:]) or "no output"
-        return EnvFacts(python, present=True, error=f"{python} failed: {tail}")
+        last = tail(stderr, 2) or "no output"
+        return EnvFacts(python, present=True, error=f"{python} failed: {last}")
     return EnvFacts(python, True, got.get("torch"), got.get("cuda"), got.get("nccl"),
                     got.get("error"))  # fmt: skip
 
@@ -281,11 +269,11 @@ def gather_facts(fleet: Fleet) -> dict[str, NodeFacts | NodeError]:
     inventory = fleet.inventory
 
     def one(conn: Conn) -> NodeFacts:
-        python = envs.env_python(inventory, conn.node)
+        env = envs.location(inventory, conn.node)
         peers = [(n.name, _address(fleet, n), n.port) for n in fleet.nodes if n != conn.node]
-        script = facts_script(python, envs.env_dir(inventory, conn.node), peers)
+        script = facts_script(env.python, env.path, peers)
         result = conn.run(["sh", "-c", script], timeout=FACTS_TIMEOUT_S)
-        return parse_facts(result.stdout, result.stderr, python)
+        return parse_facts(result.stdout, result.stderr, env.python)
 
     return fleet.map(one)
 
@@ -336,8 +324,8 @@ def _run_json(conn: Conn, argv: list[str], timeout: float) -> dict:
     lines = result.stdout.strip().splitlines()
     got = _json(lines[-1] if lines else "")
     if got is None:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"free": None, "error": f"{argv[0]} exited {result.exit_code}: {tail[0]}"}
+        last = tail(result.stderr or result.stdout, 1) or "no output"
+        return {"free": None, "error": f"{argv[0]} exited {result.exit_code}: {last}"}
     return got
 
 
@@ -399,7 +387,7 @@ def check_driver(gpus: gpu.NodeGpus, expected: int | None) -> Check:
     No driver is fine on a CPU node, a failure where the inventory says the node has GPUs."""
     install = f"install an NVIDIA driver >= {_dotted(CUDA_118_DRIVER)}, then reboot"
     error = gpus.driver_error
-    if error and gpus.exit_code not in NO_DRIVER_CODES:  # there, but broken (15: off the bus)
+    if error and gpus.exit_code not in gpu.NO_DRIVER_CODES:  # there, but broken (15: off the bus)
         return fail("driver", f"nvidia-smi exit {gpus.exit_code}: {error}", "reboot the node")
     if error and expected:
         return fail("driver", f"gpus: {expected} in the inventory, but {error}", install)

@@ -23,11 +23,10 @@ import shlex
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, describe
 from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
 
 SECTION = "python_env"
-SPEC_FILE = ".ddpfleet-spec.sha256"
-RECORD_FILE = ".ddpfleet-torch.json"
 TOS_ERROR = "CondaToSNonInteractiveError"
 TOS_HINT = (
     "set `miniconda: {accept_tos: true}` to accept Anaconda's Terms of Service for "
@@ -44,14 +43,6 @@ echo "spec=$(cat "$e/{SPEC_FILE}" 2>/dev/null)"
 echo "record=$(tr -d '\n' <"$e/{RECORD_FILE}" 2>/dev/null)"
 true
 """
-
-VERIFY_PY = """
-import json, platform, torch
-print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
-                  "available": torch.cuda.is_available(), "gpus": torch.cuda.device_count(),
-                  "python": platform.python_version()}))
-"""
-
 
 def applies(cfg: Mapping[str, Any], host) -> bool:
     return cfg["manager"] == "conda"
@@ -98,14 +89,6 @@ def render(host, cfg: Mapping[str, Any], chans: list[str], cpu: bool) -> str:
         mkl=cfg["mkl"] or "",
         conda_packages=list(cfg["conda_packages"] or ()),
         pip_packages=list(cfg["pip_packages"] or ()),
-    )
-
-
-def describe(record: Mapping[str, Any]) -> str:
-    return (
-        f"torch {record.get('torch')}, CUDA {record.get('cuda') or 'none'}, "
-        f"cuda available: {'yes' if record.get('available') else 'no'}, "
-        f"GPUs: {record.get('gpus', 0)}"
     )
 
 

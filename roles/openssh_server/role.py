@@ -22,7 +22,6 @@ only, reconciled against the inventory on every run.
 from __future__ import annotations
 
 import importlib.util
-import shlex
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from ddpfleet import inventory as inv
 from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 from ddpfleet.errors import NodeError
 from ddpfleet.roles import Step, changed, failed, ok
+from ddpfleet.shell import sh, sha256
 
 
 def _beside(name: str) -> ModuleType:
@@ -110,11 +110,6 @@ def applies(cfg: Mapping[str, Any], host) -> bool:
     return True
 
 
-def sh(script: str, *args: str) -> str:
-    """A script with its values as positional parameters, quoted once."""
-    return shlex.join(["sh", "-c", script, "sh", *args])
-
-
 def is_debian(facts: Mapping[str, str]) -> bool:
     return "debian" in (facts.get("os_id", ""), *facts.get("os_like", "").split())
 
@@ -129,12 +124,6 @@ def unit(facts: Mapping[str, str]) -> str:
     if facts.get("pid1") != "systemd":
         return ""
     return "ssh" if is_debian(facts) else "sshd"
-
-
-def sha256(data: str | bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 def fresh_login(node: inv.Node, timeout: float) -> str:
