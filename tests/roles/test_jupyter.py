@@ -121,6 +121,7 @@ def node(
         check=check,
         diff=diff,
         inventory=SimpleNamespace(root=tmp),
+        node=SimpleNamespace(command_timeout=20.0),  # read_state bounds its probe with it
         files=files,
     )
 
@@ -470,3 +471,20 @@ def test_check_mode_reports_and_changes_nothing(password):
         for s in steps
         if s.status == "changed" and s.name != "password"
     )
+
+
+def test_status_round_trips_are_bounded_by_the_command_timeout():
+    """jupyter.status never hangs on a node: the probe and `server list` get command_timeout."""
+    timeouts: list[float | None] = []
+
+    class Conn:
+        name, node = "node0", SimpleNamespace(command_timeout=7.0)
+
+        def run(self, command, stdin=None, check=True, timeout=None) -> Result:
+            timeouts.append(timeout)
+            text = command if isinstance(command, str) else " ".join(command)
+            out = probe(running=True) if "getent passwd" in text else ""
+            return Result(self.name, "", 0, out, "", 0.0)
+
+    row = jupyter.node_status(Conn(), settings())
+    assert row["state"] == "starting or failing" and timeouts == [7.0, 7.0]
