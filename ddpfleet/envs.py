@@ -72,6 +72,8 @@ def env_python(inventory: Inventory, node: Node) -> str:
 
 # -- what the env holds ------------------------------------------------------------------------
 
+# scripts/node_helper.py's torch_versions() reads the same versions from torch/version.py and
+# dist-info without importing torch: it runs before every train, where an import's seconds count.
 # Python source defining torch_facts(runtime=False) -> dict, for the env's own python: python,
 # torch, cuda (None: a CPU build), nccl (None: none built in) and, with runtime, whether CUDA
 # works here and how many GPUs it sees. A failed `import torch` is the "error" key, never raised:
