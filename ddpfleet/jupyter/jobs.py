@@ -28,6 +28,10 @@ from ddpfleet.jupyter.node import (
 from ddpfleet.jupyter.settings import Settings, for_node
 from ddpfleet.tunnel import tunnel
 
+# `jupyter server list` starts a Python that imports jupyter_server: on a busy node that took
+# over the 20 s default command_timeout (seen on a loaded sandbox), so it gets its own floor.
+LIST_TIMEOUT_S = 60.0
+
 
 def server_list(node: Runner, s: Settings, state: NodeState) -> list[dict]:
     """`jupyter server list --json` as the Jupyter user (its runtime dir, its pids), tokens
@@ -35,7 +39,7 @@ def server_list(node: Runner, s: Settings, state: NodeState) -> list[dict]:
     out = node.run(
         as_user(s, state, state.home or "/", [s.jupyter, "server", "list", "--json"]),
         check=False,
-        timeout=quick(node),
+        timeout=max(quick(node), LIST_TIMEOUT_S),
     ).stdout
     servers = []
     for line in out.splitlines():

@@ -14,6 +14,7 @@ import pytest
 
 from ddpfleet import jupyter
 from ddpfleet.connection import Result
+from ddpfleet.jupyter import jobs as jupyter_jobs
 from ddpfleet.roles import load_role
 from tests.roles.fakehost import FACTS, FakeHost, apply
 
@@ -474,7 +475,8 @@ def test_check_mode_reports_and_changes_nothing(password):
 
 
 def test_status_round_trips_are_bounded_by_the_command_timeout():
-    """jupyter.status never hangs on a node: the probe and `server list` get command_timeout."""
+    """jupyter.status never hangs on a node: the probe gets command_timeout, `server list` (a
+    Python start) at least LIST_TIMEOUT_S."""
     timeouts: list[float | None] = []
 
     class Conn:
@@ -487,4 +489,5 @@ def test_status_round_trips_are_bounded_by_the_command_timeout():
             return Result(self.name, "", 0, out, "", 0.0)
 
     row = jupyter.node_status(Conn(), settings())
-    assert row["state"] == "starting or failing" and timeouts == [7.0, 7.0]
+    assert row["state"] == "starting or failing"
+    assert timeouts == [7.0, jupyter_jobs.LIST_TIMEOUT_S]
