@@ -179,6 +179,22 @@ class Conn:
                 raise self.failure(e) from None
             raise CommandError(self.name, f"write {remote} (sftp)", None, describe(e)) from None
 
+    def forward(self, port: int, origin: tuple[str, int] = ("127.0.0.1", 0)) -> Forwarded:
+        """A TCP connection to 127.0.0.1:port as the node sees it, carried by this SSH connection
+        (one direct-tcpip channel: what `ssh -L` opens for each client). NodeError when nothing
+        answers there, Unreachable when the SSH connection is gone."""
+        try:
+            chan = self.transport.open_channel(
+                "direct-tcpip", ("127.0.0.1", port), origin, timeout=self.node.connect_timeout
+            )
+        except paramiko.ChannelException as e:
+            raise NodeError(
+                self.name, f"nothing answers on 127.0.0.1:{port} on the node ({e.text})"
+            ) from None
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise Unreachable(self.name, f"SSH connection lost ({e})") from None
+        return Forwarded(chan)
+
     def failure(self, e: BaseException) -> NodeError:
         """One node's exception as that node's NodeError: unreachable when the connection is
         gone, else a failure carrying the exception's reason."""
@@ -241,6 +257,32 @@ def describe(e: BaseException) -> str:
     if text == "Failure":  # SFTP's generic status: sftp-server sends it for ENOSPC and EDQUOT
         text = "Failure (the SFTP server gives no reason; most often a full disk or quota)"
     return f"{type(e).__name__}: {text}"
+
+
+class Forwarded:
+    """One forwarded TCP connection, used like a socket (select, recv, sendall, close); an SSH
+    failure while carrying it is an OSError, as a socket's would be."""
+
+    def __init__(self, chan: paramiko.Channel):
+        self._chan = chan
+
+    def fileno(self) -> int:
+        return self._chan.fileno()
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self._chan.recv(size)
+        except paramiko.SSHException as e:
+            raise OSError(str(e)) from None
+
+    def sendall(self, data: bytes) -> None:
+        try:
+            self._chan.sendall(data)
+        except paramiko.SSHException as e:
+            raise OSError(str(e)) from None
+
+    def close(self) -> None:
+        self._chan.close()
 
 
 class _Late(Exception):

@@ -4,10 +4,10 @@
     paths = write(snapshots, root / "envs")
     report.show(render(snapshots))      # torch / CUDA / NCCL / python first, then packages
 
-The round trip runs the env's own python: it imports torch for its version, CUDA and NCCL, and
-runs `pip freeze` (venv) or `<conda prefix>/bin/conda env export -n NAME` (conda). A conda
-node's file is conda's export as is (`conda env create -f` takes it), with the torch facts as
-comments on top; a venv node's file is a small YAML document with the freeze under `pip:`.
+The round trip runs the env's own python: envs.TORCH_FACTS_PY for torch, CUDA and NCCL, then
+`pip freeze` (venv) or `<conda prefix>/bin/conda env export -n NAME` (conda). A conda node's
+file is conda's export as is (`conda env create -f` takes it), with the torch facts as comments
+on top; a venv node's file is a small YAML document with the freeze under `pip:`.
 """
 
 from __future__ import annotations
@@ -26,31 +26,26 @@ from ddpfleet import envs, report
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import private_dir, write_private
-from ddpfleet.roles import load_role
+from ddpfleet.inventory import Inventory
+from ddpfleet.shell import tail
 
 KEY_FACTS = (("torch", "torch"), ("CUDA", "cuda"), ("NCCL", "nccl"), ("python", "python"))
 MISSING = "-"
 
-# Run by the env's python; argv[1:] is the export command (default: this python's pip freeze).
-EXPORT_PY = """
-import json, platform, subprocess, sys
-out = {"python": platform.python_version(), "torch": None, "cuda": None, "nccl": None}
-try:
-    import torch
-    out["torch"], out["cuda"] = torch.__version__, torch.version.cuda
-    try:  # CPU builds have no NCCL at all
-        v = torch.cuda.nccl.version()
-        out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    except Exception:
-        pass
-except Exception as e:
-    out["torch_error"] = repr(e)[:300]
+# Run by the env's python: envs' torch probe, then argv[1:] as the export command (default: this
+# python's pip freeze). One JSON line: the torch facts, "export" and "export_error".
+EXPORT_PY = (
+    envs.TORCH_FACTS_PY
+    + """
+import json, subprocess, sys
+out = torch_facts()
 cmd = sys.argv[1:] or [sys.executable, "-m", "pip", "freeze"]
 p = subprocess.run(cmd, capture_output=True, text=True)
 out["export"] = p.stdout
 out["export_error"] = p.stderr[-500:] if p.returncode else ""
 print(json.dumps(out))
 """
+)
 
 
 @dataclass(frozen=True)
@@ -112,32 +107,20 @@ def collect(fleet: Fleet) -> dict[str, Snapshot | NodeError]:
     return fleet.map(lambda conn: snapshot(conn, fleet.inventory))
 
 
-def snapshot(conn: Conn, inventory) -> Snapshot:
-    node = conn.node
-    manager, env = envs.manager(inventory, node), envs.env_dir(inventory, node)
-    conda = _conda_export(inventory, node) if manager == "conda" else None
-    result = conn.run(
-        export_command(envs.env_python(inventory, node), conda), check=False, timeout=300
-    )
+def snapshot(conn: Conn, inventory: Inventory) -> Snapshot:
+    env = envs.location(inventory, conn.node)
+    result = conn.run(export_command(env.python, env.export_argv()), check=False, timeout=300)
     lines = result.stdout.strip().splitlines()
     if not result.ok or not lines:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise NodeError(
-            conn.name,
-            f"cannot read the {manager} env at {env} ({tail[0]}); run `invoke bootstrap` first",
-        )
+        why = tail(result.stderr or result.stdout, 1) or "no output"
+        where = f"the {env.manager} env at {env.path}"
+        raise NodeError(conn.name, f"cannot read {where} ({why}); run `invoke bootstrap` first")
     data = json.loads(lines[-1])
     if data.get("export_error"):
-        raise NodeError(conn.name, f"{manager} export failed: {data['export_error'].strip()}")
-    packages = (parse_conda_export if manager == "conda" else parse_freeze)(data["export"])
+        raise NodeError(conn.name, f"{env.manager} export failed: {data['export_error'].strip()}")
+    packages = (parse_conda_export if env.manager == "conda" else parse_freeze)(data["export"])
     facts = {k: data.get(k) for _, k in KEY_FACTS}
-    return Snapshot(conn.name, manager, env, facts, packages, data["export"])
-
-
-def _conda_export(inventory, node) -> list[str]:
-    prefix = load_role("miniconda").config(inventory, node)["prefix"]
-    name = load_role("conda_env").config(inventory, node)["name"]
-    return [f"{prefix}/bin/conda", "env", "export", "-n", name]
+    return Snapshot(conn.name, env.manager, env.path, facts, packages, data["export"])
 
 
 # -- writing and reporting ---------------------------------------------------------------------

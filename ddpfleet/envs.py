@@ -1,27 +1,120 @@
-"""Where a node's training env lives, whichever manager made it (the env contract).
+"""Where a node's training env lives and what torch it holds: the env contract, in one place.
 
 Both managers give the same thing: a directory whose bin/ holds python, torchrun and jupyter.
 Callers run those by absolute path, never through `conda run` (it does not forward signals).
+
+    env = envs.location(inventory, node)   # EnvLocation, resolved once per node
+    env.path, env.python                   # /opt/ddpfleet/venv, /opt/ddpfleet/venv/bin/python
+    env.export_argv()                      # conda's own `env export` (conda envs only)
+    TORCH_FACTS_PY + "print(torch_facts())"  # the one torch / CUDA / NCCL probe, run by env.python
+
+Where the path comes from: python_env.manager (venv_env's setting) picks venv_env's `path`, or
+<miniconda.prefix>/envs/<python_env.name>; each read through the role's resolved settings
+(defaults.yaml < inventory section < node vars), so the env roles and every job agree.
+
+Files the env roles keep in the env, read by the roles and shown by the jobs:
+
+    <env>/.ddpfleet-spec.sha256   SPEC_FILE: the spec installed and verified, written last
+    <env>/.ddpfleet-torch.json    RECORD_FILE: what VERIFY_PY saw after the install (`describe`)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.roles import load_role
+from ddpfleet.role_settings import load_role
+
+SPEC_FILE = ".ddpfleet-spec.sha256"
+RECORD_FILE = ".ddpfleet-torch.json"
+
+
+@dataclass(frozen=True)
+class EnvLocation:
+    manager: str  # venv | conda
+    path: str  # the env's prefix, e.g. /opt/ddpfleet/venv or /opt/miniconda3/envs/ddp
+    conda: str = ""  # <miniconda prefix>/bin/conda for a conda env
+    name: str = ""  # the conda env's name
+
+    @property
+    def python(self) -> str:
+        return f"{self.path}/bin/python"
+
+    def export_argv(self) -> list[str] | None:
+        """conda's export of the env (`conda env create -f` takes it back); None for a venv,
+        whose export is its python's pip freeze."""
+        return [self.conda, "env", "export", "-n", self.name] if self.manager == "conda" else None
+
+
+def location(inventory: Inventory, node: Node) -> EnvLocation:
+    venv = load_role("venv_env").config(inventory, node)
+    if venv["manager"] == "venv":
+        return EnvLocation("venv", venv["path"])
+    name = load_role("conda_env").config(inventory, node)["name"]
+    prefix = load_role("miniconda").config(inventory, node)["prefix"]
+    return EnvLocation("conda", f"{prefix}/envs/{name}", f"{prefix}/bin/conda", name)
 
 
 def manager(inventory: Inventory, node: Node) -> str:
-    return load_role("venv_env").config(inventory, node)["manager"]
+    return location(inventory, node).manager
 
 
 def env_dir(inventory: Inventory, node: Node) -> str:
     """The env's prefix on the node, e.g. /opt/ddpfleet/venv or /opt/miniconda3/envs/ddp."""
-    if manager(inventory, node) == "venv":
-        return load_role("venv_env").config(inventory, node)["path"]
-    conda = load_role("conda_env").config(inventory, node)
-    prefix = load_role("miniconda").config(inventory, node)["prefix"]
-    return f"{prefix}/envs/{conda['name']}"
+    return location(inventory, node).path
 
 
 def env_python(inventory: Inventory, node: Node) -> str:
-    return f"{env_dir(inventory, node)}/bin/python"
+    return location(inventory, node).python
+
+
+# -- what the env holds ------------------------------------------------------------------------
+
+# scripts/node_helper.py's torch_versions() reads the same versions from torch/version.py and
+# dist-info without importing torch: it runs before every train, where an import's seconds count.
+# Python source defining torch_facts(runtime=False) -> dict, for the env's own python: python,
+# torch, cuda (None: a CPU build), nccl (None: none built in) and, with runtime, whether CUDA
+# works here and how many GPUs it sees. A failed `import torch` is the "error" key, never raised:
+# callers decide whether that fails them. Callers append what they print.
+TORCH_FACTS_PY = """
+def torch_facts(runtime=False):
+    import platform
+    out = {"python": platform.python_version(), "torch": None, "cuda": None, "nccl": None}
+    try:
+        import torch
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"[:300]
+        return out
+    out["torch"], out["cuda"] = str(torch.__version__), torch.version.cuda
+    try:  # CPU builds have no NCCL at all
+        v = torch.cuda.nccl.version()
+        out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    except Exception:
+        pass
+    if runtime:
+        out["available"], out["gpus"] = torch.cuda.is_available(), torch.cuda.device_count()
+    return out
+"""
+
+# After an install: exits non-zero with the import error on stderr, else prints the record.
+VERIFY_PY = (
+    TORCH_FACTS_PY
+    + """
+import json, sys
+facts = torch_facts(runtime=True)
+if "error" in facts:
+    sys.exit(facts["error"])
+print(json.dumps({k: facts[k] for k in ("torch", "cuda", "available", "gpus", "python")}))
+"""
+)
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    """A RECORD_FILE's facts as one line: 'torch 2.5.1, CUDA 11.8, cuda available: yes, GPUs: 8'."""
+    return (
+        f"torch {record.get('torch')}, CUDA {record.get('cuda') or 'none'}, "
+        f"cuda available: {'yes' if record.get('available') else 'no'}, "
+        f"GPUs: {record.get('gpus', 0)}"
+    )

@@ -58,6 +58,7 @@ QUERY_APPS_FIELDS: tuple[str, ...] = ("gpu_uuid", "pid", "used_memory", "process
 
 MARK = "@@ddpfleet"
 NOT_FOUND = "nvidia-smi not found"
+NO_DRIVER_CODES = (127, 9, 12)  # nvidia-smi's exit: absent, driver not loaded, NVML missing
 
 
 @dataclass(frozen=True)

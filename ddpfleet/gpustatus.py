@@ -32,7 +32,6 @@ from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import ConnectError, NodeError, Unreachable
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
-NO_DRIVER_CODES = (127, 9, 12)  # absent, driver not loaded, NVML library missing
 COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")
 REPORT_ID = "ddpfleet.gpu-status-report/1"
 
@@ -59,7 +58,7 @@ def is_busy(g: gpu.Gpu) -> bool:
 
 def driver_state(node: gpu.NodeGpus) -> str:
     """The row text for a node whose nvidia-smi did not answer."""
-    if node.exit_code in NO_DRIVER_CODES:
+    if node.exit_code in gpu.NO_DRIVER_CODES:
         return f"no NVIDIA driver: {node.driver_error}"
     return f"nvidia-smi failed (exit {node.exit_code}): {node.driver_error}"
 

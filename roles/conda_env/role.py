@@ -24,11 +24,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, describe
 from ddpfleet.roles import Host, Step, failed, load_role, ok, skipped
 
 SECTION = "python_env"
-SPEC_FILE = ".ddpfleet-spec.sha256"
-RECORD_FILE = ".ddpfleet-torch.json"
 TOS_ERROR = "CondaToSNonInteractiveError"
 TOS_HINT = (
     "set `miniconda: {accept_tos: true}` to accept Anaconda's Terms of Service for "
@@ -45,14 +44,6 @@ echo "spec=$(cat "$e/{SPEC_FILE}" 2>/dev/null)"
 echo "record=$(tr -d '\n' <"$e/{RECORD_FILE}" 2>/dev/null)"
 true
 """
-
-VERIFY_PY = """
-import json, platform, torch
-print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
-                  "available": torch.cuda.is_available(), "gpus": torch.cuda.device_count(),
-                  "python": platform.python_version()}))
-"""
-
 
 def applies(cfg: Mapping[str, Any], host) -> bool:
     return cfg["manager"] == "conda"
@@ -104,14 +95,6 @@ def render(host, cfg: Mapping[str, Any], chans: list[str], cpu: bool) -> str:
 
 def env_path(prefix: str, cfg: Mapping[str, Any]) -> str:
     return f"{prefix}/envs/{cfg['name']}"
-
-
-def describe(record: Mapping[str, Any]) -> str:
-    return (
-        f"torch {record.get('torch')}, CUDA {record.get('cuda') or 'none'}, "
-        f"cuda available: {'yes' if record.get('available') else 'no'}, "
-        f"GPUs: {record.get('gpus', 0)}"
-    )
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ A converged node costs one probe: `PREFIX/bin/conda --version` and the ToS marke
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
+from ddpfleet.shell import sh
 
 SECTION = "miniconda"
 FLAVORS = ("miniconda", "miniforge")
@@ -73,10 +73,6 @@ exec bash "$@"
 def applies(cfg: Mapping[str, Any], host) -> bool:
     """Only for python_env.manager: conda (the conda_env role's setting)."""
     return load_role("conda_env").config(host.inventory, host.node)["manager"] == "conda"
-
-
-def sh(script: str, *args: str) -> str:
-    return shlex.join(["sh", "-c", script, "sh", *args])
 
 
 class Installer:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.roles import Step, failed, ok
+from ddpfleet.shell import sh, sha256
 
 KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 MARKER = "/var/lib/ddpfleet/cluster_ssh_users"  # users whose homes hold ddpfleet's files
@@ -30,10 +31,6 @@ RUNUSER = 'runuser -u "$1" -- sh -c "$2" sh "$3"'
 SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SAFE_OPTION = re.compile(r"[A-Za-z0-9:._/+*?!-]+")  # no quote, comma or space: stays one option
 EMPTY_BLOCK = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of ''
-
-
-def sh(script: str, *args: str) -> str:
-    return shlex.join(["sh", "-c", script, "sh", *args])
 
 
 def as_user(user: str, script: str, *args: str) -> str:
@@ -326,10 +323,3 @@ class Peers:
         current = self.host.read_file(KNOWN_HOSTS)
         text = self.c.with_block((current or b"").decode(errors="replace"), block, top=False)
         return self.host.put(KNOWN_HOSTS, text, mode=0o644)
-
-
-
-def sha256(data: str | bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()

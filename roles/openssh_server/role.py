@@ -21,7 +21,6 @@ only, reconciled against the inventory on every run.
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from ddpfleet import inventory as inv
 from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 from ddpfleet.errors import NodeError
 from ddpfleet.roles import Host, Step, changed, failed, ok
+from ddpfleet.shell import sh, sha256
 
 from . import cluster as controller  # cluster CA, trusted host keys, marked blocks
 from . import hardening  # the drop-in's lines: login, session limits, algorithms
@@ -98,11 +98,6 @@ def applies(cfg: Mapping[str, Any], host) -> bool:
     return True
 
 
-def sh(script: str, *args: str) -> str:
-    """A script with its values as positional parameters, quoted once."""
-    return shlex.join(["sh", "-c", script, "sh", *args])
-
-
 def is_debian(facts: Mapping[str, str]) -> bool:
     return "debian" in (facts.get("os_id", ""), *facts.get("os_like", "").split())
 
@@ -117,12 +112,6 @@ def unit(facts: Mapping[str, str]) -> str:
     if facts.get("pid1") != "systemd":
         return ""
     return "ssh" if is_debian(facts) else "sshd"
-
-
-def sha256(data: str | bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 def fresh_login(node: inv.Node, timeout: float) -> str:

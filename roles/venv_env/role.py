@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ddpfleet import wheelhouse
+from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, describe
 from ddpfleet.errors import CommandError
 from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Host, Step, changed, failed, ok, skipped
 from ddpfleet.wheelhouse import Spec, Target
 
 SECTION = "python_env"
-SPEC_FILE = ".ddpfleet-spec.sha256"
-RECORD_FILE = ".ddpfleet-torch.json"
 CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
 APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-yq", "python3-venv"]
@@ -63,14 +62,6 @@ print("env_torch=" + dists.get("torch", ""))
 print("env_missing=" + ",".join(n for n in names if key(n) not in dists))
 print("env_record=" + read(record_file))
 """
-
-VERIFY_PY = """
-import json, platform, torch
-print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
-                  "available": torch.cuda.is_available(), "gpus": torch.cuda.device_count(),
-                  "python": platform.python_version()}))
-"""
-
 
 def applies(cfg: Mapping[str, Any], host) -> bool:
     return cfg["manager"] == "venv"
@@ -148,14 +139,6 @@ def install_commands(python: str, spec: Spec, wheel_dir: str | None
     if spec.packages:
         commands.append(([python, *PIP, *spec.requirements], None))
     return commands
-
-
-def describe(record: Mapping[str, Any]) -> str:
-    return (
-        f"torch {record.get('torch')}, CUDA {record.get('cuda') or 'none'}, "
-        f"cuda available: {'yes' if record.get('available') else 'no'}, "
-        f"GPUs: {record.get('gpus', 0)}"
-    )
 
 
 def _record(state: Mapping[str, str]) -> dict:

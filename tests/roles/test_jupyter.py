@@ -14,6 +14,7 @@ import pytest
 
 from ddpfleet import jupyter
 from ddpfleet.connection import Result
+from ddpfleet.jupyter import jobs as jupyter_jobs
 from ddpfleet.roles import load_role
 from tests.roles.fakehost import FACTS, FakeHost, apply, template
 
@@ -121,6 +122,7 @@ def node(
         check=check,
         diff=diff,
         inventory=SimpleNamespace(root=tmp),
+        node=SimpleNamespace(command_timeout=20.0),  # read_state bounds its probe with it
         files=files,
         modes={jupyter.SUPERVISOR: 0o755},
     )
@@ -472,3 +474,22 @@ def test_check_mode_reports_and_changes_nothing(password):
         for s in steps
         if s.status == "changed" and s.name != "password"
     )
+
+
+def test_status_round_trips_are_bounded_by_the_command_timeout():
+    """jupyter.status never hangs on a node: the probe gets command_timeout, `server list` (a
+    Python start) at least LIST_TIMEOUT_S."""
+    timeouts: list[float | None] = []
+
+    class Conn:
+        name, node = "node0", SimpleNamespace(command_timeout=7.0)
+
+        def run(self, command, stdin=None, check=True, timeout=None) -> Result:
+            timeouts.append(timeout)
+            text = command if isinstance(command, str) else " ".join(command)
+            out = probe(running=True) if "getent passwd" in text else ""
+            return Result(self.name, "", 0, out, "", 0.0)
+
+    row = jupyter.node_status(Conn(), settings())
+    assert row["state"] == "starting or failing"
+    assert timeouts == [7.0, jupyter_jobs.LIST_TIMEOUT_S]
