@@ -120,7 +120,7 @@ def test_the_wheelhouse_push_reports_every_byte_it_sends_under_the_node_name(tmp
 
 
 def test_the_code_sync_estimates_its_tar_close_to_what_it_sends(tmp_path):
-    from ddpfleet import sync
+    from ddpfleet.launch import sync
 
     (tmp_path / "big.bin").write_bytes(b"x" * 3_000_000)
     (tmp_path / "small.py").write_text("print(1)\n")
