@@ -50,8 +50,13 @@ def ping(c, inventory=None, nodes=None):
         report.exit_if_failed(results, "ping")
 
 
-@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP,
-            "yes": "record every unknown key without asking"})
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "yes": "record every unknown key without asking",
+    }
+)
 @cli
 def trust(c, inventory=None, nodes=None, yes=False):
     """Show new nodes' SSH host keys and trust them."""
@@ -100,7 +105,8 @@ def env_export(c, inventory=None, nodes=None):
 
 @task(
     help={
-        "inventory": INVENTORY_HELP, "nodes": NODES_HELP,
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
         "check": "change nothing; report what would change",
         "diff": "show the diff of every config file that changes (or would)",
         "roles": "only these roles, e.g. miniconda,conda_env",
@@ -108,8 +114,7 @@ def env_export(c, inventory=None, nodes=None):
     }
 )
 @cli
-def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None,
-              skip_roles=None):
+def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None, skip_roles=None):
     """Set up nodes: SSH, Python + PyTorch, Jupyter."""
     from ddpfleet import bootstrap as boot
     from ddpfleet import roles as roles_mod
@@ -117,12 +122,15 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
     with _fleet(inventory, nodes) as fleet:
         selected = roles_mod.select_roles(roles, skip_roles)
         roles_mod.validate_sections(fleet.inventory, selected)
-        runs = boot.bootstrap(fleet, selected, check=check, diff=diff,
-                              log_dir=fleet.inventory.root / "logs")
+        runs = boot.bootstrap(
+            fleet, selected, check=check, diff=diff, log_dir=fleet.inventory.root / "logs"
+        )
         bad = boot.failures(runs)
         if bad:
-            raise DdpfleetError(f"bootstrap failed on {len({b.split(':')[0] for b in bad})} "
-                                f"node(s): " + "; ".join(bad))
+            raise DdpfleetError(
+                f"bootstrap failed on {len({b.split(':')[0] for b in bad})} "
+                f"node(s): " + "; ".join(bad)
+            )
 
 
 @task(
@@ -131,37 +139,60 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
         "inventory": INVENTORY_HELP,
         "nodes": "comma-separated nodes; node_rank = position (default: all, the master first)",
         "script": "training script, relative to --project-dir (default: scripts/train_ddp.py)",
-        "args": "arguments for the script, one string, e.g. \"--epochs 3\"",
+        "args": 'arguments for the script, one string, e.g. "--epochs 3"',
         "nproc_per_node": "processes per node: auto (the node's GPUs, 1 without) or N",
         "master_port": "rendezvous port on the master (default: cluster.master_port)",
         "env": "K=V for every rank, repeatable: --env NCCL_DEBUG=INFO --env A=B",
         "run_id": "name of the run (default: date-time-random); logs go to logs/<run-id>/; "
-                  "an id used before is refused",
+        "an id used before is refused",
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
         "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
-                    "made by ddpfleet, 0700; an existing directory it did not make is refused",
+        "made by ddpfleet, 0700; an existing directory it did not make is refused",
     },
 )
 @cli
-def train(c, inventory=None, nodes=None, script=None, args="", nproc_per_node="auto",
-          master_port=None, env=None, run_id=None, project_dir=".", code_dir=None):
+def train(
+    c,
+    inventory=None,
+    nodes=None,
+    script=None,
+    args="",
+    nproc_per_node="auto",
+    master_port=None,
+    env=None,
+    run_id=None,
+    project_dir=".",
+    code_dir=None,
+):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
     from ddpfleet.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
     flags = launch.TrainFlags(
-        nodes=tuple(n.name for n in loaded.nodes) if nodes else (), script=script,
-        args=args or "", nproc_per_node=str(nproc_per_node), master_port=master_port,
-        env=tuple(env or ()), run_id=run_id, project_dir=project_dir, code_dir=code_dir)
+        nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
+        script=script,
+        args=args or "",
+        nproc_per_node=str(nproc_per_node),
+        master_port=master_port,
+        env=tuple(env or ()),
+        run_id=run_id,
+        project_dir=project_dir,
+        code_dir=code_dir,
+    )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
     with Fleet(loaded) as fleet:
         launch.train(fleet, config)
 
 
-@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP,
-            "json": "print the ddpfleet.gpu-status-report/1 document instead of the table",
-            "watch": "refresh every SECONDS, in place, until Ctrl-C"})
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "json": "print the ddpfleet.gpu-status-report/1 document instead of the table",
+        "watch": "refresh every SECONDS, in place, until Ctrl-C",
+    }
+)
 @cli
 def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
     """Show every GPU of every node in one table."""
@@ -197,11 +228,15 @@ def doctor(c, inventory=None, nodes=None):
 # -- jupyter ----------------------------------------------------------------------------------
 
 
-@task(name="tunnel", default=True, help={
-    "inventory": INVENTORY_HELP,
-    "node": "the node whose Jupyter to reach (default: the first node)",
-    "local_port": "port on this machine's 127.0.0.1 (default 8888; 0 picks a free one)",
-})
+@task(
+    name="tunnel",
+    default=True,
+    help={
+        "inventory": INVENTORY_HELP,
+        "node": "the node whose Jupyter to reach (default: the first node)",
+        "local_port": "port on this machine's 127.0.0.1 (default 8888; 0 picks a free one)",
+    },
+)
 @cli
 def jupyter_tunnel(c, node=None, local_port=8888, inventory=None):
     """Open a node's Jupyter on a local port (SSH)."""
@@ -210,8 +245,14 @@ def jupyter_tunnel(c, node=None, local_port=8888, inventory=None):
     jupyter.open_tunnel(inv.load(inventory, node), int(local_port))
 
 
-@task(name="status", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP,
-                           "json": "one JSON object per node instead of the table"})
+@task(
+    name="status",
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "json": "one JSON object per node instead of the table",
+    },
+)
 @cli
 def jupyter_status(c, inventory=None, nodes=None, json=False):
     """Show whether Jupyter is running on each node."""
@@ -248,8 +289,10 @@ def _sandbox_spec(inventory, count=None):
     return sandbox.spec_for(loaded, int(count) if count else None)
 
 
-@task(name="up", help={"inventory": INVENTORY_HELP,
-                       "nodes": "how many nodes (default: the inventory's nodes)"})
+@task(
+    name="up",
+    help={"inventory": INVENTORY_HELP, "nodes": "how many nodes (default: the inventory's nodes)"},
+)
 @cli
 def sandbox_up(c, inventory=None, nodes=None):
     """Create a local test cluster here (needs root)."""
@@ -262,8 +305,13 @@ def sandbox_up(c, inventory=None, nodes=None):
         report.show(f"inventory for {len(spec.nodes)} nodes: {written} (pass --inventory)")
 
 
-@task(name="down", help={"inventory": INVENTORY_HELP,
-                         "nodes": "how many nodes were brought up (default: the inventory's)"})
+@task(
+    name="down",
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": "how many nodes were brought up (default: the inventory's)",
+    },
+)
 @cli
 def sandbox_down(c, inventory=None, nodes=None):
     """Remove the local test cluster, leaving no trace."""
@@ -312,7 +360,8 @@ def _node_list(nodes: str) -> list[str]:
     return [n.strip() for n in nodes.split(",") if n.strip()]
 
 
-sandbox_ns = Collection("sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop,
-                        sandbox_start)
+sandbox_ns = Collection(
+    "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
+)
 ns = Collection(ping, trust, bootstrap, env_export, train, gpu_status, doctor, sandbox_ns)
 ns.add_collection(jupyter_ns)

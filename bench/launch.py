@@ -106,20 +106,47 @@ class Lines:
 
 
 def ssh_argv(data: dict, node: str, command: str) -> list[str]:
-    return ["ssh", "-i", data["ssh"]["key"], "-o", "BatchMode=yes", "-o",
-            "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={data['ssh']['known_hosts']}",
-            f"{data['ssh'].get('user', 'root')}@{data['nodes'][node]['host']}", command]
+    return [
+        "ssh",
+        "-i",
+        data["ssh"]["key"],
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={data['ssh']['known_hosts']}",
+        f"{data['ssh'].get('user', 'root')}@{data['nodes'][node]['host']}",
+        command,
+    ]
 
 
 PROJECT = ROOT  # --project-dir: the tree `invoke train` mirrors (holds scripts/train_ddp.py)
 
 
 def run_invoke(inventory: Path, run_id: str, args: str) -> tuple[Lines, int]:
-    argv = [*INVOKE, "train", "--inventory", str(inventory), "--project-dir", str(PROJECT),
-            "--nproc-per-node", "2", "--run-id", run_id, "--args", args]
+    argv = [
+        *INVOKE,
+        "train",
+        "--inventory",
+        str(inventory),
+        "--project-dir",
+        str(PROJECT),
+        "--nproc-per-node",
+        "2",
+        "--run-id",
+        run_id,
+        "--args",
+        args,
+    ]
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     lines = Lines(proc, start)
     code = proc.wait(timeout=600)
     lines.thread.join(5)
@@ -150,8 +177,14 @@ def run_by_hand(data: dict, p: launch.Plan) -> tuple[Lines, list[int]]:
     for n in p.nodes:
         env = [f"{k}={v}" for k, v in n.env.items()]
         command = f"cd {shlex.quote(n.cwd)} && exec {shlex.join(['env', *env, *n.argv])}"
-        procs.append(subprocess.Popen(ssh_argv(data, n.node, command), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                ssh_argv(data, n.node, command),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     merged = Lines(procs[0], start)
     other = Lines(procs[1], start)
     codes = [proc.wait(timeout=600) for proc in procs]
@@ -165,8 +198,9 @@ def _first_steps(lines: Lines, who: str) -> float:
     """When the last of the 4 ranks took its first step; what happens after is not timed."""
     steps = lines.first_steps()
     if len(steps) != 4:
-        raise SystemExit(f"{who}: not every rank started:\n"
-                         + "\n".join(x for _, x in lines.lines[-30:]))
+        raise SystemExit(
+            f"{who}: not every rank started:\n" + "\n".join(x for _, x in lines.lines[-30:])
+        )
     return max(steps)
 
 
@@ -178,20 +212,28 @@ def launch_overhead(inventory: Path, data: dict, repeat: int) -> None:
         p = plan_for(inventory, f"bench-hand-{i}-{uuid.uuid4().hex[:6]}", ARGS)
         lines, codes = run_by_hand(data, p)
         theirs.append(_first_steps(lines, "torchrun by hand"))
-        print(f"  run {i + 1}: invoke train {ours[-1]:.2f}s, ssh + torchrun {theirs[-1]:.2f}s"
-              + (f" (exit codes {code} / {codes}: the job's own end, not its start)"
-                 if code or any(codes) else ""))
+        print(
+            f"  run {i + 1}: invoke train {ours[-1]:.2f}s, ssh + torchrun {theirs[-1]:.2f}s"
+            + (
+                f" (exit codes {code} / {codes}: the job's own end, not its start)"
+                if code or any(codes)
+                else ""
+            )
+        )
     a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"launch -> first step on all 4 ranks (median of {repeat}): invoke train {a:.2f}s, "
-          f"by hand {b:.2f}s, overhead {a - b:+.2f}s (target < 1.0s)")
+    print(
+        f"launch -> first step on all 4 ranks (median of {repeat}): invoke train {a:.2f}s, "
+        f"by hand {b:.2f}s, overhead {a - b:+.2f}s (target < 1.0s)"
+    )
 
 
 def pollers(data: dict, run_id: str) -> dict[str, subprocess.Popen]:
     procs = {}
     for node in data["nodes"]:
         command = shlex.join(["python3", "-c", POLLER, run_id, "watch"])
-        procs[node] = subprocess.Popen(ssh_argv(data, node, command), stdout=subprocess.PIPE,
-                                       text=True)
+        procs[node] = subprocess.Popen(
+            ssh_argv(data, node, command), stdout=subprocess.PIPE, text=True
+        )
     time.sleep(1.0)  # let them start before the run does
     return procs
 
@@ -222,22 +264,29 @@ def stop_latency(inventory: Path, data: dict) -> None:
     lines, code = run_invoke(inventory, run_id, FAIL_ARGS)
     crash, last = vanish_times(watch, "3")
     named = next((x for _, x in lines.lines if x.startswith("error: training failed")), "?")
-    print(f"stop latency, invoke train: rank 3 crash -> last process gone on every node "
-          f"{_stop_figures(crash, last)} (target < 3s); exit {code}: {named[:70]}")
+    print(
+        f"stop latency, invoke train: rank 3 crash -> last process gone on every node "
+        f"{_stop_figures(crash, last)} (target < 3s); exit {code}: {named[:70]}"
+    )
     p = plan_for(inventory, f"bench-stop-hand-{uuid.uuid4().hex[:6]}", FAIL_ARGS)
     watch = pollers(data, p.run_id)
     run_by_hand(data, p)
     crash, last = vanish_times(watch, "3")
-    print(f"stop latency, torchrun by hand: {_stop_figures(crash, last)} (gloo fails the peers "
-          "fast; NCCL peers would wait for their collective timeout)")
+    print(
+        f"stop latency, torchrun by hand: {_stop_figures(crash, last)} (gloo fails the peers "
+        "fast; NCCL peers would wait for their collective timeout)"
+    )
 
 
 def cleanup(data: dict, run_prefix: str = "bench-") -> None:
     """Nothing of a bench run may outlive it (kills by the run-id marker, never by name)."""
     for node in data["nodes"]:
-        subprocess.run(ssh_argv(data, node, shlex.join(["python3", "-c", POLLER, run_prefix,
-                                                        "kill"])), capture_output=True,
-                       check=False, timeout=60)
+        subprocess.run(
+            ssh_argv(data, node, shlex.join(["python3", "-c", POLLER, run_prefix, "kill"])),
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
 
 
 def main() -> None:
@@ -256,8 +305,12 @@ def main() -> None:
         subprocess.run([*INVOKE, "sandbox.up"], env=env, check=True, capture_output=True)
     try:
         if own:
-            subprocess.run([*INVOKE, "bootstrap", "--roles", "venv_env"], env=env, check=True,
-                           capture_output=True)
+            subprocess.run(
+                [*INVOKE, "bootstrap", "--roles", "venv_env"],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
         data = yaml.safe_load(Path(inventory).read_text())
         run_invoke(inventory, f"bench-warmup-{uuid.uuid4().hex[:6]}", ARGS)  # syncs the tree
         launch_overhead(inventory, data, args.repeat)

@@ -42,8 +42,10 @@ def timed(argv: list[str], env: dict, repeat: int) -> float:
 
 def pdsh_argv(data: dict, n: int) -> tuple[list[str], dict]:
     hosts = ",".join(node["host"] for node in list(data["nodes"].values())[:n])
-    ssh_args = (f"-i {data['ssh']['key']} -o KexAlgorithms=curve25519-sha256 -o BatchMode=yes "
-                f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={data['ssh']['known_hosts']}")
+    ssh_args = (
+        f"-i {data['ssh']['key']} -o KexAlgorithms=curve25519-sha256 -o BatchMode=yes "
+        f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={data['ssh']['known_hosts']}"
+    )
     env = {**os.environ, "PDSH_SSH_ARGS_APPEND": ssh_args, "PDSH_RCMD_TYPE": "ssh"}
     return ["pdsh", "-S", "-R", "ssh", "-l", "root", "-f", str(n), "-w", hosts, FACTS_SCRIPT], env
 
@@ -82,8 +84,11 @@ def main() -> None:
             sub.mkdir(exist_ok=True)
             part = dict(data, nodes=dict(list(data["nodes"].items())[:n]))
             (sub / "inventory.yaml").write_text(yaml.safe_dump(part, sort_keys=False))
-            ours = timed([*INVOKE, "ping"], {**env, "DDPFLEET_INVENTORY": str(sub / "inventory.yaml")},
-                         args.repeat)
+            ours = timed(
+                [*INVOKE, "ping"],
+                {**env, "DDPFLEET_INVENTORY": str(sub / "inventory.yaml")},
+                args.repeat,
+            )
             argv, penv = pdsh_argv(data, n)
             theirs = timed(argv, penv, args.repeat)
             print(f"{n:>4} {ours:>14.3f} {theirs:>8.3f} {ours / theirs:>6.2f}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shlex
-import socket
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import paramiko
 from rich.live import Live
@@ -60,8 +60,20 @@ class NodeLock:
 
     def __enter__(self) -> NodeLock:
         chan = self.conn.transport.open_session(timeout=self.conn.node.connect_timeout)
-        chan.exec_command(shlex.join(["sh", "-c", LOCK_SCRIPT, "sh", LOCK_DIR, LOCK_PATH,
-                                      str(self.wait_s), str(HOLDER_SILENT_S)]))
+        chan.exec_command(
+            shlex.join(
+                [
+                    "sh",
+                    "-c",
+                    LOCK_SCRIPT,
+                    "sh",
+                    LOCK_DIR,
+                    LOCK_PATH,
+                    str(self.wait_s),
+                    str(HOLDER_SILENT_S),
+                ]
+            )
+        )
         chan.settimeout(self.wait_s + self.conn.node.command_timeout)
         got = b""
         try:
@@ -72,11 +84,14 @@ class NodeLock:
                     why = chan.recv_stderr(4096).decode(errors="replace").strip()
                     raise NodeError(self.conn.name, self._refused(code, why))
                 got += data
-        except socket.timeout:
+        except TimeoutError:
             chan.close()
-            raise NodeError(self.conn.name, f"no answer about {LOCK_PATH} within "
-                            f"{self.wait_s + self.conn.node.command_timeout:g}s; is the node "
-                            "overloaded?") from None
+            raise NodeError(
+                self.conn.name,
+                f"no answer about {LOCK_PATH} within "
+                f"{self.wait_s + self.conn.node.command_timeout:g}s; is the node "
+                "overloaded?",
+            ) from None
         except NodeError:
             chan.close()
             raise
@@ -87,8 +102,10 @@ class NodeLock:
 
     def _refused(self, code: int, why: str) -> str:
         if code == 1:
-            return (f"another bootstrap holds {LOCK_PATH} on this node ({why or 'held'}); "
-                    f"waited {self.wait_s}s. Let it finish, then run again")
+            return (
+                f"another bootstrap holds {LOCK_PATH} on this node ({why or 'held'}); "
+                f"waited {self.wait_s}s. Let it finish, then run again"
+            )
         return f"cannot take {LOCK_PATH} (exit {code}): {why or 'no reason given'}"
 
     def _beat(self) -> None:
@@ -120,8 +137,9 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if report.is_tty():
-            self.live = Live(self._render(), console=report.console, refresh_per_second=8,
-                             transient=True)
+            self.live = Live(
+                self._render(), console=report.console, refresh_per_second=8, transient=True
+            )
             self.live.__enter__()
         return self
 
@@ -135,7 +153,8 @@ class Progress:
 
     def step(self, node: str, step: Step) -> None:
         line = f"[{node}] {step.role}: {step.name}: {step.status}" + (
-            f" ({step.reason})" if step.reason else "")
+            f" ({step.reason})" if step.reason else ""
+        )
         with self.lock:
             self.log.write(f"{datetime.now().isoformat(timespec='seconds')} {line}\n")
             if step.diff:
@@ -154,17 +173,28 @@ class Progress:
                 self.live.update(self._render())
 
 
-def bootstrap(fleet: Fleet, roles: list[Role], check: bool = False, diff: bool = False,
-              flags: Mapping[str, Any] | None = None, log_dir: Path = Path("logs"),
-              lock_wait_s: int = LOCK_WAIT_S) -> dict[str, NodeRun]:
+def bootstrap(
+    fleet: Fleet,
+    roles: list[Role],
+    check: bool = False,
+    diff: bool = False,
+    flags: Mapping[str, Any] | None = None,
+    log_dir: Path = Path("logs"),
+    lock_wait_s: int = LOCK_WAIT_S,
+) -> dict[str, NodeRun]:
     private_dir(log_dir)
     log_path = log_dir / f"bootstrap-{datetime.now():%Y%m%d-%H%M%S}.log"
     names = [n.name for n in fleet.nodes]
     with Progress(names, log_path) as progress:
 
         def one(conn: Conn) -> NodeRun:
-            host = Host(conn, fleet.inventory, check=check, diff=diff,
-                        on_progress=lambda text: progress.doing(conn.name, text))
+            host = Host(
+                conn,
+                fleet.inventory,
+                check=check,
+                diff=diff,
+                on_progress=lambda text: progress.doing(conn.name, text),
+            )
             with NodeLock(conn, lock_wait_s):
                 return run_roles(host, roles, flags, on_step=progress.step)
 
@@ -189,8 +219,18 @@ def bootstrap(fleet: Fleet, roles: list[Role], check: bool = False, diff: bool =
 
 
 def recap(runs: dict[str, NodeRun]):
-    rows = [(n, r.count("ok"), r.count("changed"), r.count("failed"), r.count("skipped"),
-             r.unreachable or 0, f"{r.seconds:.1f}") for n, r in runs.items()]
+    rows = [
+        (
+            n,
+            r.count("ok"),
+            r.count("changed"),
+            r.count("failed"),
+            r.count("skipped"),
+            r.unreachable or 0,
+            f"{r.seconds:.1f}",
+        )
+        for n, r in runs.items()
+    ]
     return report.table("recap", RECAP_COLUMNS, rows)
 
 

@@ -21,9 +21,10 @@ import select
 import shlex
 import socket
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, TypeVar
+from typing import TypeVar
 
 import fabric
 import paramiko
@@ -113,8 +114,11 @@ class Conn:
         running behind a closed channel (a later run would race with it).
         """
         cmd = shlex.join(command) if isinstance(command, list) else command
-        wire = cmd if timeout is None else shlex.join(
-            ["sh", "-c", BOUNDED, "sh", str(KILL_GRACE_S), f"{timeout:g}", cmd])
+        wire = (
+            cmd
+            if timeout is None
+            else shlex.join(["sh", "-c", BOUNDED, "sh", str(KILL_GRACE_S), f"{timeout:g}", cmd])
+        )
         start = time.monotonic()
         try:
             chan = self.transport.open_session(timeout=self.node.connect_timeout)
@@ -124,12 +128,16 @@ class Conn:
             chan.shutdown_write()
             # the node stops the command at `timeout`; past that plus the kill grace and a
             # round trip the node itself is not answering
-            out, err = _drain(chan, None if timeout is None else
-                              timeout + KILL_GRACE_S + self.node.connect_timeout)
+            out, err = _drain(
+                chan,
+                None if timeout is None else timeout + KILL_GRACE_S + self.node.connect_timeout,
+            )
             code = chan.recv_exit_status()
             chan.close()
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise Unreachable(self.name, f"connection lost while running {cmd[:60]!r}: {e}") from None
+            raise Unreachable(
+                self.name, f"connection lost while running {cmd[:60]!r}: {e}"
+            ) from None
         except _Late:
             raise CommandTimeout(self.name, cmd, timeout, on_node=False) from None
         if code == -1:  # the channel closed with no exit status: the node's sshd went away
@@ -137,8 +145,14 @@ class Conn:
         seconds = time.monotonic() - start
         if timeout is not None and code in (124, 137) and seconds >= timeout:
             raise CommandTimeout(self.name, cmd, timeout, on_node=True)
-        result = Result(self.name, cmd, code, out.decode(errors="replace"),
-                        err.decode(errors="replace"), seconds)
+        result = Result(
+            self.name,
+            cmd,
+            code,
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
+            seconds,
+        )
         if check and code != 0:
             raise CommandError(self.name, cmd, code, result.stderr or result.stdout)
         return result
@@ -162,9 +176,14 @@ class Conn:
             except NODE_IO_ERRORS as e:
                 if not self.transport.is_active():
                     raise self.failure(e) from None
-                raise CommandError(self.name, "sftp", None, f"cannot start SFTP ({e or 'refused'})"
-                                   "; the node's sshd_config needs a working 'Subsystem sftp' "
-                                   "line") from None
+                raise CommandError(
+                    self.name,
+                    "sftp",
+                    None,
+                    f"cannot start SFTP ({e or 'refused'})"
+                    "; the node's sshd_config needs a working 'Subsystem sftp' "
+                    "line",
+                ) from None
         return self._sftp
 
     def put_bytes(self, data: bytes, remote: str, mode: int = 0o600) -> None:
@@ -300,16 +319,20 @@ def _drain(chan: paramiko.Channel, timeout: float | None) -> tuple[bytes, bytes]
         while chan.recv_stderr_ready():
             err += chan.recv_stderr(65536)
             got = True
-        if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-            if chan.eof_received or chan.closed:
-                return bytes(out), bytes(err)
+        done = chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready()
+        if done and (chan.eof_received or chan.closed):
+            return bytes(out), bytes(err)
         if got:
             continue
         if deadline is not None and time.monotonic() > deadline:
             chan.close()
             raise _Late
-        select.select([chan], [], [], 0.5 if deadline is None else
-                      max(0.0, min(0.5, deadline - time.monotonic())))
+        select.select(
+            [chan],
+            [],
+            [],
+            0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic())),
+        )
 
 
 def _fabric_connection(node: Node) -> fabric.Connection:
@@ -317,7 +340,10 @@ def _fabric_connection(node: Node) -> fabric.Connection:
     if node.key is not None:  # the inventory's key only: no agent or ~/.ssh guessing
         kwargs.update(key_filename=[str(node.key)], look_for_keys=False, allow_agent=False)
     return fabric.Connection(
-        node.host, user=node.user, port=node.port, connect_timeout=node.connect_timeout,
+        node.host,
+        user=node.user,
+        port=node.port,
+        connect_timeout=node.connect_timeout,
         connect_kwargs=kwargs,
     )
 
@@ -326,10 +352,14 @@ def _tcp_socket(host: str, port: int, timeout: float, node: str) -> socket.socke
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as e:
-        raise Unreachable(node, f"cannot resolve {host!r} ({e.strerror}); fix host: in the "
-                          "inventory or ~/.ssh/config") from None
+        raise Unreachable(
+            node,
+            f"cannot resolve {host!r} ({e.strerror}); fix host: in the inventory or ~/.ssh/config",
+        ) from None
     except TimeoutError:
-        raise Unreachable(node, f"timeout: no answer from {host}:{port} within {timeout:g}s") from None
+        raise Unreachable(
+            node, f"timeout: no answer from {host}:{port} within {timeout:g}s"
+        ) from None
     except ConnectionRefusedError:
         raise Unreachable(node, f"connection refused by {host}:{port}; is sshd running?") from None
     except OSError as e:
@@ -349,8 +379,9 @@ def _client_keys(client: paramiko.SSHClient, node: Node, name: str) -> Path:
     return source
 
 
-def connect(node: Node, policy: paramiko.MissingHostKeyPolicy | None = None,
-            jump: str | None = None) -> Conn:
+def connect(
+    node: Node, policy: paramiko.MissingHostKeyPolicy | None = None, jump: str | None = None
+) -> Conn:
     """Open one node's connection; every failure is a NodeError naming the node and the fix.
 
     `jump` is a ProxyJump value ("user@host:port,host2"); by default ~/.ssh/config's.
@@ -374,15 +405,22 @@ def connect(node: Node, policy: paramiko.MissingHostKeyPolicy | None = None,
         raise
     except paramiko.BadHostKeyException as e:
         _close(c, hops)
-        raise HostKeyChanged(node.name, known_hosts_name(c.host, c.port),
-                             fingerprint(e.expected_key), fingerprint(e.key),
-                             str(source)) from None
+        raise HostKeyChanged(
+            node.name,
+            known_hosts_name(c.host, c.port),
+            fingerprint(e.expected_key),
+            fingerprint(e.key),
+            str(source),
+        ) from None
     except paramiko.AuthenticationException:
         _close(c, hops)
         key = node.key or "your default keys / agent"
-        raise AuthError(node.name, f"authentication failed for {c.user}@{c.host}:{c.port} "
-                        f"with {key}; add the public key to the node's authorized_keys or "
-                        "fix ssh.key") from None
+        raise AuthError(
+            node.name,
+            f"authentication failed for {c.user}@{c.host}:{c.port} "
+            f"with {key}; add the public key to the node's authorized_keys or "
+            "fix ssh.key",
+        ) from None
     except (paramiko.SSHException, OSError, EOFError) as e:
         _close(c, hops)
         raise Unreachable(node.name, f"SSH handshake with {c.host}:{c.port} failed: {e}") from None
@@ -405,12 +443,14 @@ def _through(node: Node, jump: str, host: str, port: int) -> tuple[tuple[Conn, .
     except NodeError as e:
         raise jumps.as_hop(e, node.name, last) from None
     try:
-        chan = conn.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
-                                           timeout=node.connect_timeout)
+        chan = conn.transport.open_channel(
+            "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=node.connect_timeout
+        )
     except (paramiko.SSHException, OSError, EOFError) as e:
         conn.close()
-        raise Unreachable(node.name, f"jump host {last} could not reach {host}:{port}: "
-                          f"{e}") from None
+        raise Unreachable(
+            node.name, f"jump host {last} could not reach {host}:{port}: {e}"
+        ) from None
     return (*conn.hops, conn), chan
 
 
@@ -440,8 +480,9 @@ class Fleet:
                 self.conns[node.name] = outcome
         return {n.name: self.conns.get(n.name) or self.errors[n.name] for n in self.nodes}
 
-    def map(self, fn: Callable[[Conn], T], nodes: Iterable[str] | None = None
-            ) -> dict[str, T | NodeError]:
+    def map(
+        self, fn: Callable[[Conn], T], nodes: Iterable[str] | None = None
+    ) -> dict[str, T | NodeError]:
         """fn(conn) on every reachable node in parallel; a node's failure is its own entry."""
         self.open()
         names = list(nodes) if nodes is not None else [n.name for n in self.nodes]

@@ -100,7 +100,10 @@ class CommandTimeout(CommandError):
     def __init__(self, node: str, command: str, seconds: float, on_node: bool):
         super().__init__(node, command, None)
         short = command if len(command) <= 80 else command[:77] + "..."
-        what = ("stopped it on the node" if on_node else
-                "the node stopped answering; check its load and disks")
+        what = (
+            "stopped it on the node"
+            if on_node
+            else "the node stopped answering; check its load and disks"
+        )
         self.message = f"timed out after {seconds:g}s ({what}): {short}"
         self.args = (f"{node}: {self.message}",)

@@ -7,18 +7,18 @@ ProxyJump is scanned through its hops, and each hop is checked (and offered for 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import fabric
 import paramiko
 
 from ddpfleet import jumps, knownhosts
 from ddpfleet.connection import _fabric_connection, _tcp_socket, connect
-from ddpfleet.knownhosts import fingerprint, known_hosts_name
 from ddpfleet.errors import HostKeyChanged, NodeError, Unreachable
 from ddpfleet.inventory import Node
+from ddpfleet.knownhosts import fingerprint, known_hosts_name
 
 
 @dataclass(frozen=True)
@@ -79,26 +79,30 @@ def _offered(node: Node, host: str, port: int, sock, via: str = "") -> Offered:
         channel = _tcp_socket(host, port, node.connect_timeout, node.name)
     else:
         try:
-            channel = sock.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
-                                                  timeout=node.connect_timeout)
+            channel = sock.transport.open_channel(
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=node.connect_timeout
+            )
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise Unreachable(node.name, f"{label}{sock.node.host} could not reach "
-                              f"{host}:{port}: {e}") from None
+            raise Unreachable(
+                node.name, f"{label}{sock.node.host} could not reach {host}:{port}: {e}"
+            ) from None
     transport = paramiko.Transport(channel)
     knownhosts.prefer(transport, keys)
     try:
         transport.start_client(timeout=node.connect_timeout)
         key = transport.get_remote_server_key()
     except (paramiko.SSHException, OSError, EOFError) as e:
-        raise Unreachable(node.name, f"{label}SSH handshake with {host}:{port} failed: "
-                          f"{e}") from None
+        raise Unreachable(
+            node.name, f"{label}SSH handshake with {host}:{port} failed: {e}"
+        ) from None
     finally:
         transport.close()
     if keys and key not in keys.values():
         # a key of another type than the pinned one is no "new" key: it is a different host
         expected = keys.get(key.get_name()) or next(iter(keys.values()))
-        raise HostKeyChanged(node.name, f"{label}{name}", fingerprint(expected),
-                             fingerprint(key), str(source))
+        raise HostKeyChanged(
+            node.name, f"{label}{name}", fingerprint(expected), fingerprint(key), str(source)
+        )
     return Offered(node.name, name, key, known=bool(keys), via=via)
 
 
@@ -108,6 +112,11 @@ def record(offered: Offered, known_hosts: Path) -> None:
     if offered.key in keys.values():
         return
     if keys:
-        raise HostKeyChanged(offered.node, offered.name, fingerprint(next(iter(keys.values()))),
-                             offered.fingerprint, str(known_hosts))
+        raise HostKeyChanged(
+            offered.node,
+            offered.name,
+            fingerprint(next(iter(keys.values()))),
+            offered.fingerprint,
+            str(known_hosts),
+        )
     knownhosts.append(known_hosts, offered.line())

@@ -14,10 +14,11 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -35,8 +36,16 @@ from ddpfleet.names import (
 ENV_VAR = "DDPFLEET_INVENTORY"
 DEFAULT_PATH = "inventory.yaml"
 
-TOP_KEYS = ("cluster", "ssh", "python_env", "miniconda", "jupyter", "openssh_server", "sandbox",
-            "nodes")
+TOP_KEYS = (
+    "cluster",
+    "ssh",
+    "python_env",
+    "miniconda",
+    "jupyter",
+    "openssh_server",
+    "sandbox",
+    "nodes",
+)
 CLUSTER_KEYS = ("name", "master", "master_port")
 SSH_KEYS = ("user", "key", "port", "known_hosts", "connect_timeout", "command_timeout", "forks")
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k != "forks")
@@ -248,14 +257,17 @@ class _Builder:
         forks = self.integer(("ssh", "forks"), ssh["forks"], 1, 1024)
         raw_nodes = self.mapping(("nodes",), top.get("nodes"), tuple(top.get("nodes") or ()))
         if not raw_nodes:
-            raise self.fail(("nodes",), "no nodes defined; add e.g. nodes: {node0: {host: 10.0.0.10}}")
+            raise self.fail(
+                ("nodes",), "no nodes defined; add e.g. nodes: {node0: {host: 10.0.0.10}}"
+            )
         nodes = tuple(self.node(str(name), entry, ssh) for name, entry in raw_nodes.items())
         self.check_unique_hosts(nodes)
         cluster = self.cluster(top.get("cluster"), nodes)
         sections = {}
         for name in ROLE_SECTIONS:
-            sections[name] = MappingProxyType(dict(self.mapping((name,), top.get(name),
-                                                                tuple(top.get(name) or ()))))
+            sections[name] = MappingProxyType(
+                dict(self.mapping((name,), top.get(name), tuple(top.get(name) or ())))
+            )
         return Inventory(
             path=self.path,
             cluster=cluster,
@@ -361,18 +373,21 @@ class _Builder:
         return Cluster(
             name=name or "cluster",
             master=str(master),
-            master_port=self.integer(("cluster", "master_port"), c.get("master_port", 29500),
-                                     1, 65535),
+            master_port=self.integer(
+                ("cluster", "master_port"), c.get("master_port", 29500), 1, 65535
+            ),
         )
 
     def sandbox(self, raw: Any) -> SandboxSettings | None:
         if raw is None:
             return None
         s = self.mapping(("sandbox",), raw, SANDBOX_KEYS)
-        subnet = self.checked(("sandbox", "subnet"), s.get("subnet", "10.213.0.0/24"),
-                              subnet_problem)
-        prefix = self.checked(("sandbox", "prefix"), s.get("prefix", "ddpf"),
-                              sandbox_prefix_problem)
+        subnet = self.checked(
+            ("sandbox", "subnet"), s.get("subnet", "10.213.0.0/24"), subnet_problem
+        )
+        prefix = self.checked(
+            ("sandbox", "prefix"), s.get("prefix", "ddpf"), sandbox_prefix_problem
+        )
         return SandboxSettings(
             prefix=prefix,
             subnet=str(ipaddress.IPv4Network(subnet)),

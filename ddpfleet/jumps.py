@@ -27,8 +27,12 @@ def hop_node(node: Node, hop: str) -> Node:
         host, _, port = rest[1:].partition("]")
         port = port.lstrip(":")
     found = fabric.Config().base_ssh_config.lookup(host)
-    return replace(node, host=host, user=user or found.get("user") or node.user,
-                   port=int(port or found.get("port") or 22))
+    return replace(
+        node,
+        host=host,
+        user=user or found.get("user") or node.user,
+        port=int(port or found.get("port") or 22),
+    )
 
 
 def as_hop(e: NodeError, node: str, hop: str) -> NodeError:

@@ -36,7 +36,7 @@ def pinned(name: str, project: Path) -> tuple[dict[str, paramiko.PKey], Path]:
         if path.is_file():
             keys = paramiko.HostKeys(str(path)).lookup(name)
             if keys:
-                return {t: keys[t] for t in keys.keys()}, path
+                return {t: keys[t] for t in keys}, path
     return {}, project
 
 

@@ -30,16 +30,20 @@ def shown(value: str) -> str:
 def node_name_problem(name: str) -> str:
     if NODE_NAME.fullmatch(name) and ".." not in name:
         return ""
-    return (f"node name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
-            "'-', starting with a letter or digit (e.g. node0, gpu-01)")
+    return (
+        f"node name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
+        "'-', starting with a letter or digit (e.g. node0, gpu-01)"
+    )
 
 
 def cluster_name_problem(name: str) -> str:
     """The cluster's name goes into node paths (~/ddpfleet/<cluster>/code) and key comments."""
     if NODE_NAME.fullmatch(name) and ".." not in name:
         return ""
-    return (f"cluster name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
-            "'-', starting with a letter or digit (e.g. demo)")
+    return (
+        f"cluster name {shown(name)} is not allowed: use 1-63 letters, digits, '.', '_' or "
+        "'-', starting with a letter or digit (e.g. demo)"
+    )
 
 
 def host_problem(host: str) -> str:
@@ -51,24 +55,30 @@ def host_problem(host: str) -> str:
     labels = host.rstrip(".").split(".") if len(host) <= 253 else []
     if labels and all(HOST_LABEL.fullmatch(label) for label in labels):
         return ""
-    return (f"{shown(host)} is not an IP address or host name: use e.g. 10.0.0.10, "
-            "gpu01.example.com or a ~/.ssh/config alias (letters, digits, '-', '_', '.'; "
-            "no spaces)")
+    return (
+        f"{shown(host)} is not an IP address or host name: use e.g. 10.0.0.10, "
+        "gpu01.example.com or a ~/.ssh/config alias (letters, digits, '-', '_', '.'; "
+        "no spaces)"
+    )
 
 
 def user_problem(user: str) -> str:
     if USER.fullmatch(user):
         return ""
-    return (f"user {shown(user)} is not a valid login name: use up to 32 letters, digits, "
-            "'_', '.' or '-', starting with a letter or '_' (e.g. ubuntu, root)")
+    return (
+        f"user {shown(user)} is not a valid login name: use up to 32 letters, digits, "
+        "'_', '.' or '-', starting with a letter or '_' (e.g. ubuntu, root)"
+    )
 
 
 def sandbox_prefix_problem(prefix: str) -> str:
     """The sandbox prefix starts every interface name it makes ({prefix}-br, {prefix}-10h)."""
     if prefix.isascii() and prefix.isalnum() and len(prefix) <= 8:
         return ""
-    return (f"sandbox prefix {shown(prefix)} is not allowed: use 1-8 letters/digits (it names "
-            "network interfaces, which allow 15 characters)")
+    return (
+        f"sandbox prefix {shown(prefix)} is not allowed: use 1-8 letters/digits (it names "
+        "network interfaces, which allow 15 characters)"
+    )
 
 
 def subnet_problem(subnet: str) -> str:

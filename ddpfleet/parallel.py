@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -27,8 +28,9 @@ def parallel(fn: Callable[[object], T], items: list, workers: int) -> list[T]:
             except BaseException as e:  # a bug, not a node's failure: re-raised below
                 crashed.append(e)
 
-    threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(workers, len(items)))]
+    threads = [
+        threading.Thread(target=worker, daemon=True) for _ in range(min(workers, len(items)))
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -10,8 +10,17 @@ from ddpfleet.errors import NodeError
 from ddpfleet.facts import FACTS_SCRIPT, human_kb, parse_facts
 from ddpfleet.report import table
 
-COLUMNS = ("node", "address", "reachable", "os", "arch", "python3", "free disk", "nvidia-smi",
-           "rtt ms")
+COLUMNS = (
+    "node",
+    "address",
+    "reachable",
+    "os",
+    "arch",
+    "python3",
+    "free disk",
+    "nvidia-smi",
+    "rtt ms",
+)
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,22 @@ def render(fleet: Fleet, results: dict[str, Pong | NodeError]):
     for node in fleet.nodes:
         r = results[node.name]
         if isinstance(r, NodeError):
-            rows.append((node.name, node.address, f"no ({r.kind}): {r.message}",
-                         "", "", "", "", "", ""))
+            rows.append(
+                (node.name, node.address, f"no ({r.kind}): {r.message}", "", "", "", "", "", "")
+            )
             continue
         f = r.facts
-        rows.append((
-            node.name, node.address, "yes", f.get("os", "?"), f.get("arch", "?"),
-            f.get("python3") or "missing", human_kb(f.get("disk_free_kb", "")),
-            "yes" if f.get("nvidia_smi") else "no", f"{r.rtt_ms:.1f}",
-        ))
+        rows.append(
+            (
+                node.name,
+                node.address,
+                "yes",
+                f.get("os", "?"),
+                f.get("arch", "?"),
+                f.get("python3") or "missing",
+                human_kb(f.get("disk_free_kb", "")),
+                "yes" if f.get("nvidia_smi") else "no",
+                f"{r.rtt_ms:.1f}",
+            )
+        )
     return table(None, COLUMNS, rows)

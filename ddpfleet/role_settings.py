@@ -20,10 +20,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -57,7 +58,7 @@ class Role:
         return MappingProxyType(cfg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_role(name: str, roles_dir: Path = ROLES_DIR) -> Role:
     directory = roles_dir / name
     if not (directory / "role.py").is_file():

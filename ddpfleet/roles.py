@@ -24,9 +24,10 @@ from __future__ import annotations
 import difflib
 import posixpath
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ddpfleet.connection import NODE_IO_ERRORS, Conn, Result
 from ddpfleet.errors import CommandError, DdpfleetError, NodeError
@@ -114,13 +115,23 @@ class Host:
         Bounded by ssh.command_timeout: a probe that hangs is a failed node, not a hung run."""
         return parse_facts(self.conn.run(script, timeout=self.node.command_timeout).stdout)
 
-    def run(self, command: str | list[str], stdin: str | bytes | None = None,
-            check: bool = True, timeout: float | None = None) -> Result:
+    def run(
+        self,
+        command: str | list[str],
+        stdin: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> Result:
         """A read-only command: runs under --check too."""
         return self.conn.run(command, stdin=stdin, check=check, timeout=timeout)
 
-    def change(self, command: str | list[str], stdin: str | bytes | None = None,
-               check: bool = True, timeout: float | None = None) -> Result | None:
+    def change(
+        self,
+        command: str | list[str],
+        stdin: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> Result | None:
         """A command that changes the node; skipped under --check (returns None)."""
         if self.check:
             return None
@@ -154,8 +165,9 @@ class Host:
         except OSError as e:  # permission denied and the like
             raise CommandError(self.name, f"read {path}", None, str(e)) from None
 
-    def put(self, path: str, content: str | bytes, mode: int = 0o644, owner: str | None = None
-            ) -> tuple[bool, str]:
+    def put(
+        self, path: str, content: str | bytes, mode: int = 0o644, owner: str | None = None
+    ) -> tuple[bool, str]:
         """Make a file hold exactly `content` with `mode`; returns (changed, diff text).
 
         The file is written beside and renamed into place, so readers never see half of it.
@@ -182,8 +194,9 @@ class Host:
         never on what a symlink points at. A failed write leaves nothing behind."""
         directory, base = posixpath.split(path)
         quick = self.node.command_timeout
-        tmp = self.conn.run(["mktemp", "-p", directory or ".", f".{base}.ddpfleet-XXXXXX"],
-                            timeout=quick).stdout.strip()
+        tmp = self.conn.run(
+            ["mktemp", "-p", directory or ".", f".{base}.ddpfleet-XXXXXX"], timeout=quick
+        ).stdout.strip()
         try:
             self.conn.put_bytes(data, tmp, mode)
             if owner is not None:
@@ -202,7 +215,9 @@ class Host:
         assert self.role is not None
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(self.role.directory / "templates")),
-            undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+            autoescape=False,
         )
         return env.get_template(template_name).render(**values)
 
@@ -235,8 +250,12 @@ class NodeRun:
         return bool(self.unreachable) or self.count("failed") > 0
 
 
-def run_roles(host: Host, roles: list[Role], flags: Mapping[str, Any] | None = None,
-              on_step: Callable[[str, Step], None] = lambda node, step: None) -> NodeRun:
+def run_roles(
+    host: Host,
+    roles: list[Role],
+    flags: Mapping[str, Any] | None = None,
+    on_step: Callable[[str, Step], None] = lambda node, step: None,
+) -> NodeRun:
     """Roles in order on one node; a failed role stops this node's later roles."""
     out = NodeRun(host.name)
     start = time.monotonic()

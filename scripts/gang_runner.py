@@ -50,15 +50,17 @@ MAX_LINE = 64 * 1024  # torchrun's output relayed in pieces no longer than this
 FLUSH_S = 5.0  # at exit, how long the last words may wait for a controller that stopped reading
 # Run torchrun with the master's held port: the static rendezvous's store adopts the listening
 # socket (argv[1]: its fd) instead of binding the port again, so it is never free in between.
-ADOPT = ("import runpy,sys;fd=int(sys.argv.pop(1));"
-         "import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as m;T=m.TCPStore\n"
-         "def S(*a,**k):\n"
-         " global fd\n"
-         " if fd is not None and (a[3] if len(a)>3 else k.get('is_master')):\n"
-         "  k['master_listen_fd'],fd=fd,None\n"
-         " return T(*a,**k)\n"
-         "m.TCPStore=S;sys.argv[0]='torchrun';"
-         "runpy.run_module('torch.distributed.run',run_name='__main__',alter_sys=True)")
+ADOPT = (
+    "import runpy,sys;fd=int(sys.argv.pop(1));"
+    "import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as m;T=m.TCPStore\n"
+    "def S(*a,**k):\n"
+    " global fd\n"
+    " if fd is not None and (a[3] if len(a)>3 else k.get('is_master')):\n"
+    "  k['master_listen_fd'],fd=fd,None\n"
+    " return T(*a,**k)\n"
+    "m.TCPStore=S;sys.argv[0]='torchrun';"
+    "runpy.run_module('torch.distributed.run',run_name='__main__',alter_sys=True)"
+)
 
 
 class Out:
@@ -132,8 +134,14 @@ class Member:
             argv[1:3], fds = ["-c", ADOPT, str(listener.fileno())], (listener.fileno(),)
         tree = self.tree
         self.proc = subprocess.Popen(
-            argv, cwd=self.spec["cwd"], env=env, stdin=subprocess.DEVNULL, pass_fds=fds,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            argv,
+            cwd=self.spec["cwd"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            pass_fds=fds,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # No other thread runs at this point (main() starts them after), so a Python
             # preexec_fn is safe here; PDEATHSIG survives torchrun's exec.
             preexec_fn=lambda: tree.prctl(tree.PR_SET_PDEATHSIG, signal.SIGTERM),  # noqa: PLW1509
@@ -190,8 +198,13 @@ class Member:
         killed = self.tree.end_tree(grace, agent=self.proc.pid)
         if killed and grace:
             pids, after = killed
-            control(block=False, event="killed", pids=pids, after=after,
-                    agent_only=pids == [self.proc.pid])
+            control(
+                block=False,
+                event="killed",
+                pids=pids,
+                after=after,
+                agent_only=pids == [self.proc.pid],
+            )
 
     def wait(self):
         code = self.reaper.wait()

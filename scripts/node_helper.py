@@ -71,8 +71,13 @@ def torch_versions():
 
 def gpu_count():
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for ln in out.stdout.splitlines() if ln.strip().isdigit())
@@ -80,8 +85,9 @@ def gpu_count():
 
 def ip(*args):
     try:
-        return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=5,
-                              check=False).stdout
+        return subprocess.run(
+            ["ip", *args], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
 
@@ -242,10 +248,17 @@ def facts(code_dir, master_host, count_gpus):
     master = resolve(master_host)
     root = os.path.abspath(os.path.expanduser(code_dir))
     code = claim(root, os.environ.get("DDPFLEET_RUN_ID", ""))
-    found = {"home": os.path.expanduser("~"), "hostname": socket.gethostname(),
-             "python": sys.executable, "addrs": addresses(), "master_resolved": master,
-             "route_dev": route_dev(master), "gpus": gpu_count() if count_gpus else None,
-             "code": code, "manifest": manifest(root) if code["problem"] is None else {}}
+    found = {
+        "home": os.path.expanduser("~"),
+        "hostname": socket.gethostname(),
+        "python": sys.executable,
+        "addrs": addresses(),
+        "master_resolved": master,
+        "route_dev": route_dev(master),
+        "gpus": gpu_count() if count_gpus else None,
+        "code": code,
+        "manifest": manifest(root) if code["problem"] is None else {},
+    }
     found.update(torch_versions())
     return found
 
@@ -268,9 +281,11 @@ def in_the_way(root, rel, deleting):
         return None
     for top, dirs, files in os.walk(full):
         links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
-        kept = [f for f in files + links
-                if os.path.relpath(os.path.join(top, f), root).replace(os.sep, "/")
-                not in deleting]
+        kept = [
+            f
+            for f in files + links
+            if os.path.relpath(os.path.join(top, f), root).replace(os.sep, "/") not in deleting
+        ]
         if kept or (not dirs and not files):
             return f"{rel!r} is a directory holding files made on the node"
     return None
@@ -280,7 +295,8 @@ def remove_managed(root, rel):
     """Delete one path the mirror put there; a directory now in its place is not ours."""
     full = safe_target(root, rel)
     if os.path.realpath(os.path.dirname(full)) != os.path.join(
-            os.path.realpath(root), *rel.split("/")[:-1]):
+        os.path.realpath(root), *rel.split("/")[:-1]
+    ):
         return  # a directory on the way was replaced by a symlink: never delete through it
     if os.path.islink(full) or os.path.isfile(full):
         os.unlink(full)
@@ -321,24 +337,29 @@ def apply(code_dir, run_id, script=None):
         raise SystemExit(f"{root} was not made by ddpfleet; nothing was touched")
     holder = lock_holder(root)
     if holder != run_id:
-        raise SystemExit(f"{root} is not locked by run {run_id} (holder: {holder or 'none'}); "
-                         "nothing was touched: start the run again")
+        raise SystemExit(
+            f"{root} is not locked by run {run_id} (holder: {holder or 'none'}); "
+            "nothing was touched: start the run again"
+        )
     header = json.loads(STDIN.readline())
     old, send = listed(root), set(header["send"])
     strays = sorted(set(header["delete"]) - set(old))
     if strays:
         raise SystemExit(f"refusing to delete {strays[0]!r}: the mirror did not put it there")
     # A sent file the run has since rewritten is the run's now: it stays, unlisted.
-    deleting = {rel for rel in header["delete"]
-                if path_entry(safe_target(root, rel)) in (old[rel], None)}
+    deleting = {
+        rel for rel in header["delete"] if path_entry(safe_target(root, rel)) in (old[rel], None)
+    }
     for rel in header["manifest"]:
         safe_target(root, rel)
     for rel in sorted(send):
         safe_target(root, rel)
         why = in_the_way(root, rel, deleting)
         if why:
-            raise SystemExit(f"cannot sync {rel!r}: {why}; nothing was touched: move it out "
-                             f"of {root} or rename it in the project")
+            raise SystemExit(
+                f"cannot sync {rel!r}: {why}; nothing was touched: move it out "
+                f"of {root} or rename it in the project"
+            )
     write_listed(root, {**old, **header["manifest"]})  # a crash leaves nothing unlisted
     for rel in sorted(deleting):
         remove_managed(root, rel)

@@ -49,7 +49,7 @@ def _stat(pid):
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2:].split()
+    fields = stat[stat.rindex(b")") + 2 :].split()
     return fields[0].decode(), int(fields[1])
 
 
@@ -186,8 +186,10 @@ def guard(runner, grace, notify):
     code = exit_code(status)
     if code < 0:
         end_tree(grace)
-        notify(f"the node's runner was killed ({signal.Signals(-code).name}); "
-               "every process of the run on this node was stopped")
+        notify(
+            f"the node's runner was killed ({signal.Signals(-code).name}); "
+            "every process of the run on this node was stopped"
+        )
         return 128 - code
     kill_all()  # the runner ended its run already; only a last-moment orphan can be left
     return code

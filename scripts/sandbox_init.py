@@ -31,9 +31,17 @@ MNT_DETACH = 2
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SSHD = [
-    "/usr/sbin/sshd", "-D", "-e",  # absolute path: sshd re-execs itself on SIGHUP
-    "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
-    "-o", "PermitRootLogin=prohibit-password", "-o", "UseDNS=no",
+    "/usr/sbin/sshd",
+    "-D",
+    "-e",  # absolute path: sshd re-execs itself on SIGHUP
+    "-o",
+    "PasswordAuthentication=no",
+    "-o",
+    "KbdInteractiveAuthentication=no",
+    "-o",
+    "PermitRootLogin=prohibit-password",
+    "-o",
+    "UseDNS=no",
 ]
 GRACE_S = 2.0  # between SIGTERM and SIGKILL for the node's processes
 
@@ -45,8 +53,9 @@ class Shutdown(Exception):
 
 
 def log(msg: str) -> None:
-    print(f"sandbox_init[{os.environ.get('SANDBOX_NODE', '?')}]: {msg}", file=sys.stderr,
-          flush=True)
+    print(
+        f"sandbox_init[{os.environ.get('SANDBOX_NODE', '?')}]: {msg}", file=sys.stderr, flush=True
+    )
 
 
 def check(ret: int, what: str) -> None:
@@ -56,8 +65,16 @@ def check(ret: int, what: str) -> None:
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
-    check(libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                     ctypes.c_ulong(flags), data.encode() or None), f"mount {fstype} {target}")
+    check(
+        libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() or None,
+        ),
+        f"mount {fstype} {target}",
+    )
 
 
 def write_host_pid(pidfile: str) -> None:
@@ -77,8 +94,13 @@ def make_root(base: str) -> str:
     mount("sysfs", f"{root}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # our netns
     mount("/dev", f"{root}/dev", None, MS_BIND)
     # Own PTYs for sshd sessions; ptmx of this instance over /dev/ptmx.
-    mount("devpts", f"{root}/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
-          "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    mount(
+        "devpts",
+        f"{root}/dev/pts",
+        "devpts",
+        MS_NOSUID | MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )
     mount(f"{root}/dev/pts/ptmx", f"{root}/dev/ptmx", None, MS_BIND)
     mount("tmpfs", f"{root}/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")

@@ -35,8 +35,9 @@ ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".ddpfleet", ".git")
 SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 # Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
 # stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
-HELPER_LOADER = ("import sys;b=sys.stdin.buffer;"
-                 "exec(compile(b.read(int(b.readline())),'{name}','exec'))")
+HELPER_LOADER = (
+    "import sys;b=sys.stdin.buffer;exec(compile(b.read(int(b.readline())),'{name}','exec'))"
+)
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,13 @@ def left_out(rel: str) -> bool:
 def listed_paths(root: Path) -> list[str]:
     """Relative paths the project consists of: git's view when root is in a work tree."""
     try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
-                             capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
         return sorted({p for p in out.decode().split("\0") if p})
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         pass
@@ -92,8 +98,9 @@ def listed_paths(root: Path) -> list[str]:
         rel_top = Path(top).relative_to(root).as_posix()
         dirs[:] = [d for d in dirs if not left_out(d if rel_top == "." else f"{rel_top}/{d}")]
         found += [f if rel_top == "." else f"{rel_top}/{f}" for f in files]
-        found += [d if rel_top == "." else f"{rel_top}/{d}" for d in dirs
-                  if (Path(top) / d).is_symlink()]
+        found += [
+            d if rel_top == "." else f"{rel_top}/{d}" for d in dirs if (Path(top) / d).is_symlink()
+        ]
     return sorted(found)
 
 
@@ -190,13 +197,29 @@ def helper_command(python: str, name: str, *args: str) -> str:
 
 def header(files: Mapping[str, Entry], change: Change) -> bytes:
     """apply's first line: what to delete, what the tar holds, the manifest once it is done."""
-    return json.dumps({"delete": list(change.delete), "send": list(change.send),
-                       "manifest": {p: files[p].as_list() for p in sorted(files)}}
-                      ).encode() + b"\n"
+    return (
+        json.dumps(
+            {
+                "delete": list(change.delete),
+                "send": list(change.send),
+                "manifest": {p: files[p].as_list() for p in sorted(files)},
+            }
+        ).encode()
+        + b"\n"
+    )
 
 
-def push(conn, python: str, code_dir: str, root: Path, files: Mapping[str, Entry],
-         change: Change, script: str, remote: Mapping[str, list], run_id: str) -> SyncStats:
+def push(
+    conn,
+    python: str,
+    code_dir: str,
+    root: Path,
+    files: Mapping[str, Entry],
+    change: Change,
+    script: str,
+    remote: Mapping[str, list],
+    run_id: str,
+) -> SyncStats:
     """One exec channel on `conn` (a connection.Conn): node_helper.py `apply` into the code dir
     this run's runner has locked, then header(), then the tar of what changed. Nothing changed:
     no channel at all, and the node's manifest (`remote`) says whether the script is there.
@@ -228,15 +251,21 @@ def code_dir_problems(claims: Mapping[str, Mapping], flag: str) -> list[str]:
     for name, code in claims.items():
         where, detail = code.get("dir"), code.get("detail")
         if code.get("problem") == "foreign":
-            problems.append(f"{name}: code dir {where} (--code-dir {flag}) exists and was not "
-                            "made by ddpfleet; nothing in it was touched: pass a --code-dir "
-                            "that does not exist yet (ddpfleet makes it)")
+            problems.append(
+                f"{name}: code dir {where} (--code-dir {flag}) exists and was not "
+                "made by ddpfleet; nothing in it was touched: pass a --code-dir "
+                "that does not exist yet (ddpfleet makes it)"
+            )
         elif code.get("problem") == "busy":
-            problems.append(f"{name}: code dir {where} is in use by run {detail}; wait for it "
-                            "to finish or pass another --code-dir")
+            problems.append(
+                f"{name}: code dir {where} is in use by run {detail}; wait for it "
+                "to finish or pass another --code-dir"
+            )
         elif code.get("problem"):
-            problems.append(f"{name}: cannot use code dir {where} ({detail}); fix that or "
-                            "pass another --code-dir")
+            problems.append(
+                f"{name}: cannot use code dir {where} ({detail}); fix that or "
+                "pass another --code-dir"
+            )
     return problems
 
 
@@ -244,6 +273,10 @@ def require(files: Mapping[str, Entry], script: str, root: Path) -> None:
     """The training script must be part of what is mirrored, or the nodes will not have it."""
     rel = Path(script).as_posix()
     if rel not in files:
-        why = "not found" if not (root / rel).exists() else "left out (.gitignore, logs/, envs/ ...)"
-        raise PlanError(f"--script {script}: {why} in the synced project {root}; "
-                        "pass a path relative to --project-dir")
+        why = (
+            "not found" if not (root / rel).exists() else "left out (.gitignore, logs/, envs/ ...)"
+        )
+        raise PlanError(
+            f"--script {script}: {why} in the synced project {root}; "
+            "pass a path relative to --project-dir"
+        )

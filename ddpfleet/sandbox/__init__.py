@@ -45,16 +45,34 @@ from ddpfleet.sandbox.spec import (
     spec_for,
 )
 
-__all__ = ["BASE", "INIT_SCRIPT", "NETNS_DIR", "PACKAGES", "PATH", "NodeStatus", "SandboxError",
-           "SandboxNode", "SandboxSpec", "down", "preflight", "render", "spec_for", "start",
-           "status", "stop", "up"]  # BASE, PATH ...: constants that tests and tools read here
+__all__ = [
+    "BASE",
+    "INIT_SCRIPT",
+    "NETNS_DIR",
+    "PACKAGES",
+    "PATH",
+    "NodeStatus",
+    "SandboxError",
+    "SandboxNode",
+    "SandboxSpec",
+    "down",
+    "preflight",
+    "render",
+    "spec_for",
+    "start",
+    "status",
+    "stop",
+    "up",
+]  # BASE, PATH ...: constants that tests and tools read here
 
 
 def preflight() -> None:
     """Raise SandboxError unless this is Linux and we are root."""
     if sys.platform != "linux":
-        raise SandboxError(f"sandbox needs Linux (network/PID/mount namespaces), not "
-                           f"{sys.platform}: run it on a Linux machine")
+        raise SandboxError(
+            f"sandbox needs Linux (network/PID/mount namespaces), not "
+            f"{sys.platform}: run it on a Linux machine"
+        )
     if os.geteuid() != 0:
         raise SandboxError("sandbox needs root on Linux: run as root (sudo invoke sandbox.up)")
 
@@ -77,8 +95,7 @@ def down(spec: SandboxSpec) -> None:
     host.parallel([lambda n=n: nodes.stop(spec, n) for n in names])
     net.remove(spec, names)
     # In parallel: unlinking is slow on a busy disk (ext4 with discard: ~50 ms a node here).
-    host.parallel([lambda n=n: shutil.rmtree(spec.node_dir(n), ignore_errors=True)
-                   for n in names])
+    host.parallel([lambda n=n: shutil.rmtree(spec.node_dir(n), ignore_errors=True) for n in names])
     shutil.rmtree(spec.base, ignore_errors=True)
 
 
@@ -88,8 +105,13 @@ def status(spec: SandboxSpec) -> list[NodeStatus]:
 
     def one(node: SandboxNode) -> NodeStatus:
         pid = nodes.init_pid(spec, node.name)
-        return NodeStatus(node.name, node.address, net.netns_exists(spec, node.name), pid,
-                          pid is not None and nodes.ssh_answers(node.address, 1.0))
+        return NodeStatus(
+            node.name,
+            node.address,
+            net.netns_exists(spec, node.name),
+            pid,
+            pid is not None and nodes.ssh_answers(node.address, 1.0),
+        )
 
     return host.parallel([lambda n=n: one(n) for n in spec.nodes])
 
@@ -117,9 +139,13 @@ def render(statuses: Sequence[NodeStatus]):
     for col in ("node", "address", "netns", "init pid", "sshd"):
         t.add_column(col)
     for s in statuses:
-        t.add_row(s.name, s.address, "yes" if s.netns_exists else "no",
-                  str(s.init_pid) if s.init_pid else "stopped",
-                  "listening" if s.sshd_listening else "down")
+        t.add_row(
+            s.name,
+            s.address,
+            "yes" if s.netns_exists else "no",
+            str(s.init_pid) if s.init_pid else "stopped",
+            "listening" if s.sshd_listening else "down",
+        )
     return t
 
 
@@ -130,9 +156,9 @@ def _bring_up(spec: SandboxSpec, chosen: Sequence[SandboxNode]) -> None:
     pids = {n.name: nodes.init_pid(spec, n.name) for n in spec.nodes}
     # Every node's /etc/hosts lists every node, so running ones are refreshed too.
     touched = [n for n in spec.nodes if n in chosen or pids[n.name] is not None]
-    host.parallel([lambda n=n: nodes.prepare(spec, n, pids[n.name] is not None)
-                   for n in touched])
+    host.parallel([lambda n=n: nodes.prepare(spec, n, pids[n.name] is not None) for n in touched])
     procs = {n.name: nodes.launch(spec, n) for n in chosen if pids[n.name] is None}
     deadline = time.monotonic() + nodes.UP_TIMEOUT_S
-    host.parallel([lambda n=n: nodes.wait_ready(spec, n, procs.get(n.name), deadline)
-                   for n in chosen])
+    host.parallel(
+        [lambda n=n: nodes.wait_ready(spec, n, procs.get(n.name), deadline) for n in chosen]
+    )

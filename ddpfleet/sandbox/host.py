@@ -34,8 +34,10 @@ def run(argv: Sequence[str], check: bool = True, **kw: Any) -> subprocess.Comple
     try:
         proc = subprocess.run(list(argv), check=False, capture_output=True, text=True, **kw)
     except FileNotFoundError:
-        raise SandboxError(f"{argv[0]} not found: install it (or let sandbox.up install the "
-                           f"Debian packages {' '.join(PACKAGES)})") from None
+        raise SandboxError(
+            f"{argv[0]} not found: install it (or let sandbox.up install the "
+            f"Debian packages {' '.join(PACKAGES)})"
+        ) from None
     if check and proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [""])[-1]
         raise SandboxError(f"{' '.join(argv)} failed (exit {proc.returncode}): {tail}")
@@ -85,8 +87,19 @@ def ensure_packages() -> None:
     apt_env = env(DEBIAN_FRONTEND="noninteractive")
     try:
         run(["apt-get", "update", "-qq"], env=apt_env)
-        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-             "-o", "DPkg::Lock::Timeout=300", *missing], env=apt_env)
+        run(
+            [
+                "apt-get",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "-o",
+                "DPkg::Lock::Timeout=300",
+                *missing,
+            ],
+            env=apt_env,
+        )
     finally:
         if made_policy:
             policy.unlink(missing_ok=True)

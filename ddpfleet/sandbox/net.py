@@ -38,12 +38,25 @@ def ensure_bridge(spec: SandboxSpec) -> None:
     for line in ip("-o", "-4", "addr", "show").splitlines():
         dev, addr = line.split()[1], ipaddress.IPv4Interface(line.split()[3])
         if dev != br and addr.network.overlaps(iface.network):
-            raise SandboxError(f"sandbox subnet {iface.network} overlaps {addr} on {dev}: choose "
-                               f"another sandbox.subnet in the inventory")
+            raise SandboxError(
+                f"sandbox subnet {iface.network} overlaps {addr} on {dev}: choose "
+                f"another sandbox.subnet in the inventory"
+            )
     if not link_exists(br):
         # nf_call_* 0: the host's iptables (docker's FORWARD DROP, say) never sees node traffic.
-        ip("link", "add", br, "type", "bridge", "nf_call_iptables", "0", "nf_call_ip6tables",
-           "0", "nf_call_arptables", "0")
+        ip(
+            "link",
+            "add",
+            br,
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "0",
+            "nf_call_ip6tables",
+            "0",
+            "nf_call_arptables",
+            "0",
+        )
     ip("addr", "replace", str(iface), "dev", br)
     ip("link", "set", br, "up")
 
@@ -56,15 +69,22 @@ def _net_ready(spec: SandboxSpec, index: int, name: str) -> bool:
 def _host_side(spec: SandboxSpec, index: int, node: SandboxNode) -> str:
     """`ip -batch` lines: the netns, a veth pair with eth0 inside it, the host end on the bridge."""
     ns, veth = spec.netns(node.name), spec.veth(index)
-    return (f"netns add {ns}\nlink add {veth} type veth peer name eth0 netns {ns}\n"
-            f"link set {veth} master {spec.bridge} up\n")
+    return (
+        f"netns add {ns}\nlink add {veth} type veth peer name eth0 netns {ns}\n"
+        f"link set {veth} master {spec.bridge} up\n"
+    )
 
 
 def _configure_inside(spec: SandboxSpec, node: SandboxNode) -> None:
     iface = ipaddress.IPv4Interface(f"{node.address}/{spec.network.prefixlen}")
     # No default route: the node reaches the bridge's subnet and nothing else.
-    ip("-n", spec.netns(node.name), "-batch", "-",
-       stdin=f"addr add {iface} dev eth0\nlink set eth0 up\nlink set lo up\n")
+    ip(
+        "-n",
+        spec.netns(node.name),
+        "-batch",
+        "-",
+        stdin=f"addr add {iface} dev eth0\nlink set eth0 up\nlink set lo up\n",
+    )
 
 
 def _remove_net(ns: str, veth: str) -> None:

@@ -27,12 +27,17 @@ INIT_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sandbox_init.py
 UP_TIMEOUT_S = 30.0  # until every node's sshd answers
 STOP_GRACE_S = 4.0  # init's own SIGTERM->SIGKILL grace is 2 s
 BASHRC = f"# ddpfleet sandbox node: a lean shell\nexport PATH={PATH}\n"
-PROFILE = f"# ddpfleet sandbox node\nexport PATH={PATH}\n[ -n \"$BASH\" ] && . ~/.bashrc\n"
+PROFILE = f'# ddpfleet sandbox node\nexport PATH={PATH}\n[ -n "$BASH" ] && . ~/.bashrc\n'
 # Host files the node must not inherit through the overlay: the host's own host keys (each node
 # has its own) and login files that bash would read instead of our lean ~/.profile.
-HIDDEN = ("etc/ssh/ssh_host_rsa_key", "etc/ssh/ssh_host_rsa_key.pub",
-          "etc/ssh/ssh_host_ecdsa_key", "etc/ssh/ssh_host_ecdsa_key.pub",
-          "root/.bash_profile", "root/.bash_login")
+HIDDEN = (
+    "etc/ssh/ssh_host_rsa_key",
+    "etc/ssh/ssh_host_rsa_key.pub",
+    "etc/ssh/ssh_host_ecdsa_key",
+    "etc/ssh/ssh_host_ecdsa_key.pub",
+    "root/.bash_profile",
+    "root/.bash_login",
+)
 
 # Popen of each init launched by this process, so we can reap it (no zombies, no warnings).
 _children: dict[str, subprocess.Popen] = {}
@@ -42,8 +47,12 @@ _children: dict[str, subprocess.Popen] = {}
 
 
 def hosts_file(spec: SandboxSpec) -> str:
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
-             "ff02::1\tip6-allnodes", "ff02::2\tip6-allrouters"]
+    lines = [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "ff02::1\tip6-allnodes",
+        "ff02::2\tip6-allrouters",
+    ]
     lines += [f"{n.address}\t{n.name}" for n in spec.nodes]
     return "\n".join(lines) + "\n"
 
@@ -184,14 +193,38 @@ def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
     pidfile.unlink(missing_ok=True)
     logs = spec.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    argv = ["nsenter", f"--net={NETNS_DIR / spec.netns(node.name)}",
-            "unshare", "--mount", "--uts", "--pid", "--fork", "--propagation", "private", "--",
-            _python(), "-I", "-S", str(INIT_SCRIPT), "--dir", str(spec.node_dir(node.name)),
-            "--hostname", node.name, "--pidfile", str(pidfile)]
+    argv = [
+        "nsenter",
+        f"--net={NETNS_DIR / spec.netns(node.name)}",
+        "unshare",
+        "--mount",
+        "--uts",
+        "--pid",
+        "--fork",
+        "--propagation",
+        "private",
+        "--",
+        _python(),
+        "-I",
+        "-S",
+        str(INIT_SCRIPT),
+        "--dir",
+        str(spec.node_dir(node.name)),
+        "--hostname",
+        node.name,
+        "--pidfile",
+        str(pidfile),
+    ]
     with open(logs / f"{node.name}.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                cwd="/", env={"PATH": PATH, "LANG": "C.UTF-8"},
-                                start_new_session=True)  # no terminal signal reaches a node
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd="/",
+            env={"PATH": PATH, "LANG": "C.UTF-8"},
+            start_new_session=True,
+        )  # no terminal signal reaches a node
     _children[spec.netns(node.name)] = proc
     return proc
 
@@ -206,17 +239,21 @@ def ssh_answers(address: str, timeout: float) -> bool:
         return False
 
 
-def wait_ready(spec: SandboxSpec, node: SandboxNode, proc: subprocess.Popen | None,
-               deadline: float) -> None:
+def wait_ready(
+    spec: SandboxSpec, node: SandboxNode, proc: subprocess.Popen | None, deadline: float
+) -> None:
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise SandboxError(f"{node.name}: init exited ({proc.returncode}): "
-                               f"{_log_tail(spec, node.name)}")
+            raise SandboxError(
+                f"{node.name}: init exited ({proc.returncode}): {_log_tail(spec, node.name)}"
+            )
         if ssh_answers(node.address, 0.5):
             return
         time.sleep(0.05)
-    raise SandboxError(f"{node.name}: sshd did not answer on {node.address}:22 within "
-                       f"{UP_TIMEOUT_S:.0f} s; {_log_tail(spec, node.name)}")
+    raise SandboxError(
+        f"{node.name}: sshd did not answer on {node.address}:22 within "
+        f"{UP_TIMEOUT_S:.0f} s; {_log_tail(spec, node.name)}"
+    )
 
 
 def _log_tail(spec: SandboxSpec, name: str) -> str:

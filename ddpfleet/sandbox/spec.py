@@ -96,12 +96,16 @@ def check(spec: SandboxSpec) -> None:
     for node in spec.nodes:
         addr = ipaddress.IPv4Address(node.address) if _is_ipv4(node.address) else None
         if addr is None or addr not in net or addr in (net[0], net[1], net.broadcast_address):
-            raise SandboxError(f"{where}: node {node.name} address {node.address!r} must be an "
-                               f"address in {net} other than {net[0]}, {net[1]} (the host) and "
-                               f"{net.broadcast_address}")
+            raise SandboxError(
+                f"{where}: node {node.name} address {node.address!r} must be an "
+                f"address in {net} other than {net[0]}, {net[1]} (the host) and "
+                f"{net.broadcast_address}"
+            )
         if not node.name.replace("-", "").isalnum() or len(node.name) > 48:
-            raise SandboxError(f"{where}: node name {node.name!r} must be letters, digits and "
-                               f"'-' (it is the node's hostname)")
+            raise SandboxError(
+                f"{where}: node name {node.name!r} must be letters, digits and "
+                f"'-' (it is the node's hostname)"
+            )
 
 
 def _is_ipv4(text: str) -> bool:
@@ -118,8 +122,9 @@ def select(spec: SandboxSpec, names: Iterable[str]) -> list[SandboxNode]:
     wanted = list(names)
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
-        raise SandboxError(f"unknown sandbox node(s) {', '.join(unknown)}; known: "
-                           f"{', '.join(by_name)}")
+        raise SandboxError(
+            f"unknown sandbox node(s) {', '.join(unknown)}; known: {', '.join(by_name)}"
+        )
     return [by_name[n] for n in wanted]
 
 
@@ -132,16 +137,19 @@ def spec_for(inventory: Any, count: int | None = None) -> tuple[SandboxSpec, Pat
     for them is written under <inventory dir>/.ddpfleet/ and its path returned too."""
     sb = inventory.sandbox
     if sb is None:
-        raise SandboxError(f"{inventory.path.name}: no sandbox: section; add one (prefix, "
-                           f"subnet, state_dir) to use invoke sandbox.*")
+        raise SandboxError(
+            f"{inventory.path.name}: no sandbox: section; add one (prefix, "
+            f"subnet, state_dir) to use invoke sandbox.*"
+        )
     first = inventory.nodes[0] if inventory.nodes else None
     state_dir = Path(sb.state_dir)
     key = Path(first.key) if first and first.key else state_dir / "id_ed25519"
     known = Path(first.known_hosts) if first else inventory.root / ".ddpfleet" / "known_hosts"
     listed = tuple(SandboxNode(n.name, n.host) for n in inventory.nodes)
     nodes = listed if count is None else numbered(sb.subnet, count)
-    spec = SandboxSpec(sb.prefix, sb.subnet, nodes, state_dir, key, known,
-                       origin=inventory.path.name)
+    spec = SandboxSpec(
+        sb.prefix, sb.subnet, nodes, state_dir, key, known, origin=inventory.path.name
+    )
     written = None if nodes == listed else _write_inventory(inventory, spec)
     return spec, written
 
@@ -150,8 +158,10 @@ def numbered(subnet: str, count: int) -> tuple[SandboxNode, ...]:
     """node0..node{count-1} at the subnet's .10, .11, ..."""
     net = ipaddress.IPv4Network(subnet)
     if count < 1 or FIRST_HOST + count >= net.num_addresses - 1:
-        raise SandboxError(f"--nodes {count}: subnet {net} holds 1 to "
-                           f"{max(0, net.num_addresses - 2 - FIRST_HOST)} sandbox nodes")
+        raise SandboxError(
+            f"--nodes {count}: subnet {net} holds 1 to "
+            f"{max(0, net.num_addresses - 2 - FIRST_HOST)} sandbox nodes"
+        )
     return tuple(SandboxNode(f"node{i}", str(net[FIRST_HOST + i])) for i in range(count))
 
 
@@ -160,12 +170,13 @@ def _write_inventory(inventory: Any, spec: SandboxSpec) -> Path:
     import yaml
 
     data = yaml.safe_load(Path(inventory.path).read_text())
-    data.setdefault("ssh", {}).update(key=str(spec.client_key),
-                                      known_hosts=str(spec.known_hosts))
+    data.setdefault("ssh", {}).update(key=str(spec.client_key), known_hosts=str(spec.known_hosts))
     data["sandbox"] = {**(data.get("sandbox") or {}), "state_dir": str(spec.state_dir)}
     data["nodes"] = {n.name: {"host": n.address} for n in spec.nodes}
     path = Path(inventory.root) / ".ddpfleet" / f"inventory-{len(spec.nodes)}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# written by invoke sandbox.up --nodes {len(spec.nodes)} from "
-                    f"{inventory.path}\n" + yaml.safe_dump(data, sort_keys=False))
+    path.write_text(
+        f"# written by invoke sandbox.up --nodes {len(spec.nodes)} from "
+        f"{inventory.path}\n" + yaml.safe_dump(data, sort_keys=False)
+    )
     return path

@@ -45,6 +45,7 @@ echo "record=$(tr -d '\n' <"$e/{RECORD_FILE}" 2>/dev/null)"
 true
 """
 
+
 def applies(cfg: Mapping[str, Any], host) -> bool:
     return cfg["manager"] == "conda"
 

@@ -154,8 +154,15 @@ def _user(run: Run) -> Step:
 
     def create() -> None:
         run.host.change(
-            ["useradd", "--create-home", "--shell", "/bin/bash", "--comment",
-             "Jupyter (ddpfleet)", s.user]
+            [
+                "useradd",
+                "--create-home",
+                "--shell",
+                "/bin/bash",
+                "--comment",
+                "Jupyter (ddpfleet)",
+                s.user,
+            ]
         )
         run.state = jupyter.read_state(run.host, s)
 
@@ -231,12 +238,14 @@ def hash_password(host, s: Settings, secret: Secret, existing: str) -> str:
     """jupyter_server's passwd(), here when it is importable, else on the node fed by stdin."""
     try:
         from jupyter_server.auth import passwd, passwd_check
-    except ImportError:
+    except ImportError:  # not on the controller: hash on the node
         given = json.dumps({"existing": existing, "secret": secret.reveal()})
         result = host.run([s.python, "-I", "-c", HASH_PY], stdin=given, timeout=60)
         hashed = result.stdout.strip()
         if not hashed.startswith("argon2:"):
-            raise CommandError(host.name, f"{s.python} -c HASH_PY", 0, "no argon2 hash printed")
+            raise CommandError(
+                host.name, f"{s.python} -c HASH_PY", 0, "no argon2 hash printed"
+            ) from None
         return hashed
     if existing.startswith("argon2:") and passwd_check(existing, secret.reveal()):
         return existing

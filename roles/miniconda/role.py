@@ -213,8 +213,9 @@ def _upload(host, local: Path, remote: str) -> None:
     host.conn.sftp().put(str(local), remote)
 
 
-def _install(host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str], sha256: str
-             ) -> Step:
+def _install(
+    host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str], sha256: str
+) -> Step:
     prefix = cfg["prefix"]
     repair = bool(state.get("prefix"))
     why = (
@@ -231,8 +232,9 @@ def _install(host, cfg: Mapping[str, Any], remote: str, state: Mapping[str, str]
 
 
 def _run_installer(host, prefix: str, remote: str, sha256: str, repair: bool, why: str) -> Step:
-    host.change(sh(INSTALL, sha256, remote, "-b", "-p", prefix, *(["-u"] if repair else [])),
-                timeout=1800)
+    host.change(
+        sh(INSTALL, sha256, remote, "-b", "-p", prefix, *(["-u"] if repair else [])), timeout=1800
+    )
     check = host.run([f"{prefix}/bin/conda", "--version"], check=False)
     if not check.ok:
         tail = (check.stderr or check.stdout).strip()[-300:]

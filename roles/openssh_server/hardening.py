@@ -78,7 +78,7 @@ def _line_value(key: str, v: Any) -> str:
         raise BadSetting(
             key.split(".")[0],
             f"openssh_server.{key}: {text!r} is empty or holds a line break or control "
-            "character; give one sshd_config value on one line"
+            "character; give one sshd_config value on one line",
         )
     return text
 
@@ -107,7 +107,7 @@ def algorithms(cfg: Mapping[str, Any], state: Mapping[str, str]) -> list[tuple[s
             raise BadSetting(
                 key,
                 f"openssh_server.{key}: give a list of algorithm names (preference order), a "
-                "string to use as written, or null for sshd's default"
+                "string to use as written, or null for sshd's default",
             )
         known = set(filter(None, state.get(query, "").split(",")))
         chosen = [n for n in want if n in known] if known else list(want)
@@ -115,7 +115,7 @@ def algorithms(cfg: Mapping[str, Any], state: Mapping[str, str]) -> list[tuple[s
             raise BadSetting(
                 key,
                 f"openssh_server.{key}: this node's OpenSSH knows none of {', '.join(want)} "
-                f"(`ssh -Q {query[2:]}`); add one it lists, or set it to null"
+                f"(`ssh -Q {query[2:]}`); add one it lists, or set it to null",
             )
         lines.append((keyword, _line_value(key, ",".join(chosen))))
     return lines

@@ -141,15 +141,25 @@ class Peers:
     def steps(self) -> Iterator[Step]:
         """The steps in order, each computed after the one before; stops at a failure."""
         if not SAFE_KEY.fullmatch(self.key):
-            yield failed("cluster key", f"openssh_server.cluster_key_name {self.key!r} is not "
-                         "a plain file name: use letters, digits, '.', '_' or '-'")
+            yield failed(
+                "cluster key",
+                f"openssh_server.cluster_key_name {self.key!r} is not "
+                "a plain file name: use letters, digits, '.', '_' or '-'",
+            )
             return
         self.probe()
         if not self.cfg["cluster_ssh"]:
             yield self.off()
             return
-        for step_fn in (self.cluster_user, self.cluster_key, self.cluster_cert,
-                        self.authorized_keys, self.known_hosts, self.ssh_config, self.cleanup):
+        for step_fn in (
+            self.cluster_user,
+            self.cluster_key,
+            self.cluster_cert,
+            self.authorized_keys,
+            self.known_hosts,
+            self.ssh_config,
+            self.cleanup,
+        ):
             try:
                 step = step_fn()
             except DdpfleetError as e:  # the inventory cannot be re-read, a bad option value
@@ -177,8 +187,14 @@ class Peers:
         if self.state.get("root_legacy") and keep != "root" and "root" not in gone:
             gone.append("root")
         for user in gone:
-            self.host.change(sh(f'getent passwd "$1" >/dev/null || exit 0; exec {RUNUSER}',
-                                user, FORGET, self.key))
+            self.host.change(
+                sh(
+                    f'getent passwd "$1" >/dev/null || exit 0; exec {RUNUSER}',
+                    user,
+                    FORGET,
+                    self.key,
+                )
+            )
         if gone or (keep and self.state.get("marker", "").split() != [keep]):
             self.host.change(sh(RECORD, keep))
         return [f"{u}'s cluster key, authorized_keys line and ssh config block" for u in gone]
@@ -188,13 +204,19 @@ class Peers:
     def cluster_user(self) -> Step:
         user, where = self.user, f"openssh_server.cluster_user (node {self.host.name})"
         if not user:
-            return failed("cluster user", f"{where} is not set: name the non-root user that may "
-                          "ssh between nodes (root only if you mean it), or set cluster_ssh: false")
+            return failed(
+                "cluster user",
+                f"{where} is not set: name the non-root user that may "
+                "ssh between nodes (root only if you mean it), or set cluster_ssh: false",
+            )
         if not USER_NAME.fullmatch(user):
             return failed("cluster user", f"{where}: {user!r} is not a valid user name")
         if not self.state.get("user_ok"):
-            return failed("cluster user", f"{where}: no user {user!r} on this node: create it "
-                          "(the same uid on every node), then run again")
+            return failed(
+                "cluster user",
+                f"{where}: no user {user!r} on this node: create it "
+                "(the same uid on every node), then run again",
+            )
         recorded = self.state.get("marker", "").split()
         note = "root, as the inventory says" if user == "root" else f"{user} (not root)"
         if user in recorded:
@@ -221,8 +243,11 @@ class Peers:
     def cluster_cert(self) -> Step:
         me = self.c.principal(self.host.node)
         if me is None:
-            return failed("cluster cert", f"no trusted host key for {self.host.name} under its "
-                          f"ssh address: invoke trust --nodes {self.host.name}, then run again")
+            return failed(
+                "cluster cert",
+                f"no trusted host key for {self.host.name} under its "
+                f"ssh address: invoke trust --nodes {self.host.name}, then run again",
+            )
         ca = self.ca()
         pub = self.c.public_key(self.state.get("pub", ""))
         cert = self.state.get("cert", "")
@@ -233,8 +258,9 @@ class Peers:
             if ca and pub:
                 key_id = f"ddpfleet-key:{self.host.name}@{self.host.inventory.cluster.name}"
                 line = self.c.sign(ca[0], pub, me, key_id)
-                self.host.change(as_user(self.user, PUT, f"{self.key}-cert.pub", "644"),
-                                 stdin=line + "\n")
+                self.host.change(
+                    as_user(self.user, PUT, f"{self.key}-cert.pub", "644"), stdin=line + "\n"
+                )
 
         return self.host.changed("cluster cert", f"sign this node's key for {me}", sign)
 
@@ -259,10 +285,12 @@ class Peers:
         return self.host.changed("known_hosts", f"write {what} into {KNOWN_HOSTS}", diff=diff)
 
     def ssh_config(self) -> Step:
-        peers = [self.c.Peer(p.name, *self.c.resolved(p), self.peer_user(p))
-                 for p in self.peer_nodes()]
-        block = self.host.template("ssh_config.j2", peers=peers, key_name=self.key,
-                                   algorithms=self.algorithms)
+        peers = [
+            self.c.Peer(p.name, *self.c.resolved(p), self.peer_user(p)) for p in self.peer_nodes()
+        ]
+        block = self.host.template(
+            "ssh_config.j2", peers=peers, key_name=self.key, algorithms=self.algorithms
+        )
         names = ", ".join(p.name for p in peers)
         path = f"~{self.user}/.ssh/config"
         if self.state.get("ssh_config") == sha256(block):
@@ -309,8 +337,10 @@ class Peers:
         name = self.host.inventory.cluster.name
         for value in [*principals, *sources, name]:
             if not SAFE_OPTION.fullmatch(str(value)):
-                raise DdpfleetError(f"{value!r} cannot go into an authorized_keys option: rename "
-                                    "the node or fix openssh_server.cluster_from")
+                raise DdpfleetError(
+                    f"{value!r} cannot go into an authorized_keys option: rename "
+                    "the node or fix openssh_server.cluster_from"
+                )
         sources = list(dict.fromkeys(str(s) for s in sources))
         options = f'cert-authority,principals="{",".join(principals)}",from="{",".join(sources)}"'
         line = f"{options},restrict {ca_public} {self.c.CA_COMMENT}{name}"

@@ -35,8 +35,10 @@ from ddpfleet.roles import Host, Step, changed, failed, ok
 from ddpfleet.shell import sh, sha256
 
 from . import cluster as controller  # cluster CA, trusted host keys, marked blocks
-from . import hardening  # the drop-in's lines: login, session limits, algorithms
-from . import peers  # node-to-node SSH on the node
+from . import (
+    hardening,  # the drop-in's lines: login, session limits, algorithms
+    peers,  # node-to-node SSH on the node
+)
 
 SECTION = "openssh_server"
 WHAT = "key-only login, session limits, audited algorithms"  # what the drop-in does, in steps
@@ -93,6 +95,7 @@ ROLLBACK = """
 if [ -e "$1.ddpfleet-prev" ]; then mv -f "$1.ddpfleet-prev" "$1"; else rm -f "$1"; fi
 rm -f "$1.ddpfleet-pending"
 """
+
 
 def applies(cfg: Mapping[str, Any], host) -> bool:
     return True

@@ -32,8 +32,12 @@ PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
 APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-yq", "python3-venv"]
 # pip takes its index from PIP_INDEX_URL, read from stdin: the URL may carry credentials
 # (https://user:token@host/...), and an argv is visible in ps to every user of the node.
-INDEX_FROM_STDIN = ["sh", "-c", 'IFS= read -r PIP_INDEX_URL && export PIP_INDEX_URL && exec "$@"',
-                    "sh"]
+INDEX_FROM_STDIN = [
+    "sh",
+    "-c",
+    'IFS= read -r PIP_INDEX_URL && export PIP_INDEX_URL && exec "$@"',
+    "sh",
+]
 
 # Run by the env's python after wheelhouse.TARGET_PY, with: spec file, record file, requirement
 # names. It reads dist-info directory names instead of importing importlib.metadata (~50 ms).
@@ -62,6 +66,7 @@ print("env_torch=" + dists.get("torch", ""))
 print("env_missing=" + ",".join(n for n in names if key(n) not in dists))
 print("env_record=" + read(record_file))
 """
+
 
 def applies(cfg: Mapping[str, Any], host) -> bool:
     return cfg["manager"] == "venv"
@@ -125,8 +130,9 @@ def drift(state: Mapping[str, str], digest: str, path: str) -> str:
     return ""
 
 
-def install_commands(python: str, spec: Spec, wheel_dir: str | None
-                     ) -> list[tuple[list[str], str | None]]:
+def install_commands(
+    python: str, spec: Spec, wheel_dir: str | None
+) -> list[tuple[list[str], str | None]]:
     """pip (argv, stdin) pairs for the node. A wheelhouse install ignores the node's pip config,
     so the wheelhouse is the only source; otherwise torch comes from its index (its URL on
     stdin, never on the argv), the rest from pip's."""
@@ -266,14 +272,19 @@ def _send_wheels(env: Env, target: Target, remote: str) -> Step:
 
 def _packages(env: Env) -> Step:
     wheel_dir = env.cfg["wheelhouse_dir"] if env.cfg["wheelhouse"] else None
-    source = "the wheelhouse" if wheel_dir else (mask_url(env.spec.index_url)
-                                                 or "pip's configured index")
+    source = (
+        "the wheelhouse"
+        if wheel_dir
+        else (mask_url(env.spec.index_url) or "pip's configured index")
+    )
     what = f"{', '.join(env.spec.requirements)} from {source} ({env.why})"
 
     def install() -> Step | None:
         try:
-            outputs = [env.host.change(argv, stdin=stdin)
-                       for argv, stdin in install_commands(env.python, env.spec, wheel_dir)]
+            outputs = [
+                env.host.change(argv, stdin=stdin)
+                for argv, stdin in install_commands(env.python, env.spec, wheel_dir)
+            ]
         except CommandError as e:  # pip's own output masks index passwords; an old pip may not
             return failed("packages", mask_urls(e.message))
         if not any("Successfully installed" in r.stdout for r in outputs):

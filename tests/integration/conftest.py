@@ -32,14 +32,16 @@ def second_subnet(subnet: str = SUBNET) -> str:
     return str(ipaddress.IPv4Network((int(net.network_address) + net.num_addresses, net.prefixlen)))
 
 
-def write_inventory(directory: Path, count: int = 2, prefix: str = PREFIX, subnet: str = SUBNET,
-                    **changes) -> Path:
+def write_inventory(
+    directory: Path, count: int = 2, prefix: str = PREFIX, subnet: str = SUBNET, **changes
+) -> Path:
     """The project inventory, moved to `directory`, its own prefix/subnet, `count` nodes."""
     data = yaml.safe_load((ROOT / "inventory.yaml").read_text())
     net = ipaddress.IPv4Network(subnet)
     data["sandbox"].update(prefix=prefix, subnet=subnet, state_dir=str(directory / "state"))
-    data["ssh"].update(key=str(directory / "state" / "id_ed25519"),
-                       known_hosts=str(directory / "known_hosts"))
+    data["ssh"].update(
+        key=str(directory / "state" / "id_ed25519"), known_hosts=str(directory / "known_hosts")
+    )
     data["nodes"] = {f"node{i}": {"host": str(net[10 + i])} for i in range(count)}
     for key, value in changes.items():
         data[key] = value
@@ -58,29 +60,58 @@ class Cluster:
         return yaml.safe_load(self.inventory.read_text())
 
     def env(self, **extra) -> dict:
-        return {**os.environ, "DDPFLEET_INVENTORY": str(self.inventory), "COLUMNS": "200",
-                **extra}
+        return {**os.environ, "DDPFLEET_INVENTORY": str(self.inventory), "COLUMNS": "200", **extra}
 
-    def invoke(self, *args: str, timeout: float = 900, inventory: Path | None = None,
-               extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    def invoke(
+        self,
+        *args: str,
+        timeout: float = 900,
+        inventory: Path | None = None,
+        extra_env: dict | None = None,
+        **kw,
+    ) -> subprocess.CompletedProcess:
         env = self.env(**(extra_env or {}))
         if inventory is not None:
             env["DDPFLEET_INVENTORY"] = str(inventory)
-        return subprocess.run([*INVOKE, *args], cwd=self.dir, env=env, capture_output=True,
-                              text=True, timeout=timeout, **kw)
+        return subprocess.run(
+            [*INVOKE, *args],
+            cwd=self.dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
 
     def address(self, node: str) -> str:
         return self.data["nodes"][node]["host"]
 
-    def ssh(self, node: str, command: str, timeout: float = 60, **kw
-            ) -> subprocess.CompletedProcess:
+    def ssh(
+        self, node: str, command: str, timeout: float = 60, **kw
+    ) -> subprocess.CompletedProcess:
         """The system OpenSSH client, strict host keys, to check what a user would check."""
         d = self.data
         return subprocess.run(
-            ["ssh", *HERMETIC, "-i", d["ssh"]["key"], "-o", "BatchMode=yes", "-o",
-             "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={d['ssh']['known_hosts']}",
-             "-o", "ConnectTimeout=5", f"root@{self.address(node)}", command],
-            capture_output=True, text=True, timeout=timeout, **kw,
+            [
+                "ssh",
+                *HERMETIC,
+                "-i",
+                d["ssh"]["key"],
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                f"UserKnownHostsFile={d['ssh']['known_hosts']}",
+                "-o",
+                "ConnectTimeout=5",
+                f"root@{self.address(node)}",
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
         )
 
     def logins(self, node: str) -> int:

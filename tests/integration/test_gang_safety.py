@@ -62,8 +62,18 @@ def project(tmp_path: Path, source: str) -> Path:
 
 
 def job_args(run_id: str, proj: Path, *extra: str) -> list[str]:
-    return ["train", "--project-dir", str(proj), "--script", "job.py", "--nproc-per-node", "1",
-            "--run-id", run_id, *extra]
+    return [
+        "train",
+        "--project-dir",
+        str(proj),
+        "--script",
+        "job.py",
+        "--nproc-per-node",
+        "1",
+        "--run-id",
+        run_id,
+        *extra,
+    ]
 
 
 def test_a_frozen_controller_with_a_chatty_job_still_stops_the_run(ready: Cluster, tmp_path):
@@ -90,14 +100,27 @@ def test_a_rank_daemon_is_gone_after_another_rank_fails(ready: Cluster, tmp_path
 
 def test_a_sigkilled_runner_still_takes_its_run_with_it(ready: Cluster, tmp_path):
     run_id = new_run_id("runner")
-    live = Live(ready, job_args(run_id, project(tmp_path, DAEMON_AND_FAILURE.replace(
-        'raise RuntimeError("injected failure")', "time.sleep(600)"))))
+    live = Live(
+        ready,
+        job_args(
+            run_id,
+            project(
+                tmp_path,
+                DAEMON_AND_FAILURE.replace(
+                    'raise RuntimeError("injected failure")', "time.sleep(600)"
+                ),
+            ),
+        ),
+    )
     live.wait_for(r"rank \d up", count=2)
     # The runner: the parent of torchrun (the process in its own session that leads it).
-    runner = ready.ssh("node0", f"for p in $(grep -l -a -s 'DDPFLEET_RUN_ID={run_id}' "
-                                "/proc/[0-9]*/environ | cut -d/ -f3); do "
-                                "ps -o ppid= -o args= -p $p; done | "
-                                "awk '/torch.distributed.run/ {print $1; exit}'").stdout.strip()
+    runner = ready.ssh(
+        "node0",
+        f"for p in $(grep -l -a -s 'DDPFLEET_RUN_ID={run_id}' "
+        "/proc/[0-9]*/environ | cut -d/ -f3); do "
+        "ps -o ppid= -o args= -p $p; done | "
+        "awk '/torch.distributed.run/ {print $1; exit}'",
+    ).stdout.strip()
     assert runner.isdigit(), runner
     killed = time.monotonic()
     assert ready.ssh("node0", f"kill -KILL {runner}").returncode == 0
@@ -108,7 +131,8 @@ def test_a_sigkilled_runner_still_takes_its_run_with_it(ready: Cluster, tmp_path
 
 
 def test_a_second_run_on_the_same_port_is_refused_while_the_first_completes(
-        ready: Cluster, tmp_path):
+    ready: Cluster, tmp_path
+):
     port = "29741"
     first, second = new_run_id("porta"), new_run_id("portb")
     a = Live(ready, job_args(first, project(tmp_path, SLOW_OK), "--master-port", port))

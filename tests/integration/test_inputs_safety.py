@@ -44,9 +44,15 @@ def secret_inventory(cluster: Cluster) -> Path:
     """The session inventory in its own directory (its own logs/), pip pointed at SECRET_URL for
     a torch no source has (pip.conf find-links on the nodes would serve a real one)."""
     data = cluster.data
-    data["python_env"] = {**(data.get("python_env") or {}), "manager": "venv", "path": ENV,
-                          "torch": "torch==0.0.1", "index_url": SECRET_URL, "packages": [],
-                          "wheelhouse": False}
+    data["python_env"] = {
+        **(data.get("python_env") or {}),
+        "manager": "venv",
+        "path": ENV,
+        "torch": "torch==0.0.1",
+        "index_url": SECRET_URL,
+        "packages": [],
+        "wheelhouse": False,
+    }
     directory = cluster.dir / "inputs-safety"
     directory.mkdir(exist_ok=True)
     path = directory / "inventory.yaml"
@@ -59,8 +65,11 @@ def test_index_url_password_reaches_no_log_console_or_node_argv(cluster: Cluster
     cluster.ssh("node0", f"rm -rf {ENV}")
     boot = subprocess.Popen(
         [*INVOKE, "bootstrap", "--roles", "venv_env", "--nodes", "node0"],
-        cwd=cluster.dir, env=cluster.env(DDPFLEET_INVENTORY=str(inventory)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cluster.dir,
+        env=cluster.env(DDPFLEET_INVENTORY=str(inventory)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     seen_pip, leaked = [], []
     try:

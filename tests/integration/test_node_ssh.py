@@ -61,10 +61,11 @@ def test_the_user_reaches_the_other_node_by_name(cluster: Cluster, on):
 def test_the_authorized_line_is_restricted_to_the_cluster(cluster: Cluster, on):
     line = cluster.ssh("node1", f"grep ddpfleet-ca@ ~{USER}/.ssh/authorized_keys").stdout.strip()
     addresses = ",".join(cluster.address(n) for n in NODES)
-    assert line.startswith("cert-authority,principals=\"ddpfleet:node0:")
+    assert line.startswith('cert-authority,principals="ddpfleet:node0:')
     assert f'from="{addresses}",restrict ' in line
-    root_lines = cluster.ssh("node1", "grep -c -e ddpfleet-ca@ -e ddpfleet-cluster@ "
-                             "~root/.ssh/authorized_keys")
+    root_lines = cluster.ssh(
+        "node1", "grep -c -e ddpfleet-ca@ -e ddpfleet-cluster@ ~root/.ssh/authorized_keys"
+    )
     assert root_lines.stdout.strip() == "0"
 
 
@@ -92,8 +93,16 @@ def test_a_second_run_changes_nothing(cluster: Cluster, on):
 def test_a_node_removed_from_the_inventory_is_refused(cluster: Cluster, on):
     path, _ = on
     assert as_user(cluster, "node1", f"{SSH} node0 true").returncode == 0
-    bootstrap(cluster, inventory(cluster, "inventory-peers-node0.yaml", nodes=("node0",),
-                                 cluster_ssh=True, cluster_user=USER))
+    bootstrap(
+        cluster,
+        inventory(
+            cluster,
+            "inventory-peers-node0.yaml",
+            nodes=("node0",),
+            cluster_ssh=True,
+            cluster_user=USER,
+        ),
+    )
     refused = as_user(cluster, "node1", f"{SSH} node0 true")
     assert refused.returncode == 255 and "Permission denied" in refused.stderr
     assert as_user(cluster, "node0", f"{SSH} node0 true").returncode == 0  # node0 itself still in
@@ -103,9 +112,12 @@ def test_a_node_removed_from_the_inventory_is_refused(cluster: Cluster, on):
 
 def test_off_removes_it_and_the_shared_root_key_of_older_ddpfleet(cluster: Cluster, on):
     for node in NODES:  # what ddpfleet before per-node keys left on every node
-        made = cluster.ssh(node, f"rm -f ~/.ssh/{KEY}* && ssh-keygen -q -t ed25519 -N '' "
-                           f"-C ddpfleet-cluster@old -f ~/.ssh/{KEY} && "
-                           f"cat ~/.ssh/{KEY}.pub >>~/.ssh/authorized_keys")
+        made = cluster.ssh(
+            node,
+            f"rm -f ~/.ssh/{KEY}* && ssh-keygen -q -t ed25519 -N '' "
+            f"-C ddpfleet-cluster@old -f ~/.ssh/{KEY} && "
+            f"cat ~/.ssh/{KEY}.pub >>~/.ssh/authorized_keys",
+        )
         assert made.returncode == 0, made.stderr
     bootstrap(cluster, inventory(cluster, "inventory-peers-off.yaml"))
     for node in NODES:

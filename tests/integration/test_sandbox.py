@@ -25,12 +25,14 @@ PREFIX = os.environ.get("DDPFLEET_SANDBOX_TEST_PREFIX", "ddpt")
 SUBNET = os.environ.get("DDPFLEET_SANDBOX_TEST_SUBNET", "10.214.0.0/24")
 PROBE = f"/opt/{PREFIX}-probe"
 
-needs_root = pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0,
-                                reason="the sandbox needs root on Linux")
+needs_root = pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() != 0, reason="the sandbox needs root on Linux"
+)
 
 
 def host_view() -> dict[str, list[str]]:
     """Everything of ours the host could show: netns, links, mounts."""
+
     def ip(*args: str) -> str:
         return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
@@ -38,8 +40,9 @@ def host_view() -> dict[str, list[str]]:
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     return {
         "netns": sorted(ln.split()[0] for ln in netns.splitlines() if ln.startswith(f"{PREFIX}-")),
-        "links": sorted(ln.split()[1] for ln in links.splitlines()
-                        if ln.split()[1].startswith(f"{PREFIX}-")),
+        "links": sorted(
+            ln.split()[1] for ln in links.splitlines() if ln.split()[1].startswith(f"{PREFIX}-")
+        ),
         "mounts": sorted(ln for ln in mounts if f"/{PREFIX}-" in ln or "ddpfleet" in ln),
     }
 
@@ -58,8 +61,12 @@ def processes_in(namespaces: set[str]) -> list[str]:
 
 
 def our_zombies() -> list[str]:
-    out = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "--ppid", str(os.getpid())],
-                         check=False, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=,stat=,comm=", "--ppid", str(os.getpid())],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [ln for ln in out.splitlines() if ln.split()[1].startswith("Z")]
 
 
@@ -72,23 +79,45 @@ def answers(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def ssh(spec: SandboxSpec, node: SandboxNode, command: str, *opts: str
-        ) -> subprocess.CompletedProcess:
+def ssh(
+    spec: SandboxSpec, node: SandboxNode, command: str, *opts: str
+) -> subprocess.CompletedProcess:
     """The system OpenSSH client, no user config, strict host keys from spec.known_hosts only."""
     return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", str(spec.client_key), "-o", "BatchMode=yes",
-         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={spec.known_hosts}",
-         "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", *opts,
-         f"root@{node.address}", command],
-        check=False, capture_output=True, text=True, timeout=30,
+        [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(spec.client_key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={spec.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            *opts,
+            f"root@{node.address}",
+            command,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> SandboxSpec:
     state = tmp_path_factory.mktemp("sandbox") / "state"
-    nodes = (SandboxNode("node0", SUBNET.rsplit(".", 1)[0] + ".10"),
-             SandboxNode("node1", SUBNET.rsplit(".", 1)[0] + ".11"))
+    nodes = (
+        SandboxNode("node0", SUBNET.rsplit(".", 1)[0] + ".10"),
+        SandboxNode("node1", SUBNET.rsplit(".", 1)[0] + ".11"),
+    )
     known = state.parent / "known_hosts"
     # A foreign line must survive; a stale line for node0's address must be replaced.
     known.write_text(f"example.org ssh-ed25519 AAAAforeign\n{nodes[0].address} ssh-rsa AAAAold\n")
@@ -105,8 +134,9 @@ def before(spec) -> dict[str, list[str]]:
 def cluster(spec, before):
     statuses = sandbox.up(spec)
     # The init is PID 1 of the node's pid ns: its own ns/pid names it.
-    namespaces = {os.readlink(f"/proc/{s.init_pid}/ns/{kind}")
-                  for s in statuses for kind in ("net", "pid")}
+    namespaces = {
+        os.readlink(f"/proc/{s.init_pid}/ns/{kind}") for s in statuses for kind in ("net", "pid")
+    }
     yield SimpleNamespace(statuses=statuses, namespaces=namespaces)
     sandbox.down(spec)
 
@@ -114,7 +144,9 @@ def cluster(spec, before):
 @needs_root
 def test_up_brings_every_node_up_without_touching_the_host_mounts(spec, cluster):
     assert [(s.name, s.netns_exists, s.sshd_listening) for s in cluster.statuses] == [
-        ("node0", True, True), ("node1", True, True)]
+        ("node0", True, True),
+        ("node1", True, True),
+    ]
     assert all(s.init_pid for s in cluster.statuses)
     # The overlays live in the nodes' own mount namespaces only.
     assert not [ln for ln in host_view()["mounts"] if "overlay" in ln or "/var/lib" in ln]
@@ -127,8 +159,7 @@ def test_up_twice_is_harmless(spec, cluster):
     assert all(s.sshd_listening for s in again)
     lines = spec.known_hosts.read_text().splitlines()
     assert lines[0] == "example.org ssh-ed25519 AAAAforeign"
-    assert [ln.split()[:2] for ln in lines[1:]] == [
-        [n.address, "ssh-ed25519"] for n in spec.nodes]
+    assert [ln.split()[:2] for ln in lines[1:]] == [[n.address, "ssh-ed25519"] for n in spec.nodes]
 
 
 @needs_root
@@ -148,10 +179,17 @@ def test_real_ssh_with_strict_host_keys(spec, cluster):
 @needs_root
 def test_nodes_reach_each_other(spec, cluster):
     node0, node1 = spec.nodes
-    probe = (f"import socket; s = socket.create_connection(({node1.address!r}, 22), 3); "
-             f"print(s.recv(4).decode())")
-    r = subprocess.run(["nsenter", f"--net=/run/netns/{PREFIX}-node0", sys.executable, "-c",
-                        probe], check=False, capture_output=True, text=True, timeout=10)
+    probe = (
+        f"import socket; s = socket.create_connection(({node1.address!r}, 22), 3); "
+        f"print(s.recv(4).decode())"
+    )
+    r = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{PREFIX}-node0", sys.executable, "-c", probe],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert r.stdout.strip() == "SSH-", r.stderr
     # ... and by name, from a login on node0 (its /etc/hosts lists every node).
     r = ssh(spec, node0, "exec 3<>/dev/tcp/node1/22 && head -c 4 <&3")
@@ -167,11 +205,14 @@ def test_every_node_resolves_every_node_and_itself(spec, cluster):
     # reach that was a "temporary failure" (a warning per rank), now it is plain "not found".
     mapped = f"import socket; print(socket.getnameinfo(('::ffff:{node0.address}', 0, 0, 0), 0)[0])"
     for node in spec.nodes:
-        r = ssh(spec, node, f"getent hosts node0 node1 $(hostname); python3 -c \"{mapped}\"")
+        r = ssh(spec, node, f'getent hosts node0 node1 $(hostname); python3 -c "{mapped}"')
         assert r.returncode == 0, r.stderr
         *names, looked_up = r.stdout.splitlines()
         assert [ln.split() for ln in names] == [
-            [node0.address, "node0"], [node1.address, "node1"], [node.address, node.name]]
+            [node0.address, "node0"],
+            [node1.address, "node1"],
+            [node.address, node.name],
+        ]
         assert looked_up == f"::ffff:{node0.address}"
 
 
@@ -215,8 +256,9 @@ def test_down_leaves_the_host_as_it_was(spec, cluster, before):
     sandbox.down(spec)  # idempotent
     # Keys stay, so the next up keeps known_hosts valid.
     assert spec.client_key.read_bytes() == key
-    assert (spec.state_dir / "hostkeys" / "node0" / "ssh_host_ed25519_key.pub"
-            ).read_bytes() == host_pub
+    assert (
+        spec.state_dir / "hostkeys" / "node0" / "ssh_host_ed25519_key.pub"
+    ).read_bytes() == host_pub
 
 
 def test_preflight_refuses_non_root(monkeypatch):
@@ -228,12 +270,18 @@ def test_preflight_refuses_non_root(monkeypatch):
 def test_spec_for_reads_the_inventory_or_writes_one_for_n_nodes(tmp_path):
     (tmp_path / "inventory.yaml").write_text(
         "ssh: {key: k}\nsandbox: {prefix: ddpf, subnet: 10.213.0.0/24}\n"
-        "nodes:\n  node0: {host: 10.213.0.10}\n")
+        "nodes:\n  node0: {host: 10.213.0.10}\n"
+    )
     inv = SimpleNamespace(
-        path=tmp_path / "inventory.yaml", root=tmp_path,
+        path=tmp_path / "inventory.yaml",
+        root=tmp_path,
         sandbox=SimpleNamespace(prefix="ddpf", subnet="10.213.0.0/24", state_dir=tmp_path / "s"),
-        nodes=[SimpleNamespace(name="node0", host="10.213.0.10", key=tmp_path / "k",
-                               known_hosts=tmp_path / "kh")])
+        nodes=[
+            SimpleNamespace(
+                name="node0", host="10.213.0.10", key=tmp_path / "k", known_hosts=tmp_path / "kh"
+            )
+        ],
+    )
     spec, written = sandbox.spec_for(inv)
     assert written is None and spec.nodes == (SandboxNode("node0", "10.213.0.10"),)
     assert spec.client_key == tmp_path / "k" and spec.known_hosts == tmp_path / "kh"

@@ -74,8 +74,9 @@ def test_unknown_host_key_refused_then_trusted(cluster: Cluster, tmp_path: Path)
 
 def test_changed_host_key_refused_with_both_fingerprints(cluster: Cluster, tmp_path: Path):
     real = Path(cluster.data["ssh"]["known_hosts"]).read_text().splitlines()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
-                   check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
     impostor = (tmp_path / "k.pub").read_text().split()[:2]
     addr0 = cluster.address("node0")
     lines = [f"{addr0} {' '.join(impostor)}" if ln.split()[0] == addr0 else ln for ln in real]
@@ -85,8 +86,9 @@ def test_changed_host_key_refused_with_both_fingerprints(cluster: Cluster, tmp_p
     before = _digest(known)
 
     for task in ("ping", "trust"):
-        r = cluster.invoke(task, "--yes" if task == "trust" else "--nodes=node0,node1",
-                           inventory=inv)
+        r = cluster.invoke(
+            task, "--yes" if task == "trust" else "--nodes=node0,node1", inventory=inv
+        )
         assert r.returncode == 1, task
         err = r.stderr
         assert "node0: HOST KEY CHANGED" in err
@@ -96,8 +98,7 @@ def test_changed_host_key_refused_with_both_fingerprints(cluster: Cluster, tmp_p
     assert "node1" in r.stdout  # node1 was still checked
 
 
-def test_unreachable_node_reported_within_timeout_others_answer(cluster: Cluster,
-                                                                tmp_path: Path):
+def test_unreachable_node_reported_within_timeout_others_answer(cluster: Cluster, tmp_path: Path):
     data = cluster.data
     data["ssh"]["connect_timeout"] = 2
     data["nodes"]["ghost"] = {"host": cluster.address("node0").rsplit(".", 1)[0] + ".99"}
@@ -125,8 +126,9 @@ def test_stopped_node_is_refused_and_named(cluster: Cluster):
 
 
 def test_wrong_client_key_is_an_auth_error(cluster: Cluster, tmp_path: Path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "wrong")],
-                   check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "wrong")], check=True
+    )
     inv = _variant(cluster, tmp_path, ssh__key=str(tmp_path / "wrong"))
     r = cluster.invoke("ping", "--nodes", "node0", inventory=inv)
     assert r.returncode == 1

@@ -28,8 +28,9 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _inventory(cluster: Cluster, tmp_path: Path, known: Path | None = None, nodes=None,
-               **ssh) -> Path:
+def _inventory(
+    cluster: Cluster, tmp_path: Path, known: Path | None = None, nodes=None, **ssh
+) -> Path:
     data = cluster.data
     if known is not None:
         ssh["known_hosts"] = str(known)
@@ -55,15 +56,20 @@ def _root(cluster: Cluster, node: str, script: str, **kw) -> str:
     return r.stdout
 
 
-def _wait_ssh(cluster: Cluster, node: str, argv_extra: list[str] | None = None,
-              deadline_s: float = 30) -> None:
+def _wait_ssh(
+    cluster: Cluster, node: str, argv_extra: list[str] | None = None, deadline_s: float = 30
+) -> None:
     deadline = time.monotonic() + deadline_s
     while True:
         if argv_extra is None:
             r = cluster.ssh(node, "true")
         else:
-            r = subprocess.run(["ssh", *argv_extra, f"root@{cluster.address(node)}", "true"],
-                               capture_output=True, text=True, timeout=30)
+            r = subprocess.run(
+                ["ssh", *argv_extra, f"root@{cluster.address(node)}", "true"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         if r.returncode == 0:
             return
         assert time.monotonic() < deadline, r.stderr
@@ -78,23 +84,39 @@ def _restart_sshd(run) -> None:
 # -- #4: a key of another type than the pinned one ---------------------------------------------
 
 
-def test_trust_refuses_a_key_of_another_type_than_the_pinned_one(cluster: Cluster,
-                                                                  tmp_path: Path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f",
-                    str(tmp_path / "rsa")], check=True)
+def test_trust_refuses_a_key_of_another_type_than_the_pinned_one(cluster: Cluster, tmp_path: Path):
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "rsa")],
+        check=True,
+    )
     addr = cluster.address("node1")
     rsa_known = tmp_path / "rsa_known"
     rsa_known.write_text(f"{addr} {' '.join((tmp_path / 'rsa.pub').read_text().split()[:2])}\n")
     d = cluster.data["ssh"]
-    via_rsa = [*HERMETIC, "-i", d["key"], "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-               "-o", f"UserKnownHostsFile={rsa_known}", "-o", "ConnectTimeout=5"]
+    via_rsa = [
+        *HERMETIC,
+        "-i",
+        d["key"],
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={rsa_known}",
+        "-o",
+        "ConnectTimeout=5",
+    ]
     known = _known_copy(cluster, tmp_path)
     invent = _inventory(cluster, tmp_path, known)
     before = _digest(known)
     # node1's sshd now offers only an RSA key (the impostor); ed25519 is what is pinned
-    _root(cluster, "node1", "umask 077; cat > /etc/ssh/ddpf_test_rsa; echo 'HostKey "
-          "/etc/ssh/ddpf_test_rsa' > /etc/ssh/sshd_config.d/00-ddpf-test-rsa.conf",
-          input=(tmp_path / "rsa").read_text())
+    _root(
+        cluster,
+        "node1",
+        "umask 077; cat > /etc/ssh/ddpf_test_rsa; echo 'HostKey "
+        "/etc/ssh/ddpf_test_rsa' > /etc/ssh/sshd_config.d/00-ddpf-test-rsa.conf",
+        input=(tmp_path / "rsa").read_text(),
+    )
     _restart_sshd(lambda s: _root(cluster, "node1", s))
     try:
         _wait_ssh(cluster, "node1", via_rsa)
@@ -107,23 +129,32 @@ def test_trust_refuses_a_key_of_another_type_than_the_pinned_one(cluster: Cluste
         r = cluster.invoke("ping", "--nodes", "node1", inventory=invent)
         assert r.returncode == 1 and "node1: HOST KEY CHANGED" in r.stderr, r.stderr
     finally:
-        subprocess.run(["ssh", *via_rsa, f"root@{addr}",
-                        "rm -f /etc/ssh/sshd_config.d/00-ddpf-test-rsa.conf "
-                        "/etc/ssh/ddpf_test_rsa && kill \"$(cat /run/sshd.pid)\""],
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                "ssh",
+                *via_rsa,
+                f"root@{addr}",
+                "rm -f /etc/ssh/sshd_config.d/00-ddpf-test-rsa.conf "
+                '/etc/ssh/ddpf_test_rsa && kill "$(cat /run/sshd.pid)"',
+            ],
+            capture_output=True,
+            timeout=30,
+        )
         _wait_ssh(cluster, "node1")
 
 
 # -- #5: ProxyJump hops are checked like any node ---------------------------------------------
 
 
-def test_proxyjump_hop_with_an_unknown_key_is_refused_then_trusted(cluster: Cluster,
-                                                                    tmp_path: Path):
+def test_proxyjump_hop_with_an_unknown_key_is_refused_then_trusted(
+    cluster: Cluster, tmp_path: Path
+):
     home = tmp_path / "home"  # never the developer's own ~/.ssh
     (home / ".ssh").mkdir(parents=True)
     jump = f"root@{cluster.address('node0')}"
     (home / ".ssh" / "config").write_text(
-        f"Host n1\n  HostName {cluster.address('node1')}\n  ProxyJump {jump}\n")
+        f"Host n1\n  HostName {cluster.address('node1')}\n  ProxyJump {jump}\n"
+    )
     known = _known_copy(cluster, tmp_path, drop=cluster.address("node0"))
     invent = _inventory(cluster, tmp_path, known, nodes={"n1": {"host": "n1"}})
     env = {"HOME": str(home)}
@@ -165,8 +196,12 @@ def test_trust_after_a_last_line_without_newline(cluster: Cluster, tmp_path: Pat
 def test_hung_probe_times_out_and_is_stopped_on_the_node(cluster: Cluster, tmp_path: Path):
     invent = _inventory(cluster, tmp_path, command_timeout=3)
     # df: the facts run it, logins do not (PAM's motd runs uname, so a hung uname hangs sshd)
-    _root(cluster, "node1", "printf '#!/bin/sh\\nexec sleep 86399\\n' > /tmp/ddpf-hang; "
-          "chmod 755 /tmp/ddpf-hang; mount --bind /tmp/ddpf-hang \"$(command -v df)\"")
+    _root(
+        cluster,
+        "node1",
+        "printf '#!/bin/sh\\nexec sleep 86399\\n' > /tmp/ddpf-hang; "
+        'chmod 755 /tmp/ddpf-hang; mount --bind /tmp/ddpf-hang "$(command -v df)"',
+    )
     try:
         # a hang fails the test through the subprocess timeout rather than hanging it
         r = cluster.invoke("ping", inventory=invent, timeout=60)
@@ -181,11 +216,20 @@ def test_hung_probe_times_out_and_is_stopped_on_the_node(cluster: Cluster, tmp_p
 
 def test_ctrl_c_during_a_hung_command_exits_at_once(cluster: Cluster, tmp_path: Path):
     invent = _inventory(cluster, tmp_path, command_timeout=600)
-    _root(cluster, "node1", "printf '#!/bin/sh\\nexec sleep 86396\\n' > /tmp/ddpf-hang; "
-          "chmod 755 /tmp/ddpf-hang; mount --bind /tmp/ddpf-hang \"$(command -v df)\"")
-    proc = subprocess.Popen([*INVOKE, "ping"], cwd=cluster.dir, text=True,
-                            env={**cluster.env(), "DDPFLEET_INVENTORY": str(invent)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _root(
+        cluster,
+        "node1",
+        "printf '#!/bin/sh\\nexec sleep 86396\\n' > /tmp/ddpf-hang; "
+        'chmod 755 /tmp/ddpf-hang; mount --bind /tmp/ddpf-hang "$(command -v df)"',
+    )
+    proc = subprocess.Popen(
+        [*INVOKE, "ping"],
+        cwd=cluster.dir,
+        text=True,
+        env={**cluster.env(), "DDPFLEET_INVENTORY": str(invent)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while "sleep 86396" not in _root(cluster, "node1", "ps -eo args"):
@@ -199,9 +243,13 @@ def test_ctrl_c_during_a_hung_command_exits_at_once(cluster: Cluster, tmp_path: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        _root(cluster, "node1", 'umount "$(command -v df)"; rm -f /tmp/ddpf-hang; '
-              "kill $(ps -eo pid=,args= | awk '$2 == \"sleep\" && $3 == 86396 {print $1}') "
-              "2>/dev/null; true")  # the test's own sleep, by pid
+        _root(
+            cluster,
+            "node1",
+            'umount "$(command -v df)"; rm -f /tmp/ddpf-hang; '
+            "kill $(ps -eo pid=,args= | awk '$2 == \"sleep\" && $3 == 86396 {print $1}') "
+            "2>/dev/null; true",
+        )  # the test's own sleep, by pid
 
 
 def test_timed_out_command_does_not_keep_running_on_the_node(cluster: Cluster):
@@ -215,8 +263,12 @@ def test_timed_out_command_does_not_keep_running_on_the_node(cluster: Cluster):
 def test_node_that_goes_silent_mid_command_is_unreachable(cluster: Cluster):
     # node1 takes its own link down for a minute, behind the command's back: no FIN, no RST,
     # only silence (a partition). It restores the link itself afterwards.
-    _root(cluster, "node1", "setsid sh -c 'sleep 2; ip link set eth0 down; sleep 60; "
-          "ip link set eth0 up' </dev/null >/dev/null 2>&1 &")
+    _root(
+        cluster,
+        "node1",
+        "setsid sh -c 'sleep 2; ip link set eth0 down; sleep 60; "
+        "ip link set eth0 up' </dev/null >/dev/null 2>&1 &",
+    )
     try:
         with Fleet(inv.load(cluster.inventory, "node1")) as fleet:
             # no timeout: only the keepalive can tell this wait from a slow command
@@ -230,13 +282,15 @@ def test_node_that_goes_silent_mid_command_is_unreachable(cluster: Cluster):
 
 
 def test_full_disk_on_one_node_fails_that_node_only(cluster: Cluster):
-    _root(cluster, "node1", "mkdir -p /mnt/ddpf-full && "
-          "mount -t tmpfs -o size=1m tmpfs /mnt/ddpf-full")
+    _root(
+        cluster,
+        "node1",
+        "mkdir -p /mnt/ddpf-full && mount -t tmpfs -o size=1m tmpfs /mnt/ddpf-full",
+    )
     try:
         with Fleet(inv.load(cluster.inventory)) as fleet:
             where = {"node0": "/tmp/ddpf-put-ok", "node1": "/mnt/ddpf-full/big"}
-            out = fleet.map(lambda c: Host(c, fleet.inventory).put(where[c.name],
-                                                                    b"x" * (2 << 20)))
+            out = fleet.map(lambda c: Host(c, fleet.inventory).put(where[c.name], b"x" * (2 << 20)))
         assert out["node0"] == (True, "")
         assert isinstance(out["node1"], CommandError), out["node1"]
         assert "/mnt/ddpf-full/" in str(out["node1"]) and "Failure" in str(out["node1"])
@@ -248,25 +302,32 @@ def test_full_disk_on_one_node_fails_that_node_only(cluster: Cluster):
 
 def test_output_that_does_not_parse_fails_that_node_only(cluster: Cluster):
     with Fleet(inv.load(cluster.inventory)) as fleet:
-        out = fleet.map(lambda c: int(c.run("hostname" if c.name == "node1" else "echo 7")
-                                      .stdout))
+        out = fleet.map(lambda c: int(c.run("hostname" if c.name == "node1" else "echo 7").stdout))
     assert out["node0"] == 7
     assert isinstance(out["node1"], NodeError) and "ValueError: invalid literal" in str(
-        out["node1"])
+        out["node1"]
+    )
 
 
 def test_bootstrap_with_no_sftp_on_one_node_fails_that_node_in_the_recap(cluster: Cluster):
     sftp = "/usr/lib/openssh/sftp-server"
     _root(cluster, "node1", f"mount --bind /bin/false {sftp}")
     try:
-        r = cluster.invoke("bootstrap", "--roles", "openssh_server",
-                           extra_env={"DDPFLEET_JUPYTER_PASSWORD": "x-unused-7f3a"})
+        r = cluster.invoke(
+            "bootstrap",
+            "--roles",
+            "openssh_server",
+            extra_env={"DDPFLEET_JUPYTER_PASSWORD": "x-unused-7f3a"},
+        )
     finally:
         _root(cluster, "node1", f"umount {sftp}")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
-    rows = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]]
-            for ln in r.stdout.splitlines() if ln.count("│") > 5}
+    rows = {
+        ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]]
+        for ln in r.stdout.splitlines()
+        if ln.count("│") > 5
+    }
     assert rows["node0"][2] == "0" and rows["node0"][4] == "0", r.stdout  # failed, unreachable
     assert rows["node1"][2] != "0", r.stdout
     assert "node1: openssh_server" in r.stderr and "SFTP" in r.stderr, r.stderr
@@ -277,43 +338,54 @@ def test_bootstrap_with_no_sftp_on_one_node_fails_that_node_in_the_recap(cluster
 
 def test_lock_held_by_an_unprivileged_user_does_not_block_bootstrap(cluster: Cluster):
     # what the notebook user could do to the old, world-writable lock, and try on the new one
-    pids = _root(cluster, "node0", """
+    pids = _root(
+        cluster,
+        "node0",
+        """
 for lock in /run/lock/ddpfleet-bootstrap.lock /run/ddpfleet/bootstrap.lock; do
   setpriv --reuid=65534 --regid=65534 --clear-groups setsid flock -n "$lock" sleep 86397 \\
     </dev/null >/dev/null 2>&1 & echo $!
-done""").split()
+done""",
+    ).split()
     try:
-        r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server",
-                           "--check")
+        r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server", "--check")
         assert r.returncode == 0, r.stdout + r.stderr
     finally:  # setsid made each its own process group: end the flock and its sleep together
         cluster.ssh("node0", "kill -- " + " ".join(f"-{p}" for p in pids) + " 2>/dev/null")
 
 
 def test_lock_held_by_another_bootstrap_names_its_holder(cluster: Cluster):
-    pid = _root(cluster, "node0", "mkdir -p -m 0700 /run/ddpfleet; setsid flock "
-                "/run/ddpfleet/bootstrap.lock sleep 86395 </dev/null >/dev/null 2>&1 & echo $!")
+    pid = _root(
+        cluster,
+        "node0",
+        "mkdir -p -m 0700 /run/ddpfleet; setsid flock "
+        "/run/ddpfleet/bootstrap.lock sleep 86395 </dev/null >/dev/null 2>&1 & echo $!",
+    )
     try:
-        r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server",
-                           "--check")
+        r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server", "--check")
     finally:
         cluster.ssh("node0", f"kill -- -{pid.strip()}")  # its own process group, by id
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "another bootstrap holds /run/ddpfleet/bootstrap.lock on this node (held by pid " \
-        in r.stderr and "(user root)" in r.stderr, r.stderr
+    assert (
+        "another bootstrap holds /run/ddpfleet/bootstrap.lock on this node (held by pid "
+        in r.stderr
+        and "(user root)" in r.stderr
+    ), r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_lock_is_freed_when_its_holder_goes_silent(cluster: Cluster):
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(cluster.inventory)], cwd=ROOT,
-        stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", HOLDER, str(cluster.inventory)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         # frozen: its TCP connection stays up, so only the missing heartbeat can tell
         os.kill(holder.pid, signal.SIGSTOP)
-        r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server",
-                           "--check")
+        r = cluster.invoke("bootstrap", "--nodes", "node0", "--roles", "openssh_server", "--check")
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         os.kill(holder.pid, signal.SIGKILL)
@@ -338,17 +410,27 @@ with Fleet(inventory.load(sys.argv[1], "node0")) as fleet:
 @pytest.mark.parametrize("owner", [None, "nobody"])
 def test_put_never_follows_a_planted_symlink(cluster: Cluster, owner):
     d = "/tmp/ddpf-owned"
-    _root(cluster, "node0", f"rm -rf {d}; mkdir {d}; chown nobody {d}; "
-          f"echo original > /tmp/ddpf-victim; ln -s /tmp/ddpf-victim {d}/f.ddpfleet-tmp; "
-          f"ln -s /tmp/ddpf-victim {d}/f")
+    _root(
+        cluster,
+        "node0",
+        f"rm -rf {d}; mkdir {d}; chown nobody {d}; "
+        f"echo original > /tmp/ddpf-victim; ln -s /tmp/ddpf-victim {d}/f.ddpfleet-tmp; "
+        f"ln -s /tmp/ddpf-victim {d}/f",
+    )
     try:
         with Fleet(inv.load(cluster.inventory, "node0")) as fleet:
-            out = fleet.map(lambda c: Host(c, fleet.inventory).put(f"{d}/f", "new\n",
-                                                                    owner=owner))
+            out = fleet.map(lambda c: Host(c, fleet.inventory).put(f"{d}/f", "new\n", owner=owner))
         assert out["node0"][0] is True, out
-        got = _root(cluster, "node0", f"cat /tmp/ddpf-victim; stat -c '%U %F' /tmp/ddpf-victim "
-                    f"{d}/f; cat {d}/f")
-        assert got.splitlines() == ["original", "root regular file",
-                                    f"{owner or 'root'} regular file", "new"], got
+        got = _root(
+            cluster,
+            "node0",
+            f"cat /tmp/ddpf-victim; stat -c '%U %F' /tmp/ddpf-victim {d}/f; cat {d}/f",
+        )
+        assert got.splitlines() == [
+            "original",
+            "root regular file",
+            f"{owner or 'root'} regular file",
+            "new",
+        ], got
     finally:
         _root(cluster, "node0", f"rm -rf {d} /tmp/ddpf-victim")

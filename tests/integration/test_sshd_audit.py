@@ -127,4 +127,3 @@ def test_every_client_still_connects(cluster: Cluster, hardened):
                 transport.request_port_forward("127.0.0.1", 0)
         finally:
             ssh.close()
-

@@ -47,10 +47,22 @@ def project(top: Path, **files: str) -> Path:
     return top
 
 
-def train(cluster: Cluster, proj: Path, run_id: str, script_args: str, *extra: str,
-          timeout: float = 600) -> subprocess.CompletedProcess:
-    return cluster.invoke("train", "--project-dir", str(proj), "--nproc-per-node", "1",
-                          "--run-id", run_id, "--args", script_args, *extra, timeout=timeout)
+def train(
+    cluster: Cluster, proj: Path, run_id: str, script_args: str, *extra: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return cluster.invoke(
+        "train",
+        "--project-dir",
+        str(proj),
+        "--nproc-per-node",
+        "1",
+        "--run-id",
+        run_id,
+        "--args",
+        script_args,
+        *extra,
+        timeout=timeout,
+    )
 
 
 def on_all(cluster: Cluster, command: str) -> None:
@@ -85,18 +97,29 @@ def test_checkpoint_and_run_output_survive_the_next_sync(ready: Cluster, tmp_pat
     ok(train(ready, proj, new_run_id("ckpt1"), f"{TINY} {ckpt}"))
     assert node_text(ready, "node0", f"test -s {CODE}/ckpt/checkpoint.pt && echo yes") == "yes"
     # What a job writes relative to its cwd, on both nodes: outside the project, never synced.
-    on_all(ready, f"mkdir -p {CODE}/outputs && echo mine > {CODE}/outputs/note.txt "
-                  f"&& echo mine > {CODE}/pkg/made-on-node.txt")
+    on_all(
+        ready,
+        f"mkdir -p {CODE}/outputs && echo mine > {CODE}/outputs/note.txt "
+        f"&& echo mine > {CODE}/pkg/made-on-node.txt",
+    )
     (proj / "extra.py").unlink()  # the project drops a file: the sync deletes that one only
-    out = ok(train(ready, proj, new_run_id("ckpt2"),
-                   f"--epochs 2 --steps-per-epoch 2 --batch-size 4 {ckpt}"))
+    out = ok(
+        train(
+            ready,
+            proj,
+            new_run_id("ckpt2"),
+            f"--epochs 2 --steps-per-epoch 2 --batch-size 4 {ckpt}",
+        )
+    )
     assert re.search(r"^\[node0 r0\] rank 0: resumed from epoch 1$", out, re.MULTILINE), out
     assert re.search(r"^\[node0 r0\] epoch 2 loss ", out, re.MULTILINE), out
     assert re.search(r"code: node0 0 sent \([\d.]+ KiB\), 1 deleted;", out), out  # extra.py
     assert node_text(ready, "node0", f"test -s {CODE}/ckpt/checkpoint.pt && echo yes") == "yes"
     for node in NODES:
-        assert node_text(ready, node, f"cat {CODE}/outputs/note.txt {CODE}/pkg/made-on-node.txt"
-                         ) == "mine\nmine"
+        assert (
+            node_text(ready, node, f"cat {CODE}/outputs/note.txt {CODE}/pkg/made-on-node.txt")
+            == "mine\nmine"
+        )
         assert node_text(ready, node, f"test -e {CODE}/extra.py || echo gone") == "gone"
 
 
@@ -105,8 +128,9 @@ LISTING = "ls -1A ~ && stat -c %a ~ && ls -lAn --time-style=+%s ~/keepme ~/.ssh"
 
 
 @pytest.mark.parametrize("code_dir", ["~/keepme", "~"])
-def test_existing_directory_as_code_dir_is_refused_untouched(ready: Cluster, tmp_path: Path,
-                                                             code_dir: str):
+def test_existing_directory_as_code_dir_is_refused_untouched(
+    ready: Cluster, tmp_path: Path, code_dir: str
+):
     on_all(ready, "mkdir -p ~/keepme && echo keep > ~/keepme/sentinel")
     before = {n: node_text(ready, n, LISTING) for n in NODES}
     proj = project(tmp_path / "proj")
@@ -114,8 +138,10 @@ def test_existing_directory_as_code_dir_is_refused_untouched(ready: Cluster, tmp
     err = refused(train(ready, proj, run_id, TINY, "--code-dir", code_dir))
     where = code_dir.replace("~", "/root")
     for node in NODES:
-        line = (f"{node}: code dir {where} (--code-dir {code_dir}) exists and was not made by "
-                "ddpfleet; nothing in it was touched: pass a --code-dir that does not exist yet")
+        line = (
+            f"{node}: code dir {where} (--code-dir {code_dir}) exists and was not made by "
+            "ddpfleet; nothing in it was touched: pass a --code-dir that does not exist yet"
+        )
         assert line in err, err
         assert node_text(ready, node, "cat ~/keepme/sentinel") == "keep"
         # Still the same files, modes and times: authorized_keys too (this login proves it).
@@ -132,8 +158,7 @@ def test_private_file_stays_private_on_the_nodes(ready: Cluster, tmp_path: Path)
     ok(train(ready, proj, new_run_id("modes"), TINY, "--code-dir", code))
     for node in NODES:
         modes = node_text(ready, node, f"stat -c '%a %n' {code} {code}/secret.txt {code}/run.sh")
-        assert modes.splitlines() == [f"700 {code}", f"600 {code}/secret.txt",
-                                      f"750 {code}/run.sh"]
+        assert modes.splitlines() == [f"700 {code}", f"600 {code}/secret.txt", f"750 {code}/run.sh"]
         other = ready.ssh(node, f"su -s /bin/sh nobody -c 'cat {code}/secret.txt'")
         assert other.returncode != 0 and "TOKEN" not in other.stdout
 
@@ -158,8 +183,10 @@ def test_reused_run_id_is_refused_and_old_logs_stay(ready: Cluster, tmp_path: Pa
             shutil.rmtree(logs)
         moved.rename(logs)
     for node in NODES:
-        assert (f"{node}: --run-id {run_id} was used before (/root/ddpfleet/sandbox/runs/"
-                f"{run_id} exists); pick a new --run-id") in err, err
+        assert (
+            f"{node}: --run-id {run_id} was used before (/root/ddpfleet/sandbox/runs/"
+            f"{run_id} exists); pick a new --run-id"
+        ) in err, err
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in logs.iterdir()} == before
 
 
@@ -183,26 +210,58 @@ def test_second_run_on_a_code_dir_in_use_is_refused(ready: Cluster, tmp_path: Pa
     out_a = tmp_path / "a.out"
     with out_a.open("w") as sink:
         proc = subprocess.Popen(
-            [*INVOKE, "train", "--project-dir", str(first), "--nproc-per-node", "1",
-             "--run-id", run_a, "--code-dir", code,
-             "--args", "--epochs 1 --steps-per-epoch 300 --batch-size 4 --step-sleep 0.1"],
-            cwd=ready.dir, env=ready.env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+            [
+                *INVOKE,
+                "train",
+                "--project-dir",
+                str(first),
+                "--nproc-per-node",
+                "1",
+                "--run-id",
+                run_a,
+                "--code-dir",
+                code,
+                "--args",
+                "--epochs 1 --steps-per-epoch 300 --batch-size 4 --step-sleep 0.1",
+            ],
+            cwd=ready.dir,
+            env=ready.env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
         wait_for(out_a, r"\] rank \d/2: first step", proc, count=2, timeout=300)
-        err = refused(train(ready, second, run_b, TINY, "--code-dir", code,
-                            "--master-port", "29741", timeout=300))
+        err = refused(
+            train(
+                ready,
+                second,
+                run_b,
+                TINY,
+                "--code-dir",
+                code,
+                "--master-port",
+                "29741",
+                timeout=300,
+            )
+        )
         assert proc.poll() is None, "run A ended before run B was refused: make A longer"
         for node in NODES:
             assert f"{node}: code dir {code} is in use by run {run_a}; wait for it" in err, err
-            assert node_text(ready, node, f"cat {code}/which.txt; test -e {code}/b_only.txt "
-                                          "|| echo absent") == "a\nabsent"
+            assert (
+                node_text(
+                    ready, node, f"cat {code}/which.txt; test -e {code}/b_only.txt || echo absent"
+                )
+                == "a\nabsent"
+            )
         assert proc.wait(timeout=300) == 0, out_a.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    assert len(re.findall(r"^\[node\d r\d\] rank \d checksum ", out_a.read_text(),
-                          re.MULTILINE)) == 2
+    assert (
+        len(re.findall(r"^\[node\d r\d\] rank \d checksum ", out_a.read_text(), re.MULTILINE)) == 2
+    )
     assert not (ready.dir / "logs" / run_b).exists()
     # Run A is over: its lock went with it, and the next run may use the code dir.
     ok(train(ready, second, new_run_id("busy-c"), TINY, "--code-dir", code))

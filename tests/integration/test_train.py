@@ -38,14 +38,25 @@ def new_run_id(what: str) -> str:
 
 
 def train_args(run_id: str, script_args: str, *extra: str) -> list[str]:
-    return ["train", "--project-dir", str(ROOT), "--nproc-per-node", "2", "--run-id", run_id,
-            "--args", script_args, *extra]
+    return [
+        "train",
+        "--project-dir",
+        str(ROOT),
+        "--nproc-per-node",
+        "2",
+        "--run-id",
+        run_id,
+        "--args",
+        script_args,
+        *extra,
+    ]
 
 
 def run_pids(cluster: Cluster, node: str, run_id: str) -> list[str]:
     """Processes on the node whose environment holds this run's id."""
-    out = cluster.ssh(node, f"grep -l -a -s -e 'DDPFLEET_RUN_ID={run_id}' /proc/[0-9]*/environ"
-                            " || true").stdout
+    out = cluster.ssh(
+        node, f"grep -l -a -s -e 'DDPFLEET_RUN_ID={run_id}' /proc/[0-9]*/environ || true"
+    ).stdout
     return [line.split("/")[2] for line in out.split()]
 
 
@@ -53,8 +64,9 @@ def ps(cluster: Cluster, node: str) -> str:
     return cluster.ssh(node, "ps -eo pid,pgid,sid,stat,args | cut -c1-160").stdout
 
 
-def wait_gone(cluster: Cluster, run_id: str, since: float, within: float,
-              nodes: tuple[str, ...] = NODES) -> float:
+def wait_gone(
+    cluster: Cluster, run_id: str, since: float, within: float, nodes: tuple[str, ...] = NODES
+) -> float:
     """Seconds from `since` until no process of the run is left on any of the nodes."""
     while True:
         left = {n: run_pids(cluster, n, run_id) for n in nodes}
@@ -62,8 +74,10 @@ def wait_gone(cluster: Cluster, run_id: str, since: float, within: float,
         if not any(left.values()):
             return now - since
         if now - since > within:
-            pytest.fail(f"processes of {run_id} still there {within}s on: {left}\n"
-                        + "\n".join(ps(cluster, n) for n in nodes))
+            pytest.fail(
+                f"processes of {run_id} still there {within}s on: {left}\n"
+                + "\n".join(ps(cluster, n) for n in nodes)
+            )
         time.sleep(0.3)
 
 
@@ -71,8 +85,14 @@ class Live:
     """`invoke train` as a user runs it in a terminal: lines read as they come, timestamped."""
 
     def __init__(self, cluster: Cluster, args: list[str]):
-        self.proc = subprocess.Popen([*INVOKE, *args], cwd=cluster.dir, env=cluster.env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [*INVOKE, *args],
+            cwd=cluster.dir,
+            env=cluster.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -175,18 +195,36 @@ def test_killed_controller_takes_the_run_with_it(ready: Cluster):
 
 def _ssh_argv(cluster: Cluster, node: str, command: str) -> list[str]:
     d = cluster.data
-    return ["ssh", *HERMETIC, "-i", d["ssh"]["key"], "-o", "BatchMode=yes", "-o",
-            "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={d['ssh']['known_hosts']}",
-            f"root@{cluster.address(node)}", command]
+    return [
+        "ssh",
+        *HERMETIC,
+        "-i",
+        d["ssh"]["key"],
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={d['ssh']['known_hosts']}",
+        f"root@{cluster.address(node)}",
+        command,
+    ]
 
 
 def test_master_port_taken_is_refused_before_launch(ready: Cluster):
     port = 29731
     holder = subprocess.Popen(
-        _ssh_argv(ready, "node0", "exec python3 -c \"import socket,sys; s=socket.socket(); "
-                  f"s.bind(('0.0.0.0',{port})); s.listen(); print('bound', flush=True); "
-                  "sys.stdin.read()\""),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        _ssh_argv(
+            ready,
+            "node0",
+            'exec python3 -c "import socket,sys; s=socket.socket(); '
+            f"s.bind(('0.0.0.0',{port})); s.listen(); print('bound', flush=True); "
+            'sys.stdin.read()"',
+        ),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "bound"
         run_id = new_run_id("port")
@@ -204,14 +242,19 @@ def test_master_port_taken_is_refused_before_launch(ready: Cluster):
 def test_differing_torch_is_refused_naming_both_versions(ready: Cluster, tmp_path: Path):
     # A venv on node1 whose torch is a stand-in reporting another version.
     fake = "/opt/ddpfleet-standin-env"
-    made = ready.ssh("node1", f"rm -rf {fake} && python3 -m venv --without-pip {fake} && "
-                              f"d=$({fake}/bin/python -c "
-                              "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
-                              " && mkdir -p $d/torch && touch $d/torch/__init__.py && "
-                              "echo \"__version__ = '2.0.0+standin'\" > $d/torch/version.py")
+    made = ready.ssh(
+        "node1",
+        f"rm -rf {fake} && python3 -m venv --without-pip {fake} && "
+        f"d=$({fake}/bin/python -c "
+        "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
+        " && mkdir -p $d/torch && touch $d/torch/__init__.py && "
+        "echo \"__version__ = '2.0.0+standin'\" > $d/torch/version.py",
+    )
     assert made.returncode == 0, made.stderr
-    real = ready.ssh("node0", "/opt/ddpfleet/venv/bin/python -c 'import torch.version as v; "
-                              "print(v.__version__)'").stdout.strip()
+    real = ready.ssh(
+        "node0",
+        "/opt/ddpfleet/venv/bin/python -c 'import torch.version as v; print(v.__version__)'",
+    ).stdout.strip()
     data = ready.data
     data["nodes"]["node1"]["vars"] = {"venv_env_path": fake}
     inventory = tmp_path / "inventory.yaml"

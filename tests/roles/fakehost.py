@@ -12,17 +12,24 @@ from __future__ import annotations
 import io
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
-from typing import Any, Mapping
+from typing import Any
 
 from ddpfleet.connection import Result
 from ddpfleet.errors import CommandError, NodeError
 from ddpfleet.roles import Host, Role, Step, apply_role, load_role
 
-FACTS = {"hostname": "node0", "os_id": "debian", "os_like": "", "arch": "x86_64",
-         "python3": "3.11.2", "pid1": "init"}
+FACTS = {
+    "hostname": "node0",
+    "os_id": "debian",
+    "os_like": "",
+    "arch": "x86_64",
+    "python3": "3.11.2",
+    "pid1": "init",
+}
 TMP_MARK = ".ddpfleet-tmp"  # what the fake mktemp names Host.put's temp files
 
 
@@ -84,8 +91,9 @@ class FakeHost:
 
     def _plumbing(self, command) -> Result | None:
         """Host.put's mktemp / chown / mv / rm of its temp file, done on `files`."""
-        if not isinstance(command, list) or not any(TMP_MARK in a or a.endswith("-XXXXXX")
-                                                    for a in command):
+        if not isinstance(command, list) or not any(
+            TMP_MARK in a or a.endswith("-XXXXXX") for a in command
+        ):
             return None
         argv = command
         out = ""
@@ -106,8 +114,14 @@ class FakeHost:
     def host(self) -> Host:
         """The real engine's view of this node (one per FakeHost, like one per bootstrap)."""
         if self._host is None:
-            self._host = Host(self, self.inventory, check=self.check, diff=self.diff,
-                              facts=self.facts, role=self.role)
+            self._host = Host(
+                self,
+                self.inventory,
+                check=self.check,
+                diff=self.diff,
+                facts=self.facts,
+                role=self.role,
+            )
         return self._host
 
     @property

@@ -22,6 +22,8 @@ NAME = URL.rsplit("/", 1)[-1]
 def installs(remote: str, *flags: str, sha: str = SHA) -> str:
     """The install command: the sha256 check and `bash installer` in one node command."""
     return ROLE.sh(ROLE.INSTALL, sha, remote, "-b", "-p", PREFIX, *flags)
+
+
 REMOTE = f"/var/cache/ddpfleet/{NAME}"
 CONVERGED = {"conda": "conda 24.9.2"}
 FRESH = {"fetch": "curl"}

@@ -15,7 +15,6 @@ from tests.roles.test_openssh_server import (
     DEFAULTS,
     DROPIN,
     HARDENING,
-    OPENSSH_92,
     ROLE,
     converged,
     inventory,  # noqa: F401 (a fixture)
@@ -159,8 +158,11 @@ def test_sshd_T_prints_times_in_seconds(inventory):
 
 def test_node_to_node_ssh_gets_the_drop_ins_algorithms(inventory, monkeypatch):
     got = []
-    monkeypatch.setattr(ROLE.peers, "Peers", lambda t, c, algorithms: got.append(algorithms)
-                        or SimpleNamespace(steps=lambda: iter(())))
+    monkeypatch.setattr(
+        ROLE.peers,
+        "Peers",
+        lambda t, c, algorithms: got.append(algorithms) or SimpleNamespace(steps=lambda: iter(())),
+    )
     run(node(inventory, converged(inventory)))
     assert got == [HARDENING.client_lines(lines())]
     assert "MaxAuthTries" not in dict(got[0])  # server-only settings stay in the drop-in

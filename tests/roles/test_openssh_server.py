@@ -96,7 +96,13 @@ def text(state: dict[str, str]) -> str:
 
 
 def node(
-    inventory, state, facts=FACTS, check=False, validate=(0, ""), install=(0, ""), files=None,
+    inventory,
+    state,
+    facts=FACTS,
+    check=False,
+    validate=(0, ""),
+    install=(0, ""),
+    files=None,
     peers=OFF,
 ) -> FakeHost:
     return FakeHost(
@@ -249,8 +255,9 @@ def test_pending_install_from_a_cut_short_run_is_reloaded_and_checked(inventory,
     assert statuses[2:4] == [("hardening", "ok"), ("reload", "changed")]
 
 
-def test_pending_install_under_check_says_it_would_reload_and_logs_in_nowhere(inventory,
-                                                                               monkeypatch):
+def test_pending_install_under_check_says_it_would_reload_and_logs_in_nowhere(
+    inventory, monkeypatch
+):
     monkeypatch.setattr(ROLE, "fresh_login", lambda node, timeout: pytest.fail("logged in"))
     h = node(inventory, {**converged(inventory), "pending": "1"}, check=True)
     statuses, steps = run(h)
@@ -264,9 +271,13 @@ def test_a_change_says_what_it_did_and_under_check_what_it_would_do(inventory, l
     done = run(node(inventory, state))[1]
     would = run(node(inventory, state, check=True))[1]
     assert [s.reason for s in done[:2]] == [
-        "installed openssh-server (apt-get)", "started sshd (pid file /run/sshd.pid)"]
+        "installed openssh-server (apt-get)",
+        "started sshd (pid file /run/sshd.pid)",
+    ]
     assert [s.reason for s in would[:2]] == [
-        "would install openssh-server (apt-get)", "would start sshd (pid file /run/sshd.pid)"]
+        "would install openssh-server (apt-get)",
+        "would start sshd (pid file /run/sshd.pid)",
+    ]
 
 
 def test_missing_include_fails_before_anything_is_written(inventory):

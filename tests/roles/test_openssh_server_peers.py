@@ -18,8 +18,15 @@ ROLE = load_role("openssh_server")
 PEERS, CONTROLLER = ROLE.module.peers, ROLE.module.controller
 KEY = "ddpfleet_cluster_ed25519"
 ON = {"cluster_ssh": True, "cluster_user": "alice"}
-NAMES = ["cluster user", "cluster key", "cluster cert", "authorized_keys", "known_hosts",
-         "ssh config", "cleanup"]
+NAMES = [
+    "cluster user",
+    "cluster key",
+    "cluster cert",
+    "authorized_keys",
+    "known_hosts",
+    "ssh config",
+    "cleanup",
+]
 
 
 def public_line() -> str:
@@ -67,16 +74,21 @@ class Node(FakeHost):
 CLIENT_LINES = load_role("openssh_server").module.hardening.client_lines(lines())
 
 
-def node(inventory, peers: dict, check: bool = False, keygen: str = "", name: str = "node0"
-         ) -> Node:
+def node(
+    inventory, peers: dict, check: bool = False, keygen: str = "", name: str = "node0"
+) -> Node:
     return Node(
         answers=[
             (r"root_legacy", 0, text(peers)),
             (r"eff_", 0, text(converged(inventory))),
             (r"ssh-keygen -q", 0, f"pub={keygen}\n"),
         ],
-        check=check, inventory=inventory, node=inventory.node(name), name=name,
-        role=ROLE, files={"/etc/ssh/ssh_known_hosts": b"node0,10.9.0.10 ssh-ed25519 AAAA\n"},
+        check=check,
+        inventory=inventory,
+        node=inventory.node(name),
+        name=name,
+        role=ROLE,
+        files={"/etc/ssh/ssh_known_hosts": b"node0,10.9.0.10 ssh-ed25519 AAAA\n"},
     )
 
 
@@ -99,8 +111,9 @@ def settled(inventory, pub: str, user: str = "alice", marker: str = "alice") -> 
         "pub": f"{pub} ddpfleet-key:node0@t",
         "cert": CONTROLLER.sign(ca[0], pub, me, "ddpfleet-key:node0@t"),
         "ak": PEERS.sha256(p.ca_line(ca[1])[0] + "\n"),
-        "ssh_config": PEERS.sha256(h.host.template("ssh_config.j2", peers=peers, key_name=KEY,
-                                                       algorithms=CLIENT_LINES)),
+        "ssh_config": PEERS.sha256(
+            h.host.template("ssh_config.j2", peers=peers, key_name=KEY, algorithms=CLIENT_LINES)
+        ),
     }
 
 
@@ -125,13 +138,17 @@ def test_fresh_node_makes_its_own_key_and_gets_a_restricted_ca_line(inventory):
     keygen = next(c for c in h.changes if "ssh-keygen -q" in c)
     assert keygen.startswith("runuser -u alice -- sh -c")  # made on the node, as the user
     cert = next(s for c, s in h.stdins if f"{KEY}-cert.pub" in c)
-    assert CONTROLLER.cert_fits(cert, pub, CONTROLLER.ca(inventory.root / ".ddpfleet/cluster_ca",
-                                create=False)[1], CONTROLLER.principal(inventory.nodes[0]))
+    assert CONTROLLER.cert_fits(
+        cert,
+        pub,
+        CONTROLLER.ca(inventory.root / ".ddpfleet/cluster_ca", create=False)[1],
+        CONTROLLER.principal(inventory.nodes[0]),
+    )
     authorize = next(c for c in h.changes if "authorized_keys" in c and "cert-authority" in c)
     assert authorize.startswith("runuser -u alice -- sh -c")
     line = authorize.split(" sh ", 2)[-1]
     assert 'from="10.9.0.10,10.9.0.11",restrict ssh-ed25519 ' in line
-    assert "principals=\"ddpfleet:node0:" in line and ",ddpfleet:node1:" in line
+    assert 'principals="ddpfleet:node0:' in line and ",ddpfleet:node1:" in line
     assert "ddpfleet-ca@t" in line
     config = next(s for c, s in h.stdins if "'config' 600" in c or " config 600" in c)
     assert "Host node1\n    HostName 10.9.0.11\n    Port 22\n    User alice\n" in config

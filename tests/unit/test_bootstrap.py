@@ -61,9 +61,14 @@ def test_every_node_gets_a_run_and_the_failures_name_node_role_and_step(no_lock,
         else:
             yield changed("install", "installed x")
 
-    fleet = Fleet({"node0": conn("node0"), "node1": conn("node1"),
-                   "node2": Unreachable("node2", "no route to host"),
-                   "node3": NodeError("node3", "auth refused")})
+    fleet = Fleet(
+        {
+            "node0": conn("node0"),
+            "node1": conn("node1"),
+            "node2": Unreachable("node2", "no route to host"),
+            "node3": NodeError("node3", "auth refused"),
+        }
+    )
     runs = boot.bootstrap(fleet, [role(apply)], log_dir=tmp_path)
     assert runs["node0"].count("changed") == 1 and not runs["node0"].failed
     assert runs["node1"].failed and runs["node2"].unreachable == "no route to host"
@@ -87,8 +92,9 @@ def test_check_mode_reaches_the_roles(no_lock, tmp_path):
     def apply(host, cfg):
         yield host.changed("x", "install x", lambda: pytest.fail("ran under --check"))
 
-    runs = boot.bootstrap(Fleet({"node0": conn("node0")}), [role(apply)], check=True,
-                          log_dir=tmp_path)
+    runs = boot.bootstrap(
+        Fleet({"node0": conn("node0")}), [role(apply)], check=True, log_dir=tmp_path
+    )
     assert runs["node0"].steps[0].reason == "would install x"
 
 
@@ -121,4 +127,5 @@ def test_a_held_lock_names_its_holder_and_the_way_out():
     assert "another bootstrap holds /run/ddpfleet/bootstrap.lock" in held
     assert "held by pid 812 (user root)" in held and "waited 30s" in held
     assert lock._refused(3, "") == (
-        "cannot take /run/ddpfleet/bootstrap.lock (exit 3): no reason given")
+        "cannot take /run/ddpfleet/bootstrap.lock (exit 3): no reason given"
+    )

@@ -450,7 +450,7 @@ def test_evaluate(inventory) -> None:
     assert table["node1"]["gpus"] is PASS  # the same 8 as node0; node1 sets no gpus:
     assert table["node2"] == {"ssh": FAIL}  # unreachable: its ssh row only
     assert doctor.summary(checks) == "15 pass, 2 warn, 3 fail"
-    with pytest.raises(DdpfleetError, match="3 check.s. failed: node1 env, node1 tcp, node2 ssh"):
+    with pytest.raises(DdpfleetError, match=r"3 check.s. failed: node1 env, node1 tcp, node2 ssh"):
         doctor.exit_if_failed(checks)
 
 

@@ -18,8 +18,7 @@ import uuid
 
 import pytest
 
-from ddpfleet.launch import sync
-from ddpfleet.launch import RUNNER_FILES
+from ddpfleet.launch import RUNNER_FILES, sync
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the runner needs Linux")
 
@@ -75,20 +74,44 @@ def gone_within(run_id: str, seconds: float) -> list[int]:
 class Runner:
     """One runner as on a node: the loader command, the helpers, the ask, then the spec."""
 
-    def __init__(self, program: str, tmp_path, watchdog: float = WATCHDOG, grace: float = 1,
-                 argv: list[str] | None = None, listen: int | None = None):
+    def __init__(
+        self,
+        program: str,
+        tmp_path,
+        watchdog: float = WATCHDOG,
+        grace: float = 1,
+        argv: list[str] | None = None,
+        listen: int | None = None,
+    ):
         self.run_id = f"u-{uuid.uuid4().hex[:10]}"
         cmd = f"env DDPFLEET_RUN_ID={self.run_id} " + sync.helper_command(
-            sys.executable, "gang_runner.py")
-        self.proc = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        ask = {"run_id": self.run_id, "code_dir": str(tmp_path / "code"),
-               "master_host": "127.0.0.1", "count_gpus": False, "listen": listen, "reach": None}
-        spec = {"argv": argv or [sys.executable, "-c", program],
-                "env": {"DDPFLEET_RUN_ID": self.run_id}, "cwd": str(tmp_path), "grace": grace,
-                "watchdog": watchdog, "heartbeat": 0.5}
-        self.proc.stdin.write(b"".join(sync.helper_source(h) for h in RUNNER_FILES)
-                              + json.dumps(ask).encode() + b"\n")
+            sys.executable, "gang_runner.py"
+        )
+        self.proc = subprocess.Popen(
+            ["sh", "-c", cmd],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        ask = {
+            "run_id": self.run_id,
+            "code_dir": str(tmp_path / "code"),
+            "master_host": "127.0.0.1",
+            "count_gpus": False,
+            "listen": listen,
+            "reach": None,
+        }
+        spec = {
+            "argv": argv or [sys.executable, "-c", program],
+            "env": {"DDPFLEET_RUN_ID": self.run_id},
+            "cwd": str(tmp_path),
+            "grace": grace,
+            "watchdog": watchdog,
+            "heartbeat": 0.5,
+        }
+        self.proc.stdin.write(
+            b"".join(sync.helper_source(h) for h in RUNNER_FILES) + json.dumps(ask).encode() + b"\n"
+        )
         self.spec = json.dumps(spec).encode() + b"\n"
         if listen is None:
             self.send_spec()
@@ -152,11 +175,16 @@ def test_daemons_and_fork_hoppers_of_a_failed_run_are_gone(runners):
     for _ in range(3):
         # No watchdog: this test sends no heartbeats, and on a loaded machine three such runs
         # can outlast its few seconds, which would end the run as stopped, not failed.
-        r = runners(DAEMON, HOPPER, """
+        r = runners(
+            DAEMON,
+            HOPPER,
+            """
             daemon(); hopper()
             time.sleep(0.5)
             raise SystemExit(1)
-            """, watchdog=0)
+            """,
+            watchdog=0,
+        )
         events = r.events()
         assert events[-1] == {"event": "exit", "code": 1, "stopped": False}
         assert r.proc.wait() == 1
@@ -164,11 +192,15 @@ def test_daemons_and_fork_hoppers_of_a_failed_run_are_gone(runners):
 
 
 def test_a_sigkilled_runner_still_takes_its_run_with_it(runners):
-    r = runners(DAEMON, """
+    r = runners(
+        DAEMON,
+        """
         daemon()
         print("ready", flush=True)
         time.sleep(600)
-        """, watchdog=0)
+        """,
+        watchdog=0,
+    )
     agent = r.event("started")["pid"]
     with open(f"/proc/{agent}/stat") as f:
         runner = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -184,7 +216,8 @@ def test_a_sigkilled_runner_still_takes_its_run_with_it(runners):
 def test_orphans_are_reaped_as_they_come(runners):
     # Every 2 ms a child that leaves an orphan behind; each orphan exits at once and becomes
     # the runner's zombie until the runner collects it.
-    r = runners("""
+    r = runners(
+        """
         import os, time
         print("ready", flush=True)
         while True:
@@ -195,7 +228,9 @@ def test_orphans_are_reaped_as_they_come(runners):
                 os._exit(0)
             os.waitpid(pid, 0)
             time.sleep(0.002)
-        """, watchdog=0)
+        """,
+        watchdog=0,
+    )
     agent = r.event("started")["pid"]
     with open(f"/proc/{agent}/stat") as f:
         runner = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -237,7 +272,8 @@ def test_the_pump_splits_a_progress_bar_without_newlines_in_bounded_pieces():
     from ddpfleet.launch import MAX_LINE, Member, Output
 
     bar = (b"\r" + b"x" * 100) * 650  # 10**6 redraws of a progress bar, in ~64 KiB reads
-    member = Member(SimpleNamespace(name="node0"), "python", Output(open(os.devnull, "w")))
+    devnull = open(os.devnull, "w")  # noqa: SIM115 (the Output keeps it open for the test)
+    member = Member(SimpleNamespace(name="node0"), "python", Output(devnull))
     member.chan = Channel(bar for _ in range(10**6 // 650))
     tracemalloc.start()
     try:
@@ -262,10 +298,27 @@ def test_the_master_port_is_never_free_between_the_check_and_torchrun(runners, t
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     (tmp_path / "job.py").write_text("import os; print('rank', os.environ['RANK'], 'up')\n")
-    r = runners("", listen=port, watchdog=0, argv=[
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0",
-        "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc-per-node", "1",
-        "job.py"])
+    r = runners(
+        "",
+        listen=port,
+        watchdog=0,
+        argv=[
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--node-rank",
+            "0",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--nproc-per-node",
+            "1",
+            "job.py",
+        ],
+    )
     assert r.event("facts")["listen"] == {"ok": True, "error": None}
     taken, done = [], threading.Event()
 

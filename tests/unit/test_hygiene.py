@@ -18,8 +18,9 @@ ESC = "\x1b"
 
 
 def printed(renderable) -> str:
-    console = Console(width=200, record=True, file=io.StringIO(), force_terminal=True,
-                      color_system="truecolor")
+    console = Console(
+        width=200, record=True, file=io.StringIO(), force_terminal=True, color_system="truecolor"
+    )
     console.print(renderable)
     return console.export_text(styles=False)
 
@@ -52,21 +53,25 @@ def test_show_and_warn_print_strings_literally(capsys):
 
 def test_exit_line_has_no_control_characters():
     with pytest.raises(Exception) as e:
-        report.exit_if_failed({"node0": NodeError("node0", f"said {ESC}]0;pwned{ESC}\\ bye")},
-                              "ping")
+        report.exit_if_failed(
+            {"node0": NodeError("node0", f"said {ESC}]0;pwned{ESC}\\ bye")}, "ping"
+        )
     assert ESC not in str(e.value) and "said  bye" in str(e.value)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (f"{ESC}[1;31mred{ESC}[0m", "red"),
-    (f"a{ESC}]8;;https://x{ESC}\\link{ESC}]8;;{ESC}\\b", "alinkb"),
-    (f"clip{ESC}]52;c;aGk=\x07board", "clipboard"),
-    ("\x9b2Jc1 csi\x9c", "c1 csi"),
-    ("tab\tstays\x00\x07\x08\x7f", "tab\tstays"),
-    (f"unterminated {ESC}]0;title", "unterminated "),
-    ("\rprogress 50%\rprogress 100%", "progress 50%progress 100%"),
-    (MARKUP, MARKUP),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"{ESC}[1;31mred{ESC}[0m", "red"),
+        (f"a{ESC}]8;;https://x{ESC}\\link{ESC}]8;;{ESC}\\b", "alinkb"),
+        (f"clip{ESC}]52;c;aGk=\x07board", "clipboard"),
+        ("\x9b2Jc1 csi\x9c", "c1 csi"),
+        ("tab\tstays\x00\x07\x08\x7f", "tab\tstays"),
+        (f"unterminated {ESC}]0;title", "unterminated "),
+        ("\rprogress 50%\rprogress 100%", "progress 50%progress 100%"),
+        (MARKUP, MARKUP),
+    ],
+)
 def test_clean_strips_escape_sequences_and_controls_but_tab(text, expected):
     assert hygiene.clean(text) == expected
 
@@ -84,14 +89,17 @@ def test_training_lines_are_cleaned_on_the_terminal_and_in_the_log(tmp_path):
     assert (tmp_path / "node0.log").read_text() == stream.getvalue()
 
 
-@pytest.mark.parametrize(("url", "shown"), [
-    ("https://user:token@host/simple", "https://user:***@host/simple"),
-    ("http://u:SECRET@127.0.0.1:9/simple", "http://u:***@127.0.0.1:9/simple"),
-    ("https://token@pypi.example/simple/", "https://***@pypi.example/simple/"),
-    ("https://host/simple?token=abc", "https://host/simple?***"),
-    ("https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cpu"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:token@host/simple", "https://user:***@host/simple"),
+        ("http://u:SECRET@127.0.0.1:9/simple", "http://u:***@127.0.0.1:9/simple"),
+        ("https://token@pypi.example/simple/", "https://***@pypi.example/simple/"),
+        ("https://host/simple?token=abc", "https://host/simple?***"),
+        ("https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cpu"),
+        ("", ""),
+    ],
+)
 def test_mask_url(url, shown):
     assert hygiene.mask_url(url) == shown
 
@@ -99,7 +107,8 @@ def test_mask_url(url, shown):
 def test_mask_urls_in_free_text():
     text = "Could not fetch http://u:SECRET@127.0.0.1:9/simple/torch/ (https://h/x ok)"
     assert hygiene.mask_urls(text) == (
-        "Could not fetch http://u:***@127.0.0.1:9/simple/torch/ (https://h/x ok)")
+        "Could not fetch http://u:***@127.0.0.1:9/simple/torch/ (https://h/x ok)"
+    )
 
 
 def test_private_dir_and_files_are_owner_only(tmp_path):
@@ -120,15 +129,18 @@ def test_private_dir_and_files_are_owner_only(tmp_path):
     assert stat.S_IMODE(old.stat().st_mode) == 0o600 and old.read_text() == "old\nmore\n"
 
 
-@pytest.mark.parametrize(("name", "value", "shown"), [
-    ("DATABASE_URL", "postgres://u:pw@db/x", "DATABASE_URL=***"),
-    ("WANDB_API_KEY", "s3cret", "WANDB_API_KEY=***"),
-    ("MY_SETTING", "hunter2", "MY_SETTING=***"),
-    ("NCCL_DEBUG", "INFO", "NCCL_DEBUG=INFO"),
-    ("CUDA_VISIBLE_DEVICES", "0,1", "CUDA_VISIBLE_DEVICES=0,1"),
-    ("USE_AMP", "1", "USE_AMP=1"),
-    ("NCCL_AUTH_TOKEN", "abc", "NCCL_AUTH_TOKEN=***"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "shown"),
+    [
+        ("DATABASE_URL", "postgres://u:pw@db/x", "DATABASE_URL=***"),
+        ("WANDB_API_KEY", "s3cret", "WANDB_API_KEY=***"),
+        ("MY_SETTING", "hunter2", "MY_SETTING=***"),
+        ("NCCL_DEBUG", "INFO", "NCCL_DEBUG=INFO"),
+        ("CUDA_VISIBLE_DEVICES", "0,1", "CUDA_VISIBLE_DEVICES=0,1"),
+        ("USE_AMP", "1", "USE_AMP=1"),
+        ("NCCL_AUTH_TOKEN", "abc", "NCCL_AUTH_TOKEN=***"),
+    ],
+)
 def test_plan_shows_user_env_values_only_for_harmless_names(name, value, shown):
     assert _shown_env(name, value, {name}) == shown
 

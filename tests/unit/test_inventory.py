@@ -72,23 +72,44 @@ def test_select_keeps_order_and_rejects_unknown(write):
     "text, message",
     [
         ("nodes:\n  node0: {host: [1\n", r"inventory.yaml:\d+: YAML syntax error"),
-        ("nodes:\n  node0: {host: a}\n  node0: {host: b}\n",
-         r"inventory.yaml:3: duplicate key 'node0' \(first at line 2\)"),
-        ("ssh:\n  user: a\n  user: b\nnodes: {n: {host: a}}\n",
-         r"inventory.yaml:3: duplicate key 'user'"),
-        ("nodes:\n  node0: {host: a, prot: 22}\n",
-         r"inventory.yaml:2: nodes.node0.prot: unknown key; did you mean 'port'\?"),
-        ("sssh: {}\nnodes: {n: {host: a}}\n", r"inventory.yaml:1: sssh: unknown key; did you mean 'ssh'"),
-        ("nodes:\n  a: {host: h1}\n  b: {host: h1}\n",
-         r"inventory.yaml:3: nodes.b.host: h1 is already node 'a'"),
-        ("nodes:\n  a: {host: h1, port: 70000}\n", r"inventory.yaml:2: nodes.a.port: must be an integer"),
-        ("ssh:\n  port: twenty\nnodes: {a: {host: h}}\n", r"inventory.yaml:2: ssh.port: must be an integer"),
-        ("ssh:\n  key: missing_key\nnodes: {a: {host: h}}\n",
-         r"inventory.yaml:2: ssh.key: key file .*missing_key not found; create it"),
+        (
+            "nodes:\n  node0: {host: a}\n  node0: {host: b}\n",
+            r"inventory.yaml:3: duplicate key 'node0' \(first at line 2\)",
+        ),
+        (
+            "ssh:\n  user: a\n  user: b\nnodes: {n: {host: a}}\n",
+            r"inventory.yaml:3: duplicate key 'user'",
+        ),
+        (
+            "nodes:\n  node0: {host: a, prot: 22}\n",
+            r"inventory.yaml:2: nodes.node0.prot: unknown key; did you mean 'port'\?",
+        ),
+        (
+            "sssh: {}\nnodes: {n: {host: a}}\n",
+            r"inventory.yaml:1: sssh: unknown key; did you mean 'ssh'",
+        ),
+        (
+            "nodes:\n  a: {host: h1}\n  b: {host: h1}\n",
+            r"inventory.yaml:3: nodes.b.host: h1 is already node 'a'",
+        ),
+        (
+            "nodes:\n  a: {host: h1, port: 70000}\n",
+            r"inventory.yaml:2: nodes.a.port: must be an integer",
+        ),
+        (
+            "ssh:\n  port: twenty\nnodes: {a: {host: h}}\n",
+            r"inventory.yaml:2: ssh.port: must be an integer",
+        ),
+        (
+            "ssh:\n  key: missing_key\nnodes: {a: {host: h}}\n",
+            r"inventory.yaml:2: ssh.key: key file .*missing_key not found; create it",
+        ),
         ("nodes:\n  a: {gpus: 2}\n", r"inventory.yaml:2: nodes.a: missing host"),
         ("nodes: {}\n", r"nodes: no nodes defined"),
-        ("cluster: {master: nodeX}\nnodes: {node0: {host: h}}\n",
-         r"inventory.yaml:1: cluster.master: 'nodeX' is not a node"),
+        (
+            "cluster: {master: nodeX}\nnodes: {node0: {host: h}}\n",
+            r"inventory.yaml:1: cluster.master: 'nodeX' is not a node",
+        ),
         ("- just\n- a list\n", r"inventory.yaml:1: the inventory must be a mapping"),
     ],
 )
@@ -115,14 +136,21 @@ UNSAFE = [  # (inventory text, line, key) for values that would inject or escape
     # loopback hosts: a regression must not reach out to anyone's 10.0.0.x
     ('nodes: {"a\\nb": {host: 127.0.0.1}}\n', 1, r"nodes\.'a\\nb': node name"),
     ('nodes:\n  n0: {host: "127.0.0.1 x"}\n', 2, r"nodes\.n0\.host: '127\.0\.0\.1 x' is not an IP"),
-    ('ssh:\n  user: "root\\nX"\nnodes: {n0: {host: 127.0.0.1}}\n', 2, r"ssh\.user: user 'root\\nX'"),
-    ("nodes:\n  n0: {host: 127.0.0.1}\n  ../x: {host: 127.0.0.2}\n", 3,
-     r"nodes\.'\.\./x': node name"),
-    ("nodes:\n  n0: {host: 127.0.0.1, user: \"a b\"}\n", 2, r"nodes\.n0\.user: user 'a b'"),
+    (
+        'ssh:\n  user: "root\\nX"\nnodes: {n0: {host: 127.0.0.1}}\n',
+        2,
+        r"ssh\.user: user 'root\\nX'",
+    ),
+    (
+        "nodes:\n  n0: {host: 127.0.0.1}\n  ../x: {host: 127.0.0.2}\n",
+        3,
+        r"nodes\.'\.\./x': node name",
+    ),
+    ('nodes:\n  n0: {host: 127.0.0.1, user: "a b"}\n', 2, r"nodes\.n0\.user: user 'a b'"),
     ("nodes:\n  'node 1': {host: 127.0.0.1}\n", 2, r"nodes\.'node 1': node name"),
     ("nodes:\n  a,b: {host: 127.0.0.1}\n", 2, r"nodes\.'a,b': node name"),
-    ("nodes:\n  n0: {host: \"-oProxyCommand=x\"}\n", 2, r"nodes\.n0\.host: '-oProxyCommand=x'"),
-    ("nodes:\n  n0: {host: \"h\\n  ProxyCommand x\"}\n", 2, r"nodes\.n0\.host:"),
+    ('nodes:\n  n0: {host: "-oProxyCommand=x"}\n', 2, r"nodes\.n0\.host: '-oProxyCommand=x'"),
+    ('nodes:\n  n0: {host: "h\\n  ProxyCommand x"}\n', 2, r"nodes\.n0\.host:"),
 ]
 
 
@@ -135,29 +163,50 @@ def test_unsafe_names_hosts_and_users_are_one_line_with_the_fix(write, text, lin
     assert "\n" not in message and "use " in message
 
 
-@pytest.mark.parametrize("text", [u[0] for u in UNSAFE[:4]],
-                         ids=["newline-name", "host-space", "user-newline", "dotdot-name"])
+@pytest.mark.parametrize(
+    "text",
+    [u[0] for u in UNSAFE[:4]],
+    ids=["newline-name", "host-space", "user-newline", "dotdot-name"],
+)
 def test_invoke_ping_refuses_an_unsafe_inventory_with_one_line(write, text):
     """The task's exit: one 'error: inventory.yaml:N: ...' line, no traceback, no connection."""
     p = write(text)
-    proc = subprocess.run([str(Path(sys.executable).parent / "invoke"), "-r", str(ROOT), "ping",
-                           "--inventory", str(p)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "invoke"),
+            "-r",
+            str(ROOT),
+            "ping",
+            "--inventory",
+            str(p),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(r"error: inventory\.yaml:\d+: ", lines[0]), proc.stderr
 
 
-@pytest.mark.parametrize("host", ["10.0.0.10", "fe80::1", "gpu01.example.com", "gpu_box",
-                                  "node-1.", "localhost"])
+@pytest.mark.parametrize(
+    "host", ["10.0.0.10", "fe80::1", "gpu01.example.com", "gpu_box", "node-1.", "localhost"]
+)
 def test_ordinary_hosts_and_names_are_accepted(write, host):
     i = inv.load(write(f"nodes:\n  gpu-01.rack_2: {{host: '{host}', user: first.last}}\n"))
-    assert (i.nodes[0].name, i.nodes[0].host, i.nodes[0].user) == ("gpu-01.rack_2", host,
-                                                                     "first.last")
+    assert (i.nodes[0].name, i.nodes[0].host, i.nodes[0].user) == (
+        "gpu-01.rack_2",
+        host,
+        "first.last",
+    )
 
 
 def test_cluster_name_is_checked_and_the_default_made_safe(write, tmp_path):
-    with pytest.raises(InventoryError, match=r"inventory\.yaml:2: cluster\.name: cluster name "
-                                             r"'\.\./\.\./etc' is not allowed"):
+    with pytest.raises(
+        InventoryError,
+        match=r"inventory\.yaml:2: cluster\.name: cluster name "
+        r"'\.\./\.\./etc' is not allowed",
+    ):
         inv.load(write("cluster:\n  name: ../../etc\nnodes: {n0: {host: 127.0.0.1}}\n"))
     odd = tmp_path / "My Cluster\n(2)"
     odd.mkdir()

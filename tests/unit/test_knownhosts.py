@@ -34,8 +34,9 @@ def test_the_user_file_answers_for_hosts_the_project_does_not_know(tmp_path, mon
     (tmp_path / ".ssh").mkdir()
     user = tmp_path / ".ssh" / "known_hosts"
     user.write_text(line("[10.0.0.6]:2222", keys[0]))
-    found, source = knownhosts.pinned(knownhosts.known_hosts_name("10.0.0.6", 2222),
-                                      tmp_path / "missing")
+    found, source = knownhosts.pinned(
+        knownhosts.known_hosts_name("10.0.0.6", 2222), tmp_path / "missing"
+    )
     assert found == {"ssh-rsa": keys[0]} and source == user
 
 

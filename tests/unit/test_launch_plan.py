@@ -30,9 +30,15 @@ def load(tmp_path, text: str = NODES, head: str = "cluster: {name: demo}\n") -> 
 
 def facts(name: str, **kw) -> NodeFacts:
     ip = {"node0": "10.0.0.10", "node1": "10.0.0.11", "node2": "10.0.0.12"}[name]
-    base = {"python": PY, "home": "/root", "ssh_host": ip, "torch": "2.13.0+cpu",
-            "addrs": {"lo": ("127.0.0.1",), "eth0": (ip,)}, "master_resolved": "10.0.0.10",
-            "route_dev": "eth0"}
+    base = {
+        "python": PY,
+        "home": "/root",
+        "ssh_host": ip,
+        "torch": "2.13.0+cpu",
+        "addrs": {"lo": ("127.0.0.1",), "eth0": (ip,)},
+        "master_resolved": "10.0.0.10",
+        "route_dev": "eth0",
+    }
     return NodeFacts(**{**base, **kw})
 
 
@@ -50,8 +56,14 @@ def plan(inventory: inv.Inventory, facts: dict[str, NodeFacts], **flags) -> laun
 
 def test_flags_are_resolved_once_into_a_frozen_config(tmp_path):
     i = load(tmp_path, NODES.replace("10.0.0.12}", "10.0.0.12, gpus: 2}"))
-    c = config(i, nodes=("node2", "node0"), master_port="31000", env=("A=1",),
-               args="--name 'a b'", project_dir=tmp_path)
+    c = config(
+        i,
+        nodes=("node2", "node0"),
+        master_port="31000",
+        env=("A=1",),
+        args="--name 'a b'",
+        project_dir=tmp_path,
+    )
     assert c.order == ("node2", "node0") and c.master == "node2" and c.port == 31000
     assert c.args == ("--name", "a b") and c.env == (("A", "1"),) and c.nproc is None
     assert not c.count_gpus("node2") and c.count_gpus("node0")  # node2's inventory says 2
@@ -62,16 +74,19 @@ def test_flags_are_resolved_once_into_a_frozen_config(tmp_path):
         c.port = 1  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    ({"master_port": "99999"}, "--master-port '99999': use a port from 1 to 65535"),
-    ({"master_port": "http"}, "--master-port 'http'"),
-    ({"args": "--name 'unclosed"}, "--args \"--name 'unclosed\": No closing quotation"),
-    ({"nproc_per_node": "0"}, "--nproc-per-node '0'"),
-    ({"env": ("1A=2",)}, "--env '1A=2'"),
-    ({"run_id": "../x"}, "--run-id '../x'"),
-    ({"code_dir": "~/{user}"}, "--code-dir: give a path"),
-    ({"nodes": ("node0", "node1")}, "put node1 first"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"master_port": "99999"}, "--master-port '99999': use a port from 1 to 65535"),
+        ({"master_port": "http"}, "--master-port 'http'"),
+        ({"args": "--name 'unclosed"}, '--args "--name \'unclosed": No closing quotation'),
+        ({"nproc_per_node": "0"}, "--nproc-per-node '0'"),
+        ({"env": ("1A=2",)}, "--env '1A=2'"),
+        ({"run_id": "../x"}, "--run-id '../x'"),
+        ({"code_dir": "~/{user}"}, "--code-dir: give a path"),
+        ({"nodes": ("node0", "node1")}, "put node1 first"),
+    ],
+)
 def test_every_flag_mistake_is_refused_before_any_connection(tmp_path, flags, message):
     i = load(tmp_path, head="cluster: {name: demo, master: node1}\n")
     with pytest.raises(PlanError) as e:
@@ -84,10 +99,28 @@ def test_argv_is_exact_and_ranks_follow_nodes_order(tmp_path):
     assert [(n.node, n.rank) for n in p.nodes] == [("node1", 0), ("node0", 1)]
     assert p.master == "node1" and p.master_addr == "10.0.0.11" and p.master_port == 29500
     assert p.nodes[1].argv == (
-        PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1",
-        "--master-addr", "10.0.0.11", "--master-port", "29500", "--nproc-per-node", "1",
-        "--rdzv-id", "r1", "--log-dir", "/root/ddpfleet/demo/runs/r1", "--tee", "3",
-        "scripts/train_ddp.py", "--epochs", "2",
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.0.0.11",
+        "--master-port",
+        "29500",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-id",
+        "r1",
+        "--log-dir",
+        "/root/ddpfleet/demo/runs/r1",
+        "--tee",
+        "3",
+        "scripts/train_ddp.py",
+        "--epochs",
+        "2",
     )
     assert p.nodes[0].cwd == "/root/ddpfleet/demo/code"
 
@@ -147,11 +180,14 @@ def test_omp_threads_default_is_one(tmp_path):
     assert plan(load(tmp_path), all_facts()).nodes[0].env["OMP_NUM_THREADS"] == "1"
 
 
-@pytest.mark.parametrize(("inventory_gpus", "probed", "expected"), [
-    ("", {"node0": 4, "node1": 4, "node2": 4}, 4),          # nvidia-smi counts
-    ("", {"node0": 0, "node1": 0, "node2": 0}, 1),          # no GPUs: one process
-    ("gpus: 8", {"node0": 2, "node1": 2, "node2": 2}, 8),   # inventory wins over the probe
-])
+@pytest.mark.parametrize(
+    ("inventory_gpus", "probed", "expected"),
+    [
+        ("", {"node0": 4, "node1": 4, "node2": 4}, 4),  # nvidia-smi counts
+        ("", {"node0": 0, "node1": 0, "node2": 0}, 1),  # no GPUs: one process
+        ("gpus: 8", {"node0": 2, "node1": 2, "node2": 2}, 8),  # inventory wins over the probe
+    ],
+)
 def test_auto_nproc(tmp_path, inventory_gpus, probed, expected):
     text = NODES.replace("}", f", {inventory_gpus}}}" if inventory_gpus else "}")
     f = {n: facts(n, gpus=g) for n, g in probed.items()}
@@ -160,8 +196,11 @@ def test_auto_nproc(tmp_path, inventory_gpus, probed, expected):
 
 
 def test_unequal_gpu_counts_are_refused(tmp_path):
-    f = {"node0": facts("node0", gpus=8), "node1": facts("node1", gpus=4),
-         "node2": facts("node2", gpus=8)}
+    f = {
+        "node0": facts("node0", gpus=8),
+        "node1": facts("node1", gpus=4),
+        "node2": facts("node2", gpus=8),
+    }
     with pytest.raises(PlanError, match=r"different GPU counts \(node0: 8, node1: 4, node2: 8\)"):
         plan(load(tmp_path), f)
 
@@ -195,12 +234,15 @@ def test_versions_must_match_and_name_both():
     assert "2.13.0+cpu on node0, node2" in line and "2.0.0+fake on node1" in line
     f["node2"] = facts("node2", torch=None)
     assert launch.check_versions(f) == [
-        f"node2: torch is not installed in {PY}'s env; run invoke bootstrap"]
+        f"node2: torch is not installed in {PY}'s env; run invoke bootstrap"
+    ]
 
 
 def test_cuda_and_nccl_versions_compared_too():
-    f = {"node0": facts("node0", cuda="11.8", nccl="2.21.5"),
-         "node1": facts("node1", cuda="12.1", nccl="2.21.5")}
+    f = {
+        "node0": facts("node0", cuda="11.8", nccl="2.21.5"),
+        "node1": facts("node1", cuda="12.1", nccl="2.21.5"),
+    }
     (line,) = launch.check_versions(f)
     assert line.startswith("cuda versions differ") and "12.1 on node1" in line
 
@@ -228,10 +270,12 @@ def test_plan_shows_the_command_once_and_what_differs_per_node(tmp_path):
     text = "\n".join(lines)
     assert "s3cret" not in text and "WANDB_API_KEY=***" in text and "NCCL_DEBUG=INFO" in text
     (command,) = [line for line in lines if line.startswith("command: ")]
-    assert command == (f"command: {PY} -m torch.distributed.run --nnodes 3 --node-rank "
-                       "{node_rank} --master-addr 10.0.0.10 --master-port 29500 "
-                       "--nproc-per-node 1 --rdzv-id r1 --log-dir /root/ddpfleet/demo/runs/r1 "
-                       "--tee 3 scripts/train_ddp.py")
+    assert command == (
+        f"command: {PY} -m torch.distributed.run --nnodes 3 --node-rank "
+        "{node_rank} --master-addr 10.0.0.10 --master-port 29500 "
+        "--nproc-per-node 1 --rdzv-id r1 --log-dir /root/ddpfleet/demo/runs/r1 "
+        "--tee 3 scripts/train_ddp.py"
+    )
     assert cells(lines, "node") == ["node", "host", "node_rank"]
     assert cells(lines, "node2") == ["node2", "10.0.0.12", "2"]
     assert "cwd: /root/ddpfleet/demo/code" in lines and text.count("torch.distributed.run") == 1
@@ -242,33 +286,61 @@ def test_what_only_some_nodes_have_becomes_a_column(tmp_path):
     f["node1"] = facts("node1", home="/home/ubuntu", route_dev="ib0")
     f["node2"] = facts("node2", route_dev=None)
     lines = shown(launch.plan(config(load(tmp_path)), f))
-    assert cells(lines, "node") == ["node", "host", "node_rank", "log_dir", "GLOO_SOCKET_IFNAME",
-                                    "NCCL_SOCKET_IFNAME", "cwd"]
+    assert cells(lines, "node") == [
+        "node",
+        "host",
+        "node_rank",
+        "log_dir",
+        "GLOO_SOCKET_IFNAME",
+        "NCCL_SOCKET_IFNAME",
+        "cwd",
+    ]
     home = "/home/ubuntu/ddpfleet/demo"
-    assert cells(lines, "node1") == ["node1", "10.0.0.11", "1", f"{home}/runs/r1", "ib0", "=ib0",
-                                     f"{home}/code"]
+    assert cells(lines, "node1") == [
+        "node1",
+        "10.0.0.11",
+        "1",
+        f"{home}/runs/r1",
+        "ib0",
+        "=ib0",
+        f"{home}/code",
+    ]
     assert cells(lines, "node2")[4:6] == ["(unset)", "(unset)"]
     assert any("--log-dir {log_dir}" in line for line in lines)
     assert not any(line.startswith("cwd:") for line in lines)
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    ("[default0]:rank 0/4: first step", (2, "rank 0/4: first step")),
-    ("[default1]:Traceback (most recent call last):", (3, "Traceback (most recent call last):")),
-    ("W0101 torchrun warning [default0]: not a prefix", (None,
-                                                         "W0101 torchrun warning [default0]: not a prefix")),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("[default0]:rank 0/4: first step", (2, "rank 0/4: first step")),
+        (
+            "[default1]:Traceback (most recent call last):",
+            (3, "Traceback (most recent call last):"),
+        ),
+        (
+            "W0101 torchrun warning [default0]: not a prefix",
+            (None, "W0101 torchrun warning [default0]: not a prefix"),
+        ),
+    ],
+)
 def test_rank_prefix_becomes_the_global_rank(line, expected):
     assert launch.split_rank(line, node_rank=1, nproc=2) == expected
 
 
 def test_rank_log_names():
     node = launch.NodePlan("node1", 1, "h", (), {}, "/c", "/l")
-    assert launch.local_log_name(node, 2, "r1_ab/attempt_0/1/stderr.log") == "node1-rank3.stderr.log"
-    assert launch.local_log_name(node, 2, "r1_ab/attempt_2/0/stdout.log") == \
-        "node1-rank2.attempt2.stdout.log"
-    assert launch.local_log_name(node, 2, "r1_ab/attempt_0/filtered_stdout.log") == \
-        "node1-filtered_stdout.log"
+    assert (
+        launch.local_log_name(node, 2, "r1_ab/attempt_0/1/stderr.log") == "node1-rank3.stderr.log"
+    )
+    assert (
+        launch.local_log_name(node, 2, "r1_ab/attempt_2/0/stdout.log")
+        == "node1-rank2.attempt2.stdout.log"
+    )
+    assert (
+        launch.local_log_name(node, 2, "r1_ab/attempt_0/filtered_stdout.log")
+        == "node1-filtered_stdout.log"
+    )
 
 
 def test_first_failure_is_the_earliest_evidence_not_the_first_exit():
@@ -277,8 +349,10 @@ def test_first_failure_is_the_earliest_evidence_not_the_first_exit():
     node0 = Outcome("node0", state="failed", exit_code=1, rank=0, evidence_at=1.2)
     node1 = Outcome("node1", state="failed", exit_code=1, rank=3, evidence_at=1.0)
     assert launch.first_failure([node0, node1]) is node1
-    assert launch.first_failure([Outcome("node0", state="ok"),
-                                 Outcome("node1", state="stopped")]) is None
+    assert (
+        launch.first_failure([Outcome("node0", state="ok"), Outcome("node1", state="stopped")])
+        is None
+    )
     msg = launch.failure_message(node1, [node0, node1])
     assert msg.startswith("training failed: node1 rank 3 failed first (exit 1); node0 failed")
 

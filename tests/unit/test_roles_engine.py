@@ -26,8 +26,9 @@ def role(name: str, apply, handlers=None, applies=lambda cfg, host: True, **defa
 
 
 def node(check: bool = False, answers=()) -> FakeHost:
-    fake = FakeHost(answers=[(r"os-release", 0, FACTS_TEXT), *answers], check=check,
-                    inventory=INVENTORY)
+    fake = FakeHost(
+        answers=[(r"os-release", 0, FACTS_TEXT), *answers], check=check, inventory=INVENTORY
+    )
     return fake
 
 
@@ -82,8 +83,11 @@ def test_handlers_run_once_after_the_role():
         yield changed("restart", "restarted")
 
     steps, _ = run(node(), role("a", apply, {"restart": restart}))
-    assert steps == [("a", "config", "changed"), ("a", "unit", "changed"),
-                     ("a", "restart", "changed")]
+    assert steps == [
+        ("a", "config", "changed"),
+        ("a", "unit", "changed"),
+        ("a", "restart", "changed"),
+    ]
     assert calls == [1]
 
 
@@ -100,8 +104,9 @@ def test_a_failed_step_stops_the_role_its_handlers_and_the_later_roles():
         later.append("handler")
         yield ok("restart")
 
-    steps, out = run(node(), role("a", apply, {"restart": restart}),
-                     role("b", lambda h, c: iter([ok("never")])))
+    steps, out = run(
+        node(), role("a", apply, {"restart": restart}), role("b", lambda h, c: iter([ok("never")]))
+    )
     assert steps == [("a", "config", "failed")]
     assert later == [] and out.failed
 
@@ -154,7 +159,9 @@ def test_a_change_reads_in_the_past_once_made_or_as_do_says():
     fake = node()
     _, out = run(fake, role("r", apply))
     assert [(s.status, s.reason) for s in out.steps] == [
-        ("changed", "installed a"), ("failed", "no such package")]
+        ("changed", "installed a"),
+        ("failed", "no such package"),
+    ]
     assert fake.changes == ["apt a"]
 
 

@@ -91,7 +91,7 @@ def test_numbered_nodes_fit_the_subnet():
 
 def test_select_names_the_unknown_and_the_known():
     assert select(make(), ["node1"]) == [NODES[1]]
-    with pytest.raises(SandboxError, match="unknown sandbox node.s. node7; known: node0, node1"):
+    with pytest.raises(SandboxError, match=r"unknown sandbox node.s. node7; known: node0, node1"):
         select(make(), ["node7"])
 
 

@@ -60,7 +60,7 @@ def test_channel_errors_become_the_nodes_own(active, kind):
     chan = Chan()
     s = conn(chan, active).session("true")
     chan.fail = paramiko.SSHException("Channel closed.")
-    with pytest.raises(kind, match="^node0: ") as got:
+    with pytest.raises(kind, match=r"^node0: ") as got:
         s.sendall(b"hb\n")
     assert type(got.value) is kind
     with pytest.raises(kind):

@@ -26,8 +26,7 @@ def test_policy_rc_d_is_removed_when_apt_fails(tmp_path):
     # apt fails, after noting whether the policy was in place while it ran.
     stub(bin_dir, "apt-get", f'[ -x "{policy}" ] && echo in-place >> "{tmp_path}/seen"; exit 100')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "POLICY_RC_D": str(policy)}
-    proc = subprocess.run(["bash", str(SETUP)], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(["bash", str(SETUP)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 100
     assert (tmp_path / "seen").read_text() == "in-place\n"
     assert not policy.exists()

@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 
 from ddpfleet import launch
-from ddpfleet.launch import sync
 from ddpfleet.errors import PlanError
+from ddpfleet.launch import sync
 
 
 def git(root: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=root,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
 
 
 def make_project(root: Path) -> Path:
@@ -76,8 +80,12 @@ def held():
 def node_call(args: list[str], stdin: bytes) -> subprocess.CompletedProcess:
     """node_helper.py exactly as a node runs it: the loader command line, source on stdin."""
     cmd = sync.helper_command(sys.executable, "node_helper.py", *args)
-    return subprocess.run(["sh", "-c", cmd], input=sync.helper_source("node_helper.py") + stdin,
-                          capture_output=True, check=False)
+    return subprocess.run(
+        ["sh", "-c", cmd],
+        input=sync.helper_source("node_helper.py") + stdin,
+        capture_output=True,
+        check=False,
+    )
 
 
 def node_run(args: list[str], stdin: bytes) -> dict:
@@ -116,8 +124,11 @@ def sync_once(root: Path, code: Path, held) -> sync.Change:
 
 
 def tree(top: Path) -> dict[str, tuple[int, bytes]]:
-    return {p.relative_to(top).as_posix(): (p.stat().st_mode, p.read_bytes())
-            for p in sorted(top.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(top).as_posix(): (p.stat().st_mode, p.read_bytes())
+        for p in sorted(top.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("in_git", [True, False])
@@ -144,11 +155,20 @@ def test_deleted_tracked_file_is_not_listed(tmp_path):
 
 def test_diff_sends_new_changed_and_re_moded_deletes_gone():
     e = sync.Entry("f", 0o644, "aa")
-    local = {"same": e, "changed": sync.Entry("f", 0o644, "bb"), "new": e,
-             "now_exec": sync.Entry("f", 0o755, "aa"), "now_private": sync.Entry("f", 0o600, "aa")}
-    remote = {"same": ["f", 0o644, "aa"], "changed": ["f", 0o644, "aa"],
-              "now_exec": ["f", 0o644, "aa"], "now_private": ["f", 0o644, "aa"],
-              "gone": ["f", 0o644, "cc"]}
+    local = {
+        "same": e,
+        "changed": sync.Entry("f", 0o644, "bb"),
+        "new": e,
+        "now_exec": sync.Entry("f", 0o755, "aa"),
+        "now_private": sync.Entry("f", 0o600, "aa"),
+    }
+    remote = {
+        "same": ["f", 0o644, "aa"],
+        "changed": ["f", 0o644, "aa"],
+        "now_exec": ["f", 0o644, "aa"],
+        "now_private": ["f", 0o644, "aa"],
+        "gone": ["f", 0o644, "cc"],
+    }
     change = sync.diff(local, remote)
     assert change.send == ("changed", "new", "now_exec", "now_private")
     assert change.delete == ("gone",)
@@ -196,9 +216,14 @@ def test_what_the_run_wrote_survives_every_sync(tmp_path, held):
     sync_once(root, code, held)
     # What a job writes relative to its cwd (the code dir), including names the project's
     # .gitignore lists and a whole directory.
-    made = {"ckpt/checkpoint.pt": b"weights", "wandb/run.log": b"log", "run.ckpt": b"x",
-            "data/big.bin": b"dataset", "pkg/__pycache__/model.cpython-311.pyc": b"pyc",
-            "notes.txt": b"mine"}
+    made = {
+        "ckpt/checkpoint.pt": b"weights",
+        "wandb/run.log": b"log",
+        "run.ckpt": b"x",
+        "data/big.bin": b"dataset",
+        "pkg/__pycache__/model.cpython-311.pyc": b"pyc",
+        "notes.txt": b"mine",
+    }
     for rel, data in made.items():
         (code / rel).parent.mkdir(parents=True, exist_ok=True)
         (code / rel).write_bytes(data)
@@ -240,9 +265,11 @@ def test_foreign_code_dir_is_refused_untouched(tmp_path, held):
     for code in (home, home / "keepme"):
         got = probe(code)
         assert got["code"]["problem"] == "foreign" and got["manifest"] == {}
-        line, = sync.code_dir_problems({"node0": got["code"]}, "~")
-        assert line.startswith(f"node0: code dir {code} (--code-dir ~) exists and was not made "
-                               "by ddpfleet; nothing in it was touched: pass a --code-dir")
+        (line,) = sync.code_dir_problems({"node0": got["code"]}, "~")
+        assert line.startswith(
+            f"node0: code dir {code} (--code-dir ~) exists and was not made "
+            "by ddpfleet; nothing in it was touched: pass a --code-dir"
+        )
         # The sync itself refuses too, even when told to delete what is there.
         root = make_project(tmp_path / "proj")
         files = sync.project_files(root)
@@ -260,9 +287,11 @@ def test_an_unreadable_manifest_refuses_the_code_dir(tmp_path, held):
     found = probe(code)
     got = found["code"]
     assert got["problem"] == "error" and found["manifest"] == {}
-    line, = sync.code_dir_problems({"node0": got}, "~/c")
-    assert line == (f"node0: cannot use code dir {code} ({code}/.ddpfleet/manifest.json is not "
-                    "a ddpfleet manifest); fix that or pass another --code-dir")
+    (line,) = sync.code_dir_problems({"node0": got}, "~/c")
+    assert line == (
+        f"node0: cannot use code dir {code} ({code}/.ddpfleet/manifest.json is not "
+        "a ddpfleet manifest); fix that or pass another --code-dir"
+    )
     assert (code / "train.py").exists()
 
 
@@ -293,9 +322,11 @@ def test_a_code_dir_in_use_is_refused_to_a_second_run(tmp_path, held):
     assert held(code, "run-a")["problem"] is None
     second = probe(code)["code"]  # run B's runner, while run A's still holds the lock
     assert second["problem"] == "busy" and second["detail"] == "run-a"
-    line, = sync.code_dir_problems({"node1": second}, "~/c")
-    assert line == (f"node1: code dir {code} is in use by run run-a; wait for it to finish or "
-                    "pass another --code-dir")
+    (line,) = sync.code_dir_problems({"node1": second}, "~/c")
+    assert line == (
+        f"node1: code dir {code} is in use by run run-a; wait for it to finish or "
+        "pass another --code-dir"
+    )
     files = sync.project_files(root)
     change = sync.diff(files, {})
     r = node_call(["apply", str(code), "run-b"], tar_of(root, files, change))
@@ -323,8 +354,10 @@ def test_the_sync_never_deletes_or_overwrites_what_it_did_not_put_there(tmp_path
     # The project now has a file where the run made a directory, or below a file it made.
     (root / "results").write_text("now a file\n")
     (root / "notes.d").mkdir()
-    for rel, why in (("results", "'results' is a directory holding files made on the node"),
-                     ("notes/x.py", "'notes' is a file or symlink made on the node")):
+    for rel, why in (
+        ("results", "'results' is a directory holding files made on the node"),
+        ("notes/x.py", "'notes' is a file or symlink made on the node"),
+    ):
         if rel == "notes/x.py":
             (root / "results").unlink()
             shutil.move(root / "notes.d", root / "notes")
@@ -375,15 +408,18 @@ def test_reused_run_id_is_refused_before_anything(tmp_path):
     launch.fresh_run_dir(run_dir, make=True)
     (run_dir / "node0.log").write_text("old run\n")
     for make in (False, True):
-        with pytest.raises(PlanError, match=r"^--run-id r1 was used before \(.*logs/r1 exists\); "
-                                            "pick a new --run-id"):
+        with pytest.raises(
+            PlanError,
+            match=r"^--run-id r1 was used before \(.*logs/r1 exists\); "
+            "pick a new --run-id",
+        ):
             launch.fresh_run_dir(run_dir, make=make)
     assert (run_dir / "node0.log").read_text() == "old run\n"
 
 
 @pytest.mark.parametrize("bad", ["", "  ", "~/a{b}", "~/{0}", "~/{"])
 def test_code_dir_flag_is_checked(bad):
-    with pytest.raises(PlanError, match="^--code-dir: give a path on the nodes"):
+    with pytest.raises(PlanError, match=r"^--code-dir: give a path on the nodes"):
         launch.check_code_dir(bad)
     assert launch.check_code_dir("~/x/{cluster}/{{y}}") == "~/x/{cluster}/{{y}}"
 

@@ -67,7 +67,7 @@ def test_target_from_probe_and_its_cache_tag():
 
 
 def test_target_from_a_probe_without_python3_is_a_clear_error():
-    with pytest.raises(DdpfleetError, match="is python3 .* installed"):
+    with pytest.raises(DdpfleetError, match=r"is python3 .* installed"):
         Target.from_probe({"base_py": "3.11"})
 
 
@@ -83,8 +83,9 @@ def test_spec_digest_changes_with_every_part():
 
 
 def test_download_with_pips_own_config_is_one_command_for_the_target():
-    ((argv, index),) = wheelhouse.download_commands(CPU, Target.from_probe(PROBE), Path("/c/t"),
-                                                    "py")
+    ((argv, index),) = wheelhouse.download_commands(
+        CPU, Target.from_probe(PROBE), Path("/c/t"), "py"
+    )
     assert index == ""
     assert argv[:4] == ["py", "-m", "pip", "download"]
     assert argv[-2:] == ["torch==2.13.0", "jupyterlab"]
@@ -102,7 +103,8 @@ def test_download_with_pips_own_config_is_one_command_for_the_target():
 
 def test_download_from_the_torch_index_then_the_rest_against_what_is_there():
     (first, index), (second, index2) = wheelhouse.download_commands(
-        CU118, Target.from_probe(PROBE), Path("/c/t"))
+        CU118, Target.from_probe(PROBE), Path("/c/t")
+    )
     # The index goes to pip as PIP_INDEX_URL (it may carry a token), never on the argv.
     assert index == "https://download.pytorch.org/whl/cu118" and first[-1] == "torch==2.5.1"
     assert "--index-url" not in first and index not in " ".join(first)
@@ -187,7 +189,7 @@ def test_a_failed_pip_download_names_the_controller(tmp_path, monkeypatch):
             },
         )(),
     )
-    with pytest.raises(DdpfleetError, match="controller: pip download failed .*No matching"):
+    with pytest.raises(DdpfleetError, match=r"controller: pip download failed .*No matching"):
         wheelhouse.fetch(tmp_path, CPU, Target.from_probe(PROBE))
 
 
@@ -324,8 +326,9 @@ def test_pip_gets_the_index_from_its_environment_and_errors_mask_the_password():
 
 def test_a_credentialed_index_never_reaches_argv_progress_or_errors(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(wheelhouse, "_pip", lambda argv, index_url="": calls.append(
-        (argv, index_url)) or "")  # pip that saves nothing
+    monkeypatch.setattr(
+        wheelhouse, "_pip", lambda argv, index_url="": calls.append((argv, index_url)) or ""
+    )  # pip that saves nothing
     spec = Spec("torch==2.13.0", "https://u:SECRET@pkgs.example/simple", ())
     progress = []
     with pytest.raises(DdpfleetError) as e:
