@@ -37,16 +37,19 @@ def daemon():
                 time.sleep(1)
         os._exit(0)
 """
-# A process that forks, exits, and has its child call setsid, without end (1 ms a generation).
+# A process that forks, exits, and has its child call setsid (1 ms a generation), for at most
+# a minute: should the runner ever miss it, it must not go on filling the machine with zombies.
 HOPPER = """
 def hopper():
+    end = time.monotonic() + 60
     if os.fork() == 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        while True:
+        while time.monotonic() < end:
             os.setsid()
             time.sleep(0.001)
             if os.fork() != 0:
                 os._exit(0)
+        os._exit(0)
 """
 
 
