@@ -16,9 +16,9 @@ guardian and the runner are SIGKILLed (torchrun still gets PDEATHSIG). A cgroup 
 node-side supervisor) is what closes those.
 
 Ending the tree: SIGTERM to every process group and process, `grace` seconds, then freeze and
-kill: SIGSTOP sweeps until one finds no process still running (a stopped process cannot fork,
-so a fork-and-setsid loop cannot outrun the sweep), then SIGKILL sweeps until one finds nothing
-alive. Nothing is ever looked up by name.
+kill: SIGSTOP sweeps until three in a row find no process still running (a stopped process
+cannot fork, so a fork-and-setsid loop cannot outrun the sweeps), then SIGKILL sweeps until
+three in a row find nothing alive. Nothing is ever looked up by name.
 """
 
 import ctypes
@@ -30,6 +30,7 @@ import time
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 KILL_WAIT_S = 5.0  # SIGKILLed processes may take a moment to go (a D-state read, a core dump)
+CLEAN_SWEEPS = 3  # sweeps in a row that must find nothing before a tree counts as stopped
 
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in a forked child
@@ -54,11 +55,13 @@ def _stat(pid):
 
 
 def children_map():
-    """{ppid: [(pid, state), ...]} for every process."""
+    """{ppid: [(pid, state), ...]} for every process. Newest first: a process that forks and
+    exits at once has left a living child only where /proc was listed, so the newest entries
+    are read while that child's parent is most likely still there to lead to it."""
     kids = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(entry)) is not None:
-            kids.setdefault(st[1], []).append((int(entry), st[0]))
+    for pid in sorted((int(e) for e in os.listdir("/proc") if e.isdigit()), reverse=True):
+        if (st := _stat(pid)) is not None:
+            kids.setdefault(st[1], []).append((pid, st[0]))
     return kids
 
 
@@ -95,26 +98,32 @@ def signal_all(sig, procs):
             pass
 
 
+def _sweep(sig, pick, deadline):
+    """Send `sig` to what `pick` keeps of our descendants until CLEAN_SWEEPS sweeps in a row
+    find nothing to send it to (or the deadline). One clean sweep is not proof: a child forked
+    after /proc was listed, whose parent exited before it was read, is in no sweep's tree."""
+    clean = 0
+    while clean < CLEAN_SWEEPS and time.monotonic() < deadline:
+        procs = [p for p in descendants() if pick(p)]
+        if procs:
+            clean = 0
+            signal_all(sig, procs)
+        else:
+            clean += 1
+        time.sleep(0.005)
+    return clean >= CLEAN_SWEEPS
+
+
 def freeze(deadline):
-    """SIGSTOP sweeps until one finds nothing still running (or the deadline)."""
-    while time.monotonic() < deadline:
-        running = [p for p in descendants() if p[1] != "T"]
-        if not running:
-            return
-        signal_all(signal.SIGSTOP, running)
+    """SIGSTOP sweeps until none finds a process still running (or the deadline)."""
+    _sweep(signal.SIGSTOP, lambda p: p[1] != "T", deadline)
 
 
 def kill_all(wait=KILL_WAIT_S):
-    """Freeze, then SIGKILL sweeps until one finds nothing alive. True when nothing is left."""
+    """Freeze, then SIGKILL sweeps until none finds anything alive. True when nothing is left."""
     deadline = time.monotonic() + wait
     freeze(deadline)
-    while time.monotonic() < deadline:
-        left = descendants()
-        if not left:
-            return True
-        signal_all(signal.SIGKILL, left)
-        time.sleep(0.02)
-    return not descendants()
+    return _sweep(signal.SIGKILL, lambda p: True, deadline) or not descendants()
 
 
 def end_tree(grace, agent=None, linger=0.5):

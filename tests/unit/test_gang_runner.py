@@ -38,10 +38,11 @@ def daemon():
         os._exit(0)
 """
 # A process that forks, exits, and has its child call setsid (1 ms a generation), for at most
-# a minute: should the runner ever miss it, it must not go on filling the machine with zombies.
+# 20 s: should the runner ever miss it, it must not go on filling the machine with zombies
+# (cleanup() hunts it down too).
 HOPPER = """
 def hopper():
-    end = time.monotonic() + 60
+    end = time.monotonic() + 20
     if os.fork() == 0:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while time.monotonic() < end:
@@ -137,13 +138,18 @@ class Runner:
         raise AssertionError(f"no {kind!r} event before EOF")
 
     def cleanup(self) -> None:
-        """Whatever a failing test left: killed by pid, found by this run's id only."""
-        for pid in run_pids(self.run_id):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.kill(pid, signal.SIGCONT)
-            except OSError:
-                pass
+        """Whatever a failing test left: found by this run's id only, stopped, then killed,
+        until three looks in a row find nothing (a fork hopper is missed by a single look)."""
+        clean, deadline = 0, time.monotonic() + 30
+        while clean < 3 and time.monotonic() < deadline:
+            pids = run_pids(self.run_id)
+            clean = 0 if pids else clean + 1
+            for sig in (signal.SIGSTOP, signal.SIGKILL):
+                for pid in pids:
+                    try:
+                        os.kill(pid, sig)
+                    except OSError:
+                        pass
         self.proc.kill()
         self.proc.wait()
 
