@@ -283,6 +283,35 @@ def test_miniforge_downloaded_over_http_needs_no_consent(cluster: Cluster):
         assert "cpuonly" in create[0]["spec"]["dependencies"]  # sandbox nodes: no nvidia-smi
 
 
+def test_a_node_without_sftp_fails_alone_in_the_recap(cluster: Cluster, installer):
+    # The installer goes over SFTP (sshd hardening needs none): node1 refuses it, node0 does not.
+    path, sha = installer
+    prefix = "/opt/ddpfleet-test-nosftp"
+    sftp = "/usr/lib/openssh/sftp-server"
+    inventory = write(
+        cluster,
+        "inventory-nosftp.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "prefix": prefix, "accept_tos": True},
+    )
+    bind = cluster.ssh(
+        "node1", f"rm -f /var/cache/ddpfleet/{path.name}; mount --bind /bin/false {sftp}"
+    )
+    assert bind.returncode == 0, bind.stderr
+    try:
+        result, _ = bootstrap(cluster, inventory, roles="miniconda")
+    finally:
+        cluster.ssh("node1", f"umount {sftp}")
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {prefix}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "Traceback" not in out
+    rows = recap(result.stdout)
+    assert rows["node0"]["failed"] == "0" and rows["node0"]["unreachable"] == "0", out
+    assert rows["node1"]["failed"] != "0", out
+    assert "node1: miniconda" in result.stderr and "SFTP" in result.stderr, result.stderr
+
+
 def test_check_on_a_new_prefix_changes_nothing(cluster: Cluster, installer):
     path, sha = installer
     prefix = "/opt/ddpfleet-test-check"

@@ -309,30 +309,6 @@ def test_output_that_does_not_parse_fails_that_node_only(cluster: Cluster):
     )
 
 
-def test_bootstrap_with_no_sftp_on_one_node_fails_that_node_in_the_recap(cluster: Cluster):
-    sftp = "/usr/lib/openssh/sftp-server"
-    _root(cluster, "node1", f"mount --bind /bin/false {sftp}")
-    try:
-        r = cluster.invoke(
-            "bootstrap",
-            "--roles",
-            "openssh_server",
-            extra_env={"DDPFLEET_JUPYTER_PASSWORD": "x-unused-7f3a"},
-        )
-    finally:
-        _root(cluster, "node1", f"umount {sftp}")
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "Traceback" not in r.stdout + r.stderr
-    rows = {
-        ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]]
-        for ln in r.stdout.splitlines()
-        if ln.count("│") > 5
-    }
-    assert rows["node0"][2] == "0" and rows["node0"][4] == "0", r.stdout  # failed, unreachable
-    assert rows["node1"][2] != "0", r.stdout
-    assert "node1: openssh_server" in r.stderr and "SFTP" in r.stderr, r.stderr
-
-
 # -- #14, #8: the bootstrap lock -----------------------------------------------------------------
 
 
