@@ -38,16 +38,32 @@ def _fleet(inventory, nodes):
     return Fleet(loaded)
 
 
+def _warm_fleet(inventory, nodes):
+    """The connection keeper's connections when one runs (kept.py), else direct ones."""
+    from ddpfleet import kept
+
+    return kept.fleet(inv.load(inventory, nodes))
+
+
 @task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
 @cli
 def ping(c, inventory=None, nodes=None):
     """Check each node answers; show OS, Python, disk."""
     from ddpfleet import ping as ping_mod
 
-    with _fleet(inventory, nodes) as fleet:
+    with _warm_fleet(inventory, nodes) as fleet:
         results = ping_mod.ping(fleet)
         report.show(ping_mod.render(fleet, results))
         report.exit_if_failed(results, "ping")
+
+
+@task(help={"inventory": INVENTORY_HELP})
+@cli
+def disconnect(c, inventory=None):
+    """Close the SSH connections kept for later commands."""
+    from ddpfleet import kept
+
+    report.show(kept.disconnect(inv.load(inventory)))
 
 
 @task(
@@ -198,7 +214,7 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
     """Show every GPU of every node in one table."""
     from ddpfleet import gpustatus
 
-    with _fleet(inventory, nodes) as fleet:
+    with _warm_fleet(inventory, nodes) as fleet:
         results = gpustatus.run(fleet, as_json=json, every=_seconds(watch))
         report.exit_if_failed(results, "gpu-status")
 
@@ -363,5 +379,7 @@ def _node_list(nodes: str) -> list[str]:
 sandbox_ns = Collection(
     "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
 )
-ns = Collection(ping, trust, bootstrap, env_export, train, gpu_status, doctor, sandbox_ns)
+ns = Collection(
+    ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
+)
 ns.add_collection(jupyter_ns)

@@ -22,7 +22,6 @@ import shlex
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,6 +42,7 @@ from ddpfleet.errors import (
 from ddpfleet.inventory import Inventory, Node
 from ddpfleet.knownhosts import fingerprint, known_hosts_name
 from ddpfleet.parallel import parallel
+from ddpfleet.result import Result
 
 __all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_name"]
 
@@ -59,20 +59,6 @@ BOUNDED = (
     'command -v timeout >/dev/null 2>&1 || exec "${SHELL:-/bin/sh}" -c "$3"; '
     'exec timeout -k "$1" "$2" "${SHELL:-/bin/sh}" -c "$3"'
 )
-
-
-@dataclass(frozen=True)
-class Result:
-    node: str
-    command: str
-    exit_code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
 
 
 class _Refuse(paramiko.MissingHostKeyPolicy):

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.live import Live
@@ -28,8 +29,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpfleet import gpu, report
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import ConnectError, NodeError, Unreachable
+
+if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
+    from ddpfleet.connection import Conn, Fleet
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
 COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")
@@ -272,7 +275,8 @@ def _requery(fleet: Fleet) -> dict[str, Outcome]:
     # A watch outlives reboots: a node whose connection dropped, or that did not answer, is
     # connected again by Fleet.open(); the others keep their connections.
     for name, conn in list(fleet.conns.items()):
-        if not conn.transport.is_active():
+        transport = getattr(conn, "transport", None)  # a kept connection is the keeper's care
+        if transport is not None and not transport.is_active():
             conn.close()
             del fleet.conns[name]
     for name, error in list(fleet.errors.items()):

@@ -47,8 +47,17 @@ TOP_KEYS = (
     "nodes",
 )
 CLUSTER_KEYS = ("name", "master", "master_port")
-SSH_KEYS = ("user", "key", "port", "known_hosts", "connect_timeout", "command_timeout", "forks")
-NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k != "forks")
+SSH_KEYS = (
+    "user",
+    "key",
+    "port",
+    "known_hosts",
+    "connect_timeout",
+    "command_timeout",
+    "forks",
+    "persist",
+)
+NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir")
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
 ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server")
@@ -61,6 +70,7 @@ SSH_DEFAULTS = {
     "connect_timeout": 10,
     "command_timeout": 20,  # quick commands (facts, probes, ping, lock): stopped after this
     "forks": 32,
+    "persist": 60,  # seconds the connection keeper holds idle connections; 0: no keeper
 }
 
 
@@ -105,6 +115,7 @@ class Inventory:
     sections: Mapping[str, Mapping[str, Any]]  # role sections, raw but read-only
     sandbox: SandboxSettings | None
     lines: Mapping[tuple[str, ...], int] = field(repr=False, compare=False, default=None)
+    persist: int = 60  # ssh.persist: the connection keeper's idle timeout (kept.py)
 
     @property
     def root(self) -> Path:
@@ -255,6 +266,7 @@ class _Builder:
         top = self.mapping((), self.data, TOP_KEYS)
         ssh = {**SSH_DEFAULTS, **self.mapping(("ssh",), top.get("ssh"), SSH_KEYS)}
         forks = self.integer(("ssh", "forks"), ssh["forks"], 1, 1024)
+        persist = self.integer(("ssh", "persist"), ssh["persist"], 0, 3600)
         raw_nodes = self.mapping(("nodes",), top.get("nodes"), tuple(top.get("nodes") or ()))
         if not raw_nodes:
             raise self.fail(
@@ -276,6 +288,7 @@ class _Builder:
             sections=MappingProxyType(sections),
             sandbox=self.sandbox(top.get("sandbox")),
             lines=MappingProxyType(self.lines),
+            persist=persist,
         )
 
     def integer(self, keys, value, lo: int, hi: int) -> int:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.facts import FACTS_SCRIPT, human_kb, parse_facts
 from ddpfleet.report import table
+
+if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
+    from ddpfleet.connection import Conn, Fleet
 
 COLUMNS = (
     "node",

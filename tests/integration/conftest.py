@@ -42,6 +42,9 @@ def write_inventory(
     data["ssh"].update(
         key=str(directory / "state" / "id_ed25519"), known_hosts=str(directory / "known_hosts")
     )
+    # Direct connections unless a test is about the keeper (test_keeper.py): every test has a
+    # HOME of its own, so kept connections would mean a keeper per test, idling for a minute.
+    data["ssh"]["persist"] = 0
     data["nodes"] = {f"node{i}": {"host": str(net[10 + i])} for i in range(count)}
     for key, value in changes.items():
         data[key] = value
