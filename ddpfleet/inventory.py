@@ -43,6 +43,8 @@ TOP_KEYS = (
     "miniconda",
     "jupyter",
     "openssh_server",
+    "slurm",
+    "train",
     "sandbox",
     "nodes",
 )
@@ -50,8 +52,10 @@ CLUSTER_KEYS = ("name", "master", "master_port")
 SSH_KEYS = ("user", "key", "port", "known_hosts", "connect_timeout", "command_timeout", "forks")
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k != "forks")
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir")
+TRAIN_KEYS = ("launcher",)
+LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
-ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server")
+ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm")
 
 SSH_DEFAULTS = {
     "user": "root",
@@ -105,6 +109,7 @@ class Inventory:
     sections: Mapping[str, Mapping[str, Any]]  # role sections, raw but read-only
     sandbox: SandboxSettings | None
     lines: Mapping[tuple[str, ...], int] = field(repr=False, compare=False, default=None)
+    launcher: str = "ssh"
 
     @property
     def root(self) -> Path:
@@ -276,7 +281,17 @@ class _Builder:
             sections=MappingProxyType(sections),
             sandbox=self.sandbox(top.get("sandbox")),
             lines=MappingProxyType(self.lines),
+            launcher=self.launcher(top.get("train")),
         )
+
+    def launcher(self, raw: Any) -> str:
+        t = self.mapping(("train",), raw, TRAIN_KEYS)
+        launcher = t.get("launcher", "ssh")
+        if launcher not in LAUNCHERS:
+            raise self.fail(
+                ("train", "launcher"), f"{launcher!r} is not a launcher; use one of {LAUNCHERS}"
+            )
+        return launcher
 
     def integer(self, keys, value, lo: int, hi: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
