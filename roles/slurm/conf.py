@@ -23,6 +23,7 @@ import jinja2
 
 from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory
+from ddpfleet.shell import sha256
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SLURM_CONF = "/etc/slurm/slurm.conf"
@@ -182,6 +183,13 @@ def files(s: Settings, nodes: list[NodeHW], master: str) -> dict[str, str]:
         GRES_CONF: _render("gres.conf.j2", nodes=nodes),
         CGROUP_CONF: _render("cgroup.conf.j2", plugin=cgroup_plugin(s, head)),
     }
+
+
+def stamp(texts: Mapping[str, str]) -> str:
+    """'<digest of every file> <digest of slurm.conf's node and port lines>': what a daemon
+    that read these files has in its stamp (daemons.write_stamp)."""
+    everything = sha256("".join(f"{p}\n{t}" for p, t in sorted(texts.items())))
+    return f"{everything} {sha256(chr(10).join(node_lines(texts.get(SLURM_CONF))))}"
 
 
 def node_lines(slurm_conf: str | None) -> list[str]:

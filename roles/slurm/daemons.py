@@ -84,6 +84,7 @@ absent=
 for d in $6; do [ -d "$d" ] || absent="$absent $d"; done
 echo "absent_dirs=$absent"
 for d in munge slurmctld slurmd; do
+  echo "stamp_$d=$(cat "$state/$d.stamp" 2>/dev/null)"
   if [ -n "$4" ]; then
     echo "active_$d=$(systemctl is-active "$d" 2>/dev/null)"
     echo "enabled_$d=$(systemctl is-enabled "$d" 2>/dev/null)"
@@ -135,6 +136,9 @@ class NodeState:
         if self.systemd:
             return self.facts.get(f"active_{daemon}") == "active"
         return bool(self.facts.get(f"supervisor_{daemon}"))
+
+    def stamp(self, daemon: str) -> str:
+        return self.facts.get(f"stamp_{daemon}", "")
 
     def pid(self, daemon: str) -> str:
         return self.facts.get(f"pid_{daemon}", "")
@@ -194,6 +198,11 @@ def stop(daemon: str, systemd: bool) -> list[str]:
     if systemd:
         return ["systemctl", "stop", daemon]
     return ["sh", "-c", STOP_SH, "sh", STATE_DIR, daemon]
+
+
+def write_stamp(daemon: str, stamp: str) -> list[str]:
+    """Record what the daemon has now read (see role._daemon)."""
+    return ["sh", "-c", 'printf "%s\\n" "$2" > "$1"', "sh", f"{STATE_DIR}/{daemon}.stamp", stamp]
 
 
 def reload(daemon: str, state: NodeState) -> list[str]:

@@ -13,9 +13,11 @@ three files, the same bytes for all. Per node, in order:
   service     the supervisor script (no systemd) or the distro's units
   munge, slurmctld (master), slurmd: running, else started and waited for (polled)
   nodes       (master) every node registered with slurmctld and not down
-Handlers, once after the role: a new key restarts munged; a slurm.conf whose nodes or ports
-changed restarts slurmctld and slurmd (22.05 adds nodes only on restart); any other change of
-the files is a reconfigure (slurmctld: scontrol reconfigure; slurmd: SIGHUP).
+A running daemon that has not read the current files or key (its stamp in the state dir says
+what it last read) is dealt with in its own step, before the nodes check: a new key restarts
+munged; slurm.conf lines about nodes or ports restart slurmctld and slurmd (22.05 adds nodes
+only on restart); any other change is a re-read (slurmctld: scontrol reconfigure; slurmd:
+SIGHUP).
 """
 
 from __future__ import annotations
@@ -24,15 +26,14 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ddpfleet.roles import Step, failed, ok, skipped
+from ddpfleet.roles import Step, changed, failed, ok, skipped
 from ddpfleet.shell import tail
 
 from . import daemons
-from .conf import SLURM_CONF, node_lines
+from .conf import stamp
 from .survey import Survey, survey  # noqa: F401  (survey: the engine's hook)
 
 SECTION = "slurm"
-RESTART_MUNGE, RESTART, RECONFIGURE = "restart munge", "restart slurm", "reconfigure slurm"
 APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", "DPkg::Lock::Timeout=300"]
 
 
@@ -63,6 +64,13 @@ class Run:
     @property
     def packages(self) -> tuple[str, ...]:
         return daemons.packages(_debian(self.host.facts), self.master)
+
+    def stamp(self, daemon: str) -> str:
+        """What the daemon must have read: the key's digest (munge), else the files' digest and
+        the digest of their node and port lines (a change there needs a restart)."""
+        if daemon == "munge":
+            return self.survey.key.digest if self.survey.key else ""
+        return stamp(self.survey.files)
 
     def probe(self) -> None:
         self.state = daemons.probe(self.host, self.packages, self.users)
@@ -164,8 +172,6 @@ def _key(run: Run) -> Step:
         # No diff: the key's bytes must never reach a log.
         quiet = dataclasses.replace(host, diff=False)
         quiet.put(daemons.KEY, key.reveal(), mode=0o400, owner="munge")
-        if run.state.running("munge"):
-            host.notify(RESTART_MUNGE)
 
     return host.changed("munge key", f"install the cluster's munge key at {daemons.KEY}", install)
 
@@ -173,15 +179,10 @@ def _key(run: Run) -> Step:
 def _files(run: Run) -> Step:
     host, changed_paths, diffs = run.host, [], []
     for path, text in run.survey.files.items():
-        old = host.read_file(path) if path == SLURM_CONF else None
         written, diff = host.put(path, text, mode=0o644)
-        if not written:
-            continue
-        changed_paths.append(path)
-        diffs.append(diff)
-        restart = path == SLURM_CONF and node_lines(old.decode() if old else "") != node_lines(text)
-        if any(run.state.running(d) for d in run.daemons if d != "munge"):
-            host.notify(RESTART if restart else RECONFIGURE)
+        if written:
+            changed_paths.append(path)
+            diffs.append(diff)
     if not changed_paths:
         return ok("files", "slurm.conf, gres.conf, cgroup.conf")
     return host.changed("files", "write " + ", ".join(changed_paths), diff="".join(diffs))
@@ -198,25 +199,50 @@ def _service(run: Run) -> Step:
 
 
 def _daemon(run: Run, daemon: str) -> Step:
+    """Running with what it should have read (its stamp: the files' or the key's digest when
+    it last started or re-read them), else started, restarted or told to re-read. The stamp
+    survives a run that failed halfway: the next run still sees the daemon is behind."""
     host, state = run.host, run.state
-    if state.running(daemon):
-        want = daemons.supervised(daemon, host.name)
-        if not state.systemd and state.command(daemon) != want:
-            host.notify(RESTART_MUNGE if daemon == "munge" else RESTART)
-            return ok(daemon, f"running (pid {state.pid(daemon)}); restart queued: its command")
-        if state.systemd and state.facts.get(f"enabled_{daemon}") != "enabled":
-            host.change(["systemctl", "enable", daemon])
+    want = run.stamp(daemon)
+    if not state.running(daemon):
+
+        def start() -> Step:
+            host.change(daemons.stop(daemon, state.systemd))  # a supervisor whose daemon died
+            host.change(daemons.start(daemon, host.name, state.systemd))
+            return _wait(run, daemon, "started", want)
+
+        return host.changed(daemon, f"start {daemon}", start)
+    if state.systemd and state.facts.get(f"enabled_{daemon}") != "enabled":
+        host.change(["systemctl", "enable", daemon])
+    have = state.stamp(daemon)
+    command_ok = state.systemd or state.command(daemon) == daemons.supervised(daemon, host.name)
+    if have == want and command_ok:
         return ok(daemon, f"running (pid {state.pid(daemon) or 'systemd'})")
+    if command_ok and daemon != "munge" and have.split()[1:] == want.split()[1:]:
 
-    def start() -> Step:
-        host.change(daemons.stop(daemon, state.systemd))  # a supervisor whose daemon is gone
+        def reread() -> Step:
+            host.change(daemons.reload(daemon, state))
+            host.change(daemons.write_stamp(daemon, want))
+            return changed(daemon, f"told to re-read its files (pid {state.pid(daemon)})")
+
+        return host.changed(daemon, f"reconfigure {daemon}", reread)
+    why = (
+        "its command changed"
+        if not command_ok
+        else "new key"
+        if daemon == "munge"
+        else ("nodes or ports changed" if have else "files of unknown age")
+    )
+
+    def again() -> Step:
+        host.change(daemons.stop(daemon, state.systemd))
         host.change(daemons.start(daemon, host.name, state.systemd))
-        return _wait(run, daemon, "started")
+        return _wait(run, daemon, f"restarted: {why}", want)
 
-    return host.changed(daemon, f"start {daemon}", start)
+    return host.changed(daemon, f"restart {daemon} ({why})", again)
 
 
-def _wait(run: Run, daemon: str, verb: str) -> Step:
+def _wait(run: Run, daemon: str, verb: str, stamp: str) -> Step:
     s, host = run.survey.settings, run.host
     port = s.slurmd_port if daemon == "slurmd" else s.slurmctld_port
     if not host.run(daemons.wait(daemon, s.wait_s, port), check=False, timeout=s.wait_s + 30).ok:
@@ -225,8 +251,9 @@ def _wait(run: Run, daemon: str, verb: str) -> Step:
             daemon,
             f"{daemon} did not answer within {s.wait_s}s; its last lines: {tail(logs) or '(none)'}",
         )
+    host.change(daemons.write_stamp(daemon, stamp))
     run.probe()
-    return Step("", daemon, "changed", f"{verb} (pid {run.state.pid(daemon) or 'systemd'})")
+    return changed(daemon, f"{verb} (pid {run.state.pid(daemon) or 'systemd'})")
 
 
 # %N name, %T state, %E reason: 'node1 down* Not responding'
@@ -259,48 +286,3 @@ def _nodes(run: Run) -> Step:
             "see invoke slurm.status and the node's /var/log/slurm/slurmd.log",
         )
     return ok("nodes", f"{len(names)} node(s) up in partition {s.partition}")
-
-
-# -- handlers --------------------------------------------------------------------------------
-
-
-def _restart(host, cfg: Mapping[str, Any], which: tuple[str, ...], why: str) -> Iterator[Step]:
-    run = Run(host, cfg, host.surveys["slurm"])
-    run.probe()
-    for daemon in [d for d in run.daemons if d in which]:
-
-        def again(daemon: str = daemon) -> Step:
-            host.change(daemons.stop(daemon, run.state.systemd))
-            host.change(daemons.start(daemon, host.name, run.state.systemd))
-            return _wait(run, daemon, f"restarted: {why}")
-
-        step = host.changed(f"restart {daemon}", f"restart {daemon}", again)
-        yield step
-        if step.status == "failed":
-            return
-
-
-def restart_munge(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
-    yield from _restart(host, cfg, ("munge",), "new munge key")
-
-
-def restart(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
-    yield from _restart(host, cfg, ("slurmctld", "slurmd"), "nodes or ports changed")
-
-
-def reconfigure(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
-    if RESTART in host.notified:
-        return  # the restart reads the files anyway
-    run = Run(host, cfg, host.surveys["slurm"])
-    run.probe()
-    daemon = "slurmctld" if run.master else "slurmd"
-    if not run.state.running(daemon):
-        return
-    yield host.changed(
-        "reconfigure",
-        f"reconfigure {daemon}",
-        lambda: host.change(daemons.reload(daemon, run.state)),
-    )
-
-
-HANDLERS = {RESTART_MUNGE: restart_munge, RESTART: restart, RECONFIGURE: reconfigure}
