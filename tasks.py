@@ -115,7 +115,7 @@ def env_export(c, inventory=None, nodes=None):
 )
 @cli
 def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None, skip_roles=None):
-    """Set up nodes: SSH, Python + PyTorch, Jupyter, Slurm."""
+    """Set up nodes: SSH, PyTorch env, Jupyter, Slurm."""
     from ddpfleet import bootstrap as boot
     from ddpfleet import roles as roles_mod
 
