@@ -131,7 +131,7 @@ def env_export(c, inventory=None, nodes=None):
 )
 @cli
 def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None, skip_roles=None):
-    """Set up nodes: SSH, Python + PyTorch, Jupyter."""
+    """Set up nodes: SSH, PyTorch env, Jupyter, Slurm."""
     from ddpfleet import bootstrap as boot
     from ddpfleet import roles as roles_mod
 
@@ -164,6 +164,8 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
         "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
+        "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
+        "default: the inventory's train.launcher, else ssh)",
     },
 )
 @cli
@@ -179,6 +181,7 @@ def train(
     run_id=None,
     project_dir=".",
     code_dir=None,
+    launcher=None,
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
@@ -197,8 +200,16 @@ def train(
         code_dir=code_dir,
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
+    how = launcher or loaded.launcher
+    if how not in inv.LAUNCHERS:
+        raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded) as fleet:
-        launch.train(fleet, config)
+        if how == "slurm":
+            from ddpfleet.launch import slurm_run
+
+            slurm_run.train(fleet, config)
+        else:
+            launch.train(fleet, config)
 
 
 @task(
@@ -217,6 +228,22 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
     with _warm_fleet(inventory, nodes) as fleet:
         results = gpustatus.run(fleet, as_json=json, every=_seconds(watch))
         report.exit_if_failed(results, "gpu-status")
+
+
+@task(
+    name="status",
+    help={"inventory": INVENTORY_HELP, "json": "print the ddpfleet.slurm-status/1 document"},
+)
+@cli
+def slurm_status(c, inventory=None, json=False):
+    """Show Slurm's nodes (state, reason) and jobs."""
+    from ddpfleet.slurm import status
+
+    with _fleet(inventory, None) as fleet:
+        status.status(fleet, as_json=json)
+
+
+slurm_ns = Collection("slurm", slurm_status)
 
 
 def _seconds(value) -> float | None:
@@ -383,3 +410,4 @@ ns = Collection(
     ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
 )
 ns.add_collection(jupyter_ns)
+ns.add_collection(slurm_ns)

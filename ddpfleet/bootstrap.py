@@ -183,6 +183,9 @@ def bootstrap(
     lock_wait_s: int = LOCK_WAIT_S,
 ) -> dict[str, NodeRun]:
     private_dir(log_dir)
+    surveys = {
+        r.name: r.module.survey(fleet, r, check) for r in roles if hasattr(r.module, "survey")
+    }
     log_path = log_dir / f"bootstrap-{datetime.now():%Y%m%d-%H%M%S}.log"
     names = [n.name for n in fleet.nodes]
     with Progress(names, log_path) as progress:
@@ -194,6 +197,7 @@ def bootstrap(
                 check=check,
                 diff=diff,
                 on_progress=lambda text: progress.doing(conn.name, text),
+                surveys=surveys,
             )
             with NodeLock(conn, lock_wait_s):
                 return run_roles(host, roles, flags, on_step=progress.step)

@@ -43,6 +43,8 @@ TOP_KEYS = (
     "miniconda",
     "jupyter",
     "openssh_server",
+    "slurm",
+    "train",
     "sandbox",
     "nodes",
 )
@@ -59,8 +61,10 @@ SSH_KEYS = (
 )
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir")
+TRAIN_KEYS = ("launcher",)
+LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
-ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server")
+ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm")
 
 SSH_DEFAULTS = {
     "user": "root",
@@ -116,6 +120,7 @@ class Inventory:
     sandbox: SandboxSettings | None
     lines: Mapping[tuple[str, ...], int] = field(repr=False, compare=False, default=None)
     persist: int = 60  # ssh.persist: the connection keeper's idle timeout (kept.py)
+    launcher: str = "ssh"
 
     @property
     def root(self) -> Path:
@@ -289,7 +294,17 @@ class _Builder:
             sandbox=self.sandbox(top.get("sandbox")),
             lines=MappingProxyType(self.lines),
             persist=persist,
+            launcher=self.launcher(top.get("train")),
         )
+
+    def launcher(self, raw: Any) -> str:
+        t = self.mapping(("train",), raw, TRAIN_KEYS)
+        launcher = t.get("launcher", "ssh")
+        if launcher not in LAUNCHERS:
+            raise self.fail(
+                ("train", "launcher"), f"{launcher!r} is not a launcher; use one of {LAUNCHERS}"
+            )
+        return launcher
 
     def integer(self, keys, value, lo: int, hi: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:

@@ -11,6 +11,7 @@ A role's settings for a node, lowest precedence first (the one place this is wri
     < the inventory's section       miniconda: {prefix: /opt/conda}     (SECTION, else the name)
     < the node's vars               nodes: {node1: {vars: {miniconda_prefix: /data/conda}}}
     < task flags                    what a task passes, e.g. the roles tests' overrides
+    < the role's overrides          {enabled: true} for an opt-in role (OPT_IN) named in --roles
 
 A section key no role defines is an inventory mistake (validate_sections), named with its line.
 """
@@ -21,7 +22,7 @@ import functools
 import importlib.util
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any
@@ -32,7 +33,9 @@ from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory, Node, _did_you_mean
 
 ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
-ROLE_ORDER = ("openssh_server", "miniconda", "conda_env", "venv_env", "jupyter")
+ROLE_ORDER = ("openssh_server", "miniconda", "conda_env", "venv_env", "jupyter", "slurm")
+# Off unless the inventory enables them ({enabled: true}) or --roles names them.
+OPT_IN = ("slurm",)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class Role:
     module: ModuleType
     defaults: Mapping[str, Any]  # unprefixed
     directory: Path
+    # What the run itself decided, above every tier: {enabled: true} for an opt-in role that
+    # --roles names.
+    overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def section(self) -> str:
@@ -49,12 +55,13 @@ class Role:
     def config(
         self, inventory: Inventory, node: Node, flags: Mapping[str, Any] | None = None
     ) -> Mapping[str, Any]:
-        """defaults < inventory section < node vars (prefixed) < task flags."""
+        """defaults < inventory section < node vars (prefixed) < task flags < overrides."""
         cfg = dict(self.defaults)
         cfg.update({k: v for k, v in inventory.section(self.section).items() if k in cfg})
         prefix = self.name + "_"
         cfg.update({k[len(prefix) :]: v for k, v in node.vars.items() if k.startswith(prefix)})
         cfg.update(flags or {})
+        cfg.update(self.overrides)
         return MappingProxyType(cfg)
 
 
@@ -99,7 +106,14 @@ def select_roles(only: str | None = None, skip: str | None = None) -> list[Role]
                     f"{flag}: unknown role {n!r}{_did_you_mean(n, names)}; "
                     f"roles: {', '.join(names)}"
                 )
-    return [load_role(n) for n in names if n in wanted and n not in skipped_names]
+    chosen = [load_role(n) for n in names if n in wanted and n not in skipped_names]
+    named = _comma_list(only)
+    return [
+        replace(r, overrides=MappingProxyType({"enabled": True}))
+        if r.name in OPT_IN and r.name in named
+        else r
+        for r in chosen
+    ]
 
 
 def validate_sections(inventory: Inventory, roles: list[Role]) -> None:

@@ -6,6 +6,8 @@ A role is a directory roles/<name>/ (loaded by role_settings, which also resolve
     defaults.yaml  every knob, prefixed with the role name (miniconda_prefix: /opt/miniconda3)
     templates/     jinja2 templates, rendered with host.template(name, **vars)
     files/         files sent as they are (host.role.directory / "files" / name)
+    optional survey(fleet, role, check): read-only, once per bootstrap before any node runs;
+                   what it returns reaches every node's run as host.surveys[role name]
 
 cfg is the role's resolved settings, unprefixed and read-only (precedence: role_settings.py).
 
@@ -97,6 +99,9 @@ class Host:
     notified: list[str] = field(default_factory=list)
     on_progress: Callable[[str], None] = lambda text: None
     changes: list[str] = field(default_factory=list)  # commands that changed the node, in order
+    # What each role's survey(fleet, role, check) found across all the run's nodes before any
+    # node changed, by role name (a role whose files must agree across nodes: slurm).
+    surveys: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -7,7 +7,8 @@ namespace, a UTS namespace and a PID namespace in which it is PID 1. It:
 
 1. writes its host-visible pid to P (the controller's handle on the node);
 2. sets the hostname, mounts the node's root (overlay: lower /, upper/work under D) with a
-   fresh proc, sysfs, /dev, devpts, /dev/shm, /run, hides /var/lib/ddpfleet, pivots into it;
+   fresh proc, sysfs (the host's cgroup tree bound at its /sys/fs/cgroup), /dev, devpts,
+   /dev/shm, /run, hides /var/lib/ddpfleet, pivots into it;
 3. runs `sshd -D -e` (restarted if it exits, like a service manager would), reaps every
    orphan, and on SIGTERM/SIGINT kills everything in the node and exits.
 
@@ -43,6 +44,7 @@ SSHD = [
     "-o",
     "UseDNS=no",
 ]
+CGROUP_ROOT = "/sys/fs/cgroup"
 GRACE_S = 2.0  # between SIGTERM and SIGKILL for the node's processes
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -92,6 +94,7 @@ def make_root(base: str) -> str:
     mount("overlay", root, "overlay", 0, opts)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # our pid ns
     mount("sysfs", f"{root}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # our netns
+    mount_cgroups(root)
     mount("/dev", f"{root}/dev", None, MS_BIND)
     # Own PTYs for sshd sessions; ptmx of this instance over /dev/ptmx.
     mount(
@@ -110,6 +113,17 @@ def make_root(base: str) -> str:
     os.makedirs(f"{root}/run/lock", exist_ok=True)
     os.chmod(f"{root}/run/lock", 0o1777)  # /var/lock points here (bootstrap's flock)
     return root
+
+
+def mount_cgroups(root: str) -> None:
+    """The host's cgroup tree at the node's /sys/fs/cgroup: a fresh sysfs has an empty one, and
+    slurmd will not start without a cgroup filesystem. A recursive bind brings whatever the host
+    has (v1 hierarchies on a tmpfs with name=systemd, cgroup2, or both); the hierarchies are
+    the kernel's, shared with the host either way, as a fresh mount of each would be."""
+    if os.path.ismount(CGROUP_ROOT):
+        mount(CGROUP_ROOT, f"{root}{CGROUP_ROOT}", None, MS_BIND | MS_REC)
+    else:
+        log(f"{CGROUP_ROOT} is not a mount on this host: the node has no cgroup filesystem")
 
 
 def pivot(root: str) -> None:

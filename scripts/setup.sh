@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 # Overridable for the test that makes apt fail (tests/unit/test_setup_script.py).
 POLICY_RC_D=${POLICY_RC_D:-/usr/sbin/policy-rc.d}
 pkgs=(openssh-client openssh-server iproute2 python3-venv python3-pip util-linux procps rsync
-      pdsh chromium)
+      pdsh chromium munge slurmctld slurmd slurm-client)
+# Sandbox nodes see the host's /usr and /etc/passwd through their overlay, so the slurm role's
+# packages and users come from here. munge and slurm need the same uid on every node (the roles'
+# slurm_munge_uid / slurm_slurm_uid defaults): made before apt, whose adduser would pick any.
+fixed_users=(munge:990 slurm:991)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,6 +28,12 @@ if ((${#missing[@]})); then
     printf '#!/bin/sh\nexit 101\n' > "$POLICY_RC_D" && chmod +x "$POLICY_RC_D"
     made_policy=1
   fi
+  for entry in "${fixed_users[@]}"; do
+    name=${entry%%:*} id=${entry#*:}
+    getent group "$name" >/dev/null || groupadd --system --gid "$id" "$name"
+    getent passwd "$name" >/dev/null || useradd --system --uid "$id" --gid "$name" \
+      --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin "$name"
+  done
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null

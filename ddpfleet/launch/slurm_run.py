@@ -1,0 +1,215 @@
+"""`invoke train --launcher slurm`: the SSH launcher's preflight, plan and sync, then one sbatch
+job instead of the gang; its output streamed with node and rank prefixes, the verdict naming
+the failing node and rank, Ctrl-C cancelling the job (scancel).
+
+The job's output file lives on its BatchHost (Slurm's first node of the job), in the first
+node's torchrun log dir: the controller reads it over SFTP as it grows, while `scontrol show
+job` says how the job stands. Without a shared filesystem this is the one place srun writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+from ddpfleet.connection import Conn, Fleet
+from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.hygiene import open_private
+from ddpfleet.launch import sync
+from ddpfleet.launch.clues import Clues
+from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.logs import fetch_rank_logs
+from ddpfleet.launch.outcome import Outcome, failure_message, first_failure, summary_line
+from ddpfleet.launch.output import LineSplitter, Output
+from ddpfleet.launch.plan import Plan
+from ddpfleet.launch.preflight import fail_if, fresh_run_dir, open_members
+from ddpfleet.launch.run import prepare
+from ddpfleet.launch.slurm_batch import (
+    TERMINAL,
+    JobOutput,
+    batch_script,
+    exit_code,
+    parse_job,
+    sbatch_argv,
+)
+
+POLL_S = 0.3
+CANCEL_WAIT_S = 60.0  # after scancel, until Slurm says the job ended
+
+
+def training_user(conn: Conn) -> str | None:
+    """Who submits the job, so whom every rank runs as: None is the login user itself. The one
+    seam for a training user distinct from the login (sbatch then runs through runuser)."""
+    return None
+
+
+def as_training_user(conn: Conn, argv: list[str]) -> list[str]:
+    user = training_user(conn)
+    return argv if user is None else ["runuser", "-u", user, "--", *argv]
+
+
+def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[Outcome]:
+    out = out or Output()
+    files = sync.project_files(config.project_dir)
+    sync.require(files, config.script, config.project_dir)
+    fresh_run_dir(config.run_dir)
+    fail_if(
+        [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
+        "cannot reach every node",
+    )
+    members = open_members(fleet, config, out)
+    try:  # the runners only check and sync here: Slurm starts the ranks
+        p = prepare(fleet, config, members, files)
+    finally:
+        for m in members.values():
+            m.call_off()
+    fresh_run_dir(config.run_dir, make=True)
+    job = Job(fleet, p, config.run_dir, out)
+    job.submit()
+    try:
+        job.follow()
+    except KeyboardInterrupt:
+        job.cancel()
+        raise
+    return job.verdict()
+
+
+class Job:
+    def __init__(self, fleet: Fleet, p: Plan, run_dir: Path, out: Output):
+        self.fleet, self.p, self.run_dir, self.out = fleet, p, run_dir, out
+        self.head = fleet.conns[p.nodes[0].node]  # submits and asks Slurm
+        self.output_dir = p.nodes[0].log_dir
+        self.id = ""
+        self.info: dict[str, str] = {}
+        self.parsed = JobOutput(nproc=p.nproc)
+        self.splitter = LineSplitter()
+        self.offset = 0
+        self.started = time.monotonic()
+        self.clues = {n.node: Clues(node_rank=n.rank, nproc=p.nproc) for n in p.nodes}
+        self.lines = {n.node: deque(maxlen=200) for n in p.nodes}
+        self.logs = {n.node: open_private(run_dir / f"{n.node}.log") for n in p.nodes}
+        self.waiting_said = ""
+
+    def submit(self) -> None:
+        # The output dir on every node: Slurm picks the BatchHost, and will not make dirs.
+        made = self.fleet.map(
+            lambda c: c.run(["mkdir", "-p", "-m", "0700", "--", self.output_dir]),
+            [n.node for n in self.p.nodes],
+        )
+        fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
+        argv = sbatch_argv(self.p, f"{self.output_dir}/slurm-%j.out")
+        got = self.head.run(as_training_user(self.head, argv), stdin=batch_script(self.p))
+        self.id = got.stdout.strip().split(";")[0]
+        self.out.line(
+            f"[slurm] submitted job {self.id} ({self.p.nnodes} nodes) from {self.head.name}"
+        )
+
+    @property
+    def state(self) -> str:
+        return self.info.get("JobState", "")
+
+    def poll(self) -> None:
+        got = self.head.run(["scontrol", "-o", "show", "job", self.id], check=False)
+        if got.ok:
+            self.info = parse_job(got.stdout)
+        nodelist = self.info.get("NodeList", "")
+        if not self.parsed.nodes and nodelist not in ("", "(null)"):
+            names = self.head.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+            self.parsed.nodes = tuple(names)
+        reason = self.info.get("Reason", "None")
+        if self.state == "PENDING" and reason not in ("None", self.waiting_said):
+            self.waiting_said = reason
+            self.out.line(f"[slurm] job {self.id} waits: {reason}")
+        self.read()
+
+    def read(self) -> None:
+        host = self.info.get("BatchHost", "")
+        if host not in self.fleet.conns:
+            return
+        path = f"{self.output_dir}/slurm-{self.id}.out"
+        try:
+            with self.fleet.conns[host].sftp().open(path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self.offset += len(data)
+        for raw in self.splitter.feed(data):
+            self.show(raw.decode(errors="replace"))
+
+    def show(self, raw: str) -> None:
+        node, rank, text = self.parsed.line(raw)
+        prefix = f"[{node}]" if rank is None else f"[{node} r{rank}]"
+        self.out.line(f"{prefix} {text}", self.logs.get(node))
+        if node in self.clues:
+            self.clues[node].feed(rank, text, time.monotonic())
+            self.lines[node].append((rank, text))
+
+    def follow(self) -> None:
+        while True:
+            self.poll()
+            if self.state in TERMINAL:
+                break
+            time.sleep(POLL_S)
+        self.read()  # what the last poll raced
+        for raw in self.splitter.end():
+            self.show(raw.decode(errors="replace"))
+
+    def cancel(self) -> None:
+        if not self.id:
+            return
+        self.out.line(f"[slurm] interrupted: cancelling job {self.id}")
+        self.head.run(["scancel", self.id], check=False)
+        end = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < end and self.state not in TERMINAL:
+            time.sleep(POLL_S)
+            self.poll()
+        self.close()
+
+    def close(self) -> None:
+        for f in self.logs.values():
+            f.close()
+
+    def outcomes(self) -> list[Outcome]:
+        failed = dict(self.parsed.failed_tasks[::-1])  # the first word on a node wins
+        ok = self.state == "COMPLETED" and exit_code(self.info) == 0
+        seconds = time.monotonic() - self.started
+        outs = []
+        for n in self.p.nodes:
+            o = Outcome(n.node, seconds=seconds)
+            clues = self.clues[n.node]
+            if ok:
+                o.state, o.exit_code = "ok", 0
+            elif n.node in failed or clues.rank is not None:
+                o.state, o.exit_code = "failed", failed.get(n.node)
+                o.rank, o.evidence_at = clues.rank, clues.first_at
+                if o.exit_code is None and o.rank is not None:
+                    o.exit_code = clues.exits.get(o.rank)
+            else:
+                o.state = "stopped"
+            mine = [t for r, t in self.lines[n.node] if o.rank is None or r == o.rank]
+            o.last_lines = tuple(mine[-12:])
+            outs.append(o)
+        return outs
+
+    def verdict(self) -> list[Outcome]:
+        self.close()
+        outcomes = self.outcomes()
+        fetched = fetch_rank_logs(self.fleet, self.p, self.run_dir, [n.node for n in self.p.nodes])
+        first = first_failure(outcomes)
+        reason = f"slurm job {self.id} {self.state.lower()}"
+        for o in outcomes:
+            self.out.line(summary_line(o, first, reason))
+        missing = [str(r) for r in fetched.values() if isinstance(r, NodeError)]
+        self.out.line(
+            f"logs: {self.run_dir}" + (f" (not copied: {'; '.join(missing)})" if missing else "")
+        )
+        if first is not None:
+            raise DdpfleetError(f"slurm job {self.id}: " + failure_message(first, outcomes))
+        if self.state != "COMPLETED" or exit_code(self.info):
+            raise DdpfleetError(
+                f"slurm job {self.id} ended {self.state} ({self.info.get('Reason', '')}); "
+                f"see {self.run_dir} and `scontrol show job {self.id}` on {self.head.name}"
+            )
+        return outcomes

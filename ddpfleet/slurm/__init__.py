@@ -1,0 +1,5 @@
+"""Slurm, the job side: `invoke slurm.status` (the role lives in roles/slurm)."""
+
+from ddpfleet.slurm import status
+
+__all__ = ["status"]

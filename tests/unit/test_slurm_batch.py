@@ -1,0 +1,100 @@
+"""ddpfleet.launch.slurm_batch: the plan as a batch script, the job's output read back (pure)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from types import MappingProxyType
+
+from ddpfleet.launch import slurm_batch as b
+from ddpfleet.launch.plan import NodePlan, Plan
+
+
+def argv(rank: int) -> tuple[str, ...]:
+    return (
+        "/opt/v/bin/python", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+        str(rank), "--master-addr", "10.0.0.10", "--master-port", "29500", "--nproc-per-node",
+        "2", "--rdzv-id", "run1", "--log-dir", "/root/l/run1", "--tee", "3",
+        "scripts/train_ddp.py", "--name", "it's",
+    )  # fmt: skip
+
+
+def node(name: str, rank: int, ifname: str) -> NodePlan:
+    env = {"DDPFLEET_RUN_ID": "run1", "TOKEN": "s3cret value", "GLOO_SOCKET_IFNAME": ifname}
+    return NodePlan(name, rank, f"10.0.0.1{rank}", argv(rank), MappingProxyType(env), "/c", "/l")
+
+
+PLAN = Plan("run1", "node0", "10.0.0.10", 29500, 2, "scripts/train_ddp.py",
+            (node("node0", 0, "eth0"), node("node1", 1, "eth1")))  # fmt: skip
+
+
+def test_torchrun_swaps_the_static_rendezvous_for_c10d():
+    line = b.torchrun_argv(PLAN.nodes[1], "10.0.0.10:29500")
+    assert "--node-rank" not in line and "--master-addr" not in line
+    assert "--rdzv-id run1" not in line
+    assert '--nnodes "$SLURM_NNODES" --rdzv-backend c10d --rdzv-id "$SLURM_JOB_ID"' in line
+    assert line.endswith(
+        "--rdzv-endpoint 10.0.0.10:29500 --nproc-per-node 2 --log-dir /root/l/run1 --tee 3 "
+        "scripts/train_ddp.py --name 'it'\"'\"'s'"
+    )
+
+
+def test_shared_env_goes_into_the_script_and_only_per_node_values_onto_the_task_line():
+    common, own = b.split_env(PLAN)
+    assert common == {"DDPFLEET_RUN_ID": "run1", "TOKEN": "s3cret value"}
+    assert own == {"node0": {"GLOO_SOCKET_IFNAME": "eth0"}, "node1": {"GLOO_SOCKET_IFNAME": "eth1"}}
+    script = b.batch_script(PLAN)
+    assert script.startswith(
+        "#!/bin/sh\nexport DDPFLEET_RUN_ID=run1\nexport 'TOKEN=s3cret value'\n"
+    )
+    srun = shlex.split(script.split("exec ", 1)[1])
+    assert srun[:5] == [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "--label",
+        "--ntasks-per-node=1",
+        "--wait=30",
+    ]
+    assert "s3cret" not in srun[-1]  # the task's command line (ps) has no --env value
+
+
+def test_each_task_runs_its_own_nodes_line(tmp_path):
+    task = b.task_script(PLAN, b.split_env(PLAN)[1])
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\necho "$GLOO_SOCKET_IFNAME $*"\n')
+    (fake / "python").chmod(0o755)
+    task = task.replace("/opt/v/bin/python", str(fake / "python")).replace("cd /c", "cd /")
+    env = {"PATH": "/usr/bin:/bin", "SLURMD_NODENAME": "node1", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "42"}  # fmt: skip
+    out = subprocess.run(["sh", "-c", task], env=env, capture_output=True, text=True).stdout
+    assert out.startswith("eth1 -m torch.distributed.run --nnodes 2 --rdzv-backend c10d ")
+    assert "--rdzv-id 42 " in out and out.strip().endswith("--name it's")
+    env["SLURMD_NODENAME"] = "node9"
+    r = subprocess.run(["sh", "-c", task], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "no plan for node node9" in r.stderr
+
+
+def test_sbatch_asks_for_exactly_the_planned_nodes():
+    got = b.sbatch_argv(PLAN, "/l/slurm-%j.out")
+    assert got[:2] == ["sbatch", "--parsable"]
+    assert "--nodelist=node0,node1" in got and "--nodes=2" in got
+    assert "--output=/l/slurm-%j.out" in got and "--job-name=ddpfleet-run1" in got
+
+
+def test_job_output_lines_get_node_and_rank_and_srun_failures_are_kept():
+    out = b.JobOutput(nodes=("node0", "node1"), nproc=2)
+    assert out.line("1: [default1]:rank 3 checksum ab") == ("node1", 3, "rank 3 checksum ab")
+    assert out.line("0: torchrun says hi") == ("node0", None, "torchrun says hi")
+    assert out.line("srun: error: node1: task 1: Exited with exit code 1")[0] == "slurm"
+    assert out.line("srun: error: node0: task 0: Terminated")[0] == "slurm"
+    assert out.failed_tasks == [("node1", 1), ("node0", None)]
+
+
+def test_scontrol_job_line_and_exit_codes():
+    job = b.parse_job("JobId=7 JobName=ddpfleet-x JobState=FAILED Reason=NonZeroExitCode "
+                      "ExitCode=1:0 BatchHost=node0 NodeList=node[0-1]")  # fmt: skip
+    assert job["JobState"] in b.TERMINAL and job["BatchHost"] == "node0"
+    assert b.exit_code(job) == 1
+    assert b.exit_code({"ExitCode": "0:15"}) == -15
+    assert b.exit_code({"ExitCode": "0:0"}) == 0
