@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
-from invoke import Collection, Exit, task
+from invoke import Collection, task
 
+import tasks_runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import report
 from ddpfleet.errors import DdpfleetError
-from ddpfleet.hygiene import clean
-
-INVENTORY_HELP = "inventory file (default: $DDPFLEET_INVENTORY, else ./inventory.yaml)"
-NODES_HELP = "comma-separated node names (default: all nodes)"
-
-
-def cli(fn):
-    """User mistakes and node failures end as one line on stderr and exit 1, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(c, *args, **kwargs):
-        try:
-            return fn(c, *args, **kwargs)
-        except DdpfleetError as e:
-            raise Exit(f"error: {clean(str(e))}", code=1) from None  # may quote node output
-        except KeyboardInterrupt:
-            raise Exit("interrupted", code=130) from None
-
-    return wrapper
+from tasks_cli import INVENTORY_HELP, NODES_HELP, cli
 
 
 def _fleet(inventory, nodes):
@@ -166,6 +148,7 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
         "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
         "default: the inventory's train.launcher, else ssh)",
+        **runtasks.TRAIN_HELP,
     },
 )
 @cli
@@ -182,12 +165,17 @@ def train(
     project_dir=".",
     code_dir=None,
     launcher=None,
+    detach=False,
+    max_restarts=0,
+    resume=None,
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
     from ddpfleet.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
+    if resume:
+        script, args, env = runtasks.resumed(loaded, resume, script, args, env)
     flags = launch.TrainFlags(
         nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
         script=script,
@@ -198,6 +186,7 @@ def train(
         run_id=run_id,
         project_dir=project_dir,
         code_dir=code_dir,
+        max_restarts=max_restarts or 0,
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
     how = launcher or loaded.launcher
@@ -208,6 +197,8 @@ def train(
             from ddpfleet.launch import slurm_run
 
             slurm_run.train(fleet, config)
+        elif detach or resume:
+            runtasks.detached(loaded, fleet, config)
         else:
             launch.train(fleet, config)
 
@@ -411,3 +402,5 @@ ns = Collection(
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
+for t in runtasks.TASKS:
+    ns.add_task(t)

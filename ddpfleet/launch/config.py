@@ -46,6 +46,7 @@ class TrainFlags:
     project_dir: str | Path = "."
     code_dir: str | None = None
     remote_logs: str = DEFAULT_REMOTE_LOGS
+    max_restarts: str | int = 0  # torchrun's elastic restarts after a rank failure
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class TrainConfig:
     code_dir_flag: str  # --code-dir as given, for messages
     remote_logs: str  # torchrun's --log-dir parent on the nodes, {cluster} filled in
     run_dir: Path  # logs/<run-id>/ on the controller
+    max_restarts: int = 0  # passed to torchrun (--max-restarts) when above 0
 
     @property
     def master(self) -> str:
@@ -105,6 +107,7 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
         code_dir_flag=code_dir,
         remote_logs=flags.remote_logs.format(cluster=cluster),
         run_dir=log_root / run_id,
+        max_restarts=check_max_restarts(flags.max_restarts),
     )
 
 
@@ -113,6 +116,12 @@ def check_port(value: str | int | None, default: int) -> int:
         return default
     if not str(value).isdigit() or not 1 <= int(value) <= 65535:
         raise PlanError(f"--master-port {value!r}: use a port from 1 to 65535")
+    return int(value)
+
+
+def check_max_restarts(value: str | int) -> int:
+    if not str(value).isdigit():
+        raise PlanError(f"--max-restarts {value!r}: use a number >= 0")
     return int(value)
 
 

@@ -143,6 +143,7 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
             log_dir,
             "--tee",
             "3",
+            *(("--max-restarts", str(config.max_restarts)) if config.max_restarts else ()),
             config.script,
             *config.args,
         )

@@ -1,0 +1,113 @@
+"""`invoke train --detach`: the same preflight, plan and sync as an attached run, then a
+supervisor per node (scripts/run_supervisor.py) that owns that node's part without the SSH
+session; the controller returns once every node says its ranks started.
+
+The master's supervisor starts first: it listens for the workers' lifelines on a free port and
+reports it; the workers' supervisors then start in parallel, each connecting to it. A node that
+cannot start stops the parts already started (nothing is left half-running).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+
+from ddpfleet.connection import Conn, Fleet
+from ddpfleet.errors import NodeError
+from ddpfleet.launch import runctl, sync
+from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.member import STOP_GRACE_S
+from ddpfleet.launch.output import Output
+from ddpfleet.launch.plan import NodePlan, Plan
+from ddpfleet.launch.preflight import fail_if, open_members
+from ddpfleet.launch.run import prepare
+
+SUPERVISOR_FILES = ("run_supervisor.py", "proctree.py", "run_lifeline.py")
+START_TIMEOUT_S = 90
+
+
+def node_spec(config: TrainConfig, p: Plan, n: NodePlan, lifeline_port: int | None) -> dict:
+    return {
+        "run_id": p.run_id,
+        "node": n.node,
+        "rank": n.rank,
+        "nnodes": p.nnodes,
+        "nproc": p.nproc,
+        "argv": list(n.argv),
+        "env": dict(n.env),
+        "cwd": n.cwd,
+        "user": getattr(n, "user", None),
+        "grace": STOP_GRACE_S,
+        "master_host": p.master_addr,
+        "lifeline_port": lifeline_port,
+        "workers": [w.node for w in p.nodes[1:]] if n.rank == 0 else [],
+        "meta": {
+            "nodes": [m.node for m in p.nodes],
+            "script": p.script,
+            "args": list(config.args),
+            "env": [list(kv) for kv in config.env],
+            "nproc": p.nproc,
+        },
+    }
+
+
+def start_node(conn: Conn, python: str, spec: Mapping) -> dict:
+    """The node's launcher: its sources and the spec on stdin; its one JSON line back."""
+    stdin = b"".join(sync.helper_source(f) for f in SUPERVISOR_FILES) + json.dumps(spec).encode()
+    r = conn.run(
+        sync.helper_command(python, SUPERVISOR_FILES[0]),
+        stdin=stdin + b"\n",
+        check=False,
+        timeout=START_TIMEOUT_S,
+    )
+    try:
+        said = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        said = {"ok": False, "error": (r.stderr or r.stdout).strip()[-300:] or "no answer"}
+    if not said.get("ok"):
+        raise NodeError(conn.name, f"the run's supervisor did not start: {said.get('error')}")
+    return said
+
+
+def train_detached(
+    fleet: Fleet, config: TrainConfig, index: runctl.Index, out: Output | None = None
+) -> Plan:
+    """Check, plan, sync; then start every node's supervisor and return. Raises
+    DdpfleetError naming the node that could not start (the others' parts are stopped)."""
+    out = out or Output()
+    files = sync.project_files(config.project_dir)
+    sync.require(files, config.script, config.project_dir)
+    fail_if(
+        [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
+        "cannot reach every node",
+    )
+    members = open_members(fleet, config, out)
+    try:
+        p = prepare(fleet, config, members, files)
+    finally:  # the runners only checked: they free the port and the code dir's lock
+        for m in members.values():
+            m.call_off()
+    began = time.monotonic()
+    master = p.nodes[0]
+    try:
+        said = start_node(fleet.conns[master.node], config.python[master.node],
+                          node_spec(config, p, master, None))  # fmt: skip
+    except NodeError as e:
+        fail_if([str(e)], "detached start failed")
+    port = said["lifeline_port"]
+    results = fleet.map(
+        lambda c: start_node(c, config.python[c.name], node_spec(config, p, p.node(c.name), port)),
+        [n.node for n in p.nodes[1:]],
+    )
+    problems = [str(r) for r in results.values() if isinstance(r, NodeError)]
+    if problems:
+        started = [master.node] + [n for n, r in results.items() if isinstance(r, dict)]
+        runctl.stop(fleet, config.python, p.run_id, started, STOP_GRACE_S)
+        fail_if(problems, "detached start failed; the parts already started were stopped")
+    index.add(p.run_id, [n.node for n in p.nodes])
+    took = time.monotonic() - began
+    out.line(f"run {p.run_id}: started detached on {', '.join(config.order)} ({took:.2f}s)")
+    for command in ("runs", f"logs {p.run_id} -f", f"stop {p.run_id}"):
+        out.line(f"  invoke {command}")
+    return p

@@ -1,0 +1,28 @@
+"""What every task shares: the one-line error wrapper and the common flag help."""
+
+from __future__ import annotations
+
+import functools
+
+from invoke import Exit
+
+from ddpfleet.errors import DdpfleetError
+from ddpfleet.hygiene import clean
+
+INVENTORY_HELP = "inventory file (default: $DDPFLEET_INVENTORY, else ./inventory.yaml)"
+NODES_HELP = "comma-separated node names (default: all nodes)"
+
+
+def cli(fn):
+    """User mistakes and node failures end as one line on stderr and exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(c, *args, **kwargs):
+        try:
+            return fn(c, *args, **kwargs)
+        except DdpfleetError as e:
+            raise Exit(f"error: {clean(str(e))}", code=1) from None  # may quote node output
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+
+    return wrapper

@@ -1,0 +1,175 @@
+"""Detached runs' tasks: `invoke runs`, `logs`, `stop`, and train's --detach/--resume halves.
+tasks.py reads like a table of contents; these are its runs chapter."""
+
+from __future__ import annotations
+
+import json as json_mod
+import shlex
+
+from invoke import task
+
+from ddpfleet import inventory as inv
+from ddpfleet import report
+from ddpfleet.errors import DdpfleetError, NodeError, PlanError
+from tasks_cli import INVENTORY_HELP, NODES_HELP, cli
+
+TRAIN_HELP = {
+    "detach": "start the run and return: every node's part is supervised on the node; "
+    "follow it with invoke runs / logs RUN -f / stop RUN",
+    "max_restarts": "torchrun's elastic restarts after a rank failure (default: 0)",
+    "resume": "start a new detached run with RUN's script, --args and --env (its "
+    "--checkpoint-dir): the script resumes from the last checkpoint",
+}
+
+
+def _pythons(loaded) -> dict[str, str]:
+    from ddpfleet import envs
+
+    return {n.name: envs.env_python(loaded, n) for n in loaded.nodes}
+
+
+def _index(loaded):
+    from ddpfleet.launch import runctl
+
+    return runctl.Index(loaded.root)
+
+
+def detached(loaded, fleet, config) -> None:
+    from ddpfleet.launch import detach
+
+    detach.train_detached(fleet, config, _index(loaded))
+
+
+def resumed(loaded, run_id, script, args, env):
+    """RUN's script, --args and --env (what is given on this command line wins)."""
+    from ddpfleet.connection import Fleet
+    from ddpfleet.launch import runctl
+
+    nodes = _index(loaded).nodes(run_id) or tuple(n.name for n in loaded.nodes)
+    pythons = _pythons(loaded)
+    with Fleet(loaded, [loaded.node(n) for n in nodes if n in pythons][:1]) as fleet:
+        said = fleet.map(lambda c: runctl.node_call(c, pythons[c.name], "spec", run_id))
+    spec = next(iter(said.values()))
+    if isinstance(spec, NodeError):
+        raise spec
+    if not spec:
+        raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
+    meta = spec.get("meta", {})
+    if "--checkpoint-dir" not in " ".join(meta.get("args", ())):
+        raise PlanError(
+            f"--resume {run_id}: that run had no --checkpoint-dir in its --args, so there is "
+            "nothing to resume from; start a new run with --args '... --checkpoint-dir DIR'"
+        )
+    given_env = list(env or ())
+    return (
+        script or meta.get("script"),
+        args or shlex.join(meta.get("args", ())),
+        given_env or [f"{k}={v}" for k, v in meta.get("env", ())],
+    )
+
+
+def _gather(inventory, nodes, ids=()):
+    from ddpfleet.connection import Fleet
+    from ddpfleet.launch import runctl
+
+    loaded = inv.load(inventory, nodes)
+    pythons = _pythons(loaded)
+    fleet = Fleet(loaded)
+    return loaded, pythons, fleet, runctl.gather(fleet, pythons, ids)
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "json": "print one JSON document (a list of runs, newest first) instead of the table",
+        "prune": "remove ended runs' directories on every node, keeping the newest --keep",
+        "keep": "with --prune: how many ended runs to keep (default: 10)",
+    }
+)
+@cli
+def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10):
+    """List detached runs and their state."""
+    from ddpfleet.launch import runctl, runstate
+
+    loaded, pythons, fleet, said = _gather(inventory, nodes)
+    with fleet:
+        if prune:
+            removed = runctl.prune(fleet, pythons, int(keep))
+            rows = [(n, ", ".join(r) if isinstance(r, list) else str(r) or "-")
+                    for n, r in removed.items()]  # fmt: skip
+            report.show(report.table(None, ("node", "removed"), rows))
+            lists = [set(r) for r in removed.values() if isinstance(r, list)]
+            _index(loaded).drop(set.intersection(*lists) if lists else ())
+            report.exit_if_failed(removed, "runs --prune")
+            return
+    views = runctl.views(said, _index(loaded))
+    views.sort(key=lambda v: v.started or 0, reverse=True)
+    if json:
+        print(json_mod.dumps([v.as_json() for v in views], indent=1))
+        return
+    report.show(report.table(None, runstate.COLUMNS, runstate.rows(views)))
+
+
+def _run_parts(inventory, nodes, run_id):
+    from ddpfleet.launch import runctl
+
+    loaded, pythons, fleet, said = _gather(inventory, None, (run_id,))
+    views = runctl.views(said, _index(loaded), only=(run_id,))
+    if not views:
+        fleet.close()
+        raise DdpfleetError(f"{run_id}: no such run on any node; see invoke runs")
+    only = [n.strip() for n in (nodes or "").split(",") if n.strip()]
+    return pythons, fleet, said, views[0], only
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "node": "only this node's lines",
+        "rank": "only this global rank's lines",
+        "follow": "keep printing new lines until the run ends (Ctrl-C leaves the run alone)",
+    }
+)
+@cli
+def logs(c, run, inventory=None, node=None, rank=None, follow=False):
+    """Print a detached run's lines by node and rank."""
+    from ddpfleet.launch import runlogs
+
+    pythons, fleet, said, _view, only = _run_parts(inventory, node, run)
+    with fleet:
+        parts = runlogs.nodes_of(said, run, only)
+        problems = runlogs.show(fleet, pythons, run, parts,
+                                None if rank is None else int(rank), follow)  # fmt: skip
+    if problems:
+        raise DdpfleetError("logs not read from: " + "; ".join(problems))
+
+
+@task(help={"inventory": INVENTORY_HELP, "grace": "seconds between SIGTERM and SIGKILL"})
+@cli
+def stop(c, run, inventory=None, grace=3):
+    """Stop a detached run on every node."""
+    from ddpfleet.launch import runctl
+
+    pythons, fleet, _said, view, _ = _run_parts(inventory, None, run)
+    with fleet:
+        results = runctl.stop(fleet, pythons, run, [n for n in view.nodes if n in pythons],
+                              float(grace))  # fmt: skip
+    rows = []
+    for node, r in results.items():
+        if isinstance(r, NodeError):
+            rows.append((node, str(r)))
+        elif not r.get("found"):
+            rows.append((node, "no record of the run"))
+        else:
+            did = "stopped its part" if r["supervisor"] else f"was {r['was']}"
+            killed = f", SIGKILLed leftovers {r['killed']}" if r["killed"] else ""
+            left = f"; STILL THERE: {r['left']}" if r["left"] else ", nothing left"
+            rows.append((node, f"{did}{killed}{left}"))
+    report.show(report.table(None, ("node", f"stop {run}"), rows))
+    bad = [n for n, r in results.items() if isinstance(r, NodeError) or r.get("left")]
+    if bad:
+        raise DdpfleetError(f"stop {run}: not confirmed on {', '.join(bad)}")
+
+
+TASKS = (runs, logs, stop)

@@ -1,0 +1,214 @@
+"""`invoke train --detach`, `runs`, `logs`, `stop`, `--resume` on real sandbox nodes.
+
+A detached run lives in a supervisor per node (/var/lib/ddpfleet/runs/<run-id>/); the
+controller only starts it and later asks. What a user would check: `runs --json`, `logs`, and
+/proc/*/environ on every node for the run's DDPFLEET_RUN_ID (never a process name). The figures
+(launch, stop, gang stop) are printed for the note (pytest -s), not asserted to the tenth.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from tests.integration.conftest import INVOKE, ROOT, Cluster
+from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
+    NODES,
+    SHORT,
+    Live,
+    new_run_id,
+    ready,
+    run_pids,
+    train_args,
+)
+
+RUNS = "/var/lib/ddpfleet/runs"
+SLOW = "--epochs 200 --steps-per-epoch 4 --batch-size 8 --step-sleep 0.05"
+# Rank 0 leaves a double-forked daemon (own session, SIGTERM ignored, a clean environment: no
+# DDPFLEET_RUN_ID to find it by); every rank then idles. Only the subreaper/cgroup can end it.
+ESCAPING = """
+import os, signal, sys, time
+rank, run = int(os.environ["RANK"]), os.environ["DDPFLEET_RUN_ID"]
+if rank == 0 and os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        with open(f"/tmp/{run}.daemon", "w") as f:
+            f.write(str(os.getpid()))
+        code = "import signal,time;signal.signal(signal.SIGTERM,signal.SIG_IGN);time.sleep(9999)"
+        os.execve(sys.executable, [sys.executable, "-c", code], {})
+    os._exit(0)
+print(f"rank {rank} up", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def detach(cluster: Cluster, run_id: str, script_args: str, *extra: str):
+    start = time.monotonic()
+    r = cluster.invoke(*train_args(run_id, script_args, "--detach", *extra), timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert f"run {run_id}: started detached" in r.stdout, r.stdout[-2000:]
+    return time.monotonic() - start
+
+
+def runs(cluster: Cluster) -> dict[str, dict]:
+    r = cluster.invoke("runs", "--json", timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return {v["run_id"]: v for v in json.loads(r.stdout)}
+
+
+def wait_state(cluster: Cluster, run_id: str, states: tuple[str, ...], within: float = 180):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        view = runs(cluster).get(run_id)
+        if view and view["state"] in states:
+            return view
+        time.sleep(0.5)
+    pytest.fail(f"{run_id} not {states} within {within}s: {runs(cluster).get(run_id)}")
+
+
+def ranks_up(cluster: Cluster, run_id: str, pattern: str, count: int, within: float = 120):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        out = cluster.invoke("logs", run_id, timeout=60).stdout
+        if len(re.findall(pattern, out, re.MULTILINE)) >= count:
+            return out
+        time.sleep(0.5)
+    pytest.fail(f"{run_id}: not {count} x {pattern!r} within {within}s")
+
+
+def gone_after(cluster: Cluster, run_id: str, since: float, nodes=NODES, within=60) -> float:
+    while time.monotonic() - since < within:
+        if not any(run_pids(cluster, n, run_id) for n in nodes):
+            return time.monotonic() - since
+        time.sleep(0.1)
+    pytest.fail(f"{run_id}: processes left on {nodes} after {within}s")
+
+
+def test_detached_run_outlives_its_controllers(ready: Cluster):
+    run_id = new_run_id("det")
+    took = detach(ready, run_id, SLOW.replace("200", "6"))
+    # a controller following the logs, SIGKILLed: the run goes on
+    follower = Live(ready, ["logs", run_id, "-f"])
+    follower.wait_for(r"first step", timeout=120)
+    follower.proc.send_signal(signal.SIGKILL)
+    follower.finish()
+    # logs -f sees a line written on the node at once
+    live = Live(ready, ["logs", run_id, "-f", "--node", "node1"])
+    live.wait_for(r"first step", timeout=60)
+    marker = f"marker-{run_id}"
+    wrote = time.monotonic()
+    ready.ssh("node1", f"echo {marker} >> {RUNS}/{run_id}/node.log")
+    seen = live.wait_for(marker, timeout=10) - wrote
+    view = wait_state(ready, run_id, ("SUCCEEDED", "FAILED", "STOPPED", "LOST"))
+    assert view["state"] == "SUCCEEDED", view
+    assert live.finish(timeout=30) == 0  # -f ends with the run
+    out = ready.invoke("logs", run_id).stdout
+    checksums = dict(re.findall(r"^\[node\d r(\d)\] rank \1 checksum (\S+)$", out, re.MULTILINE))
+    assert sorted(checksums) == ["0", "1", "2", "3"], out[-3000:]
+    assert len(set(checksums.values())) == 1, checksums
+    only = ready.invoke("logs", run_id, "--rank", "3").stdout
+    assert "rank 3 checksum" in only and "rank 0 checksum" not in only
+    assert not any(run_pids(ready, n, run_id) for n in NODES)
+    print(f"\nFIGURE detached launch {took:.2f}s (invoke wall); logs -f saw a write in {seen:.2f}s")
+
+
+def test_failed_rank_stops_every_node_without_the_controller(ready: Cluster):
+    run_id = new_run_id("fail")
+    detach(ready, run_id, SLOW + " --fail-at-step 40 --fail-rank 3")
+    # the moment node1 loses its first process of the run (the failing rank) ...
+    peak, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline:
+        count = len(run_pids(ready, "node1", run_id))
+        if count < peak:
+            break
+        peak = max(peak, count)
+    took = gone_after(ready, run_id, time.monotonic(), within=30)  # ... to none on any node
+    view = wait_state(ready, run_id, ("FAILED", "STOPPED", "SUCCEEDED", "LOST"))
+    assert view["state"] == "FAILED", view
+    assert view["failed_node"] == "node1" and view["failed_rank"] == 3, view
+    assert "node1 rank 3" in view["why"]
+    table = ready.invoke("runs").stdout
+    assert re.search(rf"{run_id}\s.*FAILED", table), table
+    print(f"\nFIGURE gang stop without controller (failed rank) {took:.2f}s")
+
+
+def test_stop_leaves_nothing_even_an_escaping_daemon(ready: Cluster, tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
+    run_id = new_run_id("stop")
+    r = ready.invoke(
+        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
+        "--run-id", run_id, "--detach", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    ranks_up(ready, run_id, r"rank \d up", 4)
+    daemon = ready.ssh("node0", f"cat /tmp/{run_id}.daemon").stdout.strip()
+    assert daemon.isdigit()
+    start = time.monotonic()
+    s = ready.invoke("stop", run_id, timeout=120)
+    took = time.monotonic() - start
+    assert s.returncode == 0, s.stdout + s.stderr
+    assert "nothing left" in s.stdout
+    assert not any(run_pids(ready, n, run_id) for n in NODES)
+    assert ready.ssh("node0", f"test -d /proc/{daemon}").returncode != 0, "the daemon survived"
+    assert (
+        ready.ssh("node0", f"ls -d /sys/fs/cgroup/*/ddpfleet/{run_id}.* 2>/dev/null").stdout == ""
+    )
+    assert wait_state(ready, run_id, ("STOPPED",), within=30)["state"] == "STOPPED"
+    again = ready.invoke("stop", run_id, timeout=120)  # idempotent
+    assert again.returncode == 0 and "was STOPPED" in again.stdout, again.stdout
+    print(f"\nFIGURE stop (SIGTERM-ignoring daemon, grace 3 s) {took:.2f}s invoke wall")
+
+
+def test_resume_from_the_first_runs_checkpoint_and_stop_latency(ready: Cluster):
+    first = new_run_id("ck")
+    ckpt = f"/tmp/{first}-ckpt"
+    detach(ready, first, f"{SLOW} --checkpoint-dir {ckpt}", "--max-restarts", "1")
+    ranks_up(ready, first, r"epoch 2 loss", 1)
+    start = time.monotonic()
+    s = ready.invoke("stop", first, timeout=120)
+    took = time.monotonic() - start
+    assert s.returncode == 0 and "nothing left" in s.stdout, s.stdout + s.stderr
+    second = new_run_id("resumed")
+    r = ready.invoke(*train_args(second, "", "--resume", first), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    out = ranks_up(ready, second, r"resumed from epoch \d+", 4)
+    epochs = {int(e) for e in re.findall(r"resumed from epoch (\d+)", out)}
+    assert len(epochs) == 1 and epochs.pop() >= 2, out[-2000:]
+    assert ready.invoke("stop", second, timeout=120).returncode == 0
+    print(f"\nFIGURE stop of a training run {took:.2f}s invoke wall")
+
+
+def test_a_dead_worker_node_stops_the_others(ready: Cluster):
+    run_id = new_run_id("dead")
+    detach(ready, run_id, SLOW)
+    ranks_up(ready, run_id, r"first step", 4)
+    stopped = subprocess.run(
+        [*INVOKE, "sandbox.stop", "node1"], cwd=ready.dir, env=ready.env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    since = time.monotonic()
+    try:
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        took = gone_after(ready, run_id, since, nodes=("node0",), within=30)
+        view = runs(ready)[run_id]
+        assert view["state"] in ("LOST", "FAILED") and "node1" in view["why"], view
+        print(f"\nFIGURE gang stop without controller (dead node) {took:.2f}s")
+    finally:
+        ready.invoke("sandbox.start", "node1", timeout=300)
+
+
+def test_prune_keeps_the_newest(ready: Cluster):
+    r = ready.invoke("runs", "--prune", "--keep", "1", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    left = ready.ssh("node0", f"ls {RUNS}").stdout.split()
+    assert len(left) == 1, left
+    assert ROOT.exists()

@@ -1,0 +1,63 @@
+"""A detached run's verdict from its nodes' records (ddpfleet.launch.runstate.fold), pure."""
+
+from __future__ import annotations
+
+from ddpfleet.launch.runstate import COLUMNS, fold, rows
+
+ORDER = ("node0", "node1")
+
+
+def part(status: str, **kw) -> dict:
+    base = {"status": status, "alive": status == "RUNNING", "started": 100.0, "rank": 0, "nproc": 2}
+    return {**base, **kw}
+
+
+def test_every_part_running_is_running():
+    v = fold("r", ORDER, {"node0": part("RUNNING"), "node1": part("RUNNING", rank=1)})
+    assert v.state == "RUNNING" and v.why == ""
+
+
+def test_every_part_exit_0_is_succeeded():
+    parts = {n: part("SUCCEEDED", exit_code=0, ended=110.0) for n in ORDER}
+    v = fold("r", ORDER, parts)
+    assert v.state == "SUCCEEDED" and v.exits == {"node0": 0, "node1": 0} and v.ended == 110.0
+
+
+def test_failed_names_the_node_and_the_rank_from_its_traceback():
+    tail = ["[default1]:Traceback (most recent call last):", "[default1]:RuntimeError: boom"]
+    parts = {
+        "node0": part("STOPPED", exit_code=-15, ended=111.0, reason="gang: node1 failed",
+                      first_failure={"node": "node1", "code": 1}),
+        "node1": part("FAILED", exit_code=1, ended=110.0, rank=1, tail=tail),
+    }  # fmt: skip
+    v = fold("r", ORDER, parts)
+    assert v.state == "FAILED" and v.failed_node == "node1" and v.failed_rank == 3
+    assert v.why == "node1 rank 3 failed first (exit 1)"
+
+
+def test_the_masters_record_of_the_first_failure_wins_over_end_times():
+    parts = {
+        "node0": part("FAILED", exit_code=1, ended=100.5, first_failure={"node": "node1"}),
+        "node1": part("FAILED", exit_code=1, ended=101.0, rank=1),
+    }
+    assert fold("r", ORDER, parts).failed_node == "node1"
+
+
+def test_unreachable_node_or_vanished_supervisor_is_lost():
+    v = fold("r", ORDER, {"node0": part("STOPPED", reason="x"), "node1": "unreachable (timeout)"})
+    assert v.state == "LOST" and "node1: unreachable" in v.why
+    v = fold("r", ORDER, {"node0": part("RUNNING"), "node1": part("RUNNING", alive=False)})
+    assert v.state == "LOST" and v.why == "node1: its supervisor vanished"
+    v = fold("r", ORDER, {"node0": part("FAILED", exit_code=1), "node1": "unreachable (x)"})
+    assert v.state == "LOST" and "node1" in v.why  # its peers' ranks failed because it died
+    v = fold("r", ORDER, {"node0": part("RUNNING"), "node1": None})
+    assert v.state == "LOST" and "no record" in v.why
+
+
+def test_stopped_says_why_and_the_table_is_newest_first():
+    old = fold("old", ORDER, {n: part("STOPPED", reason="stopped by invoke stop") for n in ORDER})
+    assert old.state == "STOPPED" and old.why == "node0: stopped by invoke stop"
+    new = fold("new", ORDER, {n: part("RUNNING", started=200.0) for n in ORDER})
+    table = rows([old, new], now=260.0)
+    assert [r[0] for r in table] == ["new", "old"]
+    assert table[0][4] == "0:01:00" and len(table[0]) == len(COLUMNS)
