@@ -198,7 +198,7 @@ def train(
 
             slurm_run.train(fleet, config)
         elif detach or resume:
-            runtasks.detached(loaded, fleet, config)
+            runtasks.detached(loaded, fleet, config, resume)
         else:
             launch.train(fleet, config)
 

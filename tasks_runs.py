@@ -17,8 +17,8 @@ TRAIN_HELP = {
     "detach": "start the run and return: every node's part is supervised on the node; "
     "follow it with invoke runs / logs RUN -f / stop RUN",
     "max_restarts": "torchrun's elastic restarts after a rank failure (default: 0)",
-    "resume": "start a new detached run with RUN's script, --args and --env (its "
-    "--checkpoint-dir): the script resumes from the last checkpoint",
+    "resume": "start a new detached run in a copy of RUN's code snapshot, with its script, "
+    "--args and --env (its --checkpoint-dir): the script resumes from the last checkpoint",
 }
 
 
@@ -34,10 +34,10 @@ def _index(loaded):
     return runctl.Index(loaded.root)
 
 
-def detached(loaded, fleet, config) -> None:
+def detached(loaded, fleet, config, resume=None) -> None:
     from ddpfleet.launch import detach
 
-    detach.train_detached(fleet, config, _index(loaded))
+    detach.train_detached(fleet, config, _index(loaded), resume=resume)
 
 
 def resumed(loaded, run_id, script, args, env):

@@ -150,6 +150,55 @@ def end_tree(grace, agent=None, linger=0.5):
     return (left, round(time.monotonic() - start, 2)) if left else None
 
 
+# -- a run's own cgroup (run_supervisor.py): what closes the holes of the tree above --------
+
+
+def cgroup2_mount():
+    """A writable cgroup v2 mount with cgroup.kill (Linux >= 5.14), or None."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, where, kind = line.split()[:3]
+            if kind == "cgroup2" and os.access(where, os.W_OK):
+                return where
+    return None
+
+
+def make_cgroup(run_id, node):
+    try:
+        mount = cgroup2_mount()
+        if mount is None:
+            return None
+        path = os.path.join(mount, "ddpfleet", f"{run_id}.{node}")
+        os.makedirs(path, exist_ok=True)
+        if not os.path.exists(os.path.join(path, "cgroup.kill")):
+            os.rmdir(path)
+            return None
+        return path
+    except OSError:
+        return None
+
+
+def kill_cgroup(path, wait=5.0):
+    """Everything in the cgroup SIGKILLed at once (it also gets what forks meanwhile), then
+    the cgroup removed once empty. Returns the pids it held."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            held = [int(p) for p in f.read().split()]
+        if held:
+            with open(os.path.join(path, "cgroup.kill"), "w") as f:
+                f.write("1")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                if not f.read().strip():
+                    break
+            time.sleep(0.02)
+        os.rmdir(path)
+    except OSError:
+        return []
+    return held
+
+
 def exit_code(status):
     """A wait status as Popen reports it: the exit code, or minus the signal that ended it."""
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

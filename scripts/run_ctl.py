@@ -180,6 +180,12 @@ def prune(keep):
         entries.append((state.get("started") or 0, run_id))
     removed = []
     for _, run_id in sorted(entries, reverse=True)[keep:]:
+        cgroup = (read_json(os.path.join(RUNS, run_id, "state.json")) or {}).get("cgroup")
+        if cgroup and not cgroup_pids(cgroup):  # left by a supervisor that was killed
+            try:
+                os.rmdir(cgroup)
+            except OSError:
+                pass
         shutil.rmtree(os.path.join(RUNS, run_id), ignore_errors=True)
         removed.append(run_id)
     return removed

@@ -1,11 +1,12 @@
 """Runs on a node for `invoke train --detach`: this node's part of a run, owned by a supervisor
 that does not depend on the SSH session. Stdlib only, Linux, started as root.
 
-On stdin the controller sends: this file (a length line, then the source), proctree.py and
-run_lifeline.py the same way, then one JSON line: the spec (run id, node, rank, argv, env, cwd,
-user, grace, the master's lifeline address or the workers to expect). This process (the
+On stdin the controller sends: this file (a length line, then the source), proctree.py,
+run_lifeline.py and run_snapshot.py the same way, then one JSON line: the spec (run id, node,
+rank, argv, env, cwd, user, grace, the master's lifeline address or the workers to expect). This process (the
 launcher) makes /var/lib/ddpfleet/runs/<run-id>/, writes spec.json, double-forks the supervisor
-(fork, setsid, fork: its own session, no terminal, nothing of the SSH channel kept open), waits
+(fork, setsid, fork: its own session, no terminal, nothing of the SSH channel kept open) to
+run in a snapshot of the code (run_snapshot.py: the run's code/ beside its state), waits
 for its one-line report (started, or why not) and exits with it. The controller then returns.
 
 The supervisor:
@@ -68,52 +69,6 @@ def boot_id():
         return f.read().strip()
 
 
-def cgroup2_mount():
-    """A writable cgroup v2 mount with cgroup.kill (Linux >= 5.14), or None."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, where, kind = line.split()[:3]
-            if kind == "cgroup2" and os.access(where, os.W_OK):
-                return where
-    return None
-
-
-def make_cgroup(run_id, node):
-    try:
-        mount = cgroup2_mount()
-        if mount is None:
-            return None
-        path = os.path.join(mount, "ddpfleet", f"{run_id}.{node}")
-        os.makedirs(path, exist_ok=True)
-        if not os.path.exists(os.path.join(path, "cgroup.kill")):
-            os.rmdir(path)
-            return None
-        return path
-    except OSError:
-        return None
-
-
-def kill_cgroup(path, wait=5.0):
-    """Everything in the cgroup SIGKILLed at once (it also gets what forks meanwhile), then
-    the cgroup removed once empty. Returns the pids it held."""
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            held = [int(p) for p in f.read().split()]
-        if held:
-            with open(os.path.join(path, "cgroup.kill"), "w") as f:
-                f.write("1")
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                if not f.read().strip():
-                    break
-            time.sleep(0.02)
-        os.rmdir(path)
-    except OSError:
-        return []
-    return held
-
-
 class Supervisor:
     def __init__(self, spec, tree, lifelines, run_dir):
         self.spec, self.tree, self.run_dir = spec, tree, run_dir
@@ -123,7 +78,7 @@ class Supervisor:
         self.stop_reason = None
         self.stopper = None
         self.lock = threading.Lock()
-        self.cgroup = make_cgroup(spec["run_id"], spec["node"])
+        self.cgroup = tree.make_cgroup(spec["run_id"], spec["node"])
         self.lifeline = lifelines.Lifeline(spec, self.stop, self.first_failure)
         self.failure = None  # the gang's first failure, as the master saw it
         me = os.getpid()
@@ -205,7 +160,7 @@ class Supervisor:
     def terminate(self):
         self.tree.end_tree(self.spec["grace"], agent=self.proc.pid)
         if self.cgroup:
-            kill_cgroup(self.cgroup)
+            self.tree.kill_cgroup(self.cgroup)
 
     def wait(self):
         code = self.reaper.wait()
@@ -215,7 +170,7 @@ class Supervisor:
         if self.tree.descendants():  # torchrun is done: anything it left is the run's too
             self.tree.end_tree(self.spec["grace"])
         if self.cgroup and os.path.isdir(self.cgroup):
-            kill_cgroup(self.cgroup)
+            self.tree.kill_cgroup(self.cgroup)
         return code
 
     def finish(self, code):
@@ -270,16 +225,31 @@ def daemonize(run_dir):
     os.chdir("/")
 
 
+def refuse(error):
+    print(json.dumps({"ok": False, "error": error}))
+    return 1
+
+
 def main():
     tree, lifelines = load_helper("proctree.py"), load_helper("run_lifeline.py")
+    snapshot = load_helper("run_snapshot.py")
     spec = json.loads(STDIN.readline())
-    run_dir = os.path.join(spec.get("runs_root") or RUNS, spec["run_id"])
-    os.makedirs(os.path.dirname(run_dir), mode=0o755, exist_ok=True)
+    runs = spec.get("runs_root") or RUNS
+    run_dir = os.path.join(runs, spec["run_id"])
+    os.makedirs(runs, mode=0o755, exist_ok=True)
     try:
         os.mkdir(run_dir, 0o755)
     except FileExistsError:
-        print(json.dumps({"ok": False, "error": f"{run_dir} exists: the run id was used"}))
-        return 1
+        return refuse(f"{run_dir} exists: the run id was used")
+    code, old = os.path.join(run_dir, "code"), spec.get("resume_from")
+    try:
+        if old:
+            snapshot.resume(os.path.join(runs, old, "code"), code, spec.get("user"))
+        else:
+            snapshot.take(spec["cwd"], code, spec.get("user"))
+    except (OSError, ValueError, KeyError) as e:
+        return refuse(f"cannot snapshot the code into {code}: {e}")
+    spec["code_dir"], spec["cwd"] = spec["cwd"], code
     write_json(os.path.join(run_dir, "spec.json"), spec, mode=0o600)  # --env may hold secrets
     rd, wr = os.pipe()
     child = os.fork()

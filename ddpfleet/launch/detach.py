@@ -23,11 +23,14 @@ from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if, open_members
 from ddpfleet.launch.run import prepare
 
-SUPERVISOR_FILES = ("run_supervisor.py", "proctree.py", "run_lifeline.py")
+SUPERVISOR_FILES = ("run_supervisor.py", "proctree.py", "run_lifeline.py", "run_snapshot.py")
 START_TIMEOUT_S = 90
 
 
-def node_spec(config: TrainConfig, p: Plan, n: NodePlan, lifeline_port: int | None) -> dict:
+def node_spec(
+    config: TrainConfig, p: Plan, n: NodePlan, port: int | None, resume: str | None = None
+) -> dict:
+    """What the node's supervisor runs: the plan's torchrun, and (resume) whose snapshot."""
     return {
         "run_id": p.run_id,
         "node": n.node,
@@ -40,7 +43,8 @@ def node_spec(config: TrainConfig, p: Plan, n: NodePlan, lifeline_port: int | No
         "user": getattr(n, "user", None),
         "grace": STOP_GRACE_S,
         "master_host": p.master_addr,
-        "lifeline_port": lifeline_port,
+        "lifeline_port": port,
+        "resume_from": resume,
         "workers": [w.node for w in p.nodes[1:]] if n.rank == 0 else [],
         "meta": {
             "nodes": [m.node for m in p.nodes],
@@ -71,10 +75,15 @@ def start_node(conn: Conn, python: str, spec: Mapping) -> dict:
 
 
 def train_detached(
-    fleet: Fleet, config: TrainConfig, index: runctl.Index, out: Output | None = None
+    fleet: Fleet,
+    config: TrainConfig,
+    index: runctl.Index,
+    out: Output | None = None,
+    resume: str | None = None,
 ) -> Plan:
     """Check, plan, sync; then start every node's supervisor and return. Raises
-    DdpfleetError naming the node that could not start (the others' parts are stopped)."""
+    DdpfleetError naming the node that could not start (the others' parts are stopped).
+    With `resume` (a run id) every node runs in a copy of that run's code snapshot."""
     out = out or Output()
     files = sync.project_files(config.project_dir)
     sync.require(files, config.script, config.project_dir)
@@ -92,12 +101,14 @@ def train_detached(
     master = p.nodes[0]
     try:
         said = start_node(fleet.conns[master.node], config.python[master.node],
-                          node_spec(config, p, master, None))  # fmt: skip
+                          node_spec(config, p, master, None, resume))  # fmt: skip
     except NodeError as e:
         fail_if([str(e)], "detached start failed")
     port = said["lifeline_port"]
     results = fleet.map(
-        lambda c: start_node(c, config.python[c.name], node_spec(config, p, p.node(c.name), port)),
+        lambda c: start_node(
+            c, config.python[c.name], node_spec(config, p, p.node(c.name), port, resume)
+        ),
         [n.node for n in p.nodes[1:]],
     )
     problems = [str(r) for r in results.values() if isinstance(r, NodeError)]
