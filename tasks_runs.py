@@ -13,6 +13,7 @@ from ddpfleet import report
 from ddpfleet.errors import DdpfleetError, NodeError, PlanError
 from tasks_cli import INVENTORY_HELP, NODES_HELP, cli
 
+RUN_HELP = "the run id (invoke runs lists them)"
 TRAIN_HELP = {
     "detach": "start the run and return: every node's part is supervised on the node; "
     "follow it with invoke runs / logs RUN -f / stop RUN",
@@ -92,6 +93,8 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10):
     """List detached runs and their state."""
     from ddpfleet.launch import runctl, runstate
 
+    if not str(keep).isdigit():
+        raise DdpfleetError(f"--keep {keep!r}: give how many ended runs to keep, a number >= 0")
     loaded, pythons, fleet, said = _gather(inventory, nodes)
     with fleet:
         if prune:
@@ -125,6 +128,7 @@ def _run_parts(inventory, nodes, run_id):
 
 @task(
     help={
+        "run": RUN_HELP,
         "inventory": INVENTORY_HELP,
         "node": "only this node's lines",
         "rank": "only this global rank's lines",
@@ -136,6 +140,8 @@ def logs(c, run, inventory=None, node=None, rank=None, follow=False):
     """Print a detached run's lines by node and rank."""
     from ddpfleet.launch import runlogs
 
+    if rank is not None and not str(rank).isdigit():
+        raise DdpfleetError(f"--rank {rank!r}: give a global rank, a number >= 0")
     pythons, fleet, said, _view, only = _run_parts(inventory, node, run)
     with fleet:
         parts = runlogs.nodes_of(said, run, only)
@@ -145,16 +151,26 @@ def logs(c, run, inventory=None, node=None, rank=None, follow=False):
         raise DdpfleetError("logs not read from: " + "; ".join(problems))
 
 
-@task(help={"inventory": INVENTORY_HELP, "grace": "seconds between SIGTERM and SIGKILL"})
+@task(
+    help={
+        "run": RUN_HELP,
+        "inventory": INVENTORY_HELP,
+        "grace": "seconds between SIGTERM and SIGKILL (default: 3)",
+    }
+)
 @cli
 def stop(c, run, inventory=None, grace=3):
     """Stop a detached run on every node."""
     from ddpfleet.launch import runctl
 
+    try:
+        grace = float(grace)
+    except ValueError:
+        raise DdpfleetError(f"--grace {grace!r}: give seconds, e.g. 3") from None
     pythons, fleet, _said, view, _ = _run_parts(inventory, None, run)
     with fleet:
         results = runctl.stop(fleet, pythons, run, [n for n in view.nodes if n in pythons],
-                              float(grace))  # fmt: skip
+                              grace)  # fmt: skip
     rows = []
     for node, r in results.items():
         if isinstance(r, NodeError):
