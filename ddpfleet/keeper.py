@@ -216,6 +216,7 @@ def serve(path: Path, idle: float) -> int:
         server.serve_forever(poll_interval=0.5)
     finally:
         path.unlink(missing_ok=True)
+        Path(lock.name).unlink(missing_ok=True)  # still held: a newcomer waits for none
         server.server_close()
         server.keeper.close()
     return 0

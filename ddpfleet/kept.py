@@ -13,6 +13,7 @@ Any trouble with the keeper means a direct connection, never an error of its own
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import hashlib
@@ -236,7 +237,8 @@ def fleet(inventory: Inventory):
             kept.open()
             return kept
         except (OSError, ValueError, KeyError):
-            start(path, inventory.persist)
+            # started as this command exits: its imports and handshakes would compete with ours
+            atexit.register(start, path, inventory.persist)
     from ddpfleet.connection import Fleet
 
     return Fleet(inventory)
