@@ -257,7 +257,12 @@ def _wheelhouse(env: Env) -> Step | None:
 def _send_wheels(env: Env, target: Target, remote: str) -> Step:
     cache = env.host.inventory.root / ".ddpfleet" / "wheelhouse"
     files = wheelhouse.fetch(cache, env.spec, target, env.progress)
-    env.host.change(["mkdir", "-p", remote])
+    if env.host.sudo:
+        # SFTP writes as the login user: the wheelhouse is theirs (it can become root anyway;
+        # the wheels are root's pip's input, never a config)
+        env.host.change(["install", "-d", "-o", env.host.node.user, "-m", "0755", remote])
+    else:
+        env.host.change(["mkdir", "-p", remote])
     count, size = wheelhouse.push(
         env.host.conn.sftp(), remote, files, env.progress, node=env.host.conn.name
     )

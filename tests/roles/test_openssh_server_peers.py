@@ -63,7 +63,7 @@ class Node(FakeHost):
         super().__init__(*args, **kwargs)
         self.stdins: list[tuple[str, str]] = []
 
-    def run(self, command, stdin=None, check=True, timeout=None):
+    def run(self, command, stdin=None, check=True, timeout=None, root=False):
         if stdin is not None:
             text = command if isinstance(command, str) else " ".join(command)
             self.stdins.append((text, stdin if isinstance(stdin, str) else stdin.decode()))
