@@ -282,27 +282,34 @@ jupyter_ns = Collection("jupyter", jupyter_tunnel, jupyter_status, jupyter_stop)
 # -- sandbox ----------------------------------------------------------------------------------
 
 
-def _sandbox_spec(inventory, count=None):
+def _sandbox_spec(inventory, count=None, login_user=None, sudo=None):
     from ddpfleet import sandbox
 
     loaded = inv.load(inventory, check_files=False)
-    return sandbox.spec_for(loaded, int(count) if count else None)
+    return sandbox.spec_for(loaded, int(count) if count else None, login_user, sudo)
 
 
 @task(
     name="up",
-    help={"inventory": INVENTORY_HELP, "nodes": "how many nodes (default: the inventory's nodes)"},
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": "how many nodes (default: the inventory's nodes)",
+        "login-user": "who logs in (default: the inventory's ssh.user); not root: a cloud-style "
+        "user with the client key, and sshd refuses root",
+        "sudo": "that user's sudo: nopasswd (default), password (kept in "
+        "<state_dir>/become_password) or none",
+    },
 )
 @cli
-def sandbox_up(c, inventory=None, nodes=None):
+def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None):
     """Create a local test cluster here (needs root)."""
     from ddpfleet import sandbox
 
-    spec, written = _sandbox_spec(inventory, nodes)
+    spec, written = _sandbox_spec(inventory, nodes, login_user, sudo)
     sandbox.preflight()
     report.show(sandbox.render(sandbox.up(spec)))
     if written:
-        report.show(f"inventory for {len(spec.nodes)} nodes: {written} (pass --inventory)")
+        report.show(f"inventory for these nodes: {written} (pass --inventory)")
 
 
 @task(

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Overridable for the test that makes apt fail (tests/unit/test_setup_script.py).
 POLICY_RC_D=${POLICY_RC_D:-/usr/sbin/policy-rc.d}
 pkgs=(openssh-client openssh-server iproute2 python3-venv python3-pip util-linux procps rsync
-      pdsh chromium)
+      pdsh chromium sudo)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
