@@ -36,10 +36,13 @@ HOW_TO_GIVE = (
     "controller)"
 )
 UNCHANGED = "; nothing was changed"
-# As the login user: its uid, whether sudo exists, and what `sudo -n` says when it refuses.
+# As the login user: its uid, whether sudo exists, what `sudo -n` says when it refuses, and
+# whether the account has a usable password at all (passwd -S: P yes, L locked, NP none): sudo
+# asks a non-sudoer for a password too, and one that has none can never give it.
 PROBE = (
     "id -u; command -v sudo >/dev/null 2>&1 || { echo ddpfleet-nosudo; exit 0; }; "
-    "sudo -n -H -- true 2>&1 && echo ddpfleet-sudo-ok; exit 0"
+    "sudo -n -H -- true 2>&1 && echo ddpfleet-sudo-ok; "
+    "echo ddpfleet-pw-$(passwd -S 2>/dev/null | cut -d' ' -f2); exit 0"
 )
 NOT_SUDOER = ("not in the sudoers", "may not run sudo", "is not allowed to execute")
 
@@ -164,6 +167,13 @@ def establish(
         raise not_sudoer(user)
     if "password is required" not in low:
         raise BecomeError("", f"sudo -n failed for {user}: {said.strip()[:120]}{UNCHANGED}")
+    if "ddpfleet-pw-L" in said or "ddpfleet-pw-NP" in said:
+        raise BecomeError(
+            "",
+            f"{user} may not use sudo here: sudo asks a password and {user} has none (not a "
+            f"NOPASSWD sudoer); as root give it a rule ('{user} ALL=(ALL) NOPASSWD:ALL' in "
+            f"/etc/sudoers.d) or log in as root{UNCHANGED}",
+        )
     secret = password()
     if secret is None:
         raise BecomeError(

@@ -199,7 +199,8 @@ def bootstrap(
         elif r.kind == "unreachable":
             runs[name] = NodeRun(name, unreachable=r.message, seconds=time.monotonic() - start)
         else:
-            runs[name] = NodeRun(name, [Step("", "connect", "failed", r.message)])
+            step = "become" if r.kind == "become" else "connect"
+            runs[name] = NodeRun(name, [Step("", step, "failed", r.message)])
     if diff:
         for run in runs.values():
             for s in run.steps:
