@@ -43,6 +43,7 @@ TOP_KEYS = (
     "miniconda",
     "jupyter",
     "openssh_server",
+    "train_user",
     "sandbox",
     "nodes",
 )
@@ -61,7 +62,7 @@ SSH_KEYS = (
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k != "forks")
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo")
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
-ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server")
+ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "train_user")
 
 SSH_DEFAULTS = {
     "user": "root",

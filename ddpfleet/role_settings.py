@@ -32,7 +32,7 @@ from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory, Node, _did_you_mean
 
 ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
-ROLE_ORDER = ("openssh_server", "miniconda", "conda_env", "venv_env", "jupyter")
+ROLE_ORDER = ("train_user", "openssh_server", "miniconda", "conda_env", "venv_env", "jupyter")
 
 
 @dataclass(frozen=True)
