@@ -56,6 +56,13 @@ KILL_GRACE_S = 5  # timeout(1) on the node: SIGKILL this long after SIGTERM
 # I/O failures of one node (SFTP disk full or EACCES, no sftp subsystem, a lost channel, output
 # that does not parse): that node's failure, never the whole run's.
 NODE_IO_ERRORS = (OSError, EOFError, paramiko.SSHException, ValueError)
+# OpenSSH's sftp-server where Debian, Red Hat and Arch put it: run as another user it serves
+# SFTP as that user over a plain exec channel.
+SFTP_SERVER = (
+    "for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server "
+    '/usr/lib/ssh/sftp-server; do [ -x "$p" ] && exec "$p"; done; '
+    "echo 'no sftp-server found' >&2; exit 127"
+)
 # Run by the login shell: the command itself still runs under the login shell, bounded.
 BOUNDED = (
     'command -v timeout >/dev/null 2>&1 || exec "${SHELL:-/bin/sh}" -c "$3"; '
@@ -100,6 +107,7 @@ class Conn:
         self._sftp: paramiko.SFTPClient | None = None
         self.become_password: Secret | None = None  # --ask-become-pass, handed on by Fleet
         self._escalation: become.Escalation | None = None
+        self._sftp_users: dict[str, paramiko.SFTPClient] = {}
 
     @property
     def escalation(self) -> become.Escalation:
@@ -211,7 +219,11 @@ class Conn:
             raise self.failure(e) from None
         return Session(self, chan)
 
-    def sftp(self) -> paramiko.SFTPClient:
+    def sftp(self, user: str | None = None) -> paramiko.SFTPClient:
+        """The login user's SFTP client, or one that acts as `user` (its own sftp-server,
+        started by root and dropped to that user: ddpfleet.become), each opened once."""
+        if user is not None and user != self.node.user:
+            return self._sftp_as(user)
         if self._sftp is None:
             try:
                 self._sftp = paramiko.SFTPClient.from_transport(self.transport)
@@ -227,6 +239,19 @@ class Conn:
                     "line",
                 ) from None
         return self._sftp
+
+    def _sftp_as(self, user: str) -> paramiko.SFTPClient:
+        if user not in self._sftp_users:
+            session = self.session(SFTP_SERVER, user=user)
+            session.chan.set_combine_stderr(False)  # the SFTP stream must stay clean
+            try:
+                self._sftp_users[user] = paramiko.SFTPClient(session.chan)
+            except NODE_IO_ERRORS as e:
+                session.close()
+                raise CommandError(
+                    self.name, f"sftp as {user}", None, f"cannot start sftp-server: {e}"
+                ) from None
+        return self._sftp_users[user]
 
     def put_bytes(self, data: bytes, remote: str, mode: int = 0o600) -> None:
         """Write a file with its mode set before any content lands (secrets stay 0600)."""
@@ -270,6 +295,8 @@ class Conn:
     def close(self) -> None:
         if self._sftp is not None:
             self._sftp.close()
+        for client in self._sftp_users.values():
+            client.close()
         self.fabric.close()
         for hop in reversed(self.hops):
             hop.close()
