@@ -142,7 +142,8 @@ def no_password(monkeypatch):
 
 
 def run(h: Node, **cfg):
-    steps, _ = apply("jupyter", h, env_dir=ENV, **cfg)
+    # these tests name the user: the default ("" = the training user) is test_train_user's
+    steps, _ = apply("jupyter", h, env_dir=ENV, **{"user": "jupyter", **cfg})
     return [(s.name, s.status) for s in steps], steps
 
 

@@ -59,3 +59,16 @@ def test_root_is_refused_unless_the_inventory_says_so():
     assert run(h, name="root", uid=0)[0][1] == "failed"
     assert "training as root is refused" in run(node(""), name="root", uid=0)[0][2]
     assert run(node(""), name="root", uid=0, allow_root=True)[0][1] == "ok"
+
+
+def test_jupyter_runs_as_the_training_user_unless_training_runs_as_root(tmp_path):
+    from ddpfleet import inventory as inv
+    from ddpfleet.jupyter import default_user
+
+    path = tmp_path / "inventory.yaml"
+    path.write_text("nodes: {node0: 10.0.0.10}\n")
+    i = inv.load(path)
+    assert default_user(i, i.nodes[0]) == "train"
+    path.write_text("train_user: {name: root, allow_root: true}\nnodes: {node0: 10.0.0.10}\n")
+    i = inv.load(path)
+    assert default_user(i, i.nodes[0]) == "jupyter"  # never root
