@@ -87,7 +87,7 @@ def test_the_three_ways_to_give_a_password_are_named():
 
 
 def test_become_none_runs_root_work_as_the_login_user_and_bootstrap_refuses_it():
-    esc, calls = establish((0, "1000\n", ""), mode="none")
+    esc, _ = establish((0, "1000\n", ""), mode="none")
     assert esc.how == "none" and esc.wrap("id") == "id"
     with pytest.raises(BecomeError, match="bootstrap needs root"):
         become.require_root(esc, "node0", "bootstrap")
