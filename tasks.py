@@ -14,6 +14,10 @@ from ddpfleet.hygiene import clean
 
 INVENTORY_HELP = "inventory file (default: $DDPFLEET_INVENTORY, else ./inventory.yaml)"
 NODES_HELP = "comma-separated node names (default: all nodes)"
+ASK_BECOME_HELP = (
+    "ask the login user's sudo password once, on this terminal (or set "
+    "$DDPFLEET_BECOME_PASSWORD, or ssh.become_password_file)"
+)
 
 
 def cli(fn):
@@ -31,11 +35,28 @@ def cli(fn):
     return wrapper
 
 
-def _fleet(inventory, nodes):
+def _fleet(inventory, nodes, ask_become_pass=False):
     from ddpfleet.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
-    return Fleet(loaded)
+    return Fleet(loaded, become_password=_become_password(ask_become_pass))
+
+
+def _become_password(ask: bool):
+    """--ask-become-pass: the sudo password, asked once per run on a terminal (a Secret)."""
+    if not ask:
+        return None
+    import getpass
+
+    from ddpfleet.become import PASSWORD_ENV
+    from ddpfleet.shell import Secret
+
+    if not sys.stdin.isatty():
+        raise DdpfleetError(
+            f"--ask-become-pass needs a terminal; without one set ${PASSWORD_ENV} or "
+            "ssh.become_password_file"
+        )
+    return Secret(getpass.getpass("sudo password on the nodes: "))
 
 
 @task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
@@ -111,15 +132,25 @@ def env_export(c, inventory=None, nodes=None):
         "diff": "show the diff of every config file that changes (or would)",
         "roles": "only these roles, e.g. miniconda,conda_env",
         "skip_roles": "all roles but these",
+        "ask_become_pass": ASK_BECOME_HELP,
     }
 )
 @cli
-def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None, skip_roles=None):
+def bootstrap(
+    c,
+    inventory=None,
+    nodes=None,
+    check=False,
+    diff=False,
+    roles=None,
+    skip_roles=None,
+    ask_become_pass=False,
+):
     """Set up nodes: SSH, Python + PyTorch, Jupyter."""
     from ddpfleet import bootstrap as boot
     from ddpfleet import roles as roles_mod
 
-    with _fleet(inventory, nodes) as fleet:
+    with _fleet(inventory, nodes, ask_become_pass) as fleet:
         selected = roles_mod.select_roles(roles, skip_roles)
         roles_mod.validate_sections(fleet.inventory, selected)
         runs = boot.bootstrap(
@@ -148,6 +179,7 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
         "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
+        "ask_become_pass": ASK_BECOME_HELP,
     },
 )
 @cli
@@ -163,6 +195,7 @@ def train(
     run_id=None,
     project_dir=".",
     code_dir=None,
+    ask_become_pass=False,
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
@@ -181,7 +214,7 @@ def train(
         code_dir=code_dir,
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
-    with Fleet(loaded) as fleet:
+    with Fleet(loaded, become_password=_become_password(ask_become_pass)) as fleet:
         launch.train(fleet, config)
 
 
