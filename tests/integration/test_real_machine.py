@@ -170,8 +170,9 @@ def wait_for_ranks(c: Cluster, run_id: str, proc: subprocess.Popen) -> dict[str,
     raise AssertionError(f"the ranks did not start: {found}")
 
 
-def gpu_users(c: Cluster, pids: list[int]) -> list[str]:
-    """gpu-status --json on node0 with the stand-in nvidia-smi pointing its apps at `pids`."""
+def gpu_users(c: Cluster, pids: list[int]) -> list[tuple[str, str]]:
+    """gpu-status --json on node0 with the stand-in nvidia-smi pointing its apps at `pids`:
+    each app's (user, run_id)."""
     put = (
         f"mkdir -p {STANDIN_DIR}/recordings && cd {STANDIN_DIR}/recordings && tar x && "
         "install -m 0755 nvidia-smi /usr/local/bin/nvidia-smi && rm nvidia-smi && "
@@ -194,11 +195,11 @@ def gpu_users(c: Cluster, pids: list[int]) -> list[str]:
         assert out.returncode == 0, out.stdout + out.stderr
     finally:
         as_root(c, "node0", 'rm -rf "$@"', *STANDIN_PATHS)
-    users: list[str] = []
+    users: list[tuple[str, str]] = []
 
     def walk(x) -> None:
         if isinstance(x, dict):
-            users.extend(p.get("user") for p in x.get("processes") or [])
+            users.extend((p.get("user"), p.get("run_id")) for p in x.get("processes") or [])
             for v in x.values():
                 walk(v)
         elif isinstance(x, list):
@@ -222,7 +223,8 @@ def test_every_rank_runs_as_train_and_gpu_status_says_so(booted: Cluster, projec
         for node, processes in found.items():  # torchrun, its workers, the runner: all train's
             assert processes and {uid for _, uid, _ in processes} == {2000}, (node, processes)
         ranks = [pid for pid, _, r in found["node0"] if r != "-"]
-        assert gpu_users(booted, ranks) == ["train"] * 2
+        # its user, and its run (read as root: train's environ is not the login user's)
+        assert gpu_users(booted, ranks) == [("train", run_id)] * 2
         for node in NODES:
             ssh(booted, node, f"touch /tmp/ddpfleet-release-{run_id}")
         out, _ = proc.communicate(timeout=WAIT_S)
