@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
+from pathlib import Path
 
 from ddpfleet.connection import Conn
 from ddpfleet.errors import CommandError
@@ -55,11 +57,20 @@ def read(conn: Conn, path: str) -> tuple[bytes | None, int | None, str | None]:
 def install(conn: Conn, path: str, data: bytes, mode: int, owner: str = "root") -> None:
     """Put `data` at `path` as root, owned by `owner` (group: root for root, else the owner's
     own group), mode `mode`, through a private temp dir; see the module docstring."""
+    _install(conn, path, lambda source: conn.put_bytes(data, source, 0o600), mode, owner)
+
+
+def install_file(conn: Conn, local: Path, path: str, mode: int = 0o644) -> None:
+    """A controller file (an installer: ~100 MB, streamed) at `path`, root's, the same way."""
+    _install(conn, path, lambda source: conn.sftp().put(str(local), source), mode, "root")
+
+
+def _install(conn: Conn, path: str, send: Callable[[str], object], mode: int, owner: str) -> None:
     quick = conn.node.command_timeout
     tmp_dir = conn.run(["mktemp", "-d", "/tmp/ddpfleet.XXXXXX"], timeout=quick).stdout.strip()
     source = f"{tmp_dir}/content"
     try:
-        conn.put_bytes(data, source, 0o600)
+        send(source)
     except BaseException:
         conn.run(["rm", "-rf", "--", tmp_dir], check=False, timeout=quick)
         raise
