@@ -72,3 +72,23 @@ def test_jupyter_runs_as_the_training_user_unless_training_runs_as_root(tmp_path
     path.write_text("train_user: {name: root, allow_root: true}\nnodes: {node0: 10.0.0.10}\n")
     i = inv.load(path)
     assert default_user(i, i.nodes[0]) == "jupyter"  # never root
+
+
+def test_train_refuses_root_in_one_line_unless_the_inventory_allows_it(tmp_path):
+    from ddpfleet import inventory as inv
+    from ddpfleet import launch
+    from ddpfleet.errors import PlanError
+
+    path = tmp_path / "inventory.yaml"
+    path.write_text("train_user: {name: root}\nnodes: {node0: 10.0.0.10}\n")
+    with pytest.raises(PlanError, match="node0: training as root is refused") as e:
+        launch.resolve(inv.load(path), launch.TrainFlags(), tmp_path / "logs")
+    assert "\n" not in str(e.value) and "allow_root: true" in str(e.value)
+    path.write_text("train_user: {name: root, allow_root: true}\nnodes: {node0: 10.0.0.10}\n")
+    assert launch.resolve(inv.load(path), launch.TrainFlags(), tmp_path / "logs").users == {
+        "node0": "root"
+    }
+    path.write_text("nodes: {node0: 10.0.0.10}\n")  # the default: every rank runs as train
+    assert launch.resolve(inv.load(path), launch.TrainFlags(), tmp_path / "logs").users == {
+        "node0": "train"
+    }
