@@ -35,14 +35,11 @@ from ddpfleet.inventory import Node
 from ddpfleet.parallel import parallel
 
 
+PATHS = ("key", "known_hosts", "become_password_file")  # the Node fields that are Paths
+
+
 def node_of(spec: dict) -> Node:
-    return Node(
-        **{
-            **spec,
-            "key": None if spec["key"] is None else Path(spec["key"]),
-            "known_hosts": Path(spec["known_hosts"]),
-        }
-    )
+    return Node(**{k: Path(v) if k in PATHS and v is not None else v for k, v in spec.items()})
 
 
 def _stamp(path: str | os.PathLike | None) -> tuple | None:
@@ -132,19 +129,16 @@ class Keeper:
         node's failure then reads as a direct connection's would."""
         stdin = request["stdin"]
         data = None if stdin is None else base64.b64decode(stdin)
+        how = {"timeout": request["timeout"], "root": bool(request.get("root"))}
         try:
             conn, fresh = self.conn(request["node"])
             try:
-                r = conn.run(
-                    request["command"], stdin=data, check=False, timeout=request["timeout"]
-                )
+                r = conn.run(request["command"], stdin=data, check=False, **how)
             except Unreachable:
                 if fresh:
                     raise
                 conn, _ = self.conn(request["node"], fresh=True)
-                r = conn.run(
-                    request["command"], stdin=data, check=False, timeout=request["timeout"]
-                )
+                r = conn.run(request["command"], stdin=data, check=False, **how)
         except DdpfleetError as e:
             return {"error": error_dict(e)}
         except (OSError, EOFError, ValueError) as e:
@@ -159,6 +153,11 @@ class Keeper:
             return self.open(request)
         if op == "run":
             return self.run(request)
+        if op == "escalation":
+            try:
+                return {"via_sudo": self.conn(request["node"])[0].escalation.via_sudo}
+            except DdpfleetError as e:
+                return {"error": error_dict(e)}
         if op == "stats":
             return {"handshakes": self.handshakes, "nodes": sorted(self.conns), "pid": os.getpid()}
         if op == "exit":
