@@ -34,7 +34,6 @@ from ddpfleet.errors import DdpfleetError, NodeError, Unreachable
 from ddpfleet.inventory import Node
 from ddpfleet.parallel import parallel
 
-
 PATHS = ("key", "known_hosts", "become_password_file")  # the Node fields that are Paths
 
 
