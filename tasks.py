@@ -10,14 +10,31 @@ import tasks_runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import report
 from ddpfleet.errors import DdpfleetError
-from tasks_cli import INVENTORY_HELP, NODES_HELP, cli
+from tasks_cli import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
 
 
-def _fleet(inventory, nodes):
+def _fleet(inventory, nodes, ask_become_pass=False):
     from ddpfleet.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
-    return Fleet(loaded)
+    return Fleet(loaded, become_password=_become_password(ask_become_pass))
+
+
+def _become_password(ask: bool):
+    """--ask-become-pass: the sudo password, asked once per run on a terminal (a Secret)."""
+    if not ask:
+        return None
+    import getpass
+
+    from ddpfleet.become import PASSWORD_ENV
+    from ddpfleet.shell import Secret
+
+    if not sys.stdin.isatty():
+        raise DdpfleetError(
+            f"--ask-become-pass needs a terminal; without one set ${PASSWORD_ENV} or "
+            "ssh.become_password_file"
+        )
+    return Secret(getpass.getpass("sudo password on the nodes: "))
 
 
 def _warm_fleet(inventory, nodes):
@@ -109,15 +126,25 @@ def env_export(c, inventory=None, nodes=None):
         "diff": "show the diff of every config file that changes (or would)",
         "roles": "only these roles, e.g. miniconda,conda_env",
         "skip_roles": "all roles but these",
+        "ask_become_pass": ASK_BECOME_HELP,
     }
 )
 @cli
-def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None, skip_roles=None):
+def bootstrap(
+    c,
+    inventory=None,
+    nodes=None,
+    check=False,
+    diff=False,
+    roles=None,
+    skip_roles=None,
+    ask_become_pass=False,
+):
     """Set up nodes: SSH, PyTorch env, Jupyter, Slurm."""
     from ddpfleet import bootstrap as boot
     from ddpfleet import roles as roles_mod
 
-    with _fleet(inventory, nodes) as fleet:
+    with _fleet(inventory, nodes, ask_become_pass) as fleet:
         selected = roles_mod.select_roles(roles, skip_roles)
         roles_mod.validate_sections(fleet.inventory, selected)
         runs = boot.bootstrap(
@@ -148,6 +175,7 @@ def bootstrap(c, inventory=None, nodes=None, check=False, diff=False, roles=None
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
         "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
         "default: the inventory's train.launcher, else ssh)",
+        "ask_become_pass": ASK_BECOME_HELP,
         **runtasks.TRAIN_HELP,
     },
 )
@@ -165,6 +193,7 @@ def train(
     project_dir=".",
     code_dir=None,
     launcher=None,
+    ask_become_pass=False,
     detach=False,
     max_restarts=0,
     resume=None,
@@ -192,7 +221,7 @@ def train(
     how = launcher or loaded.launcher
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
-    with Fleet(loaded) as fleet:
+    with Fleet(loaded, become_password=_become_password(ask_become_pass)) as fleet:
         if how == "slurm":
             from ddpfleet.launch import slurm_run
 
@@ -316,27 +345,34 @@ jupyter_ns = Collection("jupyter", jupyter_tunnel, jupyter_status, jupyter_stop)
 # -- sandbox ----------------------------------------------------------------------------------
 
 
-def _sandbox_spec(inventory, count=None):
+def _sandbox_spec(inventory, count=None, login_user=None, sudo=None):
     from ddpfleet import sandbox
 
     loaded = inv.load(inventory, check_files=False)
-    return sandbox.spec_for(loaded, int(count) if count else None)
+    return sandbox.spec_for(loaded, int(count) if count else None, login_user, sudo)
 
 
 @task(
     name="up",
-    help={"inventory": INVENTORY_HELP, "nodes": "how many nodes (default: the inventory's nodes)"},
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": "how many nodes (default: the inventory's nodes)",
+        "login-user": "who logs in (default: the inventory's ssh.user); not root: a cloud-style "
+        "user with the client key, and sshd refuses root",
+        "sudo": "that user's sudo: nopasswd (default), password (kept in "
+        "<state_dir>/become_password) or none",
+    },
 )
 @cli
-def sandbox_up(c, inventory=None, nodes=None):
+def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None):
     """Create a local test cluster here (needs root)."""
     from ddpfleet import sandbox
 
-    spec, written = _sandbox_spec(inventory, nodes)
+    spec, written = _sandbox_spec(inventory, nodes, login_user, sudo)
     sandbox.preflight()
     report.show(sandbox.render(sandbox.up(spec)))
     if written:
-        report.show(f"inventory for {len(spec.nodes)} nodes: {written} (pass --inventory)")
+        report.show(f"inventory for these nodes: {written} (pass --inventory)")
 
 
 @task(

@@ -11,6 +11,10 @@ from ddpfleet.hygiene import clean
 
 INVENTORY_HELP = "inventory file (default: $DDPFLEET_INVENTORY, else ./inventory.yaml)"
 NODES_HELP = "comma-separated node names (default: all nodes)"
+ASK_BECOME_HELP = (
+    "ask the login user's sudo password once, on this terminal (or set "
+    "$DDPFLEET_BECOME_PASSWORD, or ssh.become_password_file)"
+)
 
 
 def cli(fn):

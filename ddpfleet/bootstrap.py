@@ -13,7 +13,7 @@ from typing import Any
 import paramiko
 from rich.live import Live
 
-from ddpfleet import report
+from ddpfleet import become, report
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private, private_dir
@@ -59,21 +59,12 @@ class NodeLock:
         self._stop = threading.Event()
 
     def __enter__(self) -> NodeLock:
+        escalation = self.conn.escalation  # the lock is root's: /run/ddpfleet is 0700
         chan = self.conn.transport.open_session(timeout=self.conn.node.connect_timeout)
-        chan.exec_command(
-            shlex.join(
-                [
-                    "sh",
-                    "-c",
-                    LOCK_SCRIPT,
-                    "sh",
-                    LOCK_DIR,
-                    LOCK_PATH,
-                    str(self.wait_s),
-                    str(HOLDER_SILENT_S),
-                ]
-            )
-        )
+        argv = ["sh", "-c", LOCK_SCRIPT, "sh", LOCK_DIR, LOCK_PATH, str(self.wait_s)]
+        chan.exec_command(escalation.wrap(shlex.join([*argv, str(HOLDER_SILENT_S)])))
+        if escalation.password is not None:
+            chan.sendall(escalation.stdin(b""))
         chan.settimeout(self.wait_s + self.conn.node.command_timeout)
         got = b""
         try:
@@ -199,6 +190,7 @@ def bootstrap(
                 on_progress=lambda text: progress.doing(conn.name, text),
                 surveys=surveys,
             )
+            become.require_root(conn.escalation, conn.name, "bootstrap")
             with NodeLock(conn, lock_wait_s):
                 return run_roles(host, roles, flags, on_step=progress.step)
 
@@ -211,7 +203,8 @@ def bootstrap(
         elif r.kind == "unreachable":
             runs[name] = NodeRun(name, unreachable=r.message, seconds=time.monotonic() - start)
         else:
-            runs[name] = NodeRun(name, [Step("", "connect", "failed", r.message)])
+            step = "become" if r.kind == "become" else "connect"
+            runs[name] = NodeRun(name, [Step("", step, "failed", r.message)])
     if diff:
         for run in runs.values():
             for s in run.steps:

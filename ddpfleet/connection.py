@@ -28,9 +28,10 @@ from typing import TypeVar
 import fabric
 import paramiko
 
-from ddpfleet import jumps, knownhosts
+from ddpfleet import become, jumps, knownhosts
 from ddpfleet.errors import (
     AuthError,
+    BecomeError,
     CommandError,
     CommandTimeout,
     DdpfleetError,
@@ -43,6 +44,7 @@ from ddpfleet.inventory import Inventory, Node
 from ddpfleet.knownhosts import fingerprint, known_hosts_name
 from ddpfleet.parallel import parallel
 from ddpfleet.result import Result
+from ddpfleet.shell import Secret
 
 __all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_name"]
 
@@ -54,6 +56,13 @@ KILL_GRACE_S = 5  # timeout(1) on the node: SIGKILL this long after SIGTERM
 # I/O failures of one node (SFTP disk full or EACCES, no sftp subsystem, a lost channel, output
 # that does not parse): that node's failure, never the whole run's.
 NODE_IO_ERRORS = (OSError, EOFError, paramiko.SSHException, ValueError)
+# OpenSSH's sftp-server where Debian, Red Hat and Arch put it: run as another user it serves
+# SFTP as that user over a plain exec channel.
+SFTP_SERVER = (
+    "for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server "
+    '/usr/lib/ssh/sftp-server; do [ -x "$p" ] && exec "$p"; done; '
+    "echo 'no sftp-server found' >&2; exit 127"
+)
 # Run by the login shell: the command itself still runs under the login shell, bounded.
 BOUNDED = (
     'command -v timeout >/dev/null 2>&1 || exec "${SHELL:-/bin/sh}" -c "$3"; '
@@ -82,6 +91,32 @@ class Conn:
         self.transport: paramiko.Transport = fabric_conn.transport
         self.hops = hops  # ProxyJump connections this one is tunnelled through
         self._sftp: paramiko.SFTPClient | None = None
+        self.become_password: Secret | None = None  # --ask-become-pass, handed on by Fleet
+        self._escalation: become.Escalation | None = None
+        self._sftp_users: dict[str, paramiko.SFTPClient] = {}
+
+    @property
+    def escalation(self) -> become.Escalation:
+        """How this connection does root work (found out once: become.establish); a
+        BecomeError naming this node, the reason and the fix when it cannot."""
+        if self._escalation is None and self.node.user == "root":
+            self._escalation = become.Escalation("root", "root")  # no probe needed
+        if self._escalation is None:
+
+            def run(command: str, stdin: bytes | None) -> tuple[int, str, str]:
+                r = self.run(command, stdin=stdin, check=False, timeout=self.node.command_timeout)
+                return r.exit_code, r.stdout, r.stderr
+
+            def password() -> Secret | None:
+                return become.password_for(
+                    self.name, self.become_password, self.node.become_password_file
+                )
+
+            try:
+                self._escalation = become.establish(run, self.node.user, self.node.become, password)
+            except BecomeError as e:
+                raise BecomeError(self.name, e.message) from None
+        return self._escalation
 
     @property
     def name(self) -> str:
@@ -93,17 +128,22 @@ class Conn:
         stdin: str | bytes | None = None,
         check: bool = True,
         timeout: float | None = None,
+        root: bool = False,
     ) -> Result:
         """Run a command (argv lists are quoted once with shlex.join); stdin is how secrets go.
 
         With a timeout the node enforces it too: the command is stopped there, never left
-        running behind a closed channel (a later run would race with it).
+        running behind a closed channel (a later run would race with it). root=True runs it as
+        one root script (through sudo unless the login user is root: see ddpfleet.become).
         """
         cmd = shlex.join(command) if isinstance(command, list) else command
+        sent = cmd
+        if root:
+            sent, stdin = self.escalation.wrap(cmd), self.escalation.stdin(stdin)
         wire = (
-            cmd
+            sent
             if timeout is None
-            else shlex.join(["sh", "-c", BOUNDED, "sh", str(KILL_GRACE_S), f"{timeout:g}", cmd])
+            else shlex.join(["sh", "-c", BOUNDED, "sh", str(KILL_GRACE_S), f"{timeout:g}", sent])
         )
         start = time.monotonic()
         try:
@@ -143,19 +183,33 @@ class Conn:
             raise CommandError(self.name, cmd, code, result.stderr or result.stdout)
         return result
 
-    def session(self, command: str | list[str]) -> Session:
+    def session(
+        self, command: str | list[str], root: bool = False, user: str | None = None
+    ) -> Session:
         """An exec channel left open for a caller that streams both ways (the gang runner's
-        lifeline, the code sync's tar); stderr comes merged into its output."""
+        lifeline, the code sync's tar); stderr comes merged into its output. root=True runs it
+        as root, user=NAME as that user (root drops to it with setpriv; see ddpfleet.become)."""
         cmd = shlex.join(command) if isinstance(command, list) else command
+        head = None
+        if root or (user is not None and user != self.node.user):
+            esc = self.escalation
+            cmd = esc.as_user(user, cmd) if user is not None else esc.wrap(cmd)
+            head = esc.stdin(b"") or None
         try:
             chan = self.transport.open_session(timeout=self.node.connect_timeout)
             chan.set_combine_stderr(True)
             chan.exec_command(cmd)
+            if head:  # sudo's password, read before the command sees its stdin
+                chan.sendall(head)
         except NODE_IO_ERRORS as e:
             raise self.failure(e) from None
         return Session(self, chan)
 
-    def sftp(self) -> paramiko.SFTPClient:
+    def sftp(self, user: str | None = None) -> paramiko.SFTPClient:
+        """The login user's SFTP client, or one that acts as `user` (its own sftp-server,
+        started by root and dropped to that user: ddpfleet.become), each opened once."""
+        if user is not None and user != self.node.user:
+            return self._sftp_as(user)
         if self._sftp is None:
             try:
                 self._sftp = paramiko.SFTPClient.from_transport(self.transport)
@@ -171,6 +225,19 @@ class Conn:
                     "line",
                 ) from None
         return self._sftp
+
+    def _sftp_as(self, user: str) -> paramiko.SFTPClient:
+        if user not in self._sftp_users:
+            session = self.session(SFTP_SERVER, user=user)
+            session.chan.set_combine_stderr(False)  # the SFTP stream must stay clean
+            try:
+                self._sftp_users[user] = paramiko.SFTPClient(session.chan)
+            except NODE_IO_ERRORS as e:
+                session.close()
+                raise CommandError(
+                    self.name, f"sftp as {user}", None, f"cannot start sftp-server: {e}"
+                ) from None
+        return self._sftp_users[user]
 
     def put_bytes(self, data: bytes, remote: str, mode: int = 0o600) -> None:
         """Write a file with its mode set before any content lands (secrets stay 0600)."""
@@ -214,6 +281,8 @@ class Conn:
     def close(self) -> None:
         if self._sftp is not None:
             self._sftp.close()
+        for client in self._sftp_users.values():
+            client.close()
         self.fabric.close()
         for hop in reversed(self.hops):
             hop.close()
@@ -443,8 +512,14 @@ def _through(node: Node, jump: str, host: str, port: int) -> tuple[tuple[Conn, .
 class Fleet:
     """The run's connections: one per node, opened in parallel (bounded by ssh.forks)."""
 
-    def __init__(self, inventory: Inventory, nodes: Iterable[Node] | None = None):
+    def __init__(
+        self,
+        inventory: Inventory,
+        nodes: Iterable[Node] | None = None,
+        become_password: Secret | None = None,
+    ):
         self.inventory = inventory
+        self.become_password = become_password  # --ask-become-pass; else env or file per node
         self.nodes = tuple(nodes if nodes is not None else inventory.nodes)
         self.workers = min(inventory.forks, max(1, len(self.nodes)))
         self.conns: dict[str, Conn] = {}
@@ -463,6 +538,7 @@ class Fleet:
             if isinstance(outcome, NodeError):
                 self.errors[node.name] = outcome
             else:
+                outcome.become_password = self.become_password
                 self.conns[node.name] = outcome
         return {n.name: self.conns.get(n.name) or self.errors[n.name] for n in self.nodes}
 

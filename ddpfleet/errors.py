@@ -9,6 +9,7 @@
     │   │   ├── AuthError         the server rejected our key
     │   │   ├── HostKeyUnknown    not in any known_hosts: `invoke trust`
     │   │   └── HostKeyChanged    differs from known_hosts: refused, never overwritten
+    │   ├── BecomeError           the login user cannot become root (or the training user)
     │   └── CommandError          a remote command failed (node, command, exit code, stderr tail)
     │       └── CommandTimeout    it ran past its timeout (and was stopped on the node)
     └── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
@@ -45,6 +46,10 @@ class NodeError(DdpfleetError):
         self.node = node
         self.message = message
         super().__init__(f"{node}: {message}")
+
+
+class BecomeError(NodeError):
+    kind = "become"
 
 
 class ConnectError(NodeError):

@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpfleet import gpu, report
-from ddpfleet.errors import ConnectError, NodeError, Unreachable
+from ddpfleet.errors import BecomeError, ConnectError, NodeError, Unreachable
 
 if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
     from ddpfleet.connection import Conn, Fleet
@@ -43,7 +43,13 @@ Outcome = gpu.NodeGpus | NodeError
 
 def probe(conn: Conn) -> gpu.NodeGpus:
     """One round trip: gpu.probe_script() under sh, parsed. Unrecognised output is an error."""
-    result = conn.run(["sh", "-c", gpu.probe_script()], timeout=PROBE_TIMEOUT_S)
+    # As root where sudo makes that cheap: the training user's /proc/<pid>/environ (its run id)
+    # is unreadable to the login user. A node that cannot become root is still queried.
+    try:
+        root = conn.escalation.via_sudo
+    except BecomeError:
+        root = False
+    result = conn.run(["sh", "-c", gpu.probe_script()], timeout=PROBE_TIMEOUT_S, root=root)
     node = gpu.parse_probe(result.stdout)
     if node.driver_error and node.exit_code is None:
         raise NodeError(conn.name, node.driver_error)

@@ -45,6 +45,7 @@ TOP_KEYS = (
     "openssh_server",
     "slurm",
     "train",
+    "train_user",
     "sandbox",
     "nodes",
 )
@@ -58,13 +59,15 @@ SSH_KEYS = (
     "command_timeout",
     "forks",
     "persist",
+    "become",
+    "become_password_file",
 )
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
-SANDBOX_KEYS = ("prefix", "subnet", "state_dir")
+SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo")
 TRAIN_KEYS = ("launcher",)
 LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
-ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm")
+ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm", "train_user")
 
 SSH_DEFAULTS = {
     "user": "root",
@@ -75,6 +78,8 @@ SSH_DEFAULTS = {
     "command_timeout": 20,  # quick commands (facts, probes, ping, lock): stopped after this
     "forks": 32,
     "persist": 60,  # seconds the connection keeper holds idle connections; 0: no keeper
+    "become": "auto",  # auto: sudo when the login user is not root (ddpfleet.become)
+    "become_password_file": None,
 }
 
 
@@ -90,6 +95,8 @@ class Node:
     gpus: int | None = None
     vars: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     command_timeout: float = 20.0
+    become: str = "auto"
+    become_password_file: Path | None = None
 
     @property
     def address(self) -> str:
@@ -108,6 +115,7 @@ class SandboxSettings:
     prefix: str
     subnet: str
     state_dir: Path
+    sudo: str = "nopasswd"  # the login user's sudo when it is not root: nopasswd|password|none
 
 
 @dataclass(frozen=True)
@@ -356,6 +364,13 @@ class _Builder:
             t = merged[k]
             if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
                 raise self.fail(origin(k), f"must be seconds > 0, got {t!r}")
+        if merged["become"] not in ("auto", "sudo", "none"):
+            raise self.fail(
+                origin("become"), f"must be auto, sudo or none, got {merged['become']!r}"
+            )
+        pw_file = merged["become_password_file"]
+        if pw_file is not None:
+            pw_file = self.file_path(self.text(origin("become_password_file"), pw_file))
         gpus = entry.get("gpus")
         if gpus is not None:
             gpus = self.integer(keys + ("gpus",), gpus, 0, 1024)
@@ -373,6 +388,8 @@ class _Builder:
             gpus=gpus,
             vars=MappingProxyType(dict(node_vars)),
             command_timeout=float(merged["command_timeout"]),
+            become=merged["become"],
+            become_password_file=pw_file,
         )
 
     def check_unique_hosts(self, nodes: tuple[Node, ...]) -> None:
@@ -416,8 +433,14 @@ class _Builder:
         prefix = self.checked(
             ("sandbox", "prefix"), s.get("prefix", "ddpf"), sandbox_prefix_problem
         )
+        sudo = s.get("sudo", "nopasswd")
+        if sudo not in ("nopasswd", "password", "none"):
+            raise self.fail(
+                ("sandbox", "sudo"), f"must be nopasswd, password or none, got {sudo!r}"
+            )
         return SandboxSettings(
             prefix=prefix,
             subnet=str(ipaddress.IPv4Network(subnet)),
             state_dir=self.file_path(s.get("state_dir", ".ddpfleet/sandbox")),
+            sudo=sudo,
         )

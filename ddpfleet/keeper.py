@@ -34,15 +34,11 @@ from ddpfleet.errors import DdpfleetError, NodeError, Unreachable
 from ddpfleet.inventory import Node
 from ddpfleet.parallel import parallel
 
+PATHS = ("key", "known_hosts", "become_password_file")  # the Node fields that are Paths
+
 
 def node_of(spec: dict) -> Node:
-    return Node(
-        **{
-            **spec,
-            "key": None if spec["key"] is None else Path(spec["key"]),
-            "known_hosts": Path(spec["known_hosts"]),
-        }
-    )
+    return Node(**{k: Path(v) if k in PATHS and v is not None else v for k, v in spec.items()})
 
 
 def _stamp(path: str | os.PathLike | None) -> tuple | None:
@@ -132,19 +128,16 @@ class Keeper:
         node's failure then reads as a direct connection's would."""
         stdin = request["stdin"]
         data = None if stdin is None else base64.b64decode(stdin)
+        how = {"timeout": request["timeout"], "root": bool(request.get("root"))}
         try:
             conn, fresh = self.conn(request["node"])
             try:
-                r = conn.run(
-                    request["command"], stdin=data, check=False, timeout=request["timeout"]
-                )
+                r = conn.run(request["command"], stdin=data, check=False, **how)
             except Unreachable:
                 if fresh:
                     raise
                 conn, _ = self.conn(request["node"], fresh=True)
-                r = conn.run(
-                    request["command"], stdin=data, check=False, timeout=request["timeout"]
-                )
+                r = conn.run(request["command"], stdin=data, check=False, **how)
         except DdpfleetError as e:
             return {"error": error_dict(e)}
         except (OSError, EOFError, ValueError) as e:
@@ -159,6 +152,11 @@ class Keeper:
             return self.open(request)
         if op == "run":
             return self.run(request)
+        if op == "escalation":
+            try:
+                return {"via_sudo": self.conn(request["node"])[0].escalation.via_sudo}
+            except DdpfleetError as e:
+                return {"error": error_dict(e)}
         if op == "stats":
             return {"handshakes": self.handshakes, "nodes": sorted(self.conns), "pid": os.getpid()}
         if op == "exit":
@@ -216,6 +214,7 @@ def serve(path: Path, idle: float) -> int:
         server.serve_forever(poll_interval=0.5)
     finally:
         path.unlink(missing_ok=True)
+        Path(lock.name).unlink(missing_ok=True)  # still held: a newcomer waits for none
         server.server_close()
         server.keeper.close()
     return 0

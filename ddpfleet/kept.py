@@ -13,6 +13,7 @@ Any trouble with the keeper means a direct connection, never an error of its own
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import hashlib
@@ -71,8 +72,9 @@ def socket_path(inventory: Inventory) -> Path | None:
 def node_spec(node: Node) -> dict[str, Any]:
     """A node as JSON: what the keeper connects with (it has no inventory of its own)."""
     spec = {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
-    spec["key"] = None if node.key is None else str(node.key)
-    spec["known_hosts"] = str(node.known_hosts)
+    for name, value in spec.items():
+        if isinstance(value, Path):
+            spec[name] = str(value)
     spec["vars"] = dict(node.vars)
     return spec
 
@@ -101,11 +103,31 @@ def as_error(d: dict) -> DdpfleetError:
     return e
 
 
+@dataclasses.dataclass(frozen=True)
+class Escalated:
+    via_sudo: bool
+
+
 class KeptConn:
     """One node through the keeper: `run` as Conn.run (same wrapper, timeout and errors)."""
 
     def __init__(self, path: Path, node: Node):
         self.path, self.node, self.spec = path, node, node_spec(node)
+        self._escalation: Escalated | None = None
+
+    @property
+    def escalation(self) -> Escalated:
+        """Whether the keeper's connection does root work through sudo (Conn.escalation); a
+        BecomeError when it cannot become root. The keeper never holds a sudo password."""
+        if self._escalation is None:
+            try:
+                answer = ask(self.path, {"op": "escalation", "node": self.spec})
+            except (OSError, ValueError) as e:
+                raise errors.Unreachable(self.name, f"the connection keeper failed: {e}") from None
+            if "error" in answer:
+                raise as_error(answer["error"])
+            self._escalation = Escalated(answer["via_sudo"])
+        return self._escalation
 
     @property
     def name(self) -> str:
@@ -117,6 +139,7 @@ class KeptConn:
         stdin: str | bytes | None = None,
         check: bool = True,
         timeout: float | None = None,
+        root: bool = False,
     ) -> Result:
         data = stdin.encode() if isinstance(stdin, str) else stdin
         request = {
@@ -125,6 +148,7 @@ class KeptConn:
             "command": command,
             "stdin": None if data is None else base64.b64encode(data).decode(),
             "timeout": timeout,
+            "root": root,
         }
         try:
             answer = ask(self.path, request)
@@ -215,8 +239,10 @@ def _try(fn):
 def start(path: Path, idle: float) -> None:
     """Start a keeper for `path` in the background, detached from this process and terminal.
     Two at once is harmless: the second finds the first's lock and exits."""
+    env = {k: v for k, v in os.environ.items() if k != "DDPFLEET_BECOME_PASSWORD"}
     subprocess.Popen(
         [sys.executable, "-m", "ddpfleet.keeper", str(path), f"{idle:g}"],
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -236,7 +262,8 @@ def fleet(inventory: Inventory):
             kept.open()
             return kept
         except (OSError, ValueError, KeyError):
-            start(path, inventory.persist)
+            # started as this command exits: its imports and handshakes would compete with ours
+            atexit.register(start, path, inventory.persist)
     from ddpfleet.connection import Fleet
 
     return Fleet(inventory)

@@ -33,7 +33,15 @@ from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory, Node, _did_you_mean
 
 ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
-ROLE_ORDER = ("openssh_server", "miniconda", "conda_env", "venv_env", "jupyter", "slurm")
+ROLE_ORDER = (
+    "train_user",
+    "openssh_server",
+    "miniconda",
+    "conda_env",
+    "venv_env",
+    "jupyter",
+    "slurm",
+)
 # Off unless the inventory enables them ({enabled: true}) or --roles names them.
 OPT_IN = ("slurm",)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ddpfleet import rootfiles
 from ddpfleet.connection import NODE_IO_ERRORS, Conn, Result
 from ddpfleet.errors import CommandError, DdpfleetError, NodeError
 from ddpfleet.facts import FACTS_SCRIPT, parse_facts
@@ -118,7 +119,9 @@ class Host:
     def probe(self, script: str) -> dict[str, str]:
         """Run a read-only sh script printing key=value lines; runs under --check too.
         Bounded by ssh.command_timeout: a probe that hangs is a failed node, not a hung run."""
-        return parse_facts(self.conn.run(script, timeout=self.node.command_timeout).stdout)
+        return parse_facts(
+            self.conn.run(script, timeout=self.node.command_timeout, root=True).stdout
+        )
 
     def run(
         self,
@@ -127,8 +130,8 @@ class Host:
         check: bool = True,
         timeout: float | None = None,
     ) -> Result:
-        """A read-only command: runs under --check too."""
-        return self.conn.run(command, stdin=stdin, check=check, timeout=timeout)
+        """A read-only command, as root: runs under --check too."""
+        return self.conn.run(command, stdin=stdin, check=check, timeout=timeout, root=True)
 
     def change(
         self,
@@ -143,7 +146,7 @@ class Host:
         text = command if isinstance(command, str) else " ".join(command)
         self.changes.append(text)
         self.on_progress(text)
-        return self.conn.run(command, stdin=stdin, check=check, timeout=timeout)
+        return self.conn.run(command, stdin=stdin, check=check, timeout=timeout, root=True)
 
     def changed(
         self, name: str, action: str, do: Callable[[], object] | None = None, diff: str = ""
@@ -161,7 +164,14 @@ class Host:
             return outcome
         return Step("", name, "changed", past(action), diff)
 
+    @property
+    def sudo(self) -> bool:
+        """Root work goes through sudo: files go through ddpfleet.rootfiles, not SFTP."""
+        return self.conn.escalation.via_sudo
+
     def read_file(self, path: str) -> bytes | None:
+        if self.sudo:
+            return rootfiles.read(self.conn, path)[0]
         try:
             with self.conn.sftp().open(path, "rb") as f:
                 return f.read()
@@ -178,6 +188,13 @@ class Host:
         The file is written beside and renamed into place, so readers never see half of it.
         """
         data = content.encode() if isinstance(content, str) else content
+        if self.sudo:
+            current, mode_now, owner_now = rootfiles.read(self.conn, path)
+            if current == data and mode_now == mode and (owner or "root") == owner_now:
+                return False, ""
+            if not self.check:
+                rootfiles.install(self.conn, path, data, mode, owner or "root")
+            return True, _diff(path, current, data) if self.diff else ""
         current = self.read_file(path)
         mode_now = None
         if current is not None:

@@ -4,12 +4,16 @@ sh(script, *args)   one sh script with its values as positional parameters, quot
 tail(text)          the last lines of a command's output as one line, for a message
 sha256(data)        the hex digest probes compare with `sha256sum` on the node
 Secret              a password or token: prints as *** everywhere, reveal() gives the text
+APT_GET             apt-get that waits for the dpkg lock
 """
 
 from __future__ import annotations
 
 import hashlib
 import shlex
+
+# Fresh cloud VMs run unattended-upgrades at boot: wait for its dpkg lock instead of failing.
+APT_GET = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]
 
 
 def sh(script: str, *args: str) -> str:

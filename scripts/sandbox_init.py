@@ -211,7 +211,12 @@ def main() -> int:
     ap.add_argument("--dir", required=True, help="node dir with upper/, work/, root/")
     ap.add_argument("--hostname", required=True)
     ap.add_argument("--pidfile", required=True)
+    # "no" for a cloud-shaped node: log in as the sudo user, root refused (as on cloud VMs)
+    ap.add_argument("--permit-root-login", default="prohibit-password")
     args = ap.parse_args()
+    SSHD[SSHD.index("PermitRootLogin=prohibit-password")] = (
+        f"PermitRootLogin={args.permit_root_login}"
+    )
     os.environ["SANDBOX_NODE"] = args.hostname
     if os.getpid() != 1:
         log("must be PID 1 of a new pid namespace (run by ddpfleet.sandbox)")

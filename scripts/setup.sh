@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # Overridable for the test that makes apt fail (tests/unit/test_setup_script.py).
 POLICY_RC_D=${POLICY_RC_D:-/usr/sbin/policy-rc.d}
 pkgs=(openssh-client openssh-server iproute2 python3-venv python3-pip util-linux procps rsync
-      pdsh chromium munge slurmctld slurmd slurm-client)
+      pdsh chromium munge slurmctld slurmd slurm-client sudo)
 # Sandbox nodes see the host's /usr and /etc/passwd through their overlay, so the slurm role's
 # packages and users come from here. munge and slurm need the same uid on every node (the roles'
 # slurm_munge_uid / slurm_slurm_uid defaults): made before apt, whose adduser would pick any.

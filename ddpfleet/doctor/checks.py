@@ -69,18 +69,53 @@ def check_ssh(node: Node, error: NodeError | None) -> Check:
     return fail("ssh", error.message, fix)
 
 
-def check_sudo(uid: int | None, sudo_rc: int | None, user: str) -> Check:
-    # A warning, not a failure: bootstrap logs in as root (it does not use sudo yet); a training
-    # run does not need root. Never advise widening sudo: nothing here would use it.
+def check_sudo(
+    uid: int | None,
+    sudo_rc: int | None,
+    user: str,
+    become: str = "auto",
+    password_given: bool = False,
+) -> Check:
+    """Bootstrap needs root: the login user, or sudo (ssh.become). A failure when it cannot
+    have it; sudo that asks a password passes only when a password will be given."""
     if uid == 0:
         return ok("sudo", "root")
-    has = (
-        "has passwordless sudo"
-        if sudo_rc == 0
-        else ("has no sudo" if sudo_rc == 127 else "has sudo with a password")
-    )
-    fix = "bootstrap as root: set ssh.user: root for this node (training does not need it)"
-    return warn("sudo", f"{user} is not root and {has}; bootstrap logs in as root", fix)
+    as_root = "log in as root (ssh.user: root)"
+    if become == "none":
+        return fail(
+            "sudo", f"{user} is not root and ssh.become is none; bootstrap needs root",
+            f"set ssh.become: auto (sudo) or {as_root}",
+        )  # fmt: skip
+    if sudo_rc == 0:
+        return ok("sudo", f"{user} has passwordless sudo (ssh.become)")
+    if sudo_rc == 127:
+        return fail(
+            "sudo", f"{user} is not root and the node has no sudo; bootstrap needs root",
+            f"install sudo there, or {as_root}",
+        )  # fmt: skip
+    if password_given:
+        return ok("sudo", f"{user} has sudo with a password; bootstrap gives the one set here")
+    return fail(
+        "sudo", f"sudo asks {user}'s password (or {user} may not use sudo); bootstrap needs root",
+        "give the password with --ask-become-pass, $DDPFLEET_BECOME_PASSWORD or "
+        f"ssh.become_password_file, or {as_root}",
+    )  # fmt: skip
+
+
+def check_train_user(node: str, ids: Mapping[str, str], want: str, name: str) -> Check:
+    """The training user exists here with the inventory's uid:gid (so the same on every node);
+    `ids` is every reached node's "uid:gid" ("" when missing), `want` the inventory's."""
+    here = ids.get(node, "")
+    if not here:
+        return fail("train user", f"no user {name} here", "invoke bootstrap (train_user role)")
+    if here != want:
+        others = ", ".join(f"{n} {i or '-'}" for n, i in sorted(ids.items()))
+        return fail(
+            "train user",
+            f"{name} has uid:gid {here} here, the inventory says {want} ({others})",
+            "equal ids on every node: renumber the user or set train_user.uid/gid",
+        )
+    return ok("train user", f"{name} uid:gid {here}, as the inventory says")
 
 
 def check_driver(gpus: gpu.NodeGpus, expected: int | None) -> Check:

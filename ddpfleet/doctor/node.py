@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ddpfleet import envs, gpu
+from ddpfleet import envs, gpu, trainuser
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.inventory import Node
@@ -54,6 +54,7 @@ class NodeFacts:
     disk_path: str  # the env prefix, or its nearest existing parent
     tcp: Mapping[str, str | None] | str  # other node -> None or why not; str: test not run
     gpus: gpu.NodeGpus
+    train_ids: str = ""  # the training user's "uid:gid" here; "" when it does not exist
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ with ThreadPoolExecutor(32) as pool:
 _FACTS = """\
 say() {{ printf '\\n%s %s %s\\n' {mark} "$1" "$2"; }}
 say uid "$(id -u)"
+say trainuser "$(getent passwd {train} | cut -d: -f3,4)"
 if [ "$(id -u)" != 0 ]; then
   if command -v sudo >/dev/null 2>&1; then sudo -n true >/dev/null 2>&1; say sudo $?
   else say sudo 127; fi
@@ -154,7 +156,9 @@ print(json.dumps({"error": error}))
 """
 
 
-def facts_script(python: str, prefix: str, peers: Sequence[tuple[str, str, int]]) -> str:
+def facts_script(
+    python: str, prefix: str, peers: Sequence[tuple[str, str, int]], train: str = "train"
+) -> str:
     """The node's facts, then gpu.probe_script() last (it may `exit`). peers: (name, host, port)."""
     q = shlex.quote
     targets = " ".join(q(f"{name}={host}={port}") for name, host, port in peers)
@@ -166,6 +170,7 @@ def facts_script(python: str, prefix: str, peers: Sequence[tuple[str, str, int]]
             torch=q(_TORCH),
             tcp=q(_TCP),
             targets=targets,
+            train=q(train),
         )
         + gpu.probe_script()
     )
@@ -194,6 +199,7 @@ def parse_facts(text: str, stderr: str, python: str) -> NodeFacts:
         disk_path=path,
         tcp=_tcp(said),
         gpus=gpu.parse_probe(text[at:] if at >= 0 else ""),
+        train_ids=said.get("trainuser", "").strip(),
     )
 
 
@@ -241,7 +247,9 @@ def gather_facts(fleet: Fleet) -> dict[str, NodeFacts | NodeError]:
     def one(conn: Conn) -> NodeFacts:
         env = envs.location(inventory, conn.node)
         peers = [(n.name, _address(fleet, n), n.port) for n in fleet.nodes if n != conn.node]
-        script = facts_script(env.python, env.path, peers)
+        script = facts_script(
+            env.python, env.path, peers, trainuser.settings(inventory, conn.node).name
+        )
         result = conn.run(["sh", "-c", script], timeout=FACTS_TIMEOUT_S)
         return parse_facts(result.stdout, result.stderr, env.python)
 

@@ -7,6 +7,7 @@ exit_if_failed(checks)      # non-zero when any check fails
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from ddpfleet import envs
+from ddpfleet import become, envs, trainuser
 from ddpfleet.connection import Fleet
 from ddpfleet.doctor.checks import (
     Check,
@@ -29,6 +30,7 @@ from ddpfleet.doctor.checks import (
     check_ssh,
     check_sudo,
     check_tcp,
+    check_train_user,
     check_versions,
     fail,
 )
@@ -76,13 +78,18 @@ def evaluate(inventory: Inventory, got: Gathered) -> dict[str, list[Check]]:
             checks[node.name] = [check_ssh(node, None), fail("facts", facts.message, fix)]
             continue
         clock = got.clocks.get(node.name)
+        password = bool(os.environ.get(become.PASSWORD_ENV) or node.become_password_file)
+        train = trainuser.settings(inventory, node)
         rows = [
             check_ssh(node, None),
-            check_sudo(facts.uid, facts.sudo_rc, node.user),
+            check_sudo(facts.uid, facts.sudo_rc, node.user, node.become, password),
             check_driver(facts.gpus, node.gpus),
             check_gpu_count(node.name, counts, got.master, node.gpus),
             check_env(node.name, facts.env, bool(facts.gpus.gpus)),
         ]
+        if not train.root:
+            ids = {name: f.train_ids for name, f in ok.items()}
+            rows.append(check_train_user(node.name, ids, f"{train.uid}:{train.gid}", train.name))
         if node.name in versions:
             rows.append(check_versions(node.name, versions, got.master))
         rows += [

@@ -56,7 +56,18 @@ def server_list(node: Runner, s: Settings, state: NodeState) -> list[dict]:
 STATUS_COLUMNS = ("node", "state", "pid", "port", "service", "password", "root_dir", "version")
 
 
-def node_status(conn: Conn, s: Settings) -> dict:
+class AsRoot:
+    """A Conn whose commands run as root (through sudo for a non-root login): the pidfiles
+    are root's, and root drops to the Jupyter user with setpriv."""
+
+    def __init__(self, conn: Conn):
+        self.conn, self.node, self.name = conn, conn.node, conn.name
+
+    def run(self, command, **kw):
+        return self.conn.run(command, root=True, **kw)
+
+
+def node_status(conn: Conn | AsRoot, s: Settings) -> dict:
     """One node's row: the service as `jupyter server list` sees it, as the Jupyter user."""
     state = read_state(conn, s)
     row: dict[str, Any] = {
@@ -86,7 +97,7 @@ def node_status(conn: Conn, s: Settings) -> dict:
 
 
 def status(fleet: Fleet) -> dict[str, dict | NodeError]:
-    return fleet.map(lambda conn: node_status(conn, for_node(fleet.inventory, conn.node)))
+    return fleet.map(lambda conn: node_status(AsRoot(conn), for_node(fleet.inventory, conn.node)))
 
 
 def show_status(results: Mapping[str, dict | NodeError], as_json: bool = False) -> None:
@@ -111,10 +122,10 @@ def stop(fleet: Fleet) -> dict[str, str | NodeError]:
 
     def one(conn: Conn) -> str:
         s = for_node(fleet.inventory, conn.node)
-        state = read_state(conn, s)
+        state = read_state(AsRoot(conn), s)
         if not state.running:
             return "not running"
-        conn.run(stop_command(state), timeout=60)
+        conn.run(stop_command(state), timeout=60, root=True)
         return f"stopped (was pid {state.pid})" if state.pid else "stopped"
 
     return fleet.map(one)

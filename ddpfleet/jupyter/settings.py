@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddpfleet import envs, report
+from ddpfleet import envs, report, trainuser
 from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory, Node
 from ddpfleet.role_settings import load_role
 from ddpfleet.shell import Secret
 
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+FALLBACK_USER = "jupyter"  # jupyter.user "" while training runs as root
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,24 @@ class Settings:
         return f"{self.env_dir}/bin/python"
 
 
-def settings(cfg: Mapping[str, Any], env_dir: str) -> Settings:
-    """The role's resolved config as Settings; a bad value is an InventoryError with the fix."""
-    port, user = cfg["port"], str(cfg["user"] or "")
+def default_user(inventory: Inventory | None, node: Node | None) -> str:
+    """jupyter.user "": the training user, or `jupyter` where training runs as root."""
+    if inventory is None or node is None:
+        return FALLBACK_USER
+    user = trainuser.settings(inventory, node)
+    return FALLBACK_USER if user.root else user.name
+
+
+def settings(cfg: Mapping[str, Any], env_dir: str, default: str = "jupyter") -> Settings:
+    """The role's resolved config as Settings; a bad value is an InventoryError with the fix.
+    `default` is the user when jupyter.user is "" (default_user)."""
+    port, user = cfg["port"], str(cfg["user"] or default)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise InventoryError(f"jupyter.port {port!r}: use a port from 1 to 65535")
     if user == "root":
         raise InventoryError(
             "jupyter.user is root: Jupyter runs notebook code as its user, so "
-            "it never runs as root; set jupyter.user (default: jupyter)"
+            "it never runs as root; set jupyter.user (default: the training user)"
         )
     if not USER_NAME.match(user):
         raise InventoryError(f"jupyter.user {user!r}: not a valid user name")
@@ -74,7 +84,9 @@ def settings(cfg: Mapping[str, Any], env_dir: str) -> Settings:
 
 def for_node(inventory: Inventory, node: Node) -> Settings:
     cfg = load_role("jupyter").config(inventory, node)
-    return settings(cfg, cfg["env_dir"] or envs.env_dir(inventory, node))
+    return settings(
+        cfg, cfg["env_dir"] or envs.env_dir(inventory, node), default_user(inventory, node)
+    )
 
 
 _prompted: list[Secret] = []

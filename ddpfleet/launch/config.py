@@ -16,12 +16,12 @@ import re
 import secrets
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 
-from ddpfleet import envs
+from ddpfleet import envs, trainuser
 from ddpfleet.errors import PlanError
 from ddpfleet.inventory import Inventory
 
@@ -69,6 +69,8 @@ class TrainConfig:
     code_dir_flag: str  # --code-dir as given, for messages
     remote_logs: str  # torchrun's --log-dir parent on the nodes, {cluster} filled in
     run_dir: Path  # logs/<run-id>/ on the controller
+    # node -> the training user every rank runs as (train_user role; root only when allowed)
+    users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_restarts: int = 0  # passed to torchrun (--max-restarts) when above 0
 
     @property
@@ -90,6 +92,9 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
     order = run_order(inventory, flags.nodes)
     nodes = [inventory.node(name) for name in order]
     cluster = inventory.cluster.name
+    users = {n.name: trainuser.settings(inventory, n) for n in nodes}
+    for name, user in users.items():
+        trainuser.refuse_root(user, name)
     return TrainConfig(
         run_id=run_id,
         cluster=cluster,
@@ -107,6 +112,7 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
         code_dir_flag=code_dir,
         remote_logs=flags.remote_logs.format(cluster=cluster),
         run_dir=log_root / run_id,
+        users=MappingProxyType({name: user.name for name, user in users.items()}),
         max_restarts=check_max_restarts(flags.max_restarts),
     )
 

@@ -40,7 +40,7 @@ def node_spec(
         "argv": list(n.argv),
         "env": dict(n.env),
         "cwd": n.cwd,
-        "user": getattr(n, "user", None),
+        "user": n.user,
         "grace": STOP_GRACE_S,
         "master_host": p.master_addr,
         "lifeline_port": port,
@@ -64,6 +64,7 @@ def start_node(conn: Conn, python: str, spec: Mapping) -> dict:
         stdin=stdin + b"\n",
         check=False,
         timeout=START_TIMEOUT_S,
+        root=True,  # the supervisor is root: the run dir, the cgroup; ranks drop to n.user
     )
     try:
         said = json.loads(r.stdout.strip().splitlines()[-1])

@@ -47,7 +47,7 @@ def fetch_rank_logs(
     def one(conn: Conn) -> int:
         n = p.node(conn.name)
         try:
-            sftp = conn.sftp()
+            sftp = conn.sftp(n.user)
             try:
                 paths = _remote_files(sftp, n.log_dir)
             except FileNotFoundError:

@@ -31,8 +31,9 @@ class Member:
     """One node's gang_runner.py on one exec channel of the run's connection; a thread pumps
     its output. open() starts the preflight, launch() the run, call_off() ends it unstarted."""
 
-    def __init__(self, conn: Conn, python: str, out: Output):
+    def __init__(self, conn: Conn, python: str, out: Output, user: str | None = None):
         self.conn, self.python, self.out = conn, python, out
+        self.user = user  # the runner (and so torchrun and every rank) runs as this user
         self.chan: Session | None = None
         self.plan: NodePlan | None = None
         self.nproc = 1
@@ -64,7 +65,9 @@ class Member:
         """Start the runner: its sources, then the preflight request, on stdin."""
         # The run id in the runner's own environment too: every process of the run carries it.
         env = shlex.join(["env", f"DDPFLEET_RUN_ID={request['run_id']}"])
-        chan = self.conn.session(f"{env} {sync.helper_command(self.python, 'gang_runner.py')}")
+        chan = self.conn.session(
+            f"{env} {sync.helper_command(self.python, 'gang_runner.py')}", user=self.user
+        )
         chan.sendall(
             b"".join(sync.helper_source(h) for h in RUNNER_FILES)
             + json.dumps(request).encode()

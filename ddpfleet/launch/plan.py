@@ -37,6 +37,7 @@ class NodePlan:
     env: Mapping[str, str]
     cwd: str
     log_dir: str
+    user: str | None = None  # who the ranks run as (the training user); None: the login user
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,16 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
         env.update(config.env)
         cwd = _under_home(config.code_dir, f.home)
         nodes.append(
-            NodePlan(name, rank, config.hosts[name], argv, MappingProxyType(env), cwd, log_dir)
+            NodePlan(
+                name,
+                rank,
+                config.hosts[name],
+                argv,
+                MappingProxyType(env),
+                cwd,
+                log_dir,
+                config.users.get(name),
+            )
         )
     return Plan(run_id, order[0], addr, config.port, nproc, config.script, tuple(nodes))
 

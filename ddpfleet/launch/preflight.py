@@ -58,7 +58,7 @@ def open_members(fleet: Fleet, config: TrainConfig, out: Output) -> dict[str, Me
             "listen": port if rank == 0 else None,
             "reach": None if rank == 0 else {"port": port, "timeout": CONNECT_CHECK_S},
         }
-        members[name] = Member(fleet.conns[name], config.python[name], out)
+        members[name] = Member(fleet.conns[name], config.python[name], out, config.users.get(name))
         members[name].open(request)
     return members
 
@@ -119,7 +119,7 @@ def reused_run_id(fleet: Fleet, p: Plan) -> list[str]:
 
     def one(conn: Conn) -> bool:
         try:
-            conn.sftp().lstat(p.node(conn.name).log_dir)
+            conn.sftp(p.node(conn.name).user).lstat(p.node(conn.name).log_dir)
         except FileNotFoundError:
             return False
         except NODE_IO_ERRORS as e:

@@ -36,7 +36,9 @@ def push_code(
         n = p.node(conn.name)
         remote = probed[conn.name].manifest
         change = sync.diff(files, remote)
-        stats = sync.push(conn, n.argv[0], n.cwd, root, files, change, p.script, remote, p.run_id)
+        stats = sync.push(
+            conn, n.argv[0], n.cwd, root, files, change, p.script, remote, p.run_id, n.user
+        )
         if not stats.script:
             raise NodeError(conn.name, f"{n.cwd}/{p.script} is missing after the sync")
         return stats

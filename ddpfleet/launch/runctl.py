@@ -25,7 +25,11 @@ def ctl_command(python: str, *args: str) -> str:
 def node_call(conn: Conn, python: str, *args: str, timeout: float = CALL_TIMEOUT_S):
     """run_ctl.py on the node (as root: it reads and signals the run's processes); its JSON."""
     r = conn.run(
-        ctl_command(python, *args), stdin=sync.helper_source(CTL), check=False, timeout=timeout
+        ctl_command(python, *args),
+        stdin=sync.helper_source(CTL),
+        check=False,
+        timeout=timeout,
+        root=True,
     )
     if r.exit_code != 0:
         raise NodeError(conn.name, f"run_ctl.py {args[0]} failed: {(r.stderr or r.stdout)[-300:]}")

@@ -34,9 +34,8 @@ def show(
     chans = []
     for node, part in parts.items():
         conn = fleet.conns[node]
-        chan = conn.session(
-            runctl.ctl_command(pythons[node], "logs", run_id, "1" if follow else "0")
-        )
+        command = runctl.ctl_command(pythons[node], "logs", run_id, "1" if follow else "0")
+        chan = conn.session(command, root=True)  # node.log is root's: it may show --env values
         chan.sendall(sync.helper_source(runctl.CTL))
         chans.append((node, part, chan))
     threads = [

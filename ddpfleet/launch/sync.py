@@ -219,6 +219,7 @@ def push(
     script: str,
     remote: Mapping[str, list],
     run_id: str,
+    user: str | None = None,
 ) -> SyncStats:
     """One exec channel on `conn` (a connection.Conn): node_helper.py `apply` into the code dir
     this run's runner has locked, then header(), then the tar of what changed. Nothing changed:
@@ -226,7 +227,9 @@ def push(
     A long sync shows the node's bytes, rate and time left (ddpfleet.progress)."""
     if change.empty:
         return SyncStats(0, 0, 0, script in remote)
-    chan = conn.session(helper_command(python, "node_helper.py", "apply", code_dir, run_id, script))
+    chan = conn.session(
+        helper_command(python, "node_helper.py", "apply", code_dir, run_id, script), user=user
+    )
     chan.sendall(helper_source("node_helper.py"))
     chan.sendall(header(files, change))
     with progress.transfer(conn.name, "code", tar_size(root, change.send)) as sent:

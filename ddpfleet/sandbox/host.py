@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 from ddpfleet.errors import SandboxError
 from ddpfleet.sandbox.spec import PATH, SandboxNode, SandboxSpec
 
-PACKAGES = ("openssh-server", "iproute2", "python3-venv", "procps", "util-linux", "rsync")
+PACKAGES = (
+    "openssh-server",
+    "iproute2",
+    "python3-venv",
+    "procps",
+    "util-linux",
+    "rsync",
+    "sudo",  # nodes use the host's /usr: a login user's sudo is the host's
+)
 T = TypeVar("T")
 
 

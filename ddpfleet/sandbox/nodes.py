@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ddpfleet.errors import SandboxError
+from ddpfleet.sandbox import users
 from ddpfleet.sandbox.host import host_key, host_pub, wait_for
 from ddpfleet.sandbox.spec import NETNS_DIR, PATH, SandboxNode, SandboxSpec
 
@@ -133,6 +134,9 @@ def prepare(spec: SandboxSpec, node: SandboxNode, running: bool) -> None:
     for rel, (data, mode) in _node_files(spec, node).items():
         _mkdirs_like_host(upper, Path(rel).parent)
         _write_in_place(upper / rel, data, mode)
+    _mkdirs_like_host(upper, Path("home"))
+    _mkdirs_like_host(upper, Path("etc/sudoers.d"))
+    users.ensure(spec, upper)
     if running:  # no whiteouts under a mounted overlay
         return
     for rel in HIDDEN:
@@ -214,6 +218,8 @@ def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
         node.name,
         "--pidfile",
         str(pidfile),
+        "--permit-root-login",
+        "prohibit-password" if spec.login_user == "root" else "no",
     ]
     with open(logs / f"{node.name}.log", "ab") as log:
         proc = subprocess.Popen(

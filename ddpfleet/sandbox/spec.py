@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpfleet.errors import SandboxError
-from ddpfleet.names import sandbox_prefix_problem, subnet_problem
+from ddpfleet.names import sandbox_prefix_problem, subnet_problem, user_problem
 
 BASE = Path("/var/lib/ddpfleet/sandbox")
 NETNS_DIR = Path("/run/netns")
@@ -38,6 +38,10 @@ class SandboxSpec:
     known_hosts: Path
     # Where the settings came from, for messages: the inventory's file name, or "sandbox".
     origin: str = field(default="sandbox", compare=False, repr=False)
+    # Who logs in: root (sshd permits root by key), or a cloud-style user (root refused) with
+    # sudo nopasswd | password | none (sandbox/users.py).
+    login_user: str = "root"
+    sudo: str = "nopasswd"
 
     def __post_init__(self) -> None:
         check(self)
@@ -92,6 +96,10 @@ def check(spec: SandboxSpec) -> None:
     where = spec.origin
     if problem := sandbox_prefix_problem(spec.prefix) or subnet_problem(spec.subnet):
         raise SandboxError(f"{where}: {problem}")
+    if spec.sudo not in ("nopasswd", "password", "none"):
+        raise SandboxError(f"{where}: sudo {spec.sudo!r}: use nopasswd, password or none")
+    if problem := user_problem(spec.login_user):
+        raise SandboxError(f"{where}: login user: {problem}")
     net = spec.network
     for node in spec.nodes:
         addr = ipaddress.IPv4Address(node.address) if _is_ipv4(node.address) else None
@@ -131,10 +139,16 @@ def select(spec: SandboxSpec, names: Iterable[str]) -> list[SandboxNode]:
 # -- inventories for --nodes N ---------------------------------------------------------------------
 
 
-def spec_for(inventory: Any, count: int | None = None) -> tuple[SandboxSpec, Path | None]:
-    """The spec an inventory describes (its sandbox: section and nodes), or `count` nodes
-    node0..node{count-1} from .10; then, if those differ from the inventory's nodes, an inventory
-    for them is written under <inventory dir>/.ddpfleet/ and its path returned too."""
+def spec_for(
+    inventory: Any,
+    count: int | None = None,
+    login_user: str | None = None,
+    sudo: str | None = None,
+) -> tuple[SandboxSpec, Path | None]:
+    """The spec an inventory describes (its sandbox: section and nodes, its ssh user as the
+    login user), or `count` nodes node0..node{count-1} from .10, or another login user; then, if
+    those differ from the inventory's, an inventory for them is written under
+    <inventory dir>/.ddpfleet/ and its path returned too."""
     sb = inventory.sandbox
     if sb is None:
         raise SandboxError(
@@ -147,10 +161,20 @@ def spec_for(inventory: Any, count: int | None = None) -> tuple[SandboxSpec, Pat
     known = Path(first.known_hosts) if first else inventory.root / ".ddpfleet" / "known_hosts"
     listed = tuple(SandboxNode(n.name, n.host) for n in inventory.nodes)
     nodes = listed if count is None else numbered(sb.subnet, count)
+    user = first.user if first else "root"
     spec = SandboxSpec(
-        sb.prefix, sb.subnet, nodes, state_dir, key, known, origin=inventory.path.name
+        sb.prefix,
+        sb.subnet,
+        nodes,
+        state_dir,
+        key,
+        known,
+        origin=inventory.path.name,
+        login_user=login_user or user,
+        sudo=sudo or getattr(sb, "sudo", "nopasswd"),
     )
-    written = None if nodes == listed else _write_inventory(inventory, spec)
+    same = nodes == listed and spec.login_user == user
+    written = None if same else _write_inventory(inventory, spec)
     return spec, written
 
 
@@ -170,10 +194,17 @@ def _write_inventory(inventory: Any, spec: SandboxSpec) -> Path:
     import yaml
 
     data = yaml.safe_load(Path(inventory.path).read_text())
-    data.setdefault("ssh", {}).update(key=str(spec.client_key), known_hosts=str(spec.known_hosts))
-    data["sandbox"] = {**(data.get("sandbox") or {}), "state_dir": str(spec.state_dir)}
+    data.setdefault("ssh", {}).update(
+        key=str(spec.client_key), known_hosts=str(spec.known_hosts), user=spec.login_user
+    )
+    data["sandbox"] = {
+        **(data.get("sandbox") or {}),
+        "state_dir": str(spec.state_dir),
+        "sudo": spec.sudo,
+    }
     data["nodes"] = {n.name: {"host": n.address} for n in spec.nodes}
-    path = Path(inventory.root) / ".ddpfleet" / f"inventory-{len(spec.nodes)}.yaml"
+    tag = "" if spec.login_user == "root" else f"-{spec.login_user}"
+    path = Path(inventory.root) / ".ddpfleet" / f"inventory-{len(spec.nodes)}{tag}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"# written by invoke sandbox.up --nodes {len(spec.nodes)} from "

@@ -122,7 +122,9 @@ def resolve(host, cfg: Mapping[str, Any]) -> Settings:
         from ddpfleet import envs
 
         env_dir = envs.env_dir(host.inventory, host.node)
-    return jupyter.settings(cfg, env_dir)
+    if cfg["user"]:
+        return jupyter.settings(cfg, env_dir)
+    return jupyter.settings(cfg, env_dir, jupyter.default_user(host.inventory, host.node))
 
 
 def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ddpfleet import rootfiles
 from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
 from ddpfleet.shell import sh
@@ -210,7 +211,10 @@ def _download(host, url: str, part: str, tool: str) -> str:
 def _upload(host, local: Path, remote: str) -> None:
     """Streamed over the node's SFTP channel (an installer is ~100 MB)."""
     host.on_progress(f"upload {local.name}")
-    host.conn.sftp().put(str(local), remote)
+    if host.sudo:  # SFTP is the login user's: through a private temp dir, installed as root
+        rootfiles.install_file(host.conn, local, remote)
+    else:
+        host.conn.sftp().put(str(local), remote)
 
 
 def _install(

@@ -19,6 +19,7 @@ import re
 import shlex
 from collections.abc import Iterator
 
+from ddpfleet import trainuser
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.roles import Step, failed, ok
 from ddpfleet.shell import sh, sha256
@@ -124,6 +125,17 @@ printf '%s\\n' $1 >{MARKER}.tmp && chmod 0600 {MARKER}.tmp && mv -f {MARKER}.tmp
 """
 
 
+def cluster_user_of(cfg, inventory, node) -> str:
+    """Who may ssh between nodes: cluster_user, else the training user (never root by
+    default); "" when node-to-node SSH is off."""
+    if not cfg["cluster_ssh"]:
+        return ""
+    if cfg["cluster_user"]:
+        return str(cfg["cluster_user"])
+    train = trainuser.settings(inventory, node)
+    return "" if train.root else train.name
+
+
 class Peers:
     """One node's node-to-node SSH: what it should hold, what it holds, the steps between."""
 
@@ -132,7 +144,7 @@ class Peers:
         self.algorithms = list(algorithms)  # the drop-in's algorithm lines, for the ssh client
         self.host, self.cfg = target.host, target.cfg
         self.key = self.cfg["cluster_key_name"]
-        self.user = str(self.cfg["cluster_user"] or "") if self.cfg["cluster_ssh"] else ""
+        self.user = cluster_user_of(self.cfg, self.host.inventory, self.host.node)
         self.state: dict[str, str] = {}
 
     def probe(self) -> None:
@@ -322,7 +334,7 @@ class Peers:
 
     def peer_user(self, node) -> str:
         cfg = self.host.role.config(self.host.inventory, node)
-        return str(cfg["cluster_user"] or "") if cfg["cluster_ssh"] else ""
+        return cluster_user_of(cfg, self.host.inventory, node)
 
     def ca_line(self, ca_public: str) -> tuple[str, str]:
         """The authorized_keys line and a note saying what it allows."""

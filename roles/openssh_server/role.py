@@ -32,7 +32,7 @@ from ddpfleet import inventory as inv
 from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 from ddpfleet.errors import NodeError
 from ddpfleet.roles import Host, Step, changed, failed, ok
-from ddpfleet.shell import sh, sha256
+from ddpfleet.shell import APT_GET, sh, sha256
 
 from . import cluster as controller  # cluster CA, trusted host keys, marked blocks
 from . import (
@@ -220,9 +220,9 @@ def _package(node: Target) -> Step:
 
     def install() -> None:
         if tool == "apt-get":
-            apt = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", pkg]
+            apt = ["env", "DEBIAN_FRONTEND=noninteractive", *APT_GET, "install", "-y", "-q", pkg]
             if not node.host.change(apt, check=False).ok:  # stale or absent package lists
-                node.host.change(["apt-get", "update", "-q"])
+                node.host.change([*APT_GET, "update", "-q"])
                 node.host.change(apt)
         else:
             node.host.change(["dnf", "install", "-y", pkg])

@@ -24,12 +24,13 @@ from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, describe
 from ddpfleet.errors import CommandError
 from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Host, Step, changed, failed, ok, skipped
+from ddpfleet.shell import APT_GET
 from ddpfleet.wheelhouse import Spec, Target
 
 SECTION = "python_env"
 CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-yq", "python3-venv"]
+APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", *APT_GET, "install", "-yq", "python3-venv"]
 # pip takes its index from PIP_INDEX_URL, read from stdin: the URL may carry credentials
 # (https://user:token@host/...), and an argv is visible in ps to every user of the node.
 INDEX_FROM_STDIN = [
@@ -221,7 +222,7 @@ def _venv_support(env: Env) -> Step | None:
 
     def install() -> None:
         if not env.host.change(APT_VENV, check=False).ok:  # stale or absent package lists
-            env.host.change(["apt-get", "update", "-q"])
+            env.host.change([*APT_GET, "update", "-q"])
             env.host.change(APT_VENV)
 
     return env.host.changed("python3-venv", "install python3-venv (ensurepip for venv)", install)
@@ -257,7 +258,12 @@ def _wheelhouse(env: Env) -> Step | None:
 def _send_wheels(env: Env, target: Target, remote: str) -> Step:
     cache = env.host.inventory.root / ".ddpfleet" / "wheelhouse"
     files = wheelhouse.fetch(cache, env.spec, target, env.progress)
-    env.host.change(["mkdir", "-p", remote])
+    if env.host.sudo:
+        # SFTP writes as the login user: the wheelhouse is theirs (it can become root anyway;
+        # the wheels are root's pip's input, never a config)
+        env.host.change(["install", "-d", "-o", env.host.node.user, "-m", "0755", remote])
+    else:
+        env.host.change(["mkdir", "-p", remote])
     count, size = wheelhouse.push(
         env.host.conn.sftp(), remote, files, env.progress, node=env.host.conn.name
     )

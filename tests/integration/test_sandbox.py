@@ -278,13 +278,18 @@ def test_spec_for_reads_the_inventory_or_writes_one_for_n_nodes(tmp_path):
         sandbox=SimpleNamespace(prefix="ddpf", subnet="10.213.0.0/24", state_dir=tmp_path / "s"),
         nodes=[
             SimpleNamespace(
-                name="node0", host="10.213.0.10", key=tmp_path / "k", known_hosts=tmp_path / "kh"
+                name="node0",
+                host="10.213.0.10",
+                key=tmp_path / "k",
+                known_hosts=tmp_path / "kh",
+                user="root",  # the sandbox's login user is the inventory's
             )
         ],
     )
     spec, written = sandbox.spec_for(inv)
     assert written is None and spec.nodes == (SandboxNode("node0", "10.213.0.10"),)
     assert spec.client_key == tmp_path / "k" and spec.known_hosts == tmp_path / "kh"
+    assert (spec.login_user, spec.sudo) == ("root", "nopasswd")
     spec, written = sandbox.spec_for(inv, 3)
     assert [n.address for n in spec.nodes] == ["10.213.0.10", "10.213.0.11", "10.213.0.12"]
     assert written == tmp_path / ".ddpfleet" / "inventory-3.yaml"

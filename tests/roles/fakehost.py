@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
+from ddpfleet.become import Escalation
 from ddpfleet.connection import Result
 from ddpfleet.errors import CommandError, NodeError
 from ddpfleet.roles import Host, Role, Step, apply_role, load_role
@@ -61,7 +62,10 @@ class FakeHost:
 
     # -- what the engine sees: a Conn ---------------------------------------------------------
 
-    def run(self, command, stdin=None, check=True, timeout=None) -> Result:
+    # the login user is root: root work runs as it is (ddpfleet.become)
+    escalation = Escalation("root", "root")
+
+    def run(self, command, stdin=None, check=True, timeout=None, root=False) -> Result:
         plumbing = self._plumbing(command)
         if plumbing is not None:
             return plumbing

@@ -87,7 +87,7 @@ class Node(FakeHost):
             return Result(self.name, cmd, 0, out, "", 0.0)
         return super()._answer(command)
 
-    def run(self, command, stdin=None, check=True, timeout=None) -> Result:
+    def run(self, command, stdin=None, check=True, timeout=None, root=False) -> Result:
         if stdin is not None:
             cmd = command if isinstance(command, str) else " ".join(command)
             self.stdin[cmd] = stdin.decode() if isinstance(stdin, bytes) else stdin
@@ -142,7 +142,8 @@ def no_password(monkeypatch):
 
 
 def run(h: Node, **cfg):
-    steps, _ = apply("jupyter", h, env_dir=ENV, **cfg)
+    # these tests name the user: the default ("" = the training user) is test_train_user's
+    steps, _ = apply("jupyter", h, env_dir=ENV, **{"user": "jupyter", **cfg})
     return [(s.name, s.status) for s in steps], steps
 
 
@@ -484,7 +485,7 @@ def test_status_round_trips_are_bounded_by_the_command_timeout():
     class Conn:
         name, node = "node0", SimpleNamespace(command_timeout=7.0)
 
-        def run(self, command, stdin=None, check=True, timeout=None) -> Result:
+        def run(self, command, stdin=None, check=True, timeout=None, root=False) -> Result:
             timeouts.append(timeout)
             text = command if isinstance(command, str) else " ".join(command)
             out = probe(running=True) if "getent passwd" in text else ""

@@ -303,7 +303,11 @@ def test_earlier_file_overriding_the_dropin_is_reported(inventory):
 @pytest.mark.parametrize(
     "facts, command",
     [
-        (FACTS, "env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server"),
+        (
+            FACTS,
+            "env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install "
+            "-y -q openssh-server",
+        ),  # waits for the dpkg lock (issue 11)
         (ROCKY, "dnf install -y openssh-server"),
     ],
 )

@@ -63,7 +63,7 @@ class Node(FakeHost):
         super().__init__(*args, **kwargs)
         self.stdins: list[tuple[str, str]] = []
 
-    def run(self, command, stdin=None, check=True, timeout=None):
+    def run(self, command, stdin=None, check=True, timeout=None, root=False):
         if stdin is not None:
             text = command if isinstance(command, str) else " ".join(command)
             self.stdins.append((text, stdin if isinstance(stdin, str) else stdin.decode()))
@@ -178,10 +178,11 @@ def test_a_node_removed_from_the_inventory_is_no_longer_authorized(inventory, tm
 
 
 def test_root_is_never_the_default_user(inventory):
+    # Issue 11: "" means the training user (train, here missing on the node), never root.
     h = node(inventory, {"known_hosts": PEERS.EMPTY_BLOCK})
     statuses, steps = run(h, cluster_user="")
     assert statuses == [("cluster user", "failed")]
-    assert "openssh_server.cluster_user (node node0) is not set" in steps[0].reason
+    assert "no user 'train' on this node" in steps[0].reason
     assert h.changes == []
 
 

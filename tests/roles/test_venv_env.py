@@ -238,7 +238,10 @@ def test_debian_without_ensurepip_gets_python3_venv():
     h = host(probe(env=False, base_ensurepip="0"))
     statuses, _ = run(h)
     assert statuses[0] == ("python3-venv", "changed")
-    assert h.changes[0] == ("env DEBIAN_FRONTEND=noninteractive apt-get install -yq python3-venv")
+    assert h.changes[0] == (  # waits for the dpkg lock (issue 11)
+        "env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -yq "
+        "python3-venv"
+    )
 
 
 def test_non_debian_without_ensurepip_fails_with_the_fix():

@@ -68,18 +68,34 @@ def test_check_ssh(error, status, fragments) -> None:
     "uid, rc, status, fragment",
     [
         (0, None, PASS, "root"),
-        (1000, 0, WARN, "passwordless sudo"),
-        (1000, 1, WARN, "sudo with a password"),
-        (1000, 127, WARN, "no sudo"),
+        (1000, 0, PASS, "passwordless sudo"),
+        (1000, 1, FAIL, "asks ubuntu's password"),
+        (1000, 127, FAIL, "no sudo"),
     ],
 )
 def test_check_sudo(uid, rc, status, fragment) -> None:
+    # Issue 11: bootstrap becomes root through sudo, so a login that cannot is a failure.
     check = doctor.check_sudo(uid, rc, "ubuntu")
     expect(check, status, fragment)
-    # Review #10: bootstrap does not use sudo, so sudo is never reported as enough, and doctor
-    # never advises widening it.
     assert status is PASS or "ssh.user: root" in check.fix
     assert "NOPASSWD" not in check.fix
+
+
+def test_check_sudo_with_a_password_given_or_become_none() -> None:
+    expect(doctor.check_sudo(1000, 1, "ubuntu", password_given=True), PASS, "with a password")
+    expect(doctor.check_sudo(1000, 0, "ubuntu", become="none"), FAIL, "bootstrap needs root")
+
+
+@pytest.mark.parametrize(
+    "ids, status, fragment",
+    [
+        ({"node0": "2000:2000", "node1": "2000:2000"}, PASS, "uid:gid 2000:2000"),
+        ({"node0": "", "node1": "2000:2000"}, FAIL, "no user train"),
+        ({"node0": "1001:1001", "node1": "2000:2000"}, FAIL, "node1 2000:2000"),
+    ],
+)
+def test_check_train_user_same_ids_everywhere(ids, status, fragment) -> None:
+    expect(doctor.check_train_user("node0", ids, "2000:2000", "train"), status, fragment)
 
 
 # --- driver and GPUs ---------------------------------------------------------------------------
@@ -424,7 +440,9 @@ def inventory(tmp_path) -> inv.Inventory:
 
 
 def facts(selection: str = "a100x8", env: EnvFacts = CPU_ENV, **changes) -> NodeFacts:
-    base = NodeFacts(0, None, env, 74 * GIB, "/opt/ddpfleet/venv", {}, probe(selection))
+    base = NodeFacts(
+        0, None, env, 74 * GIB, "/opt/ddpfleet/venv", {}, probe(selection), "2000:2000"
+    )
     return NodeFacts(**{**base.__dict__, **changes})
 
 
@@ -441,15 +459,15 @@ def test_evaluate(inventory) -> None:
     )
     checks = doctor.evaluate(inventory, got)
     table = {name: {c.name: c.status for c in rows} for name, rows in checks.items()}
-    assert list(table["node0"]) == ["ssh", "sudo", "driver", "gpus", "env", "versions",
-                                    "master port", "clock", "disk", "tcp"]  # fmt: skip
+    assert list(table["node0"]) == ["ssh", "sudo", "driver", "gpus", "env", "train user",
+                                    "versions", "master port", "clock", "disk", "tcp"]  # fmt: skip
     assert set(table["node0"].values()) == {PASS, WARN}  # a CPU torch on 8 GPUs: warn
     assert "versions" not in table["node1"]  # no env: its own failure, no comparison
     assert (table["node1"]["env"], table["node1"]["clock"], table["node1"]["tcp"]) == (
         FAIL, WARN, FAIL)  # fmt: skip
     assert table["node1"]["gpus"] is PASS  # the same 8 as node0; node1 sets no gpus:
     assert table["node2"] == {"ssh": FAIL}  # unreachable: its ssh row only
-    assert doctor.summary(checks) == "15 pass, 2 warn, 3 fail"
+    assert doctor.summary(checks) == "17 pass, 2 warn, 3 fail"  # + the train user, node0 and 1
     with pytest.raises(DdpfleetError, match=r"3 check.s. failed: node1 env, node1 tcp, node2 ssh"):
         doctor.exit_if_failed(checks)
 

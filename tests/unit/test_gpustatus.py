@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from ddpfleet import gpu, gpustatus, report
+from ddpfleet.become import Escalation
 from ddpfleet.connection import Result
 from ddpfleet.errors import CommandError, NodeError, Unreachable
 from tests.unit.test_gpu_parse import probe, run_probe, strip_section, validate
@@ -205,6 +206,7 @@ def test_report_schema_is_not_vacuous() -> None:
 
 class FakeConn:
     name = "node0"
+    escalation = Escalation("root", "root")  # logged in as root: the probe runs as it is
 
     def __init__(self, stdout: str):
         self.stdout, self.commands = stdout, []

@@ -212,3 +212,16 @@ def test_cluster_name_is_checked_and_the_default_made_safe(write, tmp_path):
     odd.mkdir()
     (odd / "inventory.yaml").write_text("nodes: {n0: {host: 127.0.0.1}}\n")
     assert inv.load(odd / "inventory.yaml").cluster.name == "My-Cluster-2"
+
+
+def test_become_defaults_to_auto_and_a_node_may_override_it(write, tmp_path):
+    text = GOOD.replace("nodes:", "train_user: {name: trainer}\nnodes:", 1)
+    i = inv.load(write(text.replace("user: ubuntu,", "user: ubuntu, become: none,")))
+    n0, n1 = i.nodes
+    assert (n0.become, n1.become, n0.become_password_file) == ("auto", "none", None)
+    assert i.section("train_user")["name"] == "trainer"
+
+
+def test_a_bad_become_is_one_line(write):
+    with pytest.raises(InventoryError, match=r"ssh\.become: must be auto, sudo or none"):
+        inv.load(write(GOOD.replace("ssh:", "ssh:\n  become: su", 1)))

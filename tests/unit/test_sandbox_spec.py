@@ -120,3 +120,11 @@ def test_names_are_looked_up_in_etc_hosts_only(host, expected):
     # "hostname of the client socket cannot be retrieved" warning) instead of "not found".
     assert nsswitch_file(host) == expected
     assert nsswitch_file(expected) == expected  # a node's own file, read back, stays as it is
+
+
+def test_login_user_and_sudo_are_checked():
+    assert make(login_user="ubuntu", sudo="password").sudo == "password"
+    with pytest.raises(SandboxError, match="nopasswd, password or none"):
+        make(login_user="ubuntu", sudo="sometimes")
+    with pytest.raises(SandboxError, match="login user"):
+        make(login_user="bad user")
