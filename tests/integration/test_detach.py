@@ -16,6 +16,7 @@ import textwrap
 import time
 
 import pytest
+import yaml
 
 from tests.integration.conftest import INVOKE, ROOT, Cluster
 from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
@@ -198,6 +199,33 @@ def test_prune_keeps_the_newest(ready: Cluster):
     assert ROOT.exists()
 
 
+def test_detached_ranks_run_as_the_training_user(ready: Cluster, tmp_path):
+    """The cluster's inventory trains as root (said explicitly); here the default user train."""
+    data = yaml.safe_load(ready.inventory.read_text())
+    del data["train_user"]
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = ready.invoke("bootstrap", "--roles", "train_user", inventory=inventory, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
+    run_id = new_run_id("user")
+    r = ready.invoke(
+        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
+        "--run-id", run_id, "--detach", inventory=inventory, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    ranks_up(ready, run_id, r"rank \d up", 4)
+    for n in NODES:
+        pids = run_pids(ready, n, run_id)
+        uids = ready.ssh(n, "; ".join(f"stat -c %u /proc/{p}" for p in pids)).stdout.split()
+        assert pids and set(uids) == {"2000"}, (n, pids, uids)  # torchrun and every rank
+    s = ready.invoke("stop", run_id, inventory=inventory, timeout=120)
+    assert s.returncode == 0 and "nothing left" in s.stdout, s.stdout + s.stderr
+    assert not any(run_pids(ready, n, run_id) for n in NODES)
+
+
 def test_a_dead_worker_node_stops_the_others(ready: Cluster):
     run_id = new_run_id("dead")
     detach(ready, run_id, SLOW)
@@ -213,6 +241,5 @@ def test_a_dead_worker_node_stops_the_others(ready: Cluster):
         view = runs(ready)[run_id]
         assert view["state"] in ("LOST", "FAILED") and "node1" in view["why"], view
         print(f"\nFIGURE gang stop without controller (dead node) {took:.2f}s")
-    finally:  # the last test: node1 stays down for the session's sandbox.down. Its part's
-        # cgroup (sandbox nodes share the host's cgroup tree) is empty now: remove it from node0.
-        ready.ssh("node0", f"rmdir /sys/fs/cgroup/*/ddpfleet/{run_id}.* 2>/dev/null; true")
+    finally:  # node1 back up, as the other fault tests leave their nodes
+        ready.invoke("sandbox.start", "--nodes", "node1", timeout=300)
