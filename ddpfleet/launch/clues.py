@@ -14,6 +14,12 @@ SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 TRACEBACK = re.compile(r"^(\[rank\d+\]:\s*)?Traceback \(most recent call last\)")
 # The agent's own word that a worker died, logged as soon as it sees it, seconds before its
 # own exit (teardown of an interpreter with torch loaded): the earliest reliable signal.
+# What a rank prints when a peer went away under it (its collective's transport or the store):
+# the consequence of another rank's failure, never the first cause while another node failed too.
+PEER_GONE = re.compile(
+    r"Connection (?:closed|reset) by peer|Broken pipe|gloo::IoException|"
+    r"NCCL communicator was aborted|DistNetworkError|recvValue"
+)
 AGENT_SAW_FAILURE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 
 
@@ -67,3 +73,8 @@ class Clues:
             self.exits[self._summary_rank] = int(m.group(1))
             self._summary_rank = None
         return False
+
+
+def peer_gone(lines) -> bool:
+    """True when a failed rank's own lines say a peer went away (see PEER_GONE)."""
+    return any(PEER_GONE.search(line) for line in lines)

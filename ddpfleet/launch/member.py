@@ -14,7 +14,7 @@ from ddpfleet.connection import Conn, Session
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
-from ddpfleet.launch.clues import Clues, split_rank
+from ddpfleet.launch.clues import Clues, peer_gone, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
@@ -206,7 +206,7 @@ class Member:
             o.state = "ok"
         elif code == -1:
             o.state, o.why = "lost", o.why or "its connection dropped"
-        elif self.stopped_by_us and not self.failed_itself:
+        elif self.stopped_by_us and not self.failed_itself and not self.raised_itself():
             o.state = "stopped"
         else:
             o.state = "failed"
@@ -218,6 +218,13 @@ class Member:
         o.last_lines = self.tail(o.rank)
         if self.log is not None:
             self.log.close()
+
+    def raised_itself(self) -> bool:
+        """A rank here raised (its traceback says why, and not that a peer went away), even if
+        our stop reached this node before its torchrun said so: the stop may have come from a
+        node whose ranks only failed because this one's was gone."""
+        rank = self.clues.traceback_rank
+        return rank is not None and not peer_gone(self.tail(rank))
 
     def tail(self, rank: int | None, n: int = 12) -> tuple[str, ...]:
         """The failing rank's last lines when known (its traceback), else the node's."""

@@ -6,6 +6,8 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ddpfleet.launch.clues import peer_gone
+
 
 @dataclass
 class Outcome:
@@ -24,9 +26,12 @@ class Outcome:
 def first_failure(outcomes: Sequence[Outcome]) -> Outcome | None:
     """The node that failed first: the earliest sign of failure (a rank's traceback, or the
     exit). A rank that raises prints its traceback before it dies; its peers only hear of it
-    after it died, so their tracebacks come later."""
+    after it died, so their tracebacks come later. A node whose failed rank only says that a
+    peer went away is a consequence while another node failed otherwise (the order in which the
+    controller hears of the two is a race between nodes)."""
     failed = [o for o in outcomes if o.state in ("failed", "lost")]
-    return min(failed, key=lambda o: o.evidence_at or float("inf")) if failed else None
+    causes = [o for o in failed if o.state == "lost" or not peer_gone(o.last_lines)] or failed
+    return min(causes, key=lambda o: o.evidence_at or float("inf")) if causes else None
 
 
 def exit_text(code: int | None) -> str:

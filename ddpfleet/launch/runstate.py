@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ddpfleet.launch.clues import Clues, split_rank
+from ddpfleet.launch.clues import Clues, peer_gone, split_rank
 
 LIVE = ("RUNNING", "STARTING")
 
@@ -98,11 +98,27 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
     return RunView(**view, state="STOPPED", exits=exits, why=reasons[0] if reasons else "")
 
 
+def _blamed_lines(part: Mapping) -> list[str]:
+    """The blamed rank's own lines among a node's last lines."""
+    rank, nproc, node_rank = blamed_rank(part), part.get("nproc") or 1, part.get("rank") or 0
+    if rank is None:
+        return []
+    return [
+        body
+        for r, body in (split_rank(line, node_rank, nproc) for line in part.get("tail") or ())
+        if r == rank
+    ]
+
+
 def _first_failure(order: Sequence[str], states: Mapping[str, Mapping], failed: list[str]) -> str:
+    """The master's record of the gang, else the earliest; but a node whose failed rank only
+    says that a peer went away is a consequence while another node failed otherwise (which of
+    the two reaches the master first is a race)."""
+    causes = [n for n in failed if not peer_gone(_blamed_lines(states[n]))] or failed
     master = states.get(order[0], {}).get("first_failure") or {}
-    if master.get("node") in failed:
+    if master.get("node") in causes:
         return master["node"]
-    return min(failed, key=lambda n: states[n].get("ended") or float("inf"))
+    return min(causes, key=lambda n: states[n].get("ended") or float("inf"))
 
 
 def duration(v: RunView, now: float | None = None) -> str:

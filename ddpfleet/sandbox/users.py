@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import threading
 from pathlib import Path
 
 from ddpfleet.sandbox.host import run
@@ -24,6 +25,7 @@ from ddpfleet.sandbox.spec import SandboxSpec
 SUDO_MODES = ("nopasswd", "password", "none")
 SUDOERS = "etc/sudoers.d/90-ddpfleet-sandbox"
 FIRST_UID = 1000
+_MAKING = threading.Lock()
 
 
 def password_file(spec: SandboxSpec) -> Path:
@@ -33,11 +35,12 @@ def password_file(spec: SandboxSpec) -> Path:
 def _password(spec: SandboxSpec) -> str:
     """The login user's password, made once and kept (a node keeps its /etc/shadow)."""
     path = password_file(spec)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(18) + "\n")
+    with _MAKING:  # nodes are set up in parallel: the first makes it, the others read it
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(18) + "\n")
     return path.read_text().strip()
 
 

@@ -355,6 +355,10 @@ def test_first_failure_is_the_earliest_evidence_not_the_first_exit():
     )
     msg = launch.failure_message(node1, [node0, node1])
     assert msg.startswith("training failed: node1 rank 3 failed first (exit 1); node0 failed")
+    # heard of first, but its rank only lost a peer: the other node is the cause
+    peer = ("RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer",)
+    node0 = Outcome("node0", state="failed", exit_code=1, rank=0, evidence_at=0.9, last_lines=peer)
+    assert launch.first_failure([node0, node1]) is node1
 
 
 NODE1_FAILURE = """\

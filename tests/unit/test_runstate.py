@@ -61,3 +61,28 @@ def test_stopped_says_why_and_the_table_is_newest_first():
     table = rows([old, new], now=260.0)
     assert [r[0] for r in table] == ["new", "old"]
     assert table[0][4] == "0:01:00" and len(table[0]) == len(COLUMNS)
+
+
+def test_a_node_whose_rank_only_lost_its_peer_is_not_blamed():
+    # node1's rank 3 raised; node0's rank 0 failed because rank 3's socket closed, and node0's
+    # own failure reached the master first: a race between nodes, not the cause.
+    gone = [
+        "[default0]:[rank0]: Traceback (most recent call last):",
+        "[default0]:[rank0]: RuntimeError: [../gloo/transport/tcp/pair.cc:553] "
+        "Connection closed by peer [10.215.0.11]:41234",
+    ]
+    raised = [
+        "[default1]:[rank3]: Traceback (most recent call last):",
+        "[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 40",
+        "[default0]:[rank2]: Traceback (most recent call last):",
+        "[default0]:[rank2]: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection reset by peer",
+    ]
+    parts = {
+        "node0": part("FAILED", exit_code=1, ended=100.5, tail=gone,
+                      first_failure={"node": "node0", "code": 1}),
+        "node1": part("FAILED", exit_code=1, ended=101.0, rank=1, tail=raised),
+    }  # fmt: skip
+    v = fold("r", ORDER, parts)
+    assert (v.failed_node, v.failed_rank) == ("node1", 3), v
+    alone = {"node0": parts["node0"], "node1": part("STOPPED", exit_code=-15, ended=101.0)}
+    assert fold("r", ORDER, alone).failed_node == "node0"  # the only failure is still named
