@@ -40,6 +40,7 @@ from ddpfleet.errors import (
     NodeError,
     Unreachable,
 )
+from ddpfleet.fleetbase import FleetBase
 from ddpfleet.inventory import Inventory, Node
 from ddpfleet.knownhosts import fingerprint, known_hosts_name
 from ddpfleet.parallel import parallel
@@ -509,8 +510,10 @@ def _through(node: Node, jump: str, host: str, port: int) -> tuple[tuple[Conn, .
     return (*conn.hops, conn), chan
 
 
-class Fleet:
+class Fleet(FleetBase):
     """The run's connections: one per node, opened in parallel (bounded by ssh.forks)."""
+
+    io_errors = NODE_IO_ERRORS
 
     def __init__(
         self,
@@ -518,18 +521,8 @@ class Fleet:
         nodes: Iterable[Node] | None = None,
         become_password: Secret | None = None,
     ):
-        self.inventory = inventory
+        super().__init__(inventory, nodes)
         self.become_password = become_password  # --ask-become-pass; else env or file per node
-        self.nodes = tuple(nodes if nodes is not None else inventory.nodes)
-        self.workers = min(inventory.forks, max(1, len(self.nodes)))
-        self.conns: dict[str, Conn] = {}
-        self.errors: dict[str, NodeError] = {}
-
-    def __enter__(self) -> Fleet:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def open(self) -> Mapping[str, Conn | NodeError]:
         """Connect to every node not yet connected; failures are kept per node, never dropped."""
@@ -542,39 +535,18 @@ class Fleet:
                 self.conns[node.name] = outcome
         return {n.name: self.conns.get(n.name) or self.errors[n.name] for n in self.nodes}
 
-    def map(
-        self, fn: Callable[[Conn], T], nodes: Iterable[str] | None = None
-    ) -> dict[str, T | NodeError]:
-        """fn(conn) on every reachable node in parallel; a node's failure is its own entry."""
-        self.open()
-        names = list(nodes) if nodes is not None else [n.name for n in self.nodes]
-        live = [self.conns[n] for n in names if n in self.conns]
-        outcomes = dict(zip((c.name for c in live), parallel(_try(fn), live, self.workers)))
-        return {n: outcomes[n] if n in outcomes else self.errors[n] for n in names}
-
-    def run(self, command: str | list[str], **kwargs) -> dict[str, Result | NodeError]:
-        return self.map(lambda c: c.run(command, **kwargs))
-
-    def close(self) -> None:
-        for conn in self.conns.values():
-            conn.close()
-        self.conns.clear()
-
 
 def _try(fn):
-    """fn(item) with a node's failure returned as its own NodeError, never raised: ours, and
-    the I/O errors of that node alone (SFTP, a channel, output that does not parse)."""
+    """connect(node) with that node's failure returned as its own NodeError, never raised."""
 
-    def call(item):
+    def call(node):
         try:
-            return fn(item)
+            return fn(node)
         except NodeError as e:
             return e
         except DdpfleetError as e:
-            return NodeError(item.name, str(e))
+            return NodeError(node.name, str(e))
         except NODE_IO_ERRORS as e:
-            if isinstance(item, Conn):
-                return item.failure(e)
-            return NodeError(item.name, describe(e))
+            return NodeError(node.name, describe(e))
 
     return call

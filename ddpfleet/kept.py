@@ -24,17 +24,16 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ddpfleet import errors
 from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.fleetbase import FleetBase
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.parallel import parallel
 from ddpfleet.result import Result
 
-T = TypeVar("T")
 START_WAIT_S = 3.0  # `invoke disconnect` and tests wait this long for a keeper to come or go
 
 
@@ -171,21 +170,12 @@ class KeptConn:
         """The keeper keeps it."""
 
 
-class KeptFleet:
-    """Fleet's interface over the keeper's connections (see connection.Fleet)."""
+class KeptFleet(FleetBase):
+    """connection.Fleet's interface over the keeper's connections."""
 
     def __init__(self, inventory: Inventory, path: Path, nodes: Iterable[Node] | None = None):
-        self.inventory, self.path = inventory, path
-        self.nodes = tuple(nodes if nodes is not None else inventory.nodes)
-        self.workers = min(inventory.forks, max(1, len(self.nodes)))
-        self.conns: dict[str, KeptConn] = {}
-        self.errors: dict[str, NodeError] = {}
-
-    def __enter__(self) -> KeptFleet:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().__init__(inventory, nodes)
+        self.path = path
 
     def open(self) -> Mapping[str, KeptConn | NodeError]:
         todo = [n for n in self.nodes if n.name not in self.conns and n.name not in self.errors]
@@ -205,35 +195,6 @@ class KeptFleet:
                 else:
                     self.errors[node.name] = as_error(got)
         return {n.name: self.conns.get(n.name) or self.errors[n.name] for n in self.nodes}
-
-    def map(
-        self, fn: Callable[[KeptConn], T], nodes: Iterable[str] | None = None
-    ) -> dict[str, T | NodeError]:
-        self.open()
-        names = list(nodes) if nodes is not None else [n.name for n in self.nodes]
-        live = [self.conns[n] for n in names if n in self.conns]
-        outcomes = dict(zip((c.name for c in live), parallel(_try(fn), live, self.workers)))
-        return {n: outcomes[n] if n in outcomes else self.errors[n] for n in names}
-
-    def run(self, command: str | list[str], **kwargs) -> dict[str, Result | NodeError]:
-        return self.map(lambda c: c.run(command, **kwargs))
-
-    def close(self) -> None:
-        self.conns.clear()
-
-
-def _try(fn):
-    def call(conn: KeptConn):
-        try:
-            return fn(conn)
-        except NodeError as e:
-            return e
-        except DdpfleetError as e:
-            return NodeError(conn.name, str(e))
-        except (OSError, EOFError, ValueError) as e:
-            return conn.failure(e)
-
-    return call
 
 
 def start(path: Path, idle: float) -> None:
