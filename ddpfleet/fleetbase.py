@@ -33,9 +33,11 @@ def guarded(fn: Callable[[Any], T], io_errors: tuple[type[BaseException], ...]):
 
 
 class FleetBase:
-    """One connection per node, opened by the subclass's open(), bounded by ssh.forks."""
+    """One connection per node, opened by the subclass (open_one, or one batch open()),
+    bounded by ssh.forks."""
 
     io_errors: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
+    batch_open = False  # True: the subclass opens every node in one open() (no open_one)
 
     def __init__(self, inventory: Inventory, nodes: Iterable[Node] | None = None):
         self.inventory = inventory
@@ -50,16 +52,55 @@ class FleetBase:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def open(self) -> Mapping[str, Any]:
+    def open_one(self, node: Node) -> Any:
+        """One node's connection, or its NodeError (never raised)."""
         raise NotImplementedError
 
+    def unopened(self) -> list[Node]:
+        return [n for n in self.nodes if n.name not in self.conns and n.name not in self.errors]
+
+    def keep(self, node: Node, outcome: Any) -> None:
+        if isinstance(outcome, NodeError):
+            self.errors[node.name] = outcome
+        else:
+            self.conns[node.name] = outcome
+
+    def open(self) -> Mapping[str, Any]:
+        """Connect to every node not yet connected; failures are kept per node, never dropped."""
+        todo = self.unopened()
+        for node, outcome in zip(todo, parallel(self.open_one, todo, self.workers)):
+            self.keep(node, outcome)
+        return {n.name: self.conns.get(n.name) or self.errors[n.name] for n in self.nodes}
+
     def map(self, fn: Callable[[Any], T], nodes: Iterable[str] | None = None) -> dict[str, Any]:
-        """fn(conn) on every reachable node in parallel; a node's failure is its own entry."""
-        self.open()
+        """fn(conn) on every reachable node in parallel; a node's failure is its own entry.
+
+        A node not yet connected runs fn as soon as its own handshake is done, in the same
+        worker, instead of after the slowest node's: on a cold fleet the handshakes and the
+        nodes' commands overlap (32 nodes: the barrier cost ~0.1 s)."""
+        if self.batch_open:
+            self.open()
         names = list(nodes) if nodes is not None else [n.name for n in self.nodes]
-        live = [self.conns[n] for n in names if n in self.conns]
-        done = parallel(guarded(fn, self.io_errors), live, self.workers)
-        outcomes = dict(zip((c.name for c in live), done))
+        wanted = set(names)
+        call = guarded(fn, self.io_errors)
+        todo = {n.name for n in self.unopened()}
+
+        def one(node: Node) -> tuple[Any, Any]:
+            conn = self.open_one(node) if node.name in todo else self.conns[node.name]
+            if isinstance(conn, NodeError) or node.name not in wanted:
+                return conn, None
+            return conn, call(conn)
+
+        targets = [
+            n for n in self.nodes if n.name in todo or (n.name in wanted and n.name in self.conns)
+        ]
+        done = parallel(one, targets, self.workers)
+        outcomes = {}
+        for node, (conn, result) in zip(targets, done):
+            if node.name in todo:
+                self.keep(node, conn)
+            if node.name in wanted and not isinstance(conn, NodeError):
+                outcomes[node.name] = result
         return {n: outcomes[n] if n in outcomes else self.errors[n] for n in names}
 
     def run(self, command: str | list[str], **kwargs) -> dict[str, Any]:

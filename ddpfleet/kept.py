@@ -173,6 +173,8 @@ class KeptConn:
 class KeptFleet(FleetBase):
     """connection.Fleet's interface over the keeper's connections."""
 
+    batch_open = True  # one request opens every node
+
     def __init__(self, inventory: Inventory, path: Path, nodes: Iterable[Node] | None = None):
         super().__init__(inventory, nodes)
         self.path = path

@@ -17,7 +17,10 @@ def parallel(fn: Callable[[object], T], items: list, workers: int) -> list[T]:
     lock = threading.Lock()
     crashed: list[BaseException] = []
 
+    go = threading.Event()
+
     def worker() -> None:
+        go.wait()
         while True:
             with lock:
                 i, item = next(todo, (None, None))
@@ -33,6 +36,9 @@ def parallel(fn: Callable[[object], T], items: list, workers: int) -> list[T]:
     ]
     for t in threads:
         t.start()
+    # Work starts only once every thread has: a start() waits for its thread to run, and with
+    # busy workers holding the GIL that wait was up to a switch interval (5 ms) per thread.
+    go.set()
     for t in threads:
         t.join()
     if crashed:
