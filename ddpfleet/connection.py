@@ -17,6 +17,7 @@ kills its process group), so a command we stop waiting for stops there too.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shlex
@@ -30,7 +31,7 @@ from typing import TypeVar
 import fabric
 import paramiko
 
-from ddpfleet import become, jumps, knownhosts
+from ddpfleet import become, dial, jumps, knownhosts
 from ddpfleet.errors import (
     AuthError,
     BecomeError,
@@ -432,7 +433,7 @@ def _fabric_connection(node: Node) -> fabric.Connection:
 
 def _tcp_socket(host: str, port: int, timeout: float, node: str) -> socket.socket:
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = _early(host, port, timeout) or socket.create_connection((host, port), timeout)
     except socket.gaierror as e:
         raise Unreachable(
             node,
@@ -449,6 +450,27 @@ def _tcp_socket(host: str, port: int, timeout: float, node: str) -> socket.socke
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: give up on a peer that stopped answering
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, SILENT_S * 1000)
+    return sock
+
+
+def _early(host: str, port: int, timeout: float) -> socket.socket | None:
+    """The early dial (ddpfleet.dial) to host:port once it has connected; its failure raised
+    as create_connection would raise it."""
+    sock = dial.take(host, port)
+    if sock is None:
+        return None
+    try:
+        if not select.select([], [sock], [], timeout)[1]:
+            raise TimeoutError
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise (ConnectionRefusedError if err == errno.ECONNREFUSED else OSError)(
+                err, os.strerror(err)
+            )
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(timeout)
     return sock
 
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ddpfleet import errors
+from ddpfleet import dial, errors
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.fleetbase import FleetBase
 from ddpfleet.inventory import Inventory, Node
@@ -227,6 +227,7 @@ def fleet(inventory: Inventory):
         except (OSError, ValueError, KeyError):
             # started as this command exits: its imports and handshakes would compete with ours
             atexit.register(start, path, inventory.persist)
+    dial.start(inventory.nodes)  # the nodes' sshd get going while paramiko loads
     from ddpfleet.connection import Fleet
 
     return Fleet(inventory)
