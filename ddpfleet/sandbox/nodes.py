@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ddpfleet.errors import SandboxError
-from ddpfleet.sandbox import users
+from ddpfleet.sandbox import systemd_init, users
 from ddpfleet.sandbox.host import host_key, host_pub, wait_for
 from ddpfleet.sandbox.spec import NETNS_DIR, PATH, SandboxNode, SandboxSpec
 
@@ -139,6 +139,8 @@ def prepare(spec: SandboxSpec, node: SandboxNode, running: bool) -> None:
     users.ensure(spec, upper)
     if running:  # no whiteouts under a mounted overlay
         return
+    if spec.init == "systemd":
+        systemd_init.prepare(upper, _permit_root_login(spec))
     for rel in HIDDEN:
         if os.path.lexists(Path("/") / rel) and not os.path.lexists(upper / rel):
             _mkdirs_like_host(upper, Path(rel).parent)
@@ -219,8 +221,10 @@ def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
         "--pidfile",
         str(pidfile),
         "--permit-root-login",
-        "prohibit-password" if spec.login_user == "root" else "no",
+        _permit_root_login(spec),
     ]
+    if spec.init == "systemd":
+        argv += systemd_init.init_args(_cgroup(spec, node.name))
     with open(logs / f"{node.name}.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -233,6 +237,14 @@ def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
         )  # no terminal signal reaches a node
     _children[spec.netns(node.name)] = proc
     return proc
+
+
+def _permit_root_login(spec: SandboxSpec) -> str:
+    return "prohibit-password" if spec.login_user == "root" else "no"
+
+
+def _cgroup(spec: SandboxSpec, name: str) -> Path:
+    return systemd_init.cgroup_dir(spec.prefix, name)
 
 
 def ssh_answers(address: str, timeout: float) -> bool:
@@ -274,7 +286,11 @@ def _log_tail(spec: SandboxSpec, name: str) -> str:
 def stop(spec: SandboxSpec, name: str) -> None:
     """Kill the node's init (so every process in it) and reap it if it is ours."""
     pid = _find_init(spec, name)
-    if pid is not None and not _signal_and_wait(pid, signal.SIGTERM, STOP_GRACE_S):
+    if pid is not None and systemd_init.is_systemd(pid):  # SIGTERM only makes it re-exec
+        first, grace = systemd_init.POWEROFF, systemd_init.HALT_GRACE_S
+    else:
+        first, grace = signal.SIGTERM, STOP_GRACE_S
+    if pid is not None and not _signal_and_wait(pid, first, grace):
         _signal_and_wait(pid, signal.SIGKILL, STOP_GRACE_S)
     proc = _children.pop(spec.netns(name), None)
     if proc is not None:  # our child: reap it now, no zombie until we exit
@@ -284,6 +300,7 @@ def stop(spec: SandboxSpec, name: str) -> None:
             proc.kill()
             proc.wait()
     spec.pidfile(name).unlink(missing_ok=True)
+    systemd_init.remove_cgroup(spec.prefix, name)
 
 
 def _signal_and_wait(pid: int, sig: int, timeout: float) -> bool:
