@@ -140,7 +140,7 @@ def prepare(spec: SandboxSpec, node: SandboxNode, running: bool) -> None:
     if running:  # no whiteouts under a mounted overlay
         return
     if spec.init == "systemd":
-        systemd_init.prepare(upper, _permit_root_login(spec))
+        systemd_init.prepare(upper, spec.permit_root_login)
     for rel in HIDDEN:
         if os.path.lexists(Path("/") / rel) and not os.path.lexists(upper / rel):
             _mkdirs_like_host(upper, Path(rel).parent)
@@ -221,10 +221,10 @@ def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
         "--pidfile",
         str(pidfile),
         "--permit-root-login",
-        _permit_root_login(spec),
+        spec.permit_root_login,
     ]
     if spec.init == "systemd":
-        argv += systemd_init.init_args(_cgroup(spec, node.name))
+        argv += systemd_init.init_args(systemd_init.cgroup_dir(spec.prefix, node.name))
     with open(logs / f"{node.name}.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -237,14 +237,6 @@ def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
         )  # no terminal signal reaches a node
     _children[spec.netns(node.name)] = proc
     return proc
-
-
-def _permit_root_login(spec: SandboxSpec) -> str:
-    return "prohibit-password" if spec.login_user == "root" else "no"
-
-
-def _cgroup(spec: SandboxSpec, name: str) -> Path:
-    return systemd_init.cgroup_dir(spec.prefix, name)
 
 
 def ssh_answers(address: str, timeout: float) -> bool:
@@ -286,10 +278,7 @@ def _log_tail(spec: SandboxSpec, name: str) -> str:
 def stop(spec: SandboxSpec, name: str) -> None:
     """Kill the node's init (so every process in it) and reap it if it is ours."""
     pid = _find_init(spec, name)
-    if pid is not None and systemd_init.is_systemd(pid):  # SIGTERM only makes it re-exec
-        first, grace = systemd_init.POWEROFF, systemd_init.HALT_GRACE_S
-    else:
-        first, grace = signal.SIGTERM, STOP_GRACE_S
+    first, grace = systemd_init.stop_signal(pid) or (signal.SIGTERM, STOP_GRACE_S)
     if pid is not None and not _signal_and_wait(pid, first, grace):
         _signal_and_wait(pid, signal.SIGKILL, STOP_GRACE_S)
     proc = _children.pop(spec.netns(name), None)

@@ -61,6 +61,10 @@ class SandboxSpec:
         return f"{self.prefix}-{index}h"  # the "-" keeps prefix "ab1" index 0 apart from "ab" 10
 
     @property
+    def permit_root_login(self) -> str:
+        return "prohibit-password" if self.login_user == "root" else "no"
+
+    @property
     def base(self) -> Path:
         return BASE / self.prefix
 

@@ -165,11 +165,14 @@ def cgroup2_root(mountinfo: str | None = None) -> Path | None:
     return min(points, key=lambda p: len(p.parts)) if points else None
 
 
-def is_systemd(pid: int) -> bool:
+def stop_signal(pid: int | None) -> tuple[int, float] | None:
+    """How to stop a node whose init is systemd (SIGTERM would only make it re-exec itself):
+    the signal and the grace before SIGKILL; None for any other init."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "systemd"
+        comm = Path(f"/proc/{pid}/comm").read_text().strip() if pid is not None else ""
     except OSError:
-        return False
+        return None
+    return (POWEROFF, HALT_GRACE_S) if comm == "systemd" else None
 
 
 def remove_cgroup(prefix: str, node: str) -> None:
