@@ -345,11 +345,11 @@ jupyter_ns = Collection("jupyter", jupyter_tunnel, jupyter_status, jupyter_stop)
 # -- sandbox ----------------------------------------------------------------------------------
 
 
-def _sandbox_spec(inventory, count=None, login_user=None, sudo=None):
+def _sandbox_spec(inventory, count=None, login_user=None, sudo=None, init=None):
     from ddpfleet import sandbox
 
     loaded = inv.load(inventory, check_files=False)
-    return sandbox.spec_for(loaded, int(count) if count else None, login_user, sudo)
+    return sandbox.spec_for(loaded, int(count) if count else None, login_user, sudo, init)
 
 
 @task(
@@ -361,14 +361,15 @@ def _sandbox_spec(inventory, count=None, login_user=None, sudo=None):
         "user with the client key, and sshd refuses root",
         "sudo": "that user's sudo: nopasswd (default), password (kept in "
         "<state_dir>/become_password) or none",
+        "init": "the nodes' PID 1: sandbox (default, a small init running sshd) or systemd",
     },
 )
 @cli
-def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None):
+def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None, init=None):
     """Create a local test cluster here (needs root)."""
     from ddpfleet import sandbox
 
-    spec, written = _sandbox_spec(inventory, nodes, login_user, sudo)
+    spec, written = _sandbox_spec(inventory, nodes, login_user, sudo, init)
     sandbox.preflight()
     report.show(sandbox.render(sandbox.up(spec)))
     if written:

@@ -63,7 +63,7 @@ SSH_KEYS = (
     "become_password_file",
 )
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
-SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo")
+SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo", "init")
 TRAIN_KEYS = ("launcher",)
 LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
@@ -116,6 +116,7 @@ class SandboxSettings:
     subnet: str
     state_dir: Path
     sudo: str = "nopasswd"  # the login user's sudo when it is not root: nopasswd|password|none
+    init: str = "sandbox"  # the nodes' PID 1: sandbox (scripts/sandbox_init.py) or systemd
 
 
 @dataclass(frozen=True)
@@ -438,7 +439,11 @@ class _Builder:
             raise self.fail(
                 ("sandbox", "sudo"), f"must be nopasswd, password or none, got {sudo!r}"
             )
+        init = s.get("init", "sandbox")
+        if init not in ("sandbox", "systemd"):
+            raise self.fail(("sandbox", "init"), f"must be sandbox or systemd, got {init!r}")
         return SandboxSettings(
+            init=init,
             prefix=prefix,
             subnet=str(ipaddress.IPv4Network(subnet)),
             state_dir=self.file_path(s.get("state_dir", ".ddpfleet/sandbox")),

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -110,7 +111,9 @@ def stop(run_id, grace):
     if state is None:
         return {"found": False}
     was, supervisor = state.get("status"), alive(state)
-    if supervisor:
+    if state.get("unit"):  # systemd: SIGTERM to the supervisor, then SIGKILL to the unit's cgroup
+        subprocess.run(["systemctl", "stop", state["unit"]], capture_output=True, check=False)
+    if alive(state):
         os.kill(state["supervisor_pid"], signal.SIGTERM)
         deadline = time.monotonic() + grace + 8
         while alive(state) and time.monotonic() < deadline:

@@ -45,6 +45,7 @@ def load_helper(name):
     module = types.ModuleType(name[:-3])
     source = STDIN.read(int(STDIN.readline()))
     exec(compile(source, name, "exec"), module.__dict__)  # noqa: S102
+    module.__source__ = source  # a systemd unit replays it (run_unit.py)
     return module
 
 
@@ -78,7 +79,9 @@ class Supervisor:
         self.stop_reason = None
         self.stopper = None
         self.lock = threading.Lock()
-        self.cgroup = tree.make_cgroup(spec["run_id"], spec["node"])
+        # In a systemd unit the unit's cgroup is the run: a cgroup of our own would take
+        # torchrun out of it, out of `systemctl stop`'s reach.
+        self.cgroup = None if spec.get("unit") else tree.make_cgroup(spec["run_id"], spec["node"])
         self.lifeline = lifelines.Lifeline(spec, self.stop, self.first_failure)
         self.failure = None  # the gang's first failure, as the master saw it
         me = os.getpid()
@@ -91,6 +94,7 @@ class Supervisor:
             "pid_starttime": starttime(me),
             "boot_id": boot_id(),
             "cgroup": self.cgroup,
+            "unit": spec.get("unit"),
             "started": time.time(),
         }
 
@@ -232,8 +236,10 @@ def refuse(error):
 
 def main():
     tree, lifelines = load_helper("proctree.py"), load_helper("run_lifeline.py")
-    snapshot = load_helper("run_snapshot.py")
+    snapshot, unit = load_helper("run_snapshot.py"), load_helper("run_unit.py")
     spec = json.loads(STDIN.readline())
+    if spec.get("in_unit"):  # the transient service run_unit.launch started
+        return supervise(spec, tree, lifelines, spec["run_dir"], unit.report_fd(spec))
     runs = spec.get("runs_root") or RUNS
     run_dir = os.path.join(runs, spec["run_id"])
     os.makedirs(runs, mode=0o755, exist_ok=True)
@@ -251,6 +257,11 @@ def main():
         return refuse(f"cannot snapshot the code into {code}: {e}")
     spec["code_dir"], spec["cwd"] = spec["cwd"], code
     write_json(os.path.join(run_dir, "spec.json"), spec, mode=0o600)  # --env may hold secrets
+    if unit.systemd_is_pid1() and "__source__" in globals():
+        unit.SOURCES[:] = [b"%d\n%s" % (len(m.__source__), m.__source__)
+                           for m in (tree, lifelines, snapshot, unit)]  # fmt: skip
+        me = globals()["__source__"]
+        return unit.launch(run_dir, spec, b"%d\n%s" % (len(me), me), REPORT_S)
     rd, wr = os.pipe()
     child = os.fork()
     if child == 0:

@@ -10,7 +10,10 @@ namespace, a UTS namespace and a PID namespace in which it is PID 1. It:
    fresh proc, sysfs (the host's cgroup tree bound at its /sys/fs/cgroup), /dev, devpts,
    /dev/shm, /run, hides /var/lib/ddpfleet, pivots into it;
 3. runs `sshd -D -e` (restarted if it exits, like a service manager would), reaps every
-   orphan, and on SIGTERM/SIGINT kills everything in the node and exits.
+   orphan, and on SIGTERM/SIGINT kills everything in the node and exits;
+   or, with --cgroup and --exec-systemd (a systemd node, ddpfleet/sandbox/systemd_init.py),
+   joins that cgroup in a cgroup namespace of its own, mounts a fresh cgroup2 instead of the
+   host's tree, binds its log over the node's /dev/console and execs systemd.
 
 All mounts live in the node's mount namespace: they vanish with it, the host's table is
 never touched.
@@ -29,6 +32,7 @@ import time
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 MNT_DETACH = 2
+CLONE_NEWCGROUP = 0x02000000
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SSHD = [
@@ -87,15 +91,21 @@ def write_host_pid(pidfile: str) -> None:
     os.replace(tmp, pidfile)
 
 
-def make_root(base: str) -> str:
+def make_root(base: str, own_cgroup: bool) -> str:
     root = os.path.join(base, "root")
     mount("none", "/", None, MS_REC | MS_PRIVATE)  # belt and braces: nothing leaks to the host
     opts = f"lowerdir=/,upperdir={base}/upper,workdir={base}/work"
     mount("overlay", root, "overlay", 0, opts)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # our pid ns
     mount("sysfs", f"{root}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # our netns
-    mount_cgroups(root)
+    if own_cgroup:  # a systemd node: its cgroup namespace's root, writable by its systemd
+        mount("cgroup2", f"{root}{CGROUP_ROOT}", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    else:
+        mount_cgroups(root)
     mount("/dev", f"{root}/dev", None, MS_BIND)
+    log_file = os.readlink("/proc/self/fd/2")
+    if own_cgroup and os.path.isfile(log_file):  # systemd writes to the console: the node's log
+        mount(log_file, f"{root}/dev/console", None, MS_BIND)
     # Own PTYs for sshd sessions; ptmx of this instance over /dev/ptmx.
     mount(
         "devpts",
@@ -124,6 +134,24 @@ def mount_cgroups(root: str) -> None:
         mount(CGROUP_ROOT, f"{root}{CGROUP_ROOT}", None, MS_BIND | MS_REC)
     else:
         log(f"{CGROUP_ROOT} is not a mount on this host: the node has no cgroup filesystem")
+
+
+def enter_cgroup(path: str) -> None:
+    """Move into path (a cgroup2 dir on the host, made here) and make it our cgroup namespace's
+    root, so the node's fresh cgroup2 mount shows only its own subtree."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write("0")  # 0: the writer itself (our pid here is 1, not the host's)
+    check(libc.unshare(CLONE_NEWCGROUP), "unshare cgroup namespace")
+
+
+def exec_systemd(target: str) -> None:
+    """Become systemd, still PID 1 (the pid file stays true), in container mode."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    env = {"PATH": PATH, "LANG": "C.UTF-8", "container": "ddpfleet-sandbox"}
+    argv = ["/lib/systemd/systemd", "--system", f"--unit={target}", "--log-target=console"]
+    os.execve(argv[0], argv, env)
 
 
 def pivot(root: str) -> None:
@@ -213,6 +241,8 @@ def main() -> int:
     ap.add_argument("--pidfile", required=True)
     # "no" for a cloud-shaped node: log in as the sudo user, root refused (as on cloud VMs)
     ap.add_argument("--permit-root-login", default="prohibit-password")
+    ap.add_argument("--cgroup", help="systemd node: its cgroup2 dir on the host")
+    ap.add_argument("--exec-systemd", metavar="TARGET", help="become systemd, booting TARGET")
     args = ap.parse_args()
     SSHD[SSHD.index("PermitRootLogin=prohibit-password")] = (
         f"PermitRootLogin={args.permit_root_login}"
@@ -227,7 +257,11 @@ def main() -> int:
     try:
         write_host_pid(args.pidfile)
         socket.sethostname(args.hostname)
-        pivot(make_root(args.dir))
+        if args.cgroup:
+            enter_cgroup(args.cgroup)
+        pivot(make_root(args.dir, own_cgroup=bool(args.cgroup)))
+        if args.exec_systemd:
+            exec_systemd(args.exec_systemd)
         supervise()
     except Shutdown as e:
         shutdown(str(e))

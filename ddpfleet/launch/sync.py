@@ -36,7 +36,8 @@ SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 # Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
 # stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
 HELPER_LOADER = (
-    "import sys;b=sys.stdin.buffer;exec(compile(b.read(int(b.readline())),'{name}','exec'))"
+    "import sys;b=sys.stdin.buffer;__source__=b.read(int(b.readline()));"
+    "exec(compile(__source__,'{name}','exec'))"
 )
 
 

@@ -19,6 +19,7 @@ The package, by what a question is about:
     host.py   host commands, Debian packages, client and host keys, known_hosts
     net.py    bridge, netns, veth
     nodes.py  a node's overlay files (/etc/hosts ...) and its init process
+    systemd_init.py  init: systemd: PID 1 is real systemd in its own cgroup, host units masked
 Only root on Linux can do this; everything else gets one SandboxError line.
 """
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ddpfleet.errors import SandboxError
-from ddpfleet.sandbox import users
+from ddpfleet.sandbox import systemd_init, users
 from ddpfleet.sandbox.host import host_key, host_pub, wait_for
 from ddpfleet.sandbox.spec import NETNS_DIR, PATH, SandboxNode, SandboxSpec
 
@@ -139,6 +139,8 @@ def prepare(spec: SandboxSpec, node: SandboxNode, running: bool) -> None:
     users.ensure(spec, upper)
     if running:  # no whiteouts under a mounted overlay
         return
+    if spec.init == "systemd":
+        systemd_init.prepare(upper, spec.permit_root_login)
     for rel in HIDDEN:
         if os.path.lexists(Path("/") / rel) and not os.path.lexists(upper / rel):
             _mkdirs_like_host(upper, Path(rel).parent)
@@ -219,8 +221,10 @@ def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
         "--pidfile",
         str(pidfile),
         "--permit-root-login",
-        "prohibit-password" if spec.login_user == "root" else "no",
+        spec.permit_root_login,
     ]
+    if spec.init == "systemd":
+        argv += systemd_init.init_args(systemd_init.cgroup_dir(spec.prefix, node.name))
     with open(logs / f"{node.name}.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -274,7 +278,8 @@ def _log_tail(spec: SandboxSpec, name: str) -> str:
 def stop(spec: SandboxSpec, name: str) -> None:
     """Kill the node's init (so every process in it) and reap it if it is ours."""
     pid = _find_init(spec, name)
-    if pid is not None and not _signal_and_wait(pid, signal.SIGTERM, STOP_GRACE_S):
+    first, grace = systemd_init.stop_signal(pid) or (signal.SIGTERM, STOP_GRACE_S)
+    if pid is not None and not _signal_and_wait(pid, first, grace):
         _signal_and_wait(pid, signal.SIGKILL, STOP_GRACE_S)
     proc = _children.pop(spec.netns(name), None)
     if proc is not None:  # our child: reap it now, no zombie until we exit
@@ -284,6 +289,7 @@ def stop(spec: SandboxSpec, name: str) -> None:
             proc.kill()
             proc.wait()
     spec.pidfile(name).unlink(missing_ok=True)
+    systemd_init.remove_cgroup(spec.prefix, name)
 
 
 def _signal_and_wait(pid: int, sig: int, timeout: float) -> bool:

@@ -42,6 +42,8 @@ class SandboxSpec:
     # sudo nopasswd | password | none (sandbox/users.py).
     login_user: str = "root"
     sudo: str = "nopasswd"
+    # The nodes' PID 1: sandbox (scripts/sandbox_init.py) or systemd (sandbox/systemd_init.py).
+    init: str = "sandbox"
 
     def __post_init__(self) -> None:
         check(self)
@@ -57,6 +59,10 @@ class SandboxSpec:
 
     def veth(self, index: int) -> str:
         return f"{self.prefix}-{index}h"  # the "-" keeps prefix "ab1" index 0 apart from "ab" 10
+
+    @property
+    def permit_root_login(self) -> str:
+        return "prohibit-password" if self.login_user == "root" else "no"
 
     @property
     def base(self) -> Path:
@@ -98,6 +104,8 @@ def check(spec: SandboxSpec) -> None:
         raise SandboxError(f"{where}: {problem}")
     if spec.sudo not in ("nopasswd", "password", "none"):
         raise SandboxError(f"{where}: sudo {spec.sudo!r}: use nopasswd, password or none")
+    if spec.init not in ("sandbox", "systemd"):
+        raise SandboxError(f"{where}: init {spec.init!r}: use sandbox or systemd")
     if problem := user_problem(spec.login_user):
         raise SandboxError(f"{where}: login user: {problem}")
     net = spec.network
@@ -144,6 +152,7 @@ def spec_for(
     count: int | None = None,
     login_user: str | None = None,
     sudo: str | None = None,
+    init: str | None = None,
 ) -> tuple[SandboxSpec, Path | None]:
     """The spec an inventory describes (its sandbox: section and nodes, its ssh user as the
     login user), or `count` nodes node0..node{count-1} from .10, or another login user; then, if
@@ -172,8 +181,11 @@ def spec_for(
         origin=inventory.path.name,
         login_user=login_user or user,
         sudo=sudo or getattr(sb, "sudo", "nopasswd"),
+        init=init or getattr(sb, "init", "sandbox"),
     )
-    same = nodes == listed and spec.login_user == user
+    same = (
+        nodes == listed and spec.login_user == user and spec.init == getattr(sb, "init", "sandbox")
+    )
     written = None if same else _write_inventory(inventory, spec)
     return spec, written
 
@@ -201,9 +213,11 @@ def _write_inventory(inventory: Any, spec: SandboxSpec) -> Path:
         **(data.get("sandbox") or {}),
         "state_dir": str(spec.state_dir),
         "sudo": spec.sudo,
+        "init": spec.init,
     }
     data["nodes"] = {n.name: {"host": n.address} for n in spec.nodes}
     tag = "" if spec.login_user == "root" else f"-{spec.login_user}"
+    tag += "" if spec.init == "sandbox" else f"-{spec.init}"
     path = Path(inventory.root) / ".ddpfleet" / f"inventory-{len(spec.nodes)}{tag}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

@@ -1,0 +1,132 @@
+"""Sandbox nodes whose PID 1 is real systemd (`sandbox: {init: systemd}`), their own cluster.
+
+What a user would check on such a node: systemd answers `is-system-running` (running or
+degraded), `systemd-run --wait` runs a transient service, and sandbox.down leaves no cgroup.
+A detached run's supervisor there is a transient service (ddpfleet-<run>-<node>.service, its
+cgroup the run): it outlives the controller, `stop` ends every descendant, and the unit goes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import PREFIX, Cluster, second_subnet, write_inventory
+from tests.integration.test_detach import ESCAPING, RUNS, SLOW, detach, ranks_up, wait_state
+from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
+    NODES,
+    Live,
+    new_run_id,
+    ready,
+    run_pids,
+)
+
+SUBNET = second_subnet()  # beside the session's own sandbox, never on it
+SYSTEMD_PREFIX = f"{PREFIX}s"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Cluster:
+    directory = tmp_path_factory.mktemp("systemd")
+    inventory = write_inventory(directory, prefix=SYSTEMD_PREFIX, subnet=SUBNET)
+    c = Cluster(directory, inventory)
+    data = c.data
+    data["sandbox"]["init"] = "systemd"
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    up = c.invoke("sandbox.up", timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield c
+    finally:
+        down = c.invoke("sandbox.down", timeout=300)
+        assert down.returncode == 0, down.stdout + down.stderr
+        cgroups = Path("/sys/fs/cgroup")
+        left = [
+            *cgroups.glob(f"ddpfleet-{SYSTEMD_PREFIX}-*"),
+            *cgroups.glob(f"*/ddpfleet-{SYSTEMD_PREFIX}-*"),
+        ]
+        assert not left, f"cgroups left after sandbox.down: {left}"
+
+
+def test_pid1_is_systemd_and_runs_transient_services(cluster: Cluster):
+    for node in ("node0", "node1"):
+        r = cluster.ssh(node, "cat /proc/1/comm; systemctl is-system-running --wait")
+        assert r.stdout.split()[:1] == ["systemd"], r.stdout + r.stderr
+        assert r.stdout.split()[1] in ("running", "degraded"), r.stdout + r.stderr
+        run = cluster.ssh(node, "systemd-run --unit ddpfleet-check --wait --quiet true")
+        assert run.returncode == 0, run.stdout + run.stderr
+    # no host service came up in the node: only what the node needs is active
+    active = cluster.ssh("node0", "systemctl list-units --state=active --no-legend --plain")
+    services = {ln.split()[0] for ln in active.stdout.splitlines() if ".service" in ln}
+    assert services <= {
+        "ddpfleet-sshd.service",
+        "dbus.service",
+        "systemd-journald.service",
+    }, services
+
+
+# -- detached runs: the supervisor as a transient service ------------------------------------------
+
+
+def unit_of(cluster: Cluster, node: str, run_id: str) -> str:
+    """The run's unit as systemctl lists it on the node ('' once it is gone)."""
+    r = cluster.ssh(node, f"systemctl list-units --all --no-legend --plain 'ddpfleet-{run_id}-*'")
+    return r.stdout.strip()
+
+
+def units_gone(cluster: Cluster, run_id: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(unit_of(cluster, n, run_id) for n in NODES):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{run_id}: units left: {[unit_of(cluster, n, run_id) for n in NODES]}")
+
+
+def test_detached_run_is_a_unit_and_outlives_its_controller(ready: Cluster):
+    run_id = new_run_id("sdet")
+    detach(ready, run_id, SLOW.replace("200", "6"))
+    for node in NODES:
+        unit = unit_of(ready, node, run_id)
+        assert f"ddpfleet-{run_id}-{node}.service" in unit and "active" in unit, unit
+        # the supervisor is the unit's main process: its cgroup is the run
+        state = ready.ssh(node, f"cat {RUNS}/{run_id}/state.json").stdout
+        pid = json.loads(state)["supervisor_pid"]
+        cg = ready.ssh(node, f"cat /proc/{pid}/cgroup").stdout
+        assert f"/system.slice/ddpfleet-{run_id}-{node}.service" in cg, cg
+    follower = Live(ready, ["logs", run_id, "-f"])  # a controller, SIGKILLed: the run goes on
+    follower.wait_for(r"first step", timeout=120)
+    follower.proc.send_signal(signal.SIGKILL)
+    follower.finish()
+    view = wait_state(ready, run_id, ("SUCCEEDED", "FAILED", "STOPPED", "LOST"))
+    assert view["state"] == "SUCCEEDED", view
+    units_gone(ready, run_id)  # --collect: nothing of the run stays loaded
+    assert not any(run_pids(ready, n, run_id) for n in NODES)
+
+
+def test_stop_ends_the_unit_and_an_escaping_daemon(ready: Cluster, tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
+    run_id = new_run_id("sstop")
+    r = ready.invoke(
+        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
+        "--run-id", run_id, "--detach", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    ranks_up(ready, run_id, r"rank \d up", 4)
+    daemon = ready.ssh("node0", f"cat /tmp/{run_id}.daemon").stdout.strip()
+    assert daemon.isdigit()
+    s = ready.invoke("stop", run_id, timeout=120)
+    assert s.returncode == 0, s.stdout + s.stderr
+    assert "nothing left" in s.stdout, s.stdout
+    assert not any(run_pids(ready, n, run_id) for n in NODES)
+    assert ready.ssh("node0", f"test -d /proc/{daemon}").returncode != 0, "the daemon survived"
+    units_gone(ready, run_id)
+    assert wait_state(ready, run_id, ("STOPPED",), within=30)["state"] == "STOPPED"
