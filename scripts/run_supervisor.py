@@ -2,7 +2,7 @@
 that does not depend on the SSH session. Stdlib only, Linux, started as root.
 
 On stdin the controller sends: this file (a length line, then the source), proctree.py,
-run_lifeline.py and run_snapshot.py the same way, then one JSON line: the spec (run id, node,
+run_lifeline.py, run_snapshot.py and run_guardian.py the same way, then one JSON line: the spec (run id, node,
 rank, argv, env, cwd, user, grace, the master's lifeline address or the workers to expect). This process (the
 launcher) makes /var/lib/ddpfleet/runs/<run-id>/, writes spec.json, double-forks the supervisor
 (fork, setsid, fork: its own session, no terminal, nothing of the SSH channel kept open) to
@@ -16,7 +16,8 @@ The supervisor:
   is writable, so a stop reaches everything by cgroup.kill; elsewhere the tree sweeps of
   proctree are what a stop has (state.json says which: "cgroup" is null then);
 - drops torchrun to the training user (spec "user") after joining the cgroup; torchrun gets
-  PDEATHSIG, so a SIGKILLed supervisor still takes its node's part with it;
+  PDEATHSIG, and the supervisor's parent is its guardian (run_guardian.py), so a SIGKILLed
+  supervisor still takes its node's whole part with it, an escaped daemon included;
 - holds the lifelines (run_lifeline.py): a failed rank or a silent node anywhere stops every
   node's part without the controller;
 - writes state.json atomically: RUNNING, then SUCCEEDED, FAILED or STOPPED with the reason,
@@ -232,7 +233,7 @@ def refuse(error):
 
 def main():
     tree, lifelines = load_helper("proctree.py"), load_helper("run_lifeline.py")
-    snapshot = load_helper("run_snapshot.py")
+    snapshot, guardian = load_helper("run_snapshot.py"), load_helper("run_guardian.py")
     spec = json.loads(STDIN.readline())
     runs = spec.get("runs_root") or RUNS
     run_dir = os.path.join(runs, spec["run_id"])
@@ -256,6 +257,7 @@ def main():
     if child == 0:
         os.close(rd)
         daemonize(run_dir)
+        guardian.split(tree, run_dir, spec, keep_out=(wr,))
         os._exit(supervise(spec, tree, lifelines, run_dir, wr))
     os.close(wr)
     os.waitpid(child, 0)  # the first fork exits at once: no zombie left behind

@@ -23,7 +23,13 @@ from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if, open_members
 from ddpfleet.launch.run import prepare
 
-SUPERVISOR_FILES = ("run_supervisor.py", "proctree.py", "run_lifeline.py", "run_snapshot.py")
+SUPERVISOR_FILES = (
+    "run_supervisor.py",
+    "proctree.py",
+    "run_lifeline.py",
+    "run_snapshot.py",
+    "run_guardian.py",
+)
 START_TIMEOUT_S = 90
 
 
