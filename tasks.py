@@ -11,6 +11,7 @@ from ddpfleet import inventory as inv
 from ddpfleet import report
 from ddpfleet.errors import DdpfleetError
 from tasks_cli import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
+from tasks_cli import become_password as _become_password
 
 
 def _fleet(inventory, nodes, ask_become_pass=False):
@@ -18,23 +19,6 @@ def _fleet(inventory, nodes, ask_become_pass=False):
 
     loaded = inv.load(inventory, nodes)
     return Fleet(loaded, become_password=_become_password(ask_become_pass))
-
-
-def _become_password(ask: bool):
-    """--ask-become-pass: the sudo password, asked once per run on a terminal (a Secret)."""
-    if not ask:
-        return None
-    import getpass
-
-    from ddpfleet.become import PASSWORD_ENV
-    from ddpfleet.shell import Secret
-
-    if not sys.stdin.isatty():
-        raise DdpfleetError(
-            f"--ask-become-pass needs a terminal; without one set ${PASSWORD_ENV} or "
-            "ssh.become_password_file"
-        )
-    return Secret(getpass.getpass("sudo password on the nodes: "))
 
 
 def _warm_fleet(inventory, nodes):
@@ -203,8 +187,9 @@ def train(
     from ddpfleet.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
+    password = _become_password(ask_become_pass)
     if resume:
-        script, args, env = runtasks.resumed(loaded, resume, script, args, env)
+        script, args, env = runtasks.resumed(loaded, resume, script, args, env, password)
     flags = launch.TrainFlags(
         nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
         script=script,
@@ -221,7 +206,7 @@ def train(
     how = launcher or loaded.launcher
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
-    with Fleet(loaded, become_password=_become_password(ask_become_pass)) as fleet:
+    with Fleet(loaded, become_password=password) as fleet:
         if how == "slurm":
             from ddpfleet.launch import slurm_run
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 from invoke import Exit
 
@@ -30,3 +31,20 @@ def cli(fn):
             raise Exit("interrupted", code=130) from None
 
     return wrapper
+
+
+def become_password(ask: bool):
+    """--ask-become-pass: the sudo password, asked once per run on a terminal (a Secret)."""
+    if not ask:
+        return None
+    import getpass
+
+    from ddpfleet.become import PASSWORD_ENV
+    from ddpfleet.shell import Secret
+
+    if not sys.stdin.isatty():
+        raise DdpfleetError(
+            f"--ask-become-pass needs a terminal; without one set ${PASSWORD_ENV} or "
+            "ssh.become_password_file"
+        )
+    return Secret(getpass.getpass("sudo password on the nodes: "))

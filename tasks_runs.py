@@ -10,8 +10,8 @@ from invoke import task
 
 from ddpfleet import inventory as inv
 from ddpfleet import report
-from ddpfleet.errors import DdpfleetError, NodeError, PlanError
-from tasks_cli import INVENTORY_HELP, NODES_HELP, cli
+from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
+from tasks_cli import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, become_password, cli
 
 RUN_HELP = "the run id (invoke runs lists them)"
 TRAIN_HELP = {
@@ -41,14 +41,16 @@ def detached(loaded, fleet, config, resume=None) -> None:
     detach.train_detached(fleet, config, _index(loaded), resume=resume)
 
 
-def resumed(loaded, run_id, script, args, env):
-    """RUN's script, --args and --env (what is given on this command line wins)."""
+def resumed(loaded, run_id, script, args, env, password=None):
+    """RUN's script, --args and --env (what is given on this command line wins); `password`:
+    --ask-become-pass's."""
     from ddpfleet.connection import Fleet
     from ddpfleet.launch import runctl
 
     nodes = _index(loaded).nodes(run_id) or tuple(n.name for n in loaded.nodes)
     pythons = _pythons(loaded)
-    with Fleet(loaded, [loaded.node(n) for n in nodes if n in pythons][:1]) as fleet:
+    first = [loaded.node(n) for n in nodes if n in pythons][:1]
+    with Fleet(loaded, first, become_password=password) as fleet:
         said = fleet.map(lambda c: runctl.node_call(c, pythons[c.name], "spec", run_id))
     spec = next(iter(said.values()))
     if isinstance(spec, NodeError):
@@ -69,14 +71,19 @@ def resumed(loaded, run_id, script, args, env):
     )
 
 
-def _gather(inventory, nodes, ids=()):
+def _gather(inventory, nodes, ids=(), ask_become_pass=False):
     from ddpfleet.connection import Fleet
     from ddpfleet.launch import runctl
 
     loaded = inv.load(inventory, nodes)
     pythons = _pythons(loaded)
-    fleet = Fleet(loaded)
-    return loaded, pythons, fleet, runctl.gather(fleet, pythons, ids)
+    fleet = Fleet(loaded, become_password=become_password(ask_become_pass))
+    said = runctl.gather(fleet, pythons, ids)
+    refused = [str(r) for r in said.values() if isinstance(r, BecomeError)]
+    if refused:  # not a lost node: the run's records are there, root work was not allowed
+        fleet.close()
+        raise DdpfleetError("; ".join(refused))
+    return loaded, pythons, fleet, said
 
 
 @task(
@@ -86,16 +93,17 @@ def _gather(inventory, nodes, ids=()):
         "json": "print one JSON document (a list of runs, newest first) instead of the table",
         "prune": "remove ended runs' directories on every node, keeping the newest --keep",
         "keep": "with --prune: how many ended runs to keep (default: 10)",
+        "ask_become_pass": ASK_BECOME_HELP,
     }
 )
 @cli
-def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10):
+def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_become_pass=False):
     """List detached runs and their state."""
     from ddpfleet.launch import runctl, runstate
 
     if not str(keep).isdigit():
         raise DdpfleetError(f"--keep {keep!r}: give how many ended runs to keep, a number >= 0")
-    loaded, pythons, fleet, said = _gather(inventory, nodes)
+    loaded, pythons, fleet, said = _gather(inventory, nodes, (), ask_become_pass)
     with fleet:
         if prune:
             removed = runctl.prune(fleet, pythons, int(keep))
@@ -114,10 +122,10 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10):
     report.show(report.table(None, runstate.COLUMNS, runstate.rows(views)))
 
 
-def _run_parts(inventory, nodes, run_id):
+def _run_parts(inventory, nodes, run_id, ask_become_pass=False):
     from ddpfleet.launch import runctl
 
-    loaded, pythons, fleet, said = _gather(inventory, None, (run_id,))
+    loaded, pythons, fleet, said = _gather(inventory, None, (run_id,), ask_become_pass)
     views = runctl.views(said, _index(loaded), only=(run_id,))
     if not views:
         fleet.close()
@@ -133,16 +141,17 @@ def _run_parts(inventory, nodes, run_id):
         "node": "only this node's lines",
         "rank": "only this global rank's lines",
         "follow": "keep printing new lines until the run ends (Ctrl-C leaves the run alone)",
+        "ask_become_pass": ASK_BECOME_HELP,
     }
 )
 @cli
-def logs(c, run, inventory=None, node=None, rank=None, follow=False):
+def logs(c, run, inventory=None, node=None, rank=None, follow=False, ask_become_pass=False):
     """Print a detached run's lines by node and rank."""
     from ddpfleet.launch import runlogs
 
     if rank is not None and not str(rank).isdigit():
         raise DdpfleetError(f"--rank {rank!r}: give a global rank, a number >= 0")
-    pythons, fleet, said, _view, only = _run_parts(inventory, node, run)
+    pythons, fleet, said, _view, only = _run_parts(inventory, node, run, ask_become_pass)
     with fleet:
         parts = runlogs.nodes_of(said, run, only)
         problems = runlogs.show(fleet, pythons, run, parts,
@@ -156,10 +165,11 @@ def logs(c, run, inventory=None, node=None, rank=None, follow=False):
         "run": RUN_HELP,
         "inventory": INVENTORY_HELP,
         "grace": "seconds between SIGTERM and SIGKILL (default: 3)",
+        "ask_become_pass": ASK_BECOME_HELP,
     }
 )
 @cli
-def stop(c, run, inventory=None, grace=3):
+def stop(c, run, inventory=None, grace=3, ask_become_pass=False):
     """Stop a detached run on every node."""
     from ddpfleet.launch import runctl
 
@@ -167,7 +177,7 @@ def stop(c, run, inventory=None, grace=3):
         grace = float(grace)
     except ValueError:
         raise DdpfleetError(f"--grace {grace!r}: give seconds, e.g. 3") from None
-    pythons, fleet, _said, view, _ = _run_parts(inventory, None, run)
+    pythons, fleet, _said, view, _ = _run_parts(inventory, None, run, ask_become_pass)
     with fleet:
         results = runctl.stop(fleet, pythons, run, [n for n in view.nodes if n in pythons],
                               grace)  # fmt: skip

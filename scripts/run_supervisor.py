@@ -2,8 +2,9 @@
 that does not depend on the SSH session. Stdlib only, Linux, started as root.
 
 On stdin the controller sends: this file (a length line, then the source), proctree.py,
-run_lifeline.py and run_snapshot.py the same way, then one JSON line: the spec (run id, node,
-rank, argv, env, cwd, user, grace, the master's lifeline address or the workers to expect). This process (the
+run_lifeline.py, run_snapshot.py, run_unit.py and run_guardian.py the same way, then one JSON
+line: the spec (run id, node, rank, argv, env, cwd, user, grace, the master's lifeline address
+or the workers to expect). This process (the
 launcher) makes /var/lib/ddpfleet/runs/<run-id>/, writes spec.json, double-forks the supervisor
 (fork, setsid, fork: its own session, no terminal, nothing of the SSH channel kept open) to
 run in a snapshot of the code (run_snapshot.py: the run's code/ beside its state), waits
@@ -16,7 +17,8 @@ The supervisor:
   is writable, so a stop reaches everything by cgroup.kill; elsewhere the tree sweeps of
   proctree are what a stop has (state.json says which: "cgroup" is null then);
 - drops torchrun to the training user (spec "user") after joining the cgroup; torchrun gets
-  PDEATHSIG, so a SIGKILLed supervisor still takes its node's part with it;
+  PDEATHSIG, and the supervisor's parent is its guardian (run_guardian.py), so a SIGKILLed
+  supervisor still takes its node's whole part with it, an escaped daemon included;
 - holds the lifelines (run_lifeline.py): a failed rank or a silent node anywhere stops every
   node's part without the controller;
 - writes state.json atomically: RUNNING, then SUCCEEDED, FAILED or STOPPED with the reason,
@@ -237,6 +239,7 @@ def refuse(error):
 def main():
     tree, lifelines = load_helper("proctree.py"), load_helper("run_lifeline.py")
     snapshot, unit = load_helper("run_snapshot.py"), load_helper("run_unit.py")
+    guardian = load_helper("run_guardian.py")
     spec = json.loads(STDIN.readline())
     if spec.get("in_unit"):  # the transient service run_unit.launch started
         return supervise(spec, tree, lifelines, spec["run_dir"], unit.report_fd(spec))
@@ -259,7 +262,7 @@ def main():
     write_json(os.path.join(run_dir, "spec.json"), spec, mode=0o600)  # --env may hold secrets
     if unit.systemd_is_pid1() and "__source__" in globals():
         unit.SOURCES[:] = [b"%d\n%s" % (len(m.__source__), m.__source__)
-                           for m in (tree, lifelines, snapshot, unit)]  # fmt: skip
+                           for m in (tree, lifelines, snapshot, unit, guardian)]  # fmt: skip
         me = globals()["__source__"]
         return unit.launch(run_dir, spec, b"%d\n%s" % (len(me), me), REPORT_S)
     rd, wr = os.pipe()
@@ -267,6 +270,7 @@ def main():
     if child == 0:
         os.close(rd)
         daemonize(run_dir)
+        guardian.split(tree, run_dir, spec, keep_out=(wr,))
         os._exit(supervise(spec, tree, lifelines, run_dir, wr))
     os.close(wr)
     os.waitpid(child, 0)  # the first fork exits at once: no zombie left behind

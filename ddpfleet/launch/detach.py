@@ -20,8 +20,8 @@ from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.member import STOP_GRACE_S
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
-from ddpfleet.launch.preflight import fail_if, open_members
-from ddpfleet.launch.run import prepare
+from ddpfleet.launch.preflight import fail_if
+from ddpfleet.launch.run import open_checked, prepare
 
 SUPERVISOR_FILES = (
     "run_supervisor.py",
@@ -29,6 +29,7 @@ SUPERVISOR_FILES = (
     "run_lifeline.py",
     "run_snapshot.py",
     "run_unit.py",  # where PID 1 is systemd: the supervisor as a transient service
+    "run_guardian.py",  # elsewhere: the supervisor's parent, ends the part if it is killed
 )
 START_TIMEOUT_S = 90
 
@@ -92,13 +93,7 @@ def train_detached(
     DdpfleetError naming the node that could not start (the others' parts are stopped).
     With `resume` (a run id) every node runs in a copy of that run's code snapshot."""
     out = out or Output()
-    files = sync.project_files(config.project_dir)
-    sync.require(files, config.script, config.project_dir)
-    fail_if(
-        [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
-        "cannot reach every node",
-    )
-    members = open_members(fleet, config, out)
+    files, members = open_checked(fleet, config, out)
     try:
         p = prepare(fleet, config, members, files)
     finally:  # the runners only checked: they free the port and the code dir's lock

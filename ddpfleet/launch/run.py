@@ -58,6 +58,20 @@ def _sync_line(results: Mapping[str, sync.SyncStats | NodeError]) -> str:
     return "code: " + "; ".join(parts)
 
 
+def open_checked(
+    fleet: Fleet, config: TrainConfig, out: Output
+) -> tuple[dict[str, sync.Entry], dict[str, Member]]:
+    """The project's files (mistakes here come before any connection), every node reached, and
+    a runner per node probing it: what an attached and a detached run both start with."""
+    files = sync.project_files(config.project_dir)
+    sync.require(files, config.script, config.project_dir)
+    fail_if(
+        [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
+        "cannot reach every node",
+    )
+    return files, open_members(fleet, config, out)
+
+
 def prepare(
     fleet: Fleet,
     config: TrainConfig,
@@ -78,14 +92,8 @@ def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[
     """Check, plan, sync, run as one gang, collect. Raises DdpfleetError naming the first
     failing node and rank; KeyboardInterrupt after an interrupt stopped every node."""
     out = out or Output()
-    files = sync.project_files(config.project_dir)  # mistakes here come before any connection
-    sync.require(files, config.script, config.project_dir)
     fresh_run_dir(config.run_dir)  # made once the preflight passed
-    fail_if(
-        [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
-        "cannot reach every node",
-    )
-    members = open_members(fleet, config, out)
+    files, members = open_checked(fleet, config, out)
     try:
         p = prepare(fleet, config, members, files)
         fresh_run_dir(config.run_dir, make=True)

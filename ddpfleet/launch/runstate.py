@@ -8,8 +8,8 @@ of them (run_ctl.py list) and folds them here into one of:
     FAILED     a part failed: the first one (the master's record of the gang, else the
                earliest), with the rank to blame read from that node's last lines
     STOPPED    stopped (invoke stop, or the gang stopped for a reason that is no failure)
-    LOST       a node is unreachable, has no record of the run, or its supervisor vanished
-               while its state still said RUNNING; it comes before FAILED: a dead node makes
+    LOST       a node is unreachable, has no record of the run, its supervisor vanished
+               while its state still said RUNNING, or was killed (its guardian says so); it comes before FAILED: a dead node makes
                its peers' ranks fail too (gloo/NCCL errors), sooner than any lifeline notices
 """
 
@@ -78,6 +78,9 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
         f"{n}: its supervisor vanished"
         for n, p in states.items()
         if p.get("status") in LIVE and not p.get("alive")
+    ]
+    lost += [
+        p.get("reason") or f"{n}: lost" for n, p in states.items() if p.get("status") == "LOST"
     ]
     if lost:
         return RunView(**view, state="LOST", exits=exits, why="; ".join(lost))

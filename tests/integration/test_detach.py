@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import textwrap
@@ -170,6 +171,40 @@ def test_stop_leaves_nothing_even_an_escaping_daemon(ready: Cluster, tmp_path):
     again = ready.invoke("stop", run_id, timeout=120)  # idempotent
     assert again.returncode == 0 and "was STOPPED" in again.stdout, again.stdout
     print(f"\nFIGURE stop (SIGTERM-ignoring daemon, grace 3 s) {took:.2f}s invoke wall")
+
+
+def test_a_killed_supervisor_takes_its_whole_part_and_the_gang(ready: Cluster, tmp_path):
+    """SIGKILL to node0's supervisor: its guardian ends the tree there, the escaped daemon too,
+    and node1's part stops through the lifeline; `runs` names node0."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
+    run_id = new_run_id("sigkill")
+    r = ready.invoke(
+        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
+        "--run-id", run_id, "--detach", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    ranks_up(ready, run_id, r"rank \d up", 4)
+    daemon = ready.ssh("node0", f"cat /tmp/{run_id}.daemon").stdout.strip()
+    read = f"import json;print(json.load(open('{RUNS}/{run_id}/state.json'))['supervisor_pid'])"
+    supervisor = ready.ssh("node0", shlex.join(["python3", "-c", read])).stdout.strip()
+    assert daemon.isdigit() and supervisor.isdigit(), (daemon, supervisor)
+    killed = ready.ssh("node0", f"kill -KILL {supervisor}")
+    since = time.monotonic()
+    assert killed.returncode == 0, killed.stderr
+    took = gone_after(ready, run_id, since, within=30)
+    while ready.ssh("node0", f"test -d /proc/{daemon}").returncode == 0:
+        assert time.monotonic() - since < 30, "the escaped daemon outlived the supervisor"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while "was killed" not in (view := runs(ready)[run_id])["why"]:
+        assert time.monotonic() < deadline, view
+        time.sleep(0.5)
+    assert view["state"] == "LOST" and "node0: its supervisor was killed (SIGKILL)" in view["why"]
+    for n in NODES:
+        assert ready.ssh(n, f"ls -d /sys/fs/cgroup/*/ddpfleet/{run_id}.* 2>/dev/null").stdout == ""
+    print(f"\nFIGURE SIGKILLed supervisor: the run gone from both nodes in {took:.2f}s")
 
 
 def test_resume_from_the_first_runs_checkpoint_and_stop_latency(ready: Cluster):

@@ -260,6 +260,32 @@ def test_doctor_passes_sudo_and_the_training_user(booted: Cluster):
     assert len(rows) == 4 and all("│ pass " in ln for ln in rows), r.stdout
 
 
+def test_a_detached_run_through_sudo_runs_as_train_and_stops(booted: Cluster, project: Path):
+    """--detach, runs, logs, stop as ubuntu with sudo: the supervisors are root's, every
+    process of the run is train's."""
+    run_id = "cloud-det-" + os.urandom(3).hex()
+    r = booted.invoke(
+        "train", "--nodes", "node0,node1", "--nproc-per-node", "2", "--script", "hold.py",
+        "--run-id", run_id, "--project-dir", str(project), "--detach", timeout=WAIT_S,
+    )  # fmt: skip
+    assert r.returncode == 0 and f"run {run_id}: started detached" in r.stdout, r.stdout + r.stderr
+    deadline = time.monotonic() + WAIT_S
+    while (out := booted.invoke("logs", run_id, timeout=60).stdout).count("uid 2000") < 4:
+        assert time.monotonic() < deadline, out
+        time.sleep(0.5)
+    for node in NODES:
+        processes = run_processes(booted, node, run_id)
+        assert processes and {uid for _, uid, _ in processes} == {2000}, (node, processes)
+    listed = booted.invoke("runs", "--json", timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert {v["run_id"]: v["state"] for v in json.loads(listed.stdout)}[run_id] == "RUNNING"
+    s = booted.invoke("stop", run_id, timeout=120)
+    assert s.returncode == 0 and s.stdout.count("nothing left") == 2, s.stdout + s.stderr
+    assert not any(run_processes(booted, n, run_id) for n in NODES)
+    listed = booted.invoke("runs", "--json", timeout=120)
+    assert {v["run_id"]: v["state"] for v in json.loads(listed.stdout)}[run_id] == "STOPPED"
+
+
 # -- password sudo and no sudo, on the same nodes --------------------------------------------
 
 
@@ -331,6 +357,25 @@ def test_password_sudo_needs_the_password_and_never_shows_it(booted: Cluster):
         text=True,
     )
     assert grep.stdout == "", grep.stdout  # in no file on either node
+
+
+def test_runs_logs_stop_take_the_become_password(booted: Cluster):
+    """Still password sudo (the test above): the run tasks need it as train does."""
+    password = (booted.dir / "state" / "become_password").read_text().strip()
+    none = booted.invoke("runs", timeout=120)
+    assert none.returncode == 1 and "--ask-become-pass" in none.stderr, none.stderr
+    asked = booted.invoke(
+        "stop", "no-such-run", "--ask-become-pass", stdin=subprocess.DEVNULL, timeout=120
+    )  # never a terminal here, whoever runs the tests
+    assert asked.returncode == 1 and "--ask-become-pass needs a terminal" in asked.stderr
+    given = {"DDPFLEET_BECOME_PASSWORD": password}
+    listed = booted.invoke("runs", "--json", extra_env=given, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    run_id = next(v["run_id"] for v in json.loads(listed.stdout) if v["state"] == "STOPPED")
+    out = booted.invoke("logs", run_id, extra_env=given, timeout=120)
+    assert out.returncode == 0 and out.stdout.count("uid 2000") == 4, out.stdout + out.stderr
+    again = booted.invoke("stop", run_id, extra_env=given, timeout=120)
+    assert again.returncode == 0 and "was STOPPED" in again.stdout, again.stdout + again.stderr
 
 
 def test_a_login_user_without_sudo_gets_one_line_per_node(booted: Cluster):

@@ -54,6 +54,16 @@ def test_unreachable_node_or_vanished_supervisor_is_lost():
     assert v.state == "LOST" and "no record" in v.why
 
 
+def test_a_part_its_guardian_recorded_lost_is_lost_saying_why():
+    why = "node0: its supervisor was killed (SIGKILL); its guardian stopped every process"
+    parts = {
+        "node0": part("LOST", alive=False, reason=why, ended=105.0),
+        "node1": part("STOPPED", rank=1, reason="lost the lifeline to the master", ended=106.0),
+    }
+    v = fold("r", ORDER, parts)
+    assert v.state == "LOST" and v.why == why
+
+
 def test_stopped_says_why_and_the_table_is_newest_first():
     old = fold("old", ORDER, {n: part("STOPPED", reason="stopped by invoke stop") for n in ORDER})
     assert old.state == "STOPPED" and old.why == "node0: stopped by invoke stop"
