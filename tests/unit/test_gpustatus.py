@@ -101,6 +101,8 @@ def test_process_owner_and_run_id() -> None:
     assert gpustatus._process(long).endswith(" " + "x" * 37 + "...")
     env = dataclasses.replace(p, command="/opt/conda/envs/ddp/bin/python3.10 -u train.py")
     assert gpustatus._process(env).endswith(" python3.10 -u train.py [run 20260106-ab12]")
+    job = dataclasses.replace(p, slurm_job_id="812")
+    assert gpustatus._process(job).endswith(" [run 20260106-ab12] [slurm job 812]")
 
 
 @pytest.mark.parametrize(
