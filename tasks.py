@@ -203,6 +203,8 @@ def train(
     from ddpfleet.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
+    if resume and (launcher or loaded.launcher) == "slurm":
+        raise DdpfleetError("--resume works for runs of the ssh launcher; use --launcher ssh")
     if resume:
         script, args, env = runtasks.resumed(loaded, resume, script, args, env)
     flags = launch.TrainFlags(
@@ -222,7 +224,9 @@ def train(
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=_become_password(ask_become_pass)) as fleet:
-        if how == "slurm":
+        if how == "slurm" and detach:
+            runtasks.slurm_detached(loaded, fleet, config)
+        elif how == "slurm":
             from ddpfleet.launch import slurm_run
 
             slurm_run.train(fleet, config)
