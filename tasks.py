@@ -240,7 +240,7 @@ def train(
     help={
         "inventory": INVENTORY_HELP,
         "nodes": NODES_HELP,
-        "json": "print the ddpfleet.gpu-status-report/1 document instead of the table",
+        "json": "print the ddpfleet.gpu-status-report/2 document instead of the table",
         "watch": "refresh every SECONDS, in place, until Ctrl-C",
     }
 )

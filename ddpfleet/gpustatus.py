@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
 COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")
-REPORT_ID = "ddpfleet.gpu-status-report/1"
+REPORT_ID = "ddpfleet.gpu-status-report/2"
 
 Outcome = gpu.NodeGpus | NodeError
 

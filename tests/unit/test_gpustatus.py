@@ -180,7 +180,7 @@ def test_document_matches_the_schema() -> None:
     assert json.loads(json.dumps(doc)) == doc
     validate(doc, gpustatus.REPORT_SCHEMA)
     assert (
-        doc["schema"] == "ddpfleet.gpu-status-report/1"
+        doc["schema"] == "ddpfleet.gpu-status-report/2"
         and doc["time"] == "2026-01-06T12:00:00+00:00"
     )
     assert [n["node"] for n in doc["nodes"]] == list(results)
