@@ -188,6 +188,8 @@ def train(
 
     loaded = inv.load(inventory, nodes)
     password = _become_password(ask_become_pass)
+    if resume and (launcher or loaded.launcher) == "slurm":
+        raise DdpfleetError("--resume works for runs of the ssh launcher; use --launcher ssh")
     if resume:
         script, args, env = runtasks.resumed(loaded, resume, script, args, env, password)
     flags = launch.TrainFlags(
@@ -207,7 +209,9 @@ def train(
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=password) as fleet:
-        if how == "slurm":
+        if how == "slurm" and detach:
+            runtasks.slurm_detached(loaded, fleet, config)
+        elif how == "slurm":
             from ddpfleet.launch import slurm_run
 
             slurm_run.train(fleet, config)
@@ -221,7 +225,7 @@ def train(
     help={
         "inventory": INVENTORY_HELP,
         "nodes": NODES_HELP,
-        "json": "print the ddpfleet.gpu-status-report/1 document instead of the table",
+        "json": "print the ddpfleet.gpu-status-report/2 document instead of the table",
         "watch": "refresh every SECONDS, in place, until Ctrl-C",
     }
 )

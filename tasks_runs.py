@@ -41,6 +41,12 @@ def detached(loaded, fleet, config, resume=None) -> None:
     detach.train_detached(fleet, config, _index(loaded), resume=resume)
 
 
+def slurm_detached(loaded, fleet, config) -> None:
+    from ddpfleet.launch import slurm_detach
+
+    slurm_detach.train_detached(fleet, config, _index(loaded))
+
+
 def resumed(loaded, run_id, script, args, env, password=None):
     """RUN's script, --args and --env (what is given on this command line wins); `password`:
     --ask-become-pass's."""
@@ -105,6 +111,7 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
         raise DdpfleetError(f"--keep {keep!r}: give how many ended runs to keep, a number >= 0")
     loaded, pythons, fleet, said = _gather(inventory, nodes, (), ask_become_pass)
     with fleet:
+        views = runctl.views(said, _index(loaded)) + _slurm_views(fleet, _index(loaded))
         if prune:
             removed = runctl.prune(fleet, pythons, int(keep))
             rows = [(n, ", ".join(r) if isinstance(r, list) else str(r) or "-")
@@ -114,12 +121,45 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
             _index(loaded).drop(set.intersection(*lists) if lists else ())
             report.exit_if_failed(removed, "runs --prune")
             return
-    views = runctl.views(said, _index(loaded))
     views.sort(key=lambda v: v.started or 0, reverse=True)
     if json:
         print(json_mod.dumps([v.as_json() for v in views], indent=1))
         return
     report.show(report.table(None, runstate.COLUMNS, runstate.rows(views)))
+
+
+def _slurm_views(fleet, index):
+    from ddpfleet.launch import slurm_detach
+
+    return slurm_detach.views(fleet, index.slurm())
+
+
+def _slurm_run(inventory, run_id):
+    """(the inventory, the run's index entry) when RUN went through Slurm, else None."""
+    loaded = inv.load(inventory)
+    entry = _index(loaded).entry(run_id)
+    return (loaded, entry) if entry and entry.get("launcher") == "slurm" else None
+
+
+def _slurm_logs(loaded, entry, node, rank, follow, ask_become_pass) -> None:
+    from ddpfleet.connection import Fleet
+    from ddpfleet.launch import slurm_detach
+
+    with Fleet(loaded, become_password=become_password(ask_become_pass)) as fleet:
+        slurm_detach.logs(fleet, entry, node, rank, follow)
+
+
+def _slurm_stop(loaded, entry, grace, ask_become_pass) -> None:
+    from ddpfleet.connection import Fleet
+    from ddpfleet.launch import slurm_detach
+
+    with Fleet(loaded, become_password=become_password(ask_become_pass)) as fleet:
+        did, rows = slurm_detach.stop(fleet, entry, grace)
+    run = entry["run_id"]
+    report.show(report.table(did, ("node", f"stop {run}"), [(n, str(r)) for n, r in rows.items()]))
+    bad = [n for n, r in rows.items() if isinstance(r, NodeError) or "STILL THERE" in r]
+    if bad:
+        raise DdpfleetError(f"stop {run}: not confirmed on {', '.join(bad)}")
 
 
 def _run_parts(inventory, nodes, run_id, ask_become_pass=False):
@@ -151,6 +191,10 @@ def logs(c, run, inventory=None, node=None, rank=None, follow=False, ask_become_
 
     if rank is not None and not str(rank).isdigit():
         raise DdpfleetError(f"--rank {rank!r}: give a global rank, a number >= 0")
+    if slurm := _slurm_run(inventory, run):
+        return _slurm_logs(
+            *slurm, node, None if rank is None else int(rank), follow, ask_become_pass
+        )
     pythons, fleet, said, _view, only = _run_parts(inventory, node, run, ask_become_pass)
     with fleet:
         parts = runlogs.nodes_of(said, run, only)
@@ -177,6 +221,8 @@ def stop(c, run, inventory=None, grace=3, ask_become_pass=False):
         grace = float(grace)
     except ValueError:
         raise DdpfleetError(f"--grace {grace!r}: give seconds, e.g. 3") from None
+    if slurm := _slurm_run(inventory, run):
+        return _slurm_stop(*slurm, grace, ask_become_pass)
     pythons, fleet, _said, view, _ = _run_parts(inventory, None, run, ask_become_pass)
     with fleet:
         results = runctl.stop(fleet, pythons, run, [n for n in view.nodes if n in pythons],

@@ -24,6 +24,7 @@ is left out here), e.g. for one A100:
     GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-0b8a4b3e-...)
     @@ddpfleet ps 41234 alice /opt/conda/envs/train/bin/python train_ddp.py --epochs 3
     @@ddpfleet run-id 41234 20260106-120000-ab12
+    @@ddpfleet slurm-job 41234 812
     @@ddpfleet end
 """
 
@@ -69,6 +70,7 @@ class GpuProcess:
     command: str  # full command line from ps, else nvidia-smi's process_name
     run_id: str | None  # DDPFLEET_RUN_ID from the process environment, when readable
     device_uuid: str | None = None  # as nvidia-smi reported it: GPU-... or MIG-...
+    slurm_job_id: str | None = None  # SLURM_JOB_ID from the process environment, when readable
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,9 @@ nvidia-smi -L 2>/dev/null
 cut -d, -f{pid_col} "$d/out" | tr -d ' ' | sort -u | while read -r pid; do
   case $pid in ''|*[!0-9]*) continue ;; esac
   mark ps "$pid" "$(ps -o user=,args= -p "$pid" 2>/dev/null)"
-  rid=$({{ tr '\\000' '\\n' <"/proc/$pid/environ"; }} 2>/dev/null | sed -n 's/^DDPFLEET_RUN_ID=//p')
-  mark run-id "$pid" "$(echo "$rid" | head -n 1)"
+  penv=$({{ tr '\\000' '\\n' <"/proc/$pid/environ"; }} 2>/dev/null)
+  mark run-id "$pid" "$(printf '%s\\n' "$penv" | sed -n 's/^DDPFLEET_RUN_ID=//p' | head -n 1)"
+  mark slurm-job "$pid" "$(printf '%s\\n' "$penv" | sed -n 's/^SLURM_JOB_ID=//p' | head -n 1)"
 done
 mark end
 """
@@ -277,12 +280,11 @@ class _Section:
     err: list[str] = dataclasses.field(default_factory=list)
 
 
-def _split(text: str) -> tuple[dict[str, _Section], list[str], dict[int, str], dict[int, str]]:
-    """Probe text -> (query sections by kind, `-L` lines, ps lines by pid, run ids by pid)."""
+def _split(text: str) -> tuple[dict[str, _Section], list[str], dict[str, dict[int, str]]]:
+    """Probe text -> (query sections by kind, `-L` lines, per pid: ps line, run id, Slurm job)."""
     sections: dict[str, _Section] = {}
     listing: list[str] = []
-    ps: dict[int, str] = {}
-    run_ids: dict[int, str] = {}
+    by_pid: dict[str, dict[int, str]] = {"ps": {}, "run-id": {}, "slurm-job": {}}
     sink: list[str] | None = None
     current = _Section()
     for line in text.splitlines():
@@ -300,14 +302,14 @@ def _split(text: str) -> tuple[dict[str, _Section], list[str], dict[int, str], d
             sink = current.err
         elif kind == "list":
             sink = listing
-        elif kind in ("ps", "run-id"):
+        elif kind in by_pid:
             pid, _, value = rest.partition(" ")
             if pid.isdigit():
-                (ps if kind == "ps" else run_ids)[int(pid)] = value.strip()
+                by_pid[kind][int(pid)] = value.strip()
             sink = None
         else:  # absent / end
             sink = None
-    return sections, listing, ps, run_ids
+    return sections, listing, by_pid
 
 
 def _error_text(section: _Section) -> str:
@@ -319,13 +321,14 @@ def _error_text(section: _Section) -> str:
     return f"nvidia-smi exited {section.rc}"
 
 
-def _owner(app: GpuProcess, ps: dict[int, str], run_ids: dict[int, str]) -> GpuProcess:
-    user, _, args = ps.get(app.pid, "").partition(" ")
+def _owner(app: GpuProcess, by_pid: dict[str, dict[int, str]]) -> GpuProcess:
+    user, _, args = by_pid["ps"].get(app.pid, "").partition(" ")
     return dataclasses.replace(
         app,
         user=user or None,
         command=args.strip() or app.command,
-        run_id=run_ids.get(app.pid) or None,
+        run_id=by_pid["run-id"].get(app.pid) or None,
+        slurm_job_id=by_pid["slurm-job"].get(app.pid) or None,
     )
 
 
@@ -363,7 +366,7 @@ def parse_probe(text: str) -> NodeGpus:
     """The output of `probe_script()` -> NodeGpus. Never raises on odd output: it says why."""
     if f"{MARK} absent" in text.splitlines():
         return NodeGpus((), NOT_FOUND, 127)
-    sections, listing, ps, run_ids = _split(text)
+    sections, listing, by_pid = _split(text)
     query = sections.get("query-gpu")
     if query is None or query.rc is None:
         first = text.strip().splitlines()[:1] or ["(empty)"]
@@ -379,7 +382,7 @@ def parse_probe(text: str) -> NodeGpus:
     except ValueError as exc:
         return NodeGpus((), f"unparseable nvidia-smi output: {exc}", query.rc)
     node = _attach(
-        gpus, tuple(_owner(app, ps, run_ids) for app in apps), parse_mig_list("\n".join(listing))
+        gpus, tuple(_owner(app, by_pid) for app in apps), parse_mig_list("\n".join(listing))
     )
     if apps_section.rc != 0:
         reason = _error_text(apps_section) if apps_section.rc is not None else "not run"
@@ -417,6 +420,7 @@ _PROCESS_SCHEMA = _object(
         "mem_mib": _NULLABLE_INT,
         "command": _STR,
         "run_id": _NULLABLE_STR,  # the ddpfleet run it belongs to
+        "slurm_job_id": _NULLABLE_STR,  # the Slurm job it belongs to (SLURM_JOB_ID)
         "device_uuid": _NULLABLE_STR,  # GPU-... or, under MIG, MIG-...
     }
 )

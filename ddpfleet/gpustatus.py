@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
 COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")
-REPORT_ID = "ddpfleet.gpu-status-report/1"
+REPORT_ID = "ddpfleet.gpu-status-report/2"
 
 Outcome = gpu.NodeGpus | NodeError
 
@@ -166,6 +166,7 @@ def _process(p: gpu.GpuProcess) -> str:
     command = command if len(command) <= 40 else command[:37] + "..."
     mem = "-" if p.mem_mib is None else f"{_gib(p.mem_mib)} GiB"
     run = f" [run {p.run_id}]" if p.run_id else ""
+    run += f" [slurm job {p.slurm_job_id}]" if p.slurm_job_id else ""
     return f"{p.pid} {p.user or '?'} {mem} {command}{run}"
 
 

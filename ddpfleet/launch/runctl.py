@@ -58,11 +58,20 @@ class Index:
                 continue
         return out
 
-    def add(self, run_id: str, nodes: Sequence[str]) -> None:
+    def add(self, run_id: str, nodes: Sequence[str], **more) -> None:
+        """`more`: what another launcher needs to find the run (Slurm: launcher, job_id ...)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"run_id": run_id, "nodes": list(nodes), "started": time.time(), **more}
         with self.path.open("a") as f:
-            f.write(json.dumps({"run_id": run_id, "nodes": list(nodes), "started": time.time()}))
-            f.write("\n")
+            f.write(json.dumps(entry) + "\n")
+
+    def entry(self, run_id: str) -> dict | None:
+        return next((e for e in self.entries() if e.get("run_id") == run_id), None)
+
+    def slurm(self, only: Sequence[str] = ()) -> list[dict]:
+        """The Slurm runs (their state is Slurm's, not a supervisor's)."""
+        return [e for e in self.entries() if e.get("launcher") == "slurm"
+                and (not only or e["run_id"] in only)]  # fmt: skip
 
     def nodes(self, run_id: str) -> tuple[str, ...] | None:
         for e in self.entries():
@@ -88,7 +97,9 @@ def views(
     said: Mapping[str, dict | NodeError], index: Index, only: Sequence[str] = ()
 ) -> list[RunView]:
     """One view per run that any node or the index knows (or only `only`)."""
-    known: dict[str, tuple[str, ...]] = {e["run_id"]: tuple(e["nodes"]) for e in index.entries()}
+    known: dict[str, tuple[str, ...]] = {
+        e["run_id"]: tuple(e["nodes"]) for e in index.entries() if e.get("launcher") != "slurm"
+    }
     for answer in said.values():
         if isinstance(answer, dict):
             for run_id, part in answer.items():

@@ -92,17 +92,46 @@ def task_script(p: Plan, own: Mapping[str, Mapping[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def output_path(output_dir: str, job_id: str = "%j") -> str:
+    """The job's output file (srun's labelled lines); sbatch fills in %j."""
+    return f"{output_dir}/slurm-{job_id}.out"
+
+
+def record_path(output_dir: str, job_id: str) -> str:
+    """What the batch script records beside its output: the job's nodes in task order, then
+    srun's exit. It outlives Slurm's memory of the job (no accounting database here)."""
+    return f"{output_dir}/slurm-{job_id}.state"
+
+
 def batch_script(p: Plan) -> str:
     common, own = split_env(p)
     exports = "".join(f"export {shlex.quote(f'{k}={v}')}\n" for k, v in common.items())
     srun = ["srun", "--kill-on-bad-exit=1", "--label", "--ntasks-per-node=1", "--wait=30"]
+    # Not exec'd: the batch shell outlives srun to write its exit (a cancel kills it first,
+    # so a record without an exit is a job that did not end on its own).
+    record = shlex.quote(p.nodes[0].log_dir) + '/slurm-"$SLURM_JOB_ID".state'
     return (
         "#!/bin/sh\n"
         + exports
-        + "exec "
+        + f"record={record}\n"
+        + "echo \"nodes $(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | tr '\\n' ' ')\" "
+        + '>"$record"\n'
         + shlex.join([*srun, "/bin/sh", "-c", task_script(p, own)])
-        + "\n"
+        + '\nrc=$?\necho "exit $rc" >>"$record"\nexit "$rc"\n'
     )
+
+
+def parse_record(text: str) -> tuple[tuple[str, ...], int | None]:
+    """The batch script's record -> (the job's nodes in task order, srun's exit or None)."""
+    nodes: tuple[str, ...] = ()
+    code = None
+    for line in text.splitlines():
+        key, _, rest = line.partition(" ")
+        if key == "nodes":
+            nodes = tuple(rest.split())
+        elif key == "exit" and rest.strip().lstrip("-").isdigit():
+            code = int(rest.strip())
+    return nodes, code
 
 
 def sbatch_argv(p: Plan, output: str) -> list[str]:

@@ -30,6 +30,7 @@ from ddpfleet.launch.slurm_batch import (
     JobOutput,
     batch_script,
     exit_code,
+    output_path,
     parse_job,
     sbatch_argv,
 )
@@ -49,8 +50,8 @@ def as_training_user(conn: Conn, argv: list[str]) -> list[str]:
     return argv if user is None else ["runuser", "-u", user, "--", *argv]
 
 
-def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[Outcome]:
-    out = out or Output()
+def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
+    """The SSH launcher's checks, plan and code sync; Slurm starts the ranks."""
     files = sync.project_files(config.project_dir)
     sync.require(files, config.script, config.project_dir)
     fresh_run_dir(config.run_dir)
@@ -59,11 +60,33 @@ def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[
         "cannot reach every node",
     )
     members = open_members(fleet, config, out)
-    try:  # the runners only check and sync here: Slurm starts the ranks
-        p = prepare(fleet, config, members, files)
+    try:  # the runners only check and sync here
+        return prepare(fleet, config, members, files)
     finally:
         for m in members.values():
             m.call_off()
+
+
+def submit(fleet: Fleet, p: Plan, out: Output) -> str:
+    """sbatch the plan from its first node; the job id (Slurm accepted the job)."""
+    output_dir = p.nodes[0].log_dir
+    # The output dir on every node: Slurm picks the BatchHost, and will not make dirs.
+    made = fleet.map(
+        lambda c: c.run(["mkdir", "-p", "-m", "0700", "--", output_dir]),
+        [n.node for n in p.nodes],
+    )
+    fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
+    head = fleet.conns[p.nodes[0].node]
+    argv = sbatch_argv(p, output_path(output_dir))
+    job_id = head.run(as_training_user(head, argv), stdin=batch_script(p)).stdout.strip()
+    job_id = job_id.split(";")[0]
+    out.line(f"[slurm] submitted job {job_id} ({p.nnodes} nodes) from {head.name}")
+    return job_id
+
+
+def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[Outcome]:
+    out = out or Output()
+    p = ready(fleet, config, out)
     fresh_run_dir(config.run_dir, make=True)
     job = Job(fleet, p, config.run_dir, out)
     job.submit()
@@ -92,18 +115,7 @@ class Job:
         self.waiting_said = ""
 
     def submit(self) -> None:
-        # The output dir on every node: Slurm picks the BatchHost, and will not make dirs.
-        made = self.fleet.map(
-            lambda c: c.run(["mkdir", "-p", "-m", "0700", "--", self.output_dir]),
-            [n.node for n in self.p.nodes],
-        )
-        fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
-        argv = sbatch_argv(self.p, f"{self.output_dir}/slurm-%j.out")
-        got = self.head.run(as_training_user(self.head, argv), stdin=batch_script(self.p))
-        self.id = got.stdout.strip().split(";")[0]
-        self.out.line(
-            f"[slurm] submitted job {self.id} ({self.p.nnodes} nodes) from {self.head.name}"
-        )
+        self.id = submit(self.fleet, self.p, self.out)
 
     @property
     def state(self) -> str:
@@ -127,7 +139,7 @@ class Job:
         host = self.info.get("BatchHost", "")
         if host not in self.fleet.conns:
             return
-        path = f"{self.output_dir}/slurm-{self.id}.out"
+        path = output_path(self.output_dir, self.id)
         try:
             with self.fleet.conns[host].sftp().open(path, "rb") as f:
                 f.seek(self.offset)

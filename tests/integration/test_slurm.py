@@ -9,8 +9,10 @@ PID namespace). Waits are polled, never slept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -18,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ddpfleet.launch import slurm_state
 from tests.integration.conftest import PREFIX, Cluster, second_subnet, write_inventory
+from tests.integration.test_gpu_status import select, standin
 from tests.integration.test_train import Live, new_run_id, run_pids, train_args, wait_gone
 
 NODES = ("node0", "node1")
@@ -155,3 +159,113 @@ def test_the_inventory_can_make_slurm_the_launcher(slurm: Cluster, tmp_path: Pat
     r = slurm.invoke(*args, inventory=inventory, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "[slurm] submitted job" in r.stdout
+
+
+# --- detached: train --detach, runs, logs, stop, gpu-status --------------------------------------
+
+
+def detach(c: Cluster, run_id: str, script: str) -> str:
+    """`train --launcher slurm --detach`: returns once Slurm accepted the job; its id."""
+    began = time.monotonic()
+    r = c.invoke(*train_args(run_id, script, "--launcher", "slurm", "--detach"), timeout=600)
+    took = time.monotonic() - began
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    m = re.search(rf"^run {run_id}: slurm job (\d+) (\w+) \(([\d.]+)s\)$", r.stdout, re.M)
+    assert m, r.stdout[-3000:]
+    for command in ("runs", f"logs {run_id} -f", f"stop {run_id}"):
+        assert f"  invoke {command}" in r.stdout
+    print(f"measured: detach {run_id}: sbatch {m[3]}s, whole command {took:.1f}s ({m[2]})")
+    return m[1]
+
+
+def run_view(c: Cluster, run_id: str) -> dict:
+    r = c.invoke("runs", "--json", timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    (view,) = [v for v in json.loads(r.stdout) if v["run_id"] == run_id]
+    return view
+
+
+def forgotten(c: Cluster, run_id: str) -> dict:
+    """The run's verdict from its nodes' files alone, as once Slurm forgets the job (300 s after
+    it ended, without accounting): the real record and output, scontrol's answer left out."""
+    index = [json.loads(line) for line in (c.dir / ".ddpfleet" / "runs.jsonl").open()]
+    (entry,) = [e for e in index if e["run_id"] == run_id]
+    argv = slurm_state.probe_argv(entry["job_id"], entry["output_dir"])
+    said = {n: slurm_state.parse_probe(c.ssh(n, shlex.join(argv)).stdout) for n in NODES}
+    assert said["node0"].job is not None  # Slurm still knows it now
+    files = {n: dataclasses.replace(s, job=None) for n, s in said.items()}
+    return slurm_state.fold(entry, files).as_json()
+
+
+def until_ended(c: Cluster, run_id: str, within: float = 300) -> dict:
+    deadline = time.monotonic() + within
+    while (view := run_view(c, run_id))["state"] == "RUNNING":
+        assert time.monotonic() < deadline, view
+        time.sleep(1)
+    return view
+
+
+def test_detached_job_runs_logs_gpu_status_and_stop(slurm: Cluster):
+    run_id = new_run_id("slurmdet")
+    job = detach(slurm, run_id, "--epochs 100 --steps-per-epoch 100 --step-sleep 0.1")
+    index = [json.loads(line) for line in (slurm.dir / ".ddpfleet" / "runs.jsonl").open()]
+    assert {"run_id": run_id, "launcher": "slurm", "job_id": job}.items() <= index[-1].items()
+    view = run_view(slurm, run_id)
+    assert view["state"] == "RUNNING" and f"slurm job {job}" in view["why"], view
+    follow = Live(slurm, ["logs", run_id, "-f"])
+    try:
+        follow.wait_for(r"^\[node1 r3\] rank 3/4: first step", timeout=240)
+        only = slurm.invoke("logs", run_id, "--node", "node1", "--rank", "3", timeout=120)
+        assert only.returncode == 0, only.stderr
+        assert only.stdout and all(
+            line.startswith("[node1 r3] ") for line in only.stdout.splitlines()
+        )
+        pid = run_pids(slurm, "node0", run_id)[-1]
+        with standin(slurm, ["node0"], "a100x8"):
+            select(slurm, "node0", f"a100x8 pids={pid},{pid}")
+            gpus = slurm.invoke("gpu-status", "--nodes", "node0", "--json", timeout=60)
+            table = slurm.invoke("gpu-status", "--nodes", "node0", timeout=60)
+        procs = json.loads(gpus.stdout)["nodes"][0]["gpus"][0]["processes"]
+        assert [(p["pid"], p["slurm_job_id"], p["run_id"]) for p in procs] == [
+            (int(pid), job, run_id)
+        ], procs
+        assert f"[slurm job {job}]" in table.stdout, table.stdout[-2000:]
+        began = time.monotonic()
+        stop = slurm.invoke("stop", run_id, timeout=300)
+        latency = time.monotonic() - began
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert f"slurm job {job} cancelled (was RUNNING)" in stop.stdout, stop.stdout
+        assert re.search(r"node1 +│ \d+ processes of the job ended, nothing left", stop.stdout)
+        assert not any(run_pids(slurm, n, run_id) for n in NODES)  # gone when stop returns
+        print(f"measured: stop {run_id}: {latency:.1f}s")
+        assert follow.finish(timeout=120) == 0, follow.text[-3000:]  # -f ends with the job
+    finally:
+        if follow.proc.poll() is None:
+            follow.proc.kill()
+            follow.finish()
+    assert run_view(slurm, run_id)["state"] == "STOPPED"
+    assert forgotten(slurm, run_id)["state"] == "STOPPED"  # slurmstepd's CANCELLED line
+    again = slurm.invoke("stop", run_id, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"slurm job {job} had ended (CANCELLED)" in again.stdout, again.stdout
+    assert "none running, nothing left" in again.stdout
+
+
+def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
+    ok_id, bad_id = new_run_id("slurmok"), new_run_id("slurmbad")
+    detach(slurm, ok_id, "--epochs 1 --steps-per-epoch 2 --batch-size 8")
+    bad = "--epochs 50 --steps-per-epoch 20 --step-sleep 0.05 --fail-at-step 3 --fail-rank 3"
+    detach(slurm, bad_id, bad)  # waits for the nodes (--exclusive) behind the first
+    assert until_ended(slurm, ok_id)["state"] == "SUCCEEDED"
+    out = slurm.invoke("logs", ok_id, timeout=120).stdout
+    checksums = dict(re.findall(r"^\[node\d r(\d)\] rank \1 checksum (\S+)$", out, re.M))
+    assert sorted(checksums) == ["0", "1", "2", "3"] and len(set(checksums.values())) == 1, out
+    view = until_ended(slurm, bad_id)
+    assert (view["state"], view["failed_node"], view["failed_rank"]) == ("FAILED", "node1", 3)
+    assert view["why"].startswith("node1 rank 3 failed first"), view
+    assert forgotten(slurm, ok_id)["state"] == "SUCCEEDED"
+    late = forgotten(slurm, bad_id)
+    assert (late["state"], late["failed_node"], late["failed_rank"]) == ("FAILED", "node1", 3)
+    table = slurm.invoke("runs", timeout=120).stdout
+    assert re.search(rf"{bad_id} +│ FAILED", table) and re.search(rf"{ok_id} +│ SUCCEEDED", table)
+    wait_gone(slurm, bad_id, time.monotonic(), within=30, nodes=NODES)

@@ -191,6 +191,21 @@ def test_probe_owner_and_run_id() -> None:
     assert other.run_id is None or other.pid != sleeper.pid
 
 
+def test_probe_slurm_job_id() -> None:
+    """A process started by a Slurm job carries SLURM_JOB_ID: the probe names the job; a
+    process without one (the recording's other pid) has none."""
+    env = {**os.environ, "SLURM_JOB_ID": "812", "DDPFLEET_RUN_ID": "r-slurm"}
+    with subprocess.Popen(["sleep", "60"], env=env) as sleeper:
+        try:
+            node = probe(f"a100x8 pids={sleeper.pid}")
+        finally:
+            sleeper.kill()
+    (proc,) = node.gpus[0].processes
+    assert (proc.slurm_job_id, proc.run_id) == ("812", "r-slurm")
+    assert to_json("node0", node)["gpus"][0]["processes"][0]["slurm_job_id"] == "812"
+    assert node.gpus[1].processes[0].slurm_job_id is None
+
+
 def strip_section(text: str, kind: str) -> str:
     """The probe output without one marker section (as an older probe or node would give)."""
     out, skip = [], False

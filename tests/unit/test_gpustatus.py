@@ -101,6 +101,8 @@ def test_process_owner_and_run_id() -> None:
     assert gpustatus._process(long).endswith(" " + "x" * 37 + "...")
     env = dataclasses.replace(p, command="/opt/conda/envs/ddp/bin/python3.10 -u train.py")
     assert gpustatus._process(env).endswith(" python3.10 -u train.py [run 20260106-ab12]")
+    job = dataclasses.replace(p, slurm_job_id="812")
+    assert gpustatus._process(job).endswith(" [run 20260106-ab12] [slurm job 812]")
 
 
 @pytest.mark.parametrize(
@@ -178,7 +180,7 @@ def test_document_matches_the_schema() -> None:
     assert json.loads(json.dumps(doc)) == doc
     validate(doc, gpustatus.REPORT_SCHEMA)
     assert (
-        doc["schema"] == "ddpfleet.gpu-status-report/1"
+        doc["schema"] == "ddpfleet.gpu-status-report/2"
         and doc["time"] == "2026-01-06T12:00:00+00:00"
     )
     assert [n["node"] for n in doc["nodes"]] == list(results)

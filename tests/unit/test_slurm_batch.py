@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from dataclasses import replace
 from types import MappingProxyType
 
 from ddpfleet.launch import slurm_batch as b
@@ -47,7 +48,7 @@ def test_shared_env_goes_into_the_script_and_only_per_node_values_onto_the_task_
     assert script.startswith(
         "#!/bin/sh\nexport DDPFLEET_RUN_ID=run1\nexport 'TOKEN=s3cret value'\n"
     )
-    srun = shlex.split(script.split("exec ", 1)[1])
+    srun = shlex.split(script[script.index("\nsrun ") :].split("\nrc=$?")[0])
     assert srun[:5] == [
         "srun",
         "--kill-on-bad-exit=1",
@@ -98,3 +99,28 @@ def test_scontrol_job_line_and_exit_codes():
     assert b.exit_code(job) == 1
     assert b.exit_code({"ExitCode": "0:15"}) == -15
     assert b.exit_code({"ExitCode": "0:0"}) == 0
+
+
+def test_the_batch_script_records_the_nodes_and_sruns_exit(tmp_path):
+    """The script under sh with stand-ins for scontrol and srun (a failing task): the record
+    beside the output says the job's nodes in task order, then srun's exit, which is the
+    script's own."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        '#!/bin/sh\n[ "$3" = "node[0-1]" ] && printf "node0\\nnode1\\n"\n'
+    )
+    (fake / "srun").write_text("#!/bin/sh\nexit 3\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    logs = tmp_path / "l"
+    logs.mkdir()
+    plan = replace(PLAN, nodes=tuple(replace(n, log_dir=str(logs)) for n in PLAN.nodes))
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[0-1]"}
+    r = subprocess.run(["sh", "-c", b.batch_script(plan)], env=env, capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    record = (logs / "slurm-42.state").read_text()
+    assert record == "nodes node0 node1 \nexit 3\n"
+    assert b.parse_record(record) == (("node0", "node1"), 3)
+    assert b.parse_record("nodes node1 node0\n") == (("node1", "node0"), None)
+    assert b.record_path("/l", "42") == "/l/slurm-42.state"

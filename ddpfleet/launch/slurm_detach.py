@@ -1,0 +1,205 @@
+"""`invoke train --launcher slurm --detach` and `runs`, `logs`, `stop` on such runs.
+
+Submitting is the attached launcher's checks, plan, sync and sbatch; the controller returns
+once Slurm accepted the job, and keeps the run in the same index as SSH runs, with its
+launcher, job id and output dir. Slurm owns the run from there: `runs` asks the run's nodes
+(slurm_state), `logs` reads the job's output file on the node that has it, `stop` is scancel,
+then a sweep of every node for what is left of the job (SLURM_JOB_ID or DDPFLEET_RUN_ID in
+/proc/*/environ, never a name).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+from ddpfleet.connection import Conn, Fleet
+from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.launch import runctl
+from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.output import LineSplitter, Output
+from ddpfleet.launch.runstate import RunView
+from ddpfleet.launch.slurm_batch import JobOutput, output_path, parse_job, parse_record
+from ddpfleet.launch.slurm_run import as_training_user, ready, submit
+from ddpfleet.launch.slurm_state import LIVE, NodeSays, fold, parse_probe, probe_argv
+
+POLL_S = 0.3
+CANCEL_WAIT_S = 90.0  # after scancel, until Slurm says the job ended (KillWait is 30 s)
+KILL_WAIT_S = 5.0
+# $1 job id, $2 run id, $3 KILL or nothing: the pids whose environment names the job or the
+# run (whole NUL-separated entries, fixed strings); this sh and its grep carry neither.
+SWEEP = """\
+pids=$(grep -l -a -s -z -x -F -e "SLURM_JOB_ID=$1" -e "DDPFLEET_RUN_ID=$2" \
+  /proc/[0-9]*/environ | cut -d/ -f3)
+if [ "$3" = KILL ] && [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null; fi
+echo $pids
+"""
+
+
+def train_detached(
+    fleet: Fleet, config: TrainConfig, index: runctl.Index, out: Output | None = None
+) -> str:
+    """Check, plan, sync, sbatch; index the run; return its Slurm job id."""
+    out = out or Output()
+    p = ready(fleet, config, out)
+    began = time.monotonic()
+    job_id = submit(fleet, p, out)
+    index.add(p.run_id, [n.node for n in p.nodes], launcher="slurm", job_id=job_id,
+              output_dir=p.nodes[0].log_dir, nproc=p.nproc)  # fmt: skip
+    took = time.monotonic() - began
+    state = ask(fleet.conns[p.nodes[0].node], job_id).get("JobState", "accepted").lower()
+    out.line(f"run {p.run_id}: slurm job {job_id} {state} ({took:.2f}s)")
+    for command in ("runs", f"logs {p.run_id} -f", f"stop {p.run_id}"):
+        out.line(f"  invoke {command}")
+    return job_id
+
+
+def ask(conn: Conn, job_id: str) -> dict[str, str]:
+    """scontrol's record of the job; {} once Slurm forgot it."""
+    got = conn.run(["scontrol", "-o", "show", "job", job_id], check=False)
+    return parse_job(got.stdout) if got.ok else {}
+
+
+def probe(fleet: Fleet, entry: Mapping) -> dict[str, NodeSays | str]:
+    """What every node of the run says (slurm_state.probe_argv), or why it could not."""
+    argv = probe_argv(str(entry["job_id"]), entry["output_dir"])
+    nodes = [n for n in entry["nodes"] if n in {m.name for m in fleet.nodes}]
+    got = fleet.map(lambda c: parse_probe(c.run(argv, check=False).stdout), nodes)
+    said: dict[str, NodeSays | str] = {
+        n: f"unreachable ({r.message})" if isinstance(r, NodeError) else r for n, r in got.items()
+    }
+    for n in entry["nodes"]:
+        said.setdefault(n, "not in this inventory or --nodes")
+    return said
+
+
+def views(fleet: Fleet, entries: Sequence[Mapping]) -> list[RunView]:
+    return [fold(e, probe(fleet, e)) for e in entries]
+
+
+class OutputReader:
+    """The job's output file, read over SFTP from the node that has it, as it grows."""
+
+    def __init__(self, fleet: Fleet, entry: Mapping):
+        self.fleet, self.entry = fleet, entry
+        self.job_id = str(entry["job_id"])
+        self.path = output_path(entry["output_dir"], self.job_id)
+        self.host: str | None = None
+        self.offset = 0
+        self.lines = LineSplitter()
+        self.parsed = JobOutput(nodes=tuple(entry["nodes"]), nproc=int(entry.get("nproc") or 1))
+        fleet.open()  # connections are made on first use; the asker is one that is up
+        self.asker = next((fleet.conns[n] for n in entry["nodes"] if n in fleet.conns), None)
+
+    def live(self) -> bool:
+        return self.asker is not None and ask(self.asker, self.job_id).get("JobState") in LIVE
+
+    def find(self) -> None:
+        said = [(n, s) for n, s in probe(self.fleet, self.entry).items() if isinstance(s, NodeSays)]
+        self.host = next((n for n, s in said if s.tail is not None), None)
+        record = next((s.record for _, s in said if s.record), None)
+        self.parsed.nodes = parse_record(record or "")[0] or self.parsed.nodes
+
+    def read(self) -> list[tuple[str, int | None, str]]:
+        if self.host is None:
+            self.find()
+        if self.host is None:
+            return []
+        try:
+            with self.fleet.conns[self.host].sftp().open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.feed(data)]
+
+    def end(self) -> list[tuple[str, int | None, str]]:
+        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.end()]
+
+
+def logs(
+    fleet: Fleet,
+    entry: Mapping,
+    node: str | None = None,
+    rank: int | None = None,
+    follow: bool = False,
+    out: Output | None = None,
+) -> None:
+    """The job's output, each line prefixed with its node and rank; `follow`: until the job
+    ends. Reading never touches the job."""
+    out = out or Output()
+    reader = OutputReader(fleet, entry)
+    while True:
+        live = follow and reader.live()  # asked first: the last read then has every line
+        for n, r, text in reader.read():
+            _show(out, n, r, text, node, rank)
+        if not live:
+            break
+        time.sleep(POLL_S)
+    for n, r, text in reader.end():
+        _show(out, n, r, text, node, rank)
+    if reader.host is None:
+        raise DdpfleetError(
+            f"{entry['run_id']}: no node of the run has slurm job {reader.job_id}'s output "
+            f"({reader.path}) yet; see invoke runs"
+        )
+
+
+def _show(out: Output, n: str, r: int | None, text: str, node: str | None, rank: int | None):
+    if (node is None or n == node) and (rank is None or r == rank):
+        out.line(f"[{n}] {text}" if r is None else f"[{n} r{r}] {text}")
+
+
+def sweep(conn: Conn, job_id: str, run_id: str, kill: bool = False) -> list[str]:
+    """The node's pids of the job or run (SIGKILLed first with `kill`); as root, who may read
+    every user's /proc/<pid>/environ."""
+    argv = ["sh", "-c", SWEEP, "sh", job_id, run_id, "KILL" if kill else ""]
+    return conn.run(argv, root=True).stdout.split()
+
+
+def stop(fleet: Fleet, entry: Mapping, grace: float) -> tuple[str, dict[str, str | NodeError]]:
+    """scancel the job, wait until Slurm says it ended, then make sure no process of it is left
+    on any node of the run. (what Slurm did, node -> what is left there or why not asked)."""
+    job_id, run_id = str(entry["job_id"]), str(entry["run_id"])
+    fleet.open()
+    nodes = [n for n in entry["nodes"] if n in {m.name for m in fleet.nodes}]
+    before = fleet.map(lambda c: sweep(c, job_id, run_id), nodes)
+    reader = OutputReader(fleet, entry)
+    if reader.asker is None:
+        raise DdpfleetError(f"stop {run_id}: none of its nodes {entry['nodes']} is in --nodes")
+    was = ask(reader.asker, job_id).get("JobState", "")
+    if was in LIVE:
+        reader.asker.run(as_training_user(reader.asker, ["scancel", job_id]), check=False)
+        end = time.monotonic() + CANCEL_WAIT_S
+        while reader.live() and time.monotonic() < end:
+            time.sleep(POLL_S)
+        did = f"slurm job {job_id} cancelled (was {was})"
+    else:
+        did = f"slurm job {job_id} had ended ({was or 'Slurm no longer knows it'})"
+    after = fleet.map(lambda c: _leftovers(c, job_id, run_id, grace), nodes)
+    rows: dict[str, str | NodeError] = {}
+    for n in nodes:
+        ran, left = before.get(n), after.get(n)
+        if isinstance(left, NodeError):
+            rows[n] = left
+            continue
+        ended = f"{len(ran)} processes of the job ended" if isinstance(ran, list) and ran else ""
+        rows[n] = ", ".join(filter(None, [ended or "none running", left]))
+    return did, rows
+
+
+def _leftovers(conn: Conn, job_id: str, run_id: str, grace: float) -> str:
+    """Waits `grace` for the job's processes to go, SIGKILLs the rest; what it did ('' when
+    nothing had to be done), or 'STILL THERE: pids'."""
+    end = time.monotonic() + grace
+    while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
+        time.sleep(POLL_S)
+    if not left:
+        return "nothing left"
+    killed = sweep(conn, job_id, run_id, kill=True)
+    end = time.monotonic() + KILL_WAIT_S
+    while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
+        time.sleep(POLL_S)
+    said = f"SIGKILLed leftovers {' '.join(killed)}"
+    return f"{said}; STILL THERE: {' '.join(left)}" if left else f"{said}, nothing left"
