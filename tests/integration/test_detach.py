@@ -93,6 +93,24 @@ def gone_after(cluster: Cluster, run_id: str, since: float, nodes=NODES, within=
     pytest.fail(f"{run_id}: processes left on {nodes} after {within}s")
 
 
+def start_escaping(cluster: Cluster, tmp_path, tag: str) -> tuple[str, str]:
+    """A detached run (2 ranks a node) whose rank 0 leaves a double-forked, setsid,
+    SIGTERM-ignoring daemon on node0: (run id, the daemon's pid) once every rank is up."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
+    run_id = new_run_id(tag)
+    r = cluster.invoke(
+        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
+        "--run-id", run_id, "--detach", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    ranks_up(cluster, run_id, r"rank \d up", 4)
+    daemon = cluster.ssh("node0", f"cat /tmp/{run_id}.daemon").stdout.strip()
+    assert daemon.isdigit(), daemon
+    return run_id, daemon
+
+
 def test_detached_run_outlives_its_controllers(ready: Cluster):
     run_id = new_run_id("det")
     took = detach(ready, run_id, SLOW.replace("200", "6"))
@@ -145,18 +163,7 @@ def test_failed_rank_stops_every_node_without_the_controller(ready: Cluster):
 
 
 def test_stop_leaves_nothing_even_an_escaping_daemon(ready: Cluster, tmp_path):
-    project = tmp_path / "proj"
-    project.mkdir()
-    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
-    run_id = new_run_id("stop")
-    r = ready.invoke(
-        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
-        "--run-id", run_id, "--detach", timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    ranks_up(ready, run_id, r"rank \d up", 4)
-    daemon = ready.ssh("node0", f"cat /tmp/{run_id}.daemon").stdout.strip()
-    assert daemon.isdigit()
+    run_id, daemon = start_escaping(ready, tmp_path, "stop")
     start = time.monotonic()
     s = ready.invoke("stop", run_id, timeout=120)
     took = time.monotonic() - start
@@ -176,17 +183,7 @@ def test_stop_leaves_nothing_even_an_escaping_daemon(ready: Cluster, tmp_path):
 def test_a_killed_supervisor_takes_its_whole_part_and_the_gang(ready: Cluster, tmp_path):
     """SIGKILL to node0's supervisor: its guardian ends the tree there, the escaped daemon too,
     and node1's part stops through the lifeline; `runs` names node0."""
-    project = tmp_path / "proj"
-    project.mkdir()
-    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
-    run_id = new_run_id("sigkill")
-    r = ready.invoke(
-        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
-        "--run-id", run_id, "--detach", timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    ranks_up(ready, run_id, r"rank \d up", 4)
-    daemon = ready.ssh("node0", f"cat /tmp/{run_id}.daemon").stdout.strip()
+    run_id, daemon = start_escaping(ready, tmp_path, "sigkill")
     read = f"import json;print(json.load(open('{RUNS}/{run_id}/state.json'))['supervisor_pid'])"
     supervisor = ready.ssh("node0", shlex.join(["python3", "-c", read])).stdout.strip()
     assert daemon.isdigit() and supervisor.isdigit(), (daemon, supervisor)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import PREFIX, Cluster, second_subnet, write_inventory
-from tests.integration.test_detach import ESCAPING, RUNS, SLOW, detach, ranks_up, wait_state
+from tests.integration.test_detach import RUNS, SLOW, detach, start_escaping, wait_state
 from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
     NODES,
     Live,
@@ -27,8 +26,10 @@ from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
     run_pids,
 )
 
-SUBNET = second_subnet()  # beside the session's own sandbox, never on it
-SYSTEMD_PREFIX = f"{PREFIX}s"
+# Beside the session's own sandbox and those of test_slurm ("s", 2nd /24) and test_real_machine
+# ("c", 3rd /24), never on them.
+SUBNET = second_subnet(second_subnet(second_subnet()))
+SYSTEMD_PREFIX = f"{PREFIX}y"
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +112,7 @@ def test_detached_run_is_a_unit_and_outlives_its_controller(ready: Cluster):
 
 
 def test_stop_ends_the_unit_and_an_escaping_daemon(ready: Cluster, tmp_path):
-    project = tmp_path / "proj"
-    project.mkdir()
-    (project / "job.py").write_text(textwrap.dedent(ESCAPING))
-    run_id = new_run_id("sstop")
-    r = ready.invoke(
-        "train", "--project-dir", str(project), "--script", "job.py", "--nproc-per-node", "2",
-        "--run-id", run_id, "--detach", timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    ranks_up(ready, run_id, r"rank \d up", 4)
-    daemon = ready.ssh("node0", f"cat /tmp/{run_id}.daemon").stdout.strip()
-    assert daemon.isdigit()
+    run_id, daemon = start_escaping(ready, tmp_path, "sstop")
     s = ready.invoke("stop", run_id, timeout=120)
     assert s.returncode == 0, s.stdout + s.stderr
     assert "nothing left" in s.stdout, s.stdout
