@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ddpfleet.errors import PlanError
 from ddpfleet.launch.clues import split_rank
 from ddpfleet.launch.plan import NodePlan, Plan
 
@@ -147,6 +148,29 @@ def sbatch_argv(p: Plan, output: str) -> list[str]:
         f"--chdir={p.nodes[0].cwd}",
         f"--output={output}",
     ]
+
+
+def job_user(users: Sequence[tuple[str, str | None]]) -> str | None:
+    """Who the job runs as, from (node, its training user) in run order: Slurm runs a job under
+    one uid everywhere, so every node must name the same user. None: the login user."""
+    names = {user for _, user in users}
+    if len(names) > 1:
+        said = ", ".join(f"{node}: {user}" for node, user in users)
+        raise PlanError(
+            f"{users[0][0]}: a slurm job runs as one user, but train_user.name differs ({said}); "
+            "give every node of the run the same train_user"
+        )
+    return users[0][1] if users else None
+
+
+def as_job_user(user: str | None, login: str, argv: list[str]) -> tuple[list[str], bool]:
+    """(argv, whether root must run it): a command of the job's (sbatch, scancel, reading its
+    files) as its user. The login user runs it itself when it is that user; any other user is
+    reached by root through runuser, whose PAM session applies that user's limits.conf, which
+    Slurm hands on to every task (PropagateResourceLimits)."""
+    if user is None or user == login:
+        return argv, False
+    return ["runuser", "-u", user, "--", *argv], True
 
 
 def parse_job(text: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.runstate import RunView
 from ddpfleet.launch.slurm_batch import JobOutput, output_path, parse_job, parse_record
-from ddpfleet.launch.slurm_run import as_training_user, ready, submit
+from ddpfleet.launch.slurm_run import plan_user, ready, run_as, submit
 from ddpfleet.launch.slurm_state import LIVE, NodeSays, fold, parse_probe, probe_argv
 
 POLL_S = 0.3
@@ -45,7 +45,7 @@ def train_detached(
     began = time.monotonic()
     job_id = submit(fleet, p, out)
     index.add(p.run_id, [n.node for n in p.nodes], launcher="slurm", job_id=job_id,
-              output_dir=p.nodes[0].log_dir, nproc=p.nproc)  # fmt: skip
+              output_dir=p.nodes[0].log_dir, nproc=p.nproc, user=plan_user(p))  # fmt: skip
     took = time.monotonic() - began
     state = ask(fleet.conns[p.nodes[0].node], job_id).get("JobState", "accepted").lower()
     out.line(f"run {p.run_id}: slurm job {job_id} {state} ({took:.2f}s)")
@@ -61,10 +61,11 @@ def ask(conn: Conn, job_id: str) -> dict[str, str]:
 
 
 def probe(fleet: Fleet, entry: Mapping) -> dict[str, NodeSays | str]:
-    """What every node of the run says (slurm_state.probe_argv), or why it could not."""
-    argv = probe_argv(str(entry["job_id"]), entry["output_dir"])
+    """What every node of the run says (slurm_state.probe_argv), or why it could not; asked as
+    the job's user, who owns its files (an index entry without one: the login user's job)."""
+    argv, user = probe_argv(str(entry["job_id"]), entry["output_dir"]), entry.get("user")
     nodes = [n for n in entry["nodes"] if n in {m.name for m in fleet.nodes}]
-    got = fleet.map(lambda c: parse_probe(c.run(argv, check=False).stdout), nodes)
+    got = fleet.map(lambda c: parse_probe(run_as(c, user, argv, check=False).stdout), nodes)
     said: dict[str, NodeSays | str] = {
         n: f"unreachable ({r.message})" if isinstance(r, NodeError) else r for n, r in got.items()
     }
@@ -83,6 +84,7 @@ class OutputReader:
     def __init__(self, fleet: Fleet, entry: Mapping):
         self.fleet, self.entry = fleet, entry
         self.job_id = str(entry["job_id"])
+        self.user = entry.get("user")  # owns the output (None: the login user)
         self.path = output_path(entry["output_dir"], self.job_id)
         self.host: str | None = None
         self.offset = 0
@@ -106,7 +108,7 @@ class OutputReader:
         if self.host is None:
             return []
         try:
-            with self.fleet.conns[self.host].sftp().open(self.path, "rb") as f:
+            with self.fleet.conns[self.host].sftp(self.user).open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read()
         except FileNotFoundError:
@@ -170,7 +172,7 @@ def stop(fleet: Fleet, entry: Mapping, grace: float) -> tuple[str, dict[str, str
         raise DdpfleetError(f"stop {run_id}: none of its nodes {entry['nodes']} is in --nodes")
     was = ask(reader.asker, job_id).get("JobState", "")
     if was in LIVE:
-        reader.asker.run(as_training_user(reader.asker, ["scancel", job_id]), check=False)
+        run_as(reader.asker, reader.user, ["scancel", job_id], check=False)
         end = time.monotonic() + CANCEL_WAIT_S
         while reader.live() and time.monotonic() < end:
             time.sleep(POLL_S)

@@ -28,30 +28,35 @@ from ddpfleet.launch.run import prepare
 from ddpfleet.launch.slurm_batch import (
     TERMINAL,
     JobOutput,
+    as_job_user,
     batch_script,
     exit_code,
+    job_user,
     output_path,
     parse_job,
     sbatch_argv,
 )
+from ddpfleet.result import Result
 
 POLL_S = 0.3
 CANCEL_WAIT_S = 60.0  # after scancel, until Slurm says the job ended
 
 
-def training_user(conn: Conn) -> str | None:
-    """Who submits the job, so whom every rank runs as: None is the login user itself. The one
-    seam for a training user distinct from the login (sbatch then runs through runuser)."""
-    return None
+def run_as(conn: Conn, user: str | None, argv: list[str], **kw) -> Result:
+    """argv as the job's user (slurm_batch.as_job_user): runuser run by root, directly on a
+    root login, through the connection's sudo on another; the login user itself when it is
+    that user."""
+    command, root = as_job_user(user, conn.node.user, argv)
+    return conn.run(command, root=root, **kw)
 
 
-def as_training_user(conn: Conn, argv: list[str]) -> list[str]:
-    user = training_user(conn)
-    return argv if user is None else ["runuser", "-u", user, "--", *argv]
+def plan_user(p: Plan) -> str | None:
+    return job_user([(n.node, n.user) for n in p.nodes])
 
 
 def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
     """The SSH launcher's checks, plan and code sync; Slurm starts the ranks."""
+    job_user([(n, config.users.get(n)) for n in config.order])  # one user, before any change
     files = sync.project_files(config.project_dir)
     sync.require(files, config.script, config.project_dir)
     fresh_run_dir(config.run_dir)
@@ -69,18 +74,20 @@ def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
 
 def submit(fleet: Fleet, p: Plan, out: Output) -> str:
     """sbatch the plan from its first node; the job id (Slurm accepted the job)."""
-    output_dir = p.nodes[0].log_dir
-    # The output dir on every node: Slurm picks the BatchHost, and will not make dirs.
+    output_dir, user = p.nodes[0].log_dir, plan_user(p)
+    # The output dir on every node, the job user's (Slurm picks the BatchHost, opens the output
+    # there as that user, and makes no dirs).
     made = fleet.map(
-        lambda c: c.run(["mkdir", "-p", "-m", "0700", "--", output_dir]),
+        lambda c: run_as(c, user, ["mkdir", "-p", "-m", "0700", "--", output_dir]),
         [n.node for n in p.nodes],
     )
     fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
     head = fleet.conns[p.nodes[0].node]
     argv = sbatch_argv(p, output_path(output_dir))
-    job_id = head.run(as_training_user(head, argv), stdin=batch_script(p)).stdout.strip()
+    job_id = run_as(head, user, argv, stdin=batch_script(p)).stdout.strip()
     job_id = job_id.split(";")[0]
-    out.line(f"[slurm] submitted job {job_id} ({p.nnodes} nodes) from {head.name}")
+    who = f" as {user}" if user else ""
+    out.line(f"[slurm] submitted job {job_id} ({p.nnodes} nodes) from {head.name}{who}")
     return job_id
 
 
@@ -103,6 +110,7 @@ class Job:
         self.fleet, self.p, self.run_dir, self.out = fleet, p, run_dir, out
         self.head = fleet.conns[p.nodes[0].node]  # submits and asks Slurm
         self.output_dir = p.nodes[0].log_dir
+        self.user = plan_user(p)  # owns the job and its output
         self.id = ""
         self.info: dict[str, str] = {}
         self.parsed = JobOutput(nproc=p.nproc)
@@ -141,7 +149,7 @@ class Job:
             return
         path = output_path(self.output_dir, self.id)
         try:
-            with self.fleet.conns[host].sftp().open(path, "rb") as f:
+            with self.fleet.conns[host].sftp(self.user).open(path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read()
         except FileNotFoundError:
@@ -172,7 +180,7 @@ class Job:
         if not self.id:
             return
         self.out.line(f"[slurm] interrupted: cancelling job {self.id}")
-        self.head.run(["scancel", self.id], check=False)
+        run_as(self.head, self.user, ["scancel", self.id], check=False)
         end = time.monotonic() + CANCEL_WAIT_S
         while time.monotonic() < end and self.state not in TERMINAL:
             time.sleep(POLL_S)

@@ -4,7 +4,8 @@ through sbatch/srun/torchrun.
 
 The module has a 2-node sandbox of its own (its prefix + 's', the next subnet), made once for
 its tests; taking the sandbox down ends every daemon with its node (each lives in the node's
-PID namespace). Waits are polled, never slept.
+PID namespace). It logs in as root and trains as `train` (uid 2000): every job is that user's.
+Waits are polled, never slept.
 """
 
 from __future__ import annotations
@@ -27,6 +28,29 @@ from tests.integration.test_train import Live, new_run_id, run_pids, train_args,
 
 NODES = ("node0", "node1")
 SHORT = "--epochs 2 --steps-per-epoch 4 --batch-size 8"
+TRAIN = {"name": "train", "uid": 2000, "gid": 2000}
+# As root on a node: every process whose environment names run $1, as "pid uid local_rank job"
+# (- where the variable is not set).
+RUN_PROCESSES = r"""
+for d in /proc/[0-9]*; do
+  env=$(tr '\0' '\n' < "$d/environ" 2>/dev/null) || continue
+  printf '%s\n' "$env" | grep -qx "DDPFLEET_RUN_ID=$1" || continue
+  r=$(printf '%s\n' "$env" | sed -n 's/^LOCAL_RANK=//p')
+  j=$(printf '%s\n' "$env" | sed -n 's/^SLURM_JOB_ID=//p')
+  echo "${d#/proc/} $(awk '/^Uid:/ {print $2}' "$d/status") ${r:--} ${j:--}"
+done
+"""
+# As root on a node: the cloud-shaped login sandbox.up makes for a non-root login
+# (ddpfleet/sandbox/users.py): `ubuntu`, the sandbox's client key, passwordless sudo, a '*'
+# password (sshd takes a key for it; a '!' locked account it refuses).
+SUDO_LOGIN = """\
+id ubuntu >/dev/null 2>&1 || useradd -m -s /bin/bash ubuntu
+usermod -p '*' ubuntu
+install -d -o ubuntu -g ubuntu -m 0700 /home/ubuntu/.ssh
+install -o ubuntu -g ubuntu -m 0600 /root/.ssh/authorized_keys /home/ubuntu/.ssh/
+echo 'ubuntu ALL=(ALL:ALL) NOPASSWD:ALL' >/etc/sudoers.d/90-ddpfleet-sudo-login
+chmod 0440 /etc/sudoers.d/90-ddpfleet-sudo-login
+"""
 
 
 def _recap(out: str) -> dict[str, int]:
@@ -39,18 +63,31 @@ def slurm(tmp_path_factory) -> Cluster:
     directory = tmp_path_factory.mktemp("slurm")
     c = Cluster(
         directory,
-        write_inventory(directory, prefix=PREFIX + "s", subnet=second_subnet()),
+        write_inventory(directory, prefix=PREFIX + "s", subnet=second_subnet(), train_user=TRAIN),
     )
     up = c.invoke("sandbox.up", timeout=600)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
-        first = c.invoke("bootstrap", "--roles", "venv_env,slurm", timeout=1800)
+        first = c.invoke("bootstrap", "--roles", "train_user,venv_env,slurm", timeout=1800)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
         c.first_bootstrap = first.stdout  # type: ignore[attr-defined]
         yield c
     finally:
         down = c.invoke("sandbox.down", timeout=300)
         assert down.returncode == 0, down.stdout + down.stderr
+
+
+@pytest.fixture(scope="module")
+def sudo_login(slurm: Cluster) -> Cluster:
+    """The same cluster logged in to as `ubuntu` with sudo: root work goes through sudo."""
+    for node in NODES:
+        made = slurm.ssh(node, SUDO_LOGIN)
+        assert made.returncode == 0, made.stdout + made.stderr
+    data = slurm.data
+    data["ssh"]["user"] = "ubuntu"
+    inventory = slurm.dir / "sudo-login.yaml"
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    return Cluster(slurm.dir, inventory)  # the same index: .ddpfleet/ beside both inventories
 
 
 def status(c: Cluster) -> dict:
@@ -108,7 +145,7 @@ def test_train_through_slurm_four_ranks_one_checksum(slurm: Cluster):
     r = slurm.invoke(*args, timeout=600)
     out = r.stdout
     assert r.returncode == 0, out[-4000:] + r.stderr[-2000:]
-    assert re.search(r"\[slurm\] submitted job \d+", out), out[-3000:]
+    assert re.search(r"\[slurm\] submitted job \d+ \(2 nodes\) from node0 as train$", out, re.M)
     checksums = dict(re.findall(r"^\[node\d r(\d)\] rank \1 checksum (\S+)$", out, re.MULTILINE))
     assert sorted(checksums) == ["0", "1", "2", "3"], out[-3000:]
     assert len(set(checksums.values())) == 1, checksums
@@ -146,6 +183,22 @@ def test_ctrl_c_cancels_the_job(slurm: Cluster):
             live.finish()
     assert "cancelling job" in live.text
     wait_gone(slurm, run_id, time.monotonic(), within=30, nodes=NODES)
+    assert status(slurm)["jobs"] == []
+
+
+def test_training_as_root_through_slurm_is_refused_as_the_ssh_launcher_refuses_it(slurm: Cluster):
+    data = slurm.data
+    data["train_user"] = {"name": "root", "uid": 0, "gid": 0}
+    inventory = slurm.dir / "root-trains.yaml"
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    said = {}
+    for launcher in ("ssh", "slurm"):
+        args = train_args(new_run_id("slurmroot"), SHORT, "--launcher", launcher, "--detach")
+        r = slurm.invoke(*args, inventory=inventory, timeout=120)
+        assert r.returncode == 1 and "submitted" not in r.stdout, r.stdout + r.stderr
+        said[launcher] = r.stderr.strip().splitlines()
+    assert said["slurm"] == said["ssh"] and len(said["slurm"]) == 1, said
+    assert said["slurm"][0].startswith("error: node0: training as root is refused"), said
     assert status(slurm)["jobs"] == []
 
 
@@ -205,17 +258,26 @@ def until_ended(c: Cluster, run_id: str, within: float = 300) -> dict:
     return view
 
 
-def test_detached_job_runs_logs_gpu_status_and_stop(slurm: Cluster):
+def test_detached_job_runs_logs_gpu_status_and_stop(slurm: Cluster, sudo_login: Cluster):
+    """Through a sudo login (ubuntu): sbatch, the output's reads and scancel go through sudo."""
+    ubuntu = sudo_login
     run_id = new_run_id("slurmdet")
-    job = detach(slurm, run_id, "--epochs 100 --steps-per-epoch 100 --step-sleep 0.1")
+    job = detach(ubuntu, run_id, "--epochs 100 --steps-per-epoch 100 --step-sleep 0.1")
     index = [json.loads(line) for line in (slurm.dir / ".ddpfleet" / "runs.jsonl").open()]
-    assert {"run_id": run_id, "launcher": "slurm", "job_id": job}.items() <= index[-1].items()
-    view = run_view(slurm, run_id)
+    want = {"run_id": run_id, "launcher": "slurm", "job_id": job, "user": "train"}
+    assert want.items() <= index[-1].items()
+    view = run_view(ubuntu, run_id)
     assert view["state"] == "RUNNING" and f"slurm job {job}" in view["why"], view
-    follow = Live(slurm, ["logs", run_id, "-f"])
+    follow = Live(ubuntu, ["logs", run_id, "-f"])
     try:
         follow.wait_for(r"^\[node1 r3\] rank 3/4: first step", timeout=240)
-        only = slurm.invoke("logs", run_id, "--node", "node1", "--rank", "3", timeout=120)
+        for node in NODES:  # the job's every process is train's, its ranks too
+            found = slurm.ssh(node, shlex.join(["sh", "-c", RUN_PROCESSES, "sh", run_id]))
+            processes = [line.split() for line in found.stdout.splitlines()]
+            ranks = [(uid, job_id) for _, uid, r, job_id in processes if r != "-"]
+            assert ranks == [("2000", job)] * 2, (node, processes)
+            assert {uid for _, uid, _, _ in processes} == {"2000"}, (node, processes)
+        only = ubuntu.invoke("logs", run_id, "--node", "node1", "--rank", "3", timeout=120)
         assert only.returncode == 0, only.stderr
         assert only.stdout and all(
             line.startswith("[node1 r3] ") for line in only.stdout.splitlines()
@@ -231,7 +293,7 @@ def test_detached_job_runs_logs_gpu_status_and_stop(slurm: Cluster):
         ], procs
         assert f"[slurm job {job}]" in table.stdout, table.stdout[-2000:]
         began = time.monotonic()
-        stop = slurm.invoke("stop", run_id, timeout=300)
+        stop = ubuntu.invoke("stop", run_id, timeout=300)
         latency = time.monotonic() - began
         assert stop.returncode == 0, stop.stdout + stop.stderr
         assert f"slurm job {job} cancelled (was RUNNING)" in stop.stdout, stop.stdout
@@ -243,9 +305,9 @@ def test_detached_job_runs_logs_gpu_status_and_stop(slurm: Cluster):
         if follow.proc.poll() is None:
             follow.proc.kill()
             follow.finish()
-    assert run_view(slurm, run_id)["state"] == "STOPPED"
+    assert run_view(ubuntu, run_id)["state"] == "STOPPED"
     assert forgotten(slurm, run_id)["state"] == "STOPPED"  # slurmstepd's CANCELLED line
-    again = slurm.invoke("stop", run_id, timeout=300)
+    again = ubuntu.invoke("stop", run_id, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"slurm job {job} had ended (CANCELLED)" in again.stdout, again.stdout
     assert "none running, nothing left" in again.stdout

@@ -7,6 +7,10 @@ import subprocess
 from dataclasses import replace
 from types import MappingProxyType
 
+import pytest
+
+from ddpfleet import become
+from ddpfleet.errors import PlanError
 from ddpfleet.launch import slurm_batch as b
 from ddpfleet.launch.plan import NodePlan, Plan
 
@@ -124,3 +128,24 @@ def test_the_batch_script_records_the_nodes_and_sruns_exit(tmp_path):
     assert b.parse_record(record) == (("node0", "node1"), 3)
     assert b.parse_record("nodes node1 node0\n") == (("node1", "node0"), None)
     assert b.record_path("/l", "42") == "/l/slurm-42.state"
+
+
+def test_the_job_runs_as_the_one_training_user_of_every_node():
+    assert b.job_user([("node0", "train"), ("node1", "train")]) == "train"
+    assert b.job_user([("node0", None), ("node1", None)]) is None  # the login user's job
+    with pytest.raises(PlanError) as e:
+        b.job_user([("node0", "train"), ("node1", "bob")])
+    assert "node0: a slurm job runs as one user" in str(e.value)
+    assert "(node0: train, node1: bob)" in str(e.value) and "same train_user" in str(e.value)
+
+
+def test_job_commands_go_through_runuser_as_root_unless_the_login_is_the_job_user():
+    sbatch = ["sbatch", "--parsable"]
+    assert b.as_job_user("train", "train", sbatch) == (sbatch, False)
+    assert b.as_job_user(None, "ubuntu", sbatch) == (sbatch, False)
+    argv, root = b.as_job_user("train", "root", sbatch)
+    assert (argv, root) == (["runuser", "-u", "train", "--", "sbatch", "--parsable"], True)
+    # a sudo login: the one root script (ddpfleet.become) runs runuser, never sudo -u
+    wire = become.Escalation("sudo", "ubuntu").wrap(shlex.join(argv))
+    assert wire.startswith("sudo -n -H -- /bin/sh -c ")
+    assert shlex.split(wire)[-1].endswith("runuser -u train -- sbatch --parsable")
