@@ -11,6 +11,7 @@ Waits are polled, never slept.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import re
 import shlex
@@ -331,3 +332,34 @@ def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
     table = slurm.invoke("runs", timeout=120).stdout
     assert re.search(rf"{bad_id} +│ FAILED", table) and re.search(rf"{ok_id} +│ SUCCEEDED", table)
     wait_gone(slurm, bad_id, time.monotonic(), within=30, nodes=NODES)
+
+
+def test_a_node_added_to_the_inventory_joins_on_the_next_bootstrap(slurm: Cluster, tmp_path):
+    """Last in the module: node2 is added to the inventory, made by sandbox.up, and the next
+    bootstrap makes it a Slurm node: every node's slurm.conf lists it and Slurm shows it idle.
+    (The module's teardown takes node2 down with the rest.)"""
+    data = slurm.data
+    nodes = data["nodes"]
+    last = ipaddress.ip_address(nodes["node1"]["host"])
+    nodes["node2"] = dict(nodes["node1"], host=str(last + 1))
+    grown = tmp_path / "inventory.yaml"
+    grown.write_text(yaml.safe_dump(data, sort_keys=False))
+    three = Cluster(slurm.dir, grown)
+    up = three.invoke("sandbox.up", timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    boot = three.invoke("bootstrap", "--roles", "train_user,slurm", timeout=1200)
+    assert boot.returncode == 0, boot.stdout[-4000:] + boot.stderr[-2000:]
+    for node in ("node0", "node1", "node2"):
+        conf = three.ssh(node, "cat /etc/slurm/slurm.conf").stdout
+        assert re.search(r"^NodeName=node2\b", conf, re.M), (node, conf)
+    deadline = time.monotonic() + 120
+    while True:
+        r = three.invoke("slurm.status", "--json", timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        states = {n["name"]: n["state"] for n in json.loads(r.stdout)["nodes"]}
+        if states == {"node0": "idle", "node1": "idle", "node2": "idle"} or (
+            time.monotonic() > deadline
+        ):
+            break
+        time.sleep(0.5)
+    assert states == {"node0": "idle", "node1": "idle", "node2": "idle"}, states
