@@ -4,12 +4,16 @@ What a user would check on such a node: systemd answers `is-system-running` (run
 degraded), `systemd-run --wait` runs a transient service, and sandbox.down leaves no cgroup.
 A detached run's supervisor there is a transient service (ddpfleet-<run>-<node>.service, its
 cgroup the run): it outlives the controller, `stop` ends every descendant, and the unit goes.
+The jupyter role runs the server as its ddpfleet-jupyter unit there.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import shlex
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -120,3 +124,35 @@ def test_stop_ends_the_unit_and_an_escaping_daemon(ready: Cluster, tmp_path):
     assert ready.ssh("node0", f"test -d /proc/{daemon}").returncode != 0, "the daemon survived"
     units_gone(ready, run_id)
     assert wait_state(ready, run_id, ("STOPPED",), within=30)["state"] == "STOPPED"
+
+
+# -- Jupyter as its systemd unit --------------------------------------------------------------------
+
+
+def test_jupyter_runs_as_its_unit_on_loopback_and_stops_with_it(ready: Cluster):
+    """Where PID 1 is systemd the jupyter role runs the server as ddpfleet-jupyter.service:
+    active, the server in that unit's cgroup, answering on the node's loopback only; and
+    jupyter.stop stops the unit."""
+    password = {"DDPFLEET_JUPYTER_PASSWORD": "ddph-" + secrets.token_urlsafe(12)}
+    r = ready.invoke("bootstrap", "--roles", "jupyter", extra_env=password, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    said = ready.invoke("jupyter.status", "--json", timeout=120)
+    assert said.returncode == 0, said.stdout + said.stderr
+    rows = [json.loads(line) for line in said.stdout.splitlines() if line.startswith("{")]
+    rows = {row["node"]: row for row in rows}
+    probe = ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 8888), 3)"]
+    for node in NODES:
+        assert rows[node]["state"] == "running", rows
+        active = ready.ssh(node, "systemctl is-active ddpfleet-jupyter.service")
+        assert active.stdout.strip() == "active", active.stdout + active.stderr
+        cg = ready.ssh(node, f"cat /proc/{rows[node]['pid']}/cgroup").stdout
+        assert "/system.slice/ddpfleet-jupyter.service" in cg, cg
+        inside = ready.ssh(node, shlex.join(probe))
+        assert inside.returncode == 0, inside.stderr  # it is there...
+        with pytest.raises(OSError):  # ...and not on the node's address
+            socket.create_connection((ready.address(node), 8888), timeout=3).close()
+    stopped = ready.invoke("jupyter.stop", timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    for node in NODES:
+        after = ready.ssh(node, "systemctl is-active ddpfleet-jupyter.service")
+        assert after.stdout.strip() in ("inactive", "failed"), after.stdout
