@@ -18,7 +18,9 @@ node-side supervisor) is what closes those.
 Ending the tree: SIGTERM to every process group and process, `grace` seconds, then freeze and
 kill: SIGSTOP sweeps until three in a row find no process still running (a stopped process
 cannot fork, so a fork-and-setsid loop cannot outrun the sweeps), then SIGKILL sweeps until
-three in a row find nothing alive. Nothing is ever looked up by name.
+three in a row find nothing alive. A sweep during which the Reaper collected an exit does not
+count as clean: a loop that forks and exits faster than a sweep reads /proc is never quiet.
+Nothing is ever looked up by name.
 """
 
 import ctypes
@@ -31,6 +33,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 KILL_WAIT_S = 5.0  # SIGKILLed processes may take a moment to go (a D-state read, a core dump)
 CLEAN_SWEEPS = 3  # sweeps in a row that must find nothing before a tree counts as stopped
+_reaped = 0  # children a Reaper of this process has collected: a sweep that saw one is not clean
 
 try:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in a forked child
@@ -104,6 +107,7 @@ def _sweep(sig, pick, deadline):
     after /proc was listed, whose parent exited before it was read, is in no sweep's tree."""
     clean = 0
     while clean < CLEAN_SWEEPS and time.monotonic() < deadline:
+        seen = _reaped
         procs = [p for p in descendants() if pick(p)]
         if procs:
             clean = 0
@@ -111,6 +115,11 @@ def _sweep(sig, pick, deadline):
         else:
             clean += 1
         time.sleep(0.005)
+        if _reaped != seen:
+            # Something of the tree exited meanwhile. A fork-and-exit loop forks faster than a
+            # sweep reads /proc on a loaded machine and can hide from many sweeps in a row,
+            # but every generation's exit is collected here: it is never quiet while it lives.
+            clean = 0
     return clean >= CLEAN_SWEEPS
 
 
@@ -120,10 +129,11 @@ def freeze(deadline):
 
 
 def kill_all(wait=KILL_WAIT_S):
-    """Freeze, then SIGKILL sweeps until none finds anything alive. True when nothing is left."""
-    deadline = time.monotonic() + wait
-    freeze(deadline)
-    return _sweep(signal.SIGKILL, lambda p: True, deadline) or not descendants()
+    """Freeze, then SIGKILL sweeps until none finds anything alive. True when nothing is left.
+    Each phase has its own `wait`: a freeze that runs out of time (a loaded machine, a fork
+    loop) must still be followed by the kill, or what it stopped stays stopped for ever."""
+    freeze(time.monotonic() + wait)
+    return _sweep(signal.SIGKILL, lambda p: True, time.monotonic() + wait) or not descendants()
 
 
 def end_tree(grace, agent=None, linger=0.5):
@@ -214,12 +224,14 @@ class Reaper:
         threading.Thread(target=self._run, name="reaper", daemon=True).start()
 
     def _run(self):
+        global _reaped
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
                 time.sleep(0.05)  # no child just now; orphans may still be re-parented to us
                 continue
+            _reaped += 1
             if pid == self.keep:
                 self.code = exit_code(status)
                 self.done.set()
