@@ -11,6 +11,8 @@ import ipaddress
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,14 +131,21 @@ class Cluster:
         return int(out.strip() or 0)
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> Cluster:
-    directory = tmp_path_factory.mktemp("cluster")
-    c = Cluster(directory, write_inventory(directory))
-    up = c.invoke("sandbox.up", timeout=600)
+@contextmanager
+def sandbox(c: Cluster, *up_args: str) -> Iterator[Cluster]:
+    """c's sandbox (`sandbox.up` with up_args) for the with-block, taken down after it, even
+    when the block fails; both asserted."""
+    up = c.invoke("sandbox.up", *up_args, timeout=600)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         yield c
     finally:
         down = c.invoke("sandbox.down", timeout=300)
         assert down.returncode == 0, down.stdout + down.stderr
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> Cluster:
+    directory = tmp_path_factory.mktemp("cluster")
+    with sandbox(Cluster(directory, write_inventory(directory))) as c:
+        yield c

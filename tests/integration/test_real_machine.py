@@ -27,6 +27,7 @@ from tests.integration.conftest import (
     INVOKE,
     PREFIX,
     Cluster,
+    sandbox,
     second_subnet,
     write_inventory,
 )
@@ -70,13 +71,8 @@ def cloud(cluster: Cluster, tmp_path_factory) -> Iterator[Cluster]:
     shared = cluster.dir / ".ddpfleet" / "wheelhouse"
     shared.mkdir(parents=True, exist_ok=True)
     (directory / ".ddpfleet" / "wheelhouse").symlink_to(shared)
-    up = c.invoke("sandbox.up", "--sudo", "nopasswd", timeout=600)
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
+    with sandbox(c, "--sudo", "nopasswd"):
         yield c
-    finally:
-        down = c.invoke("sandbox.down", timeout=300)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def ssh(c: Cluster, node: str, command: str, user: str = "ubuntu", **kw):

@@ -23,7 +23,13 @@ import pytest
 import yaml
 
 from ddpfleet.launch import slurm_state
-from tests.integration.conftest import PREFIX, Cluster, second_subnet, write_inventory
+from tests.integration.conftest import (
+    PREFIX,
+    Cluster,
+    sandbox,
+    second_subnet,
+    write_inventory,
+)
 from tests.integration.test_gpu_status import select, standin
 from tests.integration.test_train import Live, new_run_id, run_pids, train_args, wait_gone
 
@@ -66,16 +72,11 @@ def slurm(tmp_path_factory) -> Cluster:
         directory,
         write_inventory(directory, prefix=PREFIX + "s", subnet=second_subnet(), train_user=TRAIN),
     )
-    up = c.invoke("sandbox.up", timeout=600)
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
+    with sandbox(c):
         first = c.invoke("bootstrap", "--roles", "train_user,venv_env,slurm", timeout=1800)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
         c.first_bootstrap = first.stdout  # type: ignore[attr-defined]
         yield c
-    finally:
-        down = c.invoke("sandbox.down", timeout=300)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import PREFIX, Cluster, second_subnet, write_inventory
+from tests.integration.conftest import PREFIX, Cluster, sandbox, second_subnet, write_inventory
 from tests.integration.test_detach import RUNS, SLOW, detach, start_escaping, wait_state
 from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
     NODES,
@@ -44,13 +44,10 @@ def cluster(tmp_path_factory) -> Cluster:
     data = c.data
     data["sandbox"]["init"] = "systemd"
     inventory.write_text(yaml.safe_dump(data, sort_keys=False))
-    up = c.invoke("sandbox.up", timeout=600)
-    assert up.returncode == 0, up.stdout + up.stderr
     try:
-        yield c
+        with sandbox(c):
+            yield c
     finally:
-        down = c.invoke("sandbox.down", timeout=300)
-        assert down.returncode == 0, down.stdout + down.stderr
         cgroups = Path("/sys/fs/cgroup")
         left = [
             *cgroups.glob(f"ddpfleet-{SYSTEMD_PREFIX}-*"),
