@@ -174,15 +174,20 @@ def test_probe_values() -> None:
     assert [p.mem_mib for p in mig[0].processes] == [9800, None]
 
 
+def probe_with_a_process(env: dict[str, str]):
+    """The recorded A100 node probed while a live `sleep` with `env` stands in for the first
+    GPU's process (a training rank): (the parsed node, that process)."""
+    with subprocess.Popen(["sleep", "60"], env={**os.environ, **env}) as sleeper:
+        try:
+            return probe(f"a100x8 pids={sleeper.pid}"), sleeper
+        finally:
+            sleeper.kill()
+
+
 def test_probe_owner_and_run_id() -> None:
     """A live process stands in for a training rank: ps gives its user and command line, its
     environment its ddpfleet run."""
-    env = {**os.environ, "DDPFLEET_RUN_ID": "20260106-run7"}
-    with subprocess.Popen(["sleep", "60"], env=env) as sleeper:
-        try:
-            node = probe(f"a100x8 pids={sleeper.pid}")
-        finally:
-            sleeper.kill()
+    node, sleeper = probe_with_a_process({"DDPFLEET_RUN_ID": "20260106-run7"})
     (proc,) = node.gpus[0].processes
     assert (proc.pid, proc.user, proc.command, proc.run_id, proc.mem_mib) == (
         sleeper.pid, getpass.getuser(), "sleep 60", "20260106-run7", 30512,
@@ -194,12 +199,7 @@ def test_probe_owner_and_run_id() -> None:
 def test_probe_slurm_job_id() -> None:
     """A process started by a Slurm job carries SLURM_JOB_ID: the probe names the job; a
     process without one (the recording's other pid) has none."""
-    env = {**os.environ, "SLURM_JOB_ID": "812", "DDPFLEET_RUN_ID": "r-slurm"}
-    with subprocess.Popen(["sleep", "60"], env=env) as sleeper:
-        try:
-            node = probe(f"a100x8 pids={sleeper.pid}")
-        finally:
-            sleeper.kill()
+    node, _ = probe_with_a_process({"SLURM_JOB_ID": "812", "DDPFLEET_RUN_ID": "r-slurm"})
     (proc,) = node.gpus[0].processes
     assert (proc.slurm_job_id, proc.run_id) == ("812", "r-slurm")
     assert to_json("node0", node)["gpus"][0]["processes"][0]["slurm_job_id"] == "812"
