@@ -400,21 +400,11 @@ def _fabric_config() -> fabric.Config:
     """One Fabric config (with ~/.ssh/config and /etc/ssh/ssh_config) per version of those
     files: each Connection made its own, ~0.5 ms a node. Connections only read it."""
     paths = (SYSTEM_SSH_CONFIG, Path("~/.ssh/config").expanduser())
-    version = tuple(
-        (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if st else None
-        for st in map(_stat_or_none, paths)
-    )
+    version = tuple(map(knownhosts.file_version, paths))
     with _config_lock:
         if _config[0] != version:
             _config[:] = [version, fabric.Config()]
         return _config[1]
-
-
-def _stat_or_none(path: Path) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
 
 
 def _fabric_connection(node: Node) -> fabric.Connection:

@@ -42,11 +42,7 @@ def node_of(spec: dict) -> Node:
 
 
 def _stamp(path: str | os.PathLike | None) -> tuple | None:
-    try:
-        st = os.stat(os.path.expanduser(str(path))) if path else None
-    except OSError:
-        return None
-    return st and (st.st_mtime_ns, st.st_size, st.st_ino)
+    return knownhosts.file_version(path) if path else None
 
 
 def fingerprint(spec: dict) -> str:

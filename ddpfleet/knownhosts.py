@@ -49,8 +49,7 @@ def parsed(path: Path) -> paramiko.HostKeys:
     """The file's keys, parsed once per version of the file: a cold fleet of 32 nodes read
     the same file 32 times (~20 ms). A version is its inode, size and change times; any
     rewrite, `trust`'s appends included, is read afresh."""
-    st = os.stat(path)
-    version = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    version = file_version(path)
     with _parsed_lock:
         seen = _parsed.get(str(path))
         if seen is None or seen[0] != version:
@@ -78,3 +77,13 @@ def append(path: Path, line: str) -> None:
             if f.read(1) != b"\n":
                 f.write(b"\n")
         f.write(line.encode())
+
+
+def file_version(path: str | os.PathLike) -> tuple | None:
+    """A file's version (inode, size, change times; None when it is missing): any rewrite
+    changes it. What the caches of parsed files and the keeper's connections key on."""
+    try:
+        st = os.stat(os.path.expanduser(str(path)))
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
