@@ -24,6 +24,7 @@ Nothing is ever looked up by name.
 """
 
 import ctypes
+import errno
 import os
 import signal
 import threading
@@ -198,12 +199,16 @@ def kill_cgroup(path, wait=5.0):
             with open(os.path.join(path, "cgroup.kill"), "w") as f:
                 f.write("1")
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                if not f.read().strip():
+        while True:
+            try:
+                os.rmdir(path)  # EBUSY until the last task has really gone, not just left procs
+                break
+            except OSError as e:
+                if e.errno == errno.ENOENT:
                     break
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
             time.sleep(0.02)
-        os.rmdir(path)
     except OSError:
         return []
     return held
