@@ -4,6 +4,9 @@ Stdlib only, Linux. On the channel's stdin the controller sends, in order: this 
 line, then the source), node_helper.py and proctree.py the same way, one JSON line asking for
 the preflight facts, and then either EOF (preflight failed somewhere: nothing is started) or
 one JSON line {"argv", "env", "cwd", "grace", "watchdog", "heartbeat"} that starts torchrun.
+The preflight request names the node and the training user: the runner is root where the
+login can become root (as the detached supervisor is), and torchrun, every rank and whatever
+they start run as that user.
 After that it keeps stdin open and writes control lines: "hb" (heartbeat), "stop" (graceful),
 "kill" (at once); the runner sends its own heartbeat back, so either side notices a connection
 that died silently.
@@ -25,8 +28,11 @@ Why each piece of the run is here:
   channel), a "stop" line, or no line for `watchdog` seconds (a half-open connection) stops the
   run: SIGTERM to every group, SIGKILL after `grace` seconds. The watchdog and the stop never
   wait on output: a controller that stops reading cannot keep the run alive.
-- torchrun also gets PR_SET_PDEATHSIG, and the runner's guardian ends the run if the runner is
-  SIGKILLed.
+- torchrun starts as a detached run's does (proctree.enter): in the run's own cgroup
+  (`<cgroup2 mount>/ddpfleet/<run>.<node>`, where the runner is root and one is writable),
+  dropped to the training user, with PR_SET_PDEATHSIG. A stop ends the tree, then kills the
+  cgroup: a fork loop that hides from the /proc sweeps, or anything that left the tree another
+  way, is still in it. The runner's guardian does the same if the runner is SIGKILLed.
 
 Output: torchrun's stdout+stderr relayed line by line (over-long lines in MAX_LINE pieces)
 through one writer thread; control lines start with \\x1e and hold JSON, one "event" each:
@@ -37,7 +43,6 @@ status is torchrun's.
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -115,8 +120,8 @@ def control(block=True, timeout=None, **event):
 
 
 class Member:
-    def __init__(self, spec, tree):
-        self.spec, self.tree = spec, tree
+    def __init__(self, spec, tree, cgroup=None, user=None):
+        self.spec, self.tree, self.cgroup, self.user = spec, tree, cgroup, user
         self.proc = None
         self.reaper = None
         self.stopper = None
@@ -127,12 +132,12 @@ class Member:
 
     def start(self, listener=None):
         """torchrun in its own session; with `listener` (the master's held port) it adopts it."""
-        env = dict(os.environ)
+        tree, cgroup, user = self.tree, self.cgroup, self.user
+        env = tree.user_env(user) if tree.drops_to(user) else dict(os.environ)
         env.update(self.spec["env"])
         argv, fds = list(self.spec["argv"]), ()
         if listener is not None and argv[1:3] == ["-m", "torch.distributed.run"]:
             argv[1:3], fds = ["-c", ADOPT, str(listener.fileno())], (listener.fileno(),)
-        tree = self.tree
         self.proc = subprocess.Popen(
             argv,
             cwd=self.spec["cwd"],
@@ -143,8 +148,8 @@ class Member:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             # No other thread runs at this point (main() starts them after), so a Python
-            # preexec_fn is safe here; PDEATHSIG survives torchrun's exec.
-            preexec_fn=lambda: tree.prctl(tree.PR_SET_PDEATHSIG, signal.SIGTERM),  # noqa: PLW1509
+            # preexec_fn is safe here: the run's cgroup, the training user, PDEATHSIG.
+            preexec_fn=lambda: tree.enter(cgroup, user),  # noqa: PLW1509
         )
         self.reaper = tree.Reaper(self.proc.pid)
         control(event="started", pid=self.proc.pid, pgid=self.proc.pid)
@@ -195,7 +200,7 @@ class Member:
         control(block=False, event="stopping", reason=reason, grace=grace)
 
     def terminate(self, grace):
-        killed = self.tree.end_tree(grace, agent=self.proc.pid)
+        killed = self.tree.end_run(grace, self.proc.pid, self.cgroup)
         if killed and grace:
             pids, after = killed
             control(
@@ -213,6 +218,8 @@ class Member:
             self.stopper.join()
         if self.tree.descendants():  # torchrun is done; anything it left is the run's too
             self.terminate(self.spec["grace"])
+        if self.cgroup and os.path.isdir(self.cgroup):
+            self.tree.kill_cgroup(self.cgroup)
         return code
 
 
@@ -224,12 +231,14 @@ def load_helper(name):
     return module
 
 
-def preflight(helper, ask):
-    """Facts for the plan; the master binds and holds its port, a worker connects to it."""
+def preflight(helper, tree, ask):
+    """Facts for the plan; the master binds and holds its port, a worker connects to it. The
+    code dir and its lock are the training user's: the facts are gathered acting as it."""
     held = None
     if ask.get("listen"):  # first: the workers' connects are already on their way
         held, error = helper.bind(ask["listen"])
-    found = helper.facts(ask["code_dir"], ask["master_host"], ask["count_gpus"])
+    with tree.acting_as(ask.get("user")):
+        found = helper.facts(ask["code_dir"], ask["master_host"], ask["count_gpus"])
     if ask.get("listen"):
         found["listen"] = {"ok": held is not None, "error": error}
     if ask.get("reach"):
@@ -249,7 +258,7 @@ def notify(text):
         pass
 
 
-def split_guardian(tree, grace, held):
+def split_guardian(tree, grace, held, cgroup):
     """Fork: the child goes on as the runner and returns; this process, the one sshd waits
     for, becomes the runner's guardian (see proctree) and exits with the runner's status."""
     pid = os.fork()
@@ -257,12 +266,13 @@ def split_guardian(tree, grace, held):
         return
     if held is not None:
         held.close()  # the runner hands the port to torchrun; a copy here would outlive it
-    os._exit(tree.guard(pid, grace, notify))
+    os._exit(tree.guard(pid, grace, notify, cgroup))
 
 
 def main():
     helper, tree = load_helper("node_helper.py"), load_helper("proctree.py")
-    held = preflight(helper, json.loads(STDIN.readline()))
+    ask = json.loads(STDIN.readline())
+    held = preflight(helper, tree, ask)
     line = STDIN.readline()
     if held is not None:
         held.quiet()  # still bound and listening: torchrun's store adopts the socket
@@ -271,9 +281,11 @@ def main():
             held.close()
         return 0  # the controller called it off: nothing was started
     spec = json.loads(line)
-    split_guardian(tree, spec["grace"], held)
+    run_id, node = os.environ.get("DDPFLEET_RUN_ID"), ask.get("node")
+    cgroup = tree.make_cgroup(run_id, node) if run_id and node else None
+    split_guardian(tree, spec["grace"], held, cgroup)
     tree.prctl(tree.PR_SET_CHILD_SUBREAPER, 1)
-    member = Member(spec, tree)
+    member = Member(spec, tree, cgroup, ask.get("user"))
     try:
         member.start(held.sock if held is not None else None)
     except OSError as e:

@@ -10,10 +10,13 @@ source) and uses it in two processes:
 Every orphan is re-parented to the nearest living subreaper above it, so while either of the
 two lives, everything the run starts stays in this tree, even a double-forked daemon that
 calls setsid(). If the runner is SIGKILLed, its orphans go to the guardian, which ends them.
-What escapes: processes started outside the tree by another service (systemd-run, docker, an
-already running tmux or screen server, at, `ssh peer cmd`), and the tree itself when both the
-guardian and the runner are SIGKILLed (torchrun still gets PDEATHSIG). A cgroup per run (the
-node-side supervisor) is what closes those.
+What escapes the tree: processes started outside it by another service (systemd-run, docker,
+an already running tmux or screen server, at, `ssh peer cmd`), and the tree itself when both the
+guardian and the runner are SIGKILLed (torchrun still gets PDEATHSIG). The run's own cgroup
+closes those where the runner is root and a writable cgroup v2 exists: attached runs (the
+runner) and detached ones (run_supervisor.py) start torchrun the same way, enter(): into the
+run's cgroup as root, then dropped to the training user; a stop ends the tree and then kills
+the cgroup (end_run), and so does the guardian of a SIGKILLed runner or supervisor.
 
 Ending the tree: SIGTERM to every process group and process, `grace` seconds, then freeze and
 kill: SIGSTOP sweeps until three in a row find no process still running (a stopped process
@@ -23,9 +26,11 @@ count as clean: a loop that forks and exits faster than a sweep reads /proc is n
 Nothing is ever looked up by name.
 """
 
+import contextlib
 import ctypes
 import errno
 import os
+import pwd
 import signal
 import threading
 import time
@@ -161,7 +166,7 @@ def end_tree(grace, agent=None, linger=0.5):
     return (left, round(time.monotonic() - start, 2)) if left else None
 
 
-# -- a run's own cgroup (run_supervisor.py): what closes the holes of the tree above --------
+# -- a run's own cgroup: what closes the holes of the tree above ---------------------------
 
 
 def cgroup2_mount():
@@ -214,6 +219,73 @@ def kill_cgroup(path, wait=5.0):
     return held
 
 
+def end_run(grace, agent=None, cgroup=None):
+    """The whole run on this node: its tree (end_tree), then what its cgroup still holds."""
+    killed = end_tree(grace, agent)
+    if cgroup:
+        kill_cgroup(cgroup)
+    return killed
+
+
+# -- who runs it: root supervises, the training user trains ---------------------------------
+
+KEPT_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+def drops_to(user):
+    """True when this (root) process starts the run as another user."""
+    return bool(user) and user != "root" and os.getuid() == 0
+
+
+def user_env(user):
+    """A clean environment for a run dropped to `user`: this process's path and locale and the
+    user's own HOME, USER, LOGNAME, SHELL; nothing of root's, of sudo's or of the login."""
+    env = {k: v for k, v in os.environ.items() if k in KEPT_ENV}
+    if user:
+        pw = pwd.getpwnam(user)
+        env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user, SHELL=pw.pw_shell or "/bin/sh")
+    return env
+
+
+def enter(cgroup, user):
+    """In torchrun's process before its exec: into the run's cgroup (as root), then dropped to
+    the training user, then PDEATHSIG (a credential change clears it, so it comes last)."""
+    if cgroup:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write("0")
+    if drops_to(user):
+        pw = pwd.getpwnam(user)
+        os.setgid(pw.pw_gid)
+        os.initgroups(user, pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def acting_as(user):
+    """File work of a root process done as `user` (its effective uid, gid, groups and HOME),
+    root again after: what the runner's preflight makes in the code dir is the user's."""
+    if not drops_to(user):
+        yield
+        return
+    pw = pwd.getpwnam(user)
+    groups, home = os.getgroups(), os.environ.get("HOME")
+    os.setgroups(os.getgrouplist(user, pw.pw_gid))
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+    os.environ["HOME"] = pw.pw_dir
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+        if home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = home
+
+
 def exit_code(status):
     """A wait status as Popen reports it: the exit code, or minus the signal that ended it."""
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -246,10 +318,11 @@ class Reaper:
         return self.code
 
 
-def guard(runner, grace, notify):
+def guard(runner, grace, notify, cgroup=None):
     """The guardian's life: reap until the runner exits, end whatever it left behind, and
     exit with its status. A runner killed by a signal stops the run here (its orphans are
-    ours now); `notify(text)` tells the controller, never blocking."""
+    ours now, and the run's cgroup has what is not); `notify(text)` tells the controller,
+    never blocking."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     while True:
         try:
@@ -260,11 +333,13 @@ def guard(runner, grace, notify):
             break
     code = exit_code(status)
     if code < 0:
-        end_tree(grace)
+        end_run(grace, cgroup=cgroup)
         notify(
             f"the node's runner was killed ({signal.Signals(-code).name}); "
             "every process of the run on this node was stopped"
         )
         return 128 - code
     kill_all()  # the runner ended its run already; only a last-moment orphan can be left
+    if cgroup and os.path.isdir(cgroup):
+        kill_cgroup(cgroup)  # a runner that failed to start torchrun left it empty
     return code

@@ -47,11 +47,9 @@ def guard(tree, supervisor, run_dir, spec):
     if code >= 0:
         tree.kill_all()  # the supervisor ended its run; only a last-moment orphan can be left
         return code
-    tree.end_tree(spec.get("grace") or 0)
     path = os.path.join(run_dir, "state.json")
     state = read_json(path)
-    if state.get("cgroup") and os.path.isdir(state["cgroup"]):
-        tree.kill_cgroup(state["cgroup"])
+    tree.end_run(spec.get("grace") or 0, cgroup=state.get("cgroup"))  # gone already: a no-op
     if state.get("status", "STARTING") in LIVE:
         why = (
             f"{spec['node']}: its supervisor was killed ({signal.Signals(-code).name}); "

@@ -29,7 +29,6 @@ and cgroup.kill. Nothing is ever looked up by name.
 
 import json
 import os
-import pwd
 import select
 import signal
 import subprocess
@@ -111,26 +110,8 @@ class Supervisor:
                 self.failure = {"node": node, "code": code, "at": time.time()}
         self.save(first_failure=self.failure)
 
-    def child_setup(self):
-        """In the child, before exec: join the run's cgroup (as root), drop to the training
-        user, then PDEATHSIG (a credential change clears it, so it comes last)."""
-        if self.cgroup:
-            with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
-                f.write("0")
-        user = self.spec.get("user")
-        if user and os.getuid() == 0 and user != "root":
-            pw = pwd.getpwnam(user)
-            os.setgid(pw.pw_gid)
-            os.initgroups(user, pw.pw_gid)
-            os.setuid(pw.pw_uid)
-        self.tree.prctl(self.tree.PR_SET_PDEATHSIG, signal.SIGTERM)
-
     def environment(self):
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
-        user = self.spec.get("user")
-        if user:
-            pw = pwd.getpwnam(user)
-            env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
+        env = self.tree.user_env(self.spec.get("user"))
         env.update(self.spec["env"])
         env["DDPFLEET_RUN_ID"] = self.spec["run_id"]
         return env
@@ -145,8 +126,9 @@ class Supervisor:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            # No other thread runs yet, so a Python preexec_fn is safe here.
-            preexec_fn=self.child_setup,  # noqa: PLW1509
+            # No other thread runs yet, so a Python preexec_fn is safe here: the run's cgroup,
+            # the training user, PDEATHSIG (proctree.enter, as for an attached run).
+            preexec_fn=lambda: self.tree.enter(self.cgroup, self.spec.get("user")),  # noqa: PLW1509
         )
         os.close(log)
         self.reaper = self.tree.Reaper(self.proc.pid)
@@ -164,9 +146,7 @@ class Supervisor:
         self.stopper.start()
 
     def terminate(self):
-        self.tree.end_tree(self.spec["grace"], agent=self.proc.pid)
-        if self.cgroup:
-            self.tree.kill_cgroup(self.cgroup)
+        self.tree.end_run(self.spec["grace"], self.proc.pid, self.cgroup)
 
     def wait(self):
         code = self.reaper.wait()

@@ -33,7 +33,7 @@ class Member:
 
     def __init__(self, conn: Conn, python: str, out: Output, user: str | None = None):
         self.conn, self.python, self.out = conn, python, out
-        self.user = user  # the runner (and so torchrun and every rank) runs as this user
+        self.user = user  # torchrun and every rank run as this user
         self.chan: Session | None = None
         self.plan: NodePlan | None = None
         self.nproc = 1
@@ -65,12 +65,19 @@ class Member:
         """Start the runner: its sources, then the preflight request, on stdin."""
         # The run id in the runner's own environment too: every process of the run carries it.
         env = shlex.join(["env", f"DDPFLEET_RUN_ID={request['run_id']}"])
-        chan = self.conn.session(
-            f"{env} {sync.helper_command(self.python, 'gang_runner.py')}", user=self.user
-        )
+        command = f"{env} {sync.helper_command(self.python, 'gang_runner.py')}"
+        # Another user than the login's: the runner is root, as a detached run's supervisor
+        # is (the run's cgroup is root's to make and to kill), and drops torchrun to the user.
+        # A login that cannot become root starts it as that user directly, which fails as such.
+        other = self.user is not None and self.user != self.conn.node.user
+        if other and self.conn.escalation.how != "none":
+            chan = self.conn.session(command, root=True)
+            request = {**request, "user": self.user}
+        else:
+            chan = self.conn.session(command, user=self.user)
         chan.sendall(
             b"".join(sync.helper_source(h) for h in RUNNER_FILES)
-            + json.dumps(request).encode()
+            + json.dumps({**request, "node": self.name}).encode()
             + b"\n"
         )
         self.chan = chan

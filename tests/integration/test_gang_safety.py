@@ -76,6 +76,18 @@ def job_args(run_id: str, proj: Path, *extra: str) -> list[str]:
     ]
 
 
+def run_cgroups(c: Cluster, node: str, run_id: str) -> dict[str, list[str]]:
+    """The node's cgroup of the run (the runner's: <cgroup2>/ddpfleet/<run>.<node>), with the
+    pids it holds (sandbox nodes share the host's cgroup tree, so each sees the others')."""
+    out = c.ssh(
+        node,
+        f"for d in $(awk '$3 == \"cgroup2\" {{print $2}}' /proc/self/mounts); do "
+        f"for g in $d/ddpfleet/{run_id}.{node}; do [ -d $g ] && echo $g $(cat $g/cgroup.procs); "
+        "done; done; true",
+    ).stdout
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+
+
 def test_a_frozen_controller_with_a_chatty_job_still_stops_the_run(ready: Cluster, tmp_path):
     run_id = new_run_id("frozen")
     live = Live(ready, job_args(run_id, project(tmp_path, CHATTY)))
@@ -96,6 +108,7 @@ def test_a_rank_daemon_is_gone_after_another_rank_fails(ready: Cluster, tmp_path
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert "node1 rank 1 failed first" in r.stderr, r.stderr[-2000:]
     assert not any(run_pids(ready, n, run_id) for n in NODES)
+    assert not any(run_cgroups(ready, n, run_id) for n in NODES)
 
 
 def test_a_sigkilled_runner_still_takes_its_run_with_it(ready: Cluster, tmp_path):
@@ -122,12 +135,20 @@ def test_a_sigkilled_runner_still_takes_its_run_with_it(ready: Cluster, tmp_path
         "awk '/torch.distributed.run/ {print $1; exit}'",
     ).stdout.strip()
     assert runner.isdigit(), runner
+    # Attached runs have their own cgroup, as detached ones: torchrun, the ranks and the
+    # daemon are in it, the runner and its guardian (which kill it) are not.
+    (path, held), *more = run_cgroups(ready, "node0", run_id).items()
+    assert not more and path.endswith(f"/ddpfleet/{run_id}.node0"), (path, more)
+    in_run = set(run_pids(ready, "node0", run_id)) - {runner}
+    assert len(in_run) >= 4 and in_run - set(held) == {ready.ssh(
+        "node0", f"ps -o ppid= -p {runner}").stdout.strip()}, (in_run, held)  # fmt: skip
     killed = time.monotonic()
     assert ready.ssh("node0", f"kill -KILL {runner}").returncode == 0
     code = live.finish(timeout=60)
     assert code != 0
     assert "the node's runner was killed (SIGKILL)" in live.text, live.text[-3000:]
     wait_gone(ready, run_id, killed, within=20)
+    assert not any(run_cgroups(ready, n, run_id) for n in NODES)
 
 
 def test_a_second_run_on_the_same_port_is_refused_while_the_first_completes(

@@ -216,8 +216,13 @@ def test_every_rank_runs_as_train_and_gpu_status_says_so(booted: Cluster, projec
     )  # fmt: skip
     try:
         found = wait_for_ranks(booted, run_id, proc)
-        for node, processes in found.items():  # torchrun, its workers, the runner: all train's
-            assert processes and {uid for _, uid, _ in processes} == {2000}, (node, processes)
+        for node, processes in found.items():
+            # torchrun and its workers are train's; the runner and its guardian are root's (the
+            # run's supervisor, as for --detach: the run's cgroup is root's to make and kill)
+            ranks = [uid for _, uid, r in processes if r != "-"]
+            others = [uid for _, uid, r in processes if r == "-"]
+            assert ranks == [2000, 2000], (node, processes)
+            assert others.count(0) == 2 and set(others) == {0, 2000}, (node, processes)
         ranks = [pid for pid, _, r in found["node0"] if r != "-"]
         # its user, and its run (read as root: train's environ is not the login user's)
         assert gpu_users(booted, ranks) == [("train", run_id)] * 2

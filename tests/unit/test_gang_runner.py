@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -86,11 +89,13 @@ class Runner:
         grace: float = 1,
         argv: list[str] | None = None,
         listen: int | None = None,
+        node: str | None = None,
+        user: str | None = None,
+        code_dir: str | None = None,
+        python: str = sys.executable,
     ):
         self.run_id = f"u-{uuid.uuid4().hex[:10]}"
-        cmd = f"env DDPFLEET_RUN_ID={self.run_id} " + sync.helper_command(
-            sys.executable, "gang_runner.py"
-        )
+        cmd = f"env DDPFLEET_RUN_ID={self.run_id} " + sync.helper_command(python, "gang_runner.py")
         self.proc = subprocess.Popen(
             ["sh", "-c", cmd],
             stdin=subprocess.PIPE,
@@ -99,16 +104,18 @@ class Runner:
         )
         ask = {
             "run_id": self.run_id,
-            "code_dir": str(tmp_path / "code"),
+            "code_dir": code_dir or str(tmp_path / "code"),
             "master_host": "127.0.0.1",
             "count_gpus": False,
             "listen": listen,
             "reach": None,
+            "node": node,
+            "user": user,
         }
         spec = {
-            "argv": argv or [sys.executable, "-c", program],
+            "argv": argv or [python, "-c", program],
             "env": {"DDPFLEET_RUN_ID": self.run_id},
-            "cwd": str(tmp_path),
+            "cwd": code_dir or str(tmp_path),
             "grace": grace,
             "watchdog": watchdog,
             "heartbeat": 0.5,
@@ -220,6 +227,97 @@ def test_a_sigkilled_runner_still_takes_its_run_with_it(runners):
     assert "the node's runner was killed (SIGKILL)" in events[-1]["error"]
     assert r.proc.wait() == 137
     assert not gone_within(r.run_id, 2)
+
+
+def cgroup2_mount() -> str | None:
+    """Where the runner makes the run's cgroup: a writable cgroup v2 with cgroup.kill."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, where, kind = line.split()[:3]
+            if kind == "cgroup2" and os.access(where, os.W_OK):
+                return where
+    return None
+
+
+def cgroup_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+
+
+def cgroup_run(runners, node: str, *parts: str):
+    """A run with a node name, as launch.Member asks: the runner puts it in its own cgroup."""
+    mount = cgroup2_mount()
+    if os.getuid() != 0 or mount is None:
+        pytest.skip("needs root and a writable cgroup v2")
+    r = runners(DAEMON, HOPPER, *parts, watchdog=0, node=node)
+    agent = r.event("started")["pid"]
+    path = f"{mount}/ddpfleet/{r.run_id}.{node}"
+    assert cgroup_of(agent) == f"/ddpfleet/{r.run_id}.{node}"
+    return r, agent, path
+
+
+def test_an_attached_run_is_in_its_own_cgroup_and_a_stop_empties_and_removes_it(runners):
+    r, _, path = cgroup_run(runners, "nodeu", """
+        daemon(); hopper()
+        print("ready", flush=True)
+        time.sleep(600)
+        """)  # fmt: skip
+    time.sleep(0.5)  # the daemon and the hopper are out of torchrun's session by now
+    with open(f"{path}/cgroup.procs") as f:
+        assert len(f.read().split()) >= 3  # the agent, its daemon, the hopper's generation
+    r.proc.stdin.write(b"stop\n")
+    r.proc.stdin.flush()
+    events = r.events()
+    assert events[-1]["event"] == "exit" and events[-1]["stopped"], r.text
+    assert not gone_within(r.run_id, 2)
+    assert not os.path.exists(path)
+
+
+def test_a_sigkilled_runners_guardian_kills_and_removes_the_runs_cgroup(runners):
+    r, agent, path = cgroup_run(runners, "nodev", """
+        daemon(); hopper()
+        time.sleep(600)
+        """)  # fmt: skip
+    with open(f"/proc/{agent}/stat") as f:
+        runner = int(f.read().rsplit(")", 1)[1].split()[1])
+    time.sleep(0.5)
+    os.kill(runner, signal.SIGKILL)
+    assert "the node's runner was killed (SIGKILL)" in r.events()[-1]["error"]
+    assert not gone_within(r.run_id, 2)
+    assert not os.path.exists(path)
+
+
+def test_a_root_runner_drops_the_run_to_the_training_user(runners, request):
+    import pwd
+
+    python = "/usr/bin/python3"  # the user must be able to read it (this one may be root's)
+    if os.getuid() != 0 or not os.path.exists(python):
+        pytest.skip(f"the runner drops to the training user only as root; needs {python}")
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="ddpfleet-drop-"))  # pytest's tmp dirs are 0700
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    os.chown(base, nobody.pw_uid, nobody.pw_gid)  # the user's own dir, as its home would be
+    code = base / "code"
+    r = runners(
+        """
+        import os, json
+        print("who " + json.dumps([os.getuid(), os.getgid(), os.environ.get("HOME"),
+                                   os.environ.get("USER"), "PYTEST_CURRENT_TEST" in os.environ]), flush=True)
+        """,
+        watchdog=0,
+        user="nobody",
+        code_dir=str(code),
+        python=python,
+    )
+    events = r.events()
+    assert events and events[-1] == {"event": "exit", "code": 0, "stopped": False}, r.text
+    facts = next(e for e in events if e["event"] == "facts")
+    assert facts["home"] == nobody.pw_dir  # the preflight acted as the user
+    assert facts["code"]["problem"] is None, facts["code"]
+    assert os.stat(code).st_uid == nobody.pw_uid  # what it made in the code dir is the user's
+    assert os.stat(code / ".ddpfleet" / "lock").st_uid == nobody.pw_uid
+    who = json.loads(r.text.split("who ", 1)[1].splitlines()[0])
+    assert who == [nobody.pw_uid, nobody.pw_gid, nobody.pw_dir, "nobody", False]
 
 
 def test_orphans_are_reaped_as_they_come(runners):
