@@ -54,7 +54,7 @@ __all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_nam
 T = TypeVar("T")
 USER_KNOWN_HOSTS = Path(knownhosts.USER_KNOWN_HOSTS).expanduser()
 SYSTEM_SSH_CONFIG = Path("/etc/ssh/ssh_config")
-_config: list = [None, None]  # [files' version, fabric.Config]
+_config: list = [None, None]  # [files' version, their parsed paramiko.SSHConfig]
 _config_lock = threading.Lock()
 KEEPALIVE_S = 5  # an SSH packet on an idle connection, so a silent peer is noticed...
 SILENT_S = 25  # ...and the kernel drops it once data stays unacknowledged this long
@@ -397,14 +397,16 @@ def _drain(chan: paramiko.Channel, timeout: float | None) -> tuple[bytes, bytes]
 
 
 def _fabric_config() -> fabric.Config:
-    """One Fabric config (with ~/.ssh/config and /etc/ssh/ssh_config) per version of those
-    files: each Connection made its own, ~0.5 ms a node. Connections only read it."""
+    """A Fabric config of its own for each Connection (a Connection writes to its config, and
+    every write re-merges it: a shared one reads empty meanwhile in other threads), over one
+    parsed ~/.ssh/config + /etc/ssh/ssh_config per version of those files (read-only)."""
     paths = (SYSTEM_SSH_CONFIG, Path("~/.ssh/config").expanduser())
     version = tuple(map(knownhosts.file_version, paths))
     with _config_lock:
         if _config[0] != version:
-            _config[:] = [version, fabric.Config()]
-        return _config[1]
+            _config[:] = [version, fabric.Config().base_ssh_config]
+        parsed = _config[1]
+    return fabric.Config(ssh_config=parsed)
 
 
 def _fabric_connection(node: Node) -> fabric.Connection:
