@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import sys
 
 from invoke import Exit
@@ -16,6 +18,12 @@ ASK_BECOME_HELP = (
     "ask the login user's sudo password once, on this terminal (or set "
     "$DDPFLEET_BECOME_PASSWORD, or ssh.become_password_file)"
 )
+
+# The last garbage collections of an exiting interpreter walk everything a task made (a fleet's
+# transports and threads, rich's tables): ~25 ms after a cold 32-node ping, on one core, with the
+# output already out. Freezing first leaves those objects to the OS; registered here, before the
+# handlers of the modules a task imports later, so it runs after them (atexit runs in reverse).
+atexit.register(gc.freeze)
 
 
 def cli(fn):
