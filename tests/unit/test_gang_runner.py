@@ -229,14 +229,14 @@ def test_a_sigkilled_runner_still_takes_its_run_with_it(runners):
     assert not gone_within(r.run_id, 2)
 
 
-def cgroup2_mount() -> str | None:
-    """Where the runner makes the run's cgroup: a writable cgroup v2 with cgroup.kill."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, where, kind = line.split()[:3]
-            if kind == "cgroup2" and os.access(where, os.W_OK):
-                return where
-    return None
+def proctree():
+    """scripts/proctree.py as a module, as the runner loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("proctree", sync.SCRIPTS_DIR / "proctree.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cgroup_of(pid: int) -> str:
@@ -246,7 +246,7 @@ def cgroup_of(pid: int) -> str:
 
 def cgroup_run(runners, node: str, *parts: str):
     """A run with a node name, as launch.Member asks: the runner puts it in its own cgroup."""
-    mount = cgroup2_mount()
+    mount = proctree().cgroup2_mount()
     if os.getuid() != 0 or mount is None:
         pytest.skip("needs root and a writable cgroup v2")
     r = runners(DAEMON, HOPPER, *parts, watchdog=0, node=node)
