@@ -140,14 +140,10 @@ def test_parse_reads_digests_and_removed_parts():
     out = (
         "part torch-2.13.0-py3-none-any.whl.part\n"
         f"{'a' * 64}  six-1.16.0-py2.py3-none-any.whl\n"
-        f"{'b' * 64} *binary-mode.whl\n"
-        "sha256sum: gone.whl: No such file or directory\n"
+        "Traceback (most recent call last):\n"
     )
     found = wheelsums.parse(out)
-    assert found.digests == {
-        "six-1.16.0-py2.py3-none-any.whl": "a" * 64,
-        "binary-mode.whl": "b" * 64,
-    }
+    assert found.digests == {"six-1.16.0-py2.py3-none-any.whl": "a" * 64}
     assert found.removed == ("torch-2.13.0-py3-none-any.whl.part",)
 
 
@@ -263,7 +259,7 @@ runs: list[list[str]] = []
 
 
 def node_run(argv, stdin):
-    """The push's one node command, run here by the real sh and sha256sum."""
+    """The push's one node command, run here by this machine's python3."""
     runs.append(argv)
     return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=True).stdout
 
