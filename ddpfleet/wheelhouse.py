@@ -2,12 +2,14 @@
 
     target = Target.from_probe(facts)          # the node's python + platform (one probe)
     files = fetch(cache_root, spec, target)    # pip download once per (platform, spec), cached
-    sent = push(sftp, "/var/cache/ddpfleet/wheelhouse", files)   # only what the node lacks
+    sent = push(sftp, "/var/cache/ddpfleet/wheelhouse", files, run)  # what the node lacks
 
 The controller's cache is <inventory dir>/.ddpfleet/wheelhouse/<tag>/, tag like
 cp311-manylinux_2_36_x86_64. Each spec leaves a manifest there (spec-<hash>.txt, the wheel names
 pip chose), so a later run for the same spec needs neither pip nor the network. The node keeps one
-flat directory; a file is sent when its name is missing there or its size differs.
+flat directory; a file is sent when its name is missing there or its SHA-256 differs (one command
+on the node per push, which also removes interrupted uploads: ddpfleet.wheelsums). Wheels there
+that the spec does not name stay: another spec or env on the node may use them.
 
 pip evaluates environment markers against the controller's Python, not --python-version
 (pypa/pip#11010): a controller on the node's minor version gives the exact set.
@@ -27,8 +29,9 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from ddpfleet import progress
+from ddpfleet import progress, wheelsums
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.hygiene import mask_url, mask_urls
 
@@ -232,43 +235,44 @@ def _pip(argv: list[str], index_url: str = "") -> str:
 # -- the node's copy -------------------------------------------------------------------------
 
 
-def missing(local: Mapping[str, int], remote: Mapping[str, int]) -> list[str]:
-    """Names to send: absent on the node, or a different size there (a cut-short upload)."""
-    return [name for name, size in sorted(local.items()) if remote.get(name) != size]
+class Pushed(NamedTuple):
+    """What a push did: wheels sent, their bytes, interrupted uploads (.part) it removed."""
 
-
-def remote_sizes(sftp, remote_dir: str) -> dict[str, int]:
-    try:
-        return {a.filename: a.st_size for a in sftp.listdir_attr(remote_dir)}
-    except FileNotFoundError:
-        return {}
+    files: int
+    bytes: int
+    removed: int
 
 
 def push(
     sftp,
     remote_dir: str,
     files: Iterable[Path],
+    run: Callable[[list[str], str], str],
     on_progress: Callable[[str], None] = lambda text: None,
     node: str = "node",
-) -> tuple[int, int]:
-    """Copy the files the node lacks into remote_dir over SFTP; returns (files, bytes) sent.
-    A long push shows its bytes, rate and time left under the node's name (ddpfleet.progress).
+) -> Pushed:
+    """Copy the files the node lacks, or holds other bytes of, into remote_dir over SFTP.
+    `run(argv, stdin) -> stdout` runs the one command that asks the node for its digests (and
+    removes interrupted uploads first: ddpfleet.wheelsums). A long push shows its bytes, rate and
+    time left under the node's name (ddpfleet.progress).
 
     Each file lands under a .part name and is renamed, so an interrupted push leaves no wheel
     that looks complete.
     """
     local = {f.name: f for f in files}
-    sizes = {n: f.stat().st_size for n, f in local.items()}
-    todo = missing(sizes, remote_sizes(sftp, remote_dir))
+    digests = wheelsums.local_digests(local.values())
+    found = wheelsums.parse(run(*wheelsums.node_command(remote_dir, sorted(local))))
+    todo = wheelsums.stale(digests, found.digests)
+    sizes = {n: local[n].stat().st_size for n in todo}
     sent = 0
-    with progress.transfer(node, "wheelhouse", sum(sizes[n] for n in todo)) as bytes_out:
+    with progress.transfer(node, "wheelhouse", sum(sizes.values())) as bytes_out:
         for i, name in enumerate(todo, 1):
             on_progress(f"wheelhouse: sending {name} ({i}/{len(todo)})")
             part = posixpath.join(remote_dir, name + ".part")
             put = sftp.put(str(local[name]), part, callback=_counter(bytes_out), confirm=True)
             sent += put.st_size
             sftp.posix_rename(part, posixpath.join(remote_dir, name))
-    return len(todo), sent
+    return Pushed(len(todo), sent, len(found.removed))
 
 
 def _counter(bytes_out: progress.Transfer) -> Callable[[int, int], None]:

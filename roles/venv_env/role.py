@@ -23,9 +23,11 @@ from ddpfleet import wheelhouse
 from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, describe
 from ddpfleet.errors import CommandError
 from ddpfleet.hygiene import mask_url, mask_urls
-from ddpfleet.roles import Host, Step, changed, failed, ok, skipped
+from ddpfleet.roles import Host, Step, failed, ok, skipped
 from ddpfleet.shell import APT_GET
-from ddpfleet.wheelhouse import Spec, Target
+from ddpfleet.wheelhouse import Spec
+
+from . import wheels
 
 SECTION = "python_env"
 CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
@@ -198,7 +200,7 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
         yield ok("packages", f"spec {spec.digest()[:12]} installed: {', '.join(spec.requirements)}")
         yield ok("verify", describe(_record(state)) + ", as verified at install")
         return
-    for step_fn in (_venv_support, _venv, _wheelhouse, _packages, _verify):
+    for step_fn in (_venv_support, _venv, wheels.step, _packages, _verify):
         step = step_fn(env)
         if step is not None:
             yield step
@@ -240,39 +242,6 @@ def _venv(env: Env) -> Step:
         "venv",
         f"{what} {env.path} (python3 {base})",
         lambda: env.host.change(["python3", "-m", "venv", *clear, env.path]),
-    )
-
-
-def _wheelhouse(env: Env) -> Step | None:
-    if not env.cfg["wheelhouse"]:
-        return None
-    target = Target.from_probe(env.state)
-    remote = env.cfg["wheelhouse_dir"]
-    return env.host.changed(
-        "wheelhouse",
-        f"fetch wheels for {target.tag} and send the node the ones {remote} lacks",
-        lambda: _send_wheels(env, target, remote),
-    )
-
-
-def _send_wheels(env: Env, target: Target, remote: str) -> Step:
-    cache = env.host.inventory.root / ".ddpfleet" / "wheelhouse"
-    files = wheelhouse.fetch(cache, env.spec, target, env.progress)
-    if env.host.sudo:
-        # SFTP writes as the login user: the wheelhouse is theirs (it can become root anyway;
-        # the wheels are root's pip's input, never a config)
-        env.host.change(["install", "-d", "-o", env.host.node.user, "-m", "0755", remote])
-    else:
-        env.host.change(["mkdir", "-p", remote])
-    count, size = wheelhouse.push(
-        env.host.conn.sftp(), remote, files, env.progress, node=env.host.conn.name
-    )
-    if not count:
-        return ok("wheelhouse", f"{len(files)} wheels for {target.tag} already in {remote}")
-    return changed(
-        "wheelhouse",
-        f"sent {count} of {len(files)} wheels for {target.tag} "
-        f"({size / 2**20:.0f} MiB) to {remote}",
     )
 
 

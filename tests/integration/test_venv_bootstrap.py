@@ -3,6 +3,7 @@ comes through the controller's wheelhouse and the nodes install with --no-index.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from tests.integration.conftest import Cluster
 
 NODES = ("node0", "node1")
 ENV = "/opt/ddpfleet/venv"
+HOUSE = "/var/cache/ddpfleet/wheelhouse"
 PYTHON_ENV = {
     "manager": "venv",
     "path": ENV,
@@ -129,3 +131,29 @@ def test_env_export_of_one_node(venv_cluster):
     assert result.returncode == 0, result.stdout + result.stderr
     assert not (cluster.dir / "envs" / "node0.yml").exists()
     assert (cluster.dir / "envs" / "node1.yml").is_file()
+
+
+def flip_byte(cluster: Cluster, node: str, path: str) -> None:
+    """One byte in the middle of the node's file, inverted in place (same size, other bytes)."""
+    size = int(cluster.ssh(node, f"stat -c %s {path}").stdout)
+    byte = int(cluster.ssh(node, f"od -An -tu1 -j {size // 2} -N1 {path}").stdout)
+    flip = f"printf '\\{byte ^ 0xFF:03o}' | dd of={path} bs=1 seek={size // 2} conv=notrunc"
+    assert cluster.ssh(node, flip).returncode == 0
+    assert int(cluster.ssh(node, f"stat -c %s {path}").stdout) == size
+
+
+def test_a_corrupt_wheel_is_sent_again_and_an_interrupted_upload_removed(venv_cluster):
+    cluster, _, _ = venv_cluster
+    [six] = cluster.ssh("node1", f"cd {HOUSE} && ls six-*.whl").stdout.split()
+    [cached] = (cluster.dir / ".ddpfleet" / "wheelhouse").glob(f"cp*/{six}")
+    flip_byte(cluster, "node1", f"{HOUSE}/{six}")
+    # pip reads the wheel only to install it: six out of the env, and a spec that names it
+    cluster.ssh("node1", f"{ENV}/bin/python -m pip uninstall -y -q six")
+    cluster.ssh("node1", f"head -c 4096 /dev/zero > {HOUSE}/torch-cut.whl.part")
+    inventory = venv_inventory(cluster, "inventory-venv-six.yaml", packages=["jupyterlab", "six"])
+    result, _ = bootstrap(cluster, inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    on_node = cluster.ssh("node1", f"sha256sum {HOUSE}/{six}").stdout.split()[0]
+    assert on_node == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert not cluster.ssh("node1", f"ls {HOUSE}").stdout.count(".part")
+    assert cluster.ssh("node1", f"{ENV}/bin/python -c 'import six'").returncode == 0

@@ -197,7 +197,9 @@ def test_wheelhouse_pushes_then_installs_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(
         ROLE.wheelhouse,
         "push",
-        lambda sftp, remote, files, progress, node: pushed.append((remote, files)) or (1, 2**20),
+        lambda sftp, remote, files, run, progress, node: (
+            pushed.append((remote, files)) or ROLE.wheelhouse.Pushed(1, 2**20, 0)
+        ),
     )
     h = host(probe(env=False), tmp=tmp_path)
     h.conn = SimpleNamespace(sftp=lambda: "sftp", name="node0")
@@ -219,11 +221,21 @@ def test_wheelhouse_pushes_then_installs_offline(monkeypatch, tmp_path):
 
 def test_wheelhouse_with_everything_already_on_the_node_is_ok(monkeypatch, tmp_path):
     monkeypatch.setattr(ROLE.wheelhouse, "fetch", lambda *a: [tmp_path / "a.whl"])
-    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a, **kw: (0, 0))
+    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a, **kw: ROLE.wheelhouse.Pushed(0, 0, 0))
     h = host(probe(spec="0" * 64), tmp=tmp_path)
     h.conn = SimpleNamespace(sftp=lambda: None, name="node0")
     statuses, _ = run(h, wheelhouse=True)
     assert ("wheelhouse", "ok") in statuses
+
+
+def test_wheelhouse_that_only_removed_interrupted_uploads_is_a_change(monkeypatch, tmp_path):
+    monkeypatch.setattr(ROLE.wheelhouse, "fetch", lambda *a: [tmp_path / "a.whl"])
+    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a, **kw: ROLE.wheelhouse.Pushed(0, 0, 2))
+    h = host(probe(spec="0" * 64), tmp=tmp_path)
+    h.conn = SimpleNamespace(sftp=lambda: None, name="node0")
+    _, steps = run(h, wheelhouse=True)
+    [step] = [s for s in steps if s.name == "wheelhouse"]
+    assert step.status == "changed" and "removed 2 interrupted upload(s)" in step.reason
 
 
 def test_wheelhouse_under_check_downloads_and_sends_nothing(monkeypatch):

@@ -98,7 +98,7 @@ def test_the_wheelhouse_push_reports_every_byte_it_sends_under_the_node_name(tmp
     from contextlib import contextmanager
 
     from ddpfleet import wheelhouse
-    from tests.unit.test_wheelhouse import DirSFTP
+    from tests.unit.test_wheelhouse import DirSFTP, node_run
 
     seen = []
 
@@ -114,7 +114,7 @@ def test_the_wheelhouse_push_reports_every_byte_it_sends_under_the_node_name(tmp
     for name, n in (("a.whl", 10), ("b.whl", 20)):
         files.append(tmp_path / name)
         files[-1].write_bytes(b"x" * n)
-    wheelhouse.push(DirSFTP(), str(tmp_path / "node"), files, node="node1")
+    wheelhouse.push(DirSFTP(), str(tmp_path / "node"), files, node_run, node="node1")
     [meter] = seen
     assert (meter.node, meter.what, meter.total, meter.done) == ("node1", "wheelhouse", 30, 30)
 

@@ -4,14 +4,16 @@ pure half of ddpfleet.envexport (parsing, the report).
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ddpfleet import report, wheelhouse
+from ddpfleet import report, wheelhouse, wheelsums
 from ddpfleet.envexport import (
     Snapshot,
     differences,
@@ -21,6 +23,7 @@ from ddpfleet.envexport import (
     render,
 )
 from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.shell import sha256
 from ddpfleet.wheelhouse import Spec, Target
 
 PROBE = {
@@ -126,11 +129,42 @@ def test_saved_wheels_reads_pips_output():
     ]
 
 
-def test_missing_compares_names_and_sizes():
-    local = {"a.whl": 10, "b.whl": 20, "c.whl": 30}
-    remote = {"a.whl": 10, "b.whl": 7, "old.whl": 5}
-    assert wheelhouse.missing(local, remote) == ["b.whl", "c.whl"]
-    assert wheelhouse.missing(local, local) == []
+def test_stale_compares_names_and_digests():
+    local = {"a.whl": "1" * 64, "b.whl": "2" * 64, "c.whl": "3" * 64}
+    remote = {"a.whl": "1" * 64, "b.whl": "f" * 64, "old.whl": "4" * 64}
+    assert wheelsums.stale(local, remote) == ["b.whl", "c.whl"]
+    assert wheelsums.stale(local, local) == []
+
+
+def test_parse_reads_digests_and_removed_parts():
+    out = (
+        "part torch-2.13.0-py3-none-any.whl.part\n"
+        f"{'a' * 64}  six-1.16.0-py2.py3-none-any.whl\n"
+        "Traceback (most recent call last):\n"
+    )
+    found = wheelsums.parse(out)
+    assert found.digests == {"six-1.16.0-py2.py3-none-any.whl": "a" * 64}
+    assert found.removed == ("torch-2.13.0-py3-none-any.whl.part",)
+
+
+def test_local_digests_hash_each_version_once(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.whl", tmp_path / "b.whl"
+    a.write_bytes(b"alpha")
+    b.write_bytes(b"beta")
+    hashed = []
+    real = wheelsums._hash
+    monkeypatch.setattr(wheelsums, "_hash", lambda f: hashed.append(f.name) or real(f))
+    monkeypatch.setattr(wheelsums, "_memo", {})
+    digests = wheelsums.local_digests([a, b])
+    assert digests == {"a.whl": sha256(b"alpha"), "b.whl": sha256(b"beta")}
+    assert wheelsums.local_digests([a, b]) == digests
+    monkeypatch.setattr(wheelsums, "_memo", {})  # a later run: the directory's cache answers
+    assert wheelsums.local_digests([a, b]) == digests
+    assert sorted(hashed) == ["a.whl", "b.whl"]
+    os.utime(a, ns=(0, 1))  # a new version (mtime) of a: hashed again, b not
+    a.write_bytes(b"alphA")
+    assert wheelsums.local_digests([a, b])["a.whl"] == sha256(b"alphA")
+    assert sorted(hashed) == ["a.whl", "a.whl", "b.whl"]
 
 
 # -- the cache, with pip stood in for --------------------------------------------------------
@@ -221,21 +255,49 @@ class DirSFTP:
         Path(old).rename(new)
 
 
-def test_push_sends_only_missing_or_cut_short_files(tmp_path):
+runs: list[list[str]] = []
+
+
+def node_run(argv, stdin):
+    """The push's one node command, run here by this machine's python3."""
+    runs.append(argv)
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=True).stdout
+
+
+def test_push_sends_missing_cut_short_and_corrupt_files_in_one_node_command(tmp_path):
     home, node = tmp_path / "home", tmp_path / "node"
     home.mkdir()
     node.mkdir()
     files = []
-    for name, size in (("a.whl", 10), ("b.whl", 20), ("c.whl", 30)):
+    for name, size in (("a.whl", 10), ("b.whl", 20), ("c.whl", 30), ("d.whl", 40)):
         (home / name).write_bytes(b"x" * size)
         files.append(home / name)
     (node / "a.whl").write_bytes(b"x" * 10)
     (node / "b.whl").write_bytes(b"x" * 3)  # an earlier push cut short
+    (node / "d.whl").write_bytes(b"x" * 39 + b"y")  # same size, one byte differs
+    (node / "c.whl.part").write_bytes(b"x" * 7)  # an interrupted push
+    (node / "other.whl").write_bytes(b"kept")  # another spec's wheel
     sftp = DirSFTP()
-    assert wheelhouse.push(sftp, str(node), files) == (2, 50)
-    assert sftp.put_calls == ["b.whl.part", "c.whl.part"]
-    assert sorted(p.name for p in node.iterdir()) == ["a.whl", "b.whl", "c.whl"]
-    assert wheelhouse.push(sftp, str(node), files) == (0, 0)
+    runs.clear()
+    assert wheelhouse.push(sftp, str(node), files, node_run) == (3, 90, 1)
+    assert len(runs) == 1
+    assert sftp.put_calls == ["b.whl.part", "c.whl.part", "d.whl.part"]
+    assert sorted(p.name for p in node.iterdir()) == [
+        "a.whl",
+        "b.whl",
+        "c.whl",
+        "d.whl",
+        "other.whl",
+    ]
+    assert (node / "d.whl").read_bytes() == b"x" * 40
+    assert wheelhouse.push(sftp, str(node), files, node_run) == (0, 0, 0)
+    assert len(runs) == 2  # converged: the one command, nothing sent
+
+
+def test_push_to_a_missing_directory_sends_everything(tmp_path):
+    (tmp_path / "a.whl").write_bytes(b"a")
+    found = wheelsums.parse(node_run(*wheelsums.node_command(str(tmp_path / "none"), ["a.whl"])))
+    assert found == wheelsums.Found()
 
 
 # -- env-export's pure half (ddpfleet.envexport): the other venv-side piece of issue 3 ---------
