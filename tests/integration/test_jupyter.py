@@ -25,6 +25,7 @@ import yaml
 
 from tests.integration.conftest import INVOKE, ROOT, Cluster
 from tests.integration.jupyter_browser import Browser, chromium
+from tests.integration.jupyter_kernels import PROCS_PY, kernel_spec, post_json
 
 NODES = ("node0", "node1")
 PORT = 8888
@@ -345,74 +346,33 @@ def test_stop_then_bootstrap_starts_it_again(jup: Run, tunnel: str):
 KERNEL = "ddpfleet-fake"
 KERNEL_DIR = f"/usr/local/share/jupyter/kernels/{KERNEL}"  # on Jupyter's system data path
 MARK = "DDPFLEET_TEST_KERNEL=" + secrets.token_hex(8)  # in the fake kernel's environment
-# A kernel the server cannot shut down: SIGTERM ignored, and a double-forked child in a session
-# of its own (the server already starts the kernel itself with start_new_session).
-FAKE_KERNEL_PY = """import os, signal, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-if os.fork() == 0:
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-while True:
-    time.sleep(60)
-"""
-# Run as root on a node: "pid uid" of every process whose environment holds the marker, and of
-# every process of the Jupyter user (found by uid, never by name).
-MARKED_PY = """import os, pwd, sys
-mark, uid = sys.argv[1].encode(), pwd.getpwnam("jupyter").pw_uid
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\\0")
-        owner = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        continue
-    if mark in env or owner == uid:
-        print(pid, "marked" if mark in env else "jupyter")
-"""
 
 
 def jupyter_procs(jup: Run, node: str) -> list[str]:
-    out = jup.cluster.ssh(node, shlex.join(["python3", "-c", MARKED_PY, MARK]))
+    """'PID marked' / 'PID user': the fake kernel's processes and the Jupyter user's."""
+    out = jup.cluster.ssh(node, shlex.join(["python3", "-c", PROCS_PY, MARK, "jupyter"]))
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
 
 
-def marked_procs(jup: Run) -> list[str]:
-    return [p for p in jupyter_procs(jup, "node0") if p.endswith("marked")]
-
-
-def post_json(client: Client, path: str, body: dict) -> tuple[int, str]:
-    xsrf = next(c.value for c in client.jar if c.name == "_xsrf")
-    request = urllib.request.Request(
-        client.base + path,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "X-XSRFToken": xsrf},
-    )
-    try:
-        with client.opener.open(request, timeout=60) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
 def test_stop_leaves_no_process_of_the_servers_tree(jup: Run, tunnel: str):
-    spec = {
-        "argv": ["python3", "-c", FAKE_KERNEL_PY, "{connection_file}"],
-        "display_name": "ddpfleet test kernel",
-        "language": "python",
-        "env": dict([MARK.split("=", 1)]),
-    }
     put = shlex.join(["sh", "-c", 'mkdir -p "$1" && cat >"$1/kernel.json"', "sh", KERNEL_DIR])
-    assert jup.cluster.ssh("node0", put, input=json.dumps(spec)).returncode == 0
+    spec = json.dumps(kernel_spec(MARK))
+    assert jup.cluster.ssh("node0", put, input=spec).returncode == 0
     try:
         client = Client(tunnel)
         assert client.login(PASSWORD)[0] == 302
-        status, body = post_json(client, "/api/kernels", {"name": KERNEL})
+        xsrf = next(c.value for c in client.jar if c.name == "_xsrf")
+        status, body = post_json(client.opener, tunnel, xsrf, "/api/kernels", {"name": KERNEL})
         assert status == 201, body
+
+        def marked() -> list[str]:
+            return [p for p in jupyter_procs(jup, "node0") if p.endswith("marked")]
+
         deadline = time.monotonic() + 60
-        while len(marked := marked_procs(jup)) < 2 and time.monotonic() < deadline:
+        while len(found := marked()) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len(marked) == 2, marked  # the kernel and its double-forked, setsid child
+        assert len(found) == 2, found  # the kernel and its double-forked, setsid child
         cgroup = jup.cluster.ssh("node0", f"cat {STATE_DIR}/cgroup 2>/dev/null").stdout.strip()
 
         stopped = jup.invoke("jupyter.stop", "--nodes", "node0", timeout=120)
