@@ -12,8 +12,10 @@ Files on a node:
     ~USER/.jupyter/jupyter_server_config.json   0600, written as USER (root never writes into a
                                                 directory USER controls: no symlink games)
     /etc/systemd/system/ddpfleet-jupyter.service         where PID 1 is systemd, else:
-    /usr/local/libexec/ddpfleet/jupyter-supervise        restarts the server when it dies
-    /var/lib/ddpfleet/jupyter/{supervisor,server}.pid    its pidfiles (root only)
+    /usr/local/libexec/ddpfleet/jupyter-supervise        restarts the server when it dies, ends
+    /usr/local/libexec/ddpfleet/proctree.py              its tree on a stop (scripts/proctree.py)
+    /var/lib/ddpfleet/jupyter/{supervisor,server}.pid    its pidfiles (root only), and `cgroup`:
+                                                         the server's own cgroup v2, if it has one
     /var/log/ddpfleet-jupyter.log                        the server's output (root only)
 """
 
@@ -24,6 +26,7 @@ import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from ddpfleet.connection import Result
@@ -35,6 +38,9 @@ SERVICE = "ddpfleet-jupyter"
 UNIT_PATH = f"/etc/systemd/system/{SERVICE}.service"
 LIBEXEC = "/usr/local/libexec/ddpfleet"
 SUPERVISOR = f"{LIBEXEC}/jupyter-supervise"
+PROCTREE = f"{LIBEXEC}/proctree.py"  # the supervisor imports it from its own directory
+# The one copy of proctree.py, the training runs' too: the role installs it as it is.
+PROCTREE_SOURCE = Path(__file__).resolve().parents[2] / "scripts" / "proctree.py"
 STATE_DIR = "/var/lib/ddpfleet/jupyter"
 LOG_PATH = "/var/log/ddpfleet-jupyter.log"
 CONFIG_NAME = "jupyter_server_config.json"  # .json: it wins over a .py in the same directory
@@ -198,7 +204,9 @@ def server_argv(s: Settings, state: NodeState, root_dir: str) -> list[str]:
 
 
 def supervisor_argv(s: Settings, state: NodeState, root_dir: str) -> list[str]:
-    return [SUPERVISOR, STATE_DIR, *server_argv(s, state, root_dir)]
+    """The supervisor (Python, stdlib only) runs on the env's python: it is there on every node
+    that has a server to supervise."""
+    return [s.python, "-I", SUPERVISOR, STATE_DIR, *server_argv(s, state, root_dir)]
 
 
 START_SH = """log=$1; shift
@@ -211,12 +219,17 @@ case $sp in ''|*[!0-9]*) exit 0;; esac
 if tr '\0' ' ' < "/proc/$sp/cmdline" 2>/dev/null | grep -q jupyter-supervise; then
   kill -TERM "$sp"
   i=0
-  while [ -d "/proc/$sp" ] && [ $i -lt 150 ]; do sleep 0.2; i=$((i + 1)); done
-  # 30 s and the server still has not shut down its kernels: end the whole process group
-  [ -d "/proc/$sp" ] && kill -KILL -- "-$sp" 2>/dev/null
+  # the supervisor gives the server 20 s to shut its kernels down, then kills what is left
+  while [ -d "/proc/$sp" ] && [ $i -lt 200 ]; do sleep 0.2; i=$((i + 1)); done
+  if [ -d "/proc/$sp" ]; then
+    # a supervisor that hangs: its process group, and the server's cgroup with the kernels
+    kill -KILL -- "-$sp" 2>/dev/null
+    cg=$(cat "$state/cgroup" 2>/dev/null)
+    [ -n "$cg" ] && [ -f "$cg/cgroup.kill" ] && echo 1 >"$cg/cgroup.kill"
+  fi
   echo "stopped=$sp"
 fi
-rm -f "$state/supervisor.pid" "$state/server.pid"
+rm -f "$state/supervisor.pid" "$state/server.pid" "$state/cgroup"
 """
 
 WAIT_PY = """import socket, sys, time

@@ -294,11 +294,15 @@ def _service_files(run: Run) -> Step:
             host.change(["install", "-d", "-m", mode, directory])
             made.append(directory)
     script = (host.role.directory / "files" / "jupyter-supervise").read_text()
-    written, _ = host.put(jupyter.SUPERVISOR, script, mode=0o755)
-    if written:
-        made.append(jupyter.SUPERVISOR)
-        if run.state.running:
-            host.notify(RESTART)
+    for path, text in (
+        (jupyter.SUPERVISOR, script),
+        (jupyter.PROCTREE, jupyter.PROCTREE_SOURCE.read_text()),
+    ):
+        written, _ = host.put(path, text, mode=0o755 if path == jupyter.SUPERVISOR else 0o644)
+        if written:
+            made.append(path)
+            if run.state.running:
+                host.notify(RESTART)
     if not made:
         return ok("service files", f"{jupyter.SUPERVISOR} (no systemd: supervised process)")
     return host.changed("service files", "write " + ", ".join(made))

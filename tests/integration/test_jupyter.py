@@ -25,6 +25,7 @@ import yaml
 
 from tests.integration.conftest import INVOKE, ROOT, Cluster
 from tests.integration.jupyter_browser import Browser, chromium
+from tests.integration.jupyter_kernels import PROCS_PY, kernel_spec, post_json
 
 NODES = ("node0", "node1")
 PORT = 8888
@@ -338,3 +339,48 @@ def test_stop_then_bootstrap_starts_it_again(jup: Run, tunnel: str):
     assert "jupyter: service: changed (started" in again.stdout
     assert jup.status()["node1"]["state"] == "running"
     assert Client(tunnel).request("/api/contents")[0] == 403  # node0 never noticed
+
+
+# -- jupyter.stop ends the server's whole tree (last: it stops node0's server) ----------------
+
+KERNEL = "ddpfleet-fake"
+KERNEL_DIR = f"/usr/local/share/jupyter/kernels/{KERNEL}"  # on Jupyter's system data path
+MARK = "DDPFLEET_TEST_KERNEL=" + secrets.token_hex(8)  # in the fake kernel's environment
+
+
+def jupyter_procs(jup: Run, node: str) -> list[str]:
+    """'PID marked' / 'PID user': the fake kernel's processes and the Jupyter user's."""
+    out = jup.cluster.ssh(node, shlex.join(["python3", "-c", PROCS_PY, MARK, "jupyter"]))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_stop_leaves_no_process_of_the_servers_tree(jup: Run, tunnel: str):
+    put = shlex.join(["sh", "-c", 'mkdir -p "$1" && cat >"$1/kernel.json"', "sh", KERNEL_DIR])
+    spec = json.dumps(kernel_spec(MARK))
+    assert jup.cluster.ssh("node0", put, input=spec).returncode == 0
+    try:
+        client = Client(tunnel)
+        assert client.login(PASSWORD)[0] == 302
+        xsrf = next(c.value for c in client.jar if c.name == "_xsrf")
+        status, body = post_json(client.opener, tunnel, xsrf, "/api/kernels", {"name": KERNEL})
+        assert status == 201, body
+
+        def marked() -> list[str]:
+            return [p for p in jupyter_procs(jup, "node0") if p.endswith("marked")]
+
+        deadline = time.monotonic() + 60
+        while len(found := marked()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(found) == 2, found  # the kernel and its double-forked, setsid child
+        cgroup = jup.cluster.ssh("node0", f"cat {STATE_DIR}/cgroup 2>/dev/null").stdout.strip()
+
+        stopped = jup.invoke("jupyter.stop", "--nodes", "node0", timeout=120)
+        assert stopped.returncode == 0 and "stopped (was pid" in stopped.stdout, stopped.stdout
+        assert jupyter_procs(jup, "node0") == []  # once stop returns, nothing of the tree
+        if cgroup:  # where root could make one: the server's cgroup is gone too
+            gone = jup.cluster.ssh("node0", shlex.join(["test", "-e", cgroup]))
+            assert gone.returncode == 1, f"{cgroup} is still there"
+        assert jup.status()["node0"]["state"] == "stopped"
+    finally:
+        jup.cluster.ssh("node0", shlex.join(["rm", "-rf", KERNEL_DIR]))

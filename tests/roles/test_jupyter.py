@@ -27,6 +27,7 @@ HASH = "argon2:$argon2id$v=19$m=10240,t=10,p=8$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
 NEW_HASH = "argon2:$argon2id$v=19$m=10240,t=10,p=8$bmV3c2FsdA$bmV3aGFzaA"
 USER = jupyter.NodeState(uid="999", gid="999", home=HOME, shell="/bin/bash")
 SUPERVISE = (load_role("jupyter").directory / "files" / "jupyter-supervise").read_bytes()
+PROCTREE = jupyter.PROCTREE_SOURCE.read_bytes()
 SYSTEMD = MappingProxyType({**FACTS, "pid1": "systemd"})
 
 
@@ -114,7 +115,7 @@ def node(
         answers.append((r"stat -c", 0, f"{mode}\n{config}"))
     else:
         answers.append((r"stat -c", 3, ""))
-    files = {jupyter.SUPERVISOR: SUPERVISE} if installed else {}
+    files = {jupyter.SUPERVISOR: SUPERVISE, jupyter.PROCTREE: PROCTREE} if installed else {}
     return Node(
         answers=answers,
         probes=list(probes),
@@ -124,7 +125,7 @@ def node(
         inventory=SimpleNamespace(root=tmp),
         node=SimpleNamespace(command_timeout=20.0),  # read_state bounds its probe with it
         files=files,
-        modes={jupyter.SUPERVISOR: 0o755},
+        modes={jupyter.SUPERVISOR: 0o755, jupyter.PROCTREE: 0o644},
     )
 
 
@@ -182,9 +183,11 @@ def test_fresh_node_gets_user_config_and_a_started_server(password):
         "useradd --create-home --shell /bin/bash --comment Jupyter (ddpfleet) jupyter"
     )
     assert steps[-1].reason == "started (pid 815) on 127.0.0.1:8888"
-    assert h.files[jupyter.SUPERVISOR].startswith(b"#!/bin/sh")
+    assert h.files[jupyter.SUPERVISOR].startswith(b"#!/usr/bin/env python3")
+    assert h.files[jupyter.PROCTREE] == PROCTREE  # the supervisor's, installed as it is
     start = [c for c in h.changes if "setsid -f" in c]
-    assert len(start) == 1 and f"{jupyter.SUPERVISOR} {jupyter.STATE_DIR} setpriv" in start[0]
+    supervise = f"{ENV}/bin/python -I {jupyter.SUPERVISOR} {jupyter.STATE_DIR} setpriv"
+    assert len(start) == 1 and supervise in start[0]
     assert f"--reuid=jupyter --regid=999 --init-groups env -i -C {HOME}" in start[0]
     assert start[0].endswith(f"{ENV}/bin/jupyter-lab")
     assert h.notified == []  # a fresh start needs no restart
