@@ -19,23 +19,16 @@ import pytest
 
 from ddpfleet import jupyter
 from ddpfleet.roles import load_role
+from tests.integration.jupyter_kernels import FAKE_KERNEL_PY
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the supervisor needs Linux")
 
 SUPERVISE = load_role("jupyter").directory / "files" / "jupyter-supervise"
 # The stand-in server: starts the kernel in a new session with the marker, exits on SIGTERM
 # without shutting it down (what a server that fails to stop its kernels leaves).
-SERVER_PY = """import os, subprocess, sys, time
-kernel = '''import os, signal, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-if os.fork() == 0:
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-while True:
-    time.sleep(60)
-'''
-env = {**os.environ, "DDPFLEET_TEST_KERNEL": sys.argv[1]}
+SERVER_PY = f"""import os, subprocess, sys, time
+kernel = {FAKE_KERNEL_PY!r}
+env = {{**os.environ, "DDPFLEET_TEST_KERNEL": sys.argv[1]}}
 subprocess.Popen([sys.executable, "-c", kernel], env=env, start_new_session=True)
 while True:
     time.sleep(60)
