@@ -219,21 +219,22 @@ def test_wheelhouse_pushes_then_installs_offline(monkeypatch, tmp_path):
     )
 
 
-def test_wheelhouse_with_everything_already_on_the_node_is_ok(monkeypatch, tmp_path):
+def run_wheelhouse_step(monkeypatch, tmp_path, pushed):
+    """The role with a wheelhouse whose push reports `pushed` (files, bytes, .part removed)."""
     monkeypatch.setattr(ROLE.wheelhouse, "fetch", lambda *a: [tmp_path / "a.whl"])
-    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a, **kw: ROLE.wheelhouse.Pushed(0, 0, 0))
+    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a, **kw: ROLE.wheelhouse.Pushed(*pushed))
     h = host(probe(spec="0" * 64), tmp=tmp_path)
     h.conn = SimpleNamespace(sftp=lambda: None, name="node0")
-    statuses, _ = run(h, wheelhouse=True)
+    return run(h, wheelhouse=True)
+
+
+def test_wheelhouse_with_everything_already_on_the_node_is_ok(monkeypatch, tmp_path):
+    statuses, _ = run_wheelhouse_step(monkeypatch, tmp_path, (0, 0, 0))
     assert ("wheelhouse", "ok") in statuses
 
 
 def test_wheelhouse_that_only_removed_interrupted_uploads_is_a_change(monkeypatch, tmp_path):
-    monkeypatch.setattr(ROLE.wheelhouse, "fetch", lambda *a: [tmp_path / "a.whl"])
-    monkeypatch.setattr(ROLE.wheelhouse, "push", lambda *a, **kw: ROLE.wheelhouse.Pushed(0, 0, 2))
-    h = host(probe(spec="0" * 64), tmp=tmp_path)
-    h.conn = SimpleNamespace(sftp=lambda: None, name="node0")
-    _, steps = run(h, wheelhouse=True)
+    _, steps = run_wheelhouse_step(monkeypatch, tmp_path, (0, 0, 2))
     [step] = [s for s in steps if s.name == "wheelhouse"]
     assert step.status == "changed" and "removed 2 interrupted upload(s)" in step.reason
 
