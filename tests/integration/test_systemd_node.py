@@ -129,7 +129,7 @@ def test_stop_ends_the_unit_and_an_escaping_daemon(ready: Cluster, tmp_path):
 def test_jupyter_runs_as_its_unit_on_loopback_and_stops_with_it(ready: Cluster):
     """Where PID 1 is systemd the jupyter role runs the server as ddpfleet-jupyter.service:
     active, the server in that unit's cgroup, answering on the node's loopback only; and
-    jupyter.stop stops the unit."""
+    jupyter.stop stops the unit, a process in it that ignores SIGTERM included."""
     password = {"DDPFLEET_JUPYTER_PASSWORD": "ddph-" + secrets.token_urlsafe(12)}
     r = ready.invoke("bootstrap", "--roles", "jupyter", extra_env=password, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -148,8 +148,25 @@ def test_jupyter_runs_as_its_unit_on_loopback_and_stops_with_it(ready: Cluster):
         assert inside.returncode == 0, inside.stderr  # it is there...
         with pytest.raises(OSError):  # ...and not on the node's address
             socket.create_connection((ready.address(node), 8888), timeout=3).close()
+    # A kernel that will not go: in the unit's cgroup, its own session, SIGTERM ignored. The
+    # unit's stop timeout (20 s) must SIGKILL it well within jupyter.stop's 60 s, whatever the
+    # manager's default (systemd's 90 s; this sandbox sets 5 s, so it is read from the unit).
+    timeout = ready.ssh("node0", "systemctl show -p TimeoutStopUSec ddpfleet-jupyter.service")
+    assert timeout.stdout.strip() == "TimeoutStopUSec=20s", timeout.stdout
+    mark = "DDPFLEET_TEST_STUBBORN=" + secrets.token_hex(4)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    unit_dir = "/sys/fs/cgroup/system.slice/ddpfleet-jupyter.service"
+    start = 'echo $$ > "$1/cgroup.procs" && exec python3 -c "$2"'
+    put = ["env", mark, "setsid", "-f", "sh", "-c", start, "sh", unit_dir, stubborn]
+    assert ready.ssh("node0", shlex.join(put) + " </dev/null >/dev/null 2>&1").returncode == 0
+    find = f"grep -l -a -s -x -z {shlex.quote(mark)} /proc/[0-9]*/environ || true"
+    deadline = time.monotonic() + 30
+    while not ready.ssh("node0", find).stdout.strip():
+        assert time.monotonic() < deadline, "the stubborn process did not start"
+        time.sleep(0.2)
     stopped = ready.invoke("jupyter.stop", timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert ready.ssh("node0", find).stdout.strip() == ""
     for node in NODES:
         after = ready.ssh(node, "systemctl is-active ddpfleet-jupyter.service")
         assert after.stdout.strip() in ("inactive", "failed"), after.stdout

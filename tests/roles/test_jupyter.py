@@ -418,6 +418,7 @@ def test_systemd_node_gets_an_enabled_unit(password):
     unit = h.files[jupyter.UNIT_PATH].decode()
     assert "User=jupyter\n" in unit and f"ExecStart={ENV}/bin/jupyter-lab\n" in unit
     assert f"WorkingDirectory={HOME}\n" in unit and "Restart=on-failure" in unit
+    assert "TimeoutStopSec=20\n" in unit  # a kernel ignoring SIGTERM: killed within stop's time
     assert [c for c in h.changes if c.startswith("systemctl")] == [
         "systemctl daemon-reload",
         "systemctl enable ddpfleet-jupyter",
