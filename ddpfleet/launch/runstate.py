@@ -116,8 +116,15 @@ def _blamed_lines(part: Mapping) -> list[str]:
 def _first_failure(order: Sequence[str], states: Mapping[str, Mapping], failed: list[str]) -> str:
     """The master's record of the gang, else the earliest; but a node whose failed rank only
     says that a peer went away is a consequence while another node failed otherwise (which of
-    the two reaches the master first is a race)."""
-    causes = [n for n in failed if not peer_gone(_blamed_lines(states[n]))] or failed
+    the two reaches the master first is a race). A node whose blamed rank says nothing in its
+    last lines (torchrun's summary can push a traceback out of them) is a cause only when no
+    node's rank says it failed for a reason of its own."""
+    said = {n: _blamed_lines(states[n]) for n in failed}
+    causes = (
+        [n for n in failed if said[n] and not peer_gone(said[n])]
+        or [n for n in failed if not said[n]]
+        or failed
+    )
     master = states.get(order[0], {}).get("first_failure") or {}
     if master.get("node") in causes:
         return master["node"]

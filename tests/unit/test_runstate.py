@@ -96,3 +96,25 @@ def test_a_node_whose_rank_only_lost_its_peer_is_not_blamed():
     assert (v.failed_node, v.failed_rank) == ("node1", 3), v
     alone = {"node0": parts["node0"], "node1": part("STOPPED", exit_code=-15, ended=101.0)}
     assert fold("r", ORDER, alone).failed_node == "node0"  # the only failure is still named
+
+
+def test_a_node_whose_failed_rank_says_nothing_loses_to_one_whose_rank_raised():
+    # node0's failure reached the master first, and its ranks' own lines were pushed out of its
+    # last lines by torchrun's summary: only the agent's word is left. node1's rank 3 raised.
+    summary = [
+        "E1130 12:46:50.635000 1 api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 7) of x",
+        "  exitcode  : 1 (pid: 7)",
+    ]
+    raised = [
+        "[default1]:[rank3]: Traceback (most recent call last):",
+        "[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 40",
+    ]
+    parts = {
+        "node0": part("FAILED", exit_code=1, ended=100.5, tail=summary,
+                      first_failure={"node": "node0", "code": 1}),
+        "node1": part("FAILED", exit_code=1, ended=101.0, rank=1, tail=raised),
+    }  # fmt: skip
+    v = fold("r", ORDER, parts)
+    assert (v.failed_node, v.failed_rank) == ("node1", 3), v
+    alone = {"node0": parts["node0"], "node1": part("STOPPED", exit_code=-15, ended=101.0)}
+    assert fold("r", ORDER, alone).failed_node == "node0"  # a segfault says nothing either
