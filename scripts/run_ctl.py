@@ -76,7 +76,10 @@ def one(run_id):
     state["meta"] = spec.get("meta", {})
     state["nnodes"] = spec.get("nnodes")
     state["nproc"] = spec.get("nproc")
-    if state.get("status") == "FAILED":
+    # A part the gang stopped may hold the first failure: its failing rank's torchrun was still
+    # tearing down when the master's own failure stopped it.
+    # ("node1 failed (exit 1)" on the master, "gang: node1 failed (exit 1)" on a worker)
+    if state.get("status") == "FAILED" or "failed (exit" in str(state.get("reason") or ""):
         state["tail"] = tail(os.path.join(d, "node.log"))
     return state
 

@@ -85,6 +85,16 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
     if lost:
         return RunView(**view, state="LOST", exits=exits, why="; ".join(lost))
     failed = [n for n in order if states.get(n, {}).get("status") == "FAILED"]
+    # A part the gang stopped while its own rank had already failed (its torchrun was still
+    # tearing down when the master's own failure came first) is a failure too, if its rank
+    # says why itself: that rank, not the peer that only lost it, failed first.
+    failed += [
+        n
+        for n in order
+        if states.get(n, {}).get("status") == "STOPPED"
+        and (said := _blamed_lines(states[n]))
+        and not peer_gone(said)
+    ]
     if failed:
         first = _first_failure(order, states, failed)
         part = states[first]

@@ -118,3 +118,27 @@ def test_a_node_whose_failed_rank_says_nothing_loses_to_one_whose_rank_raised():
     assert (v.failed_node, v.failed_rank) == ("node1", 3), v
     alone = {"node0": parts["node0"], "node1": part("STOPPED", exit_code=-15, ended=101.0)}
     assert fold("r", ORDER, alone).failed_node == "node0"  # a segfault says nothing either
+
+
+def test_a_part_the_gang_stopped_after_its_own_rank_raised_is_named():
+    # node1's rank 3 raised, but node1's torchrun was still tearing down when node0's own
+    # failure (a peer gone) reached the master, whose stop then ended node1's part: STOPPED.
+    gone = [
+        "[default0]:[rank0]: Traceback (most recent call last):",
+        "[default0]:[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [10.0.0.2]:1",
+        "[default0]:terminate called without an active exception",
+    ]
+    raised = [
+        "[default1]:[rank3]: Traceback (most recent call last):",
+        "[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 40",
+    ]
+    parts = {
+        "node0": part("FAILED", exit_code=1, ended=100.5, tail=gone,
+                      first_failure={"node": "node0", "code": 1}),
+        "node1": part("STOPPED", exit_code=-15, ended=101.0, rank=1, tail=raised,
+                      reason="gang: node0 failed (exit 1)"),
+    }  # fmt: skip
+    v = fold("r", ORDER, parts)
+    assert (v.state, v.failed_node, v.failed_rank) == ("FAILED", "node1", 3), v
+    quiet = dict(parts, node1=part("STOPPED", exit_code=-15, ended=101.0, rank=1, tail=[]))
+    assert fold("r", ORDER, quiet).failed_node == "node0"  # nothing says otherwise
