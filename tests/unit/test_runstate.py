@@ -5,6 +5,11 @@ from __future__ import annotations
 from ddpfleet.launch.runstate import COLUMNS, fold, rows
 
 ORDER = ("node0", "node1")
+# node1's rank 3 raising for a reason of its own (the cause in the verdict tests below)
+RANK3_RAISED = [
+    "[default1]:[rank3]: Traceback (most recent call last):",
+    "[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 40",
+]
 
 
 def part(status: str, **kw) -> dict:
@@ -82,8 +87,7 @@ def test_a_node_whose_rank_only_lost_its_peer_is_not_blamed():
         "Connection closed by peer [10.215.0.11]:41234",
     ]
     raised = [
-        "[default1]:[rank3]: Traceback (most recent call last):",
-        "[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 40",
+        *RANK3_RAISED,
         "[default0]:[rank2]: Traceback (most recent call last):",
         "[default0]:[rank2]: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection reset by peer",
     ]
@@ -105,10 +109,7 @@ def test_a_node_whose_failed_rank_says_nothing_loses_to_one_whose_rank_raised():
         "E1130 12:46:50.635000 1 api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 7) of x",
         "  exitcode  : 1 (pid: 7)",
     ]
-    raised = [
-        "[default1]:[rank3]: Traceback (most recent call last):",
-        "[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 40",
-    ]
+    raised = RANK3_RAISED
     parts = {
         "node0": part("FAILED", exit_code=1, ended=100.5, tail=summary,
                       first_failure={"node": "node0", "code": 1}),
@@ -128,10 +129,7 @@ def test_a_part_the_gang_stopped_after_its_own_rank_raised_is_named():
         "[default0]:[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [10.0.0.2]:1",
         "[default0]:terminate called without an active exception",
     ]
-    raised = [
-        "[default1]:[rank3]: Traceback (most recent call last):",
-        "[default1]:[rank3]: RuntimeError: rank 3: injected failure at step 40",
-    ]
+    raised = RANK3_RAISED
     parts = {
         "node0": part("FAILED", exit_code=1, ended=100.5, tail=gone,
                       first_failure={"node": "node0", "code": 1}),
