@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from ddpfleet import progress, wheelsums
 from ddpfleet.errors import DdpfleetError
-from ddpfleet.hygiene import mask_url, mask_urls
+from ddpfleet.hygiene import mask_url, mask_urls, state_dir
 
 # Oldest glibc a manylinux wheel may ask for, per architecture (PEP 600 / pip's own list).
 MANYLINUX_FLOOR = {"x86_64": 5, "i686": 5}
@@ -193,7 +193,7 @@ def fetch(
     """The wheels `spec` needs on `target`, downloaded once into the cache (per-tag lock, so
     nodes of one platform, in threads or in two bootstraps, download it once)."""
     tag_dir = cache_root / target.tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
+    state_dir(tag_dir)
     manifest = tag_dir / f"spec-{spec.digest()[:16]}.txt"
     with open(tag_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -145,6 +145,54 @@ def test_project_files_honour_gitignore_and_leave_out_run_dirs(tmp_path, in_git)
     assert files["run.sh"].executable and not files["train.py"].executable
 
 
+def test_state_dir_writes_its_gitignore_and_keeps_one_there(tmp_path):
+    from ddpfleet.hygiene import state_dir
+
+    made = state_dir(tmp_path / "proj/cluster/.ddpfleet/slurm", mode=0o700)
+    assert made.is_dir() and stat.S_IMODE(made.stat().st_mode) == 0o700
+    assert (tmp_path / "proj/cluster/.ddpfleet/.gitignore").read_text() == "*\n"
+    assert not (made / ".gitignore").exists() and not (tmp_path / "proj/.gitignore").exists()
+    (tmp_path / "proj/cluster/.ddpfleet/.gitignore").write_text("*\n!keep\n")
+    state_dir(tmp_path / "proj/cluster/.ddpfleet/wheelhouse")
+    assert (tmp_path / "proj/cluster/.ddpfleet/.gitignore").read_text() == "*\n!keep\n"
+
+
+def test_every_maker_of_a_ddpfleet_dir_leaves_it_ignored_by_git(tmp_path, monkeypatch):
+    """The makers of a .ddpfleet/ on the controller (munge key, cluster CA, known_hosts, runs
+    index, wheel cache; the sandbox's go through the same hygiene.state_dir): after each, git
+    lists nothing in it."""
+    from ddpfleet import knownhosts, wheelhouse
+    from ddpfleet.launch import runctl
+    from ddpfleet.roles import load_role
+
+    load_role("slurm"), load_role("openssh_server")
+    monkeypatch.setattr(wheelhouse, "_pip", lambda argv, index: "Saved /x/torch-2-any.whl\n")
+    survey = __import__("ddpfleet_role_slurm.survey", fromlist=["survey"])
+    cluster = __import__("ddpfleet_role_openssh_server.cluster", fromlist=["cluster"])
+    root = tmp_path / "proj"
+    root.mkdir()
+    git(root, "init", "-q")
+    (root / "train.py").write_text("")
+    tops = {
+        "slurm": lambda d: survey.munge_key(d, create=True),
+        "ca": lambda d: cluster._write_once(d / ".ddpfleet" / "cluster_ca", b"ca"),
+        "kh": lambda d: knownhosts.append(d / ".ddpfleet" / "known_hosts", "x\n"),
+        "runs": lambda d: runctl.Index(d).add("r1", ["node0"]),
+        "wheels": lambda d: wheelhouse.fetch(
+            d / ".ddpfleet" / "wheelhouse",
+            wheelhouse.Spec("torch", "", ()),
+            wheelhouse.Target("3.11", "cp", "cp311", "linux-x86_64", "2.36"),
+        ),
+    }
+    for name, make in tops.items():
+        make(root / name)
+        assert (root / name / ".ddpfleet" / ".gitignore").read_text() == "*\n", name
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True
+    ).stdout.decode()
+    assert listed.split() == ["train.py"]
+
+
 def test_deleted_tracked_file_is_not_listed(tmp_path):
     root = make_project(tmp_path / "proj")
     git(root, "init", "-q")
