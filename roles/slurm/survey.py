@@ -19,6 +19,7 @@ from ddpfleet import inventory as inv
 from ddpfleet.errors import DdpfleetError, InventoryError
 from ddpfleet.facts import parse_facts
 from ddpfleet.hygiene import state_dir
+from ddpfleet.names import hostname_problem
 from ddpfleet.role_settings import Role
 from ddpfleet.shell import sha256
 
@@ -110,6 +111,9 @@ def survey(fleet, role: Role, check: bool) -> Survey | None:
             hw.append(_node_hw(node, got))
         except ValueError:
             problems.append(f"{node.name} reported no CPU or memory count ({got})")
+            continue
+        if bad := hostname_problem(hw[-1].hostname):  # it goes into every node's slurm.conf
+            problems.append(f"{node.name}: {bad}")
     if problems:
         return Survey(
             s,
