@@ -3,11 +3,17 @@
     clean("\x1b]52;c;aGk=\x07ok [bold]")   -> "ok [bold]"     (print it with markup off, or as Text)
     mask_url("https://u:tok@host/simple")  -> "https://u:***@host/simple"
     private_dir(Path("logs"))              -> logs/ made 0700; open_private(path) -> a 0600 file
+    state_dir(root / ".ddpfleet" / "slurm") -> made, and .ddpfleet/.gitignore says `*`
 
 Node output is data: a training script, /etc/os-release or a jupyter user's runtime file can hold
 terminal escapes (OSC 52 writes the operator's clipboard, cursor moves forge "ok" lines) and rich
 markup. Credentials in URLs go to pip through the environment, never argv; where a URL is shown,
 its password and query are masked.
+
+ddpfleet keeps its controller state beside the inventory, in .ddpfleet/ (known_hosts, the cluster
+CA, the munge key, the wheelhouse, the sandbox's keys, the runs index). The inventory often sits
+inside a git project, so every .ddpfleet/ ddpfleet makes holds a .gitignore of `*`: none of it
+goes into a commit, or into the `git ls-files` list the code sync starts from.
 """
 
 from __future__ import annotations
@@ -73,6 +79,26 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.stat().st_mode & 0o077:
         path.chmod(0o700)
+    return path
+
+
+STATE_DIR = ".ddpfleet"
+
+
+def state_dir(path: Path, mode: int = 0o777) -> Path:
+    """`path` made with its missing parents (`mode` for the last one, as Path.mkdir), and a
+    .gitignore of `*` in each .ddpfleet on the way that lacks one: made now, or by an older
+    ddpfleet that wrote none. One it cannot write (not ours) is left as it is."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    for d in (path, *path.parents):
+        if d.name != STATE_DIR:
+            continue
+        try:  # O_EXCL: an existing .gitignore (or a link named so) is never written through
+            fd = os.open(d / ".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write("*\n")
     return path
 
 

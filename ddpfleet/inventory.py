@@ -130,6 +130,9 @@ class Inventory:
     lines: Mapping[tuple[str, ...], int] = field(repr=False, compare=False, default=None)
     persist: int = 60  # ssh.persist: the connection keeper's idle timeout (kept.py)
     launcher: str = "ssh"
+    # Every node the file declares, whatever --nodes selected (secretfiles: the keys of all of
+    # them stay home); () when built by hand: then `nodes`.
+    declared: tuple[Node, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def root(self) -> Path:
@@ -304,6 +307,7 @@ class _Builder:
             lines=MappingProxyType(self.lines),
             persist=persist,
             launcher=self.launcher(top.get("train")),
+            declared=nodes,
         )
 
     def launcher(self, raw: Any) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import paramiko
 
+from ddpfleet.hygiene import state_dir
+
 USER_KNOWN_HOSTS = "~/.ssh/known_hosts"  # expanded at each lookup: $HOME decides
 
 _parsed: dict[str, tuple[tuple, paramiko.HostKeys]] = {}
@@ -69,7 +71,7 @@ def prefer(transport: paramiko.Transport, keys: dict[str, paramiko.PKey]) -> Non
 def append(path: Path, line: str) -> None:
     """Add one line; existing lines are never rewritten. A file whose last line lacks its
     newline gets one first, or the new entry would become part of that line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dir(path.parent)
     with open(path, "a+b") as f:
         f.seek(0, 2)
         if f.tell() > 0:

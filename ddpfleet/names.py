@@ -46,19 +46,35 @@ def cluster_name_problem(name: str) -> str:
     )
 
 
+def _host_name(host: str) -> bool:
+    labels = host.rstrip(".").split(".") if len(host) <= 253 else []
+    return bool(labels) and all(HOST_LABEL.fullmatch(label) for label in labels)
+
+
 def host_problem(host: str) -> str:
     try:
         ipaddress.ip_address(host)
         return ""
     except ValueError:
         pass
-    labels = host.rstrip(".").split(".") if len(host) <= 253 else []
-    if labels and all(HOST_LABEL.fullmatch(label) for label in labels):
+    if _host_name(host):
         return ""
     return (
         f"{shown(host)} is not an IP address or host name: use e.g. 10.0.0.10, "
         "gpu01.example.com or a ~/.ssh/config alias (letters, digits, '-', '_', '.'; "
         "no spaces)"
+    )
+
+
+def hostname_problem(hostname: str) -> str:
+    """A name a node reports for itself (`hostname -s`) that goes into a config file, as
+    slurm.conf's SlurmctldHost=: held to the inventory's host rule, so no space, '#', '=' or
+    newline there can add a key."""
+    if _host_name(hostname):
+        return ""
+    return (
+        f"hostname {shown(hostname)} is not a host name (letters, digits, '-', '_', '.'; no "
+        "spaces): set a plain one on the node (hostnamectl set-hostname)"
     )
 
 

@@ -33,13 +33,23 @@ from typing import NamedTuple
 
 from ddpfleet import progress, wheelsums
 from ddpfleet.errors import DdpfleetError
-from ddpfleet.hygiene import mask_url, mask_urls
+from ddpfleet.hygiene import mask_url, mask_urls, state_dir
 
 # Oldest glibc a manylinux wheel may ask for, per architecture (PEP 600 / pip's own list).
 MANYLINUX_FLOOR = {"x86_64": 5, "i686": 5}
 MANYLINUX_DEFAULT_FLOOR = 17
 LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
 SAVED = re.compile(r"^\s*(?:Saved|File was already downloaded) (.+\.whl)\s*$", re.MULTILINE)
+# What a node's probe may report, as TARGET_PY prints it: the ABI and platform name a directory of
+# the controller's cache, so each is a plain token (a compromised node's '../..' is refused).
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+REPORTED = {
+    "base_py": (re.compile(r"\d{1,3}\.\d{1,3}"), "a Python version like 3.11"),
+    "base_impl": (re.compile(r"[a-z][a-z0-9_]{0,31}"), "an implementation like cp"),
+    "base_abi": (re.compile(_TOKEN), "an ABI tag like cp311"),
+    "base_plat": (re.compile(_TOKEN), "a platform like linux-x86_64"),
+    "base_glibc": (re.compile(r"(\d{1,3}(\.\d{1,4}){1,2})?"), "a glibc version like 2.36"),
+}
 
 # Run by the node's python3 (stdlib only); prints what pip download needs to know, e.g.
 #   base_python=3.11.2  base_py=3.11  base_impl=cp  base_abi=cp311
@@ -94,13 +104,21 @@ class Target:
     glibc: str  # '2.36'; '' when not glibc (musl, macOS)
 
     @classmethod
-    def from_probe(cls, facts: Mapping[str, str]) -> Target:
+    def from_probe(cls, facts: Mapping[str, str], node: str = "node") -> Target:
+        """The target a node's TARGET_PY answer describes; every value checked (REPORTED)."""
         missing = [k for k in ("base_py", "base_impl", "base_abi", "base_plat") if not facts.get(k)]
         if missing:
             raise DdpfleetError(
-                f"node's python3 did not report {', '.join(missing)}; "
+                f"{node}'s python3 did not report {', '.join(missing)}; "
                 "is python3 (>= 3.8) installed on the node?"
             )
+        for key, (shape, what) in REPORTED.items():
+            value = facts.get(key, "")
+            if not shape.fullmatch(value) or ".." in value:
+                raise DdpfleetError(
+                    f"{node}: python3 reported {key}={value!r}, not {what}; refused (these "
+                    "values name the controller's wheel cache dir): check the node's python3"
+                )
         return cls(
             facts["base_py"],
             facts["base_impl"],
@@ -193,7 +211,7 @@ def fetch(
     """The wheels `spec` needs on `target`, downloaded once into the cache (per-tag lock, so
     nodes of one platform, in threads or in two bootstraps, download it once)."""
     tag_dir = cache_root / target.tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
+    state_dir(tag_dir)
     manifest = tag_dir / f"spec-{spec.digest()[:16]}.txt"
     with open(tag_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 
-from ddpfleet import envs, trainuser
+from ddpfleet import envs, secretfiles, trainuser
 from ddpfleet.errors import PlanError
 from ddpfleet.inventory import Inventory
 
@@ -72,6 +72,9 @@ class TrainConfig:
     # node -> the training user every rank runs as (train_user role; root only when allowed)
     users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_restarts: int = 0  # passed to torchrun (--max-restarts) when above 0
+    # Controller paths the sync never sends even when they lie in project_dir: the inventory's
+    # secrets (ddpfleet.secretfiles) and the runs' logs.
+    keep_out: frozenset[Path] = frozenset()
 
     @property
     def master(self) -> str:
@@ -114,6 +117,7 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
         run_dir=log_root / run_id,
         users=MappingProxyType({name: user.name for name, user in users.items()}),
         max_restarts=check_max_restarts(flags.max_restarts),
+        keep_out=secretfiles.named(inventory) | {log_root.absolute()},
     )
 
 

@@ -63,7 +63,7 @@ def open_checked(
 ) -> tuple[dict[str, sync.Entry], dict[str, Member]]:
     """The project's files (mistakes here come before any connection), every node reached, and
     a runner per node probing it: what an attached and a detached run both start with."""
-    files = sync.project_files(config.project_dir)
+    files = sync.project_files(config.project_dir, config.keep_out)
     sync.require(files, config.script, config.project_dir)
     fail_if(
         [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],

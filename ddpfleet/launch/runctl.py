@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
+from ddpfleet.hygiene import state_dir
 from ddpfleet.launch import sync
 from ddpfleet.launch.runstate import RunView, fold
 
@@ -60,7 +61,7 @@ class Index:
 
     def add(self, run_id: str, nodes: Sequence[str], **more) -> None:
         """`more`: what another launcher needs to find the run (Slurm: launcher, job_id ...)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state_dir(self.path.parent)
         entry = {"run_id": run_id, "nodes": list(nodes), "started": time.time(), **more}
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")

@@ -57,7 +57,7 @@ def plan_user(p: Plan) -> str | None:
 def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
     """The SSH launcher's checks, plan and code sync; Slurm starts the ranks."""
     job_user([(n, config.users.get(n)) for n in config.order])  # one user, before any change
-    files = sync.project_files(config.project_dir)
+    files = sync.project_files(config.project_dir, config.keep_out)
     sync.require(files, config.script, config.project_dir)
     fresh_run_dir(config.run_dir)
     fail_if(

@@ -1,6 +1,6 @@
 """Mirror the project directory to every node, sending only what changed.
 
-    files = project_files(Path("."))              # what the project is, honouring .gitignore
+    files = project_files(Path("."), keep_out)    # what the project is, honouring .gitignore
     change = diff(files, remote_manifest)         # pure: what to send, what to delete
     stats = push(conn, python, code_dir, root, files, change, script, remote, run_id)
 
@@ -10,8 +10,10 @@ unchanged tree costs no channel at all, and files a run wrote beside the code (c
 outputs) are neither hashed nor ever deleted. Modes travel as they are: a 0600 file stays 0600,
 and the code dir is made 0700. In a git work tree the file list
 is `git ls-files -co --exclude-standard` (tracked plus untracked-but-not-ignored); elsewhere a
-walk. Either way logs/, envs/, .venv, .ddpfleet and .git at the top, and __pycache__ anywhere,
-stay home: run output, environments, keys, and bytecode for another Python.
+walk. Either way logs/, envs/, .venv and .git at the top, and .ddpfleet and __pycache__ at any
+depth, stay home: run output, environments, ddpfleet's keys and state (an inventory in a
+subdirectory keeps its .ddpfleet/ there), and bytecode for another Python. So does every path in
+`keep_out` (the secrets the inventory names: ddpfleet.secretfiles), whatever .gitignore says.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ import shlex
 import stat
 import subprocess
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ddpfleet import progress
 from ddpfleet.errors import CommandError, NodeError, PlanError
 
-ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".ddpfleet", ".git")
+ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".git")  # at the project's top
+NEVER_SYNCED = (".ddpfleet", "__pycache__")  # a directory of that name at any depth
 SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 # Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
 # stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
@@ -76,12 +79,33 @@ class SyncStats:
     script: bool  # the training script is on the node after the sync
 
 
-def left_out(rel: str) -> bool:
+def left_out(rel: str, keep_out: Collection[str] = ()) -> bool:
+    """Whether a path relative to the project stays home; `keep_out`: relative paths (files or
+    directories) that do too, as inside() gives them."""
     parts = rel.split("/")
-    return parts[0] in ALWAYS_LEFT_OUT or "__pycache__" in parts
+    if parts[0] in ALWAYS_LEFT_OUT or any(p in NEVER_SYNCED for p in parts):
+        return True
+    return any(rel == k or rel.startswith(k + "/") for k in keep_out)
 
 
-def listed_paths(root: Path) -> list[str]:
+def inside(root: Path, paths: Iterable[Path]) -> frozenset[str]:
+    """Those of `paths` (absolute) that lie in root, relative to it: as written and with
+    symlinks resolved, so a key reached through a linked directory is found too."""
+    found = set()
+    for path in paths:
+        for p, r in (
+            (Path(os.path.normpath(path)), root.absolute()),
+            (path.resolve(), root.resolve()),
+        ):
+            try:
+                found.add(p.relative_to(r).as_posix())
+            except ValueError:
+                continue
+    found.discard(".")
+    return frozenset(found)
+
+
+def listed_paths(root: Path, keep_out: Collection[str] = ()) -> list[str]:
     """Relative paths the project consists of: git's view when root is in a work tree."""
     try:
         out = subprocess.run(
@@ -97,7 +121,9 @@ def listed_paths(root: Path) -> list[str]:
     found = []
     for top, dirs, files in os.walk(root):
         rel_top = Path(top).relative_to(root).as_posix()
-        dirs[:] = [d for d in dirs if not left_out(d if rel_top == "." else f"{rel_top}/{d}")]
+        dirs[:] = [
+            d for d in dirs if not left_out(d if rel_top == "." else f"{rel_top}/{d}", keep_out)
+        ]
         found += [f if rel_top == "." else f"{rel_top}/{f}" for f in files]
         found += [
             d if rel_top == "." else f"{rel_top}/{d}" for d in dirs if (Path(top) / d).is_symlink()
@@ -118,11 +144,13 @@ def entry(path: Path) -> Entry | None:
     return Entry("f", stat.S_IMODE(st.st_mode) & 0o777, h.hexdigest())
 
 
-def project_files(root: Path) -> dict[str, Entry]:
-    """{relative path: Entry} for everything that is mirrored to the nodes."""
+def project_files(root: Path, keep_out: Iterable[Path] = ()) -> dict[str, Entry]:
+    """{relative path: Entry} for everything that is mirrored to the nodes; `keep_out`: files
+    and directories on the controller that never are (ddpfleet.secretfiles.named)."""
+    home = inside(root, keep_out)
     files = {}
-    for rel in listed_paths(root):
-        if left_out(rel):
+    for rel in listed_paths(root, home):
+        if left_out(rel, home):
             continue
         try:
             found = entry(root / rel)

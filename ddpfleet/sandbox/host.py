@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ddpfleet.errors import SandboxError
+from ddpfleet.hygiene import state_dir
 from ddpfleet.sandbox.spec import PATH, SandboxNode, SandboxSpec
 
 PACKAGES = (
@@ -114,7 +115,7 @@ def ensure_packages() -> None:
 
 
 def _ssh_keygen(path: Path, comment: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state_dir(path.parent, mode=0o700)
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
 
 
@@ -148,7 +149,7 @@ def write_known_hosts(spec: SandboxSpec) -> None:
     old = path.read_text().splitlines() if path.exists() else []
     kept = [ln for ln in old if not (ln.split() and set(ln.split()[0].split(",")) & ours)]
     lines = kept + [f"{n.address} {host_pub(spec, n.name)}" for n in spec.nodes]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{ln}\n" for ln in lines))
     tmp.replace(path)

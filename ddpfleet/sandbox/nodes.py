@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ddpfleet.errors import SandboxError
+from ddpfleet.hygiene import state_dir
 from ddpfleet.sandbox import systemd_init, users
 from ddpfleet.sandbox.host import host_key, host_pub, wait_for
 from ddpfleet.sandbox.spec import NETNS_DIR, PATH, SandboxNode, SandboxSpec
@@ -195,10 +196,10 @@ def _python() -> str:
 def launch(spec: SandboxSpec, node: SandboxNode) -> subprocess.Popen:
     """Start the node's init in its netns, in new mount, UTS and PID namespaces."""
     pidfile = spec.pidfile(node.name).absolute()  # the init runs in /
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    state_dir(pidfile.parent)
     pidfile.unlink(missing_ok=True)
     logs = spec.state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    state_dir(logs)
     argv = [
         "nsenter",
         f"--net={NETNS_DIR / spec.netns(node.name)}",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpfleet.errors import SandboxError
+from ddpfleet.hygiene import state_dir
 from ddpfleet.names import sandbox_prefix_problem, subnet_problem, user_problem
 
 BASE = Path("/var/lib/ddpfleet/sandbox")
@@ -219,7 +220,7 @@ def _write_inventory(inventory: Any, spec: SandboxSpec) -> Path:
     tag = "" if spec.login_user == "root" else f"-{spec.login_user}"
     tag += "" if spec.init == "sandbox" else f"-{spec.init}"
     path = Path(inventory.root) / ".ddpfleet" / f"inventory-{len(spec.nodes)}{tag}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dir(path.parent)
     path.write_text(
         f"# written by invoke sandbox.up --nodes {len(spec.nodes)} from "
         f"{inventory.path}\n" + yaml.safe_dump(data, sort_keys=False)

@@ -19,6 +19,7 @@ import stat
 import threading
 from pathlib import Path
 
+from ddpfleet.hygiene import state_dir
 from ddpfleet.sandbox.host import run
 from ddpfleet.sandbox.spec import SandboxSpec
 
@@ -37,7 +38,7 @@ def _password(spec: SandboxSpec) -> str:
     path = password_file(spec)
     with _MAKING:  # nodes are set up in parallel: the first makes it, the others read it
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            state_dir(path.parent)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(18) + "\n")

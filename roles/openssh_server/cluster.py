@@ -33,6 +33,7 @@ from ddpfleet.connection import (
     known_hosts_name,
 )
 from ddpfleet.errors import DdpfleetError
+from ddpfleet.hygiene import state_dir
 
 BEGIN, END = "# BEGIN ddpfleet cluster", "# END ddpfleet cluster"
 # Comments that mark ddpfleet's lines in authorized_keys: the CA line, and the shared root key
@@ -72,7 +73,7 @@ def ca(path: Path, create: bool) -> tuple[bytes, str] | None:
 
 def _write_once(path: Path, data: bytes) -> None:
     """Create `path` 0600 atomically; another bootstrap that got there first wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -18,6 +18,8 @@ from pathlib import Path
 from ddpfleet import inventory as inv
 from ddpfleet.errors import DdpfleetError, InventoryError
 from ddpfleet.facts import parse_facts
+from ddpfleet.hygiene import state_dir
+from ddpfleet.names import hostname_problem
 from ddpfleet.role_settings import Role
 from ddpfleet.shell import sha256
 
@@ -73,7 +75,7 @@ def munge_key(project: Path, create: bool) -> MungeKey:
     path = project / ".ddpfleet" / "slurm" / "munge.key"
     with _key_lock:
         if not path.is_file() and create:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state_dir(path.parent, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(KEY_BYTES))
@@ -109,6 +111,9 @@ def survey(fleet, role: Role, check: bool) -> Survey | None:
             hw.append(_node_hw(node, got))
         except ValueError:
             problems.append(f"{node.name} reported no CPU or memory count ({got})")
+            continue
+        if bad := hostname_problem(hw[-1].hostname):  # it goes into every node's slurm.conf
+            problems.append(f"{node.name}: {bad}")
     if problems:
         return Survey(
             s,

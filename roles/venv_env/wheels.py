@@ -17,7 +17,7 @@ def step(env: Env) -> Step | None:
     """Fetch the spec's wheels into the controller's cache and send the node what it lacks."""
     if not env.cfg["wheelhouse"]:
         return None
-    target = Target.from_probe(env.state)
+    target = Target.from_probe(env.state, env.host.node.name)
     remote = env.cfg["wheelhouse_dir"]
     return env.host.changed(
         "wheelhouse",

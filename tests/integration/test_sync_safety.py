@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.conftest import INVOKE, ROOT, Cluster
 
@@ -265,3 +266,47 @@ def test_second_run_on_a_code_dir_in_use_is_refused(ready: Cluster, tmp_path: Pa
     assert not (ready.dir / "logs" / run_b).exists()
     # Run A is over: its lock went with it, and the next run may use the code dir.
     ok(train(ready, second, new_run_id("busy-c"), TINY, "--code-dir", code))
+
+
+def test_no_secret_of_an_inventory_in_the_project_reaches_a_node(ready: Cluster, tmp_path: Path):
+    """The review's #4 repro: the inventory in <proj>/cluster/ (examples/gpu-cluster.yaml's
+    shape) with its .ddpfleet/ (cluster CA, munge key), and the SSH key, known_hosts and a sudo
+    password file it names inside the project: none of it is under the nodes' code dir, while
+    the rest of cluster/ is."""
+    proj = project(tmp_path / "proj", **{"cluster/notes.md": "synced\n"})
+    data = ready.data
+    (proj / "keys").mkdir()
+    shutil.copy2(data["ssh"]["key"], proj / "keys" / "id_ed25519")
+    shutil.copy2(data["ssh"]["known_hosts"], proj / "cluster" / "known_hosts")
+    state = proj / "cluster" / ".ddpfleet"  # as an older ddpfleet left it: no .gitignore
+    (state / "slurm").mkdir(parents=True)
+    (state / "cluster_ca").write_text("-----BEGIN OPENSSH PRIVATE KEY----- (CA)\n")
+    (state / "slurm" / "munge.key").write_bytes(b"M" * 1024)
+    (proj / "cluster" / "sudo.pw").write_text("hunter2\n")
+    for secret in (state / "cluster_ca", state / "slurm" / "munge.key", proj / "cluster/sudo.pw"):
+        secret.chmod(0o600)
+    data["ssh"].update(
+        key="../keys/id_ed25519", known_hosts="known_hosts", become_password_file="sudo.pw"
+    )
+    inventory = proj / "cluster" / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    code = "/root/ddpfleet/sync-secrets"
+    on_all(ready, f"rm -rf {code}")
+    run_id = new_run_id("secrets")
+    ok(train(ready, proj, run_id, TINY, "--code-dir", code, "--inventory", str(inventory)))
+    for node in NODES:
+        # everything the mirror holds, but its own manifest dir at the top
+        listing = node_text(ready, node, f"cd {code} && find . -path ./.ddpfleet -prune -o -print")
+        paths = {p.removeprefix("./") for p in listing.split()}
+        assert {"cluster/notes.md", "cluster/inventory.yaml", "scripts/train_ddp.py"} <= paths
+        leaked = [
+            p
+            for p in paths
+            if ".ddpfleet" in p.split("/")
+            or p.startswith(("keys/id_ed25519", "cluster/logs"))
+            or p in ("cluster/known_hosts", "cluster/sudo.pw")
+        ]
+        assert not leaked, f"{node}: {leaked}"
+        grep = ready.ssh(node, f"grep -rl -e 'BEGIN OPENSSH' -e hunter2 -e MMMMMMMM {code}")
+        assert grep.stdout.strip() == "", f"{node}: {grep.stdout}"
+    assert (proj / "cluster" / "logs" / run_id).is_dir()  # the run's logs, beside the inventory

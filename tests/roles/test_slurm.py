@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 
+import pytest
+
+from ddpfleet import inventory as inv
 from ddpfleet.roles import load_role
 from tests.roles.fakehost import FakeHost, apply
 
@@ -153,3 +156,53 @@ def test_a_survey_problem_fails_before_anything():
     found = SURVEY.Survey(survey().settings, "node0", problem="slurm.conf needs every node: x")
     steps, _ = apply("slurm", node1(found, ""))
     assert [(s.name, s.status) for s in steps] == [("survey", "failed")]
+
+
+class ProbedFleet:
+    """A fleet whose nodes answer the survey's probe with `answers` (name: probe output)."""
+
+    def __init__(self, inventory, answers):
+        self.inventory, self.nodes, self.answers = inventory, inventory.nodes, answers
+
+    def map(self, fn):
+        def conn(name):
+            return SimpleNamespace(
+                name=name, run=lambda cmd: SimpleNamespace(stdout=self.answers[name])
+            )
+
+        return {n.name: fn(conn(n.name)) for n in self.nodes}
+
+
+def probe_output(hostname: str) -> str:
+    return f"hostname={hostname}\ncpus=2\nmemory_mb=4000\ngpus=0\ncgroup=cgroup2fs\n"
+
+
+@pytest.mark.parametrize(
+    "hostname", ["node0 #x", "node0\tSlurmUser=root", "a=b", "node0#", "-node0", "n/0"]
+)
+def test_a_hostname_that_would_inject_into_slurm_conf_is_refused(tmp_path, hostname):
+    """The review's #8: the master's `hostname -s` becomes SlurmctldHost= in every node's
+    slurm.conf. A bad one is one line naming the node and the value; no file, no munge key."""
+    path = tmp_path / "inventory.yaml"
+    path.write_text("slurm: {enabled: true}\nnodes: {node0: 10.0.0.10, node1: 10.0.0.11}\n")
+    fleet = ProbedFleet(
+        inv.load(path), {"node0": probe_output(hostname), "node1": probe_output("node1")}
+    )
+    found = SURVEY.survey(fleet, ROLE, check=False)
+    assert found.problem.startswith("slurm.conf needs every node: node0: hostname ")
+    assert repr(hostname) in found.problem and "\n" not in found.problem
+    assert found.problem.endswith("; nothing was changed") and not found.files
+    assert not (tmp_path / ".ddpfleet").exists()  # the munge key was not made either
+    fake = node1(found, "")
+    steps, _ = apply("slurm", fake)
+    assert [(s.name, s.status) for s in steps] == [("survey", "failed")] and not fake.changes
+
+
+def test_plain_hostnames_go_into_slurm_conf(tmp_path):
+    path = tmp_path / "inventory.yaml"
+    path.write_text("slurm: {enabled: true}\nnodes: {node0: 10.0.0.10, node1: 10.0.0.11}\n")
+    answers = {"node0": probe_output("gpu-01"), "node1": probe_output("gpu_02")}
+    found = SURVEY.survey(ProbedFleet(inv.load(path), answers), ROLE, check=False)
+    assert found.problem == ""
+    assert "SlurmctldHost=gpu-01(10.0.0.10)\n" in found.files[CONF.SLURM_CONF]
+    assert (tmp_path / ".ddpfleet" / ".gitignore").read_text() == "*\n"  # beside the key

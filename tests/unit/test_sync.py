@@ -145,6 +145,154 @@ def test_project_files_honour_gitignore_and_leave_out_run_dirs(tmp_path, in_git)
     assert files["run.sh"].executable and not files["train.py"].executable
 
 
+NESTED_STATE = {  # an inventory in cluster/: its .ddpfleet/ as bootstrap and sandbox.up leave it
+    "cluster/inventory.yaml": "nodes: {node0: 10.0.0.10}\n",
+    "cluster/.ddpfleet/cluster_ca": "-----BEGIN OPENSSH PRIVATE KEY-----\n",
+    "cluster/.ddpfleet/slurm/munge.key": "munge\n",
+    "cluster/.ddpfleet/wheelhouse/cp311-x/torch.whl": "wheel\n",
+    "deep/er/.ddpfleet/known_hosts": "keys\n",
+}
+
+
+@pytest.mark.parametrize("in_git", [True, False])
+def test_no_ddpfleet_dir_at_any_depth_is_listed(tmp_path, in_git):
+    """The review's #4: a .ddpfleet/ below the top went to the nodes (git lists it too when the
+    project's .gitignore lacks it, as users' projects do)."""
+    root = make_project(tmp_path / "proj")
+    for rel, text in NESTED_STATE.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    if in_git:
+        git(root, "init", "-q")
+        git(root, "add", "-f", "cluster/.ddpfleet/cluster_ca")  # even one committed by mistake
+        listed = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True
+        ).stdout.decode()
+        assert "cluster/.ddpfleet/slurm/munge.key" in listed  # what made it a repro
+    files = sync.project_files(root)
+    assert "cluster/inventory.yaml" in files
+    assert not [p for p in files if ".ddpfleet" in p.split("/")]
+
+
+def write_inventory(path: Path, **ssh) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {
+                "ssh": ssh,
+                "jupyter": {"password_file": "secrets/jupyter.pw"},
+                "openssh_server": {"cluster_ca": "ca/cluster_ca"},
+                "nodes": {"node0": "10.0.0.10", "node1": {"host": "10.0.0.11", "key": "k1"}},
+            }
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("in_git", [True, False])
+def test_secrets_the_inventory_names_inside_the_project_are_not_listed(tmp_path, in_git):
+    """Key (and its .pub), known_hosts, password files and the CA, wherever the inventory puts
+    them in the project, stay home whatever .gitignore says; so do the run logs beside it."""
+    from ddpfleet import inventory, secretfiles
+
+    root = make_project(tmp_path / "proj")
+    secrets = [
+        "keys/id_ed25519",
+        "keys/id_ed25519.pub",
+        "cluster/k1",
+        "cluster/known_hosts",
+        "cluster/sudo.pw",
+        "cluster/secrets/jupyter.pw",
+        "cluster/ca/cluster_ca",
+        "cluster/logs/r1/node0.log",
+    ]
+    for rel in [*secrets, "keys/README.md"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("secret\n")
+    path = write_inventory(
+        root / "cluster" / "inventory.yaml",
+        key="../keys/id_ed25519",
+        known_hosts="known_hosts",
+        become_password_file="sudo.pw",
+    )
+    if in_git:
+        git(root, "init", "-q")
+    loaded = inventory.load(path, nodes="node0")  # --nodes: node1's key stays home too
+    keep_out = secretfiles.named(loaded) | {loaded.root / "logs"}
+    files = sync.project_files(root, keep_out)
+    assert not set(secrets) & set(files)
+    assert {"keys/README.md", "cluster/inventory.yaml", "train.py"} <= set(files)
+    # through a symlinked project path too: the paths are compared resolved as well
+    (tmp_path / "link").symlink_to(root)
+    assert not set(secrets) & set(sync.project_files(tmp_path / "link", keep_out))
+
+
+def test_train_config_carries_the_secrets_to_the_sync(tmp_path):
+    from ddpfleet import inventory
+
+    root = tmp_path / "proj"
+    path = write_inventory(root / "cluster" / "inventory.yaml", key="../id", known_hosts="kh")
+    (root / "id").parent.mkdir(parents=True, exist_ok=True)
+    (root / "id").write_text("key\n")
+    (root / "cluster/k1").write_text("key\n")
+    loaded = inventory.load(path)
+    config = launch.resolve(
+        loaded,
+        launch.TrainFlags(project_dir=root, run_id="r1"),
+        loaded.root / "logs",
+    )
+    assert {root / "id", root / "cluster/kh", root / "cluster/.ddpfleet"} <= config.keep_out
+    assert loaded.root / "logs" in config.keep_out
+
+
+def test_state_dir_writes_its_gitignore_and_keeps_one_there(tmp_path):
+    from ddpfleet.hygiene import state_dir
+
+    made = state_dir(tmp_path / "proj/cluster/.ddpfleet/slurm", mode=0o700)
+    assert made.is_dir() and stat.S_IMODE(made.stat().st_mode) == 0o700
+    assert (tmp_path / "proj/cluster/.ddpfleet/.gitignore").read_text() == "*\n"
+    assert not (made / ".gitignore").exists() and not (tmp_path / "proj/.gitignore").exists()
+    (tmp_path / "proj/cluster/.ddpfleet/.gitignore").write_text("*\n!keep\n")
+    state_dir(tmp_path / "proj/cluster/.ddpfleet/wheelhouse")
+    assert (tmp_path / "proj/cluster/.ddpfleet/.gitignore").read_text() == "*\n!keep\n"
+
+
+def test_every_maker_of_a_ddpfleet_dir_leaves_it_ignored_by_git(tmp_path, monkeypatch):
+    """The makers of a .ddpfleet/ on the controller (munge key, cluster CA, known_hosts, runs
+    index, wheel cache; the sandbox's go through the same hygiene.state_dir): after each, git
+    lists nothing in it."""
+    from ddpfleet import knownhosts, wheelhouse
+    from ddpfleet.launch import runctl
+    from ddpfleet.roles import load_role
+
+    load_role("slurm"), load_role("openssh_server")
+    monkeypatch.setattr(wheelhouse, "_pip", lambda argv, index: "Saved /x/torch-2-any.whl\n")
+    survey = __import__("ddpfleet_role_slurm.survey", fromlist=["survey"])
+    cluster = __import__("ddpfleet_role_openssh_server.cluster", fromlist=["cluster"])
+    root = tmp_path / "proj"
+    root.mkdir()
+    git(root, "init", "-q")
+    (root / "train.py").write_text("")
+    tops = {
+        "slurm": lambda d: survey.munge_key(d, create=True),
+        "ca": lambda d: cluster._write_once(d / ".ddpfleet" / "cluster_ca", b"ca"),
+        "kh": lambda d: knownhosts.append(d / ".ddpfleet" / "known_hosts", "x\n"),
+        "runs": lambda d: runctl.Index(d).add("r1", ["node0"]),
+        "wheels": lambda d: wheelhouse.fetch(
+            d / ".ddpfleet" / "wheelhouse",
+            wheelhouse.Spec("torch", "", ()),
+            wheelhouse.Target("3.11", "cp", "cp311", "linux-x86_64", "2.36"),
+        ),
+    }
+    for name, make in tops.items():
+        make(root / name)
+        assert (root / name / ".ddpfleet" / ".gitignore").read_text() == "*\n", name
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True
+    ).stdout.decode()
+    assert listed.split() == ["train.py"]
+
+
 def test_deleted_tracked_file_is_not_listed(tmp_path):
     root = make_project(tmp_path / "proj")
     git(root, "init", "-q")

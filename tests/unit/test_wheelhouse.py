@@ -74,6 +74,43 @@ def test_target_from_a_probe_without_python3_is_a_clear_error():
         Target.from_probe({"base_py": "3.11"})
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("base_abi", "../../.."),  # the review's #9: the cache dir would leave .ddpfleet/
+        ("base_abi", "cp311/../../x"),
+        ("base_abi", "/etc"),
+        ("base_abi", "cp311 x"),
+        ("base_plat", "linux-../../../tmp"),
+        ("base_plat", "linux/x86_64"),
+        ("base_impl", "c/p"),
+        ("base_py", "3.11/.."),
+        ("base_glibc", "2.36/../x"),
+    ],
+)
+def test_a_node_reported_value_that_is_not_a_plain_token_is_refused(key, value):
+    with pytest.raises(DdpfleetError) as e:
+        Target.from_probe({**PROBE, key: value}, node="node1")
+    message = str(e.value)
+    assert message.startswith(f"node1: python3 reported {key}={value!r}, not ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"base_abi": "cp313t"},
+        {"base_abi": "cp37m", "base_py": "3.7"},
+        {"base_impl": "pypy", "base_abi": "pypy310"},
+        {"base_plat": "macosx-11.0-arm64", "base_glibc": ""},
+        {"base_plat": "linux-aarch64", "base_glibc": "2.17"},
+    ],
+)
+def test_real_probe_values_are_accepted(changes):
+    target = Target.from_probe({**PROBE, **changes}, node="node1")
+    assert "/" not in target.tag and ".." not in target.tag
+
+
 def test_spec_digest_changes_with_every_part():
     digests = {
         CPU.digest(),
