@@ -313,6 +313,10 @@ class Session:
     def recv(self, size: int = 65536) -> bytes:
         return self._do(self.chan.recv, size)
 
+    def settimeout(self, seconds: float | None) -> None:
+        """recv and sendall give up (this node's NodeError) after `seconds` without progress."""
+        self.chan.settimeout(seconds)
+
     def shutdown_write(self) -> None:
         self._do(self.chan.shutdown_write)
 

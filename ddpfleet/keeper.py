@@ -10,6 +10,10 @@ and its transport is alive, else it is replaced through connect(), which checks 
 exactly as a direct connection does. Nodes no longer in the inventory file are dropped. The
 keeper exits when nothing asked for IDLE_SECONDS, and accepts only its own user (SO_PEERCRED),
 on a 0600 socket in a 0700 directory.
+
+It never holds a sudo password: it never reads ssh.become_password_file (nor the password's
+environment variable), so its root work is only what a passwordless sudo (or a root login)
+allows; kept.fleet sends an inventory that names a password file to direct connections.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from ddpfleet import knownhosts
+from ddpfleet import connection, knownhosts
+from ddpfleet.become import PASSWORD_ENV
 from ddpfleet.connection import Conn, connect
 from ddpfleet.errors import DdpfleetError, NodeError, Unreachable
 from ddpfleet.inventory import Node
@@ -38,7 +43,9 @@ PATHS = ("key", "known_hosts", "become_password_file")  # the Node fields that a
 
 
 def node_of(spec: dict) -> Node:
-    return Node(**{k: Path(v) if k in PATHS and v is not None else v for k, v in spec.items()})
+    """The node to connect to, without its become password file (the keeper never reads it)."""
+    node = {k: Path(v) if k in PATHS and v is not None else v for k, v in spec.items()}
+    return Node(**{**node, "become_password_file": None})
 
 
 def _stamp(path: str | os.PathLike | None) -> tuple | None:
@@ -46,8 +53,18 @@ def _stamp(path: str | os.PathLike | None) -> tuple | None:
 
 
 def fingerprint(spec: dict) -> str:
-    """What a connection was made from: a change in any of it means a new handshake."""
-    files = (spec["key"], spec["known_hosts"], knownhosts.USER_KNOWN_HOSTS, "~/.ssh/config")
+    """What a connection was made from: a change in any of it means a new handshake (and a
+    new escalation probe): the spec, the key, the known_hosts files, both ssh configs (Fabric
+    reads /etc/ssh/ssh_config too) and the become password file (never read here; a change
+    to it still means root work is found out afresh)."""
+    files = (
+        spec["key"],
+        spec["known_hosts"],
+        knownhosts.USER_KNOWN_HOSTS,
+        "~/.ssh/config",
+        connection.SYSTEM_SSH_CONFIG,
+        spec.get("become_password_file"),
+    )
     return json.dumps([spec, [_stamp(f) for f in files]], sort_keys=True, default=str)
 
 
@@ -190,6 +207,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 def serve(path: Path, idle: float) -> int:
     os.umask(0o077)
+    os.environ.pop(PASSWORD_ENV, None)  # kept.start leaves it out; never hold one anyway
     lock = open(f"{path}.lock", "w")  # noqa: SIM115 -- held for the keeper's whole life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

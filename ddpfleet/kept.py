@@ -217,8 +217,11 @@ def start(path: Path, idle: float) -> None:
 
 def fleet(inventory: Inventory):
     """Warm connections when a keeper answers; else a direct Fleet (and a keeper started for
-    the next command, unless ssh.persist is 0)."""
-    path = socket_path(inventory) if inventory.persist > 0 else None
+    the next command, unless ssh.persist is 0). Nodes with ssh.become_password_file always get
+    a direct Fleet: the keeper never holds a sudo password (keeper.py), and their root work
+    (gpu-status reads other users' processes as root) needs it."""
+    direct = any(n.become_password_file is not None for n in inventory.nodes)
+    path = socket_path(inventory) if inventory.persist > 0 and not direct else None
     if path is not None:
         try:
             kept = KeptFleet(inventory, path)

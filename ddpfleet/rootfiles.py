@@ -7,6 +7,11 @@ SFTP runs as the login user, so it can neither read a root-only file nor write u
              then one root script: `install -o OWNER -g GROUP -m MODE` beside the target, a
              rename into place (readers never see half a file), and the temp dir removed.
              Nothing is ever left owned by the login user.
+
+The temp dir is made and held by a session of the login user's own (HOLD) that removes it when
+its stdin ends: the controller ends it after the install, whatever happened (sudo refused, a
+timeout), and sshd ends it when the connection is lost (the controller killed, the network
+gone), so the content (a munge key) never stays in the login user's /tmp.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import binascii
 from collections.abc import Callable
 from pathlib import Path
 
-from ddpfleet.connection import Conn
-from ddpfleet.errors import CommandError
+from ddpfleet.connection import Conn, Session
+from ddpfleet.errors import CommandError, NodeError
 
 # $1 path: "absent", or "MODE OWNER" then the content in base64 on one line.
 READ = r"""
@@ -34,6 +39,18 @@ tmp=$(mktemp -p "$(dirname -- "$2")" ".$(basename -- "$2").ddpfleet-XXXXXX")
 trap 'rm -f -- "$tmp"; rm -rf -- "$(dirname -- "$1")"' EXIT
 install -o "$4" -g "$g" -m "$3" -- "$1" "$tmp"
 mv -fT -- "$tmp" "$2"
+"""
+
+
+# As the login user, for as long as one install lasts: the temp dir's name on the first line,
+# then the dir removed once stdin ends (EOF from the controller, or sshd closing the session).
+HOLD = r"""
+set -eu
+d=$(mktemp -d /tmp/ddpfleet.XXXXXX)
+trap 'rm -rf -- "$d"' EXIT
+trap 'exit 1' HUP INT TERM
+echo "$d"
+cat >/dev/null
 """
 
 
@@ -67,15 +84,44 @@ def install_file(conn: Conn, local: Path, path: str, mode: int = 0o644) -> None:
 
 def _install(conn: Conn, path: str, send: Callable[[str], object], mode: int, owner: str) -> None:
     quick = conn.node.command_timeout
-    tmp_dir = conn.run(["mktemp", "-d", "/tmp/ddpfleet.XXXXXX"], timeout=quick).stdout.strip()
-    source = f"{tmp_dir}/content"
+    hold = conn.session(["sh", "-c", HOLD])
+    hold.settimeout(quick)
+    done = False
     try:
+        tmp_dir = _first_line(conn, hold)
+        source = f"{tmp_dir}/content"
         send(source)
-    except BaseException:
-        conn.run(["rm", "-rf", "--", tmp_dir], check=False, timeout=quick)
-        raise
-    conn.run(
-        ["sh", "-c", INSTALL, "sh", source, path, f"{mode:04o}", owner],
-        root=True,
-        timeout=quick,
-    )
+        conn.run(
+            ["sh", "-c", INSTALL, "sh", source, path, f"{mode:04o}", owner],
+            root=True,
+            timeout=quick,
+        )
+        done = True  # INSTALL removed the dir itself
+    finally:
+        _release(conn, hold, wait=not done)
+
+
+def _first_line(conn: Conn, hold: Session) -> str:
+    """The temp dir HOLD made (its first line of output)."""
+    out = b""
+    while not out.endswith(b"\n"):
+        got = hold.recv(4096)
+        if not got:
+            raise CommandError(
+                conn.name, "mktemp -d /tmp/ddpfleet.XXXXXX", None, out.decode(errors="replace")
+            )
+        out += got
+    return out.decode(errors="replace").strip()
+
+
+def _release(conn: Conn, hold: Session, wait: bool) -> None:
+    """End HOLD (it removes the temp dir); after a failed install, wait until it has, while the
+    connection lives (when it is gone, sshd ends HOLD). Never raises: the install's own outcome
+    is what the caller hears about."""
+    try:
+        hold.shutdown_write()
+        if wait and conn.transport.is_active():
+            hold.recv_exit_status()
+    except NodeError:
+        pass
+    hold.close()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ddpfleet import rootlog
 from ddpfleet.connection import Result
 from ddpfleet.facts import parse_facts
 from ddpfleet.inventory import Node
@@ -209,10 +210,6 @@ def supervisor_argv(s: Settings, state: NodeState, root_dir: str) -> list[str]:
     return [s.python, "-I", SUPERVISOR, STATE_DIR, *server_argv(s, state, root_dir)]
 
 
-START_SH = """log=$1; shift
-touch "$log" && chmod 600 "$log" || exit 1
-setsid -f "$@" </dev/null >>"$log" 2>&1"""
-
 STOP_SH = r"""state=$1
 sp=$(cat "$state/supervisor.pid" 2>/dev/null)
 case $sp in ''|*[!0-9]*) exit 0;; esac
@@ -245,7 +242,8 @@ sys.exit(1)
 
 
 def start_command(s: Settings, state: NodeState, root_dir: str) -> list[str]:
-    return ["sh", "-c", START_SH, "sh", LOG_PATH, *supervisor_argv(s, state, root_dir)]
+    """The supervisor started detached, its output appended to LOG_PATH (ddpfleet.rootlog)."""
+    return rootlog.start_detached(s.python, LOG_PATH, supervisor_argv(s, state, root_dir))
 
 
 def stop_command(state: NodeState) -> list[str]:

@@ -15,6 +15,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ddpfleet import rootlog
 from ddpfleet.facts import parse_facts
 
 LIBEXEC = "/usr/local/libexec/ddpfleet"
@@ -54,6 +55,11 @@ def argv(daemon: str, node: str) -> list[str]:
     if daemon == "slurmctld":  # it drops to SlurmUser itself
         return ["/usr/sbin/slurmctld", "-D"]
     return ["/usr/sbin/slurmd", "-D", "-N", node]  # -N: the inventory's name, not hostname
+
+
+def log_path(daemon: str) -> str:
+    """What the supervised daemon printed (root's, 0600; opened without following a symlink)."""
+    return f"/var/log/ddpfleet-{daemon}.log"
 
 
 def supervised(daemon: str, node: str) -> list[str]:
@@ -170,10 +176,6 @@ def probe(host, pkgs: tuple[str, ...], users: Mapping[str, int]) -> NodeState:
     )
 
 
-START_SH = """log=$1; shift
-touch "$log" && chmod 600 "$log" || exit 1
-setsid -f "$@" </dev/null >>"$log" 2>&1"""
-
 STOP_SH = r"""state=$1 name=$2
 sp=$(cat "$state/$name.supervisor.pid" 2>/dev/null)
 case $sp in ''|*[!0-9]*) exit 0;; esac
@@ -190,8 +192,8 @@ rm -f "$state/$name.supervisor.pid" "$state/$name.pid"
 def start(daemon: str, node: str, systemd: bool) -> list[str]:
     if systemd:
         return ["systemctl", "enable", "--now", daemon]
-    log = f"/var/log/ddpfleet-{daemon}.log"
-    return ["sh", "-c", START_SH, "sh", log, *supervised(daemon, node)]
+    # the node's python3 (the role's probes use it too): see ddpfleet.rootlog
+    return rootlog.start_detached("python3", log_path(daemon), supervised(daemon, node))
 
 
 def stop(daemon: str, systemd: bool) -> list[str]:
@@ -238,7 +240,7 @@ def wait(daemon: str, seconds: int, port: int) -> list[str]:
 def log_tail(daemon: str, systemd: bool) -> list[str]:
     if systemd:
         return ["journalctl", "-u", daemon, "-n", "3", "--no-pager"]
-    logs = [f"/var/log/ddpfleet-{daemon}.log"]
+    logs = [log_path(daemon)]
     if daemon != "munge":
         logs.append(f"/var/log/slurm/{daemon}.log")
     return ["sh", "-c", 'tail -q -n 2 "$@" 2>/dev/null', "sh", *logs]

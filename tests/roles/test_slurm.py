@@ -149,7 +149,10 @@ def test_a_node_change_restarts_slurmd():
     step = next(s for s in steps if s.name == "slurmd")
     assert step.status == "changed" and "nodes or ports changed" in step.reason
     assert "kill -HUP 21" not in fake.changes
-    assert any(c.startswith("sh -c log=$1") and "slurmd -D -N node1" in c for c in fake.changes)
+    started = "/var/log/ddpfleet-slurmd.log setsid -f " + " ".join(
+        DAEMONS.supervised("slurmd", "node1")
+    )
+    assert any(c.startswith("python3 -I -c ") and started in c for c in fake.changes)
 
 
 def test_a_survey_problem_fails_before_anything():

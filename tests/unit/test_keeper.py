@@ -1,0 +1,121 @@
+"""The connection keeper's own rules, without a node (tests/integration/test_keeper.py has the
+real thing): it never holds a sudo password, and a changed password file or system ssh config
+means a fresh connection. Only the SSH connection is stood in for (StubConn answers the
+escalation probe as a sudo that asks a password would)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ddpfleet import become, connection, dial, keeper, kept
+from ddpfleet import inventory as inv
+from ddpfleet.connection import Conn
+from ddpfleet.inventory import Node
+from ddpfleet.result import Result
+
+PASSWORD = "hunter2-sudo"
+
+
+class StubConn(Conn):
+    """A login user whose sudo asks a password (and takes any); records every stdin."""
+
+    def __init__(self, node: Node):
+        alive = SimpleNamespace(is_active=lambda: True)
+        super().__init__(node, SimpleNamespace(transport=alive, close=lambda: None))
+        self.stdins: list[bytes | None] = []
+
+    def run(self, command, stdin=None, check=True, timeout=None, root=False) -> Result:
+        self.stdins.append(stdin.encode() if isinstance(stdin, str) else stdin)
+        if command == become.PROBE:
+            said = "1000\nsudo: a password is required\nddpfleet-pw-P\n"
+            return Result(self.name, command, 0, said, "", 0.0)
+        return Result(self.name, command, 0, "", "", 0.0)
+
+
+@pytest.fixture
+def made(monkeypatch) -> list[StubConn]:
+    """The keeper's connections, made by StubConn instead of SSH."""
+    conns: list[StubConn] = []
+
+    def connect(node: Node) -> StubConn:
+        conns.append(StubConn(node))
+        return conns[-1]
+
+    monkeypatch.setattr(keeper, "connect", connect)
+    monkeypatch.delenv(become.PASSWORD_ENV, raising=False)
+    return conns
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    p = tmp_path / "become_password"
+    p.write_text(PASSWORD + "\n")
+    p.chmod(0o600)
+    return p
+
+
+def spec(password_file: Path) -> dict:
+    node = Node("node1", "10.0.0.11", 22, "ubuntu", None, Path("/nonexistent"), 2.0)
+    return kept.node_spec(Node(**{**vars(node), "become_password_file": password_file}))
+
+
+def test_the_keeper_never_reads_the_become_password_file(made, password_file: Path):
+    k = keeper.Keeper(60)
+    answer = k.handle({"op": "escalation", "node": spec(password_file)})
+    sent = b"".join(s or b"" for c in made for s in c.stdins)
+    assert PASSWORD.encode() not in sent, "the keeper read the password file and used it"
+    assert answer["error"]["class"] == "BecomeError"  # sudo asks a password the keeper lacks
+    assert all(c.node.become_password_file is None for c in made)
+    assert all(c._escalation is None for c in made)  # nothing cached, no password held
+    k.close()
+
+
+def test_a_changed_password_file_or_system_ssh_config_means_a_new_connection(
+    made, password_file: Path, tmp_path: Path, monkeypatch
+):
+    system = tmp_path / "ssh_config"
+    system.write_text("Host *\n")
+    monkeypatch.setattr(connection, "SYSTEM_SSH_CONFIG", system)
+    k = keeper.Keeper(60)
+    s = spec(password_file)
+    assert k.conn(s)[1] and not k.conn(s)[1]  # made once, then reused
+    password_file.write_text("another-password\n")
+    assert k.conn(s)[1], "a changed password file kept the old connection"
+    system.write_text("Host *\n  ServerAliveInterval 9\n")
+    assert k.conn(s)[1], "a changed /etc/ssh/ssh_config kept the old connection"
+    assert k.handshakes == 3
+    k.close()
+
+
+def test_an_inventory_with_a_password_file_goes_direct(tmp_path: Path, monkeypatch):
+    (tmp_path / "id").write_text("not really a key\n")
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    (tmp_path / "pw").chmod(0o600)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            cluster: {name: demo}
+            ssh: {user: ubuntu, key: id, become_password_file: pw}
+            nodes:
+              node0: {host: 10.0.0.10}
+            """
+        )
+    )
+    asked: list[dict] = []
+
+    def ask(sock, request, timeout=None):  # a keeper that answers
+        asked.append(request)
+        return {"nodes": {"node0": "ok"}}
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(kept, "ask", ask)
+    monkeypatch.setattr(dial, "start", lambda nodes: None)
+    started: list = []
+    monkeypatch.setattr(kept.atexit, "register", lambda *a: started.append(a))
+    f = kept.fleet(inv.load(path))
+    assert isinstance(f, connection.Fleet) and asked == [] and started == []
