@@ -7,7 +7,7 @@ detached runs under /var/lib/ddpfleet/runs/ (see run_supervisor.py). Stdlib only
                            is left. Idempotent; one JSON line says what it stopped
     logs RUN FOLLOW        node.log from the start; FOLLOW=1 keeps reading until the run ends
     prune KEEP             removes the run dirs of ended runs but the newest KEEP
-    spec RUN               the run's spec.json
+    spec RUN               the run's spec.json, less its lifeline secret
 
 A run's supervisor counts as alive only if its pid has the recorded start time and the boot id
 is the same (a reused pid or a reboot is not our supervisor).
@@ -207,8 +207,9 @@ def main(argv):
         return logs(argv[1], argv[2] == "1")
     elif what == "prune":
         print(json.dumps(prune(int(argv[1]))))
-    elif what == "spec":
-        print(json.dumps(read_json(os.path.join(RUNS, argv[1], "spec.json"))))
+    elif what == "spec":  # for --resume: all but the lifeline's secret, which stays here
+        spec = read_json(os.path.join(RUNS, argv[1], "spec.json"))
+        print(json.dumps(spec and {k: v for k, v in spec.items() if k != "lifeline_secret"}))
     return 0
 
 

@@ -3,18 +3,34 @@
 Stdlib only; run_supervisor.py receives this file on stdin after proctree.py. Every worker's
 supervisor keeps one TCP connection to the master's (node_rank 0). Lines both ways:
 
-    hello NODE          a worker, once, when it connects
-    hb                  every HEARTBEAT_S, both ways
-    fail NODE CODE      a worker's torchrun failed: the master stops the gang
-    done NODE           a worker's torchrun ended (any other way): its close is no loss
-    done                the master's torchrun succeeded: the workers finish on their own
-    stop REASON         the master stops the gang: every worker stops its part
+    challenge MNONCE         the master, on accept: a fresh random nonce
+    hello NODE WNONCE PROOF  a worker: its name, a nonce of its own, and
+                             PROOF = HMAC-SHA256(secret, "worker", MNONCE, WNONCE, NODE)
+    welcome PROOF            the master: HMAC-SHA256(secret, "master", WNONCE, MNONCE, NODE)
+    hb                       every HEARTBEAT_S, both ways
+    fail NODE CODE           a worker's torchrun failed: the master stops the gang
+    done NODE                a worker's torchrun ended (any other way): its close is no loss
+    done                     the master's torchrun succeeded: the workers finish on their own
+    stop REASON              the master stops the gang: every worker stops its part
+
+The secret is the run's own (32 random bytes the controller made; it travels in the spec, on
+stdin, and is kept in the root-only spec.json). No line counts before the proofs: a connection
+that has not proved the secret within AUTH_S is closed, each expected worker joins once, and a
+worker names only itself. The worker checks the master's proof too, so it never obeys a `stop`
+from whoever else answers on the port. Lines are at most MAX_LINE bytes; the master holds at
+most one connection per expected worker plus SPARE. Both ends check only who is at the other
+end of the connection, not each line: someone who can rewrite the TCP stream in flight can
+still cut it, which stops the run (as a lost lifeline always does).
 
 A lifeline that closes before "done", or is silent for SILENCE_S (a dead node, a partition),
 stops the run on both sides. A worker that never says hello within HELLO_S stops the master.
 So a failed rank or a dead node ends every node's part within SILENCE_S plus the grace.
 """
 
+import errno
+import hashlib
+import hmac
+import secrets
 import socket
 import threading
 import time
@@ -23,6 +39,18 @@ HEARTBEAT_S = 0.5
 SILENCE_S = 4.0
 HELLO_S = 60.0
 CONNECT_S = 15.0
+AUTH_S = 2.0  # a connection has this long to prove the secret
+MAX_LINE = 4096
+SPARE = 4  # connections beyond one per expected worker (a worker's proof still in flight)
+
+
+def proof(secret, role, *parts):
+    """The role names who proves (worker or master), so one side's proof never serves the other."""
+    return hmac.new(secret, "\n".join((role, *parts)).encode(), hashlib.sha256).hexdigest()
+
+
+def proved(said, secret, role, *parts):
+    return hmac.compare_digest(said.encode(), proof(secret, role, *parts).encode())
 
 
 class Peer:
@@ -31,6 +59,7 @@ class Peer:
         self.last = time.monotonic()
         self.done = False
         self.lock = threading.Lock()
+        self.buf = bytearray()  # never more than MAX_LINE plus one recv
 
     def send(self, line):
         try:
@@ -39,20 +68,40 @@ class Peer:
         except OSError:
             pass  # its reader sees the close
 
-    def lines(self):
-        buf = b""
+    def read_line(self, deadline=None):
+        """The next line; None at a close, a line over MAX_LINE, or the deadline (monotonic)."""
         while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[: end + 1]
+                return line.decode(errors="replace") if end <= MAX_LINE else None
+            if len(self.buf) > MAX_LINE:
+                return None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.sock.settimeout(left)
             try:
                 data = self.sock.recv(4096)
-            except OSError:
-                return
+            except OSError:  # socket.timeout included
+                return None
             if not data:
-                return
+                return None
             self.last = time.monotonic()
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                yield line.decode(errors="replace")
+            self.buf += data
+
+    def lines(self):
+        while (line := self.read_line()) is not None:
+            yield line
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 class Lifeline:
@@ -61,11 +110,16 @@ class Lifeline:
     def __init__(self, spec, stop, failed):
         self.node, self.rank = spec["node"], spec["rank"]
         self.master_host, self.port = spec.get("master_host"), spec.get("lifeline_port")
+        self.secret = bytes.fromhex(spec.get("lifeline_secret") or "")
         self.expect = set(spec.get("workers") or ())
         self.stop, self.failed = stop, failed
-        self.peers = {}  # master: worker name -> Peer
+        self.peers = {}  # master: worker name -> Peer, once it proved the secret
+        self.joined = set()  # master: the names that proved it (each joins once)
+        self.conns = 0  # master: connections open, pending or joined
+        self.guard = threading.Lock()
         self.master = None  # worker: the Peer of the master
         self.server = None
+        self.address = None  # master: where it listens, for state.json
         self.ended = False  # this node's torchrun is done: closes are expected now
         self.started = time.monotonic()
 
@@ -74,20 +128,56 @@ class Lifeline:
         return self.rank == 0
 
     def open(self):
-        """The master listens (a free port, reported to the controller); a worker connects."""
+        """The master listens (a free port, reported to the controller); a worker connects and
+        the two prove the run's secret to each other. Raises when that cannot be done."""
+        if self.is_master and not self.expect:
+            return None  # a one-node run: no worker to hear from
+        if len(self.secret) < 16:
+            raise ValueError("the spec has no lifeline_secret (start the run from this ddpfleet)")
         if self.is_master:
-            self.server = socket.create_server(("", 0), backlog=256)
-            return self.server.getsockname()[1]
+            self.server = self._listen()
+            host, port = self.server.getsockname()[:2]
+            self.address = f"{host}:{port}"
+            return port
         sock = socket.create_connection((self.master_host, self.port), timeout=CONNECT_S)
-        sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.master = Peer(sock, "master")
-        self.master.send(f"hello {self.node}")
+        try:
+            self._join()
+        except Exception:
+            self.master.close()
+            raise
+        sock.settimeout(None)
         return None
+
+    def _listen(self):
+        """On the master's address the workers use, not every interface. Behind NAT that address
+        is not this node's own: then every interface, the proofs still keeping strangers out."""
+        try:
+            return socket.create_server((self.master_host, 0), backlog=64)
+        except OSError as e:
+            if e.errno != errno.EADDRNOTAVAIL:
+                raise
+        return socket.create_server(("", 0), backlog=64)
+
+    def _join(self):
+        """The worker's half of the handshake (see the module docstring)."""
+        where = f"the master's lifeline at {self.master_host}:{self.port}"
+        deadline = time.monotonic() + CONNECT_S
+        word, _, theirs = (self.master.read_line(deadline) or "").partition(" ")
+        if word != "challenge" or not theirs:
+            raise ConnectionError(f"{where} sent no challenge: not this run's master")
+        mine = secrets.token_hex(16)
+        said = proof(self.secret, "worker", theirs, mine, self.node)
+        self.master.send(f"hello {self.node} {mine} {said}")
+        word, _, said = (self.master.read_line(deadline) or "").partition(" ")
+        if word != "welcome" or not proved(said, self.secret, "master", mine, theirs, self.node):
+            raise ConnectionError(f"{where} refused {self.node} or did not prove the run's secret")
 
     def run(self):
         if self.is_master:
-            self._thread(self._accept)
+            if self.server is not None:
+                self._thread(self._accept)
         else:
             self._thread(self._read_master)
         self._thread(self._beat)
@@ -97,30 +187,68 @@ class Lifeline:
         threading.Thread(target=target, args=args, daemon=True).start()
 
     def _accept(self):
-        if not self.expect:
-            return
         while True:
             try:
                 sock, _ = self.server.accept()
             except OSError:
                 return
+            with self.guard:
+                full = self.conns >= len(self.expect) + SPARE
+                self.conns += not full
+            if full:
+                sock.close()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._thread(self._read_worker, Peer(sock))
+            self._thread(self._serve, Peer(sock))
+
+    def _serve(self, peer):
+        try:
+            if self._admit(peer):
+                self._read_worker(peer)
+        finally:
+            peer.close()
+            with self.guard:
+                self.conns -= 1
+
+    def _admit(self, peer):
+        """The master's half: True once `peer` proved the secret for an expected worker that
+        had not joined yet; no line of a connection counts before."""
+        mine = secrets.token_hex(16)
+        peer.send(f"challenge {mine}")
+        hello = (peer.read_line(time.monotonic() + AUTH_S) or "").split(" ")
+        if len(hello) != 4 or hello[0] != "hello":
+            return False
+        _, node, theirs, said = hello
+        if not proved(said, self.secret, "worker", mine, theirs, node):
+            return False
+        with self.guard:
+            if node not in self.expect or node in self.joined:
+                return False
+            self.joined.add(node)
+        peer.sock.settimeout(None)
+        peer.name = node
+        peer.send(f"welcome {proof(self.secret, 'master', theirs, mine, node)}")
+        with self.guard:
+            self.peers[node] = peer
+        return True
 
     def _read_worker(self, peer):
         for line in peer.lines():
             word, _, rest = line.partition(" ")
-            if word == "hello":
-                peer.name = rest
-                self.peers[rest] = peer
-            elif word == "fail":
-                node, _, code = rest.partition(" ")
+            node, _, code = rest.partition(" ")
+            if word == "hb":
+                continue
+            if word == "fail" and node == peer.name and code.lstrip("-").isdigit():
                 peer.done = True
                 self.failed(node, int(code))
                 self.stop(f"{node} failed (exit {code})")
-            elif word == "done":
+            elif word == "done" and node == peer.name:
                 peer.done = True
-        if peer.name is not None and not peer.done and not self.ended:
+            else:  # another node's name, or no line of this protocol: blame nobody, drop it
+                if not peer.done and not self.ended:
+                    self.stop(f"{peer.name} broke the lifeline protocol ({line[:60]!r})")
+                return
+        if not peer.done and not self.ended:
             self.stop(f"lost the lifeline to {peer.name} (its supervisor or node is gone)")
 
     def _read_master(self):
@@ -137,12 +265,13 @@ class Lifeline:
         while True:
             time.sleep(HEARTBEAT_S)
             now = time.monotonic()
-            peers = list(self.peers.values()) if self.is_master else [self.master]
+            with self.guard:
+                peers = list(self.peers.values()) if self.is_master else [self.master]
             for peer in peers:
                 peer.send("hb")
                 if not peer.done and not self.ended and now - peer.last > SILENCE_S:
                     self.stop(f"no word from {peer.name} for {SILENCE_S:g}s")
-            missing = self.expect - set(self.peers)
+            missing = self.expect - self.joined
             if self.is_master and missing and now - self.started > HELLO_S:
                 self.stop(f"{', '.join(sorted(missing))} never joined within {HELLO_S:g}s")
 

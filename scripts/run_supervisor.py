@@ -4,7 +4,7 @@ that does not depend on the SSH session. Stdlib only, Linux, started as root.
 On stdin the controller sends: this file (a length line, then the source), proctree.py,
 run_lifeline.py, run_snapshot.py, run_unit.py and run_guardian.py the same way, then one JSON
 line: the spec (run id, node, rank, argv, env, cwd, user, grace, the master's lifeline address
-or the workers to expect). This process (the
+or the workers to expect, the run's lifeline secret: spec.json is root's, 0600). This process (the
 launcher) makes /var/lib/ddpfleet/runs/<run-id>/, writes spec.json, double-forks the supervisor
 (fork, setsid, fork: its own session, no terminal, nothing of the SSH channel kept open) to
 run in a snapshot of the code (run_snapshot.py: the run's code/ beside its state), waits
@@ -186,6 +186,8 @@ def supervise(spec, tree, lifelines, run_dir, report):
         sup.save(status="FAILED", reason=f"could not start: {e}", ended=time.time())
         os.write(report, (json.dumps({"ok": False, "error": str(e)}) + "\n").encode())
         return 1
+    if port is not None:  # where the workers' lifelines come in (never the secret)
+        sup.save(lifeline=sup.lifeline.address)
     said = {"ok": True, "pid": sup.proc.pid, "lifeline_port": port, "cgroup": sup.cgroup}
     os.write(report, (json.dumps(said) + "\n").encode())
     os.close(report)

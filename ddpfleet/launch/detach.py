@@ -10,6 +10,7 @@ cannot start stops the parts already started (nothing is left half-running).
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Mapping
 
@@ -35,9 +36,16 @@ START_TIMEOUT_S = 90
 
 
 def node_spec(
-    config: TrainConfig, p: Plan, n: NodePlan, port: int | None, resume: str | None = None
+    config: TrainConfig,
+    p: Plan,
+    n: NodePlan,
+    port: int | None,
+    secret: str,
+    resume: str | None = None,
 ) -> dict:
-    """What the node's supervisor runs: the plan's torchrun, and (resume) whose snapshot."""
+    """What the node's supervisor runs: the plan's torchrun, and (resume) whose snapshot.
+    `secret`: the run's lifeline secret (hex), which every supervisor proves to its peers; it
+    travels on stdin and stays in the root-only spec.json."""
     return {
         "run_id": p.run_id,
         "node": n.node,
@@ -51,6 +59,7 @@ def node_spec(
         "grace": STOP_GRACE_S,
         "master_host": p.master_addr,
         "lifeline_port": port,
+        "lifeline_secret": secret,
         "resume_from": resume,
         "workers": [w.node for w in p.nodes[1:]] if n.rank == 0 else [],
         "meta": {
@@ -101,15 +110,16 @@ def train_detached(
             m.call_off()
     began = time.monotonic()
     master = p.nodes[0]
+    secret = secrets.token_hex(32)  # this run's only: a worker proves it to join the gang
     try:
         said = start_node(fleet.conns[master.node], config.python[master.node],
-                          node_spec(config, p, master, None, resume))  # fmt: skip
+                          node_spec(config, p, master, None, secret, resume))  # fmt: skip
     except NodeError as e:
         fail_if([str(e)], "detached start failed")
     port = said["lifeline_port"]
     results = fleet.map(
         lambda c: start_node(
-            c, config.python[c.name], node_spec(config, p, p.node(c.name), port, resume)
+            c, config.python[c.name], node_spec(config, p, p.node(c.name), port, secret, resume)
         ),
         [n.node for n in p.nodes[1:]],
     )
