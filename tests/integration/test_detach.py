@@ -326,19 +326,26 @@ print("never", flush=True)
 """
 
 
-def test_the_master_port_is_never_free_for_a_local_user_during_a_detached_start(ready: Cluster):
-    """Review 2026-12-06 #5: the held port goes from the master's preflight to its supervisor's
-    torchrun (its store adopts the socket); a local user retrying the port never gets it."""
-    port, run_id = 29743, new_run_id("held")
+def squatted(cluster: Cluster, port: int) -> tuple[str, dict]:
+    """A short detached run while SQUATTER on node0 tries to take its master port: what the
+    squatter said (it saw the preflight's listener) and the run's final view."""
+    run_id = new_run_id("held")
     loop = subprocess.Popen(
-        _ssh_argv(ready, "node0", shlex.join(["python3", "-c", SQUATTER, str(port), run_id])),
+        _ssh_argv(cluster, "node0", shlex.join(["python3", "-c", SQUATTER, str(port), run_id])),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        detach(ready, run_id, SHORT, "--master-port", str(port))
-        view = wait_state(ready, run_id, ("SUCCEEDED", "FAILED", "STOPPED", "LOST"))
+        detach(cluster, run_id, SHORT, "--master-port", str(port))
+        view = wait_state(cluster, run_id, ("SUCCEEDED", "FAILED", "STOPPED", "LOST"))
     finally:
         said, _ = loop.communicate("", timeout=30)
-    assert said.startswith("armed"), said  # it saw the preflight's listener
+    assert said.startswith("armed"), said
+    return said, view
+
+
+def test_the_master_port_is_never_free_for_a_local_user_during_a_detached_start(ready: Cluster):
+    """Review 2026-12-06 #5: the held port goes from the master's preflight to its supervisor's
+    torchrun (its store adopts the socket); a local user retrying the port never gets it."""
+    said, view = squatted(ready, 29743)
     assert "while the run lived" not in said, (said, view)
     assert view["state"] == "SUCCEEDED", (view, said)
