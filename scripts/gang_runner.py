@@ -2,8 +2,10 @@
 
 Stdlib only, Linux. On the channel's stdin the controller sends, in order: this file (a length
 line, then the source), node_helper.py and proctree.py the same way, one JSON line asking for
-the preflight facts, and then either EOF (preflight failed somewhere: nothing is started) or
-one JSON line {"argv", "env", "cwd", "grace", "watchdog", "heartbeat"} that starts torchrun.
+the preflight facts, and then either EOF (preflight failed somewhere: nothing is started),
+one JSON line {"argv", "env", "cwd", "grace", "watchdog", "heartbeat"} that starts torchrun, or
+(a detached run's master) one JSON line {"handoff": NAME}: the held port goes to the run's
+supervisor, which connects to the abstract unix socket NAME, and the runner exits.
 The preflight request names the node and the training user: the runner is root where the
 login can become root (as the detached supervisor is), and torchrun, every rank and whatever
 they start run as that user.
@@ -14,8 +16,9 @@ that died silently.
 The preflight runs here, not in channels of its own, so a launch costs one exec per node: the
 facts and code manifest (node_helper.facts), the master port bound on the master and held,
 a real TCP connect to it from every worker. The held socket is never closed: torchrun's
-static rendezvous store adopts it (TCPStore's master_listen_fd, see ADOPT), so between the
-check and the run no other process (a second run, `doctor`, a local user) can take the port.
+static rendezvous store adopts it (TCPStore's master_listen_fd, see proctree.ADOPT), so
+between the check and the run no other process (a second run, `doctor`, a local user) can take
+the port; in a detached run it goes to the supervisor's torchrun (proctree.hand_over).
 
 Why each piece of the run is here:
 - torchrun gets its own session (setsid): no terminal, so no SIGHUP from a hang-up, and its
@@ -53,19 +56,7 @@ STDIN = sys.stdin.buffer
 OUT_QUEUE = 256  # chunks (a line each, at most MAX_LINE) waiting for a slow controller
 MAX_LINE = 64 * 1024  # torchrun's output relayed in pieces no longer than this
 FLUSH_S = 5.0  # at exit, how long the last words may wait for a controller that stopped reading
-# Run torchrun with the master's held port: the static rendezvous's store adopts the listening
-# socket (argv[1]: its fd) instead of binding the port again, so it is never free in between.
-ADOPT = (
-    "import runpy,sys;fd=int(sys.argv.pop(1));"
-    "import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as m;T=m.TCPStore\n"
-    "def S(*a,**k):\n"
-    " global fd\n"
-    " if fd is not None and (a[3] if len(a)>3 else k.get('is_master')):\n"
-    "  k['master_listen_fd'],fd=fd,None\n"
-    " return T(*a,**k)\n"
-    "m.TCPStore=S;sys.argv[0]='torchrun';"
-    "runpy.run_module('torch.distributed.run',run_name='__main__',alter_sys=True)"
-)
+HANDOFF_S = 120  # a detached master: how long its supervisor may take to claim the port
 
 
 class Out:
@@ -135,9 +126,7 @@ class Member:
         tree, cgroup, user = self.tree, self.cgroup, self.user
         env = tree.user_env(user) if tree.drops_to(user) else dict(os.environ)
         env.update(self.spec["env"])
-        argv, fds = list(self.spec["argv"]), ()
-        if listener is not None and argv[1:3] == ["-m", "torch.distributed.run"]:
-            argv[1:3], fds = ["-c", ADOPT, str(listener.fileno())], (listener.fileno(),)
+        argv, fds = tree.adopting(self.spec["argv"], listener)
         self.proc = subprocess.Popen(
             argv,
             cwd=self.spec["cwd"],
@@ -269,6 +258,26 @@ def split_guardian(tree, grace, held, cgroup):
     os._exit(tree.guard(pid, grace, notify, cgroup))
 
 
+def hand_off(helper, tree, held, name):
+    """A detached run's master: the held port goes to the run's supervisor (proctree.hand_over),
+    which connects to `name` once started; then this runner exits, having started nothing. The
+    code dir's lock is freed first, as a call-off frees it: the run works in a snapshot."""
+    helper.release()
+    if held is None:
+        control(event="error", error="no master port was held to hand over")
+        return 1
+
+    def ready():
+        control(event="handoff", name=name, pid=os.getpid(), uid=os.getuid())
+
+    why = tree.hand_over(held.sock, name, STDIN.fileno(), ready, HANDOFF_S)
+    held.close()  # the supervisor has its own copy now (or the run did not start)
+    if why is not None:
+        control(event="error", error=f"the master port was not handed over: {why}")
+        return 1
+    return 0
+
+
 def main():
     helper, tree = load_helper("node_helper.py"), load_helper("proctree.py")
     ask = json.loads(STDIN.readline())
@@ -281,6 +290,8 @@ def main():
             held.close()
         return 0  # the controller called it off: nothing was started
     spec = json.loads(line)
+    if "handoff" in spec:
+        return hand_off(helper, tree, held, spec["handoff"])
     run_id, node = os.environ.get("DDPFLEET_RUN_ID"), ask.get("node")
     cgroup = tree.make_cgroup(run_id, node) if run_id and node else None
     split_guardian(tree, spec["grace"], held, cgroup)

@@ -244,6 +244,12 @@ def claim(root, run_id):
     return found
 
 
+def release():
+    """Free the code dir locks this process holds (a detached run goes on in a snapshot)."""
+    while _HELD:
+        os.close(_HELD.pop())
+
+
 def facts(code_dir, master_host, count_gpus):
     master = resolve(master_host)
     root = os.path.abspath(os.path.expanduser(code_dir))
@@ -380,7 +386,8 @@ def apply(code_dir, run_id, script=None):
 class Held:
     """The master port, bound and listening from the preflight on: connects from the workers'
     checks are answered until quiet(); then the socket stays listening for torchrun's store to
-    adopt (gang_runner), so the port is never free between the check and the run."""
+    adopt (gang_runner; a detached run's supervisor gets it handed over), so the port is never
+    free between the check and the run."""
 
     def __init__(self, sock):
         self.sock = sock

@@ -16,6 +16,8 @@ The supervisor:
 - puts torchrun in the run's own cgroup v2 (`<cgroup2 mount>/ddpfleet/<run>.<node>`) where one
   is writable, so a stop reaches everything by cgroup.kill; elsewhere the tree sweeps of
   proctree are what a stop has (state.json says which: "cgroup" is null then);
+- on the master, starts torchrun with the port its preflight runner has held since the check
+  (spec "port_from": proctree.take_over), adopted by torchrun's store: it is never free;
 - drops torchrun to the training user (spec "user") after joining the cgroup; torchrun gets
   PDEATHSIG, and the supervisor's parent is its guardian (run_guardian.py), so a SIGKILLed
   supervisor still takes its node's whole part with it, an escaped daemon included;
@@ -117,20 +119,30 @@ class Supervisor:
         return env
 
     def start(self):
+        # The master: its preflight runner still holds the port; torchrun's store adopts that
+        # socket, so the port is never free between the preflight and the run.
+        handoff = self.spec.get("port_from")
+        held = self.tree.take_over(handoff) if handoff else None
+        argv, fds = self.tree.adopting(self.spec["argv"], held)
         log = os.open(os.path.join(self.run_dir, "node.log"), os.O_WRONLY | os.O_CREAT, 0o640)
-        self.proc = subprocess.Popen(
-            self.spec["argv"],
-            cwd=self.spec["cwd"],
-            env=self.environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # No other thread runs yet, so a Python preexec_fn is safe here: the run's cgroup,
-            # the training user, PDEATHSIG (proctree.enter, as for an attached run).
-            preexec_fn=lambda: self.tree.enter(self.cgroup, self.spec.get("user")),  # noqa: PLW1509
-        )
-        os.close(log)
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=self.spec["cwd"],
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=fds,
+                start_new_session=True,
+                # No other thread runs yet, so a Python preexec_fn is safe here: the run's
+                # cgroup, the training user, PDEATHSIG (proctree.enter, as for an attached run).
+                preexec_fn=lambda: self.tree.enter(self.cgroup, self.spec.get("user")),  # noqa: PLW1509
+            )
+        finally:
+            os.close(log)
+            if held is not None:
+                held.close()  # torchrun has its own copy; ours would keep the port after it
         self.reaper = self.tree.Reaper(self.proc.pid)
         self.save(status="RUNNING", pid=self.proc.pid)
 

@@ -2,9 +2,12 @@
 supervisor per node (scripts/run_supervisor.py) that owns that node's part without the SSH
 session; the controller returns once every node says its ranks started.
 
-The master's supervisor starts first: it listens for the workers' lifelines on a free port and
-reports it; the workers' supervisors then start in parallel, each connecting to it. A node that
-cannot start stops the parts already started (nothing is left half-running).
+The master's supervisor starts first: it takes over the master port its preflight runner has
+held since the check (torchrun's store adopts that socket, so the port is never free in
+between; a failed hand-off fails the start, nothing started), listens for the workers'
+lifelines on a free port and reports it; the workers' supervisors then start in parallel, each
+connecting to it. A node that cannot start stops the parts already started (nothing is left
+half-running).
 """
 
 from __future__ import annotations
@@ -105,17 +108,22 @@ def train_detached(
     files, members = open_checked(fleet, config, out)
     try:
         p = prepare(fleet, config, members, files)
-    finally:  # the runners only checked: they free the port and the code dir's lock
-        for m in members.values():
-            m.call_off()
-    began = time.monotonic()
-    master = p.nodes[0]
-    secret = secrets.token_hex(32)  # this run's only: a worker proves it to join the gang
-    try:
-        said = start_node(fleet.conns[master.node], config.python[master.node],
-                          node_spec(config, p, master, None, secret, resume))  # fmt: skip
+        began = time.monotonic()
+        master = p.nodes[0]
+        secret = secrets.token_hex(32)  # this run's only: a worker proves it to join the gang
+        # The master's runner holds the port from the preflight on and hands the socket to the
+        # master's supervisor, whose torchrun adopts it: no local user can take it in between.
+        spec = node_spec(config, p, master, None, secret, resume)
+        name = f"ddpfleet-port.{p.run_id}.{secrets.token_hex(8)}"
+        spec["port_from"] = {**members[master.node].hand_off(name), "port": config.port}
+        said = start_node(fleet.conns[master.node], config.python[master.node], spec)
     except NodeError as e:
         fail_if([str(e)], "detached start failed")
+    finally:
+        # The runners only checked: they free the code dir's lock; the master's runner frees
+        # the port too, unless its supervisor took it.
+        for m in members.values():
+            m.call_off()
     port = said["lifeline_port"]
     results = fleet.map(
         lambda c: start_node(

@@ -40,6 +40,9 @@ class Member:
         self.log = None
         self.facts: dict | None = None
         self.got_facts = threading.Event()
+        self.handoff: dict | None = None  # the runner waiting to hand the master port over
+        self.handing = threading.Event()
+        self.error: str | None = None  # the runner's last error event
         self.outcome = Outcome(conn.name)
         self.lines: deque[tuple[int | None, str]] = deque(maxlen=400)  # enough for a traceback
         self.clues = Clues()
@@ -117,6 +120,21 @@ class Member:
         }
         self.chan.sendall(json.dumps(spec).encode() + b"\n")
 
+    def hand_off(self, name: str, timeout: float = 60) -> dict:
+        """A detached run's master: the runner keeps the port and waits for the run's
+        supervisor to take it over the abstract unix socket `name`. Returns what that
+        supervisor checks its peer by: {"name", "pid", "uid"} of the runner."""
+        self.chan.sendall(json.dumps({"handoff": name}).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        while not self.handing.wait(0.05):
+            if self.done.is_set() or time.monotonic() > deadline:
+                said = self.error or " | ".join(t for _, t in list(self.lines)[-3:])
+                raise NodeError(
+                    self.name,
+                    f"the preflight could not keep the master port: {said or 'no answer'}",
+                )
+        return self.handoff
+
     def give_up(self, why: str) -> None:
         """Treat the node as lost: close its channel. Its runner, if it still hears anything,
         sees EOF and stops the run; a dead peer never confirms, so do not wait for it."""
@@ -126,7 +144,8 @@ class Member:
             self.finish(-1)
 
     def call_off(self) -> None:
-        """EOF before a spec: the runner frees the port and exits, having started nothing."""
+        """EOF before a spec (or before a hand-off was taken): the runner frees the port, if it
+        still has it, and exits, having started nothing."""
         if self.chan is not None:
             try:
                 self.chan.shutdown_write()
@@ -181,6 +200,9 @@ class Member:
         if kind == "facts":
             self.facts = event
             self.got_facts.set()
+        elif kind == "handoff":
+            self.handoff = event
+            self.handing.set()
         elif kind == "stopping":
             self.stopped_by_us = True
             if self.log is not None and not self.log.closed:
@@ -196,6 +218,7 @@ class Member:
                 self.log,
             )
         elif kind == "error":
+            self.error = event.get("error")
             self.out.line(f"[{self.name}] ddpfleet: {event.get('error')}", self.log)
 
     def finish(self, code: int) -> None:

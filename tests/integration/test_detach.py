@@ -24,6 +24,7 @@ from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
     NODES,
     SHORT,
     Live,
+    _ssh_argv,
     new_run_id,
     ready,
     run_pids,
@@ -275,3 +276,76 @@ def test_a_dead_worker_node_stops_the_others(ready: Cluster):
         print(f"\nFIGURE gang stop without controller (dead node) {took:.2f}s")
     finally:  # node1 back up, as the other fault tests leave their nodes
         ready.invoke("sandbox.start", "--nodes", "node1", timeout=300)
+
+
+# On node0, as `nobody` (its effective uid: the sockets are nobody's): wait until something
+# listens on the port (the master's preflight holds it), then retry bind+listen every
+# millisecond, as a local user taking the port would. Once it has the port it says whether the
+# ranks there (the children of state.json's torchrun, read as root again) had all ended by then
+# (torchrun's store closes the port before torchrun exits), and keeps it; "never" once stdin
+# closes.
+SQUATTER = """
+import json, os, select, socket, sys
+port, run = int(sys.argv[1]), sys.argv[2]
+os.setegid(65534)
+os.seteuid(65534)
+def listening():
+    with open("/proc/net/tcp") as f:
+        return any(l.split()[1].endswith(":%04X" % port) and l.split()[3] == "0A" for l in f)
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return "X", 0
+def ranks_ended():
+    os.seteuid(0)
+    try:
+        with open(f"/var/lib/ddpfleet/runs/{run}/state.json") as f:
+            agent = json.load(f)["pid"]
+    except (OSError, ValueError, KeyError):
+        return False  # torchrun not started yet
+    kids = [stat(p) for p in os.listdir("/proc") if p.isdigit()]
+    return not any(s not in "ZX" and int(ppid) == agent for s, ppid in kids)
+while not listening():
+    select.select([], [], [], 0.001)
+print("armed", flush=True)
+while not select.select([sys.stdin], [], [], 0.001)[0]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("0.0.0.0", port))
+        s.listen()
+    except OSError:
+        s.close()
+        continue
+    print("bound", "after the ranks" if ranks_ended() else "while the run lived", flush=True)
+    sys.stdin.read()
+    sys.exit()
+print("never", flush=True)
+"""
+
+
+def squatted(cluster: Cluster, port: int) -> tuple[str, dict]:
+    """A short detached run while SQUATTER on node0 tries to take its master port: what the
+    squatter said (it saw the preflight's listener) and the run's final view."""
+    run_id = new_run_id("held")
+    loop = subprocess.Popen(
+        _ssh_argv(cluster, "node0", shlex.join(["python3", "-c", SQUATTER, str(port), run_id])),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        detach(cluster, run_id, SHORT, "--master-port", str(port))
+        view = wait_state(cluster, run_id, ("SUCCEEDED", "FAILED", "STOPPED", "LOST"))
+    finally:
+        said, _ = loop.communicate("", timeout=30)
+    assert said.startswith("armed"), said
+    return said, view
+
+
+def test_the_master_port_is_never_free_for_a_local_user_during_a_detached_start(ready: Cluster):
+    """Review 2026-12-06 #5: the held port goes from the master's preflight to its supervisor's
+    torchrun (its store adopts the socket); a local user retrying the port never gets it."""
+    said, view = squatted(ready, 29743)
+    assert "while the run lived" not in said, (said, view)
+    assert view["state"] == "SUCCEEDED", (view, said)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import PREFIX, Cluster, sandbox, second_subnet, write_inventory
-from tests.integration.test_detach import RUNS, SLOW, detach, start_escaping, wait_state
+from tests.integration.test_detach import RUNS, SLOW, detach, squatted, start_escaping, wait_state
 from tests.integration.test_train import (  # noqa: F401 (the `ready` fixture)
     NODES,
     Live,
@@ -121,6 +121,12 @@ def test_stop_ends_the_unit_and_an_escaping_daemon(ready: Cluster, tmp_path):
     assert ready.ssh("node0", f"test -d /proc/{daemon}").returncode != 0, "the daemon survived"
     units_gone(ready, run_id)
     assert wait_state(ready, run_id, ("STOPPED",), within=30)["state"] == "STOPPED"
+
+
+def test_the_master_port_goes_from_the_preflight_into_the_unit(ready: Cluster):
+    """The master's supervisor takes the held port over from inside its transient service."""
+    said, view = squatted(ready, 29744)
+    assert "while the run lived" not in said and view["state"] == "SUCCEEDED", (said, view)
 
 
 # -- Jupyter as its systemd unit --------------------------------------------------------------------
