@@ -264,11 +264,45 @@ def enter(cgroup, user):
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write("0")
     if drops_to(user):
-        pw = pwd.getpwnam(user)
-        os.setgid(pw.pw_gid)
-        os.initgroups(user, pw.pw_gid)
-        os.setuid(pw.pw_uid)
+        drop(user)
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def drop(user):
+    """This process becomes `user` for good: its groups, gid, then uid (root cannot come back)."""
+    pw = pwd.getpwnam(user)
+    os.setgroups(os.getgrouplist(user, pw.pw_gid))
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+def as_user(user, work, *args):
+    """work(*args) done by a forked child dropped to `user` (drop), for file work on paths the
+    user controls: a symlink or `..` there then reaches only what the user could reach anyway.
+    Root itself does it where drops_to(user) is false. The child's error comes back as an
+    OSError with its text. Fork only where no other thread runs (as before a Popen)."""
+    if not drops_to(user):
+        return work(*args)
+    pw = pwd.getpwnam(user)  # a missing user is the caller's KeyError, not the child's
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rd)
+        try:
+            drop(pw.pw_name)
+            work(*args)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - every reason goes back to the parent
+            os.write(wr, str(e).encode(errors="replace")[:4096])
+            code = 1
+        os._exit(code)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        said = f.read().decode(errors="replace")
+    status = exit_code(os.waitpid(pid, 0)[1])
+    if status != 0:
+        raise OSError(said or f"the work done as {user} ended with {status}")
+    return None
 
 
 @contextlib.contextmanager

@@ -245,11 +245,11 @@ def main():
     except FileExistsError:
         return refuse(f"{run_dir} exists: the run id was used")
     code, old = os.path.join(run_dir, "code"), spec.get("resume_from")
-    try:
+    try:  # copied by a child dropped to the training user: the code dir is the user's
         if old:
-            snapshot.resume(os.path.join(runs, old, "code"), code, spec.get("user"))
+            snapshot.resume(os.path.join(runs, old, "code"), code, spec.get("user"), tree)
         else:
-            snapshot.take(spec["cwd"], code, spec.get("user"))
+            snapshot.take(spec["cwd"], code, spec.get("user"), tree)
     except (OSError, ValueError, KeyError) as e:
         return refuse(f"cannot snapshot the code into {code}: {e}")
     spec["code_dir"], spec["cwd"] = spec["cwd"], code
