@@ -2,7 +2,8 @@
 
 Created when absent (`conda env create`), updated only when the rendered spec's hash differs from
 the one stored in the env (`conda env update --prune`); never `conda create --yes`, which deletes
-an existing env (facts.md A6). Verified by the env's own python importing torch. Env binaries are
+an existing env (facts.md A6). Verified by the env's own python importing torch and, on a node
+that is not CPU-only, finding working CUDA on as many GPUs as `nvidia-smi -L` lists. Env binaries are
 called by absolute path, never through `conda run` (it does not forward signals, facts.md A5).
 
 Files the role keeps on the node:
@@ -24,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, describe
+from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, cuda_problem, describe
 from ddpfleet.roles import Host, Step, failed, load_role, ok, skipped
 
 SECTION = "python_env"
@@ -243,6 +244,15 @@ def _verify(env: Env) -> Step:
         tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
         return failed("verify", f"`import torch` failed in {env.path}: {tail}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
+    problem = cuda_problem(record, gpu_node=not env.cpu)
+    if problem:  # no spec hash written: the next bootstrap retries
+        return failed(
+            "verify",
+            f"no working CUDA in {env.path} on a GPU node: {problem}; check the driver "
+            "(invoke gpu-status), and that the env got pytorch-cuda from the pytorch and "
+            "nvidia channels, then bootstrap again (python_env.cpu_only: true if the node "
+            "should train on CPU)",
+        )
     env.host.put(f"{env.path}/{RECORD_FILE}", json.dumps(record, sort_keys=True) + "\n")
     env.host.put(f"{env.path}/{SPEC_FILE}", env.digest + "\n")
     return ok("verify", describe(record))

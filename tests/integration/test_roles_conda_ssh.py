@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import Cluster
+from tests.integration.test_gpu_status import select, standin
 
 NODES = ("node0", "node1")
 STANDINS = Path(__file__).resolve().parents[1] / "standins" / "conda"
@@ -30,6 +31,7 @@ ENV = f"{PREFIX}/envs/ddp"
 LOG = "/var/log/ddpfleet-standin-conda.log"
 DROPIN = "/etc/ssh/sshd_config.d/00-ddpfleet-hardening.conf"
 ROLES = "openssh_server,miniconda,conda_env"
+GPU_NODE, CPU_NODE = NODES  # `installed` gives node0 the GPU stand-in
 
 
 def build_installer(directory: Path, name: str) -> tuple[Path, str]:
@@ -107,18 +109,20 @@ def installer(cluster: Cluster) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster, installer):
-    """All three roles once on fresh nodes: uploaded installer, consent given, CUDA 11.8 env."""
+    """All three roles once on fresh nodes: uploaded installer, consent given, cpu_only: auto.
+    node0 has 8 GPUs (the nvidia-smi stand-in): a CUDA 11.8 env that must see them; node1 none:
+    a cpuonly env. The GPU stand-in stays for the module (every test after this one sees it)."""
     path, sha = installer
     inventory = write(
         cluster,
         "inventory-conda.yaml",
         miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
-        python_env={"cpu_only": False},
     )
-    result, seconds = bootstrap(cluster, inventory)
-    assert result.returncode == 0, result.stdout + result.stderr
-    print(f"fresh bootstrap ({ROLES}) of {len(NODES)} nodes: {seconds:.1f}s")
-    return inventory, result
+    with standin(cluster, [GPU_NODE], "a100x8"):
+        result, seconds = bootstrap(cluster, inventory)
+        assert result.returncode == 0, result.stdout + result.stderr
+        print(f"fresh bootstrap ({ROLES}) of {len(NODES)} nodes: {seconds:.1f}s")
+        yield inventory, result
 
 
 def test_checksum_mismatch_refuses_before_executing(cluster: Cluster, installer):
@@ -149,10 +153,12 @@ def test_success_installs_the_env_and_verifies_torch(cluster: Cluster, installed
             node,
             f"{ENV}/bin/python -c 'import torch; print(torch.__version__, torch.version.cuda)'",
         )
-        assert torch.stdout.split() == ["2.5.1", "11.8"], torch.stderr
+        cuda = "11.8" if node == GPU_NODE else "None"
+        assert torch.stdout.split() == ["2.5.1", cuda], torch.stderr
         cache = cluster.ssh(node, "ls /var/cache/ddpfleet/").stdout.split()
         assert not [f for f in cache if f.endswith((".sh", ".part"))]  # installer cleaned up
-    assert "torch 2.5.1, CUDA 11.8, cuda available: no, GPUs: 0" in run_log(first)
+    assert "torch 2.5.1, CUDA 11.8, cuda available: yes, GPUs: 8" in run_log(first)
+    assert "torch 2.5.1, CUDA none, cuda available: no, GPUs: 0" in run_log(first)
 
 
 def test_second_run_changes_nothing(cluster: Cluster, installed):
@@ -170,13 +176,14 @@ def test_second_run_changes_nothing(cluster: Cluster, installed):
 def test_environment_yml_pins_the_cuda_118_pairing(cluster: Cluster, installed):
     for node in NODES:
         doc = yaml.safe_load(cluster.ssh(node, f"cat {PREFIX}/ddpfleet/ddp.environment.yml").stdout)
-        assert doc["channels"] == ["pytorch", "nvidia", "defaults"]
+        gpu = node == GPU_NODE
+        assert doc["channels"] == ["pytorch", *(["nvidia"] * gpu), "defaults"]
         for dep in (
             "python=3.10",
             "pytorch==2.5.1",
             "torchvision==0.20.1",
             "torchaudio==2.5.1",
-            "pytorch-cuda=11.8",
+            "pytorch-cuda=11.8" if gpu else "cpuonly",
             "mkl<2024.1",
             "jupyterlab",
         ):
@@ -205,7 +212,7 @@ def test_changed_spec_updates_the_env_then_converges(cluster: Cluster, installer
         cluster,
         "inventory-conda-numpy.yaml",
         miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
-        python_env={"cpu_only": False, "conda_packages": ["jupyterlab", "numpy"]},
+        python_env={"conda_packages": ["jupyterlab", "numpy"]},
     )
     result, _ = bootstrap(cluster, inventory)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -279,8 +286,11 @@ def test_miniforge_downloaded_over_http_needs_no_consent(cluster: Cluster):
         entries = conda_log(cluster, node, prefix)
         assert not actions(entries, "tos accept")
         create = actions(entries, "env create")
-        assert len(create) == 1 and create[0]["spec"]["channels"] == ["pytorch", "conda-forge"]
-        assert "cpuonly" in create[0]["spec"]["dependencies"]  # sandbox nodes: no nvidia-smi
+        gpu = cluster.ssh(node, "command -v nvidia-smi").returncode == 0  # after `installed`
+        chans = ["pytorch", *(["nvidia"] * gpu), "conda-forge"]
+        assert len(create) == 1 and create[0]["spec"]["channels"] == chans
+        variant = "pytorch-cuda=11.8" if gpu else "cpuonly"
+        assert variant in create[0]["spec"]["dependencies"]
 
 
 def test_a_node_without_sftp_fails_alone_in_the_recap(cluster: Cluster, installer):
@@ -365,3 +375,34 @@ def test_password_auth_is_off_per_sshd_T(cluster: Cluster, installed):
         assert effective["kbdinteractiveauthentication"] == "no"
         assert effective["pubkeyauthentication"] == "yes"
         assert effective["permitrootlogin"] in ("prohibit-password", "without-password")
+
+
+def test_no_working_cuda_on_a_gpu_node_fails_verify_and_is_retried(
+    cluster: Cluster, installer, installed
+):
+    """node0's driver is not loaded (nvidia-smi exit 9): its GPUs are there, so cpu_only: auto
+    gives it pytorch-cuda, whose torch sees no CUDA; verify fails there and records no spec hash
+    (the next bootstrap tries again). node1 (no GPUs) verifies its cpuonly env. Last in the
+    module: it adds an `env create` to the log that earlier tests count."""
+    path, sha = installer
+    env = f"{PREFIX}/envs/ddp-nodriver"
+    inventory = write(
+        cluster,
+        "inventory-conda-nodriver.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        python_env={"name": "ddp-nodriver"},
+    )
+    select(cluster, GPU_NODE, "a100x8 fail=9")
+    try:
+        for _ in range(2):
+            result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
+            assert result.returncode != 0
+            out = " ".join(result.stdout.split())
+            assert "no working CUDA" in out and "is_available() is False" in out, out
+            assert changed(result)[GPU_NODE] > 0  # tried again: the env was updated
+        assert cluster.ssh(GPU_NODE, f"test -e {env}/.ddpfleet-spec.sha256").returncode == 1
+        assert cluster.ssh(CPU_NODE, f"test -e {env}/.ddpfleet-spec.sha256").returncode == 0
+    finally:
+        select(cluster, GPU_NODE, "a100x8")
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodriver.environment.yml")

@@ -64,7 +64,9 @@ def probe(env=True, spec="", record=RECORD, conda=True) -> dict[str, str]:
     return state
 
 
-def node(inventory, state, facts=FACTS, check=False, conda=(0, "done"), verify=0) -> FakeHost:
+def node(
+    inventory, state, facts=FACTS, check=False, conda=(0, "done"), verify=0, record=RECORD
+) -> FakeHost:
     text = "".join(f"{k}={v}\n" for k, v in state.items() if v)
     return FakeHost(
         answers=[
@@ -73,7 +75,7 @@ def node(inventory, state, facts=FACTS, check=False, conda=(0, "done"), verify=0
             (
                 r"torch\.cuda\.device_count",
                 verify,
-                json.dumps(RECORD)
+                json.dumps(record)
                 if verify == 0
                 else "ImportError: undefined symbol: iJIT_NotifyEvent",
             ),
@@ -223,6 +225,41 @@ def test_failed_import_keeps_the_old_spec_so_the_next_run_retries(inventory):
     assert statuses[-1] == ("verify", "failed")
     assert "iJIT_NotifyEvent" in steps[-1].reason
     assert f"{ENV}/.ddpfleet-spec.sha256" not in h.written
+
+
+CPU_RECORD = {"torch": "2.5.1", "cuda": None, "available": False, "gpus": 0, "python": "3.10.16"}
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        (CPU_RECORD, "CPU build (torch.version.cuda is None)"),
+        ({**RECORD, "available": False, "gpus": 0}, "is_available() is False"),
+        ({**RECORD, "node_gpus": 4}, "device_count() is 8, nvidia-smi -L lists 4"),
+        ({**RECORD, "gpus": 0, "node_gpus": None}, "device_count() is 0"),
+    ],
+)
+def test_no_working_cuda_on_a_gpu_node_fails_verify_and_keeps_the_old_spec(inventory, record, why):
+    h = node(inventory(), probe(spec="0" * 64), facts=GPU_FACTS, record=record)
+    statuses, steps = run(h)
+    assert statuses[-1] == ("verify", "failed")
+    assert why in steps[-1].reason and "pytorch-cuda" in steps[-1].reason
+    assert f"{ENV}/.ddpfleet-spec.sha256" not in h.written
+    assert f"{ENV}/.ddpfleet-torch.json" not in h.written
+
+
+def test_cuda_on_every_gpu_verifies_a_gpu_node(inventory):
+    h = node(inventory(), probe(env=False, record=None), facts=GPU_FACTS,
+             record={**RECORD, "node_gpus": 8})  # fmt: skip
+    statuses, _ = run(h)
+    assert statuses[-1] == ("verify", "ok")
+    assert f"{ENV}/.ddpfleet-spec.sha256" in h.written
+
+
+def test_cpu_only_node_verifies_a_cpu_build(inventory):
+    h = node(inventory(), probe(env=False, record=None), record=CPU_RECORD)
+    statuses, _ = run(h)
+    assert statuses[-1] == ("verify", "ok")
 
 
 def test_no_conda_yet_names_the_miniconda_role(inventory):

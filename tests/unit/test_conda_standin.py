@@ -1,0 +1,100 @@
+"""The conda stand-in (tests/standins/conda/) run here, in a temp dir: it must be as strict as
+real conda where ddpfleet's roles depend on it, or the sandbox tests prove nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ddpfleet.envs import VERIFY_PY
+
+STANDINS = Path(__file__).resolve().parents[1] / "standins"
+SPEC = """name: ddp
+channels:
+  - pytorch
+  - nvidia
+  - defaults
+dependencies:
+  - python=3.10
+  - pytorch==2.5.1
+{variant}
+"""
+
+
+@pytest.fixture
+def conda(tmp_path):
+    """Install the stand-in Miniconda into tmp_path; returns a runner for its conda."""
+    installer = tmp_path / "Miniconda3-standin-Linux-x86_64.sh"
+    conda_dir = STANDINS / "conda"
+    installer.write_bytes(
+        (conda_dir / "installer.sh").read_bytes() + (conda_dir / "conda").read_bytes()
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"),
+           "DDPFLEET_STANDIN_LOG": str(tmp_path / "standin.log")}  # fmt: skip
+    prefix = tmp_path / "mc"
+    done = subprocess.run(["sh", str(installer), "-b", "-p", str(prefix)], env=env,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    def run(*argv: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(prefix / "bin" / "conda"), *argv], env={**env, **extra},
+                              capture_output=True, text=True, check=False)  # fmt: skip
+
+    run.prefix = prefix  # type: ignore[attr-defined]
+    run.env = env  # type: ignore[attr-defined]
+    return run
+
+
+def gpu_path(tmp_path: Path) -> str:
+    """A PATH whose nvidia-smi is the GPU stand-in."""
+    bin_dir = tmp_path / "gpubin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "nvidia-smi").exists():
+        (bin_dir / "nvidia-smi").symlink_to(STANDINS / "nvidia-smi")
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def verify(conda, env_path: Path, **extra: str) -> dict:
+    done = subprocess.run([str(env_path / "bin" / "python"), "-c", VERIFY_PY],
+                          env={**conda.env, **extra}, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def create(conda, tmp_path: Path, variant: str) -> Path:
+    spec = tmp_path / "environment.yml"
+    spec.write_text(SPEC.format(variant=variant))
+    env_path = tmp_path / "mc" / "envs" / "ddp"
+    done = conda("tos", "accept", "--override-channels", "--channel",
+                 "https://repo.anaconda.com/pkgs/main", "--system")  # fmt: skip
+    conda("tos", "accept", "--override-channels", "--channel",
+          "https://repo.anaconda.com/pkgs/r", "--system")  # fmt: skip
+    done = conda("env", "create", "-p", str(env_path), "-f", str(spec))
+    assert done.returncode == 0, done.stderr
+    return env_path
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/python3").exists(), reason="the stand-in runs /usr/bin/python3"
+)
+@pytest.mark.parametrize(
+    "variant, gpu, cuda, gpus",
+    [
+        ("  - pytorch-cuda=11.8", True, "11.8", 8),
+        ("  - pytorch::pytorch-cuda=11.8", True, "11.8", 8),
+        ("  - pytorch-cuda=11.8", False, "11.8", 0),  # a CUDA build, no driver here
+        ("  - cpuonly", True, None, 0),  # a CPU build on a GPU node
+    ],
+)
+def test_standin_torch_sees_gpus_only_with_pytorch_cuda_and_a_driver(
+    conda, tmp_path, variant, gpu, cuda, gpus
+):
+    env_path = create(conda, tmp_path, variant)
+    extra = {"PATH": gpu_path(tmp_path), "DDPFLEET_STANDIN_GPU": "a100x8"} if gpu else {}
+    record = verify(conda, env_path, **extra)
+    assert (record["cuda"], record["available"], record["gpus"]) == (cuda, gpus > 0, gpus)
+    assert record["node_gpus"] == (8 if gpu else None)
