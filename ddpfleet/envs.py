@@ -143,6 +143,19 @@ print(json.dumps(record))
 )
 
 
+# A line for the env roles' probes: nvidia-smi's exit status where it exists, so that a driver
+# that lists no device (exit 6) makes no GPU node. One `nvidia-smi -L` per probe, on nodes that
+# have nvidia-smi only.
+SMI_PROBE = 'if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L >/dev/null 2>&1; echo "smi_rc=$?"; fi'
+
+
+def gpu_node(facts: Mapping[str, str], state: Mapping[str, str]) -> bool:
+    """A node to give a CUDA build: it has nvidia-smi (facts), and nvidia-smi did not say "No
+    devices were found" (exit 6, SMI_PROBE's smi_rc). Other failures (no driver loaded: 9)
+    still count: the GPUs are there, the driver needs fixing, and verify says so."""
+    return bool(facts.get("nvidia_smi")) and state.get("smi_rc") != "6"
+
+
 def cuda_problem(record: Mapping[str, Any], gpu_node: bool) -> str:
     """Why a verified env cannot train on this GPU node ('' when it can, or on a CPU-only node):
     a CPU build, CUDA that does not work here, or torch seeing other GPUs than the driver lists.

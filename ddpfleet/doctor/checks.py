@@ -123,6 +123,15 @@ def check_driver(gpus: gpu.NodeGpus, expected: int | None) -> Check:
     No driver is fine on a CPU node, a failure where the inventory says the node has GPUs."""
     install = f"install an NVIDIA driver >= {_dotted(CUDA_118_DRIVER)}, then reboot"
     error = gpus.driver_error
+    if error and gpus.exit_code == gpu.NO_DEVICES_CODE:  # a driver without GPUs: reboot no cure
+        if expected:
+            return fail(
+                "driver",
+                f"gpus: {expected} in the inventory, but the driver lists no device ({error})",
+                "check that the node sees its GPUs (lspci | grep -i nvidia; a VM needs them "
+                "passed through), or fix the node's gpus: in the inventory",
+            )
+        return warn("driver", f"CPU only: the driver lists no device ({error})")
     if error and gpus.exit_code not in gpu.NO_DRIVER_CODES:  # there, but broken (15: off the bus)
         return fail("driver", f"nvidia-smi exit {gpus.exit_code}: {error}", "reboot the node")
     if error and expected:

@@ -13,7 +13,9 @@ Files the role keeps on the node:
                                                cut-short run leaves the old one, so the next retries
     <env>/.ddpfleet-torch.json                 what verify saw: torch, CUDA, cuda available, GPUs
 
-A converged node costs one probe: a few file reads, no conda and no python.
+A converged node costs one probe: a few file reads and, where the node has nvidia-smi, one
+`nvidia-smi -L` (exit 6, "No devices were found", makes cpu_only: auto pick cpuonly); no conda
+and no python.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, cuda_problem, describe
+from ddpfleet.envs import (
+    RECORD_FILE,
+    SMI_PROBE,
+    SPEC_FILE,
+    VERIFY_PY,
+    cuda_problem,
+    describe,
+    gpu_node,
+)
 from ddpfleet.roles import Host, Step, failed, load_role, ok, skipped
 
 SECTION = "python_env"
@@ -43,6 +53,7 @@ p=$1 e=$2
 [ -d "$e/conda-meta" ] && echo env=1
 echo "spec=$(cat "$e/{SPEC_FILE}" 2>/dev/null)"
 echo "record=$(tr -d '\n' <"$e/{RECORD_FILE}" 2>/dev/null)"
+{SMI_PROBE}
 true
 """
 
@@ -56,11 +67,14 @@ def miniconda_cfg(host) -> Mapping[str, Any]:
     return load_role("miniconda").config(host.inventory, host.node)
 
 
-def cpu_only(cfg: Mapping[str, Any], facts: Mapping[str, str]) -> bool:
-    """'auto': the cpuonly variant on nodes without nvidia-smi."""
+def cpu_only(
+    cfg: Mapping[str, Any], facts: Mapping[str, str], state: Mapping[str, str] | None = None
+) -> bool:
+    """'auto': the cpuonly variant on nodes without nvidia-smi, or whose nvidia-smi finds no
+    device (exit 6, in the probe's state)."""
     setting = cfg["cpu_only"]
     if str(setting).lower() == "auto":
-        return not facts.get("nvidia_smi")
+        return not gpu_node(facts, state or {})
     return setting is True or str(setting).lower() in ("true", "yes", "1")
 
 
@@ -114,10 +128,10 @@ class Env:
     @classmethod
     def read(cls, host: Host, cfg: Mapping[str, Any]) -> Env:
         miniconda = miniconda_cfg(host)
-        cpu = cpu_only(cfg, host.facts)
-        chans = channels(cfg, miniconda["flavor"], cpu)
         prefix = miniconda["prefix"]
         state = host.probe(shlex.join(["sh", "-c", PROBE, "sh", prefix, env_path(prefix, cfg)]))
+        cpu = cpu_only(cfg, host.facts, state)
+        chans = channels(cfg, miniconda["flavor"], cpu)
         return cls(host, cfg, miniconda, cpu, chans, render(host, cfg, chans, cpu), state)
 
     @property

@@ -406,3 +406,29 @@ def test_no_working_cuda_on_a_gpu_node_fails_verify_and_is_retried(
         select(cluster, GPU_NODE, "a100x8")
         for node in NODES:
             cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodriver.environment.yml")
+
+
+def test_a_driver_without_devices_gets_cpuonly(cluster: Cluster, installer, installed):
+    """node0's nvidia-smi says "No devices were found" (exit 6): cpu_only: auto gives it the
+    cpuonly env, which verifies; no "reboot" anywhere. Last in the module, like the one above."""
+    path, sha = installer
+    env = f"{PREFIX}/envs/ddp-nodevices"
+    inventory = write(
+        cluster,
+        "inventory-conda-nodevices.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        python_env={"name": "ddp-nodevices"},
+    )
+    select(cluster, GPU_NODE, "no_devices")
+    try:
+        result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
+        assert result.returncode == 0, result.stdout + result.stderr
+        for node in NODES:
+            doc = yaml.safe_load(
+                cluster.ssh(node, f"cat {PREFIX}/ddpfleet/ddp-nodevices.environment.yml").stdout
+            )
+            assert "cpuonly" in doc["dependencies"] and "nvidia" not in doc["channels"], doc
+    finally:
+        select(cluster, GPU_NODE, "a100x8")
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodevices.environment.yml")

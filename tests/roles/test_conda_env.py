@@ -262,6 +262,18 @@ def test_cpu_only_node_verifies_a_cpu_build(inventory):
     assert statuses[-1] == ("verify", "ok")
 
 
+@pytest.mark.parametrize("smi_rc, cpu", [("6", True), ("9", False), ("0", False)])
+def test_nvidia_smi_without_devices_gets_cpuonly(inventory, smi_rc, cpu):
+    """exit 6, "No devices were found": no GPU node, whatever the facts' nvidia-smi says; exit 9
+    (driver not loaded) still is one: its GPUs need the driver fixed, not a CPU build."""
+    state = {**probe(env=False, record=None), "smi_rc": smi_rc}
+    h = node(inventory(), state, facts=GPU_FACTS, record=CPU_RECORD if cpu else RECORD)
+    statuses, _ = run(h)
+    deps = yaml.safe_load(h.written[YML])["dependencies"]
+    assert ("cpuonly" in deps, "pytorch-cuda=11.8" in deps) == (cpu, not cpu)
+    assert statuses[-1] == ("verify", "ok")
+
+
 def test_no_conda_yet_names_the_miniconda_role(inventory):
     h = node(inventory(), probe(env=False, record=None, conda=False))
     statuses, steps = run(h)

@@ -137,10 +137,19 @@ def test_installer_setting_without_sha256_is_refused_before_the_node_is_asked(tm
 
 
 def test_arch_without_a_pin_names_the_settings_to_use():
-    h = node(FRESH, facts=MappingProxyType({**FACTS, "arch": "aarch64"}))
+    h = node(FRESH, facts=MappingProxyType({**FACTS, "arch": "ppc64le"}))
     statuses, steps = run(h)
     assert statuses == [("installer", "failed")]
-    assert "no pinned miniconda installer for aarch64" in steps[0].reason
+    assert "no pinned miniconda installer for ppc64le" in steps[0].reason
+
+
+def test_aarch64_gets_the_pinned_miniconda_2492():
+    h = node(FRESH, facts=MappingProxyType({**FACTS, "arch": "aarch64"}))
+    run(h)
+    url = "https://repo.anaconda.com/miniconda/Miniconda3-py310_24.9.2-0-Linux-aarch64.sh"
+    assert any(url in c for c in h.ran + list(h.stdin.values())), h.ran
+    assert any("5d022f16ecb01d33ac8c85a87a0a8dccfb025dc90b20dbd56c4b9ae8f9727578" in c
+               for c in h.ran)  # fmt: skip
 
 
 def test_installer_already_on_the_node_is_not_fetched_again():

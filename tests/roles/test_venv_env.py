@@ -171,6 +171,13 @@ def test_gpu_node_gets_the_cu118_index():
     assert [h.stdin[c] for c in h.changes if c.endswith(" torch==2.5.1")] == [CU118 + "\n"]
 
 
+def test_nvidia_smi_without_devices_gets_the_cpu_index():
+    h = host(probe(env=False) + "smi_rc=6\n", facts=GPU_FACTS)
+    statuses, _ = run(h)
+    assert [h.stdin[c] for c in h.changes if c.endswith(" torch==2.5.1")] == [CPU_INDEX + "\n"]
+    assert statuses[-1] == ("verify", "ok")  # a CPU build is right there
+
+
 def test_cpu_only_pin_on_a_gpu_node_is_refused_before_anything_runs():
     h = host(probe(env=False), facts=GPU_FACTS)
     statuses, steps = run(h, torch="torch==2.13.0")

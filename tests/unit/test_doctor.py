@@ -116,13 +116,17 @@ def test_check_train_user_same_ids_everywhere(ids, status, fragment) -> None:
         ("no_driver", 8, FAIL, "gpus: 8 in the inventory, but NVIDIA-SMI has failed"),
         ("fail=12", None, WARN, "CPU only (NVIDIA-SMI couldn't find libnvidia-ml.so"),
         ("fail=15", None, FAIL, "nvidia-smi exit 15: Unable to determine the device handle"),
+        ("no_devices", None, WARN, "CPU only: the driver lists no device (No devices were found)"),
+        ("a100x8 fail=6", 8, FAIL, "gpus: 8 in the inventory, but the driver lists no device"),
     ],
 )
 def test_check_driver(selection, expected, status, fragment) -> None:
     check = doctor.check_driver(probe(selection), expected)
     expect(check, status, fragment)
-    if status is not PASS and selection.startswith(("a100", "v100")):
+    if status is not PASS and selection.startswith(("a100", "v100")) and "fail=6" not in selection:
         assert ">= 520.61.05" in check.fix
+    if "fail=6" in selection:  # a driver without devices: no reboot cures it
+        assert "reboot" not in check.fix and "lspci" in check.fix
 
 
 def test_check_driver_absent_binary() -> None:

@@ -248,6 +248,7 @@ def test_legacy_mig_uuid() -> None:
         ("a100x8 fail=12", 12, "NVIDIA-SMI couldn't find libnvidia-ml.so library"),
         ("a100x8 fail=15", 15, "Unable to determine the device handle for GPU0000:07:00.0"),
         ("a100x8 fail=255", 255, "Failed to initialize NVML: Unknown Error"),
+        ("no_devices", 6, "No devices were found"),
     ],
 )
 def test_probe_no_driver(selection: str, code: int, error: str) -> None:

@@ -112,6 +112,7 @@ def test_process_owner_and_run_id() -> None:
         ("no_driver", "no NVIDIA driver: NVIDIA-SMI has failed because it couldn't communicate"),
         ("fail=12", "no NVIDIA driver: NVIDIA-SMI couldn't find libnvidia-ml.so"),
         ("fail=15", "nvidia-smi failed (exit 15): Unable to determine the device handle"),
+        ("no_devices", "no GPU: the driver is loaded but lists no device (No devices were found)"),
         (UNREACHABLE, "unreachable: timeout: no answer from 10.0.0.9:22 within 5s"),
         (TIMED_OUT, "not queried: command failed (exit None): sh -c ...: timed out after 30.0s"),
     ],
