@@ -180,10 +180,10 @@ def test_environment_yml_pins_the_cuda_118_pairing(cluster: Cluster, installed):
         assert doc["channels"] == ["pytorch", *(["nvidia"] * gpu), "defaults"]
         for dep in (
             "python=3.10",
-            "pytorch==2.5.1",
-            "torchvision==0.20.1",
-            "torchaudio==2.5.1",
-            "pytorch-cuda=11.8" if gpu else "cpuonly",
+            "pytorch::pytorch==2.5.1",
+            "pytorch::torchvision==0.20.1",
+            "pytorch::torchaudio==2.5.1",
+            "pytorch::pytorch-cuda=11.8" if gpu else "pytorch::cpuonly",
             "mkl<2024.1",
             "jupyterlab",
         ):
@@ -289,7 +289,7 @@ def test_miniforge_downloaded_over_http_needs_no_consent(cluster: Cluster):
         gpu = cluster.ssh(node, "command -v nvidia-smi").returncode == 0  # after `installed`
         chans = ["pytorch", *(["nvidia"] * gpu), "conda-forge"]
         assert len(create) == 1 and create[0]["spec"]["channels"] == chans
-        variant = "pytorch-cuda=11.8" if gpu else "cpuonly"
+        variant = "pytorch::pytorch-cuda=11.8" if gpu else "pytorch::cpuonly"
         assert variant in create[0]["spec"]["dependencies"]
 
 
@@ -427,7 +427,8 @@ def test_a_driver_without_devices_gets_cpuonly(cluster: Cluster, installer, inst
             doc = yaml.safe_load(
                 cluster.ssh(node, f"cat {PREFIX}/ddpfleet/ddp-nodevices.environment.yml").stdout
             )
-            assert "cpuonly" in doc["dependencies"] and "nvidia" not in doc["channels"], doc
+            assert "pytorch::cpuonly" in doc["dependencies"], doc
+            assert "nvidia" not in doc["channels"], doc
     finally:
         select(cluster, GPU_NODE, "a100x8")
         for node in NODES:

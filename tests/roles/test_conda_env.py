@@ -116,26 +116,34 @@ def test_absent_env_is_created_from_the_rendered_file_and_verified(inventory):
     assert verify and verify[0].startswith(f"{ENV}/bin/python -c")  # absolute path
 
 
-def test_environment_yml_pins_the_cuda_118_pairing(inventory):
-    doc = yaml.safe_load(spec_text(inventory(), facts=GPU_FACTS))
+@pytest.mark.parametrize("flavor, base", [("miniconda", "defaults"), ("miniforge", "conda-forge")])
+def test_environment_yml_pins_the_cuda_118_pairing_from_the_pytorch_channel(
+    inventory, flavor, base
+):
+    """Channel-qualified: no channel order or solver choice can give conda-forge's torch."""
+    doc = yaml.safe_load(spec_text(inventory(flavor=flavor), facts=GPU_FACTS))
     assert doc["name"] == "ddp"
-    assert doc["channels"] == ["pytorch", "nvidia", "defaults"]
+    assert doc["channels"] == ["pytorch", "nvidia", base]
     for dep in (
         "python=3.10",
-        "pytorch==2.5.1",
-        "torchvision==0.20.1",
-        "torchaudio==2.5.1",
-        "pytorch-cuda=11.8",
+        "pytorch::pytorch==2.5.1",
+        "pytorch::torchvision==0.20.1",
+        "pytorch::torchaudio==2.5.1",
+        "pytorch::pytorch-cuda=11.8",
         "mkl<2024.1",
         "jupyterlab",
     ):
         assert dep in doc["dependencies"]
-    assert "cpuonly" not in doc["dependencies"]
+    assert not [d for d in doc["dependencies"] if "cpuonly" in str(d)]
+    unqualified = [d for d in doc["dependencies"] if str(d).startswith(("pytorch=", "torch"))]
+    assert unqualified == []
 
 
-def test_cpu_node_gets_cpuonly(inventory):
-    doc = yaml.safe_load(spec_text(inventory()))  # FACTS: no nvidia-smi
-    assert "cpuonly" in doc["dependencies"]
+@pytest.mark.parametrize("flavor", ["miniconda", "miniforge"])
+def test_cpu_node_gets_cpuonly(inventory, flavor):
+    doc = yaml.safe_load(spec_text(inventory(flavor=flavor)))  # FACTS: no nvidia-smi
+    assert "pytorch::cpuonly" in doc["dependencies"]
+    assert "pytorch::pytorch==2.5.1" in doc["dependencies"]
     assert not any(d.startswith("pytorch-cuda") for d in doc["dependencies"] if isinstance(d, str))
     assert "nvidia" not in doc["channels"]
 
@@ -270,7 +278,7 @@ def test_nvidia_smi_without_devices_gets_cpuonly(inventory, smi_rc, cpu):
     h = node(inventory(), state, facts=GPU_FACTS, record=CPU_RECORD if cpu else RECORD)
     statuses, _ = run(h)
     deps = yaml.safe_load(h.written[YML])["dependencies"]
-    assert ("cpuonly" in deps, "pytorch-cuda=11.8" in deps) == (cpu, not cpu)
+    assert ("pytorch::cpuonly" in deps, "pytorch::pytorch-cuda=11.8" in deps) == (cpu, not cpu)
     assert statuses[-1] == ("verify", "ok")
 
 
