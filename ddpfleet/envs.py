@@ -149,6 +149,15 @@ print(json.dumps(record))
 SMI_PROBE = 'if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L >/dev/null 2>&1; echo "smi_rc=$?"; fi'
 
 
+# A line for the conda roles' probes ($p: the miniconda prefix): whether its conda has the
+# conda-anaconda-tos plugin (conda >= 24.11; the pinned 24.9.2 has none), read from conda-meta,
+# where conda records each package it holds, so no conda has to start.
+TOS_PLUGIN_PROBE = (
+    'for f in "$p"/conda-meta/conda-anaconda-tos-[0-9]*.json; do '
+    '[ -e "$f" ] && echo tos_plugin=1; break; done'
+)
+
+
 def gpu_node(facts: Mapping[str, str], state: Mapping[str, str]) -> bool:
     """A node to give a CUDA build: it has nvidia-smi (facts), and nvidia-smi did not say "No
     devices were found" (exit 6, SMI_PROBE's smi_rc). Other failures (no driver loaded: 9)

@@ -31,6 +31,7 @@ from ddpfleet.envs import (
     RECORD_FILE,
     SMI_PROBE,
     SPEC_FILE,
+    TOS_PLUGIN_PROBE,
     VERIFY_PY,
     cuda_problem,
     describe,
@@ -41,8 +42,8 @@ from ddpfleet.roles import Host, Step, failed, load_role, ok, skipped
 SECTION = "python_env"
 TOS_ERROR = "CondaToSNonInteractiveError"
 TOS_HINT = (
-    "set `miniconda: {accept_tos: true}` to accept Anaconda's Terms of Service for "
-    "repo.anaconda.com, or `miniconda: {flavor: miniforge}` for conda-forge, which needs no consent"
+    "to go on, set `miniconda: {accept_tos: true}` if you accept Anaconda's Terms of Service "
+    "for repo.anaconda.com, or use `miniconda: {flavor: miniforge}` (conda-forge, no consent)"
 )
 
 # $1 miniconda prefix, $2 env prefix.
@@ -54,6 +55,7 @@ p=$1 e=$2
 echo "spec=$(cat "$e/{SPEC_FILE}" 2>/dev/null)"
 echo "record=$(tr -d '\n' <"$e/{RECORD_FILE}" 2>/dev/null)"
 {SMI_PROBE}
+{TOS_PLUGIN_PROBE}
 true
 """
 
@@ -85,12 +87,15 @@ def channels(cfg: Mapping[str, Any], flavor: str, cpu: bool) -> list[str]:
     return ["pytorch", *([] if cpu else ["nvidia"]), base]
 
 
-def needs_tos(miniconda: Mapping[str, Any], chans: list[str]) -> bool:
-    """Miniconda's conda checks the Terms of Service of every active repo.anaconda.com channel,
-    and `defaults` is active unless the spec lists nodefaults (facts.md A7)."""
+def needs_tos(miniconda: Mapping[str, Any], chans: list[str], plugin: bool) -> bool:
+    """ddpfleet's consent policy: conda runs with Anaconda's `defaults` channels only when the
+    inventory accepts their Terms of Service. `nodefaults` in the env file keeps them out of the
+    env, but not out of the ToS plugin's check, which reads the condarc's channels (`defaults`)
+    before the env file (conda cli/conda_argparse.py do_call; facts.md A7): so it avoids the
+    consent only for a conda without the plugin (< 24.11, e.g. the pinned 24.9.2)."""
     if miniconda["flavor"] != "miniconda" or miniconda["accept_tos"]:
         return False
-    return "nodefaults" not in chans
+    return plugin or "nodefaults" not in chans
 
 
 def render(host, cfg: Mapping[str, Any], chans: list[str], cpu: bool) -> str:
@@ -194,12 +199,25 @@ def _preflight(env: Env) -> Step | None:
             f"{env.path} exists but is not a conda env (no conda-meta/): move "
             "it away or set python_env.name",
         )
-    if not env.current and needs_tos(env.miniconda, env.channels):
+    plugin = bool(env.state.get("tos_plugin"))
+    if not env.current and needs_tos(env.miniconda, env.channels, plugin):
+        hint = TOS_HINT
+        if plugin and "nodefaults" in env.channels:
+            why = (
+                f"this conda has the ToS plugin, which checks {env.prefix}/.condarc's channels "
+                "(defaults) before it reads the env file, so nodefaults does not avoid it and "
+                f"conda would stop with {TOS_ERROR}"
+            )
+            hint = f"{TOS_HINT}, or take defaults out of {env.prefix}/.condarc"
+        elif plugin:
+            why = f"this conda has the ToS plugin and would stop with {TOS_ERROR}"
+        else:
+            why = "this conda has no ToS plugin (< 24.11) and would not stop by itself"
         return failed(
             "terms of service",
-            f"not running conda: the env's channels include "
-            f"Anaconda's defaults (repo.anaconda.com), whose Terms of Service have "
-            f"not been accepted, so conda would stop with {TOS_ERROR}; {TOS_HINT}",
+            "not running conda, by ddpfleet's consent policy: the env's channels include "
+            "Anaconda's defaults (repo.anaconda.com), subject to Anaconda's Terms of Service, "
+            f"and miniconda.accept_tos is false ({why}); {hint}",
         )
     # Under --check the miniconda role only said it would install conda: nothing to refuse yet.
     if not env.state.get("conda") and not env.host.check:

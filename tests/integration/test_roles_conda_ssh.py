@@ -26,6 +26,7 @@ from tests.integration.test_gpu_status import select, standin
 
 NODES = ("node0", "node1")
 STANDINS = Path(__file__).resolve().parents[1] / "standins" / "conda"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gpu-cluster.yaml"
 PREFIX = "/opt/miniconda3"
 ENV = f"{PREFIX}/envs/ddp"
 LOG = "/var/log/ddpfleet-standin-conda.log"
@@ -109,14 +110,17 @@ def installer(cluster: Cluster) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster, installer):
-    """All three roles once on fresh nodes: uploaded installer, consent given, cpu_only: auto.
+    """All three roles once on fresh nodes, with examples/gpu-cluster.yaml's settings (its consent
+    choice; cpu_only: auto) and the stand-in installer uploaded from the controller.
     node0 has 8 GPUs (the nvidia-smi stand-in): a CUDA 11.8 env that must see them; node1 none:
     a cpuonly env. The GPU stand-in stays for the module (every test after this one sees it)."""
     path, sha = installer
+    example = yaml.safe_load(EXAMPLE.read_text())  # its consent choice and env settings
     inventory = write(
         cluster,
         "inventory-conda.yaml",
-        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        miniconda={**example["miniconda"], "installer": str(path), "sha256": sha},
+        python_env=example.get("python_env"),
     )
     with standin(cluster, [GPU_NODE], "a100x8"):
         result, seconds = bootstrap(cluster, inventory)
@@ -190,18 +194,16 @@ def test_environment_yml_pins_the_cuda_118_pairing(cluster: Cluster, installed):
             assert dep in doc["dependencies"], (node, doc)
 
 
-def test_consent_given_once_system_wide_and_no_recreate(cluster: Cluster, installed):
-    inventory, _ = installed
+def test_the_pinned_conda_is_never_asked_tos_and_no_recreate(cluster: Cluster, installed):
+    """conda 24.9.2 has no `conda tos` (no plugin, detected from conda-meta): consent is
+    ddpfleet's policy alone, and no conda command is run that would fail."""
+    inventory, first = installed
+    assert "no ToS plugin" in " ".join(run_log(first).split())
     again, _ = bootstrap(cluster, inventory)
     assert again.returncode == 0, again.stdout + again.stderr
     for node in NODES:
         entries = conda_log(cluster, node)
-        accepted = actions(entries, "tos accept")
-        assert sorted(e["channel"] for e in accepted) == [
-            "https://repo.anaconda.com/pkgs/main",
-            "https://repo.anaconda.com/pkgs/r",
-        ]
-        assert {e["scope"] for e in accepted} == {"--system"}
+        assert not actions(entries, "tos accept"), entries
         assert len(actions(entries, "env create")) == 1, entries  # never re-created
         assert not [e for e in entries if e["action"].startswith("refused")], entries
 
@@ -255,6 +257,7 @@ def test_no_tos_consent_unless_asked(cluster: Cluster, installer):
     assert result.returncode != 0
     out = " ".join((result.stdout + result.stderr).split())
     assert "accept_tos: true" in out and "flavor: miniforge" in out
+    assert "ddpfleet's consent policy" in out and "would not stop by itself" in out
     for node in NODES:
         entries = conda_log(cluster, node, prefix)
         assert actions(entries, "installer")  # conda itself was installed
@@ -433,3 +436,44 @@ def test_a_driver_without_devices_gets_cpuonly(cluster: Cluster, installer, inst
         select(cluster, GPU_NODE, "a100x8")
         for node in NODES:
             cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodevices.environment.yml")
+
+
+def test_a_tos_plugin_conda_needs_consent_even_with_nodefaults(cluster: Cluster):
+    """A user-supplied newer Miniconda (25.5.1: the ToS plugin): nodefaults in the env file
+    does not avoid the check, so ddpfleet refuses without consent; with it, the role accepts both
+    channels system-wide and the env is created."""
+    path, sha = build_installer(cluster.dir, "Miniconda3-py310_25.5.1-1-Linux-x86_64.sh")
+    prefix = "/opt/ddpfleet-test-plugin"
+    no = write(
+        cluster,
+        "inventory-plugin-no.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "prefix": prefix},
+        python_env={"channels": ["pytorch", "nvidia", "conda-forge", "nodefaults"]},
+    )
+    try:
+        refused, _ = bootstrap(cluster, no, roles="miniconda,conda_env")
+        assert refused.returncode != 0
+        out = " ".join((refused.stdout + refused.stderr).split())
+        assert "nodefaults does not avoid it" in out and f"{prefix}/.condarc" in out, out
+        for node in NODES:
+            entries = conda_log(cluster, node, prefix)
+            assert actions(entries, "installer") and not actions(entries, "env create")
+        yes = write(
+            cluster,
+            "inventory-plugin-yes.yaml",
+            miniconda={"installer": str(path), "sha256": sha, "prefix": prefix, "accept_tos": True},
+        )
+        result, _ = bootstrap(cluster, yes, roles="miniconda,conda_env")
+        assert result.returncode == 0, result.stdout + result.stderr
+        for node in NODES:
+            entries = conda_log(cluster, node, prefix)
+            accepted = actions(entries, "tos accept")
+            assert sorted(e["channel"] for e in accepted) == [
+                "https://repo.anaconda.com/pkgs/main",
+                "https://repo.anaconda.com/pkgs/r",
+            ]
+            assert {e["scope"] for e in accepted} == {"--system"}
+            assert len(actions(entries, "env create")) == 1, entries
+    finally:
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {prefix}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
@@ -213,10 +214,41 @@ def test_miniforge_needs_no_consent_and_uses_conda_forge(inventory):
     assert yaml.safe_load(h.written[YML])["channels"] == ["pytorch", "conda-forge"]
 
 
-def test_nodefaults_needs_no_consent(inventory):
+NODEFAULTS = ["pytorch", "conda-forge", "nodefaults"]
+
+
+def test_nodefaults_does_not_avoid_consent_with_a_tos_plugin_conda(inventory):
+    """Real conda with the plugin (>= 24.11) checks the condarc's `defaults` before it reads the
+    env file, so `nodefaults` there would still stop with CondaToSNonInteractiveError."""
+    state = {**probe(env=False, record=None), "tos_plugin": "1"}
+    h = node(inventory(accept_tos=False), state)
+    statuses, steps = run(h, channels=NODEFAULTS)
+    assert statuses == [("terms of service", "failed")] and h.changes == []
+    reason = steps[0].reason
+    assert "ddpfleet's consent policy" in reason and "nodefaults does not avoid it" in reason
+    assert f"take defaults out of {PREFIX}/.condarc" in reason and "accept_tos: true" in reason
+
+
+def test_nodefaults_without_a_tos_plugin_needs_no_consent(inventory):
+    """The pinned conda 24.9.2 has no plugin: nodefaults keeps Anaconda's channels out."""
     h = node(inventory(accept_tos=False), probe(env=False, record=None))
-    statuses, _ = run(h, channels=["pytorch", "conda-forge", "nodefaults"])
+    statuses, _ = run(h, channels=NODEFAULTS)
     assert ("env", "changed") in statuses
+
+
+@pytest.mark.parametrize(
+    "plugin, says",
+    [("", "no ToS plugin (< 24.11) and would not stop by itself"),
+     ("1", "has the ToS plugin and would stop with CondaToSNonInteractiveError")],
+)  # fmt: skip
+def test_the_refusal_is_ddpfleets_policy_and_says_how_to_go_on(inventory, plugin, says):
+    state = {**probe(env=False, record=None), "tos_plugin": plugin}
+    statuses, steps = run(node(inventory(accept_tos=False), state))
+    assert statuses == [("terms of service", "failed")]
+    reason = steps[0].reason
+    assert "ddpfleet's consent policy" in reason and says in reason
+    assert "to go on, set `miniconda: {accept_tos: true}`" in reason
+    assert "flavor: miniforge" in reason
 
 
 def test_conda_tos_error_becomes_one_clear_line(inventory):
@@ -280,6 +312,20 @@ def test_nvidia_smi_without_devices_gets_cpuonly(inventory, smi_rc, cpu):
     deps = yaml.safe_load(h.written[YML])["dependencies"]
     assert ("pytorch::cpuonly" in deps, "pytorch::pytorch-cuda=11.8" in deps) == (cpu, not cpu)
     assert statuses[-1] == ("verify", "ok")
+
+
+def test_the_shipped_gpu_example_gets_past_conda_env():
+    """examples/gpu-cluster.yaml states a consent choice, so its GPU nodes get their env."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "gpu-cluster.yaml"
+    i = inv.load(example, check_files=False)
+    h = FakeHost(
+        answers=[(r"ddpfleet-spec\.sha256", 0, "conda=1\n"),
+                 (r"torch\.cuda\.device_count", 0, json.dumps({**RECORD, "node_gpus": 8}))],
+        facts=GPU_FACTS, inventory=i, node=i.nodes[0],
+    )  # fmt: skip
+    statuses, _ = run(h)
+    assert statuses == [("environment.yml", "changed"), ("env", "changed"), ("verify", "ok")]
+    assert "pytorch::pytorch-cuda=11.8" in yaml.safe_load(h.written[YML])["dependencies"]
 
 
 def test_no_conda_yet_names_the_miniconda_role(inventory):

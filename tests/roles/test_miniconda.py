@@ -184,7 +184,7 @@ def test_no_tos_consent_unless_asked():
 
 
 def test_consent_accepts_both_channels_system_wide_once():
-    h = node(CONVERGED)
+    h = node({"conda": "conda 25.5.1", "tos_plugin": "1"})  # a conda with the ToS plugin
     statuses, _ = run(h, accept_tos=True)
     assert statuses[-1] == ("terms of service", "changed")
     base = f"{PREFIX}/bin/conda tos accept --override-channels --channel"
@@ -196,10 +196,27 @@ def test_consent_accepts_both_channels_system_wide_once():
 
 
 def test_conda_without_the_tos_plugin_has_nothing_to_accept():
-    h = node(CONVERGED, tos=(1, "CommandNotFoundError: No command 'conda tos'."))
+    """The pinned 24.9.2 has no `conda tos` (argparse's invalid choice): detected from
+    conda-meta, not by running it and reading the error."""
+    h = node(CONVERGED)  # the probe found no conda-anaconda-tos in conda-meta
     statuses, steps = run(h, accept_tos=True)
-    assert statuses[-1] == ("terms of service", "changed")
+    assert statuses[-1] == ("terms of service", "ok")
     assert "no ToS plugin" in steps[-1].reason
+    assert not any("tos" in c for c in h.ran[1:]) and h.written == {}
+
+
+def test_a_fresh_install_is_probed_again_for_the_tos_plugin():
+    h = node(FRESH)
+    statuses, _ = run(h, accept_tos=True)
+    probes = [c for c in h.ran if "conda-anaconda-tos" in c]
+    assert len(probes) == 2  # before the install, and after it: what did the installer bring?
+    assert statuses[-1] == ("terms of service", "ok")
+
+
+def test_a_plugin_that_fails_to_accept_says_so():
+    h = node({"conda": "conda 25.5.1", "tos_plugin": "1"}, tos=(1, "CondaHTTPError: HTTP 000"))
+    statuses, steps = run(h, accept_tos=True)
+    assert statuses[-1] == ("terms of service", "failed") and "HTTP 000" in steps[-1].reason
 
 
 def test_miniforge_uses_its_pin_and_needs_no_consent():

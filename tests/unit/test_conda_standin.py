@@ -25,9 +25,10 @@ dependencies:
 
 
 @pytest.fixture
-def conda(tmp_path):
-    """Install the stand-in Miniconda into tmp_path; returns a runner for its conda."""
-    installer = tmp_path / "Miniconda3-standin-Linux-x86_64.sh"
+def conda(tmp_path, request):
+    """Install the stand-in Miniconda into tmp_path; returns a runner for its conda. The
+    installer's name (indirect parameter) sets the conda version, as Anaconda's names do."""
+    installer = tmp_path / getattr(request, "param", "Miniconda3-standin-Linux-x86_64.sh")
     conda_dir = STANDINS / "conda"
     installer.write_bytes(
         (conda_dir / "installer.sh").read_bytes() + (conda_dir / "conda").read_bytes()
@@ -98,3 +99,33 @@ def test_standin_torch_sees_gpus_only_with_pytorch_cuda_and_a_driver(
     record = verify(conda, env_path, **extra)
     assert (record["cuda"], record["available"], record["gpus"]) == (cuda, gpus > 0, gpus)
     assert record["node_gpus"] == (8 if gpu else None)
+
+
+NEWER = "Miniconda3-py310_25.5.1-1-Linux-x86_64.sh"
+MAIN = "https://repo.anaconda.com/pkgs/main"
+
+
+def test_pinned_2492_has_no_tos_command(conda):
+    assert conda("--version").stdout.strip() == "conda 24.9.2"
+    done = conda("tos", "accept", "--override-channels", "--channel", MAIN, "--system")
+    assert done.returncode == 2 and "invalid choice: 'tos'" in done.stderr
+
+
+@pytest.mark.parametrize("conda", [NEWER], indirect=True)
+def test_a_tos_plugin_conda_checks_the_condarc_before_the_env_file(conda, tmp_path):
+    assert conda("--version").stdout.strip() == "conda 25.5.1"
+    spec = tmp_path / "environment.yml"
+    spec.write_text("name: ddp\nchannels:\n  - pytorch\n  - nodefaults\ndependencies:\n"
+                    "  - pytorch::cpuonly\n")  # fmt: skip
+    env_path = str(tmp_path / "mc" / "envs" / "ddp")
+    refused = conda("env", "create", "-p", env_path, "-f", str(spec))
+    assert refused.returncode == 1 and "CondaToSNonInteractiveError" in refused.stderr
+    for channel in (MAIN, "https://repo.anaconda.com/pkgs/r"):
+        accept = conda("tos", "accept", "--override-channels", "--channel", channel, "--system")
+        assert accept.returncode == 0, accept.stderr
+    assert conda("env", "create", "-p", env_path, "-f", str(spec)).returncode == 0
+
+
+@pytest.mark.parametrize("conda", ["Miniforge3-standin-Linux-x86_64.sh"], indirect=True)
+def test_miniforge_has_no_tos_plugin(conda):
+    assert conda("tos", "accept", "--channel", MAIN).returncode == 2
