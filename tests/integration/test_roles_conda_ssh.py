@@ -208,29 +208,60 @@ def test_the_pinned_conda_is_never_asked_tos_and_no_recreate(cluster: Cluster, i
         assert not [e for e in entries if e["action"].startswith("refused")], entries
 
 
-def test_changed_spec_updates_the_env_then_converges(cluster: Cluster, installer, installed):
+def numpy_inventory(cluster: Cluster, installer) -> Path:
     path, sha = installer
-    inventory = write(
+    return write(
         cluster,
         "inventory-conda-numpy.yaml",
         miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
         python_env={"conda_packages": ["jupyterlab", "numpy"]},
     )
-    result, _ = bootstrap(cluster, inventory)
+
+
+def creates(cluster: Cluster, node: str) -> list[dict]:
+    return [e for e in actions(conda_log(cluster, node), "env create") if e["env"] == ENV]
+
+
+def test_changed_spec_rebuilds_the_env_then_converges(cluster: Cluster, installer, installed):
+    """A fresh `env create` at the env's path, never `env update --prune`; the old env waits
+    beside it and is gone once the new one verified."""
+    before = {node: len(creates(cluster, node)) for node in NODES}
+    result, _ = bootstrap(cluster, numpy_inventory(cluster, installer))
     assert result.returncode == 0, result.stdout + result.stderr
     for node in NODES:
-        entries = conda_log(cluster, node)
-        updates = actions(entries, "env update")
-        assert updates and updates[-1]["prune"] and "numpy" in updates[-1]["spec"]["dependencies"]
-        assert len(actions(entries, "env create")) == 1
-    again, _ = bootstrap(cluster, inventory)
+        made = creates(cluster, node)
+        assert len(made) == before[node] + 1 and "numpy" in made[-1]["spec"]["dependencies"]
+        assert not actions(conda_log(cluster, node), "env update")
+        assert cluster.ssh(node, f"test -e {ENV}.ddpfleet-old").returncode == 1
+    again, _ = bootstrap(cluster, numpy_inventory(cluster, installer))
     assert changed(again) == {n: 0 for n in NODES}, again.stdout
     back, _ = bootstrap(cluster, installed[0])  # and back to the module's spec
     assert back.returncode == 0, back.stdout + back.stderr
 
 
+def test_a_rebuild_that_fails_to_verify_keeps_the_old_env(cluster: Cluster, installer, installed):
+    """node0's driver stops (exit 9) before a spec change: its new env has no CUDA, so the old
+    env, verified before, is put back as it was, old spec hash and all; node1 rebuilds."""
+    spec = f"cat {ENV}/.ddpfleet-spec.sha256 {ENV}/conda-meta/standin-spec.json"
+    old = cluster.ssh(GPU_NODE, spec).stdout
+    select(cluster, GPU_NODE, "a100x8 fail=9")
+    try:
+        result, _ = bootstrap(cluster, numpy_inventory(cluster, installer))
+    finally:
+        select(cluster, GPU_NODE, "a100x8")
+    out = " ".join(result.stdout.split())
+    assert result.returncode != 0 and f"the old env is back at {ENV}" in out, out
+    assert cluster.ssh(GPU_NODE, spec).stdout == old  # the old env, unchanged
+    assert cluster.ssh(GPU_NODE, f"test -e {ENV}.ddpfleet-old").returncode == 1
+    torch = cluster.ssh(GPU_NODE, f"{ENV}/bin/python -c 'import torch; print(torch.version.cuda)'")
+    assert torch.stdout.strip() == "11.8", torch.stderr
+    back, _ = bootstrap(cluster, installed[0])
+    assert back.returncode == 0, back.stdout + back.stderr
+
+
 def test_half_installed_prefix_is_repaired(cluster: Cluster, installed):
     inventory, _ = installed
+    before = {node: len(creates(cluster, node)) for node in NODES}
     cluster.ssh("node0", f"rm {PREFIX}/bin/conda")  # an install cut short
     cluster.ssh("node1", f"printf '#!/bin/sh\\nexit 1\\n' > {PREFIX}/bin/conda")  # broken
     result, _ = bootstrap(cluster, inventory)
@@ -240,7 +271,7 @@ def test_half_installed_prefix_is_repaired(cluster: Cluster, installed):
         runs = actions(conda_log(cluster, node), "installer")
         assert runs[-1]["argv"] == f"-b -p {PREFIX} -u", runs
         assert cluster.ssh(node, f"{PREFIX}/bin/conda --version").returncode == 0
-        assert len(actions(conda_log(cluster, node), "env create")) == 1  # the env was kept
+        assert len(creates(cluster, node)) == before[node]  # the env was kept
     again, _ = bootstrap(cluster, inventory)
     assert changed(again) == {n: 0 for n in NODES}, again.stdout
 

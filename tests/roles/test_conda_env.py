@@ -173,29 +173,68 @@ def test_pip_and_extra_conda_packages_are_rendered(inventory):
     assert {"pip": ["wandb==0.18.0"]} in doc["dependencies"] and "pip" in doc["dependencies"]
 
 
-def test_changed_spec_updates_the_existing_env_with_prune(inventory):
+OLD = f"{ENV}.ddpfleet-old"
+ASIDE = f"mv -T {ENV} {OLD}"
+RESTORE = f'sh -c rm -rf "$1" && mv -T "$2" "$1" sh {ENV} {OLD}'
+CREATE = f"{CONDA} env create -p {ENV} -f {YML}"
+
+
+def test_changed_spec_rebuilds_the_env_keeping_the_old_one_until_the_new_verifies(inventory):
+    """No `conda env update --prune` (conda-libmamba-solver #671, #595): a fresh create at the
+    env's own path (conda envs are not relocatable), the old env renamed beside it meanwhile."""
     i = inventory()
     h = node(i, probe(spec="0" * 64))
     statuses, steps = run(h)
     assert statuses == [("environment.yml", "changed"), ("env", "changed"), ("verify", "ok")]
-    assert f"{CONDA} env update -p {ENV} -f {YML} --prune" in h.changes
-    assert not any("env create" in c for c in h.changes)
-    assert "spec changed" in steps[1].reason
+    assert h.changes == [f"mkdir -p {PREFIX}/ddpfleet", ASIDE, CREATE, f"rm -rf {OLD}"]
+    assert "spec changed" in steps[1].reason and "kept aside until it verifies" in steps[1].reason
+    assert h.written[f"{ENV}/.ddpfleet-spec.sha256"] == (digest(i) + "\n").encode()
+    assert not any("env update" in c or "--prune" in c for c in h.ran)
 
 
-def test_new_package_in_the_inventory_is_an_update(inventory):
+def test_a_rebuild_that_fails_to_verify_puts_the_old_env_back(inventory):
+    h = node(inventory(), probe(spec="0" * 64), verify=1)
+    statuses, steps = run(h)
+    assert statuses[-1] == ("verify", "failed")
+    assert h.changes[-1] == RESTORE and f"rm -rf {OLD}" not in h.changes
+    assert f"the old env is back at {ENV}" in steps[-1].reason
+    assert f"{ENV}/.ddpfleet-spec.sha256" not in h.written  # the old hash: the next run retries
+
+
+def test_a_rebuild_whose_create_fails_puts_the_old_env_back(inventory):
+    h = node(inventory(), probe(spec="0" * 64), conda=(1, "LibMambaUnsatisfiableError: ..."))
+    statuses, steps = run(h)
+    assert statuses[-1] == ("env", "failed")
+    assert h.changes[-2:] == [CREATE, RESTORE]
+    assert "Unsatisfiable" in steps[-1].reason and "the old env is back" in steps[-1].reason
+    assert not any("device_count" in c for c in h.ran)  # no verify of what is not there
+
+
+@pytest.mark.parametrize("verified, change", [(False, RESTORE), (True, f"rm -rf {OLD}")])
+def test_a_rebuild_cut_short_is_settled_first(inventory, verified, change):
+    """<env>.ddpfleet-old left by a run that died: removed if the new env had verified (its
+    spec hash is written last), else put back, before anything else."""
+    i = inventory()
+    state = {**probe(spec=digest(i) if verified else "0" * 64), "aside": "1"}
+    h = node(i, state)
+    statuses, steps = run(h)
+    assert statuses[0] == ("env", "changed") and h.changes[0] == change
+    assert steps[0].reason.startswith(f"removed {OLD}" if verified else f"put {OLD} back")
+
+
+def test_new_package_in_the_inventory_is_a_rebuild(inventory):
     i = inventory()
     h = node(i, probe(spec=digest(i)))
     statuses, _ = run(h, conda_packages=["jupyterlab", "numpy"])
     assert ("env", "changed") in statuses
-    assert any("env update" in c for c in h.changes)
+    assert ASIDE in h.changes and CREATE in h.changes
 
 
-def test_env_without_a_recorded_spec_is_updated_never_recreated(inventory):
+def test_env_without_a_recorded_spec_is_rebuilt_and_kept_until_verified(inventory):
     h = node(inventory(), probe(spec=""))
     _, steps = run(h)
     assert "no spec recorded" in steps[1].reason
-    assert not any("create" in c for c in h.changes)
+    assert h.changes[1:] == [ASIDE, CREATE, f"rm -rf {OLD}"]
 
 
 def test_no_consent_refuses_before_any_conda_command(inventory):
