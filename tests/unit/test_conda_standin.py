@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ddpfleet import envexport
 from ddpfleet.envs import VERIFY_PY
 
 STANDINS = Path(__file__).resolve().parents[1] / "standins"
@@ -129,3 +130,27 @@ def test_a_tos_plugin_conda_checks_the_condarc_before_the_env_file(conda, tmp_pa
 @pytest.mark.parametrize("conda", ["Miniforge3-standin-Linux-x86_64.sh"], indirect=True)
 def test_miniforge_has_no_tos_plugin(conda):
     assert conda("tos", "accept", "--channel", MAIN).returncode == 2
+
+
+def test_env_export_lists_installed_packages_as_name_version_build(conda, tmp_path):
+    env_path = create(conda, tmp_path, "  - pytorch::pytorch-cuda=11.8\n  - mkl<2024.1")
+    done = conda("env", "export", "-p", str(env_path))
+    assert done.returncode == 0, done.stderr
+    packages = envexport.parse_conda_export(done.stdout)
+    assert packages["pytorch"] == "2.5.1=py3.10_cuda11.8_cudnn9.1.0_0"
+    assert packages["python"].startswith("3.10.16=") and packages["pytorch-cuda"].startswith(
+        "11.8="
+    )
+    assert not [line for line in done.stdout.splitlines() if "::" in line or "<" in line]
+
+
+def test_env_create_follows_conda_2492_on_existing_paths(conda, tmp_path):
+    """A directory that is no env (no conda-meta/) is installed into; an env is refused."""
+    spec = tmp_path / "environment.yml"
+    spec.write_text(SPEC.format(variant="  - pytorch::cpuonly").replace("  - defaults\n", ""))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert conda("env", "create", "-p", str(plain), "-f", str(spec)).returncode == 0
+    assert (plain / "conda-meta").is_dir()
+    again = conda("env", "create", "-p", str(plain), "-f", str(spec))
+    assert again.returncode == 1 and "prefix already exists" in again.stderr
