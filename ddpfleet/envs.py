@@ -16,6 +16,9 @@ Files the env roles keep in the env, read by the roles and shown by the jobs:
 
     <env>/.ddpfleet-spec.sha256   SPEC_FILE: the spec installed and verified, written last
     <env>/.ddpfleet-torch.json    RECORD_FILE: what VERIFY_PY saw after the install (`describe`)
+
+On a GPU node a verify that imports torch still fails when `cuda_problem` finds no working CUDA:
+both files are then left as they were, so the next bootstrap retries.
 """
 
 from __future__ import annotations
@@ -93,22 +96,93 @@ def torch_facts(runtime=False):
         out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     except Exception:
         pass
-    if runtime:
-        out["available"], out["gpus"] = torch.cuda.is_available(), torch.cuda.device_count()
+    if runtime:  # a broken driver may raise here rather than answer False
+        try:
+            out["available"], out["gpus"] = torch.cuda.is_available(), torch.cuda.device_count()
+        except Exception:
+            out["available"], out["gpus"] = False, 0
     return out
+"""
+
+# The GPUs the node's driver lists (`nvidia-smi -L` lines "GPU <i>: ..."), to hold torch's
+# device count against; None where nvidia-smi is absent or fails, or lists MIG instances (a
+# process without CUDA_VISIBLE_DEVICES sees one MIG instance, not one device per GPU).
+NODE_GPUS_PY = """
+def node_gpus():
+    import shutil, subprocess
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode == 6:  # "No devices were found"
+        return 0
+    if out.returncode != 0:
+        return None
+    lines = out.stdout.splitlines()
+    if any(line.strip().startswith("MIG ") for line in lines):
+        return None
+    return sum(1 for line in lines if line.startswith("GPU "))
 """
 
 # After an install: exits non-zero with the import error on stderr, else prints the record.
 VERIFY_PY = (
     TORCH_FACTS_PY
+    + NODE_GPUS_PY
     + """
 import json, sys
 facts = torch_facts(runtime=True)
 if "error" in facts:
     sys.exit(facts["error"])
-print(json.dumps({k: facts[k] for k in ("torch", "cuda", "available", "gpus", "python")}))
+record = {k: facts[k] for k in ("torch", "cuda", "available", "gpus", "python")}
+record["node_gpus"] = node_gpus()
+print(json.dumps(record))
 """
 )
+
+
+# A line for the env roles' probes: nvidia-smi's exit status where it exists, so that a driver
+# that lists no device (exit 6) makes no GPU node. One `nvidia-smi -L` per probe, on nodes that
+# have nvidia-smi only.
+SMI_PROBE = 'if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L >/dev/null 2>&1; echo "smi_rc=$?"; fi'
+
+
+# A line for the conda roles' probes ($p: the miniconda prefix): whether its conda has the
+# conda-anaconda-tos plugin (conda >= 24.11; the pinned 24.9.2 has none), read from conda-meta,
+# where conda records each package it holds, so no conda has to start.
+TOS_PLUGIN_PROBE = (
+    'for f in "$p"/conda-meta/conda-anaconda-tos-[0-9]*.json; do '
+    '[ -e "$f" ] && echo tos_plugin=1; break; done'
+)
+
+
+def gpu_node(facts: Mapping[str, str], state: Mapping[str, str]) -> bool:
+    """A node to give a CUDA build: it has nvidia-smi (facts), and nvidia-smi did not say "No
+    devices were found" (exit 6, SMI_PROBE's smi_rc). Other failures (no driver loaded: 9)
+    still count: the GPUs are there, the driver needs fixing, and verify says so."""
+    return bool(facts.get("nvidia_smi")) and state.get("smi_rc") != "6"
+
+
+def cuda_problem(record: Mapping[str, Any], gpu_node: bool) -> str:
+    """Why a verified env cannot train on this GPU node ('' when it can, or on a CPU-only node):
+    a CPU build, CUDA that does not work here, or torch seeing other GPUs than the driver lists.
+    Reads a VERIFY_PY record or doctor's torch_facts(runtime=True)."""
+    if not gpu_node:
+        return ""
+    if not record.get("cuda"):
+        return f"torch {record.get('torch')} is a CPU build (torch.version.cuda is None)"
+    if not record.get("available"):
+        return (
+            f"torch {record.get('torch')} (CUDA {record['cuda']}): "
+            "torch.cuda.is_available() is False"
+        )
+    seen, listed = record.get("gpus") or 0, record.get("node_gpus")
+    if not seen or (listed is not None and seen != listed):
+        where = f", nvidia-smi -L lists {listed}" if listed is not None else ""
+        return f"torch.cuda.device_count() is {seen}{where}"
+    return ""
 
 
 def describe(record: Mapping[str, Any]) -> str:

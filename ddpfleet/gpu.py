@@ -60,6 +60,9 @@ QUERY_APPS_FIELDS: tuple[str, ...] = ("gpu_uuid", "pid", "used_memory", "process
 MARK = "@@ddpfleet"
 NOT_FOUND = "nvidia-smi not found"
 NO_DRIVER_CODES = (127, 9, 12)  # nvidia-smi's exit: absent, driver not loaded, NVML missing
+# nvidia-smi's exit 6 ("No devices were found"): a driver that lists no GPU. Not a broken GPU
+# (a reboot does not help) and not a GPU node either (cpu_only: auto gives it the CPU build).
+NO_DEVICES_CODE = 6
 
 
 @dataclass(frozen=True)

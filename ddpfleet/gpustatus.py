@@ -69,6 +69,8 @@ def driver_state(node: gpu.NodeGpus) -> str:
     """The row text for a node whose nvidia-smi did not answer."""
     if node.exit_code in gpu.NO_DRIVER_CODES:
         return f"no NVIDIA driver: {node.driver_error}"
+    if node.exit_code == gpu.NO_DEVICES_CODE:
+        return f"no GPU: the driver is loaded but lists no device ({node.driver_error})"
     return f"nvidia-smi failed (exit {node.exit_code}): {node.driver_error}"
 
 

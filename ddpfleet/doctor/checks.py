@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from ddpfleet import gpu
+from ddpfleet import envs, gpu
 from ddpfleet.doctor.node import EnvFacts, PortTest
 from ddpfleet.errors import AuthError, HostKeyChanged, HostKeyUnknown, NodeError
 from ddpfleet.inventory import Node
@@ -123,6 +123,15 @@ def check_driver(gpus: gpu.NodeGpus, expected: int | None) -> Check:
     No driver is fine on a CPU node, a failure where the inventory says the node has GPUs."""
     install = f"install an NVIDIA driver >= {_dotted(CUDA_118_DRIVER)}, then reboot"
     error = gpus.driver_error
+    if error and gpus.exit_code == gpu.NO_DEVICES_CODE:  # a driver without GPUs: reboot no cure
+        if expected:
+            return fail(
+                "driver",
+                f"gpus: {expected} in the inventory, but the driver lists no device ({error})",
+                "check that the node sees its GPUs (lspci | grep -i nvidia; a VM needs them "
+                "passed through), or fix the node's gpus: in the inventory",
+            )
+        return warn("driver", f"CPU only: the driver lists no device ({error})")
     if error and gpus.exit_code not in gpu.NO_DRIVER_CODES:  # there, but broken (15: off the bus)
         return fail("driver", f"nvidia-smi exit {gpus.exit_code}: {error}", "reboot the node")
     if error and expected:
@@ -173,19 +182,30 @@ def check_gpu_count(
     return ok("gpus", f"{mine} GPUs" + (" on every node" if len(counts) > 1 else ""))
 
 
-def check_env(name: str, env: EnvFacts, has_gpus: bool) -> Check:
+def check_env(name: str, env: EnvFacts, gpus: int, manager: str = "venv") -> Check:
+    """The env imports torch; on a node whose driver lists GPUs, its CUDA works on all of them
+    (envs.cuda_problem, the env roles' own verify), else training there cannot start."""
     fix = f"invoke bootstrap --nodes {name}"
     if not env.present:
         return fail("env", f"no env: {env.python} not found", fix)
     if env.error or not env.torch:
         return fail("env", f"import torch failed: {env.error}", fix)
     found = f"torch {env.torch}, CUDA {env.cuda or '-'}, NCCL {env.nccl or '-'}"
-    if has_gpus and not env.cuda:
-        return warn(
-            "env",
-            f"{found}: a CPU build on a node with GPUs",
-            f"pin a CUDA build in python_env (torch, index_url), then {fix}",
-        )
+    record = {"torch": env.torch, "cuda": env.cuda, "available": env.available,
+              "gpus": env.gpus, "node_gpus": gpus}  # fmt: skip
+    problem = envs.cuda_problem(record, gpu_node=gpus > 0)
+    if problem:
+        if not env.cuda:
+            pin = (
+                "set python_env.cpu_only: auto (or false) so the env gets pytorch-cuda"
+                if manager == "conda"
+                else "pin a CUDA build in python_env (torch, index_url: auto gives cu118)"
+            )
+            return fail("env", f"{problem} on a node with {gpus} GPUs", f"{pin}, then {fix}")
+        return fail(
+            "env", f"{found}: {problem}",
+            f"check the driver (invoke gpu-status --nodes {name}), then {fix}",
+        )  # fmt: skip
     return ok("env", found)
 
 

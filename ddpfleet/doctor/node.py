@@ -39,6 +39,8 @@ class EnvFacts:
     cuda: str | None = None  # None: a CPU build
     nccl: str | None = None
     error: str | None = None  # why `import torch` failed
+    available: bool | None = None  # torch.cuda.is_available() here
+    gpus: int | None = None  # torch.cuda.device_count() here
 
     @property
     def versions(self) -> tuple[str | None, str | None, str | None]:
@@ -68,7 +70,11 @@ class PortTest:
 
 # --- node side -------------------------------------------------------------------------------
 
-_TORCH = envs.TORCH_FACTS_PY + 'import json\nprint("@@doctor env " + json.dumps(torch_facts()))\n'
+# runtime=True: a CUDA build whose CUDA does not work here fails the env check on a GPU node.
+_TORCH = (
+    envs.TORCH_FACTS_PY
+    + 'import json\nprint("@@doctor env " + json.dumps(torch_facts(runtime=True)))\n'
+)
 
 _TCP = """\
 import json, socket, sys
@@ -228,7 +234,14 @@ def _env(said: Mapping[str, str], stderr: str, python: str) -> EnvFacts:
         last = tail(stderr, 2) or "no output"
         return EnvFacts(python, present=True, error=f"{python} failed: {last}")
     return EnvFacts(
-        python, True, got.get("torch"), got.get("cuda"), got.get("nccl"), got.get("error")
+        python,
+        True,
+        got.get("torch"),
+        got.get("cuda"),
+        got.get("nccl"),
+        got.get("error"),
+        got.get("available"),
+        got.get("gpus"),
     )
 
 

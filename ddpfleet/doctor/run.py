@@ -85,7 +85,7 @@ def evaluate(inventory: Inventory, got: Gathered) -> dict[str, list[Check]]:
             check_sudo(facts.uid, facts.sudo_rc, node.user, node.become, password),
             check_driver(facts.gpus, node.gpus),
             check_gpu_count(node.name, counts, got.master, node.gpus),
-            check_env(node.name, facts.env, bool(facts.gpus.gpus)),
+            check_env(node.name, facts.env, len(facts.gpus.gpus), envs.manager(inventory, node)),
         ]
         if not train.root:
             ids = {name: f.train_ids for name, f in ok.items()}

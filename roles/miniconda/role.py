@@ -8,7 +8,9 @@ A converged node costs one probe: `PREFIX/bin/conda --version` and the ToS marke
 3. `bash installer -b -p PREFIX`, with -u over a half-installed prefix (a directory the
    installer made whose bin/conda is missing or broken): -u unpacks over it and keeps envs/;
 4. Anaconda's Terms of Service (flavor miniconda) are accepted only when the inventory says
-   `accept_tos: true`: `conda tos accept --system` covers every account on the node.
+   `accept_tos: true`, and only where the conda has the ToS plugin (conda-anaconda-tos in
+   conda-meta/, conda >= 24.11; the pinned 24.9.2 has no `conda tos`): `conda tos accept
+   --system` covers every account on the node.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpfleet import rootfiles
+from ddpfleet.envs import TOS_PLUGIN_PROBE
 from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
 from ddpfleet.shell import sh
@@ -34,7 +37,8 @@ TOS_HINT = (
 
 # $1 prefix, $2 the verified installer's path. The installer is only hashed when conda does
 # not work, so a converged node pays for one `conda --version`.
-PROBE = r"""
+PROBE = (
+    r"""
 p=$1 f=$2
 if v=$("$p/bin/conda" --version 2>/dev/null); then
   echo "conda=$v"
@@ -51,8 +55,12 @@ else
   elif command -v wget >/dev/null; then echo fetch=wget; fi
 fi
 [ -f "$p/conda-meta/.ddpfleet-tos-accepted" ] && echo tos=1
+"""
+    + TOS_PLUGIN_PROBE
+    + """
 true
 """
+)
 
 # $1 the fetched file, $2 where the verified installer goes, $3 the expected SHA-256.
 VERIFY = r"""
@@ -147,6 +155,8 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
     yield installed
     if installed.status == "failed":
         return
+    if not host.check:  # what the installer put there: has its conda the ToS plugin?
+        state = host.probe(sh(PROBE, prefix, remote))
     yield _tos(host, cfg, state)
 
 
@@ -260,6 +270,12 @@ def _tos(host, cfg: Mapping[str, Any], state: Mapping[str, str]) -> Step:
         )
     if state.get("tos"):
         return ok("terms of service", "accepted for pkgs/main and pkgs/r (--system)")
+    if not state.get("tos_plugin") and not host.check:
+        return ok(
+            "terms of service",
+            "this conda has no ToS plugin (conda-anaconda-tos, conda >= 24.11): nothing to "
+            "accept; conda_env uses Anaconda's channels as miniconda.accept_tos says",
+        )
     return host.changed(
         "terms of service", "accept for pkgs/main and pkgs/r (--system)", lambda: _accept(host, cfg)
     )

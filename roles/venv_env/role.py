@@ -2,8 +2,10 @@
 
 A converged node costs one probe: the node's python3 reports its platform, the env's python its
 stored spec hash and, from package metadata (no `import torch`, which takes seconds), torch's
-version and any missing package. `import torch` runs after an install only; what it reported is
-kept in the env and shown on later runs. Files the role keeps in the env:
+version and any missing package; where the node has nvidia-smi, its `-L` exit status (6, "No
+devices were found": 'auto' picks the CPU index there). `import torch` runs after an install only
+(on a GPU node it must also find working CUDA on every GPU); what it reported is kept in the env
+and shown on later runs. Files the role keeps in the env:
 
     <path>/.ddpfleet-spec.sha256   the spec installed and verified (written last: a failed or
                                    cut-short install leaves the old hash, so the next run retries)
@@ -20,7 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ddpfleet import wheelhouse
-from ddpfleet.envs import RECORD_FILE, SPEC_FILE, VERIFY_PY, describe
+from ddpfleet.envs import (
+    RECORD_FILE,
+    SMI_PROBE,
+    SPEC_FILE,
+    VERIFY_PY,
+    cuda_problem,
+    describe,
+    gpu_node,
+)
 from ddpfleet.errors import CommandError
 from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.roles import Host, Step, failed, ok, skipped
@@ -114,7 +124,8 @@ def probe_script(path: str, names: list[str]) -> str:
     cfg_file = shlex.quote(f"{path}/pyvenv.cfg")
     return (
         f"[ -f {cfg_file} ] && echo env_cfg=1\n"
-        f"{{ [ -x {shlex.quote(py)} ] && {env}; }} 2>/dev/null || {base} 2>/dev/null\ntrue"
+        f"{{ [ -x {shlex.quote(py)} ] && {env}; }} 2>/dev/null || {base} 2>/dev/null\n"
+        f"{SMI_PROBE}\ntrue"
     )
 
 
@@ -194,6 +205,9 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
         return
     names = [requirement_name(r) for r in spec.requirements]
     state = host.probe(probe_script(cfg["path"], names))
+    if not gpu_node(host.facts, state) and host.facts.get("nvidia_smi"):
+        # nvidia-smi found no device (exit 6): 'auto' means the CPU index, as on a node without it
+        spec = spec_for(cfg, {**host.facts, "nvidia_smi": ""})
     env = Env(host, cfg, spec, state)
     if not env.why:
         yield ok("venv", f"{env.path} (python {state['env_python']})")
@@ -277,6 +291,14 @@ def _verify(env: Env) -> Step:
         tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
         return failed("verify", f"`import torch` failed in {env.path}: {tail}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
+    problem = cuda_problem(record, gpu_node=gpu_node(env.host.facts, env.state))
+    if problem:  # no spec hash written: the next bootstrap retries
+        return failed(
+            "verify",
+            f"no working CUDA in {env.path} on a GPU node: {problem}; check the driver "
+            "(invoke gpu-status), and that python_env.index_url serves a CUDA build of "
+            "torch (auto: the cu118 index), then bootstrap again",
+        )
     env.host.put(f"{env.path}/{RECORD_FILE}", json.dumps(record, sort_keys=True) + "\n")
     env.host.put(f"{env.path}/{SPEC_FILE}", env.spec.digest() + "\n")
     return ok("verify", describe(record))

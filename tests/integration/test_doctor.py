@@ -97,7 +97,10 @@ def test_unequal_gpu_counts(doctored) -> None:
     assert (status, detail) == ("fail", "0 GPUs; node0 has 8") and "--nproc-per-node" in fix
     assert checks[("node0", "gpus")][:2] == ("pass", "8 GPUs; differs on node1")
     assert checks[("node0", "driver")][:2] == ("pass", "535.161.08 >= 520.61.05 (CUDA 11.8)")
-    assert checks[("node0", "env")][0] == "warn"  # a CPU torch on a node with GPUs
+    status, detail, fix = checks[("node0", "env")]  # a CPU torch on a node with GPUs
+    assert status == "fail" and detail.startswith("torch 2.13.0"), detail
+    assert detail.endswith("is a CPU build (torch.version.cuda is None) on a node with 8 GPUs")
+    assert "pin a CUDA build in python_env (torch, index_url" in fix and "node0 env" in err
 
 
 def test_driver_below_the_minimum(doctored) -> None:
@@ -106,7 +109,7 @@ def test_driver_below_the_minimum(doctored) -> None:
         for node in NODES:
             select(cluster, node, "v100x4 driver=418.67")
         code, checks, err = doctor(doctored)
-    assert code == 1 and "node0 driver, node1 driver" in err
+    assert code == 1 and "node0 driver" in err and "node1 driver" in err  # env fails too
     for node in NODES:
         status, detail, fix = checks[(node, "driver")]
         assert (status, detail) == ("fail", "418.67 < 450.80.02: too old for CUDA 11.8")

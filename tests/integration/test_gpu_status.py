@@ -105,6 +105,15 @@ def test_table_gpus_and_a_no_driver_row(cluster: Cluster, gpu_node0: int) -> Non
     assert rows[-1][:5] == ["total", "8", "2 busy, 6 idle", "", "59.6 / 640.0 GiB"]
 
 
+def test_a_driver_without_devices_is_its_own_row(cluster: Cluster, gpu_node0: int) -> None:
+    with standin(cluster, ["node1"], "no_devices"):
+        r = cluster.invoke("gpu-status", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (node1,) = [row for row in table_rows(r.stdout) if row[0] == "node1"]
+    assert node1[1] == "-" and node1[2].startswith("no GPU: the driver is loaded"), node1
+    assert "reboot" not in r.stdout
+
+
 def test_json_matches_the_documented_schema(cluster: Cluster, gpu_node0: int) -> None:
     r = cluster.invoke("gpu-status", "--json", timeout=60)
     assert r.returncode == 0, r.stderr

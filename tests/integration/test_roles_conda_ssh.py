@@ -22,14 +22,17 @@ import pytest
 import yaml
 
 from tests.integration.conftest import Cluster
+from tests.integration.test_gpu_status import select, standin
 
 NODES = ("node0", "node1")
 STANDINS = Path(__file__).resolve().parents[1] / "standins" / "conda"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gpu-cluster.yaml"
 PREFIX = "/opt/miniconda3"
 ENV = f"{PREFIX}/envs/ddp"
 LOG = "/var/log/ddpfleet-standin-conda.log"
 DROPIN = "/etc/ssh/sshd_config.d/00-ddpfleet-hardening.conf"
 ROLES = "openssh_server,miniconda,conda_env"
+GPU_NODE, CPU_NODE = NODES  # `installed` gives node0 the GPU stand-in
 
 
 def build_installer(directory: Path, name: str) -> tuple[Path, str]:
@@ -107,18 +110,23 @@ def installer(cluster: Cluster) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster, installer):
-    """All three roles once on fresh nodes: uploaded installer, consent given, CUDA 11.8 env."""
+    """All three roles once on fresh nodes, with examples/gpu-cluster.yaml's settings (its consent
+    choice; cpu_only: auto) and the stand-in installer uploaded from the controller.
+    node0 has 8 GPUs (the nvidia-smi stand-in): a CUDA 11.8 env that must see them; node1 none:
+    a cpuonly env. The GPU stand-in stays for the module (every test after this one sees it)."""
     path, sha = installer
+    example = yaml.safe_load(EXAMPLE.read_text())  # its consent choice and env settings
     inventory = write(
         cluster,
         "inventory-conda.yaml",
-        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
-        python_env={"cpu_only": False},
+        miniconda={**example["miniconda"], "installer": str(path), "sha256": sha},
+        python_env=example.get("python_env"),
     )
-    result, seconds = bootstrap(cluster, inventory)
-    assert result.returncode == 0, result.stdout + result.stderr
-    print(f"fresh bootstrap ({ROLES}) of {len(NODES)} nodes: {seconds:.1f}s")
-    return inventory, result
+    with standin(cluster, [GPU_NODE], "a100x8"):
+        result, seconds = bootstrap(cluster, inventory)
+        assert result.returncode == 0, result.stdout + result.stderr
+        print(f"fresh bootstrap ({ROLES}) of {len(NODES)} nodes: {seconds:.1f}s")
+        yield inventory, result
 
 
 def test_checksum_mismatch_refuses_before_executing(cluster: Cluster, installer):
@@ -149,10 +157,12 @@ def test_success_installs_the_env_and_verifies_torch(cluster: Cluster, installed
             node,
             f"{ENV}/bin/python -c 'import torch; print(torch.__version__, torch.version.cuda)'",
         )
-        assert torch.stdout.split() == ["2.5.1", "11.8"], torch.stderr
+        cuda = "11.8" if node == GPU_NODE else "None"
+        assert torch.stdout.split() == ["2.5.1", cuda], torch.stderr
         cache = cluster.ssh(node, "ls /var/cache/ddpfleet/").stdout.split()
         assert not [f for f in cache if f.endswith((".sh", ".part"))]  # installer cleaned up
-    assert "torch 2.5.1, CUDA 11.8, cuda available: no, GPUs: 0" in run_log(first)
+    assert "torch 2.5.1, CUDA 11.8, cuda available: yes, GPUs: 8" in run_log(first)
+    assert "torch 2.5.1, CUDA none, cuda available: no, GPUs: 0" in run_log(first)
 
 
 def test_second_run_changes_nothing(cluster: Cluster, installed):
@@ -170,58 +180,88 @@ def test_second_run_changes_nothing(cluster: Cluster, installed):
 def test_environment_yml_pins_the_cuda_118_pairing(cluster: Cluster, installed):
     for node in NODES:
         doc = yaml.safe_load(cluster.ssh(node, f"cat {PREFIX}/ddpfleet/ddp.environment.yml").stdout)
-        assert doc["channels"] == ["pytorch", "nvidia", "defaults"]
+        gpu = node == GPU_NODE
+        assert doc["channels"] == ["pytorch", *(["nvidia"] * gpu), "defaults"]
         for dep in (
             "python=3.10",
-            "pytorch==2.5.1",
-            "torchvision==0.20.1",
-            "torchaudio==2.5.1",
-            "pytorch-cuda=11.8",
+            "pytorch::pytorch==2.5.1",
+            "pytorch::torchvision==0.20.1",
+            "pytorch::torchaudio==2.5.1",
+            "pytorch::pytorch-cuda=11.8" if gpu else "pytorch::cpuonly",
             "mkl<2024.1",
             "jupyterlab",
         ):
             assert dep in doc["dependencies"], (node, doc)
 
 
-def test_consent_given_once_system_wide_and_no_recreate(cluster: Cluster, installed):
-    inventory, _ = installed
+def test_the_pinned_conda_is_never_asked_tos_and_no_recreate(cluster: Cluster, installed):
+    """conda 24.9.2 has no `conda tos` (no plugin, detected from conda-meta): consent is
+    ddpfleet's policy alone, and no conda command is run that would fail."""
+    inventory, first = installed
+    assert "no ToS plugin" in " ".join(run_log(first).split())
     again, _ = bootstrap(cluster, inventory)
     assert again.returncode == 0, again.stdout + again.stderr
     for node in NODES:
         entries = conda_log(cluster, node)
-        accepted = actions(entries, "tos accept")
-        assert sorted(e["channel"] for e in accepted) == [
-            "https://repo.anaconda.com/pkgs/main",
-            "https://repo.anaconda.com/pkgs/r",
-        ]
-        assert {e["scope"] for e in accepted} == {"--system"}
+        assert not actions(entries, "tos accept"), entries
         assert len(actions(entries, "env create")) == 1, entries  # never re-created
         assert not [e for e in entries if e["action"].startswith("refused")], entries
 
 
-def test_changed_spec_updates_the_env_then_converges(cluster: Cluster, installer, installed):
+def numpy_inventory(cluster: Cluster, installer) -> Path:
     path, sha = installer
-    inventory = write(
+    return write(
         cluster,
         "inventory-conda-numpy.yaml",
         miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
-        python_env={"cpu_only": False, "conda_packages": ["jupyterlab", "numpy"]},
+        python_env={"conda_packages": ["jupyterlab", "numpy"]},
     )
-    result, _ = bootstrap(cluster, inventory)
+
+
+def creates(cluster: Cluster, node: str) -> list[dict]:
+    return [e for e in actions(conda_log(cluster, node), "env create") if e["env"] == ENV]
+
+
+def test_changed_spec_rebuilds_the_env_then_converges(cluster: Cluster, installer, installed):
+    """A fresh `env create` at the env's path, never `env update --prune`; the old env waits
+    beside it and is gone once the new one verified."""
+    before = {node: len(creates(cluster, node)) for node in NODES}
+    result, _ = bootstrap(cluster, numpy_inventory(cluster, installer))
     assert result.returncode == 0, result.stdout + result.stderr
     for node in NODES:
-        entries = conda_log(cluster, node)
-        updates = actions(entries, "env update")
-        assert updates and updates[-1]["prune"] and "numpy" in updates[-1]["spec"]["dependencies"]
-        assert len(actions(entries, "env create")) == 1
-    again, _ = bootstrap(cluster, inventory)
+        made = creates(cluster, node)
+        assert len(made) == before[node] + 1 and "numpy" in made[-1]["spec"]["dependencies"]
+        assert not actions(conda_log(cluster, node), "env update")
+        assert cluster.ssh(node, f"test -e {ENV}.ddpfleet-old").returncode == 1
+    again, _ = bootstrap(cluster, numpy_inventory(cluster, installer))
     assert changed(again) == {n: 0 for n in NODES}, again.stdout
     back, _ = bootstrap(cluster, installed[0])  # and back to the module's spec
     assert back.returncode == 0, back.stdout + back.stderr
 
 
+def test_a_rebuild_that_fails_to_verify_keeps_the_old_env(cluster: Cluster, installer, installed):
+    """node0's driver stops (exit 9) before a spec change: its new env has no CUDA, so the old
+    env, verified before, is put back as it was, old spec hash and all; node1 rebuilds."""
+    spec = f"cat {ENV}/.ddpfleet-spec.sha256 {ENV}/conda-meta/standin-spec.json"
+    old = cluster.ssh(GPU_NODE, spec).stdout
+    select(cluster, GPU_NODE, "a100x8 fail=9")
+    try:
+        result, _ = bootstrap(cluster, numpy_inventory(cluster, installer))
+    finally:
+        select(cluster, GPU_NODE, "a100x8")
+    out = " ".join(result.stdout.split())
+    assert result.returncode != 0 and f"the old env is back at {ENV}" in out, out
+    assert cluster.ssh(GPU_NODE, spec).stdout == old  # the old env, unchanged
+    assert cluster.ssh(GPU_NODE, f"test -e {ENV}.ddpfleet-old").returncode == 1
+    torch = cluster.ssh(GPU_NODE, f"{ENV}/bin/python -c 'import torch; print(torch.version.cuda)'")
+    assert torch.stdout.strip() == "11.8", torch.stderr
+    back, _ = bootstrap(cluster, installed[0])
+    assert back.returncode == 0, back.stdout + back.stderr
+
+
 def test_half_installed_prefix_is_repaired(cluster: Cluster, installed):
     inventory, _ = installed
+    before = {node: len(creates(cluster, node)) for node in NODES}
     cluster.ssh("node0", f"rm {PREFIX}/bin/conda")  # an install cut short
     cluster.ssh("node1", f"printf '#!/bin/sh\\nexit 1\\n' > {PREFIX}/bin/conda")  # broken
     result, _ = bootstrap(cluster, inventory)
@@ -231,7 +271,7 @@ def test_half_installed_prefix_is_repaired(cluster: Cluster, installed):
         runs = actions(conda_log(cluster, node), "installer")
         assert runs[-1]["argv"] == f"-b -p {PREFIX} -u", runs
         assert cluster.ssh(node, f"{PREFIX}/bin/conda --version").returncode == 0
-        assert len(actions(conda_log(cluster, node), "env create")) == 1  # the env was kept
+        assert len(creates(cluster, node)) == before[node]  # the env was kept
     again, _ = bootstrap(cluster, inventory)
     assert changed(again) == {n: 0 for n in NODES}, again.stdout
 
@@ -248,6 +288,7 @@ def test_no_tos_consent_unless_asked(cluster: Cluster, installer):
     assert result.returncode != 0
     out = " ".join((result.stdout + result.stderr).split())
     assert "accept_tos: true" in out and "flavor: miniforge" in out
+    assert "ddpfleet's consent policy" in out and "would not stop by itself" in out
     for node in NODES:
         entries = conda_log(cluster, node, prefix)
         assert actions(entries, "installer")  # conda itself was installed
@@ -279,8 +320,11 @@ def test_miniforge_downloaded_over_http_needs_no_consent(cluster: Cluster):
         entries = conda_log(cluster, node, prefix)
         assert not actions(entries, "tos accept")
         create = actions(entries, "env create")
-        assert len(create) == 1 and create[0]["spec"]["channels"] == ["pytorch", "conda-forge"]
-        assert "cpuonly" in create[0]["spec"]["dependencies"]  # sandbox nodes: no nvidia-smi
+        gpu = cluster.ssh(node, "command -v nvidia-smi").returncode == 0  # after `installed`
+        chans = ["pytorch", *(["nvidia"] * gpu), "conda-forge"]
+        assert len(create) == 1 and create[0]["spec"]["channels"] == chans
+        variant = "pytorch::pytorch-cuda=11.8" if gpu else "pytorch::cpuonly"
+        assert variant in create[0]["spec"]["dependencies"]
 
 
 def test_a_node_without_sftp_fails_alone_in_the_recap(cluster: Cluster, installer):
@@ -365,3 +409,102 @@ def test_password_auth_is_off_per_sshd_T(cluster: Cluster, installed):
         assert effective["kbdinteractiveauthentication"] == "no"
         assert effective["pubkeyauthentication"] == "yes"
         assert effective["permitrootlogin"] in ("prohibit-password", "without-password")
+
+
+def test_no_working_cuda_on_a_gpu_node_fails_verify_and_is_retried(
+    cluster: Cluster, installer, installed
+):
+    """node0's driver is not loaded (nvidia-smi exit 9): its GPUs are there, so cpu_only: auto
+    gives it pytorch-cuda, whose torch sees no CUDA; verify fails there and records no spec hash
+    (the next bootstrap tries again). node1 (no GPUs) verifies its cpuonly env. Last in the
+    module: it adds an `env create` to the log that earlier tests count."""
+    path, sha = installer
+    env = f"{PREFIX}/envs/ddp-nodriver"
+    inventory = write(
+        cluster,
+        "inventory-conda-nodriver.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        python_env={"name": "ddp-nodriver"},
+    )
+    select(cluster, GPU_NODE, "a100x8 fail=9")
+    try:
+        for _ in range(2):
+            result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
+            assert result.returncode != 0
+            out = " ".join(result.stdout.split())
+            assert "no working CUDA" in out and "is_available() is False" in out, out
+            assert changed(result)[GPU_NODE] > 0  # tried again: the env was updated
+        assert cluster.ssh(GPU_NODE, f"test -e {env}/.ddpfleet-spec.sha256").returncode == 1
+        assert cluster.ssh(CPU_NODE, f"test -e {env}/.ddpfleet-spec.sha256").returncode == 0
+    finally:
+        select(cluster, GPU_NODE, "a100x8")
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodriver.environment.yml")
+
+
+def test_a_driver_without_devices_gets_cpuonly(cluster: Cluster, installer, installed):
+    """node0's nvidia-smi says "No devices were found" (exit 6): cpu_only: auto gives it the
+    cpuonly env, which verifies; no "reboot" anywhere. Last in the module, like the one above."""
+    path, sha = installer
+    env = f"{PREFIX}/envs/ddp-nodevices"
+    inventory = write(
+        cluster,
+        "inventory-conda-nodevices.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        python_env={"name": "ddp-nodevices"},
+    )
+    select(cluster, GPU_NODE, "no_devices")
+    try:
+        result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
+        assert result.returncode == 0, result.stdout + result.stderr
+        for node in NODES:
+            doc = yaml.safe_load(
+                cluster.ssh(node, f"cat {PREFIX}/ddpfleet/ddp-nodevices.environment.yml").stdout
+            )
+            assert "pytorch::cpuonly" in doc["dependencies"], doc
+            assert "nvidia" not in doc["channels"], doc
+    finally:
+        select(cluster, GPU_NODE, "a100x8")
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodevices.environment.yml")
+
+
+def test_a_tos_plugin_conda_needs_consent_even_with_nodefaults(cluster: Cluster):
+    """A user-supplied newer Miniconda (25.5.1: the ToS plugin): nodefaults in the env file
+    does not avoid the check, so ddpfleet refuses without consent; with it, the role accepts both
+    channels system-wide and the env is created."""
+    path, sha = build_installer(cluster.dir, "Miniconda3-py310_25.5.1-1-Linux-x86_64.sh")
+    prefix = "/opt/ddpfleet-test-plugin"
+    no = write(
+        cluster,
+        "inventory-plugin-no.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "prefix": prefix},
+        python_env={"channels": ["pytorch", "nvidia", "conda-forge", "nodefaults"]},
+    )
+    try:
+        refused, _ = bootstrap(cluster, no, roles="miniconda,conda_env")
+        assert refused.returncode != 0
+        out = " ".join((refused.stdout + refused.stderr).split())
+        assert "nodefaults does not avoid it" in out and f"{prefix}/.condarc" in out, out
+        for node in NODES:
+            entries = conda_log(cluster, node, prefix)
+            assert actions(entries, "installer") and not actions(entries, "env create")
+        yes = write(
+            cluster,
+            "inventory-plugin-yes.yaml",
+            miniconda={"installer": str(path), "sha256": sha, "prefix": prefix, "accept_tos": True},
+        )
+        result, _ = bootstrap(cluster, yes, roles="miniconda,conda_env")
+        assert result.returncode == 0, result.stdout + result.stderr
+        for node in NODES:
+            entries = conda_log(cluster, node, prefix)
+            accepted = actions(entries, "tos accept")
+            assert sorted(e["channel"] for e in accepted) == [
+                "https://repo.anaconda.com/pkgs/main",
+                "https://repo.anaconda.com/pkgs/r",
+            ]
+            assert {e["scope"] for e in accepted} == {"--system"}
+            assert len(actions(entries, "env create")) == 1, entries
+    finally:
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {prefix}")

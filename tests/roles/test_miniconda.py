@@ -137,10 +137,19 @@ def test_installer_setting_without_sha256_is_refused_before_the_node_is_asked(tm
 
 
 def test_arch_without_a_pin_names_the_settings_to_use():
-    h = node(FRESH, facts=MappingProxyType({**FACTS, "arch": "aarch64"}))
+    h = node(FRESH, facts=MappingProxyType({**FACTS, "arch": "ppc64le"}))
     statuses, steps = run(h)
     assert statuses == [("installer", "failed")]
-    assert "no pinned miniconda installer for aarch64" in steps[0].reason
+    assert "no pinned miniconda installer for ppc64le" in steps[0].reason
+
+
+def test_aarch64_gets_the_pinned_miniconda_2492():
+    h = node(FRESH, facts=MappingProxyType({**FACTS, "arch": "aarch64"}))
+    run(h)
+    url = "https://repo.anaconda.com/miniconda/Miniconda3-py310_24.9.2-0-Linux-aarch64.sh"
+    assert any(url in c for c in h.ran + list(h.stdin.values())), h.ran
+    assert any("5d022f16ecb01d33ac8c85a87a0a8dccfb025dc90b20dbd56c4b9ae8f9727578" in c
+               for c in h.ran)  # fmt: skip
 
 
 def test_installer_already_on_the_node_is_not_fetched_again():
@@ -175,7 +184,7 @@ def test_no_tos_consent_unless_asked():
 
 
 def test_consent_accepts_both_channels_system_wide_once():
-    h = node(CONVERGED)
+    h = node({"conda": "conda 25.5.1", "tos_plugin": "1"})  # a conda with the ToS plugin
     statuses, _ = run(h, accept_tos=True)
     assert statuses[-1] == ("terms of service", "changed")
     base = f"{PREFIX}/bin/conda tos accept --override-channels --channel"
@@ -187,10 +196,27 @@ def test_consent_accepts_both_channels_system_wide_once():
 
 
 def test_conda_without_the_tos_plugin_has_nothing_to_accept():
-    h = node(CONVERGED, tos=(1, "CommandNotFoundError: No command 'conda tos'."))
+    """The pinned 24.9.2 has no `conda tos` (argparse's invalid choice): detected from
+    conda-meta, not by running it and reading the error."""
+    h = node(CONVERGED)  # the probe found no conda-anaconda-tos in conda-meta
     statuses, steps = run(h, accept_tos=True)
-    assert statuses[-1] == ("terms of service", "changed")
+    assert statuses[-1] == ("terms of service", "ok")
     assert "no ToS plugin" in steps[-1].reason
+    assert not any("tos" in c for c in h.ran[1:]) and h.written == {}
+
+
+def test_a_fresh_install_is_probed_again_for_the_tos_plugin():
+    h = node(FRESH)
+    statuses, _ = run(h, accept_tos=True)
+    probes = [c for c in h.ran if "conda-anaconda-tos" in c]
+    assert len(probes) == 2  # before the install, and after it: what did the installer bring?
+    assert statuses[-1] == ("terms of service", "ok")
+
+
+def test_a_plugin_that_fails_to_accept_says_so():
+    h = node({"conda": "conda 25.5.1", "tos_plugin": "1"}, tos=(1, "CondaHTTPError: HTTP 000"))
+    statuses, steps = run(h, accept_tos=True)
+    assert statuses[-1] == ("terms of service", "failed") and "HTTP 000" in steps[-1].reason
 
 
 def test_miniforge_uses_its_pin_and_needs_no_consent():

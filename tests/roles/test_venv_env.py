@@ -63,6 +63,7 @@ def host(
     pip_out: str = "Successfully installed torch-2.5.1",
     verify_code: int = 0,
     tmp: Path | None = None,
+    verify_out: str = VERIFY_OUT,
 ) -> FakeHost:
     return FakeHost(
         answers=[
@@ -71,7 +72,7 @@ def host(
             (
                 r"torch\.cuda\.device_count",
                 verify_code,
-                VERIFY_OUT if verify_code == 0 else "ImportError: libfoo.so",
+                verify_out if verify_code == 0 else "ImportError: libfoo.so",
             ),
         ],
         facts=facts,
@@ -168,6 +169,13 @@ def test_gpu_node_gets_the_cu118_index():
     h = host(probe(env=False), facts=GPU_FACTS)
     run(h)
     assert [h.stdin[c] for c in h.changes if c.endswith(" torch==2.5.1")] == [CU118 + "\n"]
+
+
+def test_nvidia_smi_without_devices_gets_the_cpu_index():
+    h = host(probe(env=False) + "smi_rc=6\n", facts=GPU_FACTS)
+    statuses, _ = run(h)
+    assert [h.stdin[c] for c in h.changes if c.endswith(" torch==2.5.1")] == [CPU_INDEX + "\n"]
+    assert statuses[-1] == ("verify", "ok")  # a CPU build is right there
 
 
 def test_cpu_only_pin_on_a_gpu_node_is_refused_before_anything_runs():
@@ -277,6 +285,34 @@ def test_failed_import_fails_verify_and_keeps_the_old_hash():
     assert statuses[-1] == ("verify", "failed")
     assert "ImportError: libfoo.so" in steps[-1].reason
     assert h.written == {}
+
+
+CUDA_RECORD = {"torch": "2.5.1+cu118", "cuda": "11.8", "available": True, "gpus": 8,
+               "python": "3.11.2", "node_gpus": 8}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        (RECORD, "CPU build (torch.version.cuda is None)"),
+        ({**CUDA_RECORD, "available": False, "gpus": 0}, "is_available() is False"),
+        ({**CUDA_RECORD, "gpus": 4}, "device_count() is 4, nvidia-smi -L lists 8"),
+    ],
+)
+def test_no_working_cuda_on_a_gpu_node_fails_verify_and_keeps_the_old_hash(record, why):
+    h = host(probe(env=False), facts=GPU_FACTS, verify_out=json.dumps(record))
+    statuses, steps = run(h)
+    assert statuses[-1] == ("verify", "failed")
+    assert why in steps[-1].reason and "index_url" in steps[-1].reason
+    assert h.written == {}  # neither the spec hash nor the record: the next bootstrap retries
+
+
+def test_cuda_on_every_gpu_verifies_a_gpu_node():
+    h = host(probe(env=False), facts=GPU_FACTS, verify_out=json.dumps(CUDA_RECORD))
+    statuses, steps = run(h)
+    assert statuses[-1] == ("verify", "ok")
+    assert steps[-1].reason == "torch 2.5.1+cu118, CUDA 11.8, cuda available: yes, GPUs: 8"
+    assert f"{PATH}/.ddpfleet-spec.sha256" in h.written
 
 
 def test_install_that_changed_nothing_is_ok():

@@ -116,13 +116,17 @@ def test_check_train_user_same_ids_everywhere(ids, status, fragment) -> None:
         ("no_driver", 8, FAIL, "gpus: 8 in the inventory, but NVIDIA-SMI has failed"),
         ("fail=12", None, WARN, "CPU only (NVIDIA-SMI couldn't find libnvidia-ml.so"),
         ("fail=15", None, FAIL, "nvidia-smi exit 15: Unable to determine the device handle"),
+        ("no_devices", None, WARN, "CPU only: the driver lists no device (No devices were found)"),
+        ("a100x8 fail=6", 8, FAIL, "gpus: 8 in the inventory, but the driver lists no device"),
     ],
 )
 def test_check_driver(selection, expected, status, fragment) -> None:
     check = doctor.check_driver(probe(selection), expected)
     expect(check, status, fragment)
-    if status is not PASS and selection.startswith(("a100", "v100")):
+    if status is not PASS and selection.startswith(("a100", "v100")) and "fail=6" not in selection:
         assert ">= 520.61.05" in check.fix
+    if "fail=6" in selection:  # a driver without devices: no reboot cures it
+        assert "reboot" not in check.fix and "lspci" in check.fix
 
 
 def test_check_driver_absent_binary() -> None:
@@ -152,25 +156,39 @@ def test_check_gpu_count(name, counts, expected, status, fragment) -> None:
 # --- env and versions --------------------------------------------------------------------------
 
 PY = "/opt/ddpfleet/venv/bin/python"
-GPU_ENV = EnvFacts(PY, True, "2.5.1", "11.8", "2.21.5")
-CPU_ENV = EnvFacts(PY, True, "2.5.1+cpu", None, None)
+GPU_ENV = EnvFacts(PY, True, "2.5.1", "11.8", "2.21.5", available=True, gpus=8)
+CPU_ENV = EnvFacts(PY, True, "2.5.1+cpu", None, None, available=False, gpus=0)
+NO_CUDA_HERE = EnvFacts(PY, True, "2.5.1", "11.8", "2.21.5", available=False, gpus=0)
 
 
 @pytest.mark.parametrize(
-    "env, has_gpus, status, fragment",
+    "env, gpus, status, fragment",
     [
-        (GPU_ENV, True, PASS, "torch 2.5.1, CUDA 11.8, NCCL 2.21.5"),
-        (CPU_ENV, False, PASS, "torch 2.5.1+cpu, CUDA -, NCCL -"),
-        (CPU_ENV, True, WARN, "a CPU build on a node with GPUs"),
-        (EnvFacts(PY, False), False, FAIL, f"no env: {PY} not found"),
-        (EnvFacts(PY, True, error="ImportError: iJIT_NotifyEvent"), False, FAIL,
+        (GPU_ENV, 8, PASS, "torch 2.5.1, CUDA 11.8, NCCL 2.21.5"),
+        (CPU_ENV, 0, PASS, "torch 2.5.1+cpu, CUDA -, NCCL -"),
+        (CPU_ENV, 8, FAIL, "is a CPU build (torch.version.cuda is None) on a node with 8 GPUs"),
+        (NO_CUDA_HERE, 8, FAIL, "torch.cuda.is_available() is False"),
+        (GPU_ENV, 4, FAIL, "torch.cuda.device_count() is 8, nvidia-smi -L lists 4"),
+        (EnvFacts(PY, False), 0, FAIL, f"no env: {PY} not found"),
+        (EnvFacts(PY, True, error="ImportError: iJIT_NotifyEvent"), 0, FAIL,
          "import torch failed: ImportError: iJIT_NotifyEvent"),
     ],
 )  # fmt: skip
-def test_check_env(env, has_gpus, status, fragment) -> None:
-    check = doctor.check_env("node1", env, has_gpus)
+def test_check_env(env, gpus, status, fragment) -> None:
+    check = doctor.check_env("node1", env, gpus)
     expect(check, status, fragment)
     assert status is PASS or "invoke bootstrap --nodes node1" in check.fix
+
+
+@pytest.mark.parametrize(
+    "manager, fix",
+    [("conda", "python_env.cpu_only: auto (or false) so the env gets pytorch-cuda"),
+     ("venv", "pin a CUDA build in python_env (torch, index_url: auto gives cu118)")],
+)  # fmt: skip
+def test_check_env_fix_fits_the_env_manager(manager, fix) -> None:
+    check = doctor.check_env("node1", CPU_ENV, 8, manager)
+    expect(check, FAIL)
+    assert fix in check.fix and (manager == "venv") == ("index_url" in check.fix)
 
 
 V = GPU_ENV.versions
@@ -272,6 +290,8 @@ FAKE_TORCH = """\
 __version__ = "2.5.1"
 version = type("version", (), {"cuda": "11.8"})
 class cuda:
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 8)
     class nccl:
         @staticmethod
         def version():
@@ -306,7 +326,7 @@ def test_facts_script_with_an_env_and_gpus(tmp_path, listening) -> None:
     up, down = listening
     peers = [("node1", "127.0.0.1", up), ("node2", "127.0.0.1", down)]
     facts = run_facts(tmp_path, sys.executable, "a100x8", peers, PYTHONPATH=str(tmp_path))
-    assert facts.env == EnvFacts(sys.executable, True, "2.5.1", "11.8", "2.21.5")
+    assert facts.env == EnvFacts(sys.executable, True, "2.5.1", "11.8", "2.21.5", None, True, 8)
     assert facts.tcp == {"node1": None, "node2": "Connection refused"}
     assert facts.disk_path == str(tmp_path) and facts.disk_free_kib > 0
     assert facts.uid is not None and (facts.uid == 0) == (facts.sudo_rc is None)
@@ -461,14 +481,17 @@ def test_evaluate(inventory) -> None:
     table = {name: {c.name: c.status for c in rows} for name, rows in checks.items()}
     assert list(table["node0"]) == ["ssh", "sudo", "driver", "gpus", "env", "train user",
                                     "versions", "master port", "clock", "disk", "tcp"]  # fmt: skip
-    assert set(table["node0"].values()) == {PASS, WARN}  # a CPU torch on 8 GPUs: warn
+    assert table["node0"]["env"] is FAIL  # a CPU torch on 8 GPUs cannot train there
+    assert set(table["node0"].values()) - {table["node0"]["env"]} == {PASS}
     assert "versions" not in table["node1"]  # no env: its own failure, no comparison
     assert (table["node1"]["env"], table["node1"]["clock"], table["node1"]["tcp"]) == (
         FAIL, WARN, FAIL)  # fmt: skip
     assert table["node1"]["gpus"] is PASS  # the same 8 as node0; node1 sets no gpus:
     assert table["node2"] == {"ssh": FAIL}  # unreachable: its ssh row only
-    assert doctor.summary(checks) == "17 pass, 2 warn, 3 fail"  # + the train user, node0 and 1
-    with pytest.raises(DdpfleetError, match=r"3 check.s. failed: node1 env, node1 tcp, node2 ssh"):
+    assert doctor.summary(checks) == "17 pass, 1 warn, 4 fail"  # + the train user, node0 and 1
+    with pytest.raises(
+        DdpfleetError, match=r"4 check.s. failed: node0 env, node1 env, node1 tcp, node2 ssh"
+    ):
         doctor.exit_if_failed(checks)
 
 

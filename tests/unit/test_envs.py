@@ -91,7 +91,7 @@ def test_verify_prints_the_record(tmp_path) -> None:
     done = run(envs.VERIFY_PY, tmp_path, fake=True)
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert sorted(record) == ["available", "cuda", "gpus", "python", "torch"]
+    assert sorted(record) == ["available", "cuda", "gpus", "node_gpus", "python", "torch"]
     assert envs.describe(record) == "torch 2.5.1, CUDA 11.8, cuda available: yes, GPUs: 8"
 
 

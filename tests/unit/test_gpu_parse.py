@@ -174,6 +174,17 @@ def test_probe_values() -> None:
     assert [p.mem_mib for p in mig[0].processes] == [9800, None]
 
 
+def test_probe_a_mig_gpu_seen_from_an_unprivileged_container() -> None:
+    """Cells of a real capture (535.161.08, MIG, unprivileged pod): `[N/A]` utilization and
+    `[Insufficient Permissions]` memory parse as unknown, not as an error."""
+    node = probe("a100_mig_pod")
+    assert (node.driver_error, node.exit_code) == (None, 0)
+    (g,) = node.gpus
+    assert (g.util_pct, g.mem_used_mib, g.mem_total_mib) == (None, None, None)
+    assert (g.name, g.driver, g.mig_mode, g.temp_c) == (
+        "NVIDIA A100-SXM4-80GB", "535.161.08", "Enabled", 47)  # fmt: skip
+
+
 def probe_with_a_process(env: dict[str, str]):
     """The recorded A100 node probed while a live `sleep` with `env` stands in for the first
     GPU's process (a training rank): (the parsed node, that process)."""
@@ -248,6 +259,7 @@ def test_legacy_mig_uuid() -> None:
         ("a100x8 fail=12", 12, "NVIDIA-SMI couldn't find libnvidia-ml.so library"),
         ("a100x8 fail=15", 15, "Unable to determine the device handle for GPU0000:07:00.0"),
         ("a100x8 fail=255", 255, "Failed to initialize NVML: Unknown Error"),
+        ("no_devices", 6, "No devices were found"),
     ],
 )
 def test_probe_no_driver(selection: str, code: int, error: str) -> None:

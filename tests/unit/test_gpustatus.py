@@ -112,6 +112,7 @@ def test_process_owner_and_run_id() -> None:
         ("no_driver", "no NVIDIA driver: NVIDIA-SMI has failed because it couldn't communicate"),
         ("fail=12", "no NVIDIA driver: NVIDIA-SMI couldn't find libnvidia-ml.so"),
         ("fail=15", "nvidia-smi failed (exit 15): Unable to determine the device handle"),
+        ("no_devices", "no GPU: the driver is loaded but lists no device (No devices were found)"),
         (UNREACHABLE, "unreachable: timeout: no answer from 10.0.0.9:22 within 5s"),
         (TIMED_OUT, "not queried: command failed (exit None): sh -c ...: timed out after 30.0s"),
     ],
@@ -280,3 +281,9 @@ def test_brackets_are_text_not_markup() -> None:
     app = dataclasses.replace(g.processes[0], run_id="r1", command="python [worker]")
     node = gpu.NodeGpus((dataclasses.replace(g, processes=(app,)),), None, 0)
     assert "python [worker] [run r1]" in text_of(gpustatus.render({"node0": node}))
+
+
+def test_insufficient_permissions_cells_show_as_unknown() -> None:
+    (g,) = probe("a100_mig_pod").gpus  # a real capture's cells: [N/A], [Insufficient Permissions]
+    assert gpustatus.gpu_row("node0", g)[1:6] == (
+        "0 MIG", "NVIDIA A100-SXM4-80GB", "-", "- / - GiB", "47 C")  # fmt: skip
