@@ -11,10 +11,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -172,6 +174,25 @@ def runners(tmp_path):
     yield make
     for r in made:
         r.cleanup()
+
+
+def compete(port: int) -> tuple[list[float], threading.Event]:
+    """What a local user taking the port does: bind and listen, again and again, until set."""
+    taken, done = [], threading.Event()
+
+    def loop() -> None:
+        while not done.is_set():
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("0.0.0.0", port))
+                    s.listen()
+                    taken.append(time.monotonic())
+                except OSError:
+                    time.sleep(0.001)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return taken, done
 
 
 def test_a_controller_that_stops_reading_still_stops_a_chatty_run(runners):
@@ -372,7 +393,6 @@ class Channel:
 
 
 def test_the_pump_splits_a_progress_bar_without_newlines_in_bounded_pieces():
-    import threading
     import tracemalloc
     from types import SimpleNamespace
 
@@ -398,8 +418,6 @@ def test_the_pump_splits_a_progress_bar_without_newlines_in_bounded_pieces():
 
 def test_the_master_port_is_never_free_between_the_check_and_torchrun(runners, tmp_path):
     pytest.importorskip("torch")
-    import socket
-    import threading
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -427,27 +445,12 @@ def test_the_master_port_is_never_free_between_the_check_and_torchrun(runners, t
         ],
     )
     assert r.event("facts")["listen"] == {"ok": True, "error": None}
-    taken, done = [], threading.Event()
-
-    def compete() -> None:  # what a concurrent run or `doctor` does: bind the port, listen
-        while not done.is_set():
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("0.0.0.0", port))
-                    s.listen()
-                    taken.append(time.monotonic())
-                except OSError:
-                    pass
-
-    competitor = threading.Thread(target=compete, daemon=True)
-    competitor.start()
+    taken, done = compete(port)  # what a concurrent run or `doctor` does
     r.send_spec()
     for line in iter(r.proc.stdout.readline, b""):  # until a rank ran: torchrun had the port
         if b"rank 0 up" in line:
             break
     done.set()
-    competitor.join()
     events = r.events()
     assert events[-1] == {"event": "exit", "code": 0, "stopped": False}, r.text
     assert not taken, f"another listener got port {port} {len(taken)} time(s) during the launch"

@@ -10,11 +10,14 @@ import os
 import socket
 import sys
 import threading
-import time
 
 import pytest
 
-from tests.unit.test_gang_runner import proctree, runners  # noqa: F401 (the `runners` fixture)
+from tests.unit.test_gang_runner import (  # noqa: F401 (the `runners` fixture)
+    compete,
+    proctree,
+    runners,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the runner needs Linux")
 tree = proctree()
@@ -24,25 +27,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def compete(port: int) -> tuple[list[float], threading.Event]:
-    """What a local user taking the port does: bind and listen, again and again, until set."""
-    taken, done = [], threading.Event()
-
-    def loop() -> None:
-        while not done.is_set():
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("0.0.0.0", port))
-                    s.listen()
-                    taken.append(time.monotonic())
-                except OSError:
-                    time.sleep(0.001)
-
-    threading.Thread(target=loop, daemon=True).start()
-    return taken, done
 
 
 def offered(runners, port: int, then=lambda: None):  # noqa: F811 (the fixture)
