@@ -16,6 +16,7 @@ import ipaddress
 import json
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,27 @@ def write(
     path = cluster.dir / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@contextmanager
+def gpu_node_as(cluster: Cluster, installer, name: str, recording: str):
+    """An env `name` of its own (inventory, env path) while the GPU node's nvidia-smi stand-in
+    plays `recording`; afterwards the stand-in is the module's a100x8 again and the env gone."""
+    path, sha = installer
+    inventory = write(
+        cluster,
+        f"inventory-conda-{name}.yaml",
+        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
+        python_env={"name": name},
+    )
+    select(cluster, GPU_NODE, recording)
+    env = f"{PREFIX}/envs/{name}"
+    try:
+        yield inventory, env
+    finally:
+        select(cluster, GPU_NODE, "a100x8")
+        for node in NODES:
+            cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/{name}.environment.yml")
 
 
 def bootstrap(cluster: Cluster, inventory: Path, *flags: str, roles: str = ROLES):
@@ -418,16 +440,7 @@ def test_no_working_cuda_on_a_gpu_node_fails_verify_and_is_retried(
     gives it pytorch-cuda, whose torch sees no CUDA; verify fails there and records no spec hash
     (the next bootstrap tries again). node1 (no GPUs) verifies its cpuonly env. Last in the
     module: it adds an `env create` to the log that earlier tests count."""
-    path, sha = installer
-    env = f"{PREFIX}/envs/ddp-nodriver"
-    inventory = write(
-        cluster,
-        "inventory-conda-nodriver.yaml",
-        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
-        python_env={"name": "ddp-nodriver"},
-    )
-    select(cluster, GPU_NODE, "a100x8 fail=9")
-    try:
+    with gpu_node_as(cluster, installer, "ddp-nodriver", "a100x8 fail=9") as (inventory, env):
         for _ in range(2):
             result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
             assert result.returncode != 0
@@ -436,25 +449,12 @@ def test_no_working_cuda_on_a_gpu_node_fails_verify_and_is_retried(
             assert changed(result)[GPU_NODE] > 0  # tried again: the env was updated
         assert cluster.ssh(GPU_NODE, f"test -e {env}/.ddpfleet-spec.sha256").returncode == 1
         assert cluster.ssh(CPU_NODE, f"test -e {env}/.ddpfleet-spec.sha256").returncode == 0
-    finally:
-        select(cluster, GPU_NODE, "a100x8")
-        for node in NODES:
-            cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodriver.environment.yml")
 
 
 def test_a_driver_without_devices_gets_cpuonly(cluster: Cluster, installer, installed):
     """node0's nvidia-smi says "No devices were found" (exit 6): cpu_only: auto gives it the
     cpuonly env, which verifies; no "reboot" anywhere. Last in the module, like the one above."""
-    path, sha = installer
-    env = f"{PREFIX}/envs/ddp-nodevices"
-    inventory = write(
-        cluster,
-        "inventory-conda-nodevices.yaml",
-        miniconda={"installer": str(path), "sha256": sha, "accept_tos": True},
-        python_env={"name": "ddp-nodevices"},
-    )
-    select(cluster, GPU_NODE, "no_devices")
-    try:
+    with gpu_node_as(cluster, installer, "ddp-nodevices", "no_devices") as (inventory, _):
         result, _ = bootstrap(cluster, inventory, roles="miniconda,conda_env")
         assert result.returncode == 0, result.stdout + result.stderr
         for node in NODES:
@@ -463,10 +463,6 @@ def test_a_driver_without_devices_gets_cpuonly(cluster: Cluster, installer, inst
             )
             assert "pytorch::cpuonly" in doc["dependencies"], doc
             assert "nvidia" not in doc["channels"], doc
-    finally:
-        select(cluster, GPU_NODE, "a100x8")
-        for node in NODES:
-            cluster.ssh(node, f"rm -rf {env} {PREFIX}/ddpfleet/ddp-nodevices.environment.yml")
 
 
 def test_a_tos_plugin_conda_needs_consent_even_with_nodefaults(cluster: Cluster):
