@@ -240,6 +240,22 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
 
 
 @task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "json": "print the ddpfleet.health/1 document instead of the table",
+    }
+)
+@cli
+def health(c, inventory=None, nodes=None, json=False):
+    """Check each node's GPUs, kernel log and versions."""
+    from ddpfleet.health import table
+
+    with _warm_fleet(inventory, nodes) as fleet:
+        table.run(fleet, as_json=json)
+
+
+@task(
     name="status",
     help={"inventory": INVENTORY_HELP, "json": "print the ddpfleet.slurm-status/1 document"},
 )
@@ -424,7 +440,16 @@ sandbox_ns = Collection(
     "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
 )
 ns = Collection(
-    ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
+    ping,
+    trust,
+    bootstrap,
+    env_export,
+    train,
+    gpu_status,
+    health,
+    doctor,
+    disconnect,
+    sandbox_ns,
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
