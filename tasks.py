@@ -160,6 +160,8 @@ def bootstrap(
         "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
         "default: the inventory's train.launcher, else ssh)",
         "ask_become_pass": ASK_BECOME_HELP,
+        "health_gate": "run invoke health's quick checks on the nodes first and refuse a "
+        "failing node (default; --no-health-gate skips them)",
         **runtasks.TRAIN_HELP,
     },
 )
@@ -181,6 +183,7 @@ def train(
     detach=False,
     max_restarts=0,
     resume=None,
+    health_gate=True,
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
@@ -209,6 +212,10 @@ def train(
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=password) as fleet:
+        if health_gate:
+            from ddpfleet.health import gate
+
+            gate.check(fleet)
         if how == "slurm" and detach:
             runtasks.slurm_detached(loaded, fleet, config)
         elif how == "slurm":
@@ -219,6 +226,25 @@ def train(
             runtasks.detached(loaded, fleet, config, resume)
         else:
             launch.train(fleet, config)
+
+
+def _long_only(t, attr: str):
+    """Task `t` with no short flag for `attr`: invoke would give --health-gate `-h`, and a user
+    typing `invoke train -h` for help would start a run instead of reading one."""
+    get_arguments = t.get_arguments
+
+    def arguments(*args, **kwargs):
+        found = get_arguments(*args, **kwargs)
+        for argument in found:
+            if argument.attr_name == attr:
+                argument.names = argument.names[:1]
+        return found
+
+    t.get_arguments = arguments
+    return t
+
+
+train = _long_only(train, "health_gate")
 
 
 @task(

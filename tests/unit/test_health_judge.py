@@ -13,7 +13,7 @@ from ddpfleet.gpu import MARK
 from ddpfleet.health import facts, judge, probe, versions
 from ddpfleet.health.judge import FAIL, PASS, WARN
 
-RECORDINGS = Path(__file__).resolve().parents[1] / "standins" / "recordings" / "health"
+RECORDINGS = Path(__file__).resolve().parents[1] / "standins" / "health"
 VERSIONS = {"python": "3.10.12", "torch": "2.3.1+cu121", "cuda": "12.1", "nccl": "2.20.5"}
 
 

@@ -21,7 +21,7 @@ def run_probe(tmp_path: Path, selection: str, klog: str | None, python: str) -> 
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "nvidia-smi").symlink_to(STANDINS / "nvidia-smi")
     if klog is not None:
-        recording = STANDINS / "recordings" / "health" / klog
+        recording = STANDINS / "health" / klog
         (bin_dir / "dmesg").write_text(f"#!/bin/sh\ncat '{recording}'\n")
         (bin_dir / "dmesg").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DDPFLEET_STANDIN_GPU": selection}
