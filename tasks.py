@@ -270,15 +270,16 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
         "inventory": INVENTORY_HELP,
         "nodes": NODES_HELP,
         "json": "print the ddpfleet.health/1 document instead of the table",
+        "deep": "also measure all_reduce bandwidth between the nodes (gloo, about a minute)",
     }
 )
 @cli
-def health(c, inventory=None, nodes=None, json=False):
+def health(c, inventory=None, nodes=None, json=False, deep=False):
     """Check each node's GPUs, kernel log and versions."""
     from ddpfleet.health import table
 
     with _warm_fleet(inventory, nodes) as fleet:
-        table.run(fleet, as_json=json)
+        table.run(fleet, as_json=json, deep=deep)
 
 
 @task(

@@ -221,9 +221,18 @@ def record(
 # --- the task ----------------------------------------------------------------------------------
 
 
-def run(fleet: FleetBase, as_json: bool = False) -> list[Check]:
-    """The table (or --json), the history; raises naming every failing node after both."""
+def run(fleet: FleetBase, as_json: bool = False, deep: bool = False) -> list[Check]:
+    """The table (or --json), the history; raises naming every failing node after both.
+    `deep`: then all_reduce bandwidth between the nodes the quick checks reached."""
     checks = quick(fleet)
+    if deep:
+        from ddpfleet.health import deep as deep_mod
+
+        reached = [n.name for n in fleet.nodes if n.name in fleet.conns]
+        pythons = {n: env_python(fleet.inventory, n) for n in reached}
+        checks += deep_mod.judge(deep_mod.measure(fleet, reached, pythons), fleet.inventory.health)
+        order = {n.name: i for i, n in enumerate(fleet.nodes)}
+        checks.sort(key=lambda c: order.get(c.node, len(order)))  # stable: each node's rows
     record(fleet.inventory, checks)
     if as_json:
         sys.stdout.write(json.dumps(document(checks), indent=2) + "\n")
