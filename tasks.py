@@ -6,16 +6,16 @@ import sys
 
 from invoke import Collection, task
 
-import tasks_runs as runtasks
+import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import report
+from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
+from ddpfleet.cli.common import become_password as _become_password
 from ddpfleet.errors import DdpfleetError
-from tasks_cli import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
-from tasks_cli import become_password as _become_password
 
 
 def _fleet(inventory, nodes, ask_become_pass=False):
-    from ddpfleet.connection import Fleet
+    from ddpfleet.ssh.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
     return Fleet(loaded, become_password=_become_password(ask_become_pass))
@@ -23,7 +23,7 @@ def _fleet(inventory, nodes, ask_become_pass=False):
 
 def _warm_fleet(inventory, nodes):
     """The connection keeper's connections when one runs (kept.py), else direct ones."""
-    from ddpfleet import kept
+    from ddpfleet.ssh import kept
 
     return kept.fleet(inv.load(inventory, nodes))
 
@@ -44,7 +44,7 @@ def ping(c, inventory=None, nodes=None):
 @cli
 def disconnect(c, inventory=None):
     """Close the SSH connections kept for later commands."""
-    from ddpfleet import kept
+    from ddpfleet.ssh import kept
 
     report.show(kept.disconnect(inv.load(inventory)))
 
@@ -59,7 +59,7 @@ def disconnect(c, inventory=None):
 @cli
 def trust(c, inventory=None, nodes=None, yes=False):
     """Show new nodes' SSH host keys and trust them."""
-    from ddpfleet import hostkeys
+    from ddpfleet.ssh import hostkeys
 
     loaded = inv.load(inventory, nodes)
     failures = []
@@ -126,7 +126,7 @@ def bootstrap(
 ):
     """Set up nodes: SSH, PyTorch env, Jupyter, Slurm."""
     from ddpfleet import bootstrap as boot
-    from ddpfleet import roles as roles_mod
+    from ddpfleet.engine import roles as roles_mod
 
     with _fleet(inventory, nodes, ask_become_pass) as fleet:
         selected = roles_mod.select_roles(roles, skip_roles)
@@ -184,7 +184,7 @@ def train(
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
-    from ddpfleet.connection import Fleet
+    from ddpfleet.ssh.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
     password = _become_password(ask_become_pass)
@@ -212,7 +212,7 @@ def train(
         if how == "slurm" and detach:
             runtasks.slurm_detached(loaded, fleet, config)
         elif how == "slurm":
-            from ddpfleet.launch import slurm_run
+            from ddpfleet.launch.slurm import run as slurm_run
 
             slurm_run.train(fleet, config)
         elif detach or resume:
@@ -246,7 +246,7 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
 @cli
 def slurm_status(c, inventory=None, json=False):
     """Show Slurm's nodes (state, reason) and jobs."""
-    from ddpfleet.slurm import status
+    from ddpfleet.launch.slurm import status
 
     with _fleet(inventory, None) as fleet:
         status.status(fleet, as_json=json)
