@@ -1,5 +1,5 @@
 """Detached runs' tasks: `invoke runs`, `logs`, `stop`, and train's --detach/--resume halves.
-tasks.py reads like a table of contents; these are its runs chapter."""
+ddpfleet/cli/tasks.py reads like a table of contents; these are its runs chapter."""
 
 from __future__ import annotations
 
