@@ -26,7 +26,7 @@ from ddpfleet.errors import NodeError
 from ddpfleet.health.check import FAIL, PASS, Check
 
 if TYPE_CHECKING:
-    from ddpfleet.fleetbase import FleetBase
+    from ddpfleet.ssh.fleetbase import FleetBase
 
 SIZE = 4 * 1024 * 1024  # bytes per all_reduce: large enough that bandwidth, not latency, counts
 ITERS = 3

@@ -15,7 +15,7 @@ from ddpfleet.errors import ConnectError, DdpfleetError
 from ddpfleet.health import table
 
 if TYPE_CHECKING:
-    from ddpfleet.fleetbase import FleetBase
+    from ddpfleet.ssh.fleetbase import FleetBase
 
 SKIP_HINT = "--no-health-gate skips this check"
 

@@ -30,7 +30,7 @@ from ddpfleet.errors import BecomeError, NodeError
 from ddpfleet.gpu import MARK
 
 if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
-    from ddpfleet.connection import Conn
+    from ddpfleet.ssh.connection import Conn
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
 

@@ -30,7 +30,7 @@ from ddpfleet.health.judge import FAIL, Check
 from ddpfleet.hygiene import STATE_DIR, state_dir
 
 if TYPE_CHECKING:
-    from ddpfleet.fleetbase import FleetBase
+    from ddpfleet.ssh.fleetbase import FleetBase
     from ddpfleet.inventory import Inventory
 
 COLUMNS = ("node", "check", "value", "verdict", "fix")
