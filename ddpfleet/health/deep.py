@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ddpfleet.ssh.fleetbase import FleetBase
 
 SIZE = 4 * 1024 * 1024  # bytes per all_reduce: large enough that bandwidth, not latency, counts
-ITERS = 3
+ITERS = 5
 PORT_OFFSET = 71  # pair i of a round listens on cluster.master_port + PORT_OFFSET + i
 PAIR_TIMEOUT_S = 120.0
 DEFAULT_RATIO = 0.8

@@ -30,8 +30,8 @@ from ddpfleet.health.judge import FAIL, Check
 from ddpfleet.hygiene import STATE_DIR, state_dir
 
 if TYPE_CHECKING:
-    from ddpfleet.ssh.fleetbase import FleetBase
     from ddpfleet.inventory import Inventory
+    from ddpfleet.ssh.fleetbase import FleetBase
 
 COLUMNS = ("node", "check", "value", "verdict", "fix")
 SCHEMA_ID = "ddpfleet.health/1"

@@ -4,9 +4,14 @@ nvidia-smi stand-in with a fault set (tests/standins), node1 stays a CPU node.""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
 
 from ddpfleet.health.table import HEALTH_SCHEMA
-from tests.integration.conftest import ROOT, Cluster
+from tests.integration.conftest import ROOT, Cluster, sandbox, second_subnet, write_inventory
 from tests.integration.test_gpu_status import standin, table_rows
 from tests.unit.test_gpu_parse import validate
 
@@ -60,3 +65,64 @@ def test_train_refuses_the_faulty_node_with_its_reason(cluster: Cluster) -> None
     last = [json.loads(line) for line in lines[-2:]]
     assert [(x["node"], x["source"]) for x in last] == [("node0", "train"), ("node1", "train")]
     assert last[0]["verdict"] == "fail" and last[1]["verdict"] != "fail"
+
+
+# --- --deep: all_reduce bandwidth between nodes ---------------------------------------------------
+
+SLOW = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "20mbit", "burst", "32kbit",
+        "latency", "400ms"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def four(cluster: Cluster, tmp_path_factory) -> Iterator[Cluster]:
+    """A 4-node cluster of its own (prefix +d, the next subnet) with the training env, sharing
+    the session's wheel cache: a ring of 4 meets every node twice, in two rounds.
+
+    Its health.busbw_ratio is 0.1, not the default 0.8: the sandbox's nodes share this
+    machine's two cores with each other and the other tests, and healthy pairs measured 0.15 to
+    0.7 GB/s in one run; the tbf-slowed link is ~0.0025 GB/s, two hundred times below."""
+    directory = tmp_path_factory.mktemp("deep")
+    prefix = cluster.data["sandbox"]["prefix"] + "d"
+    inventory = write_inventory(
+        directory, 4, prefix=prefix, subnet=second_subnet(), health={"busbw_ratio": 0.1}
+    )
+    c = Cluster(directory, inventory)
+    shared = cluster.dir / ".ddpfleet" / "wheelhouse"
+    shared.mkdir(parents=True, exist_ok=True)
+    (directory / ".ddpfleet").mkdir(exist_ok=True)
+    (directory / ".ddpfleet" / "wheelhouse").symlink_to(shared)
+    with sandbox(c):
+        boot = c.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
+        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+        yield c
+
+
+def netns(c: Cluster, node: str, *argv: str) -> None:
+    ns = f"{c.data['sandbox']['prefix']}-{node}"
+    subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True)
+
+
+def allreduce_rows(stdout: str) -> dict[str, list[str]]:
+    return {node: rest for (node, check), rest in rows_of(stdout).items() if check == "allreduce"}
+
+
+def test_deep_names_the_node_whose_link_is_slowed_and_no_other(four: Cluster) -> None:
+    healthy = [four.invoke("health", "--deep", timeout=300) for _ in range(2)]
+    for r in healthy:  # zero fails on healthy nodes, run after run
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert {v[1] for v in allreduce_rows(r.stdout).values()} == {"pass"}, r.stdout
+    netns(four, "node2", *SLOW)
+    try:
+        began = time.monotonic()
+        slow = four.invoke("health", "--deep", timeout=300)
+        took = time.monotonic() - began
+    finally:
+        netns(four, "node2", "tc", "qdisc", "del", "dev", "eth0", "root")
+    rows = allreduce_rows(slow.stdout)
+    assert slow.returncode == 1, slow.stdout + slow.stderr
+    assert {n: v[1] for n, v in rows.items()} == {
+        "node0": "pass", "node1": "pass", "node2": "fail", "node3": "pass"}, slow.stdout  # fmt: skip
+    assert "health failed on 1 of 4 node(s): node2: allreduce: busbw" in slow.stderr
+    print(f"measured: health --deep on 4 sandbox nodes, one slowed: {took:.1f}s")
+    again = four.invoke("health", "--deep", timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
