@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ddpfleet import catalog
 from ddpfleet.errors import InventoryError
 from ddpfleet.names import (
     cluster_name_problem,
@@ -36,19 +37,9 @@ from ddpfleet.names import (
 ENV_VAR = "DDPFLEET_INVENTORY"
 DEFAULT_PATH = "inventory.yaml"
 
-TOP_KEYS = (
-    "cluster",
-    "ssh",
-    "python_env",
-    "miniconda",
-    "jupyter",
-    "openssh_server",
-    "slurm",
-    "train",
-    "train_user",
-    "sandbox",
-    "nodes",
-)
+# The inventory's own top-level keys; beside them, each role's section (its SECTION: the
+# roles are discovered, ddpfleet.catalog), whose keys the roles validate against defaults.yaml.
+TOP_KEYS = ("cluster", "ssh", "train", "sandbox", "nodes")
 CLUSTER_KEYS = ("name", "master", "master_port")
 SSH_KEYS = (
     "user",
@@ -66,8 +57,6 @@ NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("f
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo", "init")
 TRAIN_KEYS = ("launcher",)
 LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
-# Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
-ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm", "train_user")
 
 SSH_DEFAULTS = {
     "user": "root",
@@ -180,11 +169,15 @@ def resolve_path(path: str | os.PathLike | None) -> Path:
 
 
 def load(
-    path: str | os.PathLike | None = None, nodes: str | None = None, check_files: bool = True
+    path: str | os.PathLike | None = None,
+    nodes: str | None = None,
+    check_files: bool = True,
+    roles_dir: Path = catalog.ROLES_DIR,
 ) -> Inventory:
     """Read, validate and resolve an inventory; `nodes` is the --nodes flag.
 
     check_files=False skips the key-file check, for sandbox.up, which creates the key.
+    roles_dir: where the roles whose sections it accepts live.
     """
     p = resolve_path(path)
     if not p.is_file():
@@ -193,7 +186,12 @@ def load(
             f"(invoke sandbox.up writes one for the local sandbox)"
         )
     data, lines = _read_yaml(p)
-    return _Builder(p, data, lines, check_files).build().select(nodes)
+    role_sections = catalog.sections(roles_dir)
+    for name in set(role_sections) & set(TOP_KEYS):
+        raise InventoryError(
+            f"a role's SECTION = {name!r} is a key of the inventory itself; rename the section"
+        )
+    return _Builder(p, data, lines, check_files, role_sections).build().select(nodes)
 
 
 # -- YAML with line numbers and duplicate-key detection ---------------------------------------
@@ -254,8 +252,16 @@ def _did_you_mean(word: str, choices) -> str:
 
 
 class _Builder:
-    def __init__(self, path: Path, data: dict, lines: dict, check_files: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        data: dict,
+        lines: dict,
+        check_files: bool = True,
+        role_sections: tuple[str, ...] = (),
+    ):
         self.path, self.data, self.lines, self.check_files = path, data, lines, check_files
+        self.role_sections = role_sections
 
     def fail(self, keys: tuple[str, ...], problem: str) -> InventoryError:
         line = None
@@ -280,7 +286,7 @@ class _Builder:
         return value
 
     def build(self) -> Inventory:
-        top = self.mapping((), self.data, TOP_KEYS)
+        top = self.mapping((), self.data, TOP_KEYS[:-1] + self.role_sections + TOP_KEYS[-1:])
         ssh = {**SSH_DEFAULTS, **self.mapping(("ssh",), top.get("ssh"), SSH_KEYS)}
         forks = self.integer(("ssh", "forks"), ssh["forks"], 1, 1024)
         persist = self.integer(("ssh", "persist"), ssh["persist"], 0, 3600)
@@ -293,7 +299,7 @@ class _Builder:
         self.check_unique_hosts(nodes)
         cluster = self.cluster(top.get("cluster"), nodes)
         sections = {}
-        for name in ROLE_SECTIONS:
+        for name in self.role_sections:
             sections[name] = MappingProxyType(
                 dict(self.mapping((name,), top.get(name), tuple(top.get(name) or ())))
             )

@@ -31,6 +31,7 @@ from ddpfleet.engine.roles import Host, Step, changed, failed, ok, skipped
 from ddpfleet.errors import CommandError, DdpfleetError
 from ddpfleet.jupyter import NodeState, Secret, Settings
 
+ORDER = 60  # after venv_env / conda_env: jupyter-lab goes into their env
 SECTION = "jupyter"
 RESTART = "restart jupyter"
 WAIT_S = 90

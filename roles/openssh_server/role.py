@@ -40,6 +40,7 @@ from . import (
     peers,  # node-to-node SSH on the node
 )
 
+ORDER = 20
 SECTION = "openssh_server"
 WHAT = "key-only login, session limits, audited algorithms"  # what the drop-in does, in steps
 SSHD = "/usr/sbin/sshd"
