@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpfleet import gpu, report
-from ddpfleet.errors import BecomeError, ConnectError, NodeError, Unreachable
+from ddpfleet.errors import BecomeError, ConnectError, NodeError
 
 if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
     from ddpfleet.ssh.connection import Conn, Fleet
@@ -282,15 +282,8 @@ def watch(
 
 def _requery(fleet: Fleet) -> dict[str, Outcome]:
     # A watch outlives reboots: a node whose connection dropped, or that did not answer, is
-    # connected again by Fleet.open(); the others keep their connections.
-    for name, conn in list(fleet.conns.items()):
-        transport = getattr(conn, "transport", None)  # a kept connection is the keeper's care
-        if transport is not None and not transport.is_active():
-            conn.close()
-            del fleet.conns[name]
-    for name, error in list(fleet.errors.items()):
-        if isinstance(error, Unreachable):
-            del fleet.errors[name]
+    # connected again; the others keep their connections (a kept one is the keeper's care).
+    fleet.reconnect_lost()
     return query(fleet)
 
 

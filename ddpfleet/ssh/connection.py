@@ -568,6 +568,9 @@ class Fleet(FleetBase):
         super().__init__(inventory, nodes)
         self.become_password = become_password  # --ask-become-pass; else env or file per node
 
+    def lost(self, conn: Conn) -> bool:
+        return not conn.transport.is_active()
+
     def open_one(self, node: Node) -> Conn | NodeError:
         outcome = _try(connect)(node)
         if not isinstance(outcome, NodeError):

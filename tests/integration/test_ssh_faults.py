@@ -278,6 +278,22 @@ def test_node_that_goes_silent_mid_command_is_unreachable(cluster: Cluster):
         _wait_ssh(cluster, "node1", deadline_s=120)
 
 
+def test_reconnect_lost_reopens_only_the_dropped_connection(cluster: Cluster):
+    before = {n: cluster.logins(n) for n in ("node0", "node1")}
+    with Fleet(inv.load(cluster.inventory)) as fleet:
+        assert all(r.ok for r in fleet.run("true").values())
+        kept = fleet.conns["node0"]
+        fleet.conns["node1"].transport.close()  # the connection drops under the fleet
+        assert isinstance(fleet.run("true")["node1"], Unreachable)
+        assert fleet.reconnect_lost() == ["node1"]
+        out = fleet.run("hostname")
+        assert all(r.ok for r in out.values()), out
+        assert fleet.conns["node0"] is kept
+    after = {n: cluster.logins(n) for n in ("node0", "node1")}
+    # the fleet's logins: one for node0, two for node1 (the -1: the `after` query's own login)
+    assert {n: after[n] - before[n] - 1 for n in after} == {"node0": 1, "node1": 2}
+
+
 # -- #7: one node's I/O error is that node's failure -----------------------------------------
 
 
