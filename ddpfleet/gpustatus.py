@@ -31,7 +31,7 @@ from rich.text import Text
 from ddpfleet import gpu, report
 from ddpfleet.errors import BecomeError, ConnectError, NodeError
 
-if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
+if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
     from ddpfleet.ssh.connection import Conn, Fleet
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes

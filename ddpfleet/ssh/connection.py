@@ -49,7 +49,7 @@ from ddpfleet.ssh.fleetbase import FleetBase
 from ddpfleet.ssh.knownhosts import fingerprint, known_hosts_name
 from ddpfleet.ssh.result import Result
 
-__all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_name"]
+__all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_name", "resolve"]
 
 T = TypeVar("T")
 USER_KNOWN_HOSTS = Path(knownhosts.USER_KNOWN_HOSTS).expanduser()
@@ -127,6 +127,11 @@ class Conn:
     @property
     def name(self) -> str:
         return self.node.name
+
+    @property
+    def host(self) -> str:
+        """The address this connection dialed (~/.ssh/config's HostName applied)."""
+        return self.fabric.host
 
     def run(
         self,
@@ -324,6 +329,10 @@ class Session:
         """The command's exit status; -1 when the channel closed without one."""
         return self._do(self.chan.recv_exit_status)
 
+    def exited(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` seconds for the command's exit; whether it came."""
+        return self.chan.status_event.wait(timeout)
+
     def close(self) -> None:
         """Never raises: closing a channel whose connection is gone is not a failure."""
         try:
@@ -425,6 +434,13 @@ def _fabric_connection(node: Node) -> fabric.Connection:
         connect_timeout=node.connect_timeout,
         connect_kwargs=kwargs,
     )
+
+
+def resolve(node: Node) -> tuple[str, int]:
+    """The address and port `connect` dials for a node: ~/.ssh/config's HostName and Port
+    applied (`trust` records the host key under this name)."""
+    c = _fabric_connection(node)
+    return c.host, int(c.port)
 
 
 def _tcp_socket(host: str, port: int, timeout: float, node: str) -> socket.socket:

@@ -388,7 +388,7 @@ HOLDER = """
 import sys, time
 from ddpfleet import inventory
 from ddpfleet.bootstrap import NodeLock
-from ddpfleet.connection import Fleet
+from ddpfleet.ssh.connection import Fleet
 with Fleet(inventory.load(sys.argv[1], "node0")) as fleet:
     with NodeLock(fleet.open()["node0"]):
         print("locked", flush=True)
