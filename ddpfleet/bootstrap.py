@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.live import Live
 
@@ -230,13 +230,24 @@ def recap(runs: dict[str, NodeRun]):
     return report.table("recap", RECAP_COLUMNS, rows)
 
 
-def failures(runs: dict[str, NodeRun]) -> list[str]:
+class Failure(NamedTuple):
+    """One thing that failed on one node: a role's step, the connection, or escalation."""
+
+    node: str
+    what: str  # "role: step", "unreachable", "connect" or "become"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.what}: {self.reason}"
+
+
+def failures(runs: dict[str, NodeRun]) -> list[Failure]:
     out = []
     for name, run in runs.items():
         if run.unreachable:
-            out.append(f"{name}: unreachable: {run.unreachable}")
+            out.append(Failure(name, "unreachable", run.unreachable))
         for s in run.steps:
             if s.status == "failed":
-                where = ": ".join(part for part in (name, s.role, s.name) if part)
-                out.append(f"{where}: {s.reason}")
+                what = ": ".join(part for part in (s.role, s.name) if part)
+                out.append(Failure(name, what, s.reason))
     return out

@@ -363,6 +363,7 @@ def test_lock_held_by_another_bootstrap_names_its_holder(cluster: Cluster):
         in r.stderr
         and "(user root)" in r.stderr
     ), r.stderr
+    assert "bootstrap failed on 1 node(s): node0: connect: another bootstrap" in r.stderr
     assert "Traceback" not in r.stderr
 
 
