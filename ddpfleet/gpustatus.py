@@ -5,8 +5,8 @@
         report.show(render(results))      # one row per GPU, then the totals
         print(json.dumps(document(results)))   # --json, REPORT_SCHEMA
 
-Probing and parsing live in ddpfleet.gpu (nvidia-smi's format is kept in that one place); this
-module only runs the probe, adds totals and draws. A NodeError means the node could not be
+Probing and parsing live in ddpfleet.gpu (nvidia-smi's format is kept in that one place), each
+node's JSON in ddpfleet.gpujson; this module only runs the probe, adds totals and draws. A NodeError means the node could not be
 queried (SSH failed, the probe timed out or printed nothing we know): the only reason for a
 non-zero exit. A node whose nvidia-smi is absent or fails is a NodeGpus with `driver_error`
 set, which is a state, not an error.
@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ddpfleet import gpu, report
+from ddpfleet import gpu, gpujson, report
 from ddpfleet.errors import BecomeError, ConnectError, NodeError
 
 if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
@@ -108,7 +108,7 @@ def totals(results: Mapping[str, Outcome]) -> Totals:
 _COUNT = {"type": "integer", "minimum": 0}
 
 # The whole `gpu-status --json` document. Stable: fields are only ever added, under a new
-# REPORT_ID. `nodes` holds one gpu.JSON_SCHEMA object per node, in inventory order; a node that
+# REPORT_ID. `nodes` holds one gpujson.JSON_SCHEMA object per node, in inventory order; a node that
 # could not be queried has `reachable` false when SSH failed, or `reachable` true with
 # `exit_code` null when the probe itself failed (timeout); `totals` sums what was queried.
 REPORT_SCHEMA: dict = {
@@ -120,7 +120,7 @@ REPORT_SCHEMA: dict = {
     "properties": {
         "schema": {"const": REPORT_ID},
         "time": {"type": "string"},  # ISO 8601, UTC, when the probes returned
-        "nodes": {"type": "array", "items": gpu.JSON_SCHEMA},
+        "nodes": {"type": "array", "items": gpujson.JSON_SCHEMA},
         "totals": {
             "type": "object",
             "required": [f.name for f in Totals.__dataclass_fields__.values()],
@@ -133,10 +133,10 @@ REPORT_SCHEMA: dict = {
 
 def node_json(name: str, outcome: Outcome) -> dict:
     if isinstance(outcome, ConnectError):
-        return gpu.unreachable_json(name, outcome.message)
+        return gpujson.unreachable_json(name, outcome.message)
     if isinstance(outcome, NodeError):
-        return gpu.to_json(name, gpu.NodeGpus((), outcome.message, None))
-    return gpu.to_json(name, outcome)
+        return gpujson.to_json(name, gpu.NodeGpus((), outcome.message, None))
+    return gpujson.to_json(name, outcome)
 
 
 def document(results: Mapping[str, Outcome], when: datetime | None = None) -> dict:
