@@ -1,10 +1,17 @@
-"""`gpu-status --json`: one node's GPUs as JSON, and the schema they follow."""
+"""`gpu-status --json`: one node's GPUs as JSON, and the schema they follow.
+
+The whole output has one schema id, SCHEMA_ID: the document (gpustatus.REPORT_SCHEMA) and
+each node object in it (JSON_SCHEMA) name it. Stable: fields are only ever added, and each
+addition moves the id (`/2` added `processes[].slurm_job_id`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from ddpfleet.gpu import Gpu, NodeGpus
+
+SCHEMA_ID = "ddpfleet.gpu-status-report/2"
 
 # --- the schema ------------------------------------------------------------------------------
 
@@ -58,15 +65,13 @@ _GPU_SCHEMA = _object(
     }
 )
 
-SCHEMA_ID = "ddpfleet.gpu-status/1"
-
-# One node in `gpu-status --json` (the task prints a list of these). Stable: fields are only
-# ever added, under a new SCHEMA_ID. `reachable` false: SSH failed, `error` says why and `gpus`
-# is empty. `error` with `reachable` true: nvidia-smi failed or is absent, `exit_code` is its
-# exit status (127: not installed). Values nvidia-smi could not give ([N/A]) are null.
+# One node in `gpu-status --json` (each of the document's `nodes`: SCHEMA_ID#node). `reachable`
+# false: SSH failed, `error` says why and `gpus` is empty. `error` with `reachable` true:
+# nvidia-smi failed or is absent, `exit_code` is its exit status (127: not installed). Values
+# nvidia-smi could not give ([N/A]) are null.
 JSON_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": SCHEMA_ID,
+    "$anchor": "node",
     **_object(
         {
             "schema": {"const": SCHEMA_ID},
@@ -90,7 +95,7 @@ def _gpu_json(gpu: Gpu) -> dict:
 def to_json(node_name: str, ng: NodeGpus) -> dict:
     """One node as a JSON-ready dict matching JSON_SCHEMA, e.g.
 
-    {"schema": "ddpfleet.gpu-status/1", "node": "node0", "reachable": true, "error": null,
+    {"schema": "ddpfleet.gpu-status-report/2", "node": "node0", "reachable": true, "error": null,
      "exit_code": 0, "gpus": [{"index": 0, "uuid": "GPU-...", ..., "processes": []}],
      "unattached": [], "notes": []}
     """

@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
 COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")
-REPORT_ID = "ddpfleet.gpu-status-report/2"
 
 Outcome = gpu.NodeGpus | NodeError
 
@@ -107,18 +106,19 @@ def totals(results: Mapping[str, Outcome]) -> Totals:
 
 _COUNT = {"type": "integer", "minimum": 0}
 
-# The whole `gpu-status --json` document. Stable: fields are only ever added, under a new
-# REPORT_ID. `nodes` holds one gpujson.JSON_SCHEMA object per node, in inventory order; a node that
+# The whole `gpu-status --json` document, gpujson.SCHEMA_ID (the one id of this output; its
+# nodes name it too). Stable: fields are only ever added, under a new id. `nodes` holds one
+# gpujson.JSON_SCHEMA object per node, in inventory order; a node that
 # could not be queried has `reachable` false when SSH failed, or `reachable` true with
 # `exit_code` null when the probe itself failed (timeout); `totals` sums what was queried.
 REPORT_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": REPORT_ID,
+    "$id": gpujson.SCHEMA_ID,
     "type": "object",
     "required": ["schema", "time", "nodes", "totals"],
     "additionalProperties": False,
     "properties": {
-        "schema": {"const": REPORT_ID},
+        "schema": {"const": gpujson.SCHEMA_ID},
         "time": {"type": "string"},  # ISO 8601, UTC, when the probes returned
         "nodes": {"type": "array", "items": gpujson.JSON_SCHEMA},
         "totals": {
@@ -143,7 +143,7 @@ def document(results: Mapping[str, Outcome], when: datetime | None = None) -> di
     """`--json`: {"schema", "time", "nodes": [...], "totals": {...}}, matching REPORT_SCHEMA."""
     when = when or datetime.now(timezone.utc)
     return {
-        "schema": REPORT_ID,
+        "schema": gpujson.SCHEMA_ID,
         "time": when.isoformat(timespec="seconds"),
         "nodes": [node_json(name, outcome) for name, outcome in results.items()],
         "totals": dataclasses.asdict(totals(results)),

@@ -184,6 +184,8 @@ def test_document_matches_the_schema() -> None:
         doc["schema"] == "ddpfleet.gpu-status-report/2"
         and doc["time"] == "2026-01-06T12:00:00+00:00"
     )
+    # one id for the whole output: every node object names the document's
+    assert {n["schema"] for n in doc["nodes"]} == {doc["schema"]}
     assert [n["node"] for n in doc["nodes"]] == list(results)
     by = {n["node"]: n for n in doc["nodes"]}
     assert by["node9"]["reachable"] is False and "no answer" in by["node9"]["error"]
