@@ -6,7 +6,9 @@
         print(json.dumps(document(results)))   # --json, REPORT_SCHEMA
 
 Probing and parsing live in ddpfleet.gpu (nvidia-smi's format is kept in that one place), each
-node's JSON in ddpfleet.gpujson; this module only runs the probe, adds totals and draws. A NodeError means the node could not be
+node's JSON in ddpfleet.gpujson; this module only runs the probe, adds totals and draws. The
+table's columns are one list, COLUMNS: a column is its name, its cell for a GPU and its cell in
+the totals row, so adding one is one entry. A NodeError means the node could not be
 queried (SSH failed, the probe timed out or printed nothing we know): the only reason for a
 non-zero exit. A node whose nvidia-smi is absent or fails is a NodeGpus with `driver_error`
 set, which is a state, not an error.
@@ -35,7 +37,6 @@ if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
     from ddpfleet.ssh.connection import Conn, Fleet
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
-COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")
 
 Outcome = gpu.NodeGpus | NodeError
 
@@ -172,59 +173,89 @@ def _process(p: gpu.GpuProcess) -> str:
     return f"{p.pid} {p.user or '?'} {mem} {command}{run}"
 
 
+def _index(g: gpu.Gpu) -> str:
+    return f"{g.index}" + (" MIG" if g.mig_mode == "Enabled" else "")
+
+
+def _memory(used: int | None, total: int | None) -> str:
+    return f"{_gib(used)} / {_gib(total)} GiB"
+
+
+def _power(g: gpu.Gpu) -> str:
+    limit = "" if g.power_limit_w is None else f" / {g.power_limit_w:.0f} W"
+    return _unit(g.power_w, "W") + limit
+
+
+def _processes(processes: tuple[gpu.GpuProcess, ...]) -> str:
+    return "\n".join(_process(p) for p in processes)
+
+
+def _nodes(t: Totals) -> str:
+    parts = [f"{t.nodes} node" + ("s" if t.nodes != 1 else "")]
+    parts += [
+        f"{n} {what}" for n, what in ((t.no_gpu, "without GPUs"), (t.unqueried, "not queried")) if n
+    ]
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the table after `node`: its header, a GPU's cell and the totals' cell."""
+
+    name: str
+    cell: Callable[[gpu.Gpu], str]
+    total: Callable[[Totals], str] = lambda t: ""
+
+
+NODE = "node"  # the first column, never wrapped: the node's name, or "total"
+COLUMNS: tuple[Column, ...] = (
+    Column("gpu", _index, lambda t: f"{t.gpus}"),
+    Column("name", lambda g: g.name, lambda t: f"{t.busy} busy, {t.idle} idle"),
+    Column("util", lambda g: _unit(g.util_pct, "%")),
+    Column(
+        "memory",
+        lambda g: _memory(g.mem_used_mib, g.mem_total_mib),
+        lambda t: _memory(t.mem_used_mib, t.mem_total_mib),
+    ),
+    Column("temp", lambda g: _unit(g.temp_c, "C")),
+    Column("power", _power),
+    Column("processes", lambda g: _processes(g.processes) or "-", _nodes),
+)
+
+
+def _row(node: str, cells: Mapping[str, str]) -> tuple[str, ...]:
+    """A row from its cells by column name; a column not named is empty."""
+    return (node, *(cells.get(c.name, "") for c in COLUMNS))
+
+
 def gpu_row(node: str, g: gpu.Gpu) -> tuple[str, ...]:
-    power = _unit(g.power_w, "W")
-    if g.power_limit_w is not None:
-        power += f" / {g.power_limit_w:.0f} W"
-    return (
-        node,
-        f"{g.index}" + (" MIG" if g.mig_mode == "Enabled" else ""),
-        g.name,
-        _unit(g.util_pct, "%"),
-        f"{_gib(g.mem_used_mib)} / {_gib(g.mem_total_mib)} GiB",
-        _unit(g.temp_c, "C"),
-        power,
-        "\n".join(_process(p) for p in g.processes) or "-",
-    )
+    return (node, *(c.cell(g) for c in COLUMNS))
 
 
 def node_rows(name: str, outcome: Outcome) -> list[tuple[str, ...]]:
     """A node's rows: one per GPU; one for a node without GPUs or not queried."""
     if isinstance(outcome, NodeError):
         what = "unreachable" if isinstance(outcome, ConnectError) else "not queried"
-        return [(name, "-", f"{what}: {outcome.message}", "", "", "", "", "")]
+        return [_row(name, {"gpu": "-", "name": f"{what}: {outcome.message}"})]
     if outcome.driver_error:
-        return [(name, "-", driver_state(outcome), "", "", "", "", "")]
+        return [_row(name, {"gpu": "-", "name": driver_state(outcome)})]
     rows = [gpu_row(name, g) for g in outcome.gpus]
     if outcome.unattached:  # apps whose GPU nvidia-smi did not let us find
-        procs = "\n".join(_process(p) for p in outcome.unattached)
-        rows.append((name, "?", "GPU not known", "", "", "", "", procs))
+        procs = _processes(outcome.unattached)
+        rows.append(_row(name, {"gpu": "?", "name": "GPU not known", "processes": procs}))
     return rows
 
 
 def totals_row(t: Totals) -> tuple[str, ...]:
-    parts = [f"{t.nodes} node" + ("s" if t.nodes != 1 else "")]
-    parts += [
-        f"{n} {what}" for n, what in ((t.no_gpu, "without GPUs"), (t.unqueried, "not queried")) if n
-    ]
-    nodes = ", ".join(parts)
-    return (
-        "total",
-        f"{t.gpus}",
-        f"{t.busy} busy, {t.idle} idle",
-        "",
-        f"{_gib(t.mem_used_mib)} / {_gib(t.mem_total_mib)} GiB",
-        "",
-        "",
-        nodes,
-    )
+    return ("total", *(c.total(t) for c in COLUMNS))
 
 
 def render(results: Mapping[str, Outcome], title: str | None = None) -> Group:
     """The table (one row per GPU, the totals last), then any notes the parser left."""
     table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column(NODE, overflow="fold", no_wrap=True)
     for column in COLUMNS:
-        table.add_column(column, overflow="fold", no_wrap=column == "node")
+        table.add_column(column.name, overflow="fold")
     for name, outcome in results.items():
         for row in node_rows(name, outcome):
             table.add_row(*map(Text, row))  # Text: a "[run ...]" or "[N/A]" is no markup

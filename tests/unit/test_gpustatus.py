@@ -291,3 +291,15 @@ def test_insufficient_permissions_cells_show_as_unknown() -> None:
     (g,) = probe("a100_mig_pod").gpus  # a real capture's cells: [N/A], [Insufficient Permissions]
     assert gpustatus.gpu_row("node0", g)[1:6] == (
         "0 MIG", "NVIDIA A100-SXM4-80GB", "-", "- / - GiB", "47 C")  # fmt: skip
+
+
+def test_a_new_column_is_one_entry(monkeypatch) -> None:
+    bus = gpustatus.Column("bus", lambda g: g.bus_id or "-", lambda t: f"{t.nodes} nodes")
+    monkeypatch.setattr(gpustatus, "COLUMNS", (*gpustatus.COLUMNS, bus))
+    results = {"node0": probe("v100x4"), "node9": UNREACHABLE}
+    rows = gpustatus.node_rows("node0", results["node0"])
+    assert all(len(row) == 9 for row in rows) and rows[0][-1] == "00000000:1A:00.0"
+    assert gpustatus.node_rows("node9", UNREACHABLE)[0][-1] == ""  # not queried: empty
+    assert gpustatus.totals_row(gpustatus.totals(results))[-1] == "2 nodes"
+    shown = text_of(gpustatus.render(results))
+    assert " bus " in shown and "00000000:1A:00.0" in shown
