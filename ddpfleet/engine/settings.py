@@ -31,7 +31,8 @@ from typing import Any
 from ddpfleet import catalog
 from ddpfleet.catalog import ROLES_DIR
 from ddpfleet.errors import InventoryError
-from ddpfleet.inventory import Inventory, Node, _did_you_mean
+from ddpfleet.inventory import Inventory, Node
+from ddpfleet.inventory_yaml import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def select_roles(
         for n in given:
             if n not in names:
                 raise InventoryError(
-                    f"{flag}: unknown role {n!r}{_did_you_mean(n, names)}; "
+                    f"{flag}: unknown role {n!r}{did_you_mean(n, names)}; "
                     f"roles: {', '.join(names)}"
                 )
     chosen = [load_role(n, roles_dir) for n in names if n in wanted and n not in skipped_names]
@@ -133,7 +134,7 @@ def validate_sections(inventory: Inventory, roles: list[Role], roles_dir: Path =
             if key not in keys:
                 raise InventoryError(
                     f"{inventory.where(section, key)}: {section}.{key}: unknown key"
-                    f"{_did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
+                    f"{did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
                 )
 
 
