@@ -108,8 +108,7 @@ def select_roles(
         for n in given:
             if n not in names:
                 raise InventoryError(
-                    f"{flag}: unknown role {n!r}{did_you_mean(n, names)}; "
-                    f"roles: {', '.join(names)}"
+                    f"{flag}: unknown role {n!r}{did_you_mean(n, names)}; roles: {', '.join(names)}"
                 )
     chosen = [load_role(n, roles_dir) for n in names if n in wanted and n not in skipped_names]
     named = _comma_list(only)
