@@ -9,7 +9,7 @@ A role declares itself in its own role.py, as plain literals at the top:
 and its settings in defaults.yaml (every key prefixed by the role's name). Adding a role is its
 folder, a test and a line in the README: no central list names it.
 
-The headers are read with `ast`, never imported: loading an inventory (which accepts each
+The header lines are read with `ast`, never imported: loading an inventory (which accepts each
 role's section) must not run every role's code, and this module sits with `inventory`, below
 the engine that does import them (engine/settings.load_role).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ddpfleet.errors import DdpfleetError
 
 ROLES_DIR = Path(__file__).resolve().parents[1] / "roles"
 HEADER = ("ORDER", "SECTION", "OPT_IN")
+_HEADER_LINE = re.compile(rf"^({'|'.join(HEADER)})\s*(?::[^=]*)?=")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,11 @@ class RoleInfo:
     section: str
     opt_in: bool
     directory: Path
-    keys: frozenset[str]  # its settings, unprefixed (defaults.yaml)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Its settings, unprefixed (defaults.yaml): read when asked, not at discovery."""
+        return frozenset(defaults(self.directory))
 
 
 @functools.cache
@@ -75,7 +81,6 @@ def info(directory: Path) -> RoleInfo:
         section=section,
         opt_in=header.get("OPT_IN") is True,
         directory=directory,
-        keys=frozenset(defaults(directory)),
     )
 
 
@@ -93,25 +98,22 @@ def sections(roles_dir: Path = ROLES_DIR) -> tuple[str, ...]:
 
 
 def _header(path: Path, where: str) -> dict:
-    """The literal values of ORDER, SECTION and OPT_IN assigned at role.py's top level."""
-    try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except SyntaxError as e:
-        raise DdpfleetError(f"{where}:{e.lineno}: syntax error: {e.msg}") from None
+    """The literal values of ORDER, SECTION and OPT_IN, each assigned on one line at role.py's
+    top level. Only those lines are parsed: every command that loads an inventory pays for
+    this, and parsing whole role modules cost ~10 ms each."""
     found = {}
-    for stmt in tree.body:
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
-            target, value = stmt.targets[0], stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            target, value = stmt.target, stmt.value
-        else:
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        match = _HEADER_LINE.match(line)
+        if not match or match.group(1) in found:
             continue
-        if isinstance(target, ast.Name) and target.id in HEADER:
-            try:
-                found[target.id] = ast.literal_eval(value)
-            except ValueError:
-                raise DdpfleetError(
-                    f"{where}:{stmt.lineno}: {target.id} must be a literal (read without "
-                    "importing the role)"
-                ) from None
+        name = match.group(1)
+        try:
+            stmt = ast.parse(line).body[0]
+            assert isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None
+            found[name] = ast.literal_eval(stmt.value)
+        except (SyntaxError, ValueError, AssertionError):
+            raise DdpfleetError(
+                f"{where}:{number}: {name} must be a literal on one line (read without "
+                "importing the role)"
+            ) from None
     return found

@@ -85,7 +85,7 @@ def test_an_opt_in_role_is_off_unless_named(tmp_path):
     [
         ('SECTION = "a"', r"roles/bad/role.py: no ORDER = <integer> at the top level; add one"),
         ("ORDER = '10'", r"roles/bad/role.py: no ORDER = <integer>"),
-        ("ORDER = 10 + X", r"roles/bad/role.py:1: ORDER must be a literal"),
+        ("ORDER = 10 + X", r"roles/bad/role.py:1: ORDER must be a literal on one line"),
         ("ORDER = 10\nSECTION = 3", r"roles/bad/role.py: SECTION must be a string"),
         ("ORDER = 20", r"roles/good/role.py: ORDER = 20 is also roles/bad's; give each role"),
     ],
