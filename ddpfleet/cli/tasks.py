@@ -137,8 +137,8 @@ def bootstrap(
         bad = boot.failures(runs)
         if bad:
             raise DdpfleetError(
-                f"bootstrap failed on {len({b.split(':')[0] for b in bad})} "
-                f"node(s): " + "; ".join(bad)
+                f"bootstrap failed on {len({f.node for f in bad})} node(s): "
+                + "; ".join(map(str, bad))
             )
 
 

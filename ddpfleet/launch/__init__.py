@@ -21,7 +21,7 @@
 4. torchrun's per-rank logs come back over SFTP (logs.py); one summary line per node and the
    verdict (outcome.py, run.py).
 
-This package does not import Invoke or paramiko: tasks.py gathers the flags, the connection
+This package imports neither Invoke nor the SSH library: tasks.py gathers the flags, the connection
 layer (Conn.session, Conn.sftp) carries the bytes.
 """
 
