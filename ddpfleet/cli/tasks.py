@@ -11,6 +11,7 @@ from ddpfleet import inventory as inv
 from ddpfleet import report
 from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
 from ddpfleet.cli.common import become_password as _become_password
+from ddpfleet.cli.init import init
 from ddpfleet.errors import DdpfleetError
 
 
@@ -424,7 +425,7 @@ sandbox_ns = Collection(
     "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
 )
 ns = Collection(
-    ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
+    init, ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)

@@ -32,7 +32,16 @@ import yaml
 from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory, Node, _did_you_mean
 
-ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
+
+def _roles_dir() -> Path:
+    """The roles: ddpfleet/roles/ in an installed wheel (pyproject maps the checkout's roles/
+    there), else the checkout's top-level roles/ beside the package."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "roles"
+    return installed if installed.is_dir() else package.parent / "roles"
+
+
+ROLES_DIR = _roles_dir()
 ROLE_ORDER = (
     "train_user",
     "openssh_server",
