@@ -6,6 +6,7 @@ import sys
 
 from invoke import Collection, task
 
+import ddpfleet.cli.adhoc as adhoctasks
 import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import report
@@ -429,5 +430,5 @@ ns = Collection(
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
-for t in runtasks.TASKS:
+for t in runtasks.TASKS + adhoctasks.TASKS:
     ns.add_task(t)
