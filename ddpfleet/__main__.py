@@ -9,6 +9,8 @@ invoke.yaml sets are set here too (that file is only read beside a tasks.py).
 
 from __future__ import annotations
 
+import sys
+
 from invoke import Config, Program
 
 from ddpfleet import __version__
@@ -40,7 +42,13 @@ def program():
 
 
 def main() -> None:
-    program().run()
+    try:
+        program().run()
+    except BrokenPipeError:  # `ddpfleet --list | head -1`: Invoke's own output, a reader gone
+        from ddpfleet.cli.common import PIPE_CLOSED, quiet_stdout
+
+        quiet_stdout()
+        sys.exit(PIPE_CLOSED)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ group (as `clush -b` / `dshbak -c` fold them), so 32 nodes that agree print once
 
 from __future__ import annotations
 
-import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.hygiene import clean
+from ddpfleet.names import hostlist
 from ddpfleet.ssh.result import Result
 
 RULE = "-" * 16
@@ -79,41 +79,10 @@ def render(groups: list[Group]) -> str:
     lines = []
     for g in groups:
         count = f" ({len(g.nodes)})" if len(g.nodes) > 1 else ""
-        lines.append(f"{RULE} {ranges(g.nodes)}{count} {g.heading}")
+        lines.append(f"{RULE} {hostlist(g.nodes)}{count} {g.heading}")
         if g.text:
             lines.append(clean(g.text, keep_newlines=True).rstrip("\n"))
     return "\n".join(lines)
-
-
-def ranges(names) -> str:
-    """node0,node1,node2,node4,gpu-a -> node[0-2,4],gpu-a (pdsh's hostlist form); a name
-    without a number, or alone with its stem, stays as it is."""
-    stems: dict[str, list[tuple[int, str]]] = {}
-    order: list[str] = []
-    for name in names:
-        m = re.fullmatch(r"(.*?)(\d+)", name)
-        stem, digits = (m.group(1), m.group(2)) if m else (name, "")
-        if stem not in stems:
-            order.append(stem)
-            stems[stem] = []
-        stems[stem].append((int(digits) if digits else -1, digits))
-    out = []
-    for stem in order:
-        nums = stems[stem]
-        if len(nums) == 1 or any(n < 0 or (len(d) > 1 and d.startswith("0")) for n, d in nums):
-            out.extend(stem + d for _, d in nums)
-            continue
-        spans, values = [], sorted(n for n, _ in nums)
-        start = prev = values[0]
-        for v in values[1:] + [None]:
-            if v is not None and v == prev + 1:
-                prev = v
-                continue
-            spans.append(str(start) if start == prev else f"{start}-{prev}")
-            if v is not None:
-                start = prev = v
-        out.append(f"{stem}[{','.join(spans)}]")
-    return ",".join(out)
 
 
 def failures(results: Mapping[str, object]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Ad-hoc output (fold, ranges, render), --nodes/--exclude together, and the OpenSSH config that
+"""Ad-hoc output (fold, hostlist, render), --nodes/--exclude together, and the OpenSSH config that
 `ddpfleet ssh` hands to ssh -F. The commands themselves: tests/integration/test_adhoc.py."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from ddpfleet import adhoc
 from ddpfleet import inventory as inv
 from ddpfleet.cli import openssh, select
 from ddpfleet.errors import InventoryError, Unreachable
+from ddpfleet.names import hostlist
 from ddpfleet.ssh.result import Result
 
 
@@ -28,8 +29,8 @@ def result(node: str, out: str, code: int = 0, err: str = "") -> Result:
         (["a1", "b1", "a2"], "a[1-2],b1"),
     ],
 )
-def test_ranges(names, expected):
-    assert adhoc.ranges(names) == expected
+def test_hostlist(names, expected):
+    assert hostlist(names) == expected
 
 
 def test_fold_groups_same_output_and_code_and_names_failures():
