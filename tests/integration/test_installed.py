@@ -60,7 +60,9 @@ def venv(tmp_path_factory) -> Path:
     return env
 
 
-def ddpfleet(venv: Path, *args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+def ddpfleet(
+    venv: Path, *args: str, cwd: Path, timeout: float = 300, **kw
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("DDPFLEET_INVENTORY", "PYTHONPATH")}
     return subprocess.run(
         [venv / "bin/ddpfleet", *args],
@@ -68,7 +70,7 @@ def ddpfleet(venv: Path, *args: str, cwd: Path, **kw) -> subprocess.CompletedPro
         env={**env, "COLUMNS": "200"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         **kw,
     )
 
@@ -129,3 +131,42 @@ def test_ping_from_a_project_outside_the_checkout(venv: Path, cluster: Cluster, 
         assert cluster.address(node) in r.stdout
     elsewhere = ddpfleet(venv, "ping", "--inventory", str(project / "inventory.yaml"), cwd=tmp_path)
     assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr
+
+
+TRAIN = """\
+import os
+
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+print(f"rank {dist.get_rank()} of {dist.get_world_size()} trained", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_new_project_bootstraps_and_trains(venv: Path, cluster: Cluster, tmp_path: Path):
+    """Issue 25's walk-through: a directory holding only a training script, `ddpfleet init`,
+    the inventory edited to the sandbox, `ddpfleet bootstrap` (the env role), `ddpfleet train`."""
+    project = tmp_path / "myproj"
+    project.mkdir()
+    (project / "train.py").write_text(TRAIN)
+    r = ddpfleet(venv, "init", cwd=project)
+    assert r.returncode == 0, r.stderr
+    data = yaml.safe_load((project / "inventory.yaml").read_text())
+    sandbox = cluster.data
+    for key in ("ssh", "nodes", "python_env", "train_user"):
+        data[key] = sandbox[key]
+    (project / "inventory.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    shared = cluster.dir / ".ddpfleet" / "wheelhouse"  # the session's download, if made
+    shared.mkdir(parents=True, exist_ok=True)
+    (project / ".ddpfleet").mkdir()
+    (project / ".ddpfleet" / "wheelhouse").symlink_to(shared)
+
+    r = ddpfleet(venv, "bootstrap", "--roles", "venv_env", cwd=project, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = ddpfleet(venv, "train", "--script", "train.py", "--nproc-per-node", "1", cwd=project)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rank 0 of 2 trained" in r.stdout and "rank 1 of 2 trained" in r.stdout
+    # The project's own code dir on the nodes (the cluster is named after the project).
+    assert "/ddpfleet/myproj/code" in r.stdout, r.stdout
+    assert any((project / "logs").iterdir())
