@@ -47,6 +47,7 @@ TOP_KEYS = (
     "train",
     "train_user",
     "sandbox",
+    "health",
     "nodes",
 )
 CLUSTER_KEYS = ("name", "master", "master_port")
@@ -65,6 +66,9 @@ SSH_KEYS = (
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo", "init")
 TRAIN_KEYS = ("launcher",)
+# invoke health's thresholds (ddpfleet.health): GPU temperature warn/fail, and --deep's
+# all_reduce bus bandwidth between nodes (GB/s floor; else a ratio of the fleet's median).
+HEALTH_KEYS = ("temp_warn_c", "temp_fail_c", "busbw_gbps", "busbw_ratio")
 LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
 ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm", "train_user")
@@ -133,6 +137,7 @@ class Inventory:
     # Every node the file declares, whatever --nodes selected (secretfiles: the keys of all of
     # them stay home); () when built by hand: then `nodes`.
     declared: tuple[Node, ...] = field(default=(), repr=False, compare=False)
+    health: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def root(self) -> Path:
@@ -308,7 +313,17 @@ class _Builder:
             persist=persist,
             launcher=self.launcher(top.get("train")),
             declared=nodes,
+            health=self.health(top.get("health")),
         )
+
+    def health(self, raw: Any) -> Mapping[str, float]:
+        h = self.mapping(("health",), raw, HEALTH_KEYS)
+        for key, value in h.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise self.fail(("health", key), f"must be a number > 0, got {value!r}")
+        if "busbw_ratio" in h and h["busbw_ratio"] >= 1:
+            raise self.fail(("health", "busbw_ratio"), "must be below 1, e.g. 0.8")
+        return MappingProxyType(dict(h))
 
     def launcher(self, raw: Any) -> str:
         t = self.mapping(("train",), raw, TRAIN_KEYS)

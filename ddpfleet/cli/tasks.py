@@ -168,6 +168,8 @@ def bootstrap(
         "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
         "default: the inventory's train.launcher, else ssh)",
         "ask_become_pass": ASK_BECOME_HELP,
+        "health_gate": "run invoke health's quick checks on the nodes first and refuse a "
+        "failing node (default; --no-health-gate skips them)",
         **runtasks.TRAIN_HELP,
     },
 )
@@ -189,6 +191,7 @@ def train(
     detach=False,
     max_restarts=0,
     resume=None,
+    health_gate=True,
     exclude=None,
     dry_run=False,
 ):
@@ -223,6 +226,10 @@ def train(
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=password) as fleet:
+        if health_gate:  # a dry run checks this too
+            from ddpfleet.health import gate
+
+            gate.check(fleet)
         if dry_run:
             from ddpfleet.launch.ssh import dryrun
 
@@ -237,6 +244,25 @@ def train(
             runtasks.detached(loaded, fleet, config, resume)
         else:
             launch.train(fleet, config)
+
+
+def _long_only(t, attr: str):
+    """Task `t` with no short flag for `attr`: invoke would give --health-gate `-h`, and a user
+    typing `invoke train -h` for help would start a run instead of reading one."""
+    get_arguments = t.get_arguments
+
+    def arguments(*args, **kwargs):
+        found = get_arguments(*args, **kwargs)
+        for argument in found:
+            if argument.attr_name == attr:
+                argument.names = argument.names[:1]
+        return found
+
+    t.get_arguments = arguments
+    return t
+
+
+train = _long_only(train, "health_gate")
 
 
 @task(
@@ -256,6 +282,24 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None, exclude=No
     with _warm_fleet(inventory, nodes, exclude) as fleet:
         results = gpustatus.run(fleet, as_json=json, every=_seconds(watch))
         report.exit_if_failed(results, "gpu-status")
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "exclude": select.EXCLUDE_HELP,
+        "json": "print the ddpfleet.health/1 document instead of the table",
+        "deep": "also measure all_reduce bandwidth between the nodes (gloo, about a minute)",
+    }
+)
+@cli
+def health(c, inventory=None, nodes=None, json=False, deep=False, exclude=None):
+    """Check each node's GPUs, kernel log and versions."""
+    from ddpfleet.health import table
+
+    with _warm_fleet(inventory, nodes, exclude) as fleet:
+        table.run(fleet, as_json=json, deep=deep)
 
 
 @task(
@@ -443,7 +487,17 @@ sandbox_ns = Collection(
     "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
 )
 ns = Collection(
-    init, ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
+    init,
+    ping,
+    trust,
+    bootstrap,
+    env_export,
+    train,
+    gpu_status,
+    health,
+    doctor,
+    disconnect,
+    sandbox_ns,
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
