@@ -26,7 +26,16 @@ import yaml
 
 from ddpfleet.errors import DdpfleetError
 
-ROLES_DIR = Path(__file__).resolve().parents[1] / "roles"
+
+def _roles_dir() -> Path:
+    """The roles: ddpfleet/roles/ in an installed wheel (pyproject maps the checkout's roles/
+    there), else the checkout's top-level roles/ beside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "roles"
+    return installed if installed.is_dir() else package.parent / "roles"
+
+
+ROLES_DIR = _roles_dir()
 HEADER = ("ORDER", "SECTION", "OPT_IN")
 _HEADER_LINE = re.compile(rf"^({'|'.join(HEADER)})\s*(?::[^=]*)?=")
 

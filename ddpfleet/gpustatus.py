@@ -296,17 +296,21 @@ def watch(
     """Refresh every `seconds` on the fleet's open connections until Ctrl-C; returns the last
     results. `draw` replaces the live table (--json: one document a line per refresh)."""
     results = query(fleet)
+    if draw is None and not report.console.is_terminal:
+        # A pipe or a file: no screen to redraw in place, so one whole table per refresh.
+        draw = lambda results: report.show(_titled(results, seconds))  # noqa: E731
     try:
         if draw is not None:
             while True:
                 draw(results)
+                sys.stdout.flush()
                 time.sleep(seconds)
                 results = _requery(fleet)
-        with Live(_titled(results, seconds), console=report.console, auto_refresh=False) as screen:
+        with Live(_framed(results, seconds), console=report.console, auto_refresh=False) as screen:
             while True:
                 time.sleep(seconds)
                 results = _requery(fleet)
-                screen.update(_titled(results, seconds), refresh=True)
+                screen.update(_framed(results, seconds), refresh=True)
     except KeyboardInterrupt:
         return results
 
@@ -316,6 +320,11 @@ def _requery(fleet: Fleet) -> dict[str, Outcome]:
     # connected again; the others keep their connections (a kept one is the keeper's care).
     fleet.reconnect_lost()
     return query(fleet)
+
+
+def _framed(results: Mapping[str, Outcome], seconds: float) -> Group:
+    """The live table, fitted to the terminal's width now (it may have been resized)."""
+    return report.fit(_titled(results, seconds), report.console.width)
 
 
 def _titled(results: Mapping[str, Outcome], seconds: float) -> Group:

@@ -103,3 +103,34 @@ def subnet_problem(subnet: str) -> str:
         return ""
     except ValueError:
         return f"subnet {shown(subnet)} is not an IPv4 network like 10.213.0.0/24"
+
+
+def hostlist(names) -> str:
+    """node0,node1,node2,node4,gpu-a -> node[0-2,4],gpu-a (pdsh's hostlist form); a name
+    without a number, or alone with its stem, stays as it is."""
+    stems: dict[str, list[tuple[int, str]]] = {}
+    order: list[str] = []
+    for name in names:
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        stem, digits = (m.group(1), m.group(2)) if m else (name, "")
+        if stem not in stems:
+            order.append(stem)
+            stems[stem] = []
+        stems[stem].append((int(digits) if digits else -1, digits))
+    out = []
+    for stem in order:
+        nums = stems[stem]
+        if len(nums) == 1 or any(n < 0 or (len(d) > 1 and d.startswith("0")) for n, d in nums):
+            out.extend(stem + d for _, d in nums)
+            continue
+        spans, values = [], sorted(n for n, _ in nums)
+        start = prev = values[0]
+        for v in values[1:] + [None]:
+            if v is not None and v == prev + 1:
+                prev = v
+                continue
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            if v is not None:
+                start = prev = v
+        out.append(f"{stem}[{','.join(spans)}]")
+    return ",".join(out)

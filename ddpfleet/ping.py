@@ -65,4 +65,5 @@ def render(fleet: Fleet, results: dict[str, Pong | NodeError]):
                 f"{r.rtt_ms:.1f}",
             )
         )
-    return table(None, COLUMNS, rows)
+    # a narrow terminal leaves these out first, so an unbroken address and OS fit
+    return table(None, COLUMNS, rows, optional=("rtt ms", "arch"))

@@ -4,17 +4,21 @@ Text from nodes (os-release, jupyter's runtime files, stderr, errors) is data, n
 and never raw terminal control: cells and messages go out as Text, cleaned (ddpfleet.hygiene).
 
 Tables have two layouts. On a terminal a table fits the window: long cells wrap inside their
-column, the first column (the node) never does. Off a terminal (CI logs, pipes, `| less`, a file)
-there is no window to fit, and rich's fallback of 80 columns would fold every long row into
-several: there a table is as wide as its content and a row is one line.
+column, the first column (the node) never does, and no column is narrower than its longest word
+(fit(): an address or a node list is never cut in two; the prose columns give up the room, and a
+table that still cannot fit drops the columns its caller marked optional, least useful first).
+Off a terminal (CI logs, pipes, `| less`, a file) there is no window to fit, and rich's fallback
+of 80 columns would fold every long row into several: there a table is as wide as its content
+and a row is one line.
 """
 
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
@@ -29,12 +33,19 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 UNBOUNDED = 100_000
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
+def table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    optional: Sequence[str] = (),
+) -> Table:
     """Cells as literal text (see text()); the first column is the key (the node) and keeps its
-    line on a narrow terminal while the others wrap."""
+    line on a narrow terminal while the others wrap. `optional`: columns a terminal too narrow
+    for the table may leave out, the least useful first (see fit())."""
     t = Table(
         title=None if title is None else text(title), title_justify="left", header_style="bold"
     )
+    t.optional = tuple(optional)  # read by fit()
     for i, col in enumerate(columns):
         t.add_column(col, overflow="fold", no_wrap=i == 0)
     for row in rows:
@@ -53,7 +64,7 @@ def show(renderable: RenderableType, out: Console | None = None) -> None:
     out = out or console
     item = text(renderable) if isinstance(renderable, str) else renderable
     if out.is_terminal:
-        out.print(item)
+        out.print(fit(item, out.width))
         return
     width = natural_width(item, out)
     # A console of that width for this one print: the shared one keeps its own width, and
@@ -73,6 +84,90 @@ def natural_width(renderable: RenderableType, out: Console | None = None) -> int
     out = out or console
     measured = Measurement.get(out, out.options.update_width(UNBOUNDED), renderable)
     return max(1, measured.maximum)
+
+
+def fit(renderable: RenderableType, width: int) -> RenderableType:
+    """A table (or the tables of a Group) sized for `width` columns without cutting a word.
+
+    Each column gets at least its longest word (its header's too); the spare room is shared,
+    short cells getting all they want. The table's optional columns go, least useful first,
+    while its tallest row would take more than TALL lines; if even the words do not fit
+    without them, a table is left to rich."""
+    if isinstance(renderable, Group):
+        for i, part in enumerate(renderable.renderables):
+            renderable.renderables[i] = fit(part, width)
+        return renderable
+    if not isinstance(renderable, Table) or not all(
+        isinstance(cell, (str, Text)) for c in renderable.columns for cell in (c.header, *c._cells)
+    ):
+        return renderable  # words are counted in text; anything else is rich's to lay out
+    t = renderable
+    optional = [c for name in getattr(t, "optional", ()) for c in t.columns if c.header == name]
+    best = None  # (tallest row, columns dropped, widths)
+    for k in range(len(optional) + 1):
+        kept = [c for c in t.columns if c not in optional[:k]]
+        widths = _layout(kept, width)
+        if widths is None:
+            continue
+        tall = _tallest(kept, widths)
+        if best is None or tall < best[0]:
+            best = (tall, k, widths)
+        if tall <= TALL:
+            break
+    if best is None:
+        return t
+    _, k, widths = best
+    t.columns[:] = [c for c in t.columns if c not in optional[:k]]
+    for i, (column, w) in enumerate(zip(t.columns, widths)):
+        column._index = i
+        column.width = w
+    return t
+
+
+TALL = 2  # lines a table row may take on a narrow terminal before optional columns go
+
+
+def _layout(columns, width: int) -> list[int] | None:
+    """Content widths for the columns within `width`, none narrower than its longest word;
+    None when even that does not fit."""
+    room = width - (len(columns) + 1) - 2 * len(columns)  # borders, cell padding
+    least, most = zip(*(_word_widths(c, first=c._index == 0) for c in columns))
+    if sum(most) <= room:
+        return list(most)
+    if sum(least) > room:
+        return None
+    widths = list(least)
+    spare = room - sum(widths)
+    todo = sorted(range(len(widths)), key=lambda i: most[i] - least[i])
+    for n, i in enumerate(todo):
+        give = min(most[i] - least[i], spare // (len(todo) - n))
+        widths[i] += give
+        spare -= give
+    return widths
+
+
+def _lines(column) -> list[list[str]]:
+    """Each of the column's cells (the header first) as its lines."""
+    cells = (column.header, *column._cells)
+    return [(c.plain if isinstance(c, Text) else str(c)).splitlines() or [""] for c in cells]
+
+
+def _word_widths(column, first: bool) -> tuple[int, int]:
+    """(the longest word, the longest line) of a column's header and cells; the key column
+    (never wrapped) needs its longest line."""
+    lines = [line for cell in _lines(column) for line in cell]
+    longest = max([1, *map(len, lines)])
+    words = max([1, *(len(w) for line in lines for w in line.split())])
+    return (longest if first or column.no_wrap else min(words, longest)), longest
+
+
+def _tallest(columns, widths: Sequence[int]) -> int:
+    """Lines the tallest body row takes, each cell wrapped at its words."""
+    heights = [
+        [sum(max(1, len(textwrap.wrap(line, w))) for line in cell) for cell in _lines(c)[1:]]
+        for c, w in zip(columns, widths)
+    ]
+    return max((max(row) for row in zip(*heights)), default=1)
 
 
 def failed(results: Mapping[str, object]) -> dict[str, NodeError]:

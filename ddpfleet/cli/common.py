@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+import os
 import sys
 
 from invoke import Exit
@@ -27,18 +28,40 @@ atexit.register(gc.freeze)
 
 
 def cli(fn):
-    """User mistakes and node failures end as one line on stderr and exit 1, never a traceback."""
+    """User mistakes and node failures end as one line on stderr and exit 1, never a traceback.
+    A reader that went away (`runs --json | head`) ends it quietly, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(c, *args, **kwargs):
         try:
-            return fn(c, *args, **kwargs)
+            result = fn(c, *args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            return result
+        except BrokenPipeError:
+            quiet_stdout()
+            raise Exit(code=PIPE_CLOSED) from None
         except DdpfleetError as e:
             raise Exit(f"error: {clean(str(e))}", code=1) from None  # may quote node output
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
 
     return wrapper
+
+
+# A closed pipe's exit code: rich's own (Console.on_broken_pipe: /dev/null, then exit 1) for
+# the tables, so every task ends the same way whichever writer met the closed pipe.
+PIPE_CLOSED = 1
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe goes nowhere, instead
+    of raising again (with a traceback) when the interpreter flushes it at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def become_password(ask: bool):

@@ -125,7 +125,9 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
     if json:
         print(json_mod.dumps([v.as_json() for v in views], indent=1))
         return
-    report.show(report.table(None, runstate.COLUMNS, runstate.rows(views)))
+    # a narrow terminal leaves these out first (runs --json has everything)
+    optional = ("started", "exit", "duration")
+    report.show(report.table(None, runstate.COLUMNS, runstate.rows(views), optional))
 
 
 def _slurm_views(fleet, index):

@@ -6,26 +6,29 @@ import sys
 
 from invoke import Collection, task
 
+import ddpfleet.cli.adhoc as adhoctasks
 import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import report
+from ddpfleet.cli import select
 from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
 from ddpfleet.cli.common import become_password as _become_password
+from ddpfleet.cli.init import init
 from ddpfleet.errors import DdpfleetError
 
 
-def _fleet(inventory, nodes, ask_become_pass=False):
+def _fleet(inventory, nodes, ask_become_pass=False, exclude=None):
     from ddpfleet.ssh.connection import Fleet
 
-    loaded = inv.load(inventory, nodes)
+    loaded = select.load(inventory, nodes, exclude)
     return Fleet(loaded, become_password=_become_password(ask_become_pass))
 
 
-def _warm_fleet(inventory, nodes):
+def _warm_fleet(inventory, nodes, exclude=None):
     """The connection keeper's connections when one runs (kept.py), else direct ones."""
     from ddpfleet.ssh import kept
 
-    return kept.fleet(inv.load(inventory, nodes))
+    return kept.fleet(select.load(inventory, nodes, exclude))
 
 
 @task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
@@ -106,6 +109,7 @@ def env_export(c, inventory=None, nodes=None):
     help={
         "inventory": INVENTORY_HELP,
         "nodes": NODES_HELP,
+        "exclude": select.EXCLUDE_HELP,
         "check": "change nothing; report what would change",
         "diff": "show the diff of every config file that changes (or would)",
         "roles": "only these roles, e.g. miniconda,conda_env",
@@ -123,12 +127,13 @@ def bootstrap(
     roles=None,
     skip_roles=None,
     ask_become_pass=False,
+    exclude=None,
 ):
     """Set up nodes: SSH, PyTorch env, Jupyter, Slurm."""
     from ddpfleet import bootstrap as boot
     from ddpfleet.engine import roles as roles_mod
 
-    with _fleet(inventory, nodes, ask_become_pass) as fleet:
+    with _fleet(inventory, nodes, ask_become_pass, exclude) as fleet:
         selected = roles_mod.select_roles(roles, skip_roles)
         roles_mod.validate_sections(fleet.inventory, selected)
         runs = boot.bootstrap(
@@ -147,6 +152,9 @@ def bootstrap(
     help={
         "inventory": INVENTORY_HELP,
         "nodes": "comma-separated nodes; node_rank = position (default: all, the master first)",
+        "exclude": select.EXCLUDE_HELP,
+        "dry_run": "show the plan and run every preflight check; sync nothing, start nothing "
+        "(exit 1 if a check fails)",
         "script": "training script, relative to --project-dir (default: scripts/train_ddp.py)",
         "args": 'arguments for the script, one string, e.g. "--epochs 3"',
         "nproc_per_node": "processes per node: auto (the node's GPUs, 1 without) or N",
@@ -184,13 +192,19 @@ def train(
     max_restarts=0,
     resume=None,
     health_gate=True,
+    exclude=None,
+    dry_run=False,
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
     from ddpfleet.ssh.connection import Fleet
 
-    loaded = inv.load(inventory, nodes)
+    loaded = select.load(inventory, nodes, exclude)
     password = _become_password(ask_become_pass)
+    if dry_run and (resume or (launcher or loaded.launcher) == "slurm"):
+        raise DdpfleetError(
+            "--dry-run checks a new run of the ssh launcher; drop --resume and use --launcher ssh"
+        )
     if resume and (launcher or loaded.launcher) == "slurm":
         raise DdpfleetError("--resume works for runs of the ssh launcher; use --launcher ssh")
     if resume:
@@ -212,11 +226,15 @@ def train(
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=password) as fleet:
-        if health_gate:
+        if health_gate:  # a dry run checks this too
             from ddpfleet.health import gate
 
             gate.check(fleet)
-        if how == "slurm" and detach:
+        if dry_run:
+            from ddpfleet.launch.ssh import dryrun
+
+            dryrun.dry_run(fleet, config)
+        elif how == "slurm" and detach:
             runtasks.slurm_detached(loaded, fleet, config)
         elif how == "slurm":
             from ddpfleet.launch.slurm import run as slurm_run
@@ -251,16 +269,17 @@ train = _long_only(train, "health_gate")
     help={
         "inventory": INVENTORY_HELP,
         "nodes": NODES_HELP,
+        "exclude": select.EXCLUDE_HELP,
         "json": "print the ddpfleet.gpu-status-report/2 document instead of the table",
         "watch": "refresh every SECONDS, in place, until Ctrl-C",
     }
 )
 @cli
-def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
+def gpu_status(c, inventory=None, nodes=None, json=False, watch=None, exclude=None):
     """Show every GPU of every node in one table."""
     from ddpfleet import gpustatus
 
-    with _warm_fleet(inventory, nodes) as fleet:
+    with _warm_fleet(inventory, nodes, exclude) as fleet:
         results = gpustatus.run(fleet, as_json=json, every=_seconds(watch))
         report.exit_if_failed(results, "gpu-status")
 
@@ -269,16 +288,17 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
     help={
         "inventory": INVENTORY_HELP,
         "nodes": NODES_HELP,
+        "exclude": select.EXCLUDE_HELP,
         "json": "print the ddpfleet.health/1 document instead of the table",
         "deep": "also measure all_reduce bandwidth between the nodes (gloo, about a minute)",
     }
 )
 @cli
-def health(c, inventory=None, nodes=None, json=False, deep=False):
+def health(c, inventory=None, nodes=None, json=False, deep=False, exclude=None):
     """Check each node's GPUs, kernel log and versions."""
     from ddpfleet.health import table
 
-    with _warm_fleet(inventory, nodes) as fleet:
+    with _warm_fleet(inventory, nodes, exclude) as fleet:
         table.run(fleet, as_json=json, deep=deep)
 
 
@@ -467,6 +487,7 @@ sandbox_ns = Collection(
     "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
 )
 ns = Collection(
+    init,
     ping,
     trust,
     bootstrap,
@@ -480,5 +501,5 @@ ns = Collection(
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
-for t in runtasks.TASKS:
+for t in runtasks.TASKS + adhoctasks.TASKS:
     ns.add_task(t)

@@ -49,8 +49,10 @@ LAYERS = {
     "ddpfleet.envexport": ("job", 6),
     "ddpfleet.jupyter": ("job", 6),
     "ddpfleet.health": ("job", 6),
+    "ddpfleet.adhoc": ("job", 6),
     "ddpfleet.sandbox": ("job", 6),
     "ddpfleet.cli": ("edge", 7),
+    "ddpfleet.__main__": ("edge", 7),  # the installed `ddpfleet` command
     "tasks": ("edge", 7),
 }
 # Kept on purpose (docs/architecture.md says why): the jupyter role and `jupyter.status` agree on
@@ -59,7 +61,7 @@ UPWARD = {("roles.jupyter", "ddpfleet.jupyter")}
 ONLY = {  # what may import these third-party packages
     "paramiko": ("ddpfleet.ssh",),
     "fabric": ("ddpfleet.ssh",),
-    "invoke": ("ddpfleet.cli", "tasks"),
+    "invoke": ("ddpfleet.cli", "ddpfleet.__main__", "tasks"),
 }
 SANDBOX_MAY = ("ddpfleet.errors", "ddpfleet.names", "ddpfleet.report", "ddpfleet.hygiene")
 NODE_PROGRAMS = "ddpfleet.node."  # and the sandbox's PID 1, below

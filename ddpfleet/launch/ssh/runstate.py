@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ddpfleet.launch.clues import Clues, peer_gone, split_rank
+from ddpfleet.names import hostlist
 
 LIVE = ("RUNNING", "STARTING")
 
@@ -155,7 +156,8 @@ def rows(views: Sequence[RunView], now: float | None = None) -> list[tuple[str, 
         started = "-" if v.started is None else time.strftime("%Y-%m-%d %H:%M:%S",
                                                                time.localtime(v.started))  # fmt: skip
         exits = " ".join(f"{n}={'-' if c is None else c}" for n, c in v.exits.items())
-        out.append((v.run_id, v.state, ",".join(v.nodes), started, duration(v, now), exits, v.why))
+        nodes = hostlist(v.nodes)  # node[0-7]: short, and never cut on a narrow terminal
+        out.append((v.run_id, v.state, nodes, started, duration(v, now), exits, v.why))
     return out
 
 
