@@ -39,7 +39,7 @@ import yaml
 
 from ddpfleet import inventory as inv
 from ddpfleet import launch
-from ddpfleet.connection import Fleet
+from ddpfleet.ssh.connection import Fleet
 from tests.integration.conftest import ROOT, write_inventory
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]

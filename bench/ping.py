@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddpfleet import inventory as inv  # noqa: E402
-from ddpfleet import kept  # noqa: E402
-from ddpfleet.connection import connect  # noqa: E402
 from ddpfleet.facts import FACTS_SCRIPT  # noqa: E402
 from ddpfleet.gpu import probe_script  # noqa: E402
+from ddpfleet.ssh import kept
+from ddpfleet.ssh.connection import connect
 from tests.integration.conftest import write_inventory  # noqa: E402
 from tests.integration.test_gpu_status import install_standin  # noqa: E402
 

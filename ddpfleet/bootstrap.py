@@ -13,12 +13,13 @@ from typing import Any
 import paramiko
 from rich.live import Live
 
-from ddpfleet import become, report
-from ddpfleet.connection import Conn, Fleet
+from ddpfleet import report
+from ddpfleet.engine.roles import Host, NodeRun, Step, run_roles
+from ddpfleet.engine.settings import Role
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private, private_dir
-from ddpfleet.role_settings import Role
-from ddpfleet.roles import Host, NodeRun, Step, run_roles
+from ddpfleet.ssh import become
+from ddpfleet.ssh.connection import Conn, Fleet
 
 # Root-only (0700): a world-writable /run/lock would let any local user, such as the notebook
 # user, hold the lock forever and block every bootstrap of the node.

@@ -23,11 +23,11 @@ from rich.console import Group
 from rich.text import Text
 
 from ddpfleet import envs, report
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import private_dir, write_private
 from ddpfleet.inventory import Inventory
 from ddpfleet.shell import tail
+from ddpfleet.ssh.connection import Conn, Fleet
 
 KEY_FACTS = (("torch", "torch"), ("CUDA", "cuda"), ("NCCL", "nccl"), ("python", "python"))
 MISSING = "-"

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ddpfleet.engine.settings import load_role
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.role_settings import load_role
 
 SPEC_FILE = ".ddpfleet-spec.sha256"
 RECORD_FILE = ".ddpfleet-torch.json"
@@ -75,7 +75,7 @@ def env_python(inventory: Inventory, node: Node) -> str:
 
 # -- what the env holds ------------------------------------------------------------------------
 
-# scripts/node_helper.py's torch_versions() reads the same versions from torch/version.py and
+# ddpfleet/node/node_helper.py's torch_versions() reads the same versions from torch/version.py and
 # dist-info without importing torch: it runs before every train, where an import's seconds count.
 # Python source defining torch_facts(runtime=False) -> dict, for the env's own python: python,
 # torch, cuda (None: a CPU build), nccl (None: none built in) and, with runtime, whether CUDA

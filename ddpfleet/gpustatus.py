@@ -32,7 +32,7 @@ from ddpfleet import gpu, report
 from ddpfleet.errors import BecomeError, ConnectError, NodeError, Unreachable
 
 if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
-    from ddpfleet.connection import Conn, Fleet
+    from ddpfleet.ssh.connection import Conn, Fleet
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
 COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")

@@ -116,7 +116,7 @@ class SandboxSettings:
     subnet: str
     state_dir: Path
     sudo: str = "nopasswd"  # the login user's sudo when it is not root: nopasswd|password|none
-    init: str = "sandbox"  # the nodes' PID 1: sandbox (scripts/sandbox_init.py) or systemd
+    init: str = "sandbox"  # the nodes' PID 1: sandbox (ddpfleet/sandbox/node_init.py) or systemd
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from ddpfleet.facts import FACTS_SCRIPT, human_kb, parse_facts
 from ddpfleet.report import table
 
 if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
-    from ddpfleet.connection import Conn, Fleet
+    from ddpfleet.ssh.connection import Conn, Fleet
 
 COLUMNS = (
     "node",

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ddpfleet.engine.settings import load_role
 from ddpfleet.hygiene import STATE_DIR
 from ddpfleet.inventory import Inventory
-from ddpfleet.role_settings import load_role
 
 
 def named(inventory: Inventory) -> frozenset[Path]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ddpfleet.engine.settings import load_role
 from ddpfleet.errors import PlanError
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.role_settings import load_role
 
 ROLE = "train_user"
 

@@ -52,7 +52,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home() -> Path:
     """The test HOME; fails the session when ddpfleet took the user's path before the move."""
-    from ddpfleet import connection
+    from ddpfleet.ssh import connection
 
     home = Path(os.environ["HOME"])
     assert home.name.startswith("ddpfleet-test-home-"), "tests/conftest.py did not move HOME"

@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ddpfleet import envs, gpu, trainuser
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.inventory import Node
 from ddpfleet.shell import tail
+from ddpfleet.ssh.connection import Conn, Fleet
 
 MARK = "@@doctor"
 REACH_S = 5.0  # how long a worker keeps trying the master's port (the listener may be starting)

@@ -16,8 +16,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from ddpfleet import become, envs, trainuser
-from ddpfleet.connection import Fleet
+from ddpfleet import envs, trainuser
 from ddpfleet.doctor.checks import (
     Check,
     Status,
@@ -43,6 +42,8 @@ from ddpfleet.doctor.node import (
 )
 from ddpfleet.errors import ConnectError, DdpfleetError, NodeError
 from ddpfleet.inventory import Inventory
+from ddpfleet.ssh import become
+from ddpfleet.ssh.connection import Fleet
 
 
 def master_of(inventory: Inventory) -> str:

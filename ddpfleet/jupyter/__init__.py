@@ -66,7 +66,7 @@ from ddpfleet.jupyter.settings import (
     settings,
 )
 from ddpfleet.shell import Secret
-from ddpfleet.tunnel import tunnel
+from ddpfleet.ssh.tunnel import tunnel
 
 __all__ = [
     "CONFIG_NAME",

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from ddpfleet import report
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.inventory import Inventory
 from ddpfleet.jupyter.node import (
@@ -26,7 +25,8 @@ from ddpfleet.jupyter.node import (
     stop_command,
 )
 from ddpfleet.jupyter.settings import Settings, for_node
-from ddpfleet.tunnel import tunnel
+from ddpfleet.ssh.connection import Conn, Fleet
+from ddpfleet.ssh.tunnel import tunnel
 
 # `jupyter server list` starts a Python that imports jupyter_server: on a busy node that took
 # over the 20 s default command_timeout (seen on a loaded sandbox), so it gets its own floor.

@@ -13,7 +13,7 @@ Files on a node:
                                                 directory USER controls: no symlink games)
     /etc/systemd/system/ddpfleet-jupyter.service         where PID 1 is systemd, else:
     /usr/local/libexec/ddpfleet/jupyter-supervise        restarts the server when it dies, ends
-    /usr/local/libexec/ddpfleet/proctree.py              its tree on a stop (scripts/proctree.py)
+    /usr/local/libexec/ddpfleet/proctree.py              its tree on a stop (ddpfleet/node/proctree.py)
     /var/lib/ddpfleet/jupyter/{supervisor,server}.pid    its pidfiles (root only), and `cgroup`:
                                                          the server's own cgroup v2, if it has one
     /var/log/ddpfleet-jupyter.log                        the server's output (root only)
@@ -26,14 +26,14 @@ import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from ddpfleet import rootlog
-from ddpfleet.connection import Result
 from ddpfleet.facts import parse_facts
 from ddpfleet.inventory import Node
 from ddpfleet.jupyter.settings import Settings
+from ddpfleet.node import NODE_DIR
+from ddpfleet.ssh.connection import Result
 
 SERVICE = "ddpfleet-jupyter"
 UNIT_PATH = f"/etc/systemd/system/{SERVICE}.service"
@@ -41,7 +41,7 @@ LIBEXEC = "/usr/local/libexec/ddpfleet"
 SUPERVISOR = f"{LIBEXEC}/jupyter-supervise"
 PROCTREE = f"{LIBEXEC}/proctree.py"  # the supervisor imports it from its own directory
 # The one copy of proctree.py, the training runs' too: the role installs it as it is.
-PROCTREE_SOURCE = Path(__file__).resolve().parents[2] / "scripts" / "proctree.py"
+PROCTREE_SOURCE = NODE_DIR / "proctree.py"
 STATE_DIR = "/var/lib/ddpfleet/jupyter"
 LOG_PATH = "/var/log/ddpfleet-jupyter.log"
 CONFIG_NAME = "jupyter_server_config.json"  # .json: it wins over a .py in the same directory

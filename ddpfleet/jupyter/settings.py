@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ddpfleet import envs, report, trainuser
+from ddpfleet.engine.settings import load_role
 from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.role_settings import load_role
 from ddpfleet.shell import Secret
 
 USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")

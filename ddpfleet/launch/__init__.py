@@ -13,7 +13,7 @@
    claimed and locked for this run with its manifest), a fresh run id, the master port bound
    on the master and connected to from every worker, the script present after the sync
    (sync.py: only what changed, deleting only what it sent itself).
-3. One exec channel per node (member.py) runs scripts/gang_runner.py, which owns torchrun and everything
+3. One exec channel per node (member.py) runs ddpfleet/node/gang_runner.py, which owns torchrun and everything
    it starts (see its docstring: setsid, subreaper, stdin as the lifeline). The controller
    prefixes every line with its node and rank, writes logs/<run-id>/<node>.log, stops every
    node when one fails or its connection drops, and on Ctrl-C (twice: kill at once) (gang.py);
@@ -57,17 +57,6 @@ from ddpfleet.launch.config import (
     split_args,
 )
 from ddpfleet.launch.display import PLAIN_ENV, SECRET_HINTS, _shown_env, render_plan
-from ddpfleet.launch.gang import Gang
-from ddpfleet.launch.logs import RANK_LOG, fetch_rank_logs, local_log_name
-from ddpfleet.launch.member import (
-    CONTROL,
-    HEARTBEAT_S,
-    RUNNER_FILES,
-    STOP_GRACE_S,
-    TAIL_CHARS,
-    WATCHDOG_S,
-    Member,
-)
 from ddpfleet.launch.outcome import (
     Outcome,
     exit_text,
@@ -96,7 +85,18 @@ from ddpfleet.launch.preflight import (
     preflight,
     reused_run_id,
 )
-from ddpfleet.launch.run import prepare, push_code, train, verdict
+from ddpfleet.launch.ssh.gang import Gang
+from ddpfleet.launch.ssh.member import (
+    CONTROL,
+    HEARTBEAT_S,
+    RUNNER_FILES,
+    STOP_GRACE_S,
+    TAIL_CHARS,
+    WATCHDOG_S,
+    Member,
+)
+from ddpfleet.launch.ssh.ranklogs import RANK_LOG, fetch_rank_logs, local_log_name
+from ddpfleet.launch.ssh.run import prepare, push_code, train, verdict
 
 __all__ = [
     "AGENT_SAW_FAILURE",

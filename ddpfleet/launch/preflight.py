@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from ddpfleet.connection import NODE_IO_ERRORS, Conn, Fleet
 from ddpfleet.errors import NodeError, PlanError
 from ddpfleet.hygiene import private_dir
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.member import Member
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodeFacts, Plan, check_versions, plan
+from ddpfleet.launch.ssh.member import Member
+from ddpfleet.ssh.connection import NODE_IO_ERRORS, Conn, Fleet
 
 CONNECT_CHECK_S = 10.0  # a worker's connect to the master's port; its runner may start later
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from ddpfleet import progress
 from ddpfleet.errors import CommandError, NodeError, PlanError
+from ddpfleet.node import NODE_DIR
 
 ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".git")  # at the project's top
 NEVER_SYNCED = (".ddpfleet", "__pycache__")  # a directory of that name at any depth
-SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 # Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
 # stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
 HELPER_LOADER = (
@@ -215,7 +215,7 @@ def write_tar(out, root: Path, files: Mapping[str, Entry], paths: tuple[str, ...
 
 def helper_source(name: str) -> bytes:
     """How a node helper travels: its length on one line, then its source (see HELPER_LOADER)."""
-    source = (SCRIPTS_DIR / name).read_bytes()
+    source = (NODE_DIR / name).read_bytes()
     return str(len(source)).encode() + b"\n" + source
 
 

@@ -3,7 +3,7 @@ bridge, its own hostname and PID namespace, an overlay root over the host's `/`,
 
     host                                   node `n` (netns {prefix}-n)
     {prefix}-br  10.x.0.1/24  ──veth──  eth0 10.x.0.(10+i)/24, lo; no default route
-                                         PID 1: scripts/sandbox_init.py (mount+uts+pid ns)
+                                         PID 1: ddpfleet/sandbox/node_init.py (mount+uts+pid ns)
                                            └─ /usr/sbin/sshd -D -e   (key-only)
 
 What lives where:

@@ -1,4 +1,4 @@
-"""One sandbox node: the files of its overlay root, and its init (scripts/sandbox_init.py).
+"""One sandbox node: the files of its overlay root, and its init (ddpfleet/sandbox/node_init.py).
 
 Names resolve like on a cluster with working DNS: every node's /etc/hosts lists every node (so
 each knows the others and itself), and nothing asks the host's DNS server, which no node reaches.
@@ -25,7 +25,7 @@ from ddpfleet.sandbox import systemd_init, users
 from ddpfleet.sandbox.host import host_key, host_pub, wait_for
 from ddpfleet.sandbox.spec import NETNS_DIR, PATH, SandboxNode, SandboxSpec
 
-INIT_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sandbox_init.py"
+INIT_SCRIPT = Path(__file__).resolve().parent / "node_init.py"
 UP_TIMEOUT_S = 30.0  # until every node's sshd answers
 STOP_GRACE_S = 4.0  # init's own SIGTERM->SIGKILL grace is 2 s
 BASHRC = f"# ddpfleet sandbox node: a lean shell\nexport PATH={PATH}\n"

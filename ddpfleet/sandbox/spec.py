@@ -43,7 +43,7 @@ class SandboxSpec:
     # sudo nopasswd | password | none (sandbox/users.py).
     login_user: str = "root"
     sudo: str = "nopasswd"
-    # The nodes' PID 1: sandbox (scripts/sandbox_init.py) or systemd (sandbox/systemd_init.py).
+    # The nodes' PID 1: sandbox (ddpfleet/sandbox/node_init.py) or systemd (sandbox/systemd_init.py).
     init: str = "sandbox"
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """A sandbox node whose PID 1 is systemd (`sandbox: {init: systemd}`, `sandbox.up --init systemd`).
 
-scripts/sandbox_init.py still makes the node (netns, overlay root, UTS+PID namespaces), then, told
+ddpfleet/sandbox/node_init.py still makes the node (netns, overlay root, UTS+PID namespaces), then, told
 `--cgroup DIR --exec-systemd`, moves itself into DIR (a cgroup of the host's cgroup2 hierarchy),
 enters a cgroup namespace rooted there, mounts a fresh cgroup2 at the node's /sys/fs/cgroup and
 execs `/lib/systemd/systemd --system` with container=ddpfleet-sandbox. systemd then owns that

@@ -1,5 +1,5 @@
 """A cloud-shaped sandbox node: a login user (`ubuntu`) with the client key, sudo as asked, and
-sshd refusing root (scripts/sandbox_init.py --permit-root-login no).
+sshd refusing root (ddpfleet/sandbox/node_init.py --permit-root-login no).
 
 The user lives in the node's own /etc/passwd, /etc/group and /etc/shadow (the host's, copied
 into the overlay's upper layer, one line added to each); sudo is the host's (sandbox.up installs

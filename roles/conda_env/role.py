@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddpfleet.engine.roles import Host, Step, changed, failed, load_role, ok, skipped
 from ddpfleet.envs import (
     RECORD_FILE,
     SMI_PROBE,
@@ -39,7 +40,6 @@ from ddpfleet.envs import (
     describe,
     gpu_node,
 )
-from ddpfleet.roles import Host, Step, changed, failed, load_role, ok, skipped
 
 SECTION = "python_env"
 ASIDE = ".ddpfleet-old"  # <env><ASIDE>: the old env while its replacement is built and verified

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ddpfleet import jupyter
+from ddpfleet.engine.roles import Host, Step, changed, failed, ok, skipped
 from ddpfleet.errors import CommandError, DdpfleetError
 from ddpfleet.jupyter import NodeState, Secret, Settings
-from ddpfleet.roles import Host, Step, changed, failed, ok, skipped
 
 SECTION = "jupyter"
 RESTART = "restart jupyter"

@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ddpfleet import rootfiles
+from ddpfleet.engine import rootfiles
+from ddpfleet.engine.roles import Step, changed, failed, load_role, ok, skipped
 from ddpfleet.envs import TOS_PLUGIN_PROBE
 from ddpfleet.hygiene import mask_url, mask_urls
-from ddpfleet.roles import Step, changed, failed, load_role, ok, skipped
 from ddpfleet.shell import sh
 
 SECTION = "miniconda"

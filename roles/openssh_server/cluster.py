@@ -26,14 +26,14 @@ from typing import NamedTuple
 import paramiko
 
 from ddpfleet import inventory as inv
-from ddpfleet.connection import (
+from ddpfleet.errors import DdpfleetError
+from ddpfleet.hygiene import state_dir
+from ddpfleet.ssh.connection import (
     USER_KNOWN_HOSTS,
     _fabric_connection,
     fingerprint,
     known_hosts_name,
 )
-from ddpfleet.errors import DdpfleetError
-from ddpfleet.hygiene import state_dir
 
 BEGIN, END = "# BEGIN ddpfleet cluster", "# END ddpfleet cluster"
 # Comments that mark ddpfleet's lines in authorized_keys: the CA line, and the shared root key

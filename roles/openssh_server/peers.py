@@ -20,8 +20,8 @@ import shlex
 from collections.abc import Iterator
 
 from ddpfleet import trainuser
+from ddpfleet.engine.roles import Step, failed, ok
 from ddpfleet.errors import DdpfleetError
-from ddpfleet.roles import Step, failed, ok
 from ddpfleet.shell import sh, sha256
 
 KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"

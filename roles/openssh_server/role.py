@@ -29,10 +29,10 @@ from typing import Any
 import paramiko
 
 from ddpfleet import inventory as inv
-from ddpfleet.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
+from ddpfleet.engine.roles import Host, Step, changed, failed, ok
 from ddpfleet.errors import NodeError
-from ddpfleet.roles import Host, Step, changed, failed, ok
 from ddpfleet.shell import APT_GET, sh, sha256
+from ddpfleet.ssh.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
 
 from . import cluster as controller  # cluster CA, trusted host keys, marked blocks
 from . import (
@@ -367,7 +367,7 @@ def _effective(node: Target) -> Step:
 
 
 def _diff(node: Target) -> str:
-    from ddpfleet.roles import _diff as unified
+    from ddpfleet.engine.roles import _diff as unified
 
     current = node.host.read_file(node.cfg["dropin"])
     return unified(node.cfg["dropin"], current, node.dropin_text.encode())

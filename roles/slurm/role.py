@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ddpfleet.roles import Step, changed, failed, ok, skipped
+from ddpfleet.engine.roles import Step, changed, failed, ok, skipped
 from ddpfleet.shell import tail
 
 from . import daemons

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddpfleet import inventory as inv
+from ddpfleet.engine.settings import Role
 from ddpfleet.errors import DdpfleetError, InventoryError
 from ddpfleet.facts import parse_facts
 from ddpfleet.hygiene import state_dir
 from ddpfleet.names import hostname_problem
-from ddpfleet.role_settings import Role
 from ddpfleet.shell import sha256
 
 from .conf import NodeHW, Settings, files, node_addr, settings

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ddpfleet.roles import Step, failed, ok
+from ddpfleet.engine.roles import Step, failed, ok
 from ddpfleet.shell import sh
 
 SECTION = "train_user"

@@ -21,7 +21,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ddpfleet import wheelhouse
+from ddpfleet.engine import wheelhouse
+from ddpfleet.engine.roles import Host, Step, failed, ok, skipped
+from ddpfleet.engine.wheelhouse import Spec
 from ddpfleet.envs import (
     RECORD_FILE,
     SMI_PROBE,
@@ -33,9 +35,7 @@ from ddpfleet.envs import (
 )
 from ddpfleet.errors import CommandError
 from ddpfleet.hygiene import mask_url, mask_urls
-from ddpfleet.roles import Host, Step, failed, ok, skipped
 from ddpfleet.shell import APT_GET
-from ddpfleet.wheelhouse import Spec
 
 from . import wheels
 

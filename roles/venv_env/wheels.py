@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ddpfleet import wheelhouse
-from ddpfleet.roles import Step, changed, ok
-from ddpfleet.wheelhouse import Target
+from ddpfleet.engine import wheelhouse
+from ddpfleet.engine.roles import Step, changed, ok
+from ddpfleet.engine.wheelhouse import Target
 
 if TYPE_CHECKING:
     from .role import Env

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from ddpfleet import inventory as inv
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.gpustatus import REPORT_SCHEMA
+from ddpfleet.ssh.connection import Conn, Fleet
 from tests.integration.conftest import INVOKE, Cluster
 from tests.unit.test_gpu_parse import validate
 

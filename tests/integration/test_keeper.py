@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ddpfleet import inventory as inv
-from ddpfleet import kept
+from ddpfleet.ssh import kept
 from tests.integration.conftest import Cluster
 
 

@@ -1,4 +1,4 @@
-"""ddpfleet.rootfiles on a real node: the private temp dir that carries a root file's content
+"""ddpfleet.engine.rootfiles on a real node: the private temp dir that carries a root file's content
 (a munge key) to the node is gone afterwards when the root step fails, and when the connection
 is lost before it (then only the node can remove it: sshd ends the session that holds it)."""
 
@@ -9,9 +9,9 @@ import time
 import pytest
 
 from ddpfleet import inventory as inv
-from ddpfleet import rootfiles
-from ddpfleet.connection import connect
+from ddpfleet.engine import rootfiles
 from ddpfleet.errors import CommandError, NodeError
+from ddpfleet.ssh.connection import connect
 from tests.integration.conftest import Cluster
 
 KEY = b"not really a munge key\n" * 40

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpfleet.launch import slurm_state
+from ddpfleet.launch.slurm import state as slurm_state
 from tests.integration.conftest import (
     PREFIX,
     Cluster,

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from ddpfleet import inventory as inv
-from ddpfleet.connection import Fleet
+from ddpfleet.engine.roles import Host
 from ddpfleet.errors import CommandError, CommandTimeout, NodeError, Unreachable
-from ddpfleet.roles import Host
+from ddpfleet.ssh.connection import Fleet
 from tests.integration.conftest import HERMETIC, INVOKE, ROOT, Cluster
 
 

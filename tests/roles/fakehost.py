@@ -18,10 +18,10 @@ from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
-from ddpfleet.become import Escalation
-from ddpfleet.connection import Result
+from ddpfleet.engine.roles import Host, Role, Step, apply_role, load_role
 from ddpfleet.errors import CommandError, NodeError
-from ddpfleet.roles import Host, Role, Step, apply_role, load_role
+from ddpfleet.ssh.become import Escalation
+from ddpfleet.ssh.connection import Result
 
 FACTS = {
     "hostname": "node0",

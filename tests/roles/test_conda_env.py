@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ddpfleet import inventory as inv
-from ddpfleet.roles import load_role
+from ddpfleet.engine.roles import load_role
 from tests.roles.fakehost import FACTS, FakeHost, apply
 
 ROLE = load_role("conda_env").module

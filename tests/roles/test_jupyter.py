@@ -13,9 +13,9 @@ from types import MappingProxyType, SimpleNamespace
 import pytest
 
 from ddpfleet import jupyter
-from ddpfleet.connection import Result
+from ddpfleet.engine.roles import load_role
 from ddpfleet.jupyter import jobs as jupyter_jobs
-from ddpfleet.roles import load_role
+from ddpfleet.ssh.connection import Result
 from tests.roles.fakehost import FACTS, FakeHost, apply, template
 
 ROLE = load_role("jupyter").module

@@ -10,7 +10,7 @@ import paramiko
 import pytest
 
 from ddpfleet import inventory as inv
-from ddpfleet.roles import load_role
+from ddpfleet.engine.roles import load_role
 from tests.roles.test_openssh_server import (
     DEFAULTS,
     DROPIN,

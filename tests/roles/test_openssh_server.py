@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ddpfleet import inventory as inv
-from ddpfleet.roles import load_role
+from ddpfleet.engine.roles import load_role
 from tests.roles.fakehost import FACTS, FakeHost, apply, template
 
 ROLE = load_role("openssh_server").module

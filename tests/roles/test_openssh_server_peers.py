@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ddpfleet import inventory as inv
+from ddpfleet.engine.roles import load_role
 from ddpfleet.errors import DdpfleetError
-from ddpfleet.roles import load_role
 from tests.roles.fakehost import FakeHost, apply
 from tests.roles.test_openssh_server import OFF, converged, host_key, lines, text
 

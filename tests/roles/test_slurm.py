@@ -8,7 +8,7 @@ from types import MappingProxyType, SimpleNamespace
 import pytest
 
 from ddpfleet import inventory as inv
-from ddpfleet.roles import load_role
+from ddpfleet.engine.roles import load_role
 from tests.roles.fakehost import FakeHost, apply
 
 ROLE = load_role("slurm")

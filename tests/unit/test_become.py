@@ -1,4 +1,4 @@
-"""ddpfleet.become: what sudo says in, how root work is sent and which one line comes out."""
+"""ddpfleet.ssh.become: what sudo says in, how root work is sent and which one line comes out."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import shlex
 
 import pytest
 
-from ddpfleet import become
 from ddpfleet.errors import BecomeError
 from ddpfleet.shell import Secret
+from ddpfleet.ssh import become
 
 
 def runner(*answers: tuple[int, str, str]):

@@ -13,8 +13,8 @@ from rich.console import Console
 
 from ddpfleet import bootstrap as boot
 from ddpfleet import report
+from ddpfleet.engine.roles import NodeRun, Role, Step, changed, failed, ok
 from ddpfleet.errors import NodeError, Unreachable
-from ddpfleet.roles import NodeRun, Role, Step, changed, failed, ok
 from tests.roles.fakehost import FACTS, FakeHost
 
 FACTS_TEXT = "".join(f"{k}={v}\n" for k, v in FACTS.items())

@@ -1,4 +1,4 @@
-"""ddpfleet.connection's Fabric side, without a node: what the fleet's threads share."""
+"""ddpfleet.ssh.connection's Fabric side, without a node: what the fleet's threads share."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ddpfleet import connection
 from ddpfleet.inventory import Node
+from ddpfleet.ssh import connection
 
 
 def node(host: str) -> Node:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ddpfleet import connection, dial
 from ddpfleet.errors import Unreachable
 from ddpfleet.inventory import Node
+from ddpfleet.ssh import connection, dial
 
 
 def node(host: str, port: int) -> Node:

@@ -19,7 +19,6 @@ from rich.console import Console
 
 from ddpfleet import doctor, gpu
 from ddpfleet import inventory as inv
-from ddpfleet.connection import Result
 from ddpfleet.doctor import Check, EnvFacts, NodeFacts, PortTest, Status
 from ddpfleet.errors import (
     AuthError,
@@ -30,6 +29,7 @@ from ddpfleet.errors import (
     NodeError,
     Unreachable,
 )
+from ddpfleet.ssh.connection import Result
 from tests.unit.test_gpu_parse import STANDINS, probe
 
 PASS, WARN, FAIL = Status.PASS, Status.WARN, Status.FAIL

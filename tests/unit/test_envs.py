@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from ddpfleet import envs
 from ddpfleet import inventory as inv
 from ddpfleet.envs import EnvLocation
@@ -110,13 +108,11 @@ def test_describe_a_cpu_record() -> None:
     )
 
 
-@pytest.mark.skipif(not (ROOT / "ddpfleet" / "role_settings.py").is_file(),
-                    reason="the roles' settings still live in the roles engine")  # fmt: skip
 def test_read_only_jobs_never_load_the_roles_engine() -> None:
     code = (
         "import sys\n"
         "import ddpfleet.doctor, ddpfleet.envexport, ddpfleet.envs, ddpfleet.jupyter\n"
-        "print('ddpfleet.roles' in sys.modules)"
+        "print('ddpfleet.engine.roles' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=60, check=True)  # fmt: skip

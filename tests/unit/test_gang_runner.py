@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from ddpfleet.launch import RUNNER_FILES, sync
+from ddpfleet.node import NODE_DIR
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the runner needs Linux")
 
@@ -251,10 +252,10 @@ def test_a_sigkilled_runner_still_takes_its_run_with_it(runners):
 
 
 def proctree():
-    """scripts/proctree.py as a module, as the runner loads it."""
+    """ddpfleet/node/proctree.py as a module, as the runner loads it."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("proctree", sync.SCRIPTS_DIR / "proctree.py")
+    spec = importlib.util.spec_from_file_location("proctree", NODE_DIR / "proctree.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

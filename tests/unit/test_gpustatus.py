@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 
 from ddpfleet import gpu, gpustatus, report
-from ddpfleet.become import Escalation
-from ddpfleet.connection import Result
 from ddpfleet.errors import CommandError, NodeError, Unreachable
+from ddpfleet.ssh.become import Escalation
+from ddpfleet.ssh.connection import Result
 from tests.unit.test_gpu_parse import probe, run_probe, strip_section, validate
 
 UNREACHABLE = Unreachable("node9", "timeout: no answer from 10.0.0.9:22 within 5s")

@@ -155,7 +155,7 @@ def test_command_error_quotes_stderr_without_escapes():
 
 
 def test_task_errors_end_as_one_clean_line():
-    import tasks
+    from ddpfleet.cli import common as tasks
 
     @tasks.cli
     def fails(c):

@@ -1,5 +1,5 @@
 """roles/jupyter/files/jupyter-supervise on this machine, installed as the role installs it (beside
-scripts/proctree.py), supervising a stand-in server that starts a kernel the way jupyter_server
+ddpfleet/node/proctree.py), supervising a stand-in server that starts a kernel the way jupyter_server
 does (its own session) and a kernel that will not go: SIGTERM ignored, a double-forked child in a
 session of its own. Processes are found by an environment marker, never by name."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ddpfleet import jupyter
-from ddpfleet.roles import load_role
+from ddpfleet.engine.roles import load_role
 from tests.integration.jupyter_kernels import FAKE_KERNEL_PY
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the supervisor needs Linux")

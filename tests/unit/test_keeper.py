@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from ddpfleet import become, connection, dial, keeper, kept
 from ddpfleet import inventory as inv
-from ddpfleet.connection import Conn
 from ddpfleet.inventory import Node
-from ddpfleet.result import Result
+from ddpfleet.ssh import become, connection, dial, keeper, kept
+from ddpfleet.ssh.connection import Conn
+from ddpfleet.ssh.result import Result
 
 PASSWORD = "hunter2-sudo"
 

@@ -7,7 +7,7 @@ import socket
 import paramiko
 import pytest
 
-from ddpfleet import knownhosts
+from ddpfleet.ssh import knownhosts
 
 
 @pytest.fixture(scope="module")

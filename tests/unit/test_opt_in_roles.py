@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from ddpfleet import inventory as inv
+from ddpfleet.engine.settings import select_roles, validate_sections
 from ddpfleet.errors import InventoryError
-from ddpfleet.role_settings import select_roles, validate_sections
 
 BASE = """\
 nodes:

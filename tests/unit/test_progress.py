@@ -97,7 +97,7 @@ def test_units_and_durations():
 def test_the_wheelhouse_push_reports_every_byte_it_sends_under_the_node_name(tmp_path, monkeypatch):
     from contextlib import contextmanager
 
-    from ddpfleet import wheelhouse
+    from ddpfleet.engine import wheelhouse
     from tests.unit.test_wheelhouse import DirSFTP, node_run
 
     seen = []

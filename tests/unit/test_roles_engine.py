@@ -9,8 +9,8 @@ from types import MappingProxyType, ModuleType, SimpleNamespace
 
 import pytest
 
+from ddpfleet.engine.roles import Role, Step, changed, failed, ok, past, run_roles
 from ddpfleet.errors import CommandError, Unreachable
-from ddpfleet.roles import Role, Step, changed, failed, ok, past, run_roles
 from tests.roles.fakehost import FACTS, FakeHost
 
 FACTS_TEXT = "".join(f"{k}={v}\n" for k, v in FACTS.items())

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ddpfleet import rootfiles
+from ddpfleet.engine import rootfiles
 from ddpfleet.errors import CommandError, CommandTimeout, Unreachable
 from ddpfleet.inventory import Node
-from ddpfleet.result import Result
+from ddpfleet.ssh.result import Result
 
 KEY = b"\x00munge key bytes\xff" * 64
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ddpfleet import jupyter
-from ddpfleet.roles import load_role
+from ddpfleet.engine.roles import load_role
 
 load_role("slurm")  # registers the role's package
 DAEMONS = __import__("ddpfleet_role_slurm.daemons", fromlist=["daemons"])

@@ -1,4 +1,4 @@
-"""scripts/run_lifeline.py: a detached gang's lifelines prove the run's secret before any line
+"""ddpfleet/node/run_lifeline.py: a detached gang's lifelines prove the run's secret before any line
 counts (review 2026-12-06 #3). Real sockets on 127.0.0.1, the master and workers in-process, the
 supervisor's stop/failed callbacks recorded; the strangers are plain sockets."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-SOURCE = Path(__file__).resolve().parents[2] / "scripts" / "run_lifeline.py"
+SOURCE = Path(__file__).resolve().parents[2] / "ddpfleet" / "node" / "run_lifeline.py"
 SECRET = secrets.token_hex(32)
 
 

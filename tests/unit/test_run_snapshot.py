@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from ddpfleet.launch import sync
+from ddpfleet.node import NODE_DIR
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name[:-3], sync.SCRIPTS_DIR / name)
+    spec = importlib.util.spec_from_file_location(name[:-3], NODE_DIR / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

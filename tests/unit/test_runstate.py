@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ddpfleet.launch.runstate import COLUMNS, fold, rows
+from ddpfleet.launch.ssh.runstate import COLUMNS, fold, rows
 
 ORDER = ("node0", "node1")
 # node1's rank 3 raising for a reason of its own (the cause in the verdict tests below)

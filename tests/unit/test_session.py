@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import paramiko
 import pytest
 
-from ddpfleet.connection import Conn
 from ddpfleet.errors import NodeError, Unreachable
+from ddpfleet.ssh.connection import Conn
 
 
 class Chan:

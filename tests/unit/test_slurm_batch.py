@@ -1,4 +1,4 @@
-"""ddpfleet.launch.slurm_batch: the plan as a batch script, the job's output read back (pure)."""
+"""ddpfleet.launch.slurm.batch: the plan as a batch script, the job's output read back (pure)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from types import MappingProxyType
 
 import pytest
 
-from ddpfleet import become
 from ddpfleet.errors import PlanError
-from ddpfleet.launch import slurm_batch as b
 from ddpfleet.launch.plan import NodePlan, Plan
+from ddpfleet.launch.slurm import batch as b
+from ddpfleet.ssh import become
 
 
 def argv(rank: int) -> tuple[str, ...]:

@@ -7,8 +7,8 @@ from types import MappingProxyType, SimpleNamespace
 
 import pytest
 
+from ddpfleet.engine.roles import load_role
 from ddpfleet.errors import InventoryError
-from ddpfleet.roles import load_role
 
 ROLE = load_role("slurm")
 CONF = __import__("ddpfleet_role_slurm.conf", fromlist=["conf"])

@@ -1,4 +1,4 @@
-"""ddpfleet.launch.slurm_state: what the nodes say about a detached Slurm run, folded (pure)."""
+"""ddpfleet.launch.slurm.state: what the nodes say about a detached Slurm run, folded (pure)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from ddpfleet.launch import slurm_state as s
+from ddpfleet.launch.slurm import state as s
 
 ENTRY = {"run_id": "r1", "nodes": ["node0", "node1"], "job_id": "42", "output_dir": "/l",
          "nproc": 2, "started": 100.0, "launcher": "slurm"}  # fmt: skip
@@ -91,7 +91,7 @@ def test_blame_the_cause_not_the_echo_and_srun_without_a_traceback():
 
 
 def test_the_index_keeps_slurm_runs_apart_from_the_supervisors_runs(tmp_path):
-    from ddpfleet.launch import runctl
+    from ddpfleet.launch.ssh import runctl
 
     index = runctl.Index(tmp_path)
     index.add("ssh1", ["node0"])

@@ -1,8 +1,8 @@
-"""ddpfleet.slurm.status: sinfo and squeue output parsed (pure), and the --json document."""
+"""ddpfleet.launch.slurm.status: sinfo and squeue output parsed (pure), and the --json document."""
 
 from __future__ import annotations
 
-from ddpfleet.slurm import status
+from ddpfleet.launch.slurm import status
 
 RECORDED = """---nodes
 node0|idle|none|2|24105|(null)

@@ -17,6 +17,7 @@ import pytest
 from ddpfleet import launch
 from ddpfleet.errors import PlanError
 from ddpfleet.launch import sync
+from ddpfleet.node import NODE_DIR
 
 
 def git(root: Path, *args: str) -> None:
@@ -54,7 +55,7 @@ RUN = "r-test"
 
 def load_node_helper():
     """node_helper.py imported here: this process can hold a code dir's lock as a runner does."""
-    path = sync.SCRIPTS_DIR / "node_helper.py"
+    path = NODE_DIR / "node_helper.py"
     spec = importlib.util.spec_from_file_location("node_helper", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -261,9 +262,10 @@ def test_every_maker_of_a_ddpfleet_dir_leaves_it_ignored_by_git(tmp_path, monkey
     """The makers of a .ddpfleet/ on the controller (munge key, cluster CA, known_hosts, runs
     index, wheel cache; the sandbox's go through the same hygiene.state_dir): after each, git
     lists nothing in it."""
-    from ddpfleet import knownhosts, wheelhouse
-    from ddpfleet.launch import runctl
-    from ddpfleet.roles import load_role
+    from ddpfleet.engine import wheelhouse
+    from ddpfleet.engine.roles import load_role
+    from ddpfleet.launch.ssh import runctl
+    from ddpfleet.ssh import knownhosts
 
     load_role("slurm"), load_role("openssh_server")
     monkeypatch.setattr(wheelhouse, "_pip", lambda argv, index: "Saved /x/torch-2-any.whl\n")

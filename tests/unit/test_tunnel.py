@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from ddpfleet.errors import NodeError, Unreachable
-from ddpfleet.tunnel import tunnel
+from ddpfleet.ssh.tunnel import tunnel
 
 
 class Stream:

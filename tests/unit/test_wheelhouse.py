@@ -1,4 +1,4 @@
-"""ddpfleet.wheelhouse: platform tags, pip download plans, the cache, what a push sends; and the
+"""ddpfleet.engine.wheelhouse: platform tags, pip download plans, the cache, what a push sends; and the
 pure half of ddpfleet.envexport (parsing, the report).
 """
 
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpfleet import report, wheelhouse, wheelsums
+from ddpfleet import report
+from ddpfleet.engine import wheelhouse, wheelsums
+from ddpfleet.engine.wheelhouse import Spec, Target
 from ddpfleet.envexport import (
     Snapshot,
     differences,
@@ -24,7 +26,6 @@ from ddpfleet.envexport import (
 )
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.shell import sha256
-from ddpfleet.wheelhouse import Spec, Target
 
 PROBE = {
     "base_py": "3.11",

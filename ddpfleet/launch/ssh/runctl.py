@@ -9,11 +9,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import state_dir
 from ddpfleet.launch import sync
-from ddpfleet.launch.runstate import RunView, fold
+from ddpfleet.launch.ssh.runstate import RunView, fold
+from ddpfleet.ssh.connection import Conn, Fleet
 
 CTL = "run_ctl.py"
 CALL_TIMEOUT_S = 60

@@ -13,19 +13,16 @@ import time
 from collections import deque
 from pathlib import Path
 
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
 from ddpfleet.launch.clues import Clues
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.logs import fetch_rank_logs
 from ddpfleet.launch.outcome import Outcome, failure_message, first_failure, summary_line
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import Plan
 from ddpfleet.launch.preflight import fail_if, fresh_run_dir, open_members
-from ddpfleet.launch.run import prepare
-from ddpfleet.launch.slurm_batch import (
+from ddpfleet.launch.slurm.batch import (
     TERMINAL,
     JobOutput,
     as_job_user,
@@ -36,7 +33,10 @@ from ddpfleet.launch.slurm_batch import (
     parse_job,
     sbatch_argv,
 )
-from ddpfleet.result import Result
+from ddpfleet.launch.ssh.ranklogs import fetch_rank_logs
+from ddpfleet.launch.ssh.run import prepare
+from ddpfleet.ssh.connection import Conn, Fleet
+from ddpfleet.ssh.result import Result
 
 POLL_S = 0.3
 CANCEL_WAIT_S = 60.0  # after scancel, until Slurm says the job ended

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import yaml
 
-from ddpfleet import connection, knownhosts
-from ddpfleet.become import PASSWORD_ENV
-from ddpfleet.connection import Conn, connect
 from ddpfleet.errors import DdpfleetError, NodeError, Unreachable
 from ddpfleet.inventory import Node
-from ddpfleet.parallel import parallel
+from ddpfleet.ssh import connection, knownhosts
+from ddpfleet.ssh.become import PASSWORD_ENV
+from ddpfleet.ssh.connection import Conn, connect
+from ddpfleet.ssh.parallel import parallel
 
 PATHS = ("key", "known_hosts", "become_password_file")  # the Node fields that are Paths
 

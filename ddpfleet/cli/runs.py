@@ -1,5 +1,5 @@
 """Detached runs' tasks: `invoke runs`, `logs`, `stop`, and train's --detach/--resume halves.
-tasks.py reads like a table of contents; these are its runs chapter."""
+ddpfleet/cli/tasks.py reads like a table of contents; these are its runs chapter."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from invoke import task
 
 from ddpfleet import inventory as inv
 from ddpfleet import report
+from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, become_password, cli
 from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
-from tasks_cli import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, become_password, cli
 
 RUN_HELP = "the run id (invoke runs lists them)"
 TRAIN_HELP = {
@@ -30,19 +30,19 @@ def _pythons(loaded) -> dict[str, str]:
 
 
 def _index(loaded):
-    from ddpfleet.launch import runctl
+    from ddpfleet.launch.ssh import runctl
 
     return runctl.Index(loaded.root)
 
 
 def detached(loaded, fleet, config, resume=None) -> None:
-    from ddpfleet.launch import detach
+    from ddpfleet.launch.ssh import detach
 
     detach.train_detached(fleet, config, _index(loaded), resume=resume)
 
 
 def slurm_detached(loaded, fleet, config) -> None:
-    from ddpfleet.launch import slurm_detach
+    from ddpfleet.launch.slurm import detach as slurm_detach
 
     slurm_detach.train_detached(fleet, config, _index(loaded))
 
@@ -50,8 +50,8 @@ def slurm_detached(loaded, fleet, config) -> None:
 def resumed(loaded, run_id, script, args, env, password=None):
     """RUN's script, --args and --env (what is given on this command line wins); `password`:
     --ask-become-pass's."""
-    from ddpfleet.connection import Fleet
-    from ddpfleet.launch import runctl
+    from ddpfleet.launch.ssh import runctl
+    from ddpfleet.ssh.connection import Fleet
 
     nodes = _index(loaded).nodes(run_id) or tuple(n.name for n in loaded.nodes)
     pythons = _pythons(loaded)
@@ -78,8 +78,8 @@ def resumed(loaded, run_id, script, args, env, password=None):
 
 
 def _gather(inventory, nodes, ids=(), ask_become_pass=False):
-    from ddpfleet.connection import Fleet
-    from ddpfleet.launch import runctl
+    from ddpfleet.launch.ssh import runctl
+    from ddpfleet.ssh.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
     pythons = _pythons(loaded)
@@ -105,7 +105,7 @@ def _gather(inventory, nodes, ids=(), ask_become_pass=False):
 @cli
 def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_become_pass=False):
     """List detached runs and their state."""
-    from ddpfleet.launch import runctl, runstate
+    from ddpfleet.launch.ssh import runctl, runstate
 
     if not str(keep).isdigit():
         raise DdpfleetError(f"--keep {keep!r}: give how many ended runs to keep, a number >= 0")
@@ -129,7 +129,7 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
 
 
 def _slurm_views(fleet, index):
-    from ddpfleet.launch import slurm_detach
+    from ddpfleet.launch.slurm import detach as slurm_detach
 
     return slurm_detach.views(fleet, index.slurm())
 
@@ -142,16 +142,16 @@ def _slurm_run(inventory, run_id):
 
 
 def _slurm_logs(loaded, entry, node, rank, follow, ask_become_pass) -> None:
-    from ddpfleet.connection import Fleet
-    from ddpfleet.launch import slurm_detach
+    from ddpfleet.launch.slurm import detach as slurm_detach
+    from ddpfleet.ssh.connection import Fleet
 
     with Fleet(loaded, become_password=become_password(ask_become_pass)) as fleet:
         slurm_detach.logs(fleet, entry, node, rank, follow)
 
 
 def _slurm_stop(loaded, entry, grace, ask_become_pass) -> None:
-    from ddpfleet.connection import Fleet
-    from ddpfleet.launch import slurm_detach
+    from ddpfleet.launch.slurm import detach as slurm_detach
+    from ddpfleet.ssh.connection import Fleet
 
     with Fleet(loaded, become_password=become_password(ask_become_pass)) as fleet:
         did, rows = slurm_detach.stop(fleet, entry, grace)
@@ -163,7 +163,7 @@ def _slurm_stop(loaded, entry, grace, ask_become_pass) -> None:
 
 
 def _run_parts(inventory, nodes, run_id, ask_become_pass=False):
-    from ddpfleet.launch import runctl
+    from ddpfleet.launch.ssh import runctl
 
     loaded, pythons, fleet, said = _gather(inventory, None, (run_id,), ask_become_pass)
     views = runctl.views(said, _index(loaded), only=(run_id,))
@@ -187,7 +187,7 @@ def _run_parts(inventory, nodes, run_id, ask_become_pass=False):
 @cli
 def logs(c, run, inventory=None, node=None, rank=None, follow=False, ask_become_pass=False):
     """Print a detached run's lines by node and rank."""
-    from ddpfleet.launch import runlogs
+    from ddpfleet.launch.ssh import runlogs
 
     if rank is not None and not str(rank).isdigit():
         raise DdpfleetError(f"--rank {rank!r}: give a global rank, a number >= 0")
@@ -215,7 +215,7 @@ def logs(c, run, inventory=None, node=None, rank=None, follow=False, ask_become_
 @cli
 def stop(c, run, inventory=None, grace=3, ask_become_pass=False):
     """Stop a detached run on every node."""
-    from ddpfleet.launch import runctl
+    from ddpfleet.launch.ssh import runctl
 
     try:
         grace = float(grace)

@@ -6,14 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ddpfleet import report
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.display import render_plan
-from ddpfleet.launch.gang import Gang
-from ddpfleet.launch.logs import fetch_rank_logs
-from ddpfleet.launch.member import Member
 from ddpfleet.launch.outcome import Outcome, failure_message, first_failure, summary_line
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import Plan
@@ -25,6 +21,10 @@ from ddpfleet.launch.preflight import (
     preflight,
     reused_run_id,
 )
+from ddpfleet.launch.ssh.gang import Gang
+from ddpfleet.launch.ssh.member import Member
+from ddpfleet.launch.ssh.ranklogs import fetch_rank_logs
+from ddpfleet.ssh.connection import Conn, Fleet
 
 
 def push_code(

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from ddpfleet import progress, wheelsums
+from ddpfleet import progress
+from ddpfleet.engine import wheelsums
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.hygiene import mask_url, mask_urls, state_dir
 

@@ -31,7 +31,6 @@ from typing import TypeVar
 import fabric
 import paramiko
 
-from ddpfleet import become, dial, jumps, knownhosts
 from ddpfleet.errors import (
     AuthError,
     BecomeError,
@@ -43,11 +42,12 @@ from ddpfleet.errors import (
     NodeError,
     Unreachable,
 )
-from ddpfleet.fleetbase import FleetBase
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.knownhosts import fingerprint, known_hosts_name
-from ddpfleet.result import Result
 from ddpfleet.shell import Secret
+from ddpfleet.ssh import become, dial, jumps, knownhosts
+from ddpfleet.ssh.fleetbase import FleetBase
+from ddpfleet.ssh.knownhosts import fingerprint, known_hosts_name
+from ddpfleet.ssh.result import Result
 
 __all__ = ["Conn", "Fleet", "Result", "connect", "fingerprint", "known_hosts_name"]
 

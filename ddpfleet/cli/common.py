@@ -47,8 +47,8 @@ def become_password(ask: bool):
         return None
     import getpass
 
-    from ddpfleet.become import PASSWORD_ENV
     from ddpfleet.shell import Secret
+    from ddpfleet.ssh.become import PASSWORD_ENV
 
     if not sys.stdin.isatty():
         raise DdpfleetError(

@@ -28,11 +28,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ddpfleet import dial, errors
+from ddpfleet import errors
 from ddpfleet.errors import DdpfleetError, NodeError
-from ddpfleet.fleetbase import FleetBase
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.result import Result
+from ddpfleet.ssh import dial
+from ddpfleet.ssh.fleetbase import FleetBase
+from ddpfleet.ssh.result import Result
 
 START_WAIT_S = 3.0  # `invoke disconnect` and tests wait this long for a keeper to come or go
 
@@ -204,7 +205,7 @@ def start(path: Path, idle: float) -> None:
     Two at once is harmless: the second finds the first's lock and exits."""
     env = {k: v for k, v in os.environ.items() if k != "DDPFLEET_BECOME_PASSWORD"}
     subprocess.Popen(
-        [sys.executable, "-m", "ddpfleet.keeper", str(path), f"{idle:g}"],
+        [sys.executable, "-m", "ddpfleet.ssh.keeper", str(path), f"{idle:g}"],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -231,7 +232,7 @@ def fleet(inventory: Inventory):
             # started as this command exits: its imports and handshakes would compete with ours
             atexit.register(start, path, inventory.persist)
     dial.start(inventory.nodes)  # the nodes' sshd get going while paramiko loads
-    from ddpfleet.connection import Fleet
+    from ddpfleet.ssh.connection import Fleet
 
     return Fleet(inventory)
 

@@ -7,10 +7,10 @@ import stat as st
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddpfleet.connection import NODE_IO_ERRORS, Conn, Fleet
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch.plan import NodePlan, Plan
+from ddpfleet.ssh.connection import NODE_IO_ERRORS, Conn, Fleet
 
 RANK_LOG = re.compile(r"attempt_(\d+)/(\d+)/([^/]+)$")
 

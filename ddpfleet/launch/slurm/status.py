@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from ddpfleet import report
-from ddpfleet.connection import Fleet
 from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.ssh.connection import Fleet
 
 SCHEMA = "ddpfleet.slurm-status/1"
 # %N node, %T state, %E reason, %c CPUs, %m memory MB, %G gres. %i id, %j name, %u user,

@@ -1,5 +1,5 @@
 """`invoke train --detach`: the same preflight, plan and sync as an attached run, then a
-supervisor per node (scripts/run_supervisor.py) that owns that node's part without the SSH
+supervisor per node (ddpfleet/node/run_supervisor.py) that owns that node's part without the SSH
 session; the controller returns once every node says its ranks started.
 
 The master's supervisor starts first: it takes over the master port its preflight runner has
@@ -17,15 +17,16 @@ import secrets
 import time
 from collections.abc import Mapping
 
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import NodeError
-from ddpfleet.launch import runctl, sync
+from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.member import STOP_GRACE_S
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if
-from ddpfleet.launch.run import open_checked, prepare
+from ddpfleet.launch.ssh import runctl
+from ddpfleet.launch.ssh.member import STOP_GRACE_S
+from ddpfleet.launch.ssh.run import open_checked, prepare
+from ddpfleet.ssh.connection import Conn, Fleet
 
 SUPERVISOR_FILES = (
     "run_supervisor.py",

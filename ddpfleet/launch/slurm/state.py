@@ -24,8 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ddpfleet.launch.clues import Clues, peer_gone
-from ddpfleet.launch.runstate import RunView
-from ddpfleet.launch.slurm_batch import (
+from ddpfleet.launch.slurm.batch import (
     JobOutput,
     exit_code,
     output_path,
@@ -33,6 +32,7 @@ from ddpfleet.launch.slurm_batch import (
     parse_record,
     record_path,
 )
+from ddpfleet.launch.ssh.runstate import RunView
 
 MARK = "@@ddpfleet-slurm"
 TAIL_LINES = 200

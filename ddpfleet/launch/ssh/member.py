@@ -10,7 +10,6 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
-from ddpfleet.connection import Conn, Session
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
@@ -18,6 +17,7 @@ from ddpfleet.launch.clues import Clues, peer_gone, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
+from ddpfleet.ssh.connection import Conn, Session
 
 STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
 HEARTBEAT_S = 2.0

@@ -11,11 +11,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 
-from ddpfleet.connection import Fleet
 from ddpfleet.errors import NodeError
-from ddpfleet.launch import runctl, sync
+from ddpfleet.launch import sync
 from ddpfleet.launch.clues import split_rank
 from ddpfleet.launch.output import LineSplitter, Output
+from ddpfleet.launch.ssh import runctl
+from ddpfleet.ssh.connection import Fleet
 
 
 def show(

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.parallel import parallel
+from ddpfleet.ssh.parallel import parallel
 
 T = TypeVar("T")
 

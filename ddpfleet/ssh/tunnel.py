@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 
 from ddpfleet import report
-from ddpfleet.connection import Conn, Forwarded
 from ddpfleet.errors import DdpfleetError, NodeError, Unreachable
+from ddpfleet.ssh.connection import Conn, Forwarded
 
 
 def tunnel(

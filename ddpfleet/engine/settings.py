@@ -32,7 +32,7 @@ import yaml
 from ddpfleet.errors import InventoryError
 from ddpfleet.inventory import Inventory, Node, _did_you_mean
 
-ROLES_DIR = Path(__file__).resolve().parent.parent / "roles"
+ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
 ROLE_ORDER = (
     "train_user",
     "openssh_server",

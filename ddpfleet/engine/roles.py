@@ -31,12 +31,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ddpfleet import rootfiles
-from ddpfleet.connection import NODE_IO_ERRORS, Conn, Result
-from ddpfleet.errors import CommandError, DdpfleetError, NodeError
-from ddpfleet.facts import FACTS_SCRIPT, parse_facts
-from ddpfleet.inventory import Inventory, Node
-from ddpfleet.role_settings import (  # noqa: F401  (re-exported: roles and tests import them here)
+from ddpfleet.engine import rootfiles
+from ddpfleet.engine.settings import (  # noqa: F401  (re-exported: roles and tests import them here)
     ROLE_ORDER,
     ROLES_DIR,
     Role,
@@ -44,6 +40,10 @@ from ddpfleet.role_settings import (  # noqa: F401  (re-exported: roles and test
     select_roles,
     validate_sections,
 )
+from ddpfleet.errors import CommandError, DdpfleetError, NodeError
+from ddpfleet.facts import FACTS_SCRIPT, parse_facts
+from ddpfleet.inventory import Inventory, Node
+from ddpfleet.ssh.connection import NODE_IO_ERRORS, Conn, Result
 
 STATUSES = ("ok", "changed", "failed", "skipped")
 

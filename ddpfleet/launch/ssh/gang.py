@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ddpfleet.errors import NodeError
-from ddpfleet.launch.member import HEARTBEAT_S, STOP_GRACE_S, WATCHDOG_S, Member
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
+from ddpfleet.launch.ssh.member import HEARTBEAT_S, STOP_GRACE_S, WATCHDOG_S, Member
 
 
 class Gang:

@@ -14,11 +14,11 @@ from pathlib import Path
 import fabric
 import paramiko
 
-from ddpfleet import jumps, knownhosts
-from ddpfleet.connection import _fabric_connection, _tcp_socket, connect
 from ddpfleet.errors import HostKeyChanged, NodeError, Unreachable
 from ddpfleet.inventory import Node
-from ddpfleet.knownhosts import fingerprint, known_hosts_name
+from ddpfleet.ssh import jumps, knownhosts
+from ddpfleet.ssh.connection import _fabric_connection, _tcp_socket, connect
+from ddpfleet.ssh.knownhosts import fingerprint, known_hosts_name
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import binascii
 from collections.abc import Callable
 from pathlib import Path
 
-from ddpfleet.connection import Conn, Session
 from ddpfleet.errors import CommandError, NodeError
+from ddpfleet.ssh.connection import Conn, Session
 
 # $1 path: "absent", or "MODE OWNER" then the content in base64 on one line.
 READ = r"""

@@ -13,15 +13,15 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
-from ddpfleet.connection import Conn, Fleet
 from ddpfleet.errors import DdpfleetError, NodeError
-from ddpfleet.launch import runctl
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.output import LineSplitter, Output
-from ddpfleet.launch.runstate import RunView
-from ddpfleet.launch.slurm_batch import JobOutput, output_path, parse_job, parse_record
-from ddpfleet.launch.slurm_run import plan_user, ready, run_as, submit
-from ddpfleet.launch.slurm_state import LIVE, NodeSays, fold, parse_probe, probe_argv
+from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_job, parse_record
+from ddpfleet.launch.slurm.run import plan_user, ready, run_as, submit
+from ddpfleet.launch.slurm.state import LIVE, NodeSays, fold, parse_probe, probe_argv
+from ddpfleet.launch.ssh import runctl
+from ddpfleet.launch.ssh.runstate import RunView
+from ddpfleet.ssh.connection import Conn, Fleet
 
 POLL_S = 0.3
 CANCEL_WAIT_S = 90.0  # after scancel, until Slurm says the job ended (KillWait is 30 s)

@@ -1,0 +1,432 @@
+"""ddpfleet tasks: a table of contents. Each task resolves its flags, then calls the core."""
+
+from __future__ import annotations
+
+import sys
+
+from invoke import Collection, task
+
+import ddpfleet.cli.runs as runtasks
+from ddpfleet import inventory as inv
+from ddpfleet import report
+from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
+from ddpfleet.cli.common import become_password as _become_password
+from ddpfleet.errors import DdpfleetError
+
+
+def _fleet(inventory, nodes, ask_become_pass=False):
+    from ddpfleet.ssh.connection import Fleet
+
+    loaded = inv.load(inventory, nodes)
+    return Fleet(loaded, become_password=_become_password(ask_become_pass))
+
+
+def _warm_fleet(inventory, nodes):
+    """The connection keeper's connections when one runs (kept.py), else direct ones."""
+    from ddpfleet.ssh import kept
+
+    return kept.fleet(inv.load(inventory, nodes))
+
+
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def ping(c, inventory=None, nodes=None):
+    """Check each node answers; show OS, Python, disk."""
+    from ddpfleet import ping as ping_mod
+
+    with _warm_fleet(inventory, nodes) as fleet:
+        results = ping_mod.ping(fleet)
+        report.show(ping_mod.render(fleet, results))
+        report.exit_if_failed(results, "ping")
+
+
+@task(help={"inventory": INVENTORY_HELP})
+@cli
+def disconnect(c, inventory=None):
+    """Close the SSH connections kept for later commands."""
+    from ddpfleet.ssh import kept
+
+    report.show(kept.disconnect(inv.load(inventory)))
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "yes": "record every unknown key without asking",
+    }
+)
+@cli
+def trust(c, inventory=None, nodes=None, yes=False):
+    """Show new nodes' SSH host keys and trust them."""
+    from ddpfleet.ssh import hostkeys
+
+    loaded = inv.load(inventory, nodes)
+    failures = []
+    for node in loaded.nodes:
+        try:  # ProxyJump hops first: each must be trusted before it is used to reach the next
+            for offered in hostkeys.scan_chain(node):
+                who = f"{node.name}: {offered.via + ': ' if offered.via else ''}{offered.name}"
+                if offered.known:
+                    report.show(f"{who}: already trusted ({offered.fingerprint})")
+                    continue
+                report.show(f"{who} offers {offered.key.get_name()} {offered.fingerprint}")
+                if not yes and not _confirm(f"trust {who}'s key?"):
+                    raise DdpfleetError(f"{who}: not trusted")
+                hostkeys.record(offered, node.known_hosts)
+                report.show(f"{who}: recorded in {node.known_hosts}")
+        except DdpfleetError as e:
+            failures.append(str(e))
+            report.err_console.print(f"{e}", markup=False)
+    if failures:
+        raise DdpfleetError(f"trust failed: {'; '.join(failures)}")
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise DdpfleetError(f"{question} needs an answer: run in a terminal or pass --yes")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def env_export(c, inventory=None, nodes=None):
+    """Save each node's package list; show differences."""
+    from ddpfleet import envexport
+
+    with _fleet(inventory, nodes) as fleet:
+        snapshots = envexport.collect(fleet)
+        for path in envexport.write(snapshots, fleet.inventory.root / "envs"):
+            report.show(f"wrote {path}")
+        report.show(envexport.render(snapshots))
+        report.exit_if_failed(snapshots, "env-export")
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "check": "change nothing; report what would change",
+        "diff": "show the diff of every config file that changes (or would)",
+        "roles": "only these roles, e.g. miniconda,conda_env",
+        "skip_roles": "all roles but these",
+        "ask_become_pass": ASK_BECOME_HELP,
+    }
+)
+@cli
+def bootstrap(
+    c,
+    inventory=None,
+    nodes=None,
+    check=False,
+    diff=False,
+    roles=None,
+    skip_roles=None,
+    ask_become_pass=False,
+):
+    """Set up nodes: SSH, PyTorch env, Jupyter, Slurm."""
+    from ddpfleet import bootstrap as boot
+    from ddpfleet.engine import roles as roles_mod
+
+    with _fleet(inventory, nodes, ask_become_pass) as fleet:
+        selected = roles_mod.select_roles(roles, skip_roles)
+        roles_mod.validate_sections(fleet.inventory, selected)
+        runs = boot.bootstrap(
+            fleet, selected, check=check, diff=diff, log_dir=fleet.inventory.root / "logs"
+        )
+        bad = boot.failures(runs)
+        if bad:
+            raise DdpfleetError(
+                f"bootstrap failed on {len({b.split(':')[0] for b in bad})} "
+                f"node(s): " + "; ".join(bad)
+            )
+
+
+@task(
+    iterable=["env"],
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": "comma-separated nodes; node_rank = position (default: all, the master first)",
+        "script": "training script, relative to --project-dir (default: scripts/train_ddp.py)",
+        "args": 'arguments for the script, one string, e.g. "--epochs 3"',
+        "nproc_per_node": "processes per node: auto (the node's GPUs, 1 without) or N",
+        "master_port": "rendezvous port on the master (default: cluster.master_port)",
+        "env": "K=V for every rank, repeatable: --env NCCL_DEBUG=INFO --env A=B",
+        "run_id": "name of the run (default: date-time-random); logs go to logs/<run-id>/; "
+        "an id used before is refused",
+        "project_dir": "the directory mirrored to the nodes (default: the current one)",
+        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
+        "made by ddpfleet, 0700; an existing directory it did not make is refused",
+        "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
+        "default: the inventory's train.launcher, else ssh)",
+        "ask_become_pass": ASK_BECOME_HELP,
+        **runtasks.TRAIN_HELP,
+    },
+)
+@cli
+def train(
+    c,
+    inventory=None,
+    nodes=None,
+    script=None,
+    args="",
+    nproc_per_node="auto",
+    master_port=None,
+    env=None,
+    run_id=None,
+    project_dir=".",
+    code_dir=None,
+    launcher=None,
+    ask_become_pass=False,
+    detach=False,
+    max_restarts=0,
+    resume=None,
+):
+    """Run a PyTorch training script across the nodes."""
+    from ddpfleet import launch
+    from ddpfleet.ssh.connection import Fleet
+
+    loaded = inv.load(inventory, nodes)
+    password = _become_password(ask_become_pass)
+    if resume and (launcher or loaded.launcher) == "slurm":
+        raise DdpfleetError("--resume works for runs of the ssh launcher; use --launcher ssh")
+    if resume:
+        script, args, env = runtasks.resumed(loaded, resume, script, args, env, password)
+    flags = launch.TrainFlags(
+        nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
+        script=script,
+        args=args or "",
+        nproc_per_node=str(nproc_per_node),
+        master_port=master_port,
+        env=tuple(env or ()),
+        run_id=run_id,
+        project_dir=project_dir,
+        code_dir=code_dir,
+        max_restarts=max_restarts or 0,
+    )
+    config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
+    how = launcher or loaded.launcher
+    if how not in inv.LAUNCHERS:
+        raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
+    with Fleet(loaded, become_password=password) as fleet:
+        if how == "slurm" and detach:
+            runtasks.slurm_detached(loaded, fleet, config)
+        elif how == "slurm":
+            from ddpfleet.launch.slurm import run as slurm_run
+
+            slurm_run.train(fleet, config)
+        elif detach or resume:
+            runtasks.detached(loaded, fleet, config, resume)
+        else:
+            launch.train(fleet, config)
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "json": "print the ddpfleet.gpu-status-report/2 document instead of the table",
+        "watch": "refresh every SECONDS, in place, until Ctrl-C",
+    }
+)
+@cli
+def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
+    """Show every GPU of every node in one table."""
+    from ddpfleet import gpustatus
+
+    with _warm_fleet(inventory, nodes) as fleet:
+        results = gpustatus.run(fleet, as_json=json, every=_seconds(watch))
+        report.exit_if_failed(results, "gpu-status")
+
+
+@task(
+    name="status",
+    help={"inventory": INVENTORY_HELP, "json": "print the ddpfleet.slurm-status/1 document"},
+)
+@cli
+def slurm_status(c, inventory=None, json=False):
+    """Show Slurm's nodes (state, reason) and jobs."""
+    from ddpfleet.launch.slurm import status
+
+    with _fleet(inventory, None) as fleet:
+        status.status(fleet, as_json=json)
+
+
+slurm_ns = Collection("slurm", slurm_status)
+
+
+def _seconds(value) -> float | None:
+    try:
+        seconds = None if value in (None, "") else float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds is not None and not seconds > 0:
+        raise DdpfleetError(f"--watch {value!r}: give the refresh interval in seconds, e.g. 2")
+    return seconds
+
+
+@task(help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def doctor(c, inventory=None, nodes=None):
+    """Check that the nodes can train; say what to fix."""
+    from ddpfleet import doctor as doctor_mod
+
+    with _fleet(inventory, nodes) as fleet:
+        checks = doctor_mod.diagnose(fleet)
+        report.show(doctor_mod.render(checks))
+        doctor_mod.exit_if_failed(checks)
+
+
+# -- jupyter ----------------------------------------------------------------------------------
+
+
+@task(
+    name="tunnel",
+    default=True,
+    help={
+        "inventory": INVENTORY_HELP,
+        "node": "the node whose Jupyter to reach (default: the first node)",
+        "local_port": "port on this machine's 127.0.0.1 (default 8888; 0 picks a free one)",
+    },
+)
+@cli
+def jupyter_tunnel(c, node=None, local_port=8888, inventory=None):
+    """Open a node's Jupyter on a local port (SSH)."""
+    from ddpfleet import jupyter
+
+    jupyter.open_tunnel(inv.load(inventory, node), int(local_port))
+
+
+@task(
+    name="status",
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "json": "one JSON object per node instead of the table",
+    },
+)
+@cli
+def jupyter_status(c, inventory=None, nodes=None, json=False):
+    """Show whether Jupyter is running on each node."""
+    from ddpfleet import jupyter
+
+    with _fleet(inventory, nodes) as fleet:
+        results = jupyter.status(fleet)
+    jupyter.show_status(results, as_json=json)
+    report.exit_if_failed(results, "jupyter.status")
+
+
+@task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
+@cli
+def jupyter_stop(c, inventory=None, nodes=None):
+    """Stop Jupyter on the nodes."""
+    from ddpfleet import jupyter
+
+    with _fleet(inventory, nodes) as fleet:
+        results = jupyter.stop(fleet)
+    report.show(report.table(None, ("node", "jupyter"), results.items()))
+    report.exit_if_failed(results, "jupyter.stop")
+
+
+jupyter_ns = Collection("jupyter", jupyter_tunnel, jupyter_status, jupyter_stop)
+
+
+# -- sandbox ----------------------------------------------------------------------------------
+
+
+def _sandbox_spec(inventory, count=None, login_user=None, sudo=None, init=None):
+    from ddpfleet import sandbox
+
+    loaded = inv.load(inventory, check_files=False)
+    return sandbox.spec_for(loaded, int(count) if count else None, login_user, sudo, init)
+
+
+@task(
+    name="up",
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": "how many nodes (default: the inventory's nodes)",
+        "login-user": "who logs in (default: the inventory's ssh.user); not root: a cloud-style "
+        "user with the client key, and sshd refuses root",
+        "sudo": "that user's sudo: nopasswd (default), password (kept in "
+        "<state_dir>/become_password) or none",
+        "init": "the nodes' PID 1: sandbox (default, a small init running sshd) or systemd",
+    },
+)
+@cli
+def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None, init=None):
+    """Create a local test cluster here (needs root)."""
+    from ddpfleet import sandbox
+
+    spec, written = _sandbox_spec(inventory, nodes, login_user, sudo, init)
+    sandbox.preflight()
+    report.show(sandbox.render(sandbox.up(spec)))
+    if written:
+        report.show(f"inventory for these nodes: {written} (pass --inventory)")
+
+
+@task(
+    name="down",
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": "how many nodes were brought up (default: the inventory's)",
+    },
+)
+@cli
+def sandbox_down(c, inventory=None, nodes=None):
+    """Remove the local test cluster, leaving no trace."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory, nodes)
+    sandbox.preflight()
+    sandbox.down(spec)
+    report.show(f"sandbox {spec.prefix}: down")
+
+
+@task(name="status", help={"inventory": INVENTORY_HELP, "nodes": "how many nodes"})
+@cli
+def sandbox_status(c, inventory=None, nodes=None):
+    """Show the local test cluster's nodes."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory, nodes)
+    report.show(sandbox.render(sandbox.status(spec)))
+
+
+@task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to stop"})
+@cli
+def sandbox_stop(c, nodes, inventory=None):
+    """Stop local test cluster nodes (files are kept)."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory)
+    sandbox.stop(spec, _node_list(nodes))
+    report.show(f"stopped: {nodes}")
+
+
+@task(name="start", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to start"})
+@cli
+def sandbox_start(c, nodes, inventory=None):
+    """Restart stopped nodes of the local test cluster."""
+    from ddpfleet import sandbox
+
+    spec, _ = _sandbox_spec(inventory)
+    sandbox.start(spec, _node_list(nodes))
+    report.show(f"started: {nodes}")
+
+
+def _node_list(nodes: str) -> list[str]:
+    # sandbox.stop/start name any unknown node, with the known ones.
+    return [n.strip() for n in nodes.split(",") if n.strip()]
+
+
+sandbox_ns = Collection(
+    "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
+)
+ns = Collection(
+    ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
+)
+ns.add_collection(jupyter_ns)
+ns.add_collection(slurm_ns)
+for t in runtasks.TASKS:
+    ns.add_task(t)

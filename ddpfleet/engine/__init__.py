@@ -1,0 +1,1 @@
+"""The roles engine: Host, Step, run_roles, role settings, root files through sudo, the wheelhouse."""
