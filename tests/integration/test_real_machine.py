@@ -294,12 +294,13 @@ SECRET = "root-only-" + "5ecret"
 NODE_PYTHON = "/opt/ddpfleet/venv/bin/python"
 # As train on node0, what a notebook or a pip dependency of the user can do between the sync and
 # the snapshot: wait for run $2's runner to lock the code dir (it writes its run id into the lock
-# file once it holds it), take the lock once the runner frees it at the hand-off (the sync is done
-# by then, and the master's supervisor, which snapshots the code, is started only after it), and
-# at once add the entries $3 (and links $4) to the manifest. Planted before the supervisor makes
-# its run dir (checked: "late" otherwise), so before the snapshot reads the manifest. A wait for
-# the sync's new manifest inode missed the sync whenever ext4 gave the manifest its old inode
-# number back (it writes the manifest twice), and the run started unplanted.
+# file once it holds it), make the links $4, take the lock once the runner frees it at the
+# hand-off (the sync is done by then, and the master's supervisor, which snapshots the code, is
+# started only after it), and at once add the entries $3 to the manifest. Planted before the
+# supervisor makes its run dir (checked: "late" otherwise), so before the snapshot reads the
+# manifest (66-80 ms before, under a load of 15 on 2 cores). A wait for the sync's new manifest
+# inode missed the sync whenever ext4 gave the manifest its old inode number back (the sync
+# writes it twice), and the run started unplanted.
 PLANT = r"""
 import fcntl, json, os, signal, sys, time
 code, run_id = sys.argv[1], sys.argv[2]
@@ -316,10 +317,10 @@ def holder():
         return None
 while holder() != run_id:
     time.sleep(0.01)
-fd = os.open(lock, os.O_RDWR)
-fcntl.flock(fd, fcntl.LOCK_EX)
 for name, target in links.items():
     os.symlink(target, os.path.join(code, name))
+fd = os.open(lock, os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
 with open(manifest) as f:
     data = json.load(f)
 data["paths"].update(entries)
@@ -360,12 +361,16 @@ CLEAN = (
     "/etc/sudoers.d/pwn /etc/sudoers.d/pwn2"
 )
 # As train: the planted entries out of the manifest again ($1 the code dir, $2 the entries),
-# or the next run's preflight refuses the code dir (the sync's own safe-path check).
+# or the next run's preflight refuses the code dir (the sync's own safe-path check). No
+# manifest: the run never synced (its own failure is the one to see).
 UNPLANT = """
 import json, sys
 path = sys.argv[1] + "/.ddpfleet/manifest.json"
-with open(path) as f:
-    data = json.load(f)
+try:
+    with open(path) as f:
+        data = json.load(f)
+except FileNotFoundError:
+    sys.exit(0)
 for rel in json.loads(sys.argv[2]):
     data["paths"].pop(rel, None)
 with open(path, "w") as f:
