@@ -287,6 +287,149 @@ def test_a_detached_run_through_sudo_runs_as_train_and_stops(booted: Cluster, pr
     assert {v["run_id"]: v["state"] for v in json.loads(listed.stdout)}[run_id] == "STOPPED"
 
 
+# -- the training user never steers root (security review 2026-12-06, #1) -------------------
+
+CODE = "/home/train/ddpfleet/sandbox/code"
+SECRET = "root-only-" + "5ecret"
+NODE_PYTHON = "/opt/ddpfleet/venv/bin/python"
+# As train on node0, what a notebook or a pip dependency of the user can do between the sync and
+# the snapshot: wait for run $2's runner to lock the code dir (it writes its run id into the lock
+# file once it holds it), make the links $4, take the lock once the runner frees it at the
+# hand-off (the sync is done by then, and the master's supervisor, which snapshots the code, is
+# started only after it), and at once add the entries $3 to the manifest. Planted before the
+# supervisor makes its run dir (checked: "late" otherwise), so before the snapshot reads the
+# manifest (66-80 ms before, under a load of 15 on 2 cores). A wait for the sync's new manifest
+# inode missed the sync whenever ext4 gave the manifest its old inode number back (the sync
+# writes it twice), and the run started unplanted.
+PLANT = r"""
+import fcntl, json, os, signal, sys, time
+code, run_id = sys.argv[1], sys.argv[2]
+entries, links = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+lock, manifest = code + "/.ddpfleet/lock", code + "/.ddpfleet/manifest.json"
+run_dir = "/var/lib/ddpfleet/runs/" + run_id
+signal.alarm(150)  # never outlives the test
+print("ready", os.getpid(), flush=True)
+def holder():
+    try:
+        with open(lock) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+while holder() != run_id:
+    time.sleep(0.01)
+for name, target in links.items():
+    os.symlink(target, os.path.join(code, name))
+fd = os.open(lock, os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+with open(manifest) as f:
+    data = json.load(f)
+data["paths"].update(entries)
+with open(manifest + ".new", "w") as f:
+    json.dump(data, f)
+os.replace(manifest + ".new", manifest)
+planted = time.monotonic()
+late = os.path.lexists(run_dir)
+while not os.path.lexists(run_dir) and time.monotonic() < planted + 60:
+    time.sleep(0.001)
+ahead = "late" if late else "%.0f ms before the run dir" % (1000 * (time.monotonic() - planted))
+print("planted", ahead, flush=True)
+"""
+SUDOERS = "train ALL=(ALL) NOPASSWD:ALL"
+DEEP = "/home/train/.x/1/2/3/4/5/6/7"  # .s/.. x7: ~/.x in the code dir, / in the snapshot
+# plant: (root's setup on node0, $1 the secret; manifest entries; links in the code dir)
+PLANTS = {
+    "dotdot": (
+        f"mkdir -p {DEEP} /home/train/.x/etc/sudoers.d && "
+        f"echo '{SUDOERS}' > /home/train/.x/etc/sudoers.d/pwn && chown -R train: /home/train/.x",
+        {".s/" + "../" * 7 + "etc/sudoers.d/pwn": ["f", 0o440, "0" * 64]},
+        {".s": DEEP},
+    ),
+    "absolute": (
+        f"mkdir -p /home/train/.x && echo '{SUDOERS}' > /home/train/.x/pwn2 && "
+        "chown -R train: /home/train/.x",
+        {"/etc/sudoers.d/pwn2": ["f", 0o440, "0" * 64]},
+        {},
+    ),
+    "read": (
+        'mkdir -p -m 0700 /var/tmp/ddpfleet-secret && echo "$1" > /var/tmp/ddpfleet-secret/s',
+        {"leakdir/s": ["f", 0o644, "0" * 64]},
+        {"leakdir": "/var/tmp/ddpfleet-secret"},
+    ),
+}
+CLEAN = (
+    'rm -rf /home/train/.x "$1/.s" "$1/leakdir" /var/tmp/ddpfleet-secret '
+    "/etc/sudoers.d/pwn /etc/sudoers.d/pwn2"
+)
+# As train: the planted entries out of the manifest again ($1 the code dir, $2 the entries),
+# or the next run's preflight refuses the code dir (the sync's own safe-path check). No
+# manifest: the run never synced (its own failure is the one to see).
+UNPLANT = """
+import json, sys
+path = sys.argv[1] + "/.ddpfleet/manifest.json"
+try:
+    with open(path) as f:
+        data = json.load(f)
+except FileNotFoundError:
+    sys.exit(0)
+for rel in json.loads(sys.argv[2]):
+    data["paths"].pop(rel, None)
+with open(path, "w") as f:
+    json.dump(data, f)
+"""
+
+
+@pytest.mark.parametrize("plant", list(PLANTS))
+def test_a_planted_manifest_entry_stops_the_detached_run(booted: Cluster, tmp_path: Path, plant):
+    """The review's repro: train plants a manifest entry between the sync and the supervisor's
+    snapshot (`..` through a symlinked dir to /etc/sudoers.d, an absolute path, a symlinked
+    dir to a root-only one). The run never starts and says why; the node is unchanged."""
+    (tmp_path / "ok.py").write_text(f"print('ran {os.urandom(4).hex()}')\n")  # a sync each time
+    setup, entries, links = PLANTS[plant]
+    run_id = f"plant-{plant}-" + os.urandom(3).hex()
+    as_root(booted, "node0", setup, SECRET)
+    before = as_root(booted, "node0", "ls -la /etc/sudoers.d")
+    argv = ["sudo", "-n", "setpriv", "--reuid=train", "--regid=train", "--init-groups", "--",
+            NODE_PYTHON, "-c", PLANT, CODE, run_id, json.dumps(entries), json.dumps(links)]  # fmt: skip
+    planter = subprocess.Popen(
+        ["ssh", *HERMETIC, "-i", booted.data["ssh"]["key"], "-o", "BatchMode=yes", "-o",
+         f"UserKnownHostsFile={booted.data['ssh']['known_hosts']}",
+         f"ubuntu@{booted.address('node0')}", shlex.join(argv)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    ready = []
+    try:
+        ready = planter.stdout.readline().split()
+        assert ready[:1] == ["ready"], ready
+        r = booted.invoke(
+            "train", "--nodes", "node0", "--nproc-per-node", "1", "--script", "ok.py",
+            "--run-id", run_id, "--project-dir", str(tmp_path), "--detach", timeout=WAIT_S,
+        )  # fmt: skip
+        said = planter.communicate(timeout=90)[0]
+        after = as_root(booted, "node0", "ls -la /etc/sudoers.d")
+        sudo = as_root(booted, "node0", "setpriv --reuid=train --regid=train --init-groups -- "
+                       "sudo -n true 2>&1; echo rc=$?")  # fmt: skip
+        found = as_root(booted, "node0", 'grep -rlF -- "$1" /var/lib/ddpfleet/runs /home/train || true',
+                        SECRET)  # fmt: skip
+    finally:
+        if planter.poll() is None:  # its ssh gone, the planter would still wait on the node
+            if ready[1:]:
+                as_root(booted, "node0", 'kill "$1" 2>/dev/null || true', ready[1])
+            planter.kill()
+            planter.communicate()
+        as_root(booted, "node0", CLEAN, CODE)
+        unplant = ["setpriv", "--reuid=train", "--regid=train", "--init-groups", "--",
+                   NODE_PYTHON, "-c", UNPLANT, CODE, json.dumps(entries)]  # fmt: skip
+        as_root(booted, "node0", 'exec "$@"', *unplant)
+    # else the run may have read its manifest first: the test could not judge the snapshot
+    assert "planted" in said and "late" not in said, said
+    out = r.stdout + r.stderr
+    assert after == before and "rc=0" not in sudo, (after, sudo, out)
+    assert found == "", (found, out)  # the secret in no copy
+    assert r.returncode != 0, out
+    assert "node0: the run's supervisor did not start: cannot snapshot the code into" in out
+    assert f"{CODE}/.ddpfleet/manifest.json" in out and repr(next(iter(entries))) in out, out
+
+
 # -- password sudo and no sudo, on the same nodes --------------------------------------------
 
 
