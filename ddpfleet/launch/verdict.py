@@ -55,6 +55,12 @@ class RunState(str, Enum):
         return self in (RunState.STARTING, RunState.RUNNING)
 
     @property
+    def final(self) -> bool:
+        """SUCCEEDED, FAILED, STOPPED: what the run did, whatever its nodes say later (LOST is
+        what can be said while something cannot be asked; it may still turn out otherwise)."""
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)
+
+    @property
     def word(self) -> str:
         """The word an attached run's summary line uses: ok, failed, stopped, lost."""
         return "ok" if self is RunState.SUCCEEDED else self.value.lower()
@@ -155,6 +161,7 @@ class RunView:
     why: str = ""
     failed_node: str | None = None
     failed_rank: int | None = None
+    unasked: Mapping[str, str] = field(default_factory=dict)  # node -> why it cannot be asked now
 
     def as_json(self) -> dict:
         return {
@@ -167,4 +174,5 @@ class RunView:
             "why": self.why,
             "failed_node": self.failed_node,
             "failed_rank": self.failed_rank,
+            "unreachable_now": dict(self.unasked),
         }

@@ -132,7 +132,8 @@ def fold(entry: Mapping, said: Mapping[str, NodeSays | str]) -> RunView:
     else:
         state, why = _forgotten(what, code, tail, said)
     view = {"run_id": entry["run_id"], "nodes": order, "started": entry.get("started"),
-            "ended": None, "exits": {n: None for n in order}, "state": state}  # fmt: skip
+            "ended": None, "exits": {n: None for n in order}, "state": state,
+            "unasked": {n: s for n, s in said.items() if isinstance(s, str)}}  # fmt: skip
     if state is not RunState.FAILED:
         return RunView(**view, why=why)
     node, rank = blame(tail, task_nodes or order, int(entry.get("nproc") or 1))

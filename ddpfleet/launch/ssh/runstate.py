@@ -54,7 +54,8 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
     master = parts.get(order[0]) if order else None
     named = (master.get("first_failure") or {}).get("node") if isinstance(master, Mapping) else None
     evidences = [evidence(n, parts.get(n), named) for n in order]
-    view = {"run_id": run_id, "nodes": tuple(order), **_times(order, parts)}
+    unasked = {n: p for n, p in parts.items() if isinstance(p, str)}
+    view = {"run_id": run_id, "nodes": tuple(order), **_times(order, parts), "unasked": unasked}
     state = fold_states(evidences)
     if state is RunState.FAILED:
         first = blame(evidences)
