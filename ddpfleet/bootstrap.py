@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import shlex
 import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import paramiko
 from rich.live import Live
 
 from ddpfleet import report
 from ddpfleet.engine.roles import Host, NodeRun, Step, run_roles
 from ddpfleet.engine.settings import Role
-from ddpfleet.errors import NodeError
+from ddpfleet.errors import NodeError, Unreachable
 from ddpfleet.hygiene import open_private, private_dir
 from ddpfleet.ssh import become
-from ddpfleet.ssh.connection import Conn, Fleet
+from ddpfleet.ssh.connection import Conn, Fleet, Session
 
 # Root-only (0700): a world-writable /run/lock would let any local user, such as the notebook
 # user, hold the lock forever and block every bootstrap of the node.
@@ -56,41 +54,41 @@ class NodeLock:
 
     def __init__(self, conn: Conn, wait_s: int = LOCK_WAIT_S):
         self.conn, self.wait_s = conn, wait_s
-        self.chan: paramiko.Channel | None = None
+        self.session: Session | None = None
         self._stop = threading.Event()
 
     def __enter__(self) -> NodeLock:
-        escalation = self.conn.escalation  # the lock is root's: /run/ddpfleet is 0700
-        chan = self.conn.transport.open_session(timeout=self.conn.node.connect_timeout)
         argv = ["sh", "-c", LOCK_SCRIPT, "sh", LOCK_DIR, LOCK_PATH, str(self.wait_s)]
-        chan.exec_command(escalation.wrap(shlex.join([*argv, str(HOLDER_SILENT_S)])))
-        if escalation.password is not None:
-            chan.sendall(escalation.stdin(b""))
-        chan.settimeout(self.wait_s + self.conn.node.command_timeout)
-        got = b""
+        # root's (/run/ddpfleet is 0700): Conn.session wraps it in sudo, password and all
+        session = self.conn.session([*argv, str(HOLDER_SILENT_S)], root=True)
         try:
-            while b"locked" not in got:
-                data = chan.recv(64)
-                if not data:
-                    code = chan.recv_exit_status()
-                    why = chan.recv_stderr(4096).decode(errors="replace").strip()
-                    raise NodeError(self.conn.name, self._refused(code, why))
-                got += data
-        except TimeoutError:
-            chan.close()
-            raise NodeError(
-                self.conn.name,
-                f"no answer about {LOCK_PATH} within "
-                f"{self.wait_s + self.conn.node.command_timeout:g}s; is the node "
-                "overloaded?",
-            ) from None
-        except NodeError:
-            chan.close()
+            self._until_locked(session)
+        except BaseException:
+            session.close()
             raise
-        chan.settimeout(None)
-        self.chan = chan
+        session.settimeout(None)
+        self.session = session
         threading.Thread(target=self._beat, daemon=True).start()
         return self
+
+    def _until_locked(self, session: Session) -> None:
+        answer_s = self.wait_s + self.conn.node.command_timeout
+        session.settimeout(answer_s)
+        got = b""  # stdout and stderr together: "locked", or why not
+        while b"locked" not in got:
+            try:
+                data = session.recv(64)
+            except Unreachable:
+                raise
+            except NodeError:  # a live connection whose channel stayed quiet: the timeout
+                raise NodeError(
+                    self.conn.name,
+                    f"no answer about {LOCK_PATH} within {answer_s:g}s; is the node overloaded?",
+                ) from None
+            if not data:
+                why = got.decode(errors="replace").strip()
+                raise NodeError(self.conn.name, self._refused(session.recv_exit_status(), why))
+            got += data
 
     def _refused(self, code: int, why: str) -> str:
         if code == 1:
@@ -103,19 +101,19 @@ class NodeLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                self.chan.send(b".")
-            except (OSError, EOFError, paramiko.SSHException):
+                self.session.sendall(b".")
+            except NodeError:
                 return  # the connection is gone: the node lets go by itself
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        if self.chan is not None:
+        if self.session is not None:
             try:
-                self.chan.shutdown_write()  # the loop sees EOF, flock exits, the lock is free
-                self.chan.status_event.wait(self.conn.node.command_timeout)
-            except (OSError, EOFError, paramiko.SSHException):
+                self.session.shutdown_write()  # the loop sees EOF, flock exits, the lock is free
+                self.session.exited(self.conn.node.command_timeout)
+            except NodeError:
                 pass  # a dead connection frees the lock on the node as well
-            self.chan.close()
+            self.session.close()
 
 
 class Progress:
@@ -232,13 +230,24 @@ def recap(runs: dict[str, NodeRun]):
     return report.table("recap", RECAP_COLUMNS, rows)
 
 
-def failures(runs: dict[str, NodeRun]) -> list[str]:
+class Failure(NamedTuple):
+    """One thing that failed on one node: a role's step, the connection, or escalation."""
+
+    node: str
+    what: str  # "role: step", "unreachable", "connect" or "become"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.what}: {self.reason}"
+
+
+def failures(runs: dict[str, NodeRun]) -> list[Failure]:
     out = []
     for name, run in runs.items():
         if run.unreachable:
-            out.append(f"{name}: unreachable: {run.unreachable}")
+            out.append(Failure(name, "unreachable", run.unreachable))
         for s in run.steps:
             if s.status == "failed":
-                where = ": ".join(part for part in (name, s.role, s.name) if part)
-                out.append(f"{where}: {s.reason}")
+                what = ": ".join(part for part in (s.role, s.name) if part)
+                out.append(Failure(name, what, s.reason))
     return out

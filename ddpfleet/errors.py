@@ -14,8 +14,8 @@
     │       └── CommandTimeout    it ran past its timeout (and was stopped on the node)
     └── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
 
-SSH and socket exceptions become these at the connection boundary, so nothing above
-`ddpfleet.connection` handles paramiko's or socket's types.
+SSH and socket exceptions become these at the connection boundary, so nothing outside
+`ddpfleet/ssh/` handles the SSH library's or socket's types, or imports that library.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@
         report.show(render(results))      # one row per GPU, then the totals
         print(json.dumps(document(results)))   # --json, REPORT_SCHEMA
 
-Probing and parsing live in ddpfleet.gpu (nvidia-smi's format is kept in that one place); this
-module only runs the probe, adds totals and draws. A NodeError means the node could not be
+Probing and parsing live in ddpfleet.gpu (nvidia-smi's format is kept in that one place), each
+node's JSON in ddpfleet.gpujson; this module only runs the probe, adds totals and draws. The
+table's columns are one list, COLUMNS: a column is its name, its cell for a GPU and its cell in
+the totals row, so adding one is one entry. A NodeError means the node could not be
 queried (SSH failed, the probe timed out or printed nothing we know): the only reason for a
 non-zero exit. A node whose nvidia-smi is absent or fails is a NodeGpus with `driver_error`
 set, which is a state, not an error.
@@ -28,15 +30,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ddpfleet import gpu, report
-from ddpfleet.errors import BecomeError, ConnectError, NodeError, Unreachable
+from ddpfleet import gpu, gpujson, report
+from ddpfleet.errors import BecomeError, ConnectError, NodeError
 
-if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
+if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
     from ddpfleet.ssh.connection import Conn, Fleet
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
-COLUMNS = ("node", "gpu", "name", "util", "memory", "temp", "power", "processes")
-REPORT_ID = "ddpfleet.gpu-status-report/2"
 
 Outcome = gpu.NodeGpus | NodeError
 
@@ -107,20 +107,21 @@ def totals(results: Mapping[str, Outcome]) -> Totals:
 
 _COUNT = {"type": "integer", "minimum": 0}
 
-# The whole `gpu-status --json` document. Stable: fields are only ever added, under a new
-# REPORT_ID. `nodes` holds one gpu.JSON_SCHEMA object per node, in inventory order; a node that
+# The whole `gpu-status --json` document, gpujson.SCHEMA_ID (the one id of this output; its
+# nodes name it too). Stable: fields are only ever added, under a new id. `nodes` holds one
+# gpujson.JSON_SCHEMA object per node, in inventory order; a node that
 # could not be queried has `reachable` false when SSH failed, or `reachable` true with
 # `exit_code` null when the probe itself failed (timeout); `totals` sums what was queried.
 REPORT_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": REPORT_ID,
+    "$id": gpujson.SCHEMA_ID,
     "type": "object",
     "required": ["schema", "time", "nodes", "totals"],
     "additionalProperties": False,
     "properties": {
-        "schema": {"const": REPORT_ID},
+        "schema": {"const": gpujson.SCHEMA_ID},
         "time": {"type": "string"},  # ISO 8601, UTC, when the probes returned
-        "nodes": {"type": "array", "items": gpu.JSON_SCHEMA},
+        "nodes": {"type": "array", "items": gpujson.JSON_SCHEMA},
         "totals": {
             "type": "object",
             "required": [f.name for f in Totals.__dataclass_fields__.values()],
@@ -133,17 +134,17 @@ REPORT_SCHEMA: dict = {
 
 def node_json(name: str, outcome: Outcome) -> dict:
     if isinstance(outcome, ConnectError):
-        return gpu.unreachable_json(name, outcome.message)
+        return gpujson.unreachable_json(name, outcome.message)
     if isinstance(outcome, NodeError):
-        return gpu.to_json(name, gpu.NodeGpus((), outcome.message, None))
-    return gpu.to_json(name, outcome)
+        return gpujson.to_json(name, gpu.NodeGpus((), outcome.message, None))
+    return gpujson.to_json(name, outcome)
 
 
 def document(results: Mapping[str, Outcome], when: datetime | None = None) -> dict:
     """`--json`: {"schema", "time", "nodes": [...], "totals": {...}}, matching REPORT_SCHEMA."""
     when = when or datetime.now(timezone.utc)
     return {
-        "schema": REPORT_ID,
+        "schema": gpujson.SCHEMA_ID,
         "time": when.isoformat(timespec="seconds"),
         "nodes": [node_json(name, outcome) for name, outcome in results.items()],
         "totals": dataclasses.asdict(totals(results)),
@@ -172,59 +173,89 @@ def _process(p: gpu.GpuProcess) -> str:
     return f"{p.pid} {p.user or '?'} {mem} {command}{run}"
 
 
+def _index(g: gpu.Gpu) -> str:
+    return f"{g.index}" + (" MIG" if g.mig_mode == "Enabled" else "")
+
+
+def _memory(used: int | None, total: int | None) -> str:
+    return f"{_gib(used)} / {_gib(total)} GiB"
+
+
+def _power(g: gpu.Gpu) -> str:
+    limit = "" if g.power_limit_w is None else f" / {g.power_limit_w:.0f} W"
+    return _unit(g.power_w, "W") + limit
+
+
+def _processes(processes: tuple[gpu.GpuProcess, ...]) -> str:
+    return "\n".join(_process(p) for p in processes)
+
+
+def _nodes(t: Totals) -> str:
+    parts = [f"{t.nodes} node" + ("s" if t.nodes != 1 else "")]
+    parts += [
+        f"{n} {what}" for n, what in ((t.no_gpu, "without GPUs"), (t.unqueried, "not queried")) if n
+    ]
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the table after `node`: its header, a GPU's cell and the totals' cell."""
+
+    name: str
+    cell: Callable[[gpu.Gpu], str]
+    total: Callable[[Totals], str] = lambda t: ""
+
+
+NODE = "node"  # the first column, never wrapped: the node's name, or "total"
+COLUMNS: tuple[Column, ...] = (
+    Column("gpu", _index, lambda t: f"{t.gpus}"),
+    Column("name", lambda g: g.name, lambda t: f"{t.busy} busy, {t.idle} idle"),
+    Column("util", lambda g: _unit(g.util_pct, "%")),
+    Column(
+        "memory",
+        lambda g: _memory(g.mem_used_mib, g.mem_total_mib),
+        lambda t: _memory(t.mem_used_mib, t.mem_total_mib),
+    ),
+    Column("temp", lambda g: _unit(g.temp_c, "C")),
+    Column("power", _power),
+    Column("processes", lambda g: _processes(g.processes) or "-", _nodes),
+)
+
+
+def _row(node: str, cells: Mapping[str, str]) -> tuple[str, ...]:
+    """A row from its cells by column name; a column not named is empty."""
+    return (node, *(cells.get(c.name, "") for c in COLUMNS))
+
+
 def gpu_row(node: str, g: gpu.Gpu) -> tuple[str, ...]:
-    power = _unit(g.power_w, "W")
-    if g.power_limit_w is not None:
-        power += f" / {g.power_limit_w:.0f} W"
-    return (
-        node,
-        f"{g.index}" + (" MIG" if g.mig_mode == "Enabled" else ""),
-        g.name,
-        _unit(g.util_pct, "%"),
-        f"{_gib(g.mem_used_mib)} / {_gib(g.mem_total_mib)} GiB",
-        _unit(g.temp_c, "C"),
-        power,
-        "\n".join(_process(p) for p in g.processes) or "-",
-    )
+    return (node, *(c.cell(g) for c in COLUMNS))
 
 
 def node_rows(name: str, outcome: Outcome) -> list[tuple[str, ...]]:
     """A node's rows: one per GPU; one for a node without GPUs or not queried."""
     if isinstance(outcome, NodeError):
         what = "unreachable" if isinstance(outcome, ConnectError) else "not queried"
-        return [(name, "-", f"{what}: {outcome.message}", "", "", "", "", "")]
+        return [_row(name, {"gpu": "-", "name": f"{what}: {outcome.message}"})]
     if outcome.driver_error:
-        return [(name, "-", driver_state(outcome), "", "", "", "", "")]
+        return [_row(name, {"gpu": "-", "name": driver_state(outcome)})]
     rows = [gpu_row(name, g) for g in outcome.gpus]
     if outcome.unattached:  # apps whose GPU nvidia-smi did not let us find
-        procs = "\n".join(_process(p) for p in outcome.unattached)
-        rows.append((name, "?", "GPU not known", "", "", "", "", procs))
+        procs = _processes(outcome.unattached)
+        rows.append(_row(name, {"gpu": "?", "name": "GPU not known", "processes": procs}))
     return rows
 
 
 def totals_row(t: Totals) -> tuple[str, ...]:
-    parts = [f"{t.nodes} node" + ("s" if t.nodes != 1 else "")]
-    parts += [
-        f"{n} {what}" for n, what in ((t.no_gpu, "without GPUs"), (t.unqueried, "not queried")) if n
-    ]
-    nodes = ", ".join(parts)
-    return (
-        "total",
-        f"{t.gpus}",
-        f"{t.busy} busy, {t.idle} idle",
-        "",
-        f"{_gib(t.mem_used_mib)} / {_gib(t.mem_total_mib)} GiB",
-        "",
-        "",
-        nodes,
-    )
+    return ("total", *(c.total(t) for c in COLUMNS))
 
 
 def render(results: Mapping[str, Outcome], title: str | None = None) -> Group:
     """The table (one row per GPU, the totals last), then any notes the parser left."""
     table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column(NODE, overflow="fold", no_wrap=True)
     for column in COLUMNS:
-        table.add_column(column, overflow="fold", no_wrap=column == "node")
+        table.add_column(column.name, overflow="fold")
     for name, outcome in results.items():
         for row in node_rows(name, outcome):
             table.add_row(*map(Text, row))  # Text: a "[run ...]" or "[N/A]" is no markup
@@ -282,15 +313,8 @@ def watch(
 
 def _requery(fleet: Fleet) -> dict[str, Outcome]:
     # A watch outlives reboots: a node whose connection dropped, or that did not answer, is
-    # connected again by Fleet.open(); the others keep their connections.
-    for name, conn in list(fleet.conns.items()):
-        transport = getattr(conn, "transport", None)  # a kept connection is the keeper's care
-        if transport is not None and not transport.is_active():
-            conn.close()
-            del fleet.conns[name]
-    for name, error in list(fleet.errors.items()):
-        if isinstance(error, Unreachable):
-            del fleet.errors[name]
+    # connected again; the others keep their connections (a kept one is the keeper's care).
+    fleet.reconnect_lost()
     return query(fleet)
 
 

@@ -10,19 +10,18 @@ Every user mistake becomes one InventoryError line naming the file, the line, th
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
+from ddpfleet import catalog, inventory_yaml
 from ddpfleet.errors import InventoryError
+from ddpfleet.inventory_types import Cluster, Inventory, Node, SandboxSettings
+from ddpfleet.inventory_yaml import did_you_mean
 from ddpfleet.names import (
     cluster_name_problem,
     host_problem,
@@ -33,22 +32,15 @@ from ddpfleet.names import (
     user_problem,
 )
 
+# Callers import the dataclasses from here (defined in inventory_types, read by everything).
+__all__ = ["Cluster", "Inventory", "Node", "SandboxSettings", "load", "resolve_path"]
+
 ENV_VAR = "DDPFLEET_INVENTORY"
 DEFAULT_PATH = "inventory.yaml"
 
-TOP_KEYS = (
-    "cluster",
-    "ssh",
-    "python_env",
-    "miniconda",
-    "jupyter",
-    "openssh_server",
-    "slurm",
-    "train",
-    "train_user",
-    "sandbox",
-    "nodes",
-)
+# The inventory's own top-level keys; beside them, each role's section (its SECTION: the
+# roles are discovered, ddpfleet.catalog), whose keys the roles validate against defaults.yaml.
+TOP_KEYS = ("cluster", "ssh", "train", "sandbox", "health", "nodes")
 CLUSTER_KEYS = ("name", "master", "master_port")
 SSH_KEYS = (
     "user",
@@ -65,9 +57,10 @@ SSH_KEYS = (
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo", "init")
 TRAIN_KEYS = ("launcher",)
+# invoke health's thresholds (ddpfleet.health): GPU temperature warn/fail, and --deep's
+# all_reduce bus bandwidth between nodes (GB/s floor; else a ratio of the fleet's median).
+HEALTH_KEYS = ("temp_warn_c", "temp_fail_c", "busbw_gbps", "busbw_ratio")
 LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
-# Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
-ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm", "train_user")
 
 SSH_DEFAULTS = {
     "user": "root",
@@ -83,96 +76,6 @@ SSH_DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
-class Node:
-    name: str
-    host: str
-    port: int
-    user: str
-    key: Path | None
-    known_hosts: Path
-    connect_timeout: float
-    gpus: int | None = None
-    vars: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    command_timeout: float = 20.0
-    become: str = "auto"
-    become_password_file: Path | None = None
-
-    @property
-    def address(self) -> str:
-        return self.host if self.port == 22 else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Cluster:
-    name: str
-    master: str
-    master_port: int
-
-
-@dataclass(frozen=True)
-class SandboxSettings:
-    prefix: str
-    subnet: str
-    state_dir: Path
-    sudo: str = "nopasswd"  # the login user's sudo when it is not root: nopasswd|password|none
-    init: str = "sandbox"  # the nodes' PID 1: sandbox (ddpfleet/sandbox/node_init.py) or systemd
-
-
-@dataclass(frozen=True)
-class Inventory:
-    path: Path
-    cluster: Cluster
-    nodes: tuple[Node, ...]
-    forks: int
-    sections: Mapping[str, Mapping[str, Any]]  # role sections, raw but read-only
-    sandbox: SandboxSettings | None
-    lines: Mapping[tuple[str, ...], int] = field(repr=False, compare=False, default=None)
-    persist: int = 60  # ssh.persist: the connection keeper's idle timeout (kept.py)
-    launcher: str = "ssh"
-    # Every node the file declares, whatever --nodes selected (secretfiles: the keys of all of
-    # them stay home); () when built by hand: then `nodes`.
-    declared: tuple[Node, ...] = field(default=(), repr=False, compare=False)
-
-    @property
-    def root(self) -> Path:
-        return self.path.parent
-
-    def node(self, name: str) -> Node:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise InventoryError(f"{self.path.name}: unknown node {name!r}; known: {self.names()}")
-
-    def names(self) -> str:
-        return ", ".join(n.name for n in self.nodes)
-
-    def where(self, *keys: str) -> str:
-        """'inventory.yaml:12' for a key path, for messages that point at the file."""
-        line = (self.lines or {}).get(tuple(keys))
-        return f"{self.path.name}:{line}" if line else self.path.name
-
-    def section(self, name: str) -> Mapping[str, Any]:
-        return self.sections.get(name, MappingProxyType({}))
-
-    def select(self, names: str | None) -> Inventory:
-        """The inventory restricted to --nodes a,b (in that order); None or '' means all."""
-        if not names:
-            return self
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
-        known = {n.name: n for n in self.nodes}
-        for name in wanted:
-            if name not in known:
-                hint = _did_you_mean(name, known)
-                raise InventoryError(
-                    f"--nodes: unknown node {name!r}{hint} (known nodes in {self.path.name}: "
-                    f"{self.names()})"
-                )
-        if len(set(wanted)) != len(wanted):
-            raise InventoryError(f"--nodes: a node is named twice in {names!r}")
-        return replace(self, nodes=tuple(known[n] for n in wanted))
-
-
 def resolve_path(path: str | os.PathLike | None) -> Path:
     """--inventory, else $DDPFLEET_INVENTORY, else ./inventory.yaml."""
     chosen = path or os.environ.get(ENV_VAR) or DEFAULT_PATH
@@ -180,11 +83,15 @@ def resolve_path(path: str | os.PathLike | None) -> Path:
 
 
 def load(
-    path: str | os.PathLike | None = None, nodes: str | None = None, check_files: bool = True
+    path: str | os.PathLike | None = None,
+    nodes: str | None = None,
+    check_files: bool = True,
+    roles_dir: Path = catalog.ROLES_DIR,
 ) -> Inventory:
     """Read, validate and resolve an inventory; `nodes` is the --nodes flag.
 
     check_files=False skips the key-file check, for sandbox.up, which creates the key.
+    roles_dir: where the roles whose sections it accepts live.
     """
     p = resolve_path(path)
     if not p.is_file():
@@ -192,70 +99,29 @@ def load(
             f"{p}: inventory not found; pass --inventory PATH or set ${ENV_VAR} "
             f"(invoke sandbox.up writes one for the local sandbox)"
         )
-    data, lines = _read_yaml(p)
-    return _Builder(p, data, lines, check_files).build().select(nodes)
-
-
-# -- YAML with line numbers and duplicate-key detection ---------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    out: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if key in out:
-            first = loader._ddp_lines[loader._ddp_path + (str(key),)]  # type: ignore[attr-defined]
-            raise InventoryError(
-                f"{loader._ddp_file}:{line}: duplicate key {key!r} (first at line {first}); "  # type: ignore[attr-defined]
-                f"YAML would silently keep the last one: remove one of them"
-            )
-        loader._ddp_path += (str(key),)  # type: ignore[attr-defined]
-        loader._ddp_lines[loader._ddp_path] = line  # type: ignore[attr-defined]
-        out[key] = loader.construct_object(value_node, deep=True)
-        loader._ddp_path = loader._ddp_path[:-1]  # type: ignore[attr-defined]
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _read_yaml(path: Path) -> tuple[dict, dict]:
-    loader = _Loader(path.read_text())
-    loader._ddp_file, loader._ddp_path, loader._ddp_lines = path.name, (), {}
-    try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f":{mark.line + 1}" if mark else ""
+    data, lines = inventory_yaml.read(p)
+    role_sections = catalog.sections(roles_dir)
+    for name in set(role_sections) & set(TOP_KEYS):
         raise InventoryError(
-            f"{path.name}{line}: YAML syntax error: {e.problem or e.context}; fix the file"
-        ) from None
-    finally:
-        loader.dispose()
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InventoryError(f"{path.name}:1: the inventory must be a mapping with a nodes: key")
-    return data, loader._ddp_lines
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+            f"a role's SECTION = {name!r} is a key of the inventory itself; rename the section"
+        )
+    return _Builder(p, data, lines, check_files, role_sections).build().select(nodes)
 
 
 # -- validation -------------------------------------------------------------------------------
 
 
 class _Builder:
-    def __init__(self, path: Path, data: dict, lines: dict, check_files: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        data: dict,
+        lines: dict,
+        check_files: bool = True,
+        role_sections: tuple[str, ...] = (),
+    ):
         self.path, self.data, self.lines, self.check_files = path, data, lines, check_files
+        self.role_sections = role_sections
 
     def fail(self, keys: tuple[str, ...], problem: str) -> InventoryError:
         line = None
@@ -275,12 +141,12 @@ class _Builder:
             if k not in allowed:
                 raise self.fail(
                     keys + (str(k),),
-                    f"unknown key{_did_you_mean(k, allowed)} (allowed: {', '.join(allowed)})",
+                    f"unknown key{did_you_mean(k, allowed)} (allowed: {', '.join(allowed)})",
                 )
         return value
 
     def build(self) -> Inventory:
-        top = self.mapping((), self.data, TOP_KEYS)
+        top = self.mapping((), self.data, TOP_KEYS[:-1] + self.role_sections + TOP_KEYS[-1:])
         ssh = {**SSH_DEFAULTS, **self.mapping(("ssh",), top.get("ssh"), SSH_KEYS)}
         forks = self.integer(("ssh", "forks"), ssh["forks"], 1, 1024)
         persist = self.integer(("ssh", "persist"), ssh["persist"], 0, 3600)
@@ -293,7 +159,7 @@ class _Builder:
         self.check_unique_hosts(nodes)
         cluster = self.cluster(top.get("cluster"), nodes)
         sections = {}
-        for name in ROLE_SECTIONS:
+        for name in self.role_sections:
             sections[name] = MappingProxyType(
                 dict(self.mapping((name,), top.get(name), tuple(top.get(name) or ())))
             )
@@ -308,7 +174,17 @@ class _Builder:
             persist=persist,
             launcher=self.launcher(top.get("train")),
             declared=nodes,
+            health=self.health(top.get("health")),
         )
+
+    def health(self, raw: Any) -> Mapping[str, float]:
+        h = self.mapping(("health",), raw, HEALTH_KEYS)
+        for key, value in h.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise self.fail(("health", key), f"must be a number > 0, got {value!r}")
+        if "busbw_ratio" in h and h["busbw_ratio"] >= 1:
+            raise self.fail(("health", "busbw_ratio"), "must be below 1, e.g. 0.8")
+        return MappingProxyType(dict(h))
 
     def launcher(self, raw: Any) -> str:
         t = self.mapping(("train",), raw, TRAIN_KEYS)
@@ -414,7 +290,7 @@ class _Builder:
         if master not in names:
             raise self.fail(
                 ("cluster", "master"),
-                f"{master!r} is not a node{_did_you_mean(master, names)}; nodes: {', '.join(names)}",
+                f"{master!r} is not a node{did_you_mean(master, names)}; nodes: {', '.join(names)}",
             )
         if "name" in c:
             name = self.checked(("cluster", "name"), c["name"], cluster_name_problem)

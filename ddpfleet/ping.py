@@ -10,7 +10,7 @@ from ddpfleet.errors import NodeError
 from ddpfleet.facts import FACTS_SCRIPT, human_kb, parse_facts
 from ddpfleet.report import table
 
-if TYPE_CHECKING:  # the warm path (kept.py) must not load paramiko
+if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
     from ddpfleet.ssh.connection import Conn, Fleet
 
 COLUMNS = (

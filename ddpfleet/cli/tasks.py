@@ -137,8 +137,8 @@ def bootstrap(
         bad = boot.failures(runs)
         if bad:
             raise DdpfleetError(
-                f"bootstrap failed on {len({b.split(':')[0] for b in bad})} "
-                f"node(s): " + "; ".join(bad)
+                f"bootstrap failed on {len({f.node for f in bad})} node(s): "
+                + "; ".join(map(str, bad))
             )
 
 
@@ -160,6 +160,8 @@ def bootstrap(
         "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
         "default: the inventory's train.launcher, else ssh)",
         "ask_become_pass": ASK_BECOME_HELP,
+        "health_gate": "run invoke health's quick checks on the nodes first and refuse a "
+        "failing node (default; --no-health-gate skips them)",
         **runtasks.TRAIN_HELP,
     },
 )
@@ -181,6 +183,7 @@ def train(
     detach=False,
     max_restarts=0,
     resume=None,
+    health_gate=True,
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
@@ -209,6 +212,10 @@ def train(
     if how not in inv.LAUNCHERS:
         raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=password) as fleet:
+        if health_gate:
+            from ddpfleet.health import gate
+
+            gate.check(fleet)
         if how == "slurm" and detach:
             runtasks.slurm_detached(loaded, fleet, config)
         elif how == "slurm":
@@ -219,6 +226,25 @@ def train(
             runtasks.detached(loaded, fleet, config, resume)
         else:
             launch.train(fleet, config)
+
+
+def _long_only(t, attr: str):
+    """Task `t` with no short flag for `attr`: invoke would give --health-gate `-h`, and a user
+    typing `invoke train -h` for help would start a run instead of reading one."""
+    get_arguments = t.get_arguments
+
+    def arguments(*args, **kwargs):
+        found = get_arguments(*args, **kwargs)
+        for argument in found:
+            if argument.attr_name == attr:
+                argument.names = argument.names[:1]
+        return found
+
+    t.get_arguments = arguments
+    return t
+
+
+train = _long_only(train, "health_gate")
 
 
 @task(
@@ -237,6 +263,23 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None):
     with _warm_fleet(inventory, nodes) as fleet:
         results = gpustatus.run(fleet, as_json=json, every=_seconds(watch))
         report.exit_if_failed(results, "gpu-status")
+
+
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "nodes": NODES_HELP,
+        "json": "print the ddpfleet.health/1 document instead of the table",
+        "deep": "also measure all_reduce bandwidth between the nodes (gloo, about a minute)",
+    }
+)
+@cli
+def health(c, inventory=None, nodes=None, json=False, deep=False):
+    """Check each node's GPUs, kernel log and versions."""
+    from ddpfleet.health import table
+
+    with _warm_fleet(inventory, nodes) as fleet:
+        table.run(fleet, as_json=json, deep=deep)
 
 
 @task(
@@ -424,7 +467,16 @@ sandbox_ns = Collection(
     "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
 )
 ns = Collection(
-    ping, trust, bootstrap, env_export, train, gpu_status, doctor, disconnect, sandbox_ns
+    ping,
+    trust,
+    bootstrap,
+    env_export,
+    train,
+    gpu_status,
+    health,
+    doctor,
+    disconnect,
+    sandbox_ns,
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)

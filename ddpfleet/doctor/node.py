@@ -251,7 +251,7 @@ def _env(said: Mapping[str, str], stderr: str, python: str) -> EnvFacts:
 def _address(fleet: Fleet, node: Node) -> str:
     # The connected host is ~/.ssh/config's HostName where the inventory names an alias.
     conn = fleet.conns.get(node.name)
-    return conn.fabric.host if conn else node.host
+    return conn.host if conn else node.host
 
 
 def gather_facts(fleet: Fleet) -> dict[str, NodeFacts | NodeError]:
@@ -296,7 +296,7 @@ def port_test(fleet: Fleet, master: str, port: int) -> PortTest:
     argv = ["python3", "-c", _LISTEN, str(port), token, str(len(workers)), str(wait)]
     listener = threading.Thread(target=lambda: got.update(r=_run_json(conn, argv, wait + 10)))
     listener.start()
-    reach = ["python3", "-c", _REACH, conn.fabric.host, str(port), token, str(REACH_S)]
+    reach = ["python3", "-c", _REACH, conn.host, str(port), token, str(REACH_S)]
     answers = fleet.map(lambda c: _run_json(c, reach, REACH_S + 10), workers)
     listener.join()
     listen = got["r"]

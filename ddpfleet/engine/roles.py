@@ -1,7 +1,7 @@
 """The roles engine: roles in order on every node, nodes in parallel, steps reported.
 
 A role is a directory roles/<name>/ (loaded by role_settings, which also resolves its settings):
-    role.py        SECTION (its inventory section), applies(cfg, host) -> bool,
+    role.py        ORDER, SECTION, OPT_IN (its header: ddpfleet.catalog), applies(cfg, host) -> bool,
                    apply(host, cfg) -> Iterator[Step], optional HANDLERS {name: fn(host, cfg)}
     defaults.yaml  every knob, prefixed with the role name (miniconda_prefix: /opt/miniconda3)
     templates/     jinja2 templates, rendered with host.template(name, **vars)
@@ -33,7 +33,6 @@ from typing import Any
 
 from ddpfleet.engine import rootfiles
 from ddpfleet.engine.settings import (  # noqa: F401  (re-exported: roles and tests import them here)
-    ROLE_ORDER,
     ROLES_DIR,
     Role,
     load_role,

@@ -3,7 +3,8 @@
 A role is a directory roles/<name>/ whose role.py is loaded as the package
 `ddpfleet_role_<name>` (registered in sys.modules like any import, so dataclasses and
 `from . import helper` work in it), plus defaults.yaml with every knob prefixed by the role name
-(`miniconda_prefix: /opt/miniconda3`).
+(`miniconda_prefix: /opt/miniconda3`). Which roles exist and their order come from their own
+headers (ORDER, SECTION, OPT_IN: ddpfleet.catalog), never from a list here.
 
 A role's settings for a node, lowest precedence first (the one place this is written down):
 
@@ -27,23 +28,11 @@ from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any
 
-import yaml
-
+from ddpfleet import catalog
+from ddpfleet.catalog import ROLES_DIR
 from ddpfleet.errors import InventoryError
-from ddpfleet.inventory import Inventory, Node, _did_you_mean
-
-ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
-ROLE_ORDER = (
-    "train_user",
-    "openssh_server",
-    "miniconda",
-    "conda_env",
-    "venv_env",
-    "jupyter",
-    "slurm",
-)
-# Off unless the inventory enables them ({enabled: true}) or --roles names them.
-OPT_IN = ("slurm",)
+from ddpfleet.inventory import Inventory, Node
+from ddpfleet.inventory_yaml import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -55,10 +44,11 @@ class Role:
     # What the run itself decided, above every tier: {enabled: true} for an opt-in role that
     # --roles names.
     overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    section: str = ""  # its inventory section (the role's SECTION); "" means its name
 
-    @property
-    def section(self) -> str:
-        return getattr(self.module, "SECTION", self.name)
+    def __post_init__(self) -> None:
+        if not self.section:
+            object.__setattr__(self, "section", self.name)
 
     def config(
         self, inventory: Inventory, node: Node, flags: Mapping[str, Any] | None = None
@@ -78,11 +68,10 @@ def load_role(name: str, roles_dir: Path = ROLES_DIR) -> Role:
     directory = roles_dir / name
     if not (directory / "role.py").is_file():
         raise InventoryError(f"--roles: no role {name!r} (roles/{name}/role.py missing)")
+    info = catalog.info(directory)
     module = _import(f"ddpfleet_role_{name}", directory)
-    raw = yaml.safe_load((directory / "defaults.yaml").read_text()) or {}
-    prefix = name + "_"
-    defaults = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
-    return Role(name, module, MappingProxyType(defaults), directory)
+    defaults = catalog.defaults(directory)
+    return Role(name, module, MappingProxyType(defaults), directory, section=info.section)
 
 
 def _import(module_name: str, directory: Path) -> ModuleType:
@@ -103,38 +92,48 @@ def _import(module_name: str, directory: Path) -> ModuleType:
     return module
 
 
-def select_roles(only: str | None = None, skip: str | None = None) -> list[Role]:
-    names = list(ROLE_ORDER)
+def role_names(roles_dir: Path = ROLES_DIR) -> list[str]:
+    """Every role, in the order they run (each role's ORDER)."""
+    return [r.name for r in catalog.discover(roles_dir)]
+
+
+def select_roles(
+    only: str | None = None, skip: str | None = None, roles_dir: Path = ROLES_DIR
+) -> list[Role]:
+    infos = {r.name: r for r in catalog.discover(roles_dir)}
+    names = list(infos)
     wanted = _comma_list(only) or names
     skipped_names = _comma_list(skip)
     for flag, given in (("--roles", wanted), ("--skip-roles", skipped_names)):
         for n in given:
             if n not in names:
                 raise InventoryError(
-                    f"{flag}: unknown role {n!r}{_did_you_mean(n, names)}; "
-                    f"roles: {', '.join(names)}"
+                    f"{flag}: unknown role {n!r}{did_you_mean(n, names)}; roles: {', '.join(names)}"
                 )
-    chosen = [load_role(n) for n in names if n in wanted and n not in skipped_names]
+    chosen = [load_role(n, roles_dir) for n in names if n in wanted and n not in skipped_names]
     named = _comma_list(only)
+    # An opt-in role (OPT_IN = True) is off unless the inventory enables it or --roles names it.
     return [
         replace(r, overrides=MappingProxyType({"enabled": True}))
-        if r.name in OPT_IN and r.name in named
+        if infos[r.name].opt_in and r.name in named
         else r
         for r in chosen
     ]
 
 
-def validate_sections(inventory: Inventory, roles: list[Role]) -> None:
-    """Unknown keys in a role section are inventory mistakes: name the line and the fix."""
+def validate_sections(inventory: Inventory, roles: list[Role], roles_dir: Path = ROLES_DIR) -> None:
+    """Unknown keys in a role section are inventory mistakes: name the line and the fix.
+    Every role's keys count, also those of roles not selected: a section is shared
+    (python_env: conda_env and venv_env)."""
     known: dict[str, set[str]] = {}
-    for role in [load_role(n) for n in ROLE_ORDER if (ROLES_DIR / n / "role.py").is_file()]:
-        known.setdefault(role.section, set()).update(role.defaults)
+    for info in catalog.discover(roles_dir):
+        known.setdefault(info.section, set()).update(info.keys)
     for section, keys in known.items():
         for key in inventory.section(section):
             if key not in keys:
                 raise InventoryError(
                     f"{inventory.where(section, key)}: {section}.{key}: unknown key"
-                    f"{_did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
+                    f"{did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
                 )
 
 

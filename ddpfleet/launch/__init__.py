@@ -22,7 +22,7 @@
    the verdict (outcome.py, run.py): the node that failed first is verdict.blame's, the rule
    every launcher shares, with the run states (verdict.RunState).
 
-This package does not import Invoke or paramiko: tasks.py gathers the flags, the connection
+This package imports neither Invoke nor the SSH library: tasks.py gathers the flags, the connection
 layer (Conn.session, Conn.sftp) carries the bytes.
 """
 

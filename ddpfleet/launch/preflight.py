@@ -33,7 +33,7 @@ def _probed(conn: Conn, python: str, got: Mapping) -> Probed:
     facts = NodeFacts(
         python=python,
         home=got["home"],
-        ssh_host=conn.fabric.host,
+        ssh_host=conn.host,
         torch=got["torch"],
         cuda=got["cuda"],
         nccl=got["nccl"],
@@ -47,7 +47,7 @@ def _probed(conn: Conn, python: str, got: Mapping) -> Probed:
 
 def open_members(fleet: Fleet, config: TrainConfig, out: Output) -> dict[str, Member]:
     """A runner per node; the master binds and holds the port, the workers connect to it."""
-    port, master_host = config.port, fleet.conns[config.master].fabric.host
+    port, master_host = config.port, fleet.conns[config.master].host
     members = {}
     for rank, name in enumerate(config.order):
         request = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.errors import DdpfleetError, NodeError, Unreachable
 from ddpfleet.inventory import Inventory, Node
 from ddpfleet.ssh.parallel import parallel
 
@@ -102,6 +102,27 @@ class FleetBase:
             if node.name in wanted and not isinstance(conn, NodeError):
                 outcomes[node.name] = result
         return {n: outcomes[n] if n in outcomes else self.errors[n] for n in names}
+
+    def lost(self, conn: Any) -> bool:
+        """Whether an open connection has dropped (the subclass knows how to tell)."""
+        return False
+
+    def reconnect_lost(self) -> list[str]:
+        """Forget every connection that dropped and every node that was unreachable, so the
+        next map() connects to them again (each in its own worker, as at the start); live
+        connections are kept. For a caller that outlives reboots (gpu-status --watch).
+        Returns the nodes that will be connected again."""
+        again = []
+        for name, conn in list(self.conns.items()):
+            if self.lost(conn):
+                conn.close()
+                del self.conns[name]
+                again.append(name)
+        for name, error in list(self.errors.items()):
+            if isinstance(error, Unreachable):
+                del self.errors[name]
+                again.append(name)
+        return [n.name for n in self.nodes if n.name in again]
 
     def run(self, command: str | list[str], **kwargs) -> dict[str, Any]:
         return self.map(lambda c: c.run(command, **kwargs))

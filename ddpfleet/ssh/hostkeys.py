@@ -17,7 +17,7 @@ import paramiko
 from ddpfleet.errors import HostKeyChanged, NodeError, Unreachable
 from ddpfleet.inventory import Node
 from ddpfleet.ssh import jumps, knownhosts
-from ddpfleet.ssh.connection import _fabric_connection, _tcp_socket, connect
+from ddpfleet.ssh.connection import _fabric_connection, _tcp_socket, connect, resolve
 from ddpfleet.ssh.knownhosts import fingerprint, known_hosts_name
 
 
@@ -39,7 +39,7 @@ class Offered:
 
 def scan(node: Node) -> Offered:
     """The key the node offers, compared with every known_hosts we read (no login needed)."""
-    return _offered(node, *_address(node), sock=None)
+    return _offered(node, *resolve(node), sock=None)
 
 
 def scan_chain(node: Node) -> Iterator[Offered]:
@@ -53,7 +53,7 @@ def scan_chain(node: Node) -> Iterator[Offered]:
         for i, hop in enumerate(hops):
             hnode = jumps.hop_node(node, hop)
             prev = opened[-1] if opened else None
-            offered = _offered(hnode, *_address(hnode), sock=prev, via=f"jump host {hop}")
+            offered = _offered(hnode, *resolve(hnode), sock=prev, via=f"jump host {hop}")
             yield offered
             try:
                 opened.append(connect(hnode, jump=",".join(hops[:i]) or "none"))
@@ -63,11 +63,6 @@ def scan_chain(node: Node) -> Iterator[Offered]:
     finally:
         for conn in reversed(opened):
             conn.close()
-
-
-def _address(node: Node) -> tuple[str, int]:
-    c = _fabric_connection(node)  # for ~/.ssh/config HostName/Port
-    return c.host, c.port
 
 
 def _offered(node: Node, host: str, port: int, sock, via: str = "") -> Offered:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import paramiko
 
@@ -45,6 +46,19 @@ def pinned(name: str, project: Path) -> tuple[dict[str, paramiko.PKey], Path]:
             if keys:
                 return {t: keys[t] for t in keys}, path
     return {}, project
+
+
+class PinnedKey(NamedTuple):
+    """A pinned host key as code outside the SSH layer uses it: no paramiko type."""
+
+    fingerprint: str  # SHA256:...
+    base64: str  # the key as known_hosts writes it
+
+
+def pinned_keys(name: str, project: Path) -> dict[str, PinnedKey]:
+    """pinned(), each key as its fingerprint and base64 ({type: PinnedKey})."""
+    keys, _ = pinned(name, project)
+    return {t: PinnedKey(fingerprint(k), k.get_base64()) for t, k in keys.items()}
 
 
 def parsed(path: Path) -> paramiko.HostKeys:

@@ -41,6 +41,7 @@ from ddpfleet.envs import (
     gpu_node,
 )
 
+ORDER = 40
 SECTION = "python_env"
 ASIDE = ".ddpfleet-old"  # <env><ASIDE>: the old env while its replacement is built and verified
 # $1 env, $2 where the old one waits: the new env goes, the old one comes back as it was.

@@ -31,9 +31,11 @@ from ddpfleet.engine.roles import Host, Step, changed, failed, ok, skipped
 from ddpfleet.errors import CommandError, DdpfleetError
 from ddpfleet.jupyter import NodeState, Secret, Settings
 
+from . import service  # its files, running, the wait
+from .service import RESTART
+
+ORDER = 60  # after venv_env / conda_env: jupyter-lab goes into their env
 SECTION = "jupyter"
-RESTART = "restart jupyter"
-WAIT_S = 90
 
 # Runs with the env's python; the password and the node's current hash arrive on stdin.
 HASH_PY = """import json, sys
@@ -133,7 +135,8 @@ def apply(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
     except DdpfleetError as e:
         yield failed("settings", str(e))
         return
-    for step_fn in (_user, _jupyterlab, _root_dir, _password, _config, _service_files, _service):
+    steps = (_user, _jupyterlab, _root_dir, _password, _config, service.files, service.service)
+    for step_fn in steps:
         step = step_fn(run)
         yield step
         if step.status in ("failed", "skipped"):  # skipped: --check cannot see further
@@ -282,117 +285,6 @@ def _diff(path: str, old: str | None, new: str) -> str:
     return redact("".join(lines))
 
 
-def _service_files(run: Run) -> Step:
-    if run.state.systemd:
-        return _unit(run)
-    host, made = run.host, []
-    for directory, mode, present in (
-        (jupyter.STATE_DIR, "0700", run.state.state_dir),
-        (jupyter.LIBEXEC, "0755", run.state.libexec),
-    ):
-        if not present:
-            host.change(["install", "-d", "-m", mode, directory])
-            made.append(directory)
-    script = (host.role.directory / "files" / "jupyter-supervise").read_text()
-    for path, text in (
-        (jupyter.SUPERVISOR, script),
-        (jupyter.PROCTREE, jupyter.PROCTREE_SOURCE.read_text()),
-    ):
-        written, _ = host.put(path, text, mode=0o755 if path == jupyter.SUPERVISOR else 0o644)
-        if written:
-            made.append(path)
-            if run.state.running:
-                host.notify(RESTART)
-    if not made:
-        return ok("service files", f"{jupyter.SUPERVISOR} (no systemd: supervised process)")
-    return host.changed("service files", "write " + ", ".join(made))
-
-
-def _unit(run: Run) -> Step:
-    s = run.s
-    unit = run.host.template(
-        "ddpfleet-jupyter.service.j2",
-        user=s.user,
-        group=run.state.gid,
-        port=s.port,
-        root_dir=run.root_dir,
-        lab=s.lab,
-        path=jupyter.user_path(s),
-    )
-    written, diff = run.host.put(jupyter.UNIT_PATH, unit, mode=0o644)
-    if not written:
-        return ok("service files", jupyter.UNIT_PATH)
-    run.host.change(["systemctl", "daemon-reload"])
-    if run.state.running:
-        run.host.notify(RESTART)
-    return run.host.changed("service files", f"write {jupyter.UNIT_PATH}", diff=diff)
-
-
-def _service(run: Run) -> Step:
-    s, state = run.s, run.state
-    if state.systemd and state.unit_enabled != "enabled":
-        run.host.change(["systemctl", "enable", jupyter.SERVICE])
-        if state.running:
-            return run.host.changed(
-                "service", f"enable {jupyter.SERVICE} (running, pid {state.pid})"
-            )
-    if state.running and state.port_open and state.pid:
-        return _running(run)
-    if state.running:  # the supervisor is there, its server is not answering: start afresh
-        run.host.change(jupyter.stop_command(state))
-        return _start(run, "restarted (it was not answering)")
-    if state.port_open:
-        return failed(
-            "service",
-            f"127.0.0.1:{s.port} on the node is taken by another process; "
-            "stop it or set jupyter.port",
-        )
-    return _start(run, "started")
-
-
-def _running(run: Run) -> Step:
-    state, note = run.state, ""
-    want = jupyter.supervisor_argv(run.s, state, run.root_dir)
-    if not state.systemd and list(state.supervisor_argv[-len(want) :]) != want:
-        run.host.notify(RESTART)
-        note = "; restart queued: its command changed"
-    elif RESTART in run.host.notified:
-        note = "; restart queued: its files changed"
-    return ok("service", f"running (pid {state.pid}) on 127.0.0.1:{run.s.port}{note}")
-
-
-def _start(run: Run, verb: str) -> Step:
-    if RESTART in run.host.notified:  # a fresh start reads the new files anyway
-        run.host.notified.remove(RESTART)
-
-    def start() -> Step:
-        if run.state.systemd:
-            run.host.change(["systemctl", "start", jupyter.SERVICE])
-        else:
-            run.host.change(jupyter.start_command(run.s, run.state, run.root_dir))
-        return _wait(run, verb)
-
-    return run.host.changed("service", f"start Jupyter on 127.0.0.1:{run.s.port}", start)
-
-
-def _wait(run: Run, verb: str, name: str = "service") -> Step:
-    host, s = run.host, run.s
-    if not host.run(jupyter.wait_command(s, WAIT_S), check=False, timeout=WAIT_S + 30).ok:
-        logs = (
-            ["journalctl", "-u", jupyter.SERVICE, "-n", "5", "--no-pager"]
-            if run.state.systemd
-            else jupyter.log_tail_command()
-        )
-        tail = " | ".join(host.run(logs, check=False).stdout.strip().splitlines())
-        return failed(
-            name,
-            f"Jupyter did not answer on 127.0.0.1:{s.port} within {WAIT_S}s; "
-            f"its last lines: {tail or '(none)'}",
-        )
-    run.state = jupyter.read_state(host, s)
-    return changed(name, f"{verb} (pid {run.state.pid}) on 127.0.0.1:{s.port}")
-
-
 # -- handler ---------------------------------------------------------------------------------
 
 
@@ -406,7 +298,7 @@ def restart(host, cfg: Mapping[str, Any]) -> Iterator[Step]:
         else:
             host.change(jupyter.stop_command(run.state))
             host.change(jupyter.start_command(run.s, run.state, run.root_dir))
-        return _wait(run, "restarted: config changed", name="restart")
+        return service.wait(run, "restarted: config changed", name="restart")
 
     yield host.changed("restart", "restart Jupyter", restart_now)
 

@@ -26,6 +26,7 @@ from ddpfleet.envs import TOS_PLUGIN_PROBE
 from ddpfleet.hygiene import mask_url, mask_urls
 from ddpfleet.shell import sh
 
+ORDER = 30  # before conda_env, which makes its envs with this conda
 SECTION = "miniconda"
 FLAVORS = ("miniconda", "miniforge")
 TOS_CHANNELS = ("https://repo.anaconda.com/pkgs/main", "https://repo.anaconda.com/pkgs/r")

@@ -23,17 +23,11 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-import paramiko
-
 from ddpfleet import inventory as inv
 from ddpfleet.errors import DdpfleetError
 from ddpfleet.hygiene import state_dir
-from ddpfleet.ssh.connection import (
-    USER_KNOWN_HOSTS,
-    _fabric_connection,
-    fingerprint,
-    known_hosts_name,
-)
+from ddpfleet.ssh.connection import resolve
+from ddpfleet.ssh.knownhosts import PinnedKey, known_hosts_name, pinned_keys
 
 BEGIN, END = "# BEGIN ddpfleet cluster", "# END ddpfleet cluster"
 # Comments that mark ddpfleet's lines in authorized_keys: the CA line, and the shared root key
@@ -165,21 +159,15 @@ def resolved(node: inv.Node) -> tuple[str, int]:
     (remembered: every node's thread asks for every node)."""
     key = (node.host, node.port, node.user)
     if key not in _resolved:
-        c = _fabric_connection(node)
-        _resolved[key] = (c.host, int(c.port))
+        _resolved[key] = resolve(node)
     return _resolved[key]
 
 
-def trusted_keys(node: inv.Node) -> dict[str, paramiko.PKey]:
-    """The node's host keys the controller trusts, looked up under the name `trust` records."""
+def trusted_keys(node: inv.Node) -> dict[str, PinnedKey]:
+    """The node's host keys the controller trusts ({type: key}), looked up under the name
+    `trust` records: the project's known_hosts, else the user's (as connect reads them)."""
     host, port = resolved(node)
-    name = known_hosts_name(host, port)
-    for path in (node.known_hosts, USER_KNOWN_HOSTS):
-        if path.is_file():
-            found = paramiko.HostKeys(str(path)).lookup(name)
-            if found:
-                return dict(found)
-    return {}
+    return pinned_keys(known_hosts_name(host, port), node.known_hosts)
 
 
 def principal(node: inv.Node) -> str | None:
@@ -190,7 +178,7 @@ def principal(node: inv.Node) -> str | None:
     if not keys:
         return None
     kind = "ssh-ed25519" if "ssh-ed25519" in keys else min(keys)
-    return f"ddpfleet:{node.name}:{fingerprint(keys[kind]).removeprefix('SHA256:')}"
+    return f"ddpfleet:{node.name}:{keys[kind].fingerprint.removeprefix('SHA256:')}"
 
 
 def addresses(node: inv.Node) -> list[str]:
@@ -220,7 +208,7 @@ def known_host_lines(nodes: tuple[inv.Node, ...]) -> tuple[list[str], list[str]]
             continue
         host, port = resolved(node)
         names = sorted({known_hosts_name(node.name, port), known_hosts_name(host, port)})
-        lines += [f"{','.join(names)} {kind} {keys[kind].get_base64()}" for kind in sorted(keys)]
+        lines += [f"{','.join(names)} {kind} {keys[kind].base64}" for kind in sorted(keys)]
     return lines, missing
 
 

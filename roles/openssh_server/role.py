@@ -26,13 +26,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import paramiko
-
 from ddpfleet import inventory as inv
 from ddpfleet.engine.roles import Host, Step, changed, failed, ok
 from ddpfleet.errors import NodeError
 from ddpfleet.shell import APT_GET, sh, sha256
-from ddpfleet.ssh.connection import USER_KNOWN_HOSTS, connect, known_hosts_name
+from ddpfleet.ssh.connection import connect
+from ddpfleet.ssh.knownhosts import known_hosts_name, pinned_keys
 
 from . import cluster as controller  # cluster CA, trusted host keys, marked blocks
 from . import (
@@ -40,6 +39,7 @@ from . import (
     peers,  # node-to-node SSH on the node
 )
 
+ORDER = 20
 SECTION = "openssh_server"
 WHAT = "key-only login, session limits, audited algorithms"  # what the drop-in does, in steps
 SSHD = "/usr/sbin/sshd"
@@ -294,11 +294,8 @@ def _host_key_gap(node: Target) -> str:
     it would refuse the only host key types it trusts for this node (an ecdsa-only pin)."""
     n = node.host.node
     name = known_hosts_name(n.host, n.port)
-    pinned: set[str] = set()
-    for path in (n.known_hosts, USER_KNOWN_HOSTS):  # both are read at connect
-        if path.is_file():
-            pinned |= set(paramiko.HostKeys(str(path)).lookup(name) or {})
-    types = hardening.unoffered_pins(node.lines, pinned)
+    # the types connect accepts: the project file's pins, else the user's (ssh.knownhosts)
+    types = hardening.unoffered_pins(node.lines, set(pinned_keys(name, n.known_hosts)))
     if not types:
         return ""
     return (

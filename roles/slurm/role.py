@@ -33,7 +33,9 @@ from . import daemons
 from .conf import stamp
 from .survey import Survey, survey  # noqa: F401  (survey: the engine's hook)
 
+ORDER = 70
 SECTION = "slurm"
+OPT_IN = True  # off unless the inventory enables it or --roles names it
 APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", "DPkg::Lock::Timeout=300"]
 
 

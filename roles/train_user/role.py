@@ -20,6 +20,7 @@ from typing import Any
 from ddpfleet.engine.roles import Step, failed, ok
 from ddpfleet.shell import sh
 
+ORDER = 10  # first: later roles (jupyter) act as this user
 SECTION = "train_user"
 
 # $1 name, $2 uid, $3 gid

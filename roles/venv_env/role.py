@@ -39,6 +39,7 @@ from ddpfleet.shell import APT_GET
 
 from . import wheels
 
+ORDER = 50
 SECTION = "python_env"
 CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]

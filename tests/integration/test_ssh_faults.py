@@ -278,6 +278,22 @@ def test_node_that_goes_silent_mid_command_is_unreachable(cluster: Cluster):
         _wait_ssh(cluster, "node1", deadline_s=120)
 
 
+def test_reconnect_lost_reopens_only_the_dropped_connection(cluster: Cluster):
+    before = {n: cluster.logins(n) for n in ("node0", "node1")}
+    with Fleet(inv.load(cluster.inventory)) as fleet:
+        assert all(r.ok for r in fleet.run("true").values())
+        kept = fleet.conns["node0"]
+        fleet.conns["node1"].transport.close()  # the connection drops under the fleet
+        assert isinstance(fleet.run("true")["node1"], Unreachable)
+        assert fleet.reconnect_lost() == ["node1"]
+        out = fleet.run("hostname")
+        assert all(r.ok for r in out.values()), out
+        assert fleet.conns["node0"] is kept
+    after = {n: cluster.logins(n) for n in ("node0", "node1")}
+    # the fleet's logins: one for node0, two for node1 (the -1: the `after` query's own login)
+    assert {n: after[n] - before[n] - 1 for n in after} == {"node0": 1, "node1": 2}
+
+
 # -- #7: one node's I/O error is that node's failure -----------------------------------------
 
 
@@ -347,6 +363,7 @@ def test_lock_held_by_another_bootstrap_names_its_holder(cluster: Cluster):
         in r.stderr
         and "(user root)" in r.stderr
     ), r.stderr
+    assert "bootstrap failed on 1 node(s): node0: connect: another bootstrap" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -372,7 +389,7 @@ HOLDER = """
 import sys, time
 from ddpfleet import inventory
 from ddpfleet.bootstrap import NodeLock
-from ddpfleet.connection import Fleet
+from ddpfleet.ssh.connection import Fleet
 with Fleet(inventory.load(sys.argv[1], "node0")) as fleet:
     with NodeLock(fleet.open()["node0"]):
         print("locked", flush=True)

@@ -72,7 +72,13 @@ def test_every_node_gets_a_run_and_the_failures_name_node_role_and_step(no_lock,
     runs = boot.bootstrap(fleet, [role(apply)], log_dir=tmp_path)
     assert runs["node0"].count("changed") == 1 and not runs["node0"].failed
     assert runs["node1"].failed and runs["node2"].unreachable == "no route to host"
-    assert boot.failures(runs) == [
+    bad = boot.failures(runs)
+    assert [(f.node, f.what, f.reason) for f in bad] == [
+        ("node1", "r: install", "no space left on /opt"),
+        ("node2", "unreachable", "no route to host"),
+        ("node3", "connect", "auth refused"),
+    ]
+    assert [str(f) for f in bad] == [
         "node1: r: install: no space left on /opt",
         "node2: unreachable: no route to host",
         "node3: connect: auth refused",

@@ -354,7 +354,7 @@ class LocalConn:
 
     def __init__(self, name: str):
         self.name = name
-        self.fabric = SimpleNamespace(host="127.0.0.1")
+        self.host = "127.0.0.1"
 
     def run(self, argv, check=True, timeout=None, **kw) -> Result:
         program = sys.executable if argv[0] == "python3" else argv[0]

@@ -14,7 +14,6 @@ import pytest
 
 from ddpfleet.gpu import (
     GPU_BASE_FIELDS,
-    JSON_SCHEMA,
     NOT_FOUND,
     Gpu,
     NodeGpus,
@@ -23,9 +22,8 @@ from ddpfleet.gpu import (
     parse_mig_list,
     parse_probe,
     probe_script,
-    to_json,
-    unreachable_json,
 )
+from ddpfleet.gpujson import JSON_SCHEMA, to_json, unreachable_json
 
 STANDINS = Path(__file__).resolve().parents[1] / "standins"
 NO_DRIVER = (

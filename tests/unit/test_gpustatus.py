@@ -184,6 +184,8 @@ def test_document_matches_the_schema() -> None:
         doc["schema"] == "ddpfleet.gpu-status-report/2"
         and doc["time"] == "2026-01-06T12:00:00+00:00"
     )
+    # one id for the whole output: every node object names the document's
+    assert {n["schema"] for n in doc["nodes"]} == {doc["schema"]}
     assert [n["node"] for n in doc["nodes"]] == list(results)
     by = {n["node"]: n for n in doc["nodes"]}
     assert by["node9"]["reachable"] is False and "no answer" in by["node9"]["error"]
@@ -234,13 +236,15 @@ class FakeFleet:
     """Answers query() with one canned result set after another; counts the rounds."""
 
     def __init__(self, rounds: list[dict]):
-        self.rounds, self.calls = rounds, 0
-        self.conns: dict = {}
-        self.errors: dict = {"node9": UNREACHABLE}
+        self.rounds, self.calls, self.reconnects = rounds, 0, []
 
     def map(self, fn):
         self.calls += 1
         return self.rounds[min(self.calls, len(self.rounds)) - 1]
+
+    def reconnect_lost(self) -> list[str]:
+        self.reconnects.append(self.calls)
+        return []
 
 
 def sleeps_then_interrupt(monkeypatch, n: int) -> list[float]:
@@ -263,7 +267,7 @@ def test_watch_json_lines_until_ctrl_c(monkeypatch, capsys) -> None:
     assert slept == [2.5, 2.5] and fleet.calls == 3 and last is rounds[2]
     docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["totals"]["gpus"] for d in docs] == [8, 0, 4]
-    assert "node9" not in fleet.errors  # a node that did not answer is tried again
+    assert fleet.reconnects == [1, 2]  # lost nodes are connected again before each refresh
 
 
 def test_watch_live_table(monkeypatch) -> None:
@@ -287,3 +291,15 @@ def test_insufficient_permissions_cells_show_as_unknown() -> None:
     (g,) = probe("a100_mig_pod").gpus  # a real capture's cells: [N/A], [Insufficient Permissions]
     assert gpustatus.gpu_row("node0", g)[1:6] == (
         "0 MIG", "NVIDIA A100-SXM4-80GB", "-", "- / - GiB", "47 C")  # fmt: skip
+
+
+def test_a_new_column_is_one_entry(monkeypatch) -> None:
+    bus = gpustatus.Column("bus", lambda g: g.bus_id or "-", lambda t: f"{t.nodes} nodes")
+    monkeypatch.setattr(gpustatus, "COLUMNS", (*gpustatus.COLUMNS, bus))
+    results = {"node0": probe("v100x4"), "node9": UNREACHABLE}
+    rows = gpustatus.node_rows("node0", results["node0"])
+    assert all(len(row) == 9 for row in rows) and rows[0][-1] == "00000000:1A:00.0"
+    assert gpustatus.node_rows("node9", UNREACHABLE)[0][-1] == ""  # not queried: empty
+    assert gpustatus.totals_row(gpustatus.totals(results))[-1] == "2 nodes"
+    shown = text_of(gpustatus.render(results))
+    assert " bus " in shown and "00000000:1A:00.0" in shown

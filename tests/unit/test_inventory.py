@@ -111,6 +111,18 @@ def test_select_keeps_order_and_rejects_unknown(write):
             r"inventory.yaml:1: cluster.master: 'nodeX' is not a node",
         ),
         ("- just\n- a list\n", r"inventory.yaml:1: the inventory must be a mapping"),
+        (
+            "health: {temp_warn: 80}\nnodes: {a: {host: h}}\n",
+            r"inventory.yaml:1: health.temp_warn: unknown key; did you mean 'temp_warn_c'",
+        ),
+        (
+            "health:\n  busbw_gbps: fast\nnodes: {a: {host: h}}\n",
+            r"inventory.yaml:2: health.busbw_gbps: must be a number > 0",
+        ),
+        (
+            "health:\n  busbw_ratio: 1.5\nnodes: {a: {host: h}}\n",
+            r"inventory.yaml:2: health.busbw_ratio: must be below 1",
+        ),
     ],
 )
 def test_bad_inventory_is_one_line(write, text, message):
@@ -225,3 +237,9 @@ def test_become_defaults_to_auto_and_a_node_may_override_it(write, tmp_path):
 def test_a_bad_become_is_one_line(write):
     with pytest.raises(InventoryError, match=r"ssh\.become: must be auto, sudo or none"):
         inv.load(write(GOOD.replace("ssh:", "ssh:\n  become: su", 1)))
+
+
+def test_health_thresholds_are_read(write):
+    i = inv.load(write("health: {temp_warn_c: 80, busbw_gbps: 1.5}\nnodes: {a: {host: h}}\n"))
+    assert dict(i.health) == {"temp_warn_c": 80, "busbw_gbps": 1.5}
+    assert dict(inv.load(write("nodes: {a: {host: h}}\n")).health) == {}

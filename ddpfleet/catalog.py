@@ -1,0 +1,119 @@
+"""Which roles exist: every roles/<name>/role.py, in the order its header declares.
+
+A role declares itself in its own role.py, as plain literals at the top:
+
+    ORDER = 30              # when it runs: lower first (train_user 10 ... slurm 70)
+    SECTION = "miniconda"   # its inventory section (default: the role's name)
+    OPT_IN = True           # off unless the inventory enables it or --roles names it
+
+and its settings in defaults.yaml (every key prefixed by the role's name). Adding a role is its
+folder, a test and a line in the README: no central list names it.
+
+The header lines are read with `ast`, never imported: loading an inventory (which accepts each
+role's section) must not run every role's code, and this module sits with `inventory`, below
+the engine that does import them (engine/settings.load_role).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ddpfleet.errors import DdpfleetError
+
+ROLES_DIR = Path(__file__).resolve().parents[1] / "roles"
+HEADER = ("ORDER", "SECTION", "OPT_IN")
+_HEADER_LINE = re.compile(rf"^({'|'.join(HEADER)})\s*(?::[^=]*)?=")
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    name: str
+    order: int
+    section: str
+    opt_in: bool
+    directory: Path
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Its settings, unprefixed (defaults.yaml): read when asked, not at discovery."""
+        return frozenset(defaults(self.directory))
+
+
+@functools.cache
+def discover(roles_dir: Path = ROLES_DIR) -> tuple[RoleInfo, ...]:
+    """Every role under roles_dir, in ORDER; a header that cannot work is one error line."""
+    found = [
+        info(d) for d in sorted(roles_dir.iterdir()) if d.is_dir() and (d / "role.py").is_file()
+    ]
+    by_order: dict[int, str] = {}
+    for r in found:
+        other = by_order.setdefault(r.order, r.name)
+        if other != r.name:
+            raise DdpfleetError(
+                f"roles/{r.name}/role.py: ORDER = {r.order} is also roles/{other}'s; "
+                "give each role its own ORDER"
+            )
+    return tuple(sorted(found, key=lambda r: r.order))
+
+
+def info(directory: Path) -> RoleInfo:
+    name = directory.name
+    where = f"roles/{name}/role.py"
+    header = _header(directory / "role.py", where)
+    order = header.get("ORDER")
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise DdpfleetError(
+            f"{where}: no ORDER = <integer> at the top level; add one (when the role runs: "
+            "lower first)"
+        )
+    section = header.get("SECTION", name)
+    if not isinstance(section, str) or not section:
+        raise DdpfleetError(f"{where}: SECTION must be a string naming its inventory section")
+    return RoleInfo(
+        name=name,
+        order=order,
+        section=section,
+        opt_in=header.get("OPT_IN") is True,
+        directory=directory,
+    )
+
+
+def defaults(directory: Path) -> dict:
+    """defaults.yaml, its keys without the role's prefix (miniconda_prefix -> prefix)."""
+    path = directory / "defaults.yaml"
+    raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    prefix = directory.name + "_"
+    return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+
+
+def sections(roles_dir: Path = ROLES_DIR) -> tuple[str, ...]:
+    """The inventory sections the roles own, each once, in role order."""
+    return tuple(dict.fromkeys(r.section for r in discover(roles_dir)))
+
+
+def _header(path: Path, where: str) -> dict:
+    """The literal values of ORDER, SECTION and OPT_IN, each assigned on one line at role.py's
+    top level. Only those lines are parsed: every command that loads an inventory pays for
+    this, and parsing whole role modules cost ~10 ms each."""
+    found = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        match = _HEADER_LINE.match(line)
+        if not match or match.group(1) in found:
+            continue
+        name = match.group(1)
+        try:
+            stmt = ast.parse(line).body[0]
+            assert isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None
+            found[name] = ast.literal_eval(stmt.value)
+        except (SyntaxError, ValueError, AssertionError):
+            raise DdpfleetError(
+                f"{where}:{number}: {name} must be a literal on one line (read without "
+                "importing the role)"
+            ) from None
+    return found

@@ -1,0 +1,41 @@
+"""`invoke train`'s health gate: the quick checks on the chosen nodes before anything starts.
+
+One probe per node on the run's own fleet (its connections are the ones the launch then uses,
+so the gate costs one round trip, in parallel). A node with a failing check is refused with
+its one-line reason; warnings never refuse. A node SSH cannot reach is left to the launch,
+which names it in its own words, and so are differing torch/CUDA/NCCL versions (the launch's
+preflight compares them with the env it will really run, and names both versions). The result goes to .ddpfleet/health.jsonl as `source: train`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ddpfleet.errors import ConnectError, DdpfleetError
+from ddpfleet.health import table
+
+if TYPE_CHECKING:
+    from ddpfleet.ssh.fleetbase import FleetBase
+
+SKIP_HINT = "--no-health-gate skips this check"
+
+
+class HealthRefused(DdpfleetError):
+    pass
+
+
+def check(fleet: FleetBase) -> None:
+    """Raise HealthRefused naming every failing node (one line each) and the fix."""
+    results = table.probe_all(fleet)
+    probed = {n: r for n, r in results.items() if not isinstance(r, ConnectError)}
+    if not probed:
+        return
+    checks = table.judge_all(fleet.inventory, probed)
+    table.record(fleet.inventory, checks, source="train")
+    bad = table.failures(c for c in checks if c.check != "versions")
+    if bad:
+        lines = "\n  ".join(c.line for c in bad.values())
+        raise HealthRefused(
+            f"health gate refused {len(bad)} of {len(probed)} node(s); nothing was started:\n  "
+            f"{lines}\n  (invoke health shows every check; {SKIP_HINT})"
+        )

@@ -1,0 +1,247 @@
+"""`invoke health`: the quick checks on every node in parallel, one table, the JSON, the history.
+
+    with fleet:
+        checks = quick(fleet)                 # probe (one round trip a node) + judge
+        report.show(render(checks))           # node, check, value, verdict, fix
+        document(checks)                      # --json: HEALTH_SCHEMA
+        record(inventory, checks)             # one line per node in .ddpfleet/health.jsonl
+
+A node that could not be probed (SSH failed, the probe timed out) is one `reach` row that
+fails; a fail anywhere makes `run` raise after the table, so the exit is non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from ddpfleet import envs, report
+from ddpfleet.errors import ConnectError, DdpfleetError, NodeError
+from ddpfleet.health import facts as facts_mod
+from ddpfleet.health import judge as judge_mod
+from ddpfleet.health import probe, versions
+from ddpfleet.health.judge import FAIL, Check
+from ddpfleet.hygiene import STATE_DIR, state_dir
+
+if TYPE_CHECKING:
+    from ddpfleet.inventory import Inventory
+    from ddpfleet.ssh.fleetbase import FleetBase
+
+COLUMNS = ("node", "check", "value", "verdict", "fix")
+SCHEMA_ID = "ddpfleet.health/1"
+HISTORY = "health.jsonl"
+STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
+
+
+def env_python(inventory: Inventory, name: str) -> str:
+    node = next(n for n in inventory.nodes if n.name == name)
+    return envs.location(inventory, node).python
+
+
+def probe_all(fleet: FleetBase, names: Iterable[str] | None = None) -> dict[str, object]:
+    """{node: NodeFacts | NodeError}: the probe on every node (or `names`) in parallel."""
+    pythons = {n.name: env_python(fleet.inventory, n.name) for n in fleet.nodes}
+
+    def one(conn) -> facts_mod.NodeFacts:
+        return facts_mod.parse(probe.run(conn, pythons[conn.name]))
+
+    return fleet.map(one, names)
+
+
+def judge_all(inventory: Inventory, results: Mapping[str, object]) -> list[Check]:
+    """Every node's rows, in inventory order, the versions held against the fleet's."""
+    nodes = {n.name: n for n in inventory.nodes}
+    checks: list[Check] = []
+    probed = {}
+    for name, outcome in results.items():
+        if isinstance(outcome, NodeError):
+            what = "unreachable" if isinstance(outcome, ConnectError) else "not probed"
+            checks.append(
+                Check(
+                    name, "reach", f"{what}: {outcome.message}", FAIL, f"invoke ping --nodes {name}"
+                )
+            )
+            continue
+        probed[name] = outcome
+        checks += judge_mod.judge(
+            name,
+            outcome,
+            expected_gpus=nodes[name].gpus,
+            limits=inventory.health,
+            env=env_python(inventory, name),
+        )
+    return versions.compare(probed, checks)
+
+
+def quick(fleet: FleetBase, names: Iterable[str] | None = None) -> list[Check]:
+    return judge_all(fleet.inventory, probe_all(fleet, names))
+
+
+def failures(checks: Iterable[Check]) -> dict[str, Check]:
+    """The first failing row of each node that has one: its one-line reason."""
+    out: dict[str, Check] = {}
+    for c in checks:
+        if c.verdict == FAIL:
+            out.setdefault(c.node, c)
+    return out
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def render(checks: Iterable[Check]) -> Table:
+    rows = []
+    for c in checks:
+        rows.append((c.node, c.check, c.value, report.text(c.verdict, STYLE[c.verdict]), c.fix))
+    return report.table(None, COLUMNS, rows)
+
+
+# --- JSON and the history ------------------------------------------------------------------------
+
+_STR = {"type": "string"}
+_CHECK = {
+    "type": "object",
+    "required": ["check", "value", "verdict", "fix"],
+    "additionalProperties": False,
+    "properties": {
+        "check": _STR,  # gpus, ecc, retired pages, remapped rows, throttle, temperature, ...
+        "value": _STR,
+        "verdict": {"enum": ["pass", "warn", "fail"]},
+        "fix": _STR,  # empty on a pass
+    },
+}
+_NODE = {
+    "type": "object",
+    "required": ["node", "verdict", "checks"],
+    "additionalProperties": False,
+    "properties": {
+        "node": _STR,
+        "verdict": {"enum": ["pass", "warn", "fail"]},  # the node's worst check
+        "checks": {"type": "array", "items": _CHECK},
+    },
+}
+
+# `invoke health --json`. Stable: fields are only ever added, under a new SCHEMA_ID. `nodes` in
+# inventory order; `verdict` is the worst over every node (fail: the exit status is 1).
+HEALTH_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": SCHEMA_ID,
+    "type": "object",
+    "required": ["schema", "time", "verdict", "nodes"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "time": _STR,  # ISO 8601, UTC, when the probes returned
+        "verdict": {"enum": ["pass", "warn", "fail"]},
+        "nodes": {"type": "array", "items": _NODE},
+    },
+}
+# One line of .ddpfleet/health.jsonl: a node's result of one run (health or train's gate).
+HISTORY_SCHEMA: dict = {
+    **{k: v for k, v in _NODE.items() if k != "required"},
+    "$id": "ddpfleet.health-history/1",
+    "required": ["schema", "time", "source", "node", "verdict", "checks"],
+    "properties": {
+        "schema": {"const": "ddpfleet.health-history/1"},
+        "time": _STR,
+        "source": {"enum": ["health", "train"]},
+        **_NODE["properties"],
+    },
+}
+
+
+def _by_node(checks: Iterable[Check]) -> dict[str, list[Check]]:
+    nodes: dict[str, list[Check]] = {}
+    for c in checks:
+        nodes.setdefault(c.node, []).append(c)
+    return nodes
+
+
+def _node_json(name: str, rows: list[Check]) -> dict:
+    return {
+        "node": name,
+        "verdict": judge_mod.worst(rows),
+        "checks": [
+            {"check": c.check, "value": c.value, "verdict": c.verdict, "fix": c.fix} for c in rows
+        ],
+    }
+
+
+def _stamp(when: datetime | None) -> str:
+    return (when or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+
+
+def document(checks: list[Check], when: datetime | None = None) -> dict:
+    return {
+        "schema": SCHEMA_ID,
+        "time": _stamp(when),
+        "verdict": judge_mod.worst(checks),
+        "nodes": [_node_json(n, rows) for n, rows in _by_node(checks).items()],
+    }
+
+
+def history_path(inventory: Inventory) -> Path:
+    return inventory.root / STATE_DIR / HISTORY
+
+
+def record(
+    inventory: Inventory, checks: list[Check], source: str = "health", when=None
+) -> Path | None:
+    """Append one line per node to .ddpfleet/health.jsonl (a node that degrades over days shows
+    it there). A history that cannot be written is a warning, never a failed check."""
+    path = history_path(inventory)
+    stamp = _stamp(when)
+    lines = [
+        json.dumps(
+            {
+                "schema": "ddpfleet.health-history/1",
+                "time": stamp,
+                "source": source,
+                **_node_json(n, rows),
+            }
+        )
+        for n, rows in _by_node(checks).items()
+    ]
+    try:
+        state_dir(path.parent)
+        with path.open("a") as f:
+            f.write("".join(line + "\n" for line in lines))
+    except OSError as e:
+        report.warn(f"health history not written: {path}: {e.strerror or e}")
+        return None
+    return path
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+
+def run(fleet: FleetBase, as_json: bool = False, deep: bool = False) -> list[Check]:
+    """The table (or --json), the history; raises naming every failing node after both.
+    `deep`: then all_reduce bandwidth between the nodes the quick checks reached."""
+    checks = quick(fleet)
+    if deep:
+        from ddpfleet.health import deep as deep_mod
+
+        reached = [n.name for n in fleet.nodes if n.name in fleet.conns]
+        pythons = {n: env_python(fleet.inventory, n) for n in reached}
+        checks += deep_mod.judge(deep_mod.measure(fleet, reached, pythons), fleet.inventory.health)
+        order = {n.name: i for i, n in enumerate(fleet.nodes)}
+        checks.sort(key=lambda c: order.get(c.node, len(order)))  # stable: each node's rows
+    record(fleet.inventory, checks)
+    if as_json:
+        sys.stdout.write(json.dumps(document(checks), indent=2) + "\n")
+    else:
+        report.show(render(checks))
+    bad = failures(checks)
+    if bad:
+        raise DdpfleetError(
+            f"health failed on {len(bad)} of {len(_by_node(checks))} node(s): "
+            + "; ".join(f"{c.node}: {c.check}: {c.value}" for c in bad.values())
+        )
+    return checks

@@ -1,0 +1,128 @@
+"""`invoke health` and train's health gate on the sandbox: node0 gets the recorded-output
+nvidia-smi stand-in with a fault set (tests/standins), node1 stays a CPU node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ddpfleet.health.table import HEALTH_SCHEMA
+from tests.integration.conftest import ROOT, Cluster, sandbox, second_subnet, write_inventory
+from tests.integration.test_gpu_status import standin, table_rows
+from tests.unit.test_gpu_parse import validate
+
+ECC = "a100x8 set=ecc.errors.uncorrected.volatile.total:2@3"
+
+
+def rows_of(stdout: str) -> dict[tuple[str, str], list[str]]:
+    return {(row[0], row[1]): row[2:] for row in table_rows(stdout)}
+
+
+def test_a_healthy_sandbox_passes(cluster: Cluster) -> None:
+    r = cluster.invoke("health", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = rows_of(r.stdout)
+    for node in ("node0", "node1"):
+        assert rows[(node, "gpus")][:2] == ["no GPU (nvidia-smi not found)", "pass"], rows
+    kept = cluster.inventory.parent / ".ddpfleet" / "health.jsonl"
+    lines = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert {x["node"] for x in lines[-2:]} == {"node0", "node1"}
+
+
+def test_a_stand_in_fault_fails_health_and_names_the_gpu(cluster: Cluster) -> None:
+    with standin(cluster, ["node0"], ECC):
+        r = cluster.invoke("health", timeout=120)
+        j = cluster.invoke("health", "--json", timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    rows = rows_of(r.stdout)
+    assert rows[("node0", "ecc")][:2] == ["GPU 3: 2 uncorrected", "fail"], rows
+    assert rows[("node0", "gpus")][:2] == ["8 (inventory: not set)", "pass"]
+    assert "error: health failed on 1 of 2 node(s): node0: ecc: GPU 3: 2 uncorrected" in r.stderr
+    doc = json.loads(j.stdout)
+    validate(doc, HEALTH_SCHEMA)
+    verdicts = {n["node"]: n["verdict"] for n in doc["nodes"]}
+    assert verdicts["node0"] == "fail" and verdicts["node1"] != "fail", verdicts
+    assert j.returncode == 1
+
+
+def test_train_refuses_the_faulty_node_with_its_reason(cluster: Cluster) -> None:
+    code_dir = "/root/ddpfleet-health-gate-code"
+    args = ["train", "--project-dir", str(ROOT), "--code-dir", code_dir, "--run-id", "t-gate"]
+    with standin(cluster, ["node0"], ECC):
+        r = cluster.invoke(*args, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "health gate refused 1 of 2 node(s); nothing was started" in r.stderr
+    assert "node0: ecc: GPU 3: 2 uncorrected; fix: drain the node" in r.stderr
+    assert "node1:" not in r.stderr
+    for node in ("node0", "node1"):  # nothing synced, no run started anywhere
+        assert cluster.ssh(node, f"test -e {code_dir}").returncode == 1
+    assert not (cluster.inventory.parent / "logs" / "t-gate").exists()
+    lines = (cluster.inventory.parent / ".ddpfleet" / "health.jsonl").read_text().splitlines()
+    last = [json.loads(line) for line in lines[-2:]]
+    assert [(x["node"], x["source"]) for x in last] == [("node0", "train"), ("node1", "train")]
+    assert last[0]["verdict"] == "fail" and last[1]["verdict"] != "fail"
+
+
+# --- --deep: all_reduce bandwidth between nodes ---------------------------------------------------
+
+SLOW = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "20mbit", "burst", "32kbit",
+        "latency", "400ms"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def four(cluster: Cluster, tmp_path_factory) -> Iterator[Cluster]:
+    """A 4-node cluster of its own (prefix +d, the next subnet) with the training env, sharing
+    the session's wheel cache: a ring of 4 meets every node twice, in two rounds.
+
+    Its health.busbw_ratio is 0.1, not the default 0.8: the sandbox's nodes share this
+    machine's two cores with each other and the other tests, and healthy pairs measured 0.15 to
+    0.7 GB/s in one run; the tbf-slowed link is ~0.0025 GB/s, two hundred times below."""
+    directory = tmp_path_factory.mktemp("deep")
+    prefix = cluster.data["sandbox"]["prefix"] + "d"
+    inventory = write_inventory(
+        directory, 4, prefix=prefix, subnet=second_subnet(), health={"busbw_ratio": 0.1}
+    )
+    c = Cluster(directory, inventory)
+    shared = cluster.dir / ".ddpfleet" / "wheelhouse"
+    shared.mkdir(parents=True, exist_ok=True)
+    (directory / ".ddpfleet").mkdir(exist_ok=True)
+    (directory / ".ddpfleet" / "wheelhouse").symlink_to(shared)
+    with sandbox(c):
+        boot = c.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
+        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+        yield c
+
+
+def netns(c: Cluster, node: str, *argv: str) -> None:
+    ns = f"{c.data['sandbox']['prefix']}-{node}"
+    subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True)
+
+
+def allreduce_rows(stdout: str) -> dict[str, list[str]]:
+    return {node: rest for (node, check), rest in rows_of(stdout).items() if check == "allreduce"}
+
+
+def test_deep_names_the_node_whose_link_is_slowed_and_no_other(four: Cluster) -> None:
+    healthy = [four.invoke("health", "--deep", timeout=300) for _ in range(2)]
+    for r in healthy:  # zero fails on healthy nodes, run after run
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert {v[1] for v in allreduce_rows(r.stdout).values()} == {"pass"}, r.stdout
+    netns(four, "node2", *SLOW)
+    try:
+        began = time.monotonic()
+        slow = four.invoke("health", "--deep", timeout=300)
+        took = time.monotonic() - began
+    finally:
+        netns(four, "node2", "tc", "qdisc", "del", "dev", "eth0", "root")
+    rows = allreduce_rows(slow.stdout)
+    assert slow.returncode == 1, slow.stdout + slow.stderr
+    assert {n: v[1] for n, v in rows.items()} == {
+        "node0": "pass", "node1": "pass", "node2": "fail", "node3": "pass"}, slow.stdout  # fmt: skip
+    assert "health failed on 1 of 4 node(s): node2: allreduce: busbw" in slow.stderr
+    print(f"measured: health --deep on 4 sandbox nodes, one slowed: {took:.1f}s")
+    again = four.invoke("health", "--deep", timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
