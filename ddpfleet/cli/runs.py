@@ -111,7 +111,8 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
         raise DdpfleetError(f"--keep {keep!r}: give how many ended runs to keep, a number >= 0")
     loaded, pythons, fleet, said = _gather(inventory, nodes, (), ask_become_pass)
     with fleet:
-        views = runctl.views(said, _index(loaded)) + _slurm_views(fleet, _index(loaded))
+        index = _index(loaded)
+        views = index.settle(runctl.views(said, index) + _slurm_views(fleet, index))
         if prune:
             removed = runctl.prune(fleet, pythons, int(keep))
             rows = [(n, ", ".join(r) if isinstance(r, list) else str(r) or "-")

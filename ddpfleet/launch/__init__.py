@@ -18,8 +18,9 @@
    prefixes every line with its node and rank, writes logs/<run-id>/<node>.log, stops every
    node when one fails or its connection drops, and on Ctrl-C (twice: kill at once) (gang.py);
    what the output says about a failure is read by clues.py.
-4. torchrun's per-rank logs come back over SFTP (logs.py); one summary line per node and the
-   verdict (outcome.py, run.py).
+4. torchrun's per-rank logs come back over SFTP (ranklogs.py); one summary line per node and
+   the verdict (outcome.py, run.py): the node that failed first is verdict.blame's, the rule
+   every launcher shares, with the run states (verdict.RunState).
 
 This package imports neither Invoke nor the SSH library: tasks.py gathers the flags, the connection
 layer (Conn.session, Conn.sftp) carries the bytes.

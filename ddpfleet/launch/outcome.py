@@ -1,4 +1,5 @@
-"""How each node's part of a run ended, which node failed first, and the words for it."""
+"""How each node's part of an attached run ended (SSH or Slurm), which failed first
+(verdict.blame), and the words for it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ddpfleet.launch.clues import peer_gone
+from ddpfleet.launch.verdict import Evidence, RunState, blame
 
 
 @dataclass
@@ -14,7 +15,7 @@ class Outcome:
     """How one node's part ended, as the controller saw it."""
 
     node: str
-    state: str = "running"  # running -> ok | failed | stopped | lost
+    state: RunState = RunState.RUNNING  # -> SUCCEEDED | FAILED | STOPPED | LOST
     exit_code: int | None = None
     seconds: float = 0.0
     rank: int | None = None  # the rank that failed, from torchrun's root cause or a traceback
@@ -22,16 +23,18 @@ class Outcome:
     last_lines: tuple[str, ...] = ()
     why: str = ""
 
+    def evidence(self) -> Evidence:
+        """What verdict.blame weighs: the failed rank's last lines are what it said."""
+        return Evidence(self.node, self.state, at=self.evidence_at, exit_code=self.exit_code,
+                        rank=self.rank, said=self.last_lines, why=self.why)  # fmt: skip
+
 
 def first_failure(outcomes: Sequence[Outcome]) -> Outcome | None:
-    """The node that failed first: the earliest sign of failure (a rank's traceback, or the
-    exit). A rank that raises prints its traceback before it dies; its peers only hear of it
-    after it died, so their tracebacks come later. A node whose failed rank only says that a
-    peer went away is a consequence while another node failed otherwise (the order in which the
-    controller hears of the two is a race between nodes)."""
-    failed = [o for o in outcomes if o.state in ("failed", "lost")]
-    causes = [o for o in failed if o.state == "lost" or not peer_gone(o.last_lines)] or failed
-    return min(causes, key=lambda o: o.evidence_at or float("inf")) if causes else None
+    """The node that failed first (verdict.blame): the earliest sign of failure (a rank's
+    traceback, or the exit) among the surest causes; a node whose failed rank only says that a
+    peer went away is a consequence while another node failed otherwise."""
+    first = blame([o.evidence() for o in outcomes])
+    return next((o for o in outcomes if first is not None and o.node == first.node), None)
 
 
 def exit_text(code: int | None) -> str:
@@ -46,11 +49,11 @@ def exit_text(code: int | None) -> str:
 
 def summary_line(o: Outcome, first: Outcome | None, reason: str | None) -> str:
     secs = f"{o.seconds:.1f}s"
-    if o.state == "ok":
+    if o.state is RunState.SUCCEEDED:
         return f"{o.node}: ok (exit 0, {secs})"
-    if o.state == "stopped":
+    if o.state is RunState.STOPPED:
         return f"{o.node}: stopped ({reason or 'by ddpfleet'}, {secs})"
-    if o.state == "lost":
+    if o.state is RunState.LOST:
         return f"{o.node}: lost ({o.why}, {secs})" + (" <- first failure" if o is first else "")
     rank = f"rank {o.rank} " if o.rank is not None else ""
     mark = " <- first failure" if o is first else ""
@@ -59,8 +62,8 @@ def summary_line(o: Outcome, first: Outcome | None, reason: str | None) -> str:
 
 def failure_message(first: Outcome, outcomes: Sequence[Outcome]) -> str:
     rank = f" rank {first.rank}" if first.rank is not None else ""
-    how = exit_text(first.exit_code) if first.state == "failed" else first.why
-    others = ", ".join(f"{o.node} {o.state}" for o in outcomes if o is not first)
+    how = exit_text(first.exit_code) if first.state is RunState.FAILED else first.why
+    others = ", ".join(f"{o.node} {o.state.word}" for o in outcomes if o is not first)
     lines = "\n    ".join(first.last_lines) or "(no output)"
     return (
         f"training failed: {first.node}{rank} failed first ({how})"

@@ -278,6 +278,30 @@ def test_a_dead_worker_node_stops_the_others(ready: Cluster):
         ready.invoke("sandbox.start", "--nodes", "node1", timeout=300)
 
 
+def test_an_ended_run_stays_succeeded_while_a_node_is_down(ready: Cluster):
+    """History never lies (issue 24): once `runs` saw a run end, a node down later is shown
+    beside the recorded verdict, never as LOST."""
+    run_id = new_run_id("hist")
+    detach(ready, run_id, SHORT)
+    assert wait_state(ready, run_id, ("SUCCEEDED", "FAILED", "STOPPED", "LOST"))["state"] == (
+        "SUCCEEDED"
+    )
+    stopped = subprocess.run(
+        [*INVOKE, "sandbox.stop", "--nodes", "node1"], cwd=ready.dir, env=ready.env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    try:
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        view = runs(ready)[run_id]
+        assert view["state"] == "SUCCEEDED", view
+        assert "node1 unreachable" in view["why"] and view["why"].endswith(" now"), view
+        assert list(view["unreachable_now"]) == ["node1"], view
+        table = ready.invoke("runs", timeout=120).stdout
+        assert re.search(rf"{run_id}\s.*SUCCEEDED", table), table
+    finally:  # node1 back up, as the other fault tests leave their nodes
+        ready.invoke("sandbox.start", "--nodes", "node1", timeout=300)
+
+
 # On node0, as `nobody` (its effective uid: the sockets are nobody's): wait until something
 # listens on the port (the master's preflight holds it), then retry bind+listen every
 # millisecond, as a local user taking the port would. Once it has the port it says whether the

@@ -398,6 +398,7 @@ def test_the_pump_splits_a_progress_bar_without_newlines_in_bounded_pieces():
     from types import SimpleNamespace
 
     from ddpfleet.launch import MAX_LINE, Member, Output
+    from ddpfleet.launch.verdict import RunState
 
     bar = (b"\r" + b"x" * 100) * 650  # 10**6 redraws of a progress bar, in ~64 KiB reads
     devnull = open(os.devnull, "w")  # noqa: SIM115 (the Output keeps it open for the test)
@@ -412,7 +413,7 @@ def test_the_pump_splits_a_progress_bar_without_newlines_in_bounded_pieces():
     finally:
         tracemalloc.stop()
     assert not pump.is_alive(), "the pump is still splitting"
-    assert member.outcome.state == "ok"
+    assert member.outcome.state is RunState.SUCCEEDED
     assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB for a 100 MiB stream"
     assert max(len(t) for _, t in member.lines) <= MAX_LINE
 

@@ -12,6 +12,7 @@ from ddpfleet import inventory as inv
 from ddpfleet import launch
 from ddpfleet.errors import PlanError
 from ddpfleet.launch import NodeFacts, Outcome, TrainFlags
+from ddpfleet.launch.verdict import RunState
 
 PY = "/opt/ddpfleet/venv/bin/python"
 NODES = """\
@@ -346,18 +347,22 @@ def test_rank_log_names():
 def test_first_failure_is_the_earliest_evidence_not_the_first_exit():
     # node1's rank raised (traceback at t=1.0) but its torchrun exited after node0's, whose
     # ranks only failed because node1's rank was gone (traceback at t=1.2).
-    node0 = Outcome("node0", state="failed", exit_code=1, rank=0, evidence_at=1.2)
-    node1 = Outcome("node1", state="failed", exit_code=1, rank=3, evidence_at=1.0)
+    node0 = Outcome("node0", state=RunState.FAILED, exit_code=1, rank=0, evidence_at=1.2)
+    node1 = Outcome("node1", state=RunState.FAILED, exit_code=1, rank=3, evidence_at=1.0)
     assert launch.first_failure([node0, node1]) is node1
     assert (
-        launch.first_failure([Outcome("node0", state="ok"), Outcome("node1", state="stopped")])
+        launch.first_failure(
+            [Outcome("node0", state=RunState.SUCCEEDED), Outcome("node1", state=RunState.STOPPED)]
+        )
         is None
     )
     msg = launch.failure_message(node1, [node0, node1])
     assert msg.startswith("training failed: node1 rank 3 failed first (exit 1); node0 failed")
     # heard of first, but its rank only lost a peer: the other node is the cause
     peer = ("RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer",)
-    node0 = Outcome("node0", state="failed", exit_code=1, rank=0, evidence_at=0.9, last_lines=peer)
+    node0 = Outcome(
+        "node0", state=RunState.FAILED, exit_code=1, rank=0, evidence_at=0.9, last_lines=peer
+    )
     assert launch.first_failure([node0, node1]) is node1
 
 

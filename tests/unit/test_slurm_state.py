@@ -91,9 +91,10 @@ def test_blame_the_cause_not_the_echo_and_srun_without_a_traceback():
 
 
 def test_the_index_keeps_slurm_runs_apart_from_the_supervisors_runs(tmp_path):
+    from ddpfleet.launch.index import Index
     from ddpfleet.launch.ssh import runctl
 
-    index = runctl.Index(tmp_path)
+    index = Index(tmp_path)
     index.add("ssh1", ["node0"])
     index.add("r1", ["node0", "node1"], launcher="slurm", job_id="42", output_dir="/l", nproc=2)
     assert [e["run_id"] for e in index.slurm()] == ["r1"]

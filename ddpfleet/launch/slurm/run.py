@@ -35,6 +35,7 @@ from ddpfleet.launch.slurm.batch import (
 )
 from ddpfleet.launch.ssh.ranklogs import fetch_rank_logs
 from ddpfleet.launch.ssh.run import prepare
+from ddpfleet.launch.verdict import RunState
 from ddpfleet.ssh.connection import Conn, Fleet
 from ddpfleet.ssh.result import Result
 
@@ -200,14 +201,14 @@ class Job:
             o = Outcome(n.node, seconds=seconds)
             clues = self.clues[n.node]
             if ok:
-                o.state, o.exit_code = "ok", 0
+                o.state, o.exit_code = RunState.SUCCEEDED, 0
             elif n.node in failed or clues.rank is not None:
-                o.state, o.exit_code = "failed", failed.get(n.node)
+                o.state, o.exit_code = RunState.FAILED, failed.get(n.node)
                 o.rank, o.evidence_at = clues.rank, clues.first_at
                 if o.exit_code is None and o.rank is not None:
                     o.exit_code = clues.exits.get(o.rank)
             else:
-                o.state = "stopped"
+                o.state = RunState.STOPPED
             mine = [t for r, t in self.lines[n.node] if o.rank is None or r == o.rank]
             o.last_lines = tuple(mine[-12:])
             outs.append(o)

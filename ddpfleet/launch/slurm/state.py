@@ -1,5 +1,5 @@
 """A detached Slurm run's state (pure): what its nodes say about the job, folded into the same
-verdicts as an SSH run's (runstate.RunView).
+verdict as an SSH run's (verdict.RunState, verdict.RunView; the node to blame: verdict.blame).
 
 Without an accounting database Slurm forgets a job MinJobAge (300 s) after it ends, so the
 nodes are asked three things in one round trip (`probe_script`), and `fold` reads them in order:
@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ddpfleet.launch.clues import Clues, peer_gone
+from ddpfleet.launch.clues import Clues
 from ddpfleet.launch.slurm.batch import (
     JobOutput,
     exit_code,
@@ -32,13 +32,20 @@ from ddpfleet.launch.slurm.batch import (
     parse_record,
     record_path,
 )
-from ddpfleet.launch.ssh.runstate import RunView
+from ddpfleet.launch.verdict import Evidence, RunState, RunView, who
+from ddpfleet.launch.verdict import blame as blame_first
 
 MARK = "@@ddpfleet-slurm"
 TAIL_LINES = 200
 LIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
-STOPPED = ("CANCELLED", "PREEMPTED", "DEADLINE")
-LOST = ("NODE_FAIL", "BOOT_FAIL")
+# Slurm's JobState -> the run's; any other (FAILED, TIMEOUT, OUT_OF_MEMORY ...) is FAILED, and so
+# is COMPLETED with an exit other than 0 (job_state).
+JOB_STATES = {
+    **dict.fromkeys(LIVE, RunState.RUNNING),
+    "COMPLETED": RunState.SUCCEEDED,
+    **dict.fromkeys(("CANCELLED", "PREEMPTED", "DEADLINE"), RunState.STOPPED),
+    **dict.fromkeys(("NODE_FAIL", "BOOT_FAIL"), RunState.LOST),
+}
 # slurmstepd's word in the output when the job or a step is cancelled (scancel, a time limit).
 CANCELLED = re.compile(r"\*\*\* (?:JOB|STEP) [\d.]+ ON \S+ CANCELLED AT")
 
@@ -80,72 +87,97 @@ def parse_probe(text: str) -> NodeSays:
     return NodeSays(job if "JobId" in job else None, record, tail)
 
 
+def job_state(job: Mapping[str, str]) -> RunState:
+    """scontrol's record of the job -> the run's state (JOB_STATES)."""
+    state = JOB_STATES.get(job.get("JobState", ""), RunState.FAILED)
+    return RunState.FAILED if state is RunState.SUCCEEDED and exit_code(job) != 0 else state
+
+
 def blame(lines: Sequence[str], nodes: Sequence[str], nproc: int) -> tuple[str | None, int | None]:
-    """(node, rank) to blame from the job's output: the first node whose rank raised, unless
-    that rank only says a peer went away while another node's rank failed otherwise; else the
-    first node srun says failed."""
+    """(node, rank) to blame from the job's output (verdict.blame): a node failed when one of
+    its ranks did (clues.py) or srun says one of its tasks did; when, by the line it said so."""
     parsed = JobOutput(nodes=tuple(nodes), nproc=nproc)
     clues = {n: Clues(node_rank=i, nproc=nproc) for i, n in enumerate(nodes)}
     own: dict[str, list[tuple[int | None, str]]] = {n: [] for n in nodes}
+    srun_at: dict[str, float] = {}
     for at, raw in enumerate(lines):
         node, rank, text = parsed.line(raw)
         if node in clues:
             clues[node].feed(rank, text, float(at))
             own[node].append((rank, text))
-    failed = [n for n in nodes if clues[n].rank is not None]
-    causes = [
-        n for n in failed if not peer_gone(t for r, t in own[n] if r == clues[n].rank)
-    ] or failed
-    if causes:
-        first = min(causes, key=lambda n: clues[n].first_at or 0.0)
-        return first, clues[first].rank
-    srun_said = [n for n, _ in parsed.failed_tasks]
-    return (srun_said[0] if srun_said else None), None
+        for task_node, _ in parsed.failed_tasks:  # srun's 'srun: error: node1: task 1: ...'
+            srun_at.setdefault(task_node, float(at))
+    first = blame_first([_evidence(n, clues[n], own[n], srun_at.get(n)) for n in nodes])
+    return (first.node, first.rank) if first is not None else (None, None)
+
+
+def _evidence(node: str, clues: Clues, own: list, srun_at: float | None) -> Evidence:
+    """One node's part as the job's output tells it."""
+    if clues.rank is None and srun_at is None:
+        return Evidence(node, RunState.STOPPED)
+    said = tuple(t for r, t in own if r == clues.rank) if clues.rank is not None else ()
+    at = clues.first_at if clues.rank is not None else srun_at
+    return Evidence(node, RunState.FAILED, at=at, rank=clues.rank, said=said)
 
 
 def fold(entry: Mapping, said: Mapping[str, NodeSays | str]) -> RunView:
     """One RunView from the index entry (run id, nodes, job id, nproc, started) and what each
     node said (or why it could not be asked)."""
-    job_id, order = str(entry["job_id"]), tuple(entry["nodes"])
+    order = tuple(entry["nodes"])
+    job, record, tail = _gathered(said)
+    task_nodes, code = parse_record(record)
+    what = f"slurm job {entry['job_id']}"
+    if job is not None:
+        state, why = job_state(job), _job_why(what, job)
+    else:
+        state, why = _forgotten(what, code, tail, said)
+    view = {"run_id": entry["run_id"], "nodes": order, "started": entry.get("started"),
+            "ended": None, "exits": {n: None for n in order}, "state": state,
+            "unasked": {n: s for n, s in said.items() if isinstance(s, str)}}  # fmt: skip
+    if state is not RunState.FAILED:
+        return RunView(**view, why=why)
+    node, rank = blame(tail, task_nodes or order, int(entry.get("nproc") or 1))
+    if node is not None:
+        why = f"{who(Evidence(node, state, rank=rank))} failed first ({why})"
+    return RunView(**view, why=why, failed_node=node, failed_rank=rank)
+
+
+def _gathered(said: Mapping[str, NodeSays | str]) -> tuple[dict | None, str, tuple[str, ...]]:
+    """Slurm's record of the job, the batch script's record and the output's tail, from
+    whichever node has each."""
     answers = [s for s in said.values() if isinstance(s, NodeSays)]
     job = next((a.job for a in answers if a.job), None)
     record = next((a.record for a in answers if a.record), "")
-    tail = next((a.tail for a in answers if a.tail is not None), ())
-    task_nodes, code = parse_record(record)
-    view = {"run_id": entry["run_id"], "nodes": order, "started": entry.get("started"),
-            "ended": None, "exits": {n: None for n in order}}  # fmt: skip
-    what = f"slurm job {job_id}"
+    return job, record, next((a.tail for a in answers if a.tail is not None), ())
 
-    def failed(why: str) -> RunView:
-        node, rank = blame(tail, task_nodes or order, int(entry.get("nproc") or 1))
-        said_rank = f"rank {rank}" if rank is not None else "its torchrun"
-        if node is not None:
-            why = f"{node} {said_rank} failed first ({why})"
-        return RunView(**view, state="FAILED", why=why, failed_node=node, failed_rank=rank)
 
-    if job is not None:
-        state = job.get("JobState", "")
-        if state in LIVE:
-            reason = job.get("Reason", "None")
-            waits = f" waits: {reason}" if state == "PENDING" and reason != "None" else ""
-            where = job.get("NodeList", "")
-            on = f" on {where}" if where not in ("", "(null)") else ""
-            return RunView(**view, state="RUNNING", why=f"{what} {state.lower()}{on}{waits}")
-        if state == "COMPLETED" and exit_code(job) == 0:
-            return RunView(**view, state="SUCCEEDED", why=what)
-        if state in STOPPED:
-            return RunView(**view, state="STOPPED", why=f"{what} {state.lower()}")
-        if state in LOST:
-            return RunView(
-                **view, state="LOST", why=f"{what} {state.lower()} ({job.get('Reason')})"
-            )
-        return failed(f"{what} {state.lower()}, exit {exit_code(job)}")
-    unreachable = [f"{n}: {s}" for n, s in said.items() if isinstance(s, str)]
-    if code == 0:
-        return RunView(**view, state="SUCCEEDED", why=what)
+def _job_why(what: str, job: Mapping[str, str]) -> str:
+    """What Slurm says of a job it still knows, in a few words."""
+    state, reason, where = (
+        job.get("JobState", ""),
+        job.get("Reason", "None"),
+        job.get("NodeList", ""),
+    )
+    on = f" on {where}" if where not in ("", "(null)") else ""
+    waits = f" waits: {reason}" if state == "PENDING" and reason != "None" else ""
+    return {
+        RunState.RUNNING: f"{what} {state.lower()}{on}{waits}",
+        RunState.SUCCEEDED: what,
+        RunState.STOPPED: f"{what} {state.lower()}",
+        RunState.LOST: f"{what} {state.lower()} ({job.get('Reason')})",
+    }.get(job_state(job), f"{what} {state.lower()}, exit {exit_code(job)}")
+
+
+def _forgotten(
+    what: str, code: int | None, tail: Sequence[str], said: Mapping[str, NodeSays | str]
+) -> tuple[RunState, str]:
+    """A job Slurm forgot: the record's exit (0: SUCCEEDED, else FAILED); without one, the
+    output's CANCELLED line (STOPPED), else LOST."""
     if code is not None:
-        return failed(f"{what} exit {code}")
+        ok = code == 0
+        return (RunState.SUCCEEDED, what) if ok else (RunState.FAILED, f"{what} exit {code}")
     if any(CANCELLED.search(line) for line in tail):
-        return RunView(**view, state="STOPPED", why=f"{what} cancelled")
+        return RunState.STOPPED, f"{what} cancelled"
+    unreachable = [f"{n}: {s}" for n, s in said.items() if isinstance(s, str)]
     why = f"Slurm no longer knows {what} and no node has its exit"
-    return RunView(**view, state="LOST", why="; ".join([why, *unreachable]))
+    return RunState.LOST, "; ".join([why, *unreachable])

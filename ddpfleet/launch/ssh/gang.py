@@ -12,6 +12,7 @@ from ddpfleet.errors import NodeError
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.ssh.member import HEARTBEAT_S, STOP_GRACE_S, WATCHDOG_S, Member
+from ddpfleet.launch.verdict import RunState
 
 
 class Gang:
@@ -81,7 +82,7 @@ class Gang:
             return
         for m in self.members:
             if m.failing:
-                why = "lost its connection" if m.outcome.state == "lost" else "failed"
+                why = "lost its connection" if m.outcome.state is RunState.LOST else "failed"
                 self.out.line(f"ddpfleet: {m.name} {why}: stopping every node")
                 self.stop(f"{m.name} {why}")
                 return

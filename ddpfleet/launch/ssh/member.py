@@ -13,10 +13,11 @@ from pathlib import Path
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
-from ddpfleet.launch.clues import Clues, peer_gone, split_rank
+from ddpfleet.launch.clues import Clues, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
+from ddpfleet.launch.verdict import RunState, own_failure
 from ddpfleet.ssh.connection import Conn, Session
 
 STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
@@ -61,7 +62,7 @@ class Member:
     def failing(self) -> bool:
         """Failed or lost, or torchrun already said a worker died (its exit is seconds off)."""
         return self.failed_itself or (
-            self.done.is_set() and self.outcome.state in ("failed", "lost")
+            self.done.is_set() and self.outcome.state in (RunState.FAILED, RunState.LOST)
         )
 
     def open(self, request: Mapping[str, object]) -> None:
@@ -233,14 +234,14 @@ class Member:
         o.seconds = time.monotonic() - self.started
         o.exit_code = None if code == -1 else code
         if code == 0:
-            o.state = "ok"
+            o.state = RunState.SUCCEEDED
         elif code == -1:
-            o.state, o.why = "lost", o.why or "its connection dropped"
+            o.state, o.why = RunState.LOST, o.why or "its connection dropped"
         elif self.stopped_by_us and not self.failed_itself and not self.raised_itself():
-            o.state = "stopped"
+            o.state = RunState.STOPPED
         else:
-            o.state = "failed"
-        if o.state in ("failed", "lost"):
+            o.state = RunState.FAILED
+        if o.state in (RunState.FAILED, RunState.LOST):
             o.rank = self.clues.rank
             o.evidence_at = self.clues.first_at or time.monotonic()
             if o.exit_code is not None:  # the failed rank's own code, not torchrun's or ours
@@ -254,7 +255,7 @@ class Member:
         our stop reached this node before its torchrun said so: the stop may have come from a
         node whose ranks only failed because this one's was gone."""
         rank = self.clues.traceback_rank
-        return rank is not None and not peer_gone(self.tail(rank))
+        return rank is not None and own_failure(self.tail(rank))
 
     def tail(self, rank: int | None, n: int = 12) -> tuple[str, ...]:
         """The failing rank's last lines when known (its traceback), else the node's."""

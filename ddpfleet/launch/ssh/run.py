@@ -24,6 +24,7 @@ from ddpfleet.launch.preflight import (
 from ddpfleet.launch.ssh.gang import Gang
 from ddpfleet.launch.ssh.member import Member
 from ddpfleet.launch.ssh.ranklogs import fetch_rank_logs
+from ddpfleet.launch.verdict import RunState
 from ddpfleet.ssh.connection import Conn, Fleet
 
 
@@ -110,7 +111,9 @@ def verdict(fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output) -> li
     """Rank logs back, one summary line per node, and the verdict."""
     outcomes = [m.outcome for m in gang.members]
     # Not from a lost node: SFTP to a peer that went silent would hang with it.
-    fetched = fetch_rank_logs(fleet, p, run_dir, [o.node for o in outcomes if o.state != "lost"])
+    fetched = fetch_rank_logs(
+        fleet, p, run_dir, [o.node for o in outcomes if o.state is not RunState.LOST]
+    )
     first = first_failure(outcomes)
     for o in outcomes:
         out.line(summary_line(o, first, gang.reason))

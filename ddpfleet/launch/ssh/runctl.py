@@ -1,17 +1,14 @@
-"""Detached runs from the controller: short SSH fan-outs to run_ctl.py on the nodes, and the
-controller's index of run ids (.ddpfleet/runs.jsonl beside the inventory: run id, nodes,
-started; the truth is on the nodes)."""
+"""Detached runs from the controller: short SSH fan-outs to run_ctl.py on the nodes; the
+controller's index of run ids is launch/index.py (the truth is on the nodes)."""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 from ddpfleet.errors import NodeError
-from ddpfleet.hygiene import state_dir
 from ddpfleet.launch import sync
+from ddpfleet.launch.index import Index
 from ddpfleet.launch.ssh.runstate import RunView, fold
 from ddpfleet.ssh.connection import Conn, Fleet
 
@@ -38,53 +35,6 @@ def node_call(conn: Conn, python: str, *args: str, timeout: float = CALL_TIMEOUT
         return json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise NodeError(conn.name, f"run_ctl.py {args[0]} said: {r.stdout[-300:]!r}") from None
-
-
-class Index:
-    """The controller's list of run ids it started, one JSON line each."""
-
-    def __init__(self, root: Path):
-        self.path = root / ".ddpfleet" / "runs.jsonl"
-
-    def entries(self) -> list[dict]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def add(self, run_id: str, nodes: Sequence[str], **more) -> None:
-        """`more`: what another launcher needs to find the run (Slurm: launcher, job_id ...)."""
-        state_dir(self.path.parent)
-        entry = {"run_id": run_id, "nodes": list(nodes), "started": time.time(), **more}
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-    def entry(self, run_id: str) -> dict | None:
-        return next((e for e in self.entries() if e.get("run_id") == run_id), None)
-
-    def slurm(self, only: Sequence[str] = ()) -> list[dict]:
-        """The Slurm runs (their state is Slurm's, not a supervisor's)."""
-        return [e for e in self.entries() if e.get("launcher") == "slurm"
-                and (not only or e["run_id"] in only)]  # fmt: skip
-
-    def nodes(self, run_id: str) -> tuple[str, ...] | None:
-        for e in self.entries():
-            if e.get("run_id") == run_id:
-                return tuple(e["nodes"])
-        return None
-
-    def drop(self, run_ids: Iterable[str]) -> None:
-        gone = set(run_ids)
-        kept = [e for e in self.entries() if e.get("run_id") not in gone]
-        if self.path.exists():
-            self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
 
 def gather(

@@ -1,54 +1,22 @@
-"""A detached run's state from what its nodes say (pure): one verdict per run, the table.
+"""A detached SSH run's state from what its nodes say (pure), and the `runs` table.
 
-Each node's supervisor writes its own part's state (run_supervisor.py); `invoke runs` reads all
-of them (run_ctl.py list) and folds them here into one of:
-
-    RUNNING    every part runs
-    SUCCEEDED  every part ended with exit 0
-    FAILED     a part failed: the first one (the master's record of the gang, else the
-               earliest), with the rank to blame read from that node's last lines
-    STOPPED    stopped (invoke stop, or the gang stopped for a reason that is no failure)
-    LOST       a node is unreachable, has no record of the run, its supervisor vanished
-               while its state still said RUNNING, or was killed (its guardian says so); it comes before FAILED: a dead node makes
-               its peers' ranks fail too (gloo/NCCL errors), sooner than any lifeline notices
+Each node's supervisor writes its own part's state (ddpfleet/node/run_supervisor.py); `invoke
+runs` reads all of them (run_ctl.py list) and turns each into verdict.Evidence here: a node
+that cannot be asked, has no record of the run, or whose supervisor vanished while its state
+still said RUNNING is LOST; the rank to blame comes from the node's last lines; the master's
+record of the gang (its lifeline heard who failed first) names a part. verdict.fold and
+verdict.blame decide, as for every other launcher (the states: verdict.RunState).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
-from ddpfleet.launch.clues import Clues, peer_gone, split_rank
+from ddpfleet.launch.clues import Clues, split_rank
+from ddpfleet.launch.verdict import Evidence, RunState, RunView, blame, who
+from ddpfleet.launch.verdict import fold as fold_states
 from ddpfleet.names import hostlist
-
-LIVE = ("RUNNING", "STARTING")
-
-
-@dataclass(frozen=True)
-class RunView:
-    run_id: str
-    state: str
-    nodes: tuple[str, ...]
-    started: float | None
-    ended: float | None
-    exits: Mapping[str, int | None] = field(default_factory=dict)
-    why: str = ""
-    failed_node: str | None = None
-    failed_rank: int | None = None
-
-    def as_json(self) -> dict:
-        return {
-            "run_id": self.run_id,
-            "state": self.state,
-            "nodes": list(self.nodes),
-            "started": self.started,
-            "ended": self.ended,
-            "exits": dict(self.exits),
-            "why": self.why,
-            "failed_node": self.failed_node,
-            "failed_rank": self.failed_rank,
-        }
 
 
 def blamed_rank(part: Mapping) -> int | None:
@@ -61,85 +29,74 @@ def blamed_rank(part: Mapping) -> int | None:
     return clues.rank
 
 
+def evidence(node: str, part: Mapping | str | None, named: str | None = None) -> Evidence:
+    """One node's record of the run (run_ctl.py list), why it could not be asked (a string),
+    or None (no record) -> Evidence. `named`: the node the master's record of the gang says
+    failed first."""
+    if not isinstance(part, Mapping):
+        said = part if isinstance(part, str) else "no record of the run"
+        return Evidence(node, RunState.LOST, why=f"{node}: {said}", reachable=part is None)
+    # A status this controller does not know (a newer node program) reads as an ended part.
+    state = RunState.read(part.get("status"), RunState.STOPPED)
+    why = f"{node}: {part['reason']}" if part.get("reason") else ""
+    if state.live and not part.get("alive"):
+        state, why = RunState.LOST, f"{node}: its supervisor vanished"
+    elif state is RunState.LOST:
+        why = part.get("reason") or f"{node}: lost"  # the guardian's reason names the node
+    rank = blamed_rank(part)
+    return Evidence(node, state, at=part.get("ended"), exit_code=part.get("exit_code"),
+                    rank=rank, said=_own_lines(part, rank), why=why,
+                    named_first=named == node)  # fmt: skip
+
+
 def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | None]) -> RunView:
     """`parts`: node -> its state (run_ctl.py list), a string (why it could not be asked), or
     None (the node has no record of the run)."""
+    master = parts.get(order[0]) if order else None
+    named = (master.get("first_failure") or {}).get("node") if isinstance(master, Mapping) else None
+    evidences = [evidence(n, parts.get(n), named) for n in order]
+    unasked = {n: p for n, p in parts.items() if isinstance(p, str)}
+    view = {"run_id": run_id, "nodes": tuple(order), **_times(order, parts), "unasked": unasked}
+    state = fold_states(evidences)
+    if state is RunState.FAILED:
+        first = blame(evidences)
+        why = f"{who(first)} failed first (exit {first.exit_code})"
+        return RunView(**view, state=state, why=why, failed_node=first.node,
+                       failed_rank=first.rank)  # fmt: skip
+    return RunView(**view, state=state, why=_why(state, evidences))
+
+
+def _times(order: Sequence[str], parts: Mapping[str, Mapping | str | None]) -> dict:
+    """started (the earliest part's), ended (the last part's, once every part ended), and each
+    node's exit code."""
     states = {n: p for n, p in parts.items() if isinstance(p, Mapping)}
-    started = min((p["started"] for p in states.values() if p.get("started")), default=None)
     ends = [p.get("ended") for p in states.values()]
-    ended = max(ends) if ends and all(ends) else None
-    exits = {n: states[n].get("exit_code") if n in states else None for n in order}
-    view = {"run_id": run_id, "nodes": tuple(order), "started": started, "ended": ended}
-    lost = [
-        f"{n}: {p}" if isinstance(p, str) else f"{n}: no record of the run"
-        for n, p in ((n, parts.get(n)) for n in order)
-        if not isinstance(p, Mapping)
-    ]
-    lost += [
-        f"{n}: its supervisor vanished"
-        for n, p in states.items()
-        if p.get("status") in LIVE and not p.get("alive")
-    ]
-    lost += [
-        p.get("reason") or f"{n}: lost" for n, p in states.items() if p.get("status") == "LOST"
-    ]
-    if lost:
-        return RunView(**view, state="LOST", exits=exits, why="; ".join(lost))
-    failed = [n for n in order if states.get(n, {}).get("status") == "FAILED"]
-    # A part the gang stopped while its own rank had already failed (its torchrun was still
-    # tearing down when the master's own failure came first) is a failure too, if its rank
-    # says why itself: that rank, not the peer that only lost it, failed first.
-    failed += [
-        n
-        for n in order
-        if states.get(n, {}).get("status") == "STOPPED"
-        and (said := _blamed_lines(states[n]))
-        and not peer_gone(said)
-    ]
-    if failed:
-        first = _first_failure(order, states, failed)
-        part = states[first]
-        rank = blamed_rank(part)
-        said = f"rank {rank}" if rank is not None else "its torchrun"
-        why = f"{first} {said} failed first (exit {part.get('exit_code')})"
-        return RunView(**view, state="FAILED", exits=exits, why=why, failed_node=first,
-                       failed_rank=rank)  # fmt: skip
-    if any(p.get("status") in LIVE for p in states.values()):
-        return RunView(**view, state="RUNNING", exits=exits)
-    if all(p.get("status") == "SUCCEEDED" for p in states.values()):
-        return RunView(**view, state="SUCCEEDED", exits=exits)
-    reasons = [f"{n}: {p['reason']}" for n, p in states.items() if p.get("reason")]
-    return RunView(**view, state="STOPPED", exits=exits, why=reasons[0] if reasons else "")
+    return {
+        "started": min((p["started"] for p in states.values() if p.get("started")), default=None),
+        "ended": max(ends) if ends and all(ends) else None,
+        "exits": {n: states[n].get("exit_code") if n in states else None for n in order},
+    }
 
 
-def _blamed_lines(part: Mapping) -> list[str]:
+def _why(state: RunState, evidences: Sequence[Evidence]) -> str:
+    """LOST: every lost part's why; STOPPED: the first reason a part gives."""
+    if state is RunState.LOST:
+        return "; ".join(e.why for e in evidences if e.state is RunState.LOST)
+    if state is RunState.STOPPED:
+        return next((e.why for e in evidences if e.why), "")
+    return ""
+
+
+def _own_lines(part: Mapping, rank: int | None) -> tuple[str, ...]:
     """The blamed rank's own lines among a node's last lines."""
-    rank, nproc, node_rank = blamed_rank(part), part.get("nproc") or 1, part.get("rank") or 0
+    nproc, node_rank = part.get("nproc") or 1, part.get("rank") or 0
     if rank is None:
-        return []
-    return [
+        return ()
+    return tuple(
         body
         for r, body in (split_rank(line, node_rank, nproc) for line in part.get("tail") or ())
         if r == rank
-    ]
-
-
-def _first_failure(order: Sequence[str], states: Mapping[str, Mapping], failed: list[str]) -> str:
-    """The master's record of the gang, else the earliest; but a node whose failed rank only
-    says that a peer went away is a consequence while another node failed otherwise (which of
-    the two reaches the master first is a race). A node whose blamed rank says nothing in its
-    last lines (torchrun's summary can push a traceback out of them) is a cause only when no
-    node's rank says it failed for a reason of its own."""
-    said = {n: _blamed_lines(states[n]) for n in failed}
-    causes = (
-        [n for n in failed if said[n] and not peer_gone(said[n])]
-        or [n for n in failed if not said[n]]
-        or failed
     )
-    master = states.get(order[0], {}).get("first_failure") or {}
-    if master.get("node") in causes:
-        return master["node"]
-    return min(causes, key=lambda n: states[n].get("ended") or float("inf"))
 
 
 def duration(v: RunView, now: float | None = None) -> str:
