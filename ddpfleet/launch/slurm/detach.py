@@ -15,16 +15,23 @@ from collections.abc import Mapping, Sequence
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.output import LineSplitter, Output
-from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_job, parse_record
-from ddpfleet.launch.slurm.run import plan_user, ready, run_as, submit
+from ddpfleet.launch.output import Output
+from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_record
+from ddpfleet.launch.slurm.run import (
+    CANCEL_WAIT_S,
+    POLL_S,
+    OutputFile,
+    ask,
+    plan_user,
+    ready,
+    run_as,
+    submit,
+)
 from ddpfleet.launch.slurm.state import LIVE, NodeSays, fold, parse_probe, probe_argv
 from ddpfleet.launch.ssh import runctl
 from ddpfleet.launch.ssh.runstate import RunView
 from ddpfleet.ssh.connection import Conn, Fleet
 
-POLL_S = 0.3
-CANCEL_WAIT_S = 90.0  # after scancel, until Slurm says the job ended (KillWait is 30 s)
 KILL_WAIT_S = 5.0
 # $1 job id, $2 run id, $3 KILL or nothing: the pids whose environment names the job or the
 # run (whole NUL-separated entries, fixed strings); this sh and its grep carry neither.
@@ -54,12 +61,6 @@ def train_detached(
     return job_id
 
 
-def ask(conn: Conn, job_id: str) -> dict[str, str]:
-    """scontrol's record of the job; {} once Slurm forgot it."""
-    got = conn.run(["scontrol", "-o", "show", "job", job_id], check=False)
-    return parse_job(got.stdout) if got.ok else {}
-
-
 def probe(fleet: Fleet, entry: Mapping) -> dict[str, NodeSays | str]:
     """What every node of the run says (slurm_state.probe_argv), or why it could not; asked as
     the job's user, who owns its files (an index entry without one: the login user's job)."""
@@ -79,7 +80,7 @@ def views(fleet: Fleet, entries: Sequence[Mapping]) -> list[RunView]:
 
 
 class OutputReader:
-    """The job's output file, read over SFTP from the node that has it, as it grows."""
+    """The job's output file, read from the node that has it (found by asking the run's nodes)."""
 
     def __init__(self, fleet: Fleet, entry: Mapping):
         self.fleet, self.entry = fleet, entry
@@ -87,9 +88,8 @@ class OutputReader:
         self.user = entry.get("user")  # owns the output (None: the login user)
         self.path = output_path(entry["output_dir"], self.job_id)
         self.host: str | None = None
-        self.offset = 0
-        self.lines = LineSplitter()
-        self.parsed = JobOutput(nodes=tuple(entry["nodes"]), nproc=int(entry.get("nproc") or 1))
+        parsed = JobOutput(nodes=tuple(entry["nodes"]), nproc=int(entry.get("nproc") or 1))
+        self.file = OutputFile(self.path, self.user, parsed)
         fleet.open()  # connections are made on first use; the asker is one that is up
         self.asker = next((fleet.conns[n] for n in entry["nodes"] if n in fleet.conns), None)
 
@@ -100,24 +100,15 @@ class OutputReader:
         said = [(n, s) for n, s in probe(self.fleet, self.entry).items() if isinstance(s, NodeSays)]
         self.host = next((n for n, s in said if s.tail is not None), None)
         record = next((s.record for _, s in said if s.record), None)
-        self.parsed.nodes = parse_record(record or "")[0] or self.parsed.nodes
+        self.file.parsed.nodes = parse_record(record or "")[0] or self.file.parsed.nodes
 
     def read(self) -> list[tuple[str, int | None, str]]:
         if self.host is None:
             self.find()
-        if self.host is None:
-            return []
-        try:
-            with self.fleet.conns[self.host].sftp(self.user).open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self.offset += len(data)
-        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.feed(data)]
+        return [] if self.host is None else self.file.read(self.fleet.conns[self.host])
 
     def end(self) -> list[tuple[str, int | None, str]]:
-        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.end()]
+        return self.file.end()
 
 
 def logs(
