@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ddpfleet import launchers
 from ddpfleet.errors import InventoryError
 from ddpfleet.names import (
     cluster_name_problem,
@@ -65,7 +66,6 @@ SSH_KEYS = (
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo", "init")
 TRAIN_KEYS = ("launcher",)
-LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
 # Sections whose keys belong to roles; the roles validate them against their defaults.yaml.
 ROLE_SECTIONS = ("python_env", "miniconda", "jupyter", "openssh_server", "slurm", "train_user")
 
@@ -129,7 +129,7 @@ class Inventory:
     sandbox: SandboxSettings | None
     lines: Mapping[tuple[str, ...], int] = field(repr=False, compare=False, default=None)
     persist: int = 60  # ssh.persist: the connection keeper's idle timeout (kept.py)
-    launcher: str = "ssh"
+    launcher: str = launchers.DEFAULT  # train.launcher
     # Every node the file declares, whatever --nodes selected (secretfiles: the keys of all of
     # them stay home); () when built by hand: then `nodes`.
     declared: tuple[Node, ...] = field(default=(), repr=False, compare=False)
@@ -312,10 +312,11 @@ class _Builder:
 
     def launcher(self, raw: Any) -> str:
         t = self.mapping(("train",), raw, TRAIN_KEYS)
-        launcher = t.get("launcher", "ssh")
-        if launcher not in LAUNCHERS:
+        launcher = t.get("launcher", launchers.DEFAULT)
+        if launcher not in launchers.LAUNCHERS:
             raise self.fail(
-                ("train", "launcher"), f"{launcher!r} is not a launcher; use one of {LAUNCHERS}"
+                ("train", "launcher"),
+                f"{launcher!r} is not a launcher; use one of {tuple(launchers.LAUNCHERS)}",
             )
         return launcher
 

@@ -8,7 +8,7 @@ from invoke import Collection, task
 
 import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
-from ddpfleet import report
+from ddpfleet import launchers, report
 from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
 from ddpfleet.cli.common import become_password as _become_password
 from ddpfleet.errors import DdpfleetError
@@ -157,8 +157,7 @@ def bootstrap(
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
         "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
-        "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
-        "default: the inventory's train.launcher, else ssh)",
+        "launcher": launchers.flag_help(),
         "ask_become_pass": ASK_BECOME_HELP,
         **runtasks.TRAIN_HELP,
     },
@@ -184,14 +183,20 @@ def train(
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
+    from ddpfleet.launch.launcher import get, index, resumers
     from ddpfleet.ssh.connection import Fleet
 
     loaded = inv.load(inventory, nodes)
     password = _become_password(ask_become_pass)
-    if resume and (launcher or loaded.launcher) == "slurm":
-        raise DdpfleetError("--resume works for runs of the ssh launcher; use --launcher ssh")
+    how = get(launcher or loaded.launcher)
+    if resume and not how.resumes:
+        can = resumers()
+        raise DdpfleetError(
+            f"--resume works for runs of the {' or '.join(can)} launcher; use --launcher {can[0]}"
+        )
     if resume:
-        script, args, env = runtasks.resumed(loaded, resume, script, args, env, password)
+        meta = how.resumed(loaded, resume, password)
+        script, args, env = runtasks.resumed(meta, script, args, env)
     flags = launch.TrainFlags(
         nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
         script=script,
@@ -205,20 +210,11 @@ def train(
         max_restarts=max_restarts or 0,
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
-    how = launcher or loaded.launcher
-    if how not in inv.LAUNCHERS:
-        raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=password) as fleet:
-        if how == "slurm" and detach:
-            runtasks.slurm_detached(loaded, fleet, config)
-        elif how == "slurm":
-            from ddpfleet.launch.slurm import run as slurm_run
-
-            slurm_run.train(fleet, config)
-        elif detach or resume:
-            runtasks.detached(loaded, fleet, config, resume)
+        if detach or resume:
+            how.train_detached(fleet, config, index(loaded), resume)
         else:
-            launch.train(fleet, config)
+            how.train(fleet, config)
 
 
 @task(

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.launcher import NodeStop, Stopped
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_record
 from ddpfleet.launch.slurm.run import (
@@ -151,9 +152,9 @@ def sweep(conn: Conn, job_id: str, run_id: str, kill: bool = False) -> list[str]
     return conn.run(argv, root=True).stdout.split()
 
 
-def stop(fleet: Fleet, entry: Mapping, grace: float) -> tuple[str, dict[str, str | NodeError]]:
+def stop(fleet: Fleet, entry: Mapping, grace: float) -> Stopped:
     """scancel the job, wait until Slurm says it ended, then make sure no process of it is left
-    on any node of the run. (what Slurm did, node -> what is left there or why not asked)."""
+    on any node of the run: what Slurm did, and per node what ended and what is left."""
     job_id, run_id = str(entry["job_id"]), str(entry["run_id"])
     fleet.open()
     nodes = [n for n in entry["nodes"] if n in {m.name for m in fleet.nodes}]
@@ -171,28 +172,27 @@ def stop(fleet: Fleet, entry: Mapping, grace: float) -> tuple[str, dict[str, str
     else:
         did = f"slurm job {job_id} had ended ({was or 'Slurm no longer knows it'})"
     after = fleet.map(lambda c: _leftovers(c, job_id, run_id, grace), nodes)
-    rows: dict[str, str | NodeError] = {}
+    rows: dict[str, NodeStop] = {}
     for n in nodes:
         ran, left = before.get(n), after.get(n)
         if isinstance(left, NodeError):
-            rows[n] = left
+            rows[n] = NodeStop.failed(left)
             continue
         ended = f"{len(ran)} processes of the job ended" if isinstance(ran, list) and ran else ""
-        rows[n] = ", ".join(filter(None, [ended or "none running", left]))
-    return did, rows
+        rows[n] = NodeStop.of(ended or "none running", *left)
+    return Stopped(run_id, rows, did)
 
 
-def _leftovers(conn: Conn, job_id: str, run_id: str, grace: float) -> str:
-    """Waits `grace` for the job's processes to go, SIGKILLs the rest; what it did ('' when
-    nothing had to be done), or 'STILL THERE: pids'."""
+def _leftovers(conn: Conn, job_id: str, run_id: str, grace: float) -> tuple[list, list]:
+    """Waits `grace` for the job's processes to go, SIGKILLs the rest: (the pids SIGKILLed, the
+    pids still there after KILL_WAIT_S)."""
     end = time.monotonic() + grace
     while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
         time.sleep(POLL_S)
     if not left:
-        return "nothing left"
+        return [], []
     killed = sweep(conn, job_id, run_id, kill=True)
     end = time.monotonic() + KILL_WAIT_S
     while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
         time.sleep(POLL_S)
-    said = f"SIGKILLed leftovers {' '.join(killed)}"
-    return f"{said}; STILL THERE: {' '.join(left)}" if left else f"{said}, nothing left"
+    return killed, left

@@ -13,6 +13,7 @@ from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import state_dir
 from ddpfleet.launch import sync
 from ddpfleet.launch.ssh.runstate import RunView, fold
+from ddpfleet.launchers import DEFAULT
 from ddpfleet.ssh.connection import Conn, Fleet
 
 CTL = "run_ctl.py"
@@ -69,9 +70,9 @@ class Index:
     def entry(self, run_id: str) -> dict | None:
         return next((e for e in self.entries() if e.get("run_id") == run_id), None)
 
-    def slurm(self, only: Sequence[str] = ()) -> list[dict]:
-        """The Slurm runs (their state is Slurm's, not a supervisor's)."""
-        return [e for e in self.entries() if e.get("launcher") == "slurm"
+    def launched_by(self, launcher: str, only: Sequence[str] = ()) -> list[dict]:
+        """The runs `launcher` started (an entry without one: the default launcher's)."""
+        return [e for e in self.entries() if e.get("launcher", DEFAULT) == launcher
                 and (not only or e["run_id"] in only)]  # fmt: skip
 
     def nodes(self, run_id: str) -> tuple[str, ...] | None:
@@ -98,9 +99,9 @@ def views(
     said: Mapping[str, dict | NodeError], index: Index, only: Sequence[str] = ()
 ) -> list[RunView]:
     """One view per run that any node or the index knows (or only `only`)."""
-    known: dict[str, tuple[str, ...]] = {
-        e["run_id"]: tuple(e["nodes"]) for e in index.entries() if e.get("launcher") != "slurm"
-    }
+    # Only this launcher's: another's run (Slurm's) has no supervisor records, this fold would
+    # call it LOST.
+    known = {e["run_id"]: tuple(e["nodes"]) for e in index.launched_by("ssh")}
     for answer in said.values():
         if isinstance(answer, dict):
             for run_id, part in answer.items():
