@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.inventory import Inventory
+from ddpfleet.launch.ssh.runctl import Index
 from ddpfleet.launchers import DEFAULT, LAUNCHERS
+from ddpfleet.ssh.connection import Fleet
 
 if TYPE_CHECKING:
     from ddpfleet.launch.config import TrainConfig
     from ddpfleet.launch.outcome import Outcome
-    from ddpfleet.launch.ssh.runctl import Index
     from ddpfleet.launch.ssh.runstate import RunView
     from ddpfleet.shell import Secret
-    from ddpfleet.ssh.connection import Fleet
 
 # A node's answer to stop, by what it means for the run there.
 STOPPED = "stopped"  # nothing of the run is left on the node
@@ -83,8 +83,6 @@ class Runs:
 
     @classmethod
     def open(cls, inventory: Inventory, become_password: Secret | None = None) -> Runs:
-        from ddpfleet.ssh.connection import Fleet
-
         return cls(inventory, Fleet(inventory, become_password=become_password), index(inventory))
 
     def __enter__(self) -> Runs:
@@ -134,8 +132,6 @@ class Launcher(Protocol):
 
 def index(inventory: Inventory) -> Index:
     """The controller's index of started runs, beside the inventory."""
-    from ddpfleet.launch.ssh.runctl import Index
-
     return Index(inventory.root)
 
 
