@@ -213,6 +213,8 @@ def train(
     with Fleet(loaded, become_password=password) as fleet:
         if detach or resume:
             how.train_detached(fleet, config, index(loaded), resume)
+            for command in ("runs", f"logs {config.run_id} -f", f"stop {config.run_id}"):
+                print(f"  invoke {command}")  # what to do with the run next
         else:
             how.train(fleet, config)
 

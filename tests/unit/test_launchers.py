@@ -107,13 +107,17 @@ def test_the_inventory_checks_its_launcher_against_the_registry(fake, tmp_path, 
         inv.load(fake, check_files=False)
 
 
-def test_train_starts_the_inventorys_launcher_attached_or_detached(fake, tmp_path):
+def test_train_starts_the_inventorys_launcher_attached_or_detached(fake, tmp_path, capsys):
     tasks.train(Context(), inventory=str(fake), script="t.py", project_dir=str(tmp_path))
-    tasks.train(Context(), inventory=str(fake), script="t.py", args="--x 1", detach=True)
+    assert capsys.readouterr().out == ""
+    tasks.train(Context(), inventory=str(fake), script="t.py", args="--x 1", detach=True,
+                run_id="d1")  # fmt: skip
     assert LAUNCHER.calls == [
         ("train", "t.py", ("node0", "node1")),
         ("train_detached", "t.py", ("--x", "1"), None),
     ]
+    # a detached start says what to do next, whichever launcher started it
+    assert capsys.readouterr().out == "  invoke runs\n  invoke logs d1 -f\n  invoke stop d1\n"
 
 
 def test_train_resume_asks_the_launcher_for_the_run_and_the_flags_win(fake):

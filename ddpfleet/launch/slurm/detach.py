@@ -57,8 +57,6 @@ def train_detached(
     took = time.monotonic() - began
     state = ask(fleet.conns[p.nodes[0].node], job_id).get("JobState", "accepted").lower()
     out.line(f"run {p.run_id}: slurm job {job_id} {state} ({took:.2f}s)")
-    for command in ("runs", f"logs {p.run_id} -f", f"stop {p.run_id}"):
-        out.line(f"  invoke {command}")
     return job_id
 
 
