@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ddpfleet import catalog, inventory_yaml
+from ddpfleet import catalog, inventory_yaml, launchers
 from ddpfleet.errors import InventoryError
 from ddpfleet.inventory_types import Cluster, Inventory, Node, SandboxSettings
 from ddpfleet.inventory_yaml import did_you_mean
@@ -60,7 +60,6 @@ TRAIN_KEYS = ("launcher",)
 # invoke health's thresholds (ddpfleet.health): GPU temperature warn/fail, and --deep's
 # all_reduce bus bandwidth between nodes (GB/s floor; else a ratio of the fleet's median).
 HEALTH_KEYS = ("temp_warn_c", "temp_fail_c", "busbw_gbps", "busbw_ratio")
-LAUNCHERS = ("ssh", "slurm")  # invoke train: torchrun over SSH, or one sbatch job
 
 SSH_DEFAULTS = {
     "user": "root",
@@ -188,10 +187,11 @@ class _Builder:
 
     def launcher(self, raw: Any) -> str:
         t = self.mapping(("train",), raw, TRAIN_KEYS)
-        launcher = t.get("launcher", "ssh")
-        if launcher not in LAUNCHERS:
+        launcher = t.get("launcher", launchers.DEFAULT)
+        if launcher not in launchers.LAUNCHERS:
             raise self.fail(
-                ("train", "launcher"), f"{launcher!r} is not a launcher; use one of {LAUNCHERS}"
+                ("train", "launcher"),
+                f"{launcher!r} is not a launcher; use one of {tuple(launchers.LAUNCHERS)}",
             )
         return launcher
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ddpfleet import launchers
 from ddpfleet.errors import InventoryError
 from ddpfleet.inventory_yaml import did_you_mean
 
@@ -61,7 +62,7 @@ class Inventory:
     sandbox: SandboxSettings | None
     lines: Mapping[tuple[str, ...], int] = field(repr=False, compare=False, default=None)
     persist: int = 60  # ssh.persist: the connection keeper's idle timeout (kept.py)
-    launcher: str = "ssh"
+    launcher: str = launchers.DEFAULT  # train.launcher
     # Every node the file declares, whatever --nodes selected (secretfiles: the keys of all of
     # them stay home); () when built by hand: then `nodes`.
     declared: tuple[Node, ...] = field(default=(), repr=False, compare=False)

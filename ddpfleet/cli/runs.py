@@ -1,17 +1,17 @@
-"""Detached runs' tasks: `invoke runs`, `logs`, `stop`, and train's --detach/--resume halves.
+"""Detached runs' tasks: `invoke runs`, `logs`, `stop`, and train's --detach/--resume flags.
 ddpfleet/cli/tasks.py reads like a table of contents; these are its runs chapter."""
 
 from __future__ import annotations
 
 import json as json_mod
-import shlex
+from collections.abc import Mapping
 
 from invoke import task
 
 from ddpfleet import inventory as inv
 from ddpfleet import report
 from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, become_password, cli
-from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
+from ddpfleet.errors import DdpfleetError
 
 RUN_HELP = "the run id (invoke runs lists them)"
 TRAIN_HELP = {
@@ -23,73 +23,20 @@ TRAIN_HELP = {
 }
 
 
-def _pythons(loaded) -> dict[str, str]:
-    from ddpfleet import envs
-
-    return {n.name: envs.env_python(loaded, n) for n in loaded.nodes}
-
-
-def _index(loaded):
-    from ddpfleet.launch.ssh import runctl
-
-    return runctl.Index(loaded.root)
-
-
-def detached(loaded, fleet, config, resume=None) -> None:
-    from ddpfleet.launch.ssh import detach
-
-    detach.train_detached(fleet, config, _index(loaded), resume=resume)
-
-
-def slurm_detached(loaded, fleet, config) -> None:
-    from ddpfleet.launch.slurm import detach as slurm_detach
-
-    slurm_detach.train_detached(fleet, config, _index(loaded))
-
-
-def resumed(loaded, run_id, script, args, env, password=None):
-    """RUN's script, --args and --env (what is given on this command line wins); `password`:
-    --ask-become-pass's."""
-    from ddpfleet.launch.ssh import runctl
-    from ddpfleet.ssh.connection import Fleet
-
-    nodes = _index(loaded).nodes(run_id) or tuple(n.name for n in loaded.nodes)
-    pythons = _pythons(loaded)
-    first = [loaded.node(n) for n in nodes if n in pythons][:1]
-    with Fleet(loaded, first, become_password=password) as fleet:
-        said = fleet.map(lambda c: runctl.node_call(c, pythons[c.name], "spec", run_id))
-    spec = next(iter(said.values()))
-    if isinstance(spec, NodeError):
-        raise spec
-    if not spec:
-        raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
-    meta = spec.get("meta", {})
-    if "--checkpoint-dir" not in " ".join(meta.get("args", ())):
-        raise PlanError(
-            f"--resume {run_id}: that run had no --checkpoint-dir in its --args, so there is "
-            "nothing to resume from; start a new run with --args '... --checkpoint-dir DIR'"
-        )
-    given_env = list(env or ())
+def resumed(meta: Mapping, script, args, env):
+    """train --resume: RUN's script, --args and --env (meta: the launcher's word on RUN),
+    where this command line gives none."""
     return (
         script or meta.get("script"),
-        args or shlex.join(meta.get("args", ())),
-        given_env or [f"{k}={v}" for k, v in meta.get("env", ())],
+        args or meta.get("args", ""),
+        list(env or ()) or meta.get("env", []),
     )
 
 
-def _gather(inventory, nodes, ids=(), ask_become_pass=False):
-    from ddpfleet.launch.ssh import runctl
-    from ddpfleet.ssh.connection import Fleet
+def _runs(inventory, nodes=None, ask_become_pass=False):
+    from ddpfleet.launch.launcher import Runs
 
-    loaded = inv.load(inventory, nodes)
-    pythons = _pythons(loaded)
-    fleet = Fleet(loaded, become_password=become_password(ask_become_pass))
-    said = runctl.gather(fleet, pythons, ids)
-    refused = [str(r) for r in said.values() if isinstance(r, BecomeError)]
-    if refused:  # not a lost node: the run's records are there, root work was not allowed
-        fleet.close()
-        raise DdpfleetError("; ".join(refused))
-    return loaded, pythons, fleet, said
+    return Runs.open(inv.load(inventory, nodes), become_password(ask_become_pass))
 
 
 @task(
@@ -105,76 +52,26 @@ def _gather(inventory, nodes, ids=(), ask_become_pass=False):
 @cli
 def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_become_pass=False):
     """List detached runs and their state."""
-    from ddpfleet.launch.ssh import runctl, runstate
+    from ddpfleet.launch import launcher
+    from ddpfleet.launch.ssh import runstate
 
     if not str(keep).isdigit():
         raise DdpfleetError(f"--keep {keep!r}: give how many ended runs to keep, a number >= 0")
-    loaded, pythons, fleet, said = _gather(inventory, nodes, (), ask_become_pass)
-    with fleet:
-        index = _index(loaded)
-        views = index.settle(runctl.views(said, index) + _slurm_views(fleet, index))
+    with _runs(inventory, nodes, ask_become_pass) as r:
+        views = launcher.views(r)
         if prune:
-            removed = runctl.prune(fleet, pythons, int(keep))
-            rows = [(n, ", ".join(r) if isinstance(r, list) else str(r) or "-")
-                    for n, r in removed.items()]  # fmt: skip
+            removed = launcher.prune(r, int(keep))
+            rows = [(n, ", ".join(x) if isinstance(x, list) else str(x) or "-")
+                    for n, x in removed.items()]  # fmt: skip
             report.show(report.table(None, ("node", "removed"), rows))
-            lists = [set(r) for r in removed.values() if isinstance(r, list)]
-            _index(loaded).drop(set.intersection(*lists) if lists else ())
             report.exit_if_failed(removed, "runs --prune")
             return
-    views.sort(key=lambda v: v.started or 0, reverse=True)
     if json:
         print(json_mod.dumps([v.as_json() for v in views], indent=1))
         return
     # a narrow terminal leaves these out first (runs --json has everything)
     optional = ("started", "exit", "duration")
     report.show(report.table(None, runstate.COLUMNS, runstate.rows(views), optional))
-
-
-def _slurm_views(fleet, index):
-    from ddpfleet.launch.slurm import detach as slurm_detach
-
-    return slurm_detach.views(fleet, index.slurm())
-
-
-def _slurm_run(inventory, run_id):
-    """(the inventory, the run's index entry) when RUN went through Slurm, else None."""
-    loaded = inv.load(inventory)
-    entry = _index(loaded).entry(run_id)
-    return (loaded, entry) if entry and entry.get("launcher") == "slurm" else None
-
-
-def _slurm_logs(loaded, entry, node, rank, follow, ask_become_pass) -> None:
-    from ddpfleet.launch.slurm import detach as slurm_detach
-    from ddpfleet.ssh.connection import Fleet
-
-    with Fleet(loaded, become_password=become_password(ask_become_pass)) as fleet:
-        slurm_detach.logs(fleet, entry, node, rank, follow)
-
-
-def _slurm_stop(loaded, entry, grace, ask_become_pass) -> None:
-    from ddpfleet.launch.slurm import detach as slurm_detach
-    from ddpfleet.ssh.connection import Fleet
-
-    with Fleet(loaded, become_password=become_password(ask_become_pass)) as fleet:
-        did, rows = slurm_detach.stop(fleet, entry, grace)
-    run = entry["run_id"]
-    report.show(report.table(did, ("node", f"stop {run}"), [(n, str(r)) for n, r in rows.items()]))
-    bad = [n for n, r in rows.items() if isinstance(r, NodeError) or "STILL THERE" in r]
-    if bad:
-        raise DdpfleetError(f"stop {run}: not confirmed on {', '.join(bad)}")
-
-
-def _run_parts(inventory, nodes, run_id, ask_become_pass=False):
-    from ddpfleet.launch.ssh import runctl
-
-    loaded, pythons, fleet, said = _gather(inventory, None, (run_id,), ask_become_pass)
-    views = runctl.views(said, _index(loaded), only=(run_id,))
-    if not views:
-        fleet.close()
-        raise DdpfleetError(f"{run_id}: no such run on any node; see invoke runs")
-    only = [n.strip() for n in (nodes or "").split(",") if n.strip()]
-    return pythons, fleet, said, views[0], only
 
 
 @task(
@@ -190,19 +87,14 @@ def _run_parts(inventory, nodes, run_id, ask_become_pass=False):
 @cli
 def logs(c, run, inventory=None, node=None, rank=None, follow=False, ask_become_pass=False):
     """Print a detached run's lines by node and rank."""
-    from ddpfleet.launch.ssh import runlogs
+    from ddpfleet.launch import launcher
 
     if rank is not None and not str(rank).isdigit():
         raise DdpfleetError(f"--rank {rank!r}: give a global rank, a number >= 0")
-    if slurm := _slurm_run(inventory, run):
-        return _slurm_logs(
-            *slurm, node, None if rank is None else int(rank), follow, ask_become_pass
+    with _runs(inventory, None, ask_become_pass) as r:
+        problems = launcher.of_run(r.index, run).logs(
+            r, run, node, None if rank is None else int(rank), follow
         )
-    pythons, fleet, said, _view, only = _run_parts(inventory, node, run, ask_become_pass)
-    with fleet:
-        parts = runlogs.nodes_of(said, run, only)
-        problems = runlogs.show(fleet, pythons, run, parts,
-                                None if rank is None else int(rank), follow)  # fmt: skip
     if problems:
         raise DdpfleetError("logs not read from: " + "; ".join(problems))
 
@@ -218,33 +110,31 @@ def logs(c, run, inventory=None, node=None, rank=None, follow=False, ask_become_
 @cli
 def stop(c, run, inventory=None, grace=3, ask_become_pass=False):
     """Stop a detached run on every node."""
-    from ddpfleet.launch.ssh import runctl
+    from ddpfleet.launch import launcher
 
     try:
         grace = float(grace)
     except ValueError:
         raise DdpfleetError(f"--grace {grace!r}: give seconds, e.g. 3") from None
-    if slurm := _slurm_run(inventory, run):
-        return _slurm_stop(*slurm, grace, ask_become_pass)
-    pythons, fleet, _said, view, _ = _run_parts(inventory, None, run, ask_become_pass)
-    with fleet:
-        results = runctl.stop(fleet, pythons, run, [n for n in view.nodes if n in pythons],
-                              grace)  # fmt: skip
-    rows = []
-    for node, r in results.items():
-        if isinstance(r, NodeError):
-            rows.append((node, str(r)))
-        elif not r.get("found"):
-            rows.append((node, "no record of the run"))
-        else:
-            did = "stopped its part" if r["supervisor"] else f"was {r['was']}"
-            killed = f", SIGKILLed leftovers {r['killed']}" if r["killed"] else ""
-            left = f"; STILL THERE: {r['left']}" if r["left"] else ", nothing left"
-            rows.append((node, f"{did}{killed}{left}"))
-    report.show(report.table(None, ("node", f"stop {run}"), rows))
-    bad = [n for n, r in results.items() if isinstance(r, NodeError) or r.get("left")]
-    if bad:
+    with _runs(inventory, None, ask_become_pass) as r:
+        stopped = launcher.of_run(r.index, run).stop(r, run, grace)
+    rows = [(node, _stop_row(s)) for node, s in stopped.nodes.items()]
+    report.show(report.table(stopped.did or None, ("node", f"stop {run}"), rows))
+    if bad := stopped.unconfirmed():
         raise DdpfleetError(f"stop {run}: not confirmed on {', '.join(bad)}")
+
+
+def _stop_row(s) -> str:
+    """One node's part of `stop`, as a table cell."""
+    from ddpfleet.launch import launcher
+
+    if s.state == launcher.UNREACHABLE:
+        return s.error
+    if s.state == launcher.NO_RECORD:
+        return "no record of the run"
+    killed = f", SIGKILLed leftovers {' '.join(s.killed)}" if s.killed else ""
+    left = f"; STILL THERE: {' '.join(s.left)}" if s.left else ", nothing left"
+    return f"{s.did}{killed}{left}"
 
 
 TASKS = (runs, logs, stop)

@@ -9,7 +9,7 @@ from invoke import Collection, task
 import ddpfleet.cli.adhoc as adhoctasks
 import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
-from ddpfleet import report
+from ddpfleet import launchers, report
 from ddpfleet.cli import select
 from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
 from ddpfleet.cli.common import become_password as _become_password
@@ -165,8 +165,7 @@ def bootstrap(
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
         "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
-        "launcher": "ssh (torchrun on every node over SSH) or slurm (one sbatch job; "
-        "default: the inventory's train.launcher, else ssh)",
+        "launcher": launchers.flag_help(),
         "ask_become_pass": ASK_BECOME_HELP,
         "health_gate": "run invoke health's quick checks on the nodes first and refuse a "
         "failing node (default; --no-health-gate skips them)",
@@ -197,18 +196,24 @@ def train(
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
+    from ddpfleet.launch.launcher import get, index, resumers
     from ddpfleet.ssh.connection import Fleet
 
     loaded = select.load(inventory, nodes, exclude)
     password = _become_password(ask_become_pass)
-    if dry_run and (resume or (launcher or loaded.launcher) == "slurm"):
+    how = get(launcher or loaded.launcher)
+    if dry_run and (resume or how.name != "ssh"):
         raise DdpfleetError(
             "--dry-run checks a new run of the ssh launcher; drop --resume and use --launcher ssh"
         )
-    if resume and (launcher or loaded.launcher) == "slurm":
-        raise DdpfleetError("--resume works for runs of the ssh launcher; use --launcher ssh")
+    if resume and not how.resumes:
+        can = resumers()
+        raise DdpfleetError(
+            f"--resume works for runs of the {' or '.join(can)} launcher; use --launcher {can[0]}"
+        )
     if resume:
-        script, args, env = runtasks.resumed(loaded, resume, script, args, env, password)
+        meta = how.resumed(loaded, resume, password)
+        script, args, env = runtasks.resumed(meta, script, args, env)
     flags = launch.TrainFlags(
         nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
         script=script,
@@ -222,9 +227,6 @@ def train(
         max_restarts=max_restarts or 0,
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
-    how = launcher or loaded.launcher
-    if how not in inv.LAUNCHERS:
-        raise DdpfleetError(f"--launcher {how!r}: use one of {', '.join(inv.LAUNCHERS)}")
     with Fleet(loaded, become_password=password) as fleet:
         if health_gate:  # a dry run checks this too
             from ddpfleet.health import gate
@@ -234,16 +236,12 @@ def train(
             from ddpfleet.launch.ssh import dryrun
 
             dryrun.dry_run(fleet, config)
-        elif how == "slurm" and detach:
-            runtasks.slurm_detached(loaded, fleet, config)
-        elif how == "slurm":
-            from ddpfleet.launch.slurm import run as slurm_run
-
-            slurm_run.train(fleet, config)
         elif detach or resume:
-            runtasks.detached(loaded, fleet, config, resume)
+            how.train_detached(fleet, config, index(loaded), resume)
+            for command in ("runs", f"logs {config.run_id} -f", f"stop {config.run_id}"):
+                print(f"  invoke {command}")  # what to do with the run next
         else:
-            launch.train(fleet, config)
+            how.train(fleet, config)
 
 
 def _long_only(t, attr: str):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ddpfleet.hygiene import state_dir
 from ddpfleet.launch.verdict import RunState, RunView
+from ddpfleet.launchers import DEFAULT
 
 
 class Index:
@@ -46,9 +47,9 @@ class Index:
     def entry(self, run_id: str) -> dict | None:
         return next((e for e in self.entries() if e.get("run_id") == run_id), None)
 
-    def slurm(self, only: Sequence[str] = ()) -> list[dict]:
-        """The Slurm runs (their state is Slurm's, not a supervisor's)."""
-        return [e for e in self.entries() if e.get("launcher") == "slurm"
+    def launched_by(self, launcher: str, only: Sequence[str] = ()) -> list[dict]:
+        """The runs `launcher` started (an entry without one: the default launcher's)."""
+        return [e for e in self.entries() if e.get("launcher", DEFAULT) == launcher
                 and (not only or e["run_id"] in only)]  # fmt: skip
 
     def nodes(self, run_id: str) -> tuple[str, ...] | None:

@@ -34,6 +34,7 @@ LAYERS = {
     "ddpfleet.inventory_types": ("config", 1),
     "ddpfleet.inventory_yaml": ("config", 1),
     "ddpfleet.catalog": ("config", 1),  # which roles exist: their header lines
+    "ddpfleet.launchers": ("config", 1),  # which launchers exist: names and module paths
     "ddpfleet.engine.settings": ("config", 1),  # role defaults < sections < vars < flags
     "ddpfleet.ssh": ("ssh", 2),
     "ddpfleet.envs": ("env", 3),

@@ -97,7 +97,7 @@ def test_the_index_keeps_slurm_runs_apart_from_the_supervisors_runs(tmp_path):
     index = Index(tmp_path)
     index.add("ssh1", ["node0"])
     index.add("r1", ["node0", "node1"], launcher="slurm", job_id="42", output_dir="/l", nproc=2)
-    assert [e["run_id"] for e in index.slurm()] == ["r1"]
+    assert [e["run_id"] for e in index.launched_by("slurm")] == ["r1"]
     assert index.entry("r1")["job_id"] == "42" and index.entry("nope") is None
     # the supervisors' fold never sees a Slurm run (it would call it LOST: no node records it)
     assert [v.run_id for v in runctl.views({"node0": {}}, index)] == ["ssh1"]

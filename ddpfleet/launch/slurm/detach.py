@@ -15,16 +15,24 @@ from collections.abc import Mapping, Sequence
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.output import LineSplitter, Output
-from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_job, parse_record
-from ddpfleet.launch.slurm.run import plan_user, ready, run_as, submit
+from ddpfleet.launch.launcher import NodeStop, Stopped
+from ddpfleet.launch.output import Output
+from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_record
+from ddpfleet.launch.slurm.run import (
+    CANCEL_WAIT_S,
+    POLL_S,
+    OutputFile,
+    ask,
+    plan_user,
+    ready,
+    run_as,
+    submit,
+)
 from ddpfleet.launch.slurm.state import LIVE, NodeSays, fold, parse_probe, probe_argv
 from ddpfleet.launch.ssh import runctl
 from ddpfleet.launch.ssh.runstate import RunView
 from ddpfleet.ssh.connection import Conn, Fleet
 
-POLL_S = 0.3
-CANCEL_WAIT_S = 90.0  # after scancel, until Slurm says the job ended (KillWait is 30 s)
 KILL_WAIT_S = 5.0
 # $1 job id, $2 run id, $3 KILL or nothing: the pids whose environment names the job or the
 # run (whole NUL-separated entries, fixed strings); this sh and its grep carry neither.
@@ -49,15 +57,7 @@ def train_detached(
     took = time.monotonic() - began
     state = ask(fleet.conns[p.nodes[0].node], job_id).get("JobState", "accepted").lower()
     out.line(f"run {p.run_id}: slurm job {job_id} {state} ({took:.2f}s)")
-    for command in ("runs", f"logs {p.run_id} -f", f"stop {p.run_id}"):
-        out.line(f"  invoke {command}")
     return job_id
-
-
-def ask(conn: Conn, job_id: str) -> dict[str, str]:
-    """scontrol's record of the job; {} once Slurm forgot it."""
-    got = conn.run(["scontrol", "-o", "show", "job", job_id], check=False)
-    return parse_job(got.stdout) if got.ok else {}
 
 
 def probe(fleet: Fleet, entry: Mapping) -> dict[str, NodeSays | str]:
@@ -79,7 +79,7 @@ def views(fleet: Fleet, entries: Sequence[Mapping]) -> list[RunView]:
 
 
 class OutputReader:
-    """The job's output file, read over SFTP from the node that has it, as it grows."""
+    """The job's output file, read from the node that has it (found by asking the run's nodes)."""
 
     def __init__(self, fleet: Fleet, entry: Mapping):
         self.fleet, self.entry = fleet, entry
@@ -87,9 +87,8 @@ class OutputReader:
         self.user = entry.get("user")  # owns the output (None: the login user)
         self.path = output_path(entry["output_dir"], self.job_id)
         self.host: str | None = None
-        self.offset = 0
-        self.lines = LineSplitter()
-        self.parsed = JobOutput(nodes=tuple(entry["nodes"]), nproc=int(entry.get("nproc") or 1))
+        parsed = JobOutput(nodes=tuple(entry["nodes"]), nproc=int(entry.get("nproc") or 1))
+        self.file = OutputFile(self.path, self.user, parsed)
         fleet.open()  # connections are made on first use; the asker is one that is up
         self.asker = next((fleet.conns[n] for n in entry["nodes"] if n in fleet.conns), None)
 
@@ -100,24 +99,15 @@ class OutputReader:
         said = [(n, s) for n, s in probe(self.fleet, self.entry).items() if isinstance(s, NodeSays)]
         self.host = next((n for n, s in said if s.tail is not None), None)
         record = next((s.record for _, s in said if s.record), None)
-        self.parsed.nodes = parse_record(record or "")[0] or self.parsed.nodes
+        self.file.parsed.nodes = parse_record(record or "")[0] or self.file.parsed.nodes
 
     def read(self) -> list[tuple[str, int | None, str]]:
         if self.host is None:
             self.find()
-        if self.host is None:
-            return []
-        try:
-            with self.fleet.conns[self.host].sftp(self.user).open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self.offset += len(data)
-        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.feed(data)]
+        return [] if self.host is None else self.file.read(self.fleet.conns[self.host])
 
     def end(self) -> list[tuple[str, int | None, str]]:
-        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.end()]
+        return self.file.end()
 
 
 def logs(
@@ -160,9 +150,9 @@ def sweep(conn: Conn, job_id: str, run_id: str, kill: bool = False) -> list[str]
     return conn.run(argv, root=True).stdout.split()
 
 
-def stop(fleet: Fleet, entry: Mapping, grace: float) -> tuple[str, dict[str, str | NodeError]]:
+def stop(fleet: Fleet, entry: Mapping, grace: float) -> Stopped:
     """scancel the job, wait until Slurm says it ended, then make sure no process of it is left
-    on any node of the run. (what Slurm did, node -> what is left there or why not asked)."""
+    on any node of the run: what Slurm did, and per node what ended and what is left."""
     job_id, run_id = str(entry["job_id"]), str(entry["run_id"])
     fleet.open()
     nodes = [n for n in entry["nodes"] if n in {m.name for m in fleet.nodes}]
@@ -180,28 +170,27 @@ def stop(fleet: Fleet, entry: Mapping, grace: float) -> tuple[str, dict[str, str
     else:
         did = f"slurm job {job_id} had ended ({was or 'Slurm no longer knows it'})"
     after = fleet.map(lambda c: _leftovers(c, job_id, run_id, grace), nodes)
-    rows: dict[str, str | NodeError] = {}
+    rows: dict[str, NodeStop] = {}
     for n in nodes:
         ran, left = before.get(n), after.get(n)
         if isinstance(left, NodeError):
-            rows[n] = left
+            rows[n] = NodeStop.failed(left)
             continue
         ended = f"{len(ran)} processes of the job ended" if isinstance(ran, list) and ran else ""
-        rows[n] = ", ".join(filter(None, [ended or "none running", left]))
-    return did, rows
+        rows[n] = NodeStop.of(ended or "none running", *left)
+    return Stopped(run_id, rows, did)
 
 
-def _leftovers(conn: Conn, job_id: str, run_id: str, grace: float) -> str:
-    """Waits `grace` for the job's processes to go, SIGKILLs the rest; what it did ('' when
-    nothing had to be done), or 'STILL THERE: pids'."""
+def _leftovers(conn: Conn, job_id: str, run_id: str, grace: float) -> tuple[list, list]:
+    """Waits `grace` for the job's processes to go, SIGKILLs the rest: (the pids SIGKILLed, the
+    pids still there after KILL_WAIT_S)."""
     end = time.monotonic() + grace
     while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
         time.sleep(POLL_S)
     if not left:
-        return "nothing left"
+        return [], []
     killed = sweep(conn, job_id, run_id, kill=True)
     end = time.monotonic() + KILL_WAIT_S
     while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
         time.sleep(POLL_S)
-    said = f"SIGKILLed leftovers {' '.join(killed)}"
-    return f"{said}; STILL THERE: {' '.join(left)}" if left else f"{said}, nothing left"
+    return killed, left

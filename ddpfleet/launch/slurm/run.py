@@ -15,13 +15,12 @@ from pathlib import Path
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.hygiene import open_private
-from ddpfleet.launch import sync
 from ddpfleet.launch.clues import Clues
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.outcome import Outcome, failure_message, first_failure, summary_line
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import Plan
-from ddpfleet.launch.preflight import fail_if, fresh_run_dir, open_members
+from ddpfleet.launch.preflight import fail_if, fresh_run_dir
 from ddpfleet.launch.slurm.batch import (
     TERMINAL,
     JobOutput,
@@ -34,13 +33,17 @@ from ddpfleet.launch.slurm.batch import (
     sbatch_argv,
 )
 from ddpfleet.launch.ssh.ranklogs import fetch_rank_logs
-from ddpfleet.launch.ssh.run import prepare
+from ddpfleet.launch.ssh.run import open_checked, prepare
 from ddpfleet.launch.verdict import RunState
 from ddpfleet.ssh.connection import Conn, Fleet
 from ddpfleet.ssh.result import Result
 
 POLL_S = 0.3
-CANCEL_WAIT_S = 60.0  # after scancel, until Slurm says the job ended
+# After scancel, until Slurm says the job ended: Slurm's KillWait (30 s from SIGTERM to SIGKILL)
+# plus its UnkillableStepTimeout (60 s more for the killed processes to go), the longest Slurm
+# itself waits (both defaults; roles/slurm sets neither). Ctrl-C on an attached job and `invoke
+# stop` wait alike: a shorter wait returns while ranks may still run.
+CANCEL_WAIT_S = 90.0
 
 
 def run_as(conn: Conn, user: str | None, argv: list[str], **kw) -> Result:
@@ -56,21 +59,47 @@ def plan_user(p: Plan) -> str | None:
 
 
 def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
-    """The SSH launcher's checks, plan and code sync; Slurm starts the ranks."""
+    """The SSH launcher's checks, plan and code sync (open_checked, prepare); Slurm starts the
+    ranks."""
     job_user([(n, config.users.get(n)) for n in config.order])  # one user, before any change
-    files = sync.project_files(config.project_dir, config.keep_out)
-    sync.require(files, config.script, config.project_dir)
     fresh_run_dir(config.run_dir)
-    fail_if(
-        [str(r) for r in fleet.open().values() if isinstance(r, NodeError)],
-        "cannot reach every node",
-    )
-    members = open_members(fleet, config, out)
+    files, members = open_checked(fleet, config, out)
     try:  # the runners only check and sync here
         return prepare(fleet, config, members, files)
     finally:
         for m in members.values():
             m.call_off()
+
+
+def ask(conn: Conn, job_id: str) -> dict[str, str]:
+    """scontrol's record of the job; {} once Slurm forgot it."""
+    got = conn.run(["scontrol", "-o", "show", "job", job_id], check=False)
+    return parse_job(got.stdout) if got.ok else {}
+
+
+class OutputFile:
+    """The job's output file (srun's labelled lines), read over SFTP as the job's user as it
+    grows: what an attached run streams and `invoke logs` prints. Lines come out as (node,
+    rank, text); a partial last line waits for the next read, or end()."""
+
+    def __init__(self, path: str, user: str | None, parsed: JobOutput):
+        self.path, self.user, self.parsed = path, user, parsed
+        self.offset = 0
+        self.lines = LineSplitter()
+
+    def read(self, conn: Conn) -> list[tuple[str, int | None, str]]:
+        """What was written since the last read ([] while the file is not there yet)."""
+        try:
+            with conn.sftp(self.user).open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.feed(data)]
+
+    def end(self) -> list[tuple[str, int | None, str]]:
+        return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.end()]
 
 
 def submit(fleet: Fleet, p: Plan, out: Output) -> str:
@@ -115,8 +144,7 @@ class Job:
         self.id = ""
         self.info: dict[str, str] = {}
         self.parsed = JobOutput(nproc=p.nproc)
-        self.splitter = LineSplitter()
-        self.offset = 0
+        self.output: OutputFile | None = None  # once submitted
         self.started = time.monotonic()
         self.clues = {n.node: Clues(node_rank=n.rank, nproc=p.nproc) for n in p.nodes}
         self.lines = {n.node: deque(maxlen=200) for n in p.nodes}
@@ -125,15 +153,14 @@ class Job:
 
     def submit(self) -> None:
         self.id = submit(self.fleet, self.p, self.out)
+        self.output = OutputFile(output_path(self.output_dir, self.id), self.user, self.parsed)
 
     @property
     def state(self) -> str:
         return self.info.get("JobState", "")
 
     def poll(self) -> None:
-        got = self.head.run(["scontrol", "-o", "show", "job", self.id], check=False)
-        if got.ok:
-            self.info = parse_job(got.stdout)
+        self.info = ask(self.head, self.id) or self.info  # {}: not asked this time
         nodelist = self.info.get("NodeList", "")
         if not self.parsed.nodes and nodelist not in ("", "(null)"):
             names = self.head.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
@@ -146,21 +173,11 @@ class Job:
 
     def read(self) -> None:
         host = self.info.get("BatchHost", "")
-        if host not in self.fleet.conns:
-            return
-        path = output_path(self.output_dir, self.id)
-        try:
-            with self.fleet.conns[host].sftp(self.user).open(path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        self.offset += len(data)
-        for raw in self.splitter.feed(data):
-            self.show(raw.decode(errors="replace"))
+        if host in self.fleet.conns and self.output is not None:
+            for line in self.output.read(self.fleet.conns[host]):
+                self.show(*line)
 
-    def show(self, raw: str) -> None:
-        node, rank, text = self.parsed.line(raw)
+    def show(self, node: str, rank: int | None, text: str) -> None:
         prefix = f"[{node}]" if rank is None else f"[{node} r{rank}]"
         self.out.line(f"{prefix} {text}", self.logs.get(node))
         if node in self.clues:
@@ -174,8 +191,8 @@ class Job:
                 break
             time.sleep(POLL_S)
         self.read()  # what the last poll raced
-        for raw in self.splitter.end():
-            self.show(raw.decode(errors="replace"))
+        for line in self.output.end() if self.output else ():
+            self.show(*line)
 
     def cancel(self) -> None:
         if not self.id:

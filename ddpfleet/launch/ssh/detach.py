@@ -140,6 +140,4 @@ def train_detached(
     index.add(p.run_id, [n.node for n in p.nodes])
     took = time.monotonic() - began
     out.line(f"run {p.run_id}: started detached on {', '.join(config.order)} ({took:.2f}s)")
-    for command in ("runs", f"logs {p.run_id} -f", f"stop {p.run_id}"):
-        out.line(f"  invoke {command}")
     return p

@@ -48,9 +48,9 @@ def views(
     said: Mapping[str, dict | NodeError], index: Index, only: Sequence[str] = ()
 ) -> list[RunView]:
     """One view per run that any node or the index knows (or only `only`)."""
-    known: dict[str, tuple[str, ...]] = {
-        e["run_id"]: tuple(e["nodes"]) for e in index.entries() if e.get("launcher") != "slurm"
-    }
+    # Only this launcher's: another's run (Slurm's) has no supervisor records, this fold would
+    # call it LOST.
+    known = {e["run_id"]: tuple(e["nodes"]) for e in index.launched_by("ssh")}
     for answer in said.values():
         if isinstance(answer, dict):
             for run_id, part in answer.items():

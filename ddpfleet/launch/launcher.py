@@ -1,0 +1,178 @@
+"""The Launcher interface: what `invoke train`, `runs`, `logs` and `stop` ask of a way to start
+runs, and how they find the one to ask (the registry is ddpfleet/launchers.py).
+
+    launcher = get(config_launcher)           # train: --launcher, else the inventory's
+    launcher.train(fleet, config)             # attached: returns once the run ended
+    launcher.train_detached(fleet, config, index)
+    runs = Runs.open(inventory)               # runs / logs / stop
+    views = [v for each in every() for v in each.views(runs)]
+    of_run(runs.index, run_id).stop(runs, run_id, grace)   # -> Stopped: data, the task renders
+
+A run's launcher is the one its index entry names (an entry without one: the default's).
+Nothing above this module names a launcher: adding one is its folder and a registry entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.inventory import Inventory
+from ddpfleet.launch.ssh.runctl import Index
+from ddpfleet.launchers import DEFAULT, LAUNCHERS
+from ddpfleet.ssh.connection import Fleet
+
+if TYPE_CHECKING:
+    from ddpfleet.launch.config import TrainConfig
+    from ddpfleet.launch.outcome import Outcome
+    from ddpfleet.launch.ssh.runstate import RunView
+    from ddpfleet.shell import Secret
+
+# A node's answer to stop, by what it means for the run there.
+STOPPED = "stopped"  # nothing of the run is left on the node
+STILL_THERE = "still there"  # pids survived even SIGKILL: the stop is not confirmed
+UNREACHABLE = "unreachable"  # the node could not be asked (`error` says why)
+NO_RECORD = "no record"  # the node knows no such run: nothing to stop
+
+
+@dataclass(frozen=True)
+class NodeStop:
+    """One node's part of `invoke stop`: what was done there and what is left."""
+
+    state: str  # STOPPED, STILL_THERE, UNREACHABLE or NO_RECORD
+    did: str = ""  # what ended: "stopped its part", "was FAILED", "2 processes of the job ended"
+    killed: tuple[str, ...] = ()  # the pids SIGKILLed after the grace
+    left: tuple[str, ...] = ()  # the pids still there
+    error: str = ""  # UNREACHABLE: the node's error
+
+    @classmethod
+    def of(cls, did: str, killed: Sequence, left: Sequence) -> NodeStop:
+        return cls(STILL_THERE if left else STOPPED, did,
+                   tuple(map(str, killed)), tuple(map(str, left)))  # fmt: skip
+
+    @classmethod
+    def failed(cls, error: NodeError) -> NodeStop:
+        return cls(UNREACHABLE, error=str(error))
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """`invoke stop RUN`: per node what happened; `did`: what the launcher did for the whole
+    run first (Slurm: the scancel), '' when that is only the nodes' work."""
+
+    run_id: str
+    nodes: Mapping[str, NodeStop] = field(default_factory=dict)
+    did: str = ""
+
+    def unconfirmed(self) -> list[str]:
+        """The nodes where the run may still be there."""
+        return [n for n, s in self.nodes.items() if s.state in (STILL_THERE, UNREACHABLE)]
+
+
+@dataclass
+class Runs:
+    """What `runs`, `logs` and `stop` hand a launcher: the inventory, one (lazy) connection per
+    node, and the controller's index of the runs it started."""
+
+    inventory: Inventory
+    fleet: Fleet
+    index: Index
+
+    @classmethod
+    def open(cls, inventory: Inventory, become_password: Secret | None = None) -> Runs:
+        return cls(inventory, Fleet(inventory, become_password=become_password), index(inventory))
+
+    def __enter__(self) -> Runs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fleet.close()
+
+
+@runtime_checkable
+class Launcher(Protocol):
+    """A way to start runs. Its failures are DdpfleetErrors naming the node and the fix."""
+
+    name: str
+    resumes: bool  # whether train --resume RUN can start a new run from RUN's snapshot
+
+    def train(self, fleet: Fleet, config: TrainConfig) -> list[Outcome]:
+        """Attached: check, plan, sync, run; returns once the run ended, raises DdpfleetError
+        naming the failing node and rank (the verdict); Ctrl-C stops the run."""
+
+    def train_detached(
+        self, fleet: Fleet, config: TrainConfig, index: Index, resume: str | None = None
+    ) -> None:
+        """Detached: the same checks, then the run starts and is indexed; returns at once.
+        `resume`: a run id whose code snapshot the new run starts from (only if `resumes`)."""
+
+    def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> Mapping:
+        """For train --resume RUN: RUN's script, args (one string) and env (K=V list) as it
+        was started ({'script', 'args', 'env'}); a PlanError when there is nothing to resume."""
+
+    def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
+        """One view (state, verdict) per run of this launcher that the nodes or the index know
+        (or only `only`)."""
+
+    def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
+        """Remove ended runs' records on every node but the newest `keep`: node -> run ids."""
+
+    def logs(
+        self, runs: Runs, run_id: str, node: str | None, rank: int | None, follow: bool
+    ) -> list[str]:
+        """Print the run's lines prefixed by node and rank (`follow`: until it ends); one
+        problem line per node that could not be read."""
+
+    def stop(self, runs: Runs, run_id: str, grace: float) -> Stopped:
+        """Stop the run on every node: SIGTERM, `grace` seconds, SIGKILL what is left."""
+
+
+def index(inventory: Inventory) -> Index:
+    """The controller's index of started runs, beside the inventory."""
+    return Index(inventory.root)
+
+
+def get(name: str, said_by: str = "--launcher") -> Launcher:
+    """The registered launcher `name`; a DdpfleetError naming `said_by` when there is none."""
+    entry = LAUNCHERS.get(name)
+    if entry is None:
+        raise DdpfleetError(f"{said_by} {name!r}: use one of {', '.join(LAUNCHERS)}")
+    return importlib.import_module(entry.module).LAUNCHER
+
+
+def every() -> list[Launcher]:
+    return [get(name) for name in LAUNCHERS]
+
+
+def resumers() -> list[str]:
+    """The launchers whose runs train --resume can start from."""
+    return [name for name in LAUNCHERS if get(name).resumes]
+
+
+def of_run(index: Index, run_id: str) -> Launcher:
+    """The launcher that started `run_id`, by its index entry (none: the default launcher's,
+    which also finds runs the nodes know and the index does not)."""
+    entry = index.entry(run_id) or {}
+    return get(entry.get("launcher", DEFAULT), f"{run_id}: its index entry's launcher")
+
+
+def views(runs: Runs) -> list[RunView]:
+    """Every launcher's runs, newest first; a final verdict once seen is the index's (settle)."""
+    out = runs.index.settle([v for launcher in every() for v in launcher.views(runs)])
+    return sorted(out, key=lambda v: v.started or 0, reverse=True)
+
+
+def prune(runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
+    """Every launcher's prune, per node: the run ids removed there, or why not."""
+    out: dict[str, list[str] | NodeError] = {}
+    for launcher in every():
+        for node, said in launcher.prune(runs, keep).items():
+            had = out.setdefault(node, [])
+            if isinstance(said, NodeError) and not isinstance(had, NodeError):
+                out[node] = said  # the first error a node gave is its answer
+            elif isinstance(had, list) and isinstance(said, list):
+                had.extend(said)
+    return out

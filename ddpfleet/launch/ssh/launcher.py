@@ -1,0 +1,118 @@
+"""The SSH launcher (ddpfleet.launch.launcher.Launcher): torchrun on every node over SSH.
+
+Attached, a runner per node holds its part over an SSH channel (run.py); detached, a supervisor
+per node holds it without one (detach.py). A started run lives in the nodes' records, read and
+acted on by short fan-outs to run_ctl.py (runctl.py, runlogs.py).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+
+from ddpfleet import envs
+from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
+from ddpfleet.inventory import Inventory
+from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Runs, Stopped
+from ddpfleet.launch.outcome import Outcome
+from ddpfleet.launch.ssh import detach, run, runctl, runlogs
+from ddpfleet.launch.ssh.runstate import RunView
+from ddpfleet.shell import Secret
+from ddpfleet.ssh.connection import Fleet
+
+
+def pythons(inventory: Inventory) -> dict[str, str]:
+    """Each node's env python, which runs run_ctl.py there."""
+    return {n.name: envs.env_python(inventory, n) for n in inventory.nodes}
+
+
+class SshLauncher:
+    name = "ssh"
+    resumes = True
+
+    def train(self, fleet: Fleet, config: TrainConfig) -> list[Outcome]:
+        return run.train(fleet, config)
+
+    def train_detached(
+        self, fleet: Fleet, config: TrainConfig, index: runctl.Index, resume: str | None = None
+    ) -> None:
+        detach.train_detached(fleet, config, index, resume=resume)
+
+    def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> dict:
+        """RUN's script, args and env from its spec on its first node (the one asked)."""
+        index = runctl.Index(inventory.root)
+        nodes = index.nodes(run_id) or tuple(n.name for n in inventory.nodes)
+        py = pythons(inventory)
+        first = [inventory.node(n) for n in nodes if n in py][:1]
+        with Fleet(inventory, first, become_password=become_password) as fleet:
+            said = fleet.map(lambda c: runctl.node_call(c, py[c.name], "spec", run_id))
+        spec = next(iter(said.values()))
+        if isinstance(spec, NodeError):
+            raise spec
+        if not spec:
+            raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
+        meta = spec.get("meta", {})
+        if "--checkpoint-dir" not in " ".join(meta.get("args", ())):
+            raise PlanError(
+                f"--resume {run_id}: that run had no --checkpoint-dir in its --args, so there is "
+                "nothing to resume from; start a new run with --args '... --checkpoint-dir DIR'"
+            )
+        return {
+            "script": meta.get("script"),
+            "args": shlex.join(meta.get("args", ())),
+            "env": [f"{k}={v}" for k, v in meta.get("env", ())],
+        }
+
+    def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
+        return runctl.views(_ask(runs, only), runs.index, only)
+
+    def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
+        removed = runctl.prune(runs.fleet, pythons(runs.inventory), keep)
+        lists = [set(r) for r in removed.values() if isinstance(r, list)]
+        runs.index.drop(set.intersection(*lists) if lists else ())  # gone from every node
+        return removed
+
+    def logs(
+        self, runs: Runs, run_id: str, node: str | None, rank: int | None, follow: bool
+    ) -> list[str]:
+        said, _ = _one(runs, run_id)
+        only = [n.strip() for n in (node or "").split(",") if n.strip()]
+        parts = runlogs.nodes_of(said, run_id, only)
+        return runlogs.show(runs.fleet, pythons(runs.inventory), run_id, parts, rank, follow)
+
+    def stop(self, runs: Runs, run_id: str, grace: float) -> Stopped:
+        _, view = _one(runs, run_id)
+        py = pythons(runs.inventory)
+        said = runctl.stop(runs.fleet, py, run_id, [n for n in view.nodes if n in py], grace)
+        return Stopped(run_id, {node: _stopped(r) for node, r in said.items()})
+
+
+def _ask(runs: Runs, ids: Sequence[str] = ()) -> dict[str, dict | NodeError]:
+    """Every node's records of the runs (all, or `ids`)."""
+    said = runctl.gather(runs.fleet, pythons(runs.inventory), ids)
+    refused = [str(r) for r in said.values() if isinstance(r, BecomeError)]
+    if refused:  # not a lost node: the run's records are there, root work was not allowed
+        raise DdpfleetError("; ".join(refused))
+    return said
+
+
+def _one(runs: Runs, run_id: str) -> tuple[dict[str, dict | NodeError], RunView]:
+    said = _ask(runs, (run_id,))
+    views = runctl.views(said, runs.index, only=(run_id,))
+    if not views:
+        raise DdpfleetError(f"{run_id}: no such run on any node; see invoke runs")
+    return said, views[0]
+
+
+def _stopped(said: Mapping | NodeError) -> NodeStop:
+    """run_ctl.py stop's answer as data."""
+    if isinstance(said, NodeError):
+        return NodeStop.failed(said)
+    if not said.get("found"):
+        return NodeStop(NO_RECORD)
+    did = "stopped its part" if said["supervisor"] else f"was {said['was']}"
+    return NodeStop.of(did, said["killed"], said["left"])
+
+
+LAUNCHER = SshLauncher()
