@@ -154,7 +154,7 @@ def _slurm_stop(loaded, entry, grace, ask_become_pass) -> None:
     from ddpfleet.ssh.connection import Fleet
 
     with Fleet(loaded, become_password=become_password(ask_become_pass)) as fleet:
-        did, rows = slurm_detach.stop(fleet, entry, grace)
+        did, rows = slurm_detach.stop(fleet, _pythons(loaded), entry, grace)
     run = entry["run_id"]
     report.show(report.table(did, ("node", f"stop {run}"), [(n, str(r)) for n, r in rows.items()]))
     bad = [n for n, r in rows.items() if isinstance(r, NodeError) or "STILL THERE" in r]

@@ -194,6 +194,18 @@ def marked(entries):
     return found
 
 
+def kill_marked(entries):
+    """SIGKILL to every marked process: the pids it reached."""
+    killed = []
+    for pid in marked(entries):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
+    return killed
+
+
 def cgroup_pids(path):
     try:
         with open(os.path.join(path, "cgroup.procs")) as f:
@@ -215,11 +227,6 @@ def sweep_out(tree, run_id, cgroup, rounds=3):
             break
         if cgroup:
             killed += tree.kill_cgroup(cgroup)
-        for pid in marked([f"DDPFLEET_RUN_ID={run_id}"]):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                pass
+        killed += kill_marked([f"DDPFLEET_RUN_ID={run_id}"])
         time.sleep(0.1)
     return sorted(set(killed))

@@ -8,6 +8,9 @@ detached runs under /var/lib/ddpfleet/runs/ (see run_supervisor.py). Stdlib only
     logs RUN FOLLOW        node.log from the start; FOLLOW=1 keeps reading until the run ends
     prune KEEP             removes the run dirs of ended runs but the newest KEEP
     spec RUN               the run's spec.json, less its lifeline secret
+    sweep KILL ENTRY...    the pids whose environment holds one of the NAME=VALUE entries
+                           (part.marked; KILL=1: those SIGKILLed); one JSON list
+                           (a Slurm job's leftovers: SLURM_JOB_ID=<job> DDPFLEET_RUN_ID=<run>)
 
 The controller sends this file, then records.py, proctree.py and part.py on stdin
 (launch.ssh.runctl.CTL_FILES). A run's supervisor counts as alive only while its pid has the
@@ -149,6 +152,9 @@ def main(argv):
         return logs(argv[1], argv[2] == "1")
     elif what == "prune":
         print(json.dumps(prune(int(argv[1]))))
+    elif what == "sweep":
+        sweep = m.part.kill_marked if argv[1] == "1" else m.part.marked
+        print(json.dumps(sweep(argv[2:])))
     elif what == "spec":  # for --resume: all but the lifeline's secret, which stays here
         spec = m.records.read_json(os.path.join(m.records.RUNS, argv[1], "spec.json"))
         print(json.dumps(spec and {k: v for k, v in spec.items() if k != "lifeline_secret"}))
