@@ -1,8 +1,10 @@
 """run_ctl.py's sweep, run here as the controller ships it (runctl.CTL_FILES on stdin): the one
-environ sweep a detached SSH run's stop and a Slurm run's stop both make. Linux only."""
+environ sweep a detached SSH run's stop and a Slurm run's stop both make; and each node
+program's helper list against what the controller ships. Linux only."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -11,8 +13,10 @@ import uuid
 
 import pytest
 
-from ddpfleet.launch import sync
+from ddpfleet.launch import RUNNER_FILES, sync
 from ddpfleet.launch.ssh import runctl
+from ddpfleet.launch.ssh.detach import SUPERVISOR_FILES
+from ddpfleet.node import NODE_DIR
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/*/environ")
 
@@ -59,3 +63,29 @@ def test_list_with_no_run_of_that_id_is_an_empty_document():
     r = ctl("list", f"no-such-run-{uuid.uuid4().hex[:8]}")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {}
+
+
+@pytest.mark.parametrize(
+    "files",
+    [runctl.CTL_FILES, RUNNER_FILES, SUPERVISOR_FILES],
+    ids=["run_ctl", "gang_runner", "run_supervisor"],
+)
+def test_each_program_loads_the_helpers_the_controller_ships_in_that_order(files):
+    """The wire carries no names: a program reads its helpers in the order it expects them."""
+    tree = ast.parse((NODE_DIR / files[0]).read_text())
+    listed = next(
+        (
+            [e.value for e in node.value.elts]
+            for node in tree.body
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HELPERS"
+        ),
+        None,
+    )
+    if listed is None:  # loaded one call at a time
+        calls = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "load_helper"
+        ]
+        listed = [c.args[0].value for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
+    assert tuple(listed) == tuple(files[1:])
