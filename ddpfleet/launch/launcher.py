@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ddpfleet import envs
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.inventory import Inventory
-from ddpfleet.launch.ssh.runctl import Index
+from ddpfleet.launch.index import Index
 from ddpfleet.launchers import DEFAULT, LAUNCHERS
 from ddpfleet.ssh.connection import Fleet
 
@@ -128,6 +129,11 @@ class Launcher(Protocol):
 
     def stop(self, runs: Runs, run_id: str, grace: float) -> Stopped:
         """Stop the run on every node: SIGTERM, `grace` seconds, SIGKILL what is left."""
+
+
+def pythons(inventory: Inventory) -> dict[str, str]:
+    """Each node's env python, which runs run_ctl.py there (both launchers' runs, logs, stop)."""
+    return {n.name: envs.env_python(inventory, n) for n in inventory.nodes}
 
 
 def index(inventory: Inventory) -> Index:

@@ -38,9 +38,14 @@ ALWAYS_LEFT_OUT = ("logs", "envs", ".venv", ".git")  # at the project's top
 NEVER_SYNCED = (".ddpfleet", "__pycache__")  # a directory of that name at any depth
 # Reads the helper's source from stdin (length line first) and runs it as __main__; the rest of
 # stdin is then the helper's own input. Keeps `ps` short and needs nothing on the node.
+# The node side of helper_source: runs the first file sent on stdin, which loads the helpers
+# sent after it with load_helper (each a module of its own, its source kept for a replay).
 HELPER_LOADER = (
-    "import sys;b=sys.stdin.buffer;__source__=b.read(int(b.readline()));"
-    "exec(compile(__source__,'{name}','exec'))"
+    "import sys,types;b=sys.stdin.buffer\n"
+    "def load_helper(n):\n"
+    " m=types.ModuleType(n[:-3]);m.__source__=b.read(int(b.readline()))\n"
+    " exec(compile(m.__source__,n,'exec'),m.__dict__);return m\n"
+    "__source__=b.read(int(b.readline()));exec(compile(__source__,'{name}','exec'))"
 )
 
 
@@ -217,6 +222,11 @@ def helper_source(name: str) -> bytes:
     """How a node helper travels: its length on one line, then its source (see HELPER_LOADER)."""
     source = (NODE_DIR / name).read_bytes()
     return str(len(source)).encode() + b"\n" + source
+
+
+def helper_sources(names: Iterable[str]) -> bytes:
+    """A node program and the helpers it loads, in the order it loads them."""
+    return b"".join(helper_source(name) for name in names)
 
 
 def helper_command(python: str, name: str, *args: str) -> str:

@@ -1,46 +1,35 @@
-"""Runs on a node for `invoke train`: this node's part of one run, from preflight to exit.
+"""Runs on a node for `invoke train`: this node's part of an ATTACHED run, from preflight to
+exit. What holds the gang here: the controller's SSH channel (the detached counterpart is
+run_supervisor.py; what both do alike is part.py).
 
 Stdlib only, Linux. On the channel's stdin the controller sends, in order: this file (a length
-line, then the source), node_helper.py and proctree.py the same way, one JSON line asking for
-the preflight facts, and then either EOF (preflight failed somewhere: nothing is started),
-one JSON line {"argv", "env", "cwd", "grace", "watchdog", "heartbeat"} that starts torchrun, or
-(a detached run's master) one JSON line {"handoff": NAME}: the held port goes to the run's
-supervisor, which connects to the abstract unix socket NAME, and the runner exits.
+line, then the source), node_helper.py, proctree.py, masterport.py and part.py the same way
+(launch.ssh.member.RUNNER_FILES), one JSON line asking for the preflight facts, and then either
+EOF (preflight failed somewhere: nothing is started), one JSON line {"argv", "env", "cwd",
+"grace", "watchdog", "heartbeat"} that starts torchrun, or (a detached run's master) one JSON
+line {"handoff": NAME}: the held port goes to the run's supervisor, which connects to the
+abstract unix socket NAME (masterport.hand_over), and the runner exits.
 The preflight request names the node and the training user: the runner is root where the
 login can become root (as the detached supervisor is), and torchrun, every rank and whatever
-they start run as that user.
-After that it keeps stdin open and writes control lines: "hb" (heartbeat), "stop" (graceful),
-"kill" (at once); the runner sends its own heartbeat back, so either side notices a connection
-that died silently.
+they start run as that user (part.Part: the run's cgroup, the drop, PDEATHSIG).
 
 The preflight runs here, not in channels of its own, so a launch costs one exec per node: the
 facts and code manifest (node_helper.facts), the master port bound on the master and held,
-a real TCP connect to it from every worker. The held socket is never closed: torchrun's
-static rendezvous store adopts it (TCPStore's master_listen_fd, see proctree.ADOPT), so
-between the check and the run no other process (a second run, `doctor`, a local user) can take
-the port; in a detached run it goes to the supervisor's torchrun (proctree.hand_over).
+a real TCP connect to it from every worker (masterport.py). The held socket is never closed:
+torchrun's store adopts it, so no other process can take the port in between.
 
-Why each piece of the run is here:
-- torchrun gets its own session (setsid): no terminal, so no SIGHUP from a hang-up, and its
-  group is ours to signal. Its workers start their own sessions (start_new_session in torch's
-  SubprocessHandler), so killing torchrun's group alone would orphan them: the runner and its
-  guardian are child subreapers, so every descendant, orphaned or not, stays in their tree, and
-  a stop ends the whole tree (proctree.py: SIGTERM, then freeze and SIGKILL sweeps until none
-  is left). Orphans are reaped as they exit. Nothing is ever looked up by name.
+What the channel does, and only here:
 - stdin is the lifeline: EOF (the controller died, its TCP connection closed, sshd closed the
   channel), a "stop" line, or no line for `watchdog` seconds (a half-open connection) stops the
-  run: SIGTERM to every group, SIGKILL after `grace` seconds. The watchdog and the stop never
-  wait on output: a controller that stops reading cannot keep the run alive.
-- torchrun starts as a detached run's does (proctree.enter): in the run's own cgroup
-  (`<cgroup2 mount>/ddpfleet/<run>.<node>`, where the runner is root and one is writable),
-  dropped to the training user, with PR_SET_PDEATHSIG. A stop ends the tree, then kills the
-  cgroup: a fork loop that hides from the /proc sweeps, or anything that left the tree another
-  way, is still in it. The runner's guardian does the same if the runner is SIGKILLed.
-
-Output: torchrun's stdout+stderr relayed line by line (over-long lines in MAX_LINE pieces)
-through one writer thread; control lines start with \\x1e and hold JSON, one "event" each:
-facts, started, hb, stopping, killed, error, exit (ddpfleet.launch.member reads them). The exit
-status is torchrun's.
+  run gracefully (part.Part.stop); "kill" stops it at once. The runner sends its own heartbeat
+  back, so either side notices a connection that died silently. The watchdog and the stop
+  never wait on output: a controller that stops reading cannot keep the run alive.
+- the runner's guardian (part.split) is the process sshd waits for: if the runner is
+  SIGKILLed it ends the run and says so on the channel.
+- output: torchrun's stdout+stderr relayed line by line (over-long lines in MAX_LINE pieces)
+  through one writer thread; control lines start with \\x1e and hold JSON, one "event" each:
+  facts, started, hb, stopping, killed, error, exit (ddpfleet.launch.ssh.member reads them).
+  The exit status is torchrun's.
 """
 
 import json
@@ -50,7 +39,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 
 STDIN = sys.stdin.buffer
 OUT_QUEUE = 256  # chunks (a line each, at most MAX_LINE) waiting for a slow controller
@@ -111,42 +99,29 @@ def control(block=True, timeout=None, **event):
 
 
 class Member:
-    def __init__(self, spec, tree, cgroup=None, user=None):
-        self.spec, self.tree, self.cgroup, self.user = spec, tree, cgroup, user
-        self.proc = None
-        self.reaper = None
-        self.stopper = None
-        self.stopping = threading.Event()
-        self.stop_lock = threading.Lock()
+    """This node's part (part.Part) held by the controller's SSH channel: stdin is the lifeline
+    (EOF, "stop", "kill", silence past the watchdog), stdout carries torchrun's output."""
+
+    def __init__(self, spec, part):
+        self.spec, self.part = spec, part
+        part.on_killed = self.killed
         self.last_line = time.monotonic()
         self.guardian = os.getppid()
 
+    @property
+    def stopping(self):
+        return self.part.stopping
+
     def start(self, listener=None):
         """torchrun in its own session; with `listener` (the master's held port) it adopts it."""
-        tree, cgroup, user = self.tree, self.cgroup, self.user
-        env = tree.user_env(user) if tree.drops_to(user) else dict(os.environ)
-        env.update(self.spec["env"])
-        argv, fds = tree.adopting(self.spec["argv"], listener)
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=self.spec["cwd"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            pass_fds=fds,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # No other thread runs at this point (main() starts them after), so a Python
-            # preexec_fn is safe here: the run's cgroup, the training user, PDEATHSIG.
-            preexec_fn=lambda: tree.enter(cgroup, user),  # noqa: PLW1509
-        )
-        self.reaper = tree.Reaper(self.proc.pid)
-        control(event="started", pid=self.proc.pid, pgid=self.proc.pid)
+        proc = self.part.start(subprocess.PIPE, listener, inherit=True)
+        control(event="started", pid=proc.pid, pgid=proc.pid)
 
     def relay(self):
         """torchrun's output, line by line; a line longer than MAX_LINE (a progress bar
         redrawn with \\r, binary output) goes in pieces, so memory stays bounded."""
-        for line in iter(lambda: self.proc.stdout.readline(MAX_LINE), b""):
+        out = self.part.proc.stdout
+        for line in iter(lambda: out.readline(MAX_LINE), b""):
             OUT.put(line)
 
     def listen(self):
@@ -178,67 +153,40 @@ class Member:
 
     def stop(self, reason, grace=None):
         """Start ending the run; the signals go first, the word to the controller after."""
-        grace = self.spec["grace"] if grace is None else grace
-        with self.stop_lock:
-            hard = self.stopping.is_set()
-            self.stopping.set()
-        if hard and grace:
-            return  # a graceful stop is already under way
-        self.stopper = threading.Thread(target=self.terminate, args=(grace,), daemon=True)
-        self.stopper.start()
-        control(block=False, event="stopping", reason=reason, grace=grace)
+        grace = self.part.grace if grace is None else grace
+        if self.part.stop(grace):
+            control(block=False, event="stopping", reason=reason, grace=grace)
 
-    def terminate(self, grace):
-        killed = self.tree.end_run(grace, self.proc.pid, self.cgroup)
-        if killed and grace:
-            pids, after = killed
-            control(
-                block=False,
-                event="killed",
-                pids=pids,
-                after=after,
-                agent_only=pids == [self.proc.pid],
-            )
-
-    def wait(self):
-        code = self.reaper.wait()
-        self.proc.returncode = code  # collected by the reaper; Popen must not wait again
-        if self.stopper is not None:
-            self.stopper.join()
-        if self.tree.descendants():  # torchrun is done; anything it left is the run's too
-            self.terminate(self.spec["grace"])
-        if self.cgroup and os.path.isdir(self.cgroup):
-            self.tree.kill_cgroup(self.cgroup)
-        return code
+    def killed(self, pids, after):
+        """What a graceful stop had to SIGKILL, and when (part.Part's on_killed)."""
+        agent_only = pids == [self.part.proc.pid]
+        control(block=False, event="killed", pids=pids, after=after, agent_only=agent_only)
 
 
-def load_helper(name):
-    """A helper (node_helper.py, then proctree.py), sent on stdin the same way as this file."""
-    module = types.ModuleType(name[:-3])
-    source = STDIN.read(int(STDIN.readline()))
-    exec(compile(source, name, "exec"), module.__dict__)  # noqa: S102
-    return module
-
-
-def preflight(helper, tree, ask):
+def preflight(helper, masterport, tree, ask):
     """Facts for the plan; the master binds and holds its port, a worker connects to it. The
     code dir and its lock are the training user's: the facts are gathered acting as it."""
     held = None
     if ask.get("listen"):  # first: the workers' connects are already on their way
-        held, error = helper.bind(ask["listen"])
+        held, error = masterport.bind(ask["listen"])
     with tree.acting_as(ask.get("user")):
         found = helper.facts(ask["code_dir"], ask["master_host"], ask["count_gpus"])
     if ask.get("listen"):
         found["listen"] = {"ok": held is not None, "error": error}
     if ask.get("reach"):
-        error = helper.reach(ask["master_host"], ask["reach"]["port"], ask["reach"]["timeout"])
+        master = helper.resolve(ask["master_host"]) or ask["master_host"]
+        error = masterport.reach(master, ask["reach"]["port"], ask["reach"]["timeout"])
         found["reach"] = {"ok": error is None, "error": error}
     control(event="facts", **found)
     return held
 
 
-def notify(text):
-    """An error line from the guardian: never blocks (nobody may be reading any more)."""
+def lost(signame):
+    """The guardian's word when the runner was killed: never blocks (nobody may be reading)."""
+    text = (
+        f"the node's runner was killed ({signame}); "
+        "every process of the run on this node was stopped"
+    )
     fd = sys.stdout.fileno()
     try:
         os.set_blocking(fd, False)
@@ -247,21 +195,11 @@ def notify(text):
         pass
 
 
-def split_guardian(tree, grace, held, cgroup):
-    """Fork: the child goes on as the runner and returns; this process, the one sshd waits
-    for, becomes the runner's guardian (see proctree) and exits with the runner's status."""
-    pid = os.fork()
-    if pid == 0:
-        return
-    if held is not None:
-        held.close()  # the runner hands the port to torchrun; a copy here would outlive it
-    os._exit(tree.guard(pid, grace, notify, cgroup))
-
-
-def hand_off(helper, tree, held, name):
-    """A detached run's master: the held port goes to the run's supervisor (proctree.hand_over),
-    which connects to `name` once started; then this runner exits, having started nothing. The
-    code dir's lock is freed first, as a call-off frees it: the run works in a snapshot."""
+def hand_off(helper, masterport, held, name):
+    """A detached run's master: the held port goes to the run's supervisor (masterport's
+    hand_over), which connects to `name` once started; then this runner exits, having started
+    nothing. The code dir's lock is freed first, as a call-off frees it: the run works in a
+    snapshot."""
     helper.release()
     if held is None:
         control(event="error", error="no master port was held to hand over")
@@ -270,7 +208,7 @@ def hand_off(helper, tree, held, name):
     def ready():
         control(event="handoff", name=name, pid=os.getpid(), uid=os.getuid())
 
-    why = tree.hand_over(held.sock, name, STDIN.fileno(), ready, HANDOFF_S)
+    why = masterport.hand_over(held.sock, name, STDIN.fileno(), ready, HANDOFF_S)
     held.close()  # the supervisor has its own copy now (or the run did not start)
     if why is not None:
         control(event="error", error=f"the master port was not handed over: {why}")
@@ -279,9 +217,11 @@ def hand_off(helper, tree, held, name):
 
 
 def main():
-    helper, tree = load_helper("node_helper.py"), load_helper("proctree.py")
+    # load_helper: defined by the loader this file runs under (ddpfleet.launch.sync.HELPER_LOADER)
+    helper, tree = load_helper("node_helper.py"), load_helper("proctree.py")  # noqa: F821
+    masterport, parts = load_helper("masterport.py"), load_helper("part.py")  # noqa: F821
     ask = json.loads(STDIN.readline())
-    held = preflight(helper, tree, ask)
+    held = preflight(helper, masterport, tree, ask)
     line = STDIN.readline()
     if held is not None:
         held.quiet()  # still bound and listening: torchrun's store adopts the socket
@@ -291,12 +231,14 @@ def main():
         return 0  # the controller called it off: nothing was started
     spec = json.loads(line)
     if "handoff" in spec:
-        return hand_off(helper, tree, held, spec["handoff"])
+        return hand_off(helper, masterport, held, spec["handoff"])
     run_id, node = os.environ.get("DDPFLEET_RUN_ID"), ask.get("node")
     cgroup = tree.make_cgroup(run_id, node) if run_id and node else None
-    split_guardian(tree, spec["grace"], held, cgroup)
+    # This process, the one sshd waits for, becomes the runner's guardian; the child goes on.
+    # The held port is the runner's alone: a copy here would outlive torchrun.
+    parts.split(tree, spec["grace"], cgroup, lost, keep_out=[held] if held else [])
     tree.prctl(tree.PR_SET_CHILD_SUBREAPER, 1)
-    member = Member(spec, tree, cgroup, ask.get("user"))
+    member = Member(spec, parts.Part(tree, {**spec, "user": ask.get("user")}, cgroup))
     try:
         member.start(held.sock if held is not None else None)
     except OSError as e:
@@ -310,7 +252,7 @@ def main():
     relay.start()
     threading.Thread(target=member.listen, daemon=True).start()
     threading.Thread(target=member.watchdog, daemon=True).start()
-    code = member.wait()
+    code = member.part.wait()
     relay.join(timeout=2)
     control(timeout=FLUSH_S, event="exit", code=code, stopped=member.stopping.is_set())
     OUT.close(FLUSH_S)

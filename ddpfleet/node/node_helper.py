@@ -23,15 +23,12 @@ import importlib.util
 import json
 import os
 import re
-import select
 import shutil
 import socket
 import stat
 import subprocess
 import sys
 import tarfile
-import threading
-import time
 
 STDIN = sys.stdin.buffer
 
@@ -381,89 +378,6 @@ def apply(code_dir, run_id, script=None):
     if script:
         report["script"] = os.path.isfile(safe_target(root, script))
     emit(report)
-
-
-class Held:
-    """The master port, bound and listening from the preflight on: connects from the workers'
-    checks are answered until quiet(); then the socket stays listening for torchrun's store to
-    adopt (gang_runner; a detached run's supervisor gets it handed over), so the port is never
-    free between the check and the run."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.stopped = threading.Event()
-        self.server = threading.Thread(target=self.serve, daemon=True)
-        self.server.start()
-
-    def serve(self):
-        while not self.stopped.is_set():
-            if not select.select([self.sock], [], [], 0.1)[0]:
-                continue
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            # Wait for the worker to close first, so TIME_WAIT lands on its side, not here.
-            conn.settimeout(10)
-            try:
-                while conn.recv(64):
-                    pass
-            except OSError:
-                pass
-            conn.close()
-
-    def quiet(self):
-        """Stop answering (a stray check's connection is closed) but keep listening."""
-        self.stopped.set()
-        self.server.join(timeout=12)
-        self.sock.setblocking(False)
-        try:
-            while True:
-                self.sock.accept()[0].close()
-        except OSError:
-            pass
-        self.sock.setblocking(True)
-
-    def close(self):
-        self.quiet()
-        self.sock.close()
-
-
-def bind(port):
-    """The free-port test: bind like torchrun's store will (all IPv4 addresses) and listen.
-
-    Returns (Held, None) or (None, why).
-    """
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        srv.bind(("0.0.0.0", port))
-        srv.listen(64)
-    except OSError as e:
-        srv.close()
-        return None, e.strerror or str(e)
-    return Held(srv), None
-
-
-def reach(host, port, timeout):
-    """One real TCP connect to the master's listener; retried while its runner may still be
-    starting (refused), for `timeout` seconds in all.
-
-    Returns None or why not.
-    """
-    deadline = time.monotonic() + timeout
-    address = resolve(host) or host
-    while True:
-        left = max(0.1, deadline - time.monotonic())
-        try:
-            with socket.create_connection((address, port), timeout=left) as s:
-                s.sendall(b"ddpfleet preflight\n")
-            return None
-        except OSError as e:
-            why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        if time.monotonic() > deadline:
-            return f"{why} after {timeout:g}s"
-        time.sleep(0.05)
 
 
 def main(argv):

@@ -1,10 +1,10 @@
-"""The runner's process tree on a node: find it, reap it, end it. Stdlib only, Linux.
+"""A run's process tree on a node: find it, reap it, end it; who runs it. Stdlib only, Linux.
 
-gang_runner.py receives this file on stdin after node_helper.py (a length line, then the
-source) and uses it in two processes:
+Loaded (sent on stdin as a helper) by every program that owns a node's part of a run, through
+part.py, and installed beside the Jupyter supervisor (roles/jupyter). A part's processes:
 
-    guardian (the process sshd started, a child subreaper)
-      └─ runner (gang_runner's Member; a child subreaper too)
+    guardian (a child subreaper; part.split)
+      └─ runner or supervisor (a child subreaper too; part.Part)
            └─ torchrun (its own session) ─ workers (their own sessions) ─ whatever they start
 
 Every orphan is re-parented to the nearest living subreaper above it, so while either of the
@@ -13,10 +13,9 @@ calls setsid(). If the runner is SIGKILLed, its orphans go to the guardian, whic
 What escapes the tree: processes started outside it by another service (systemd-run, docker,
 an already running tmux or screen server, at, `ssh peer cmd`), and the tree itself when both the
 guardian and the runner are SIGKILLed (torchrun still gets PDEATHSIG). The run's own cgroup
-closes those where the runner is root and a writable cgroup v2 exists: attached runs (the
-runner) and detached ones (run_supervisor.py) start torchrun the same way, enter(): into the
-run's cgroup as root, then dropped to the training user; a stop ends the tree and then kills
-the cgroup (end_run), and so does the guardian of a SIGKILLed runner or supervisor.
+closes those where the runner is root and a writable cgroup v2 exists: torchrun starts with
+enter(): into the run's cgroup as root, then dropped to the training user; a stop ends the tree
+and then kills the cgroup (end_run), and so does the guardian of a SIGKILLed runner.
 
 Ending the tree: SIGTERM to every process group and process, `grace` seconds, then freeze and
 kill: SIGSTOP sweeps until three in a row find no process still running (a stopped process
@@ -24,24 +23,14 @@ cannot fork, so a fork-and-setsid loop cannot outrun the sweeps), then SIGKILL s
 three in a row find nothing alive. A sweep during which the Reaper collected an exit does not
 count as clean: a loop that forks and exits faster than a sweep reads /proc is never quiet.
 Nothing is ever looked up by name.
-
-The master's port is started the same way too: bound and held by the master's runner from the
-preflight on, and adopted by torchrun's store (ADOPT), so no other process can take it in
-between. An attached run's runner starts torchrun itself; a detached run's runner hands the
-socket to the run's supervisor (hand_over / take_over: SCM_RIGHTS over an abstract unix
-socket, each side checking the other's pid/uid with SO_PEERCRED).
 """
 
-import array
 import contextlib
 import ctypes
 import errno
 import os
 import pwd
-import select
 import signal
-import socket
-import struct
 import threading
 import time
 
@@ -360,126 +349,3 @@ class Reaper:
     def wait(self):
         self.done.wait()
         return self.code
-
-
-def guard(runner, grace, notify, cgroup=None):
-    """The guardian's life: reap until the runner exits, end whatever it left behind, and
-    exit with its status. A runner killed by a signal stops the run here (its orphans are
-    ours now, and the run's cgroup has what is not); `notify(text)` tells the controller,
-    never blocking."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return 1  # cannot happen while the runner lives; nothing of ours is left
-        if pid == runner:
-            break
-    code = exit_code(status)
-    if code < 0:
-        end_run(grace, cgroup=cgroup)
-        notify(
-            f"the node's runner was killed ({signal.Signals(-code).name}); "
-            "every process of the run on this node was stopped"
-        )
-        return 128 - code
-    kill_all()  # the runner ended its run already; only a last-moment orphan can be left
-    if cgroup and os.path.isdir(cgroup):
-        kill_cgroup(cgroup)  # a runner that failed to start torchrun left it empty
-    return code
-
-
-# -- the master's port: held since the preflight, adopted by torchrun's store ---------------
-
-# torchrun with the master's held port: the static rendezvous's store adopts the listening
-# socket (argv[1]: its fd) instead of binding the port again, so it is never free in between.
-ADOPT = (
-    "import runpy,sys;fd=int(sys.argv.pop(1));"
-    "import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as m;T=m.TCPStore\n"
-    "def S(*a,**k):\n"
-    " global fd\n"
-    " if fd is not None and (a[3] if len(a)>3 else k.get('is_master')):\n"
-    "  k['master_listen_fd'],fd=fd,None\n"
-    " return T(*a,**k)\n"
-    "m.TCPStore=S;sys.argv[0]='torchrun';"
-    "runpy.run_module('torch.distributed.run',run_name='__main__',alter_sys=True)"
-)
-
-
-def adopting(argv, listener):
-    """torchrun's argv and pass_fds for its store to adopt `listener` (None: unchanged)."""
-    argv = list(argv)
-    if listener is None or argv[1:3] != ["-m", "torch.distributed.run"]:
-        return argv, ()
-    fd = listener.fileno()
-    return [argv[0], "-c", ADOPT, str(fd), *argv[3:]], (fd,)
-
-
-def peer(conn):
-    """(pid, uid) of the process at the other end of a unix socket, as the kernel says."""
-    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid, uid
-
-
-def hand_over(listener, name, cancel, ready, timeout):
-    """A detached run's master: the preflight's held `listener` (still listening) goes to the
-    run's supervisor, the first root process to connect to the abstract unix socket `name`
-    (SCM_RIGHTS); anyone else is refused. `ready()` once it can connect; `cancel` (an fd)
-    readable: the controller gave up. Returns None, or why the port was not handed over."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        srv.bind("\0" + name)
-        srv.listen(8)
-        ready()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            got = select.select([srv, cancel], [], [], left)[0]
-            if cancel in got:
-                return "called off before the run's supervisor took it"
-            if srv in got:
-                conn = srv.accept()[0]
-                with conn:
-                    if peer(conn)[1] == 0:
-                        fds = array.array("i", [listener.fileno()])
-                        conn.sendmsg([b"P"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-                        return None
-        return f"the run's supervisor did not take it within {timeout:g}s"
-    except OSError as e:
-        return f"{name}: {e.strerror or e}"
-    finally:
-        srv.close()
-
-
-def take_over(handoff):
-    """In the master's supervisor: the listening socket its preflight runner holds, from the
-    runner named in `handoff` ({"name", "pid", "uid", "port"}: the kernel's word on the peer
-    must match what that runner told the controller). ValueError naming what went wrong."""
-    port, fds = handoff["port"], array.array("i")
-    why = f"the master port {port} held since the preflight was not handed over"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(10)
-        try:
-            conn.connect("\0" + handoff["name"])
-            who = peer(conn)
-            if who != (handoff["pid"], handoff["uid"]):
-                raise ValueError(f"{why}: its socket is held by pid {who[0]} uid {who[1]}, "
-                                 f"not by the preflight runner (pid {handoff['pid']})")  # fmt: skip
-            _, data, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
-        except OSError as e:
-            raise ValueError(f"{why}: {e.strerror or e}") from None
-    for level, kind, body in data:
-        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-            fds.frombytes(body[: len(body) - len(body) % fds.itemsize])
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError(f"{why}: the preflight runner sent {len(fds)} sockets, not one")
-    sock = socket.socket(fileno=fds[0])
-    if (
-        sock.family != socket.AF_INET
-        or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1
-        or sock.getsockname()[1] != port
-    ):
-        sock.close()
-        raise ValueError(f"{why}: what the preflight runner sent does not listen on it")
-    return sock

@@ -2,15 +2,19 @@
 detached runs under /var/lib/ddpfleet/runs/ (see run_supervisor.py). Stdlib only, as root.
 
     list [RUN...]          one JSON document: every run's state, liveness, a failed node's tail
-    stop RUN GRACE         SIGTERM to the supervisor (it ends its tree and cgroup), then a check
-                           by cgroup and by DDPFLEET_RUN_ID in /proc/*/environ; SIGKILL to what
-                           is left. Idempotent; one JSON line says what it stopped
+    stop RUN GRACE         SIGTERM to the supervisor (it ends its part: tree, then cgroup), then
+                           part.sweep_out: the run's cgroup killed and whatever carries its
+                           DDPFLEET_RUN_ID SIGKILLed. Idempotent; one JSON line says what it did
     logs RUN FOLLOW        node.log from the start; FOLLOW=1 keeps reading until the run ends
     prune KEEP             removes the run dirs of ended runs but the newest KEEP
     spec RUN               the run's spec.json, less its lifeline secret
+    sweep KILL ENTRY...    the pids whose environment holds one of the NAME=VALUE entries
+                           (part.marked; KILL=1: those SIGKILLed); one JSON list
+                           (a Slurm job's leftovers: SLURM_JOB_ID=<job> DDPFLEET_RUN_ID=<run>)
 
-A run's supervisor counts as alive only if its pid has the recorded start time and the boot id
-is the same (a reused pid or a reboot is not our supervisor).
+The controller sends this file, then records.py, proctree.py and part.py on stdin
+(launch.ssh.runctl.CTL_FILES). A run's supervisor counts as alive only while its pid has the
+recorded start time and the boot id is the same (records.alive).
 """
 
 import json
@@ -20,34 +24,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
-RUNS = "/var/lib/ddpfleet/runs"
 TAIL_LINES = 80
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def alive(state):
-    pid = state.get("supervisor_pid")
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except (OSError, TypeError):
-        return False
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (
-        fields[0] not in (b"Z", b"X")
-        and fields[19].decode() == state.get("pid_starttime")
-        and boot == state.get("boot_id")
-    )
+HELPERS = ("records.py", "proctree.py", "part.py")  # as launch.ssh.runctl.CTL_FILES sends them
+m = types.SimpleNamespace()  # the helpers by name, loaded in main()
 
 
 def tail(path, lines=TAIL_LINES):
@@ -62,17 +43,17 @@ def tail(path, lines=TAIL_LINES):
 
 def run_ids(wanted):
     try:
-        found = sorted(os.listdir(RUNS))
+        found = sorted(os.listdir(m.records.RUNS))
     except FileNotFoundError:
         return []
     return [r for r in found if not wanted or r in wanted]
 
 
 def one(run_id):
-    d = os.path.join(RUNS, run_id)
-    spec = read_json(os.path.join(d, "spec.json")) or {}
-    state = read_json(os.path.join(d, "state.json")) or {"status": "STARTING"}
-    state["alive"] = alive(state)
+    d = os.path.join(m.records.RUNS, run_id)
+    spec = m.records.read_json(os.path.join(d, "spec.json")) or {}
+    state = m.records.read_json(os.path.join(d, "state.json")) or {"status": "STARTING"}
+    state["alive"] = m.records.alive(state)
     state["meta"] = spec.get("meta", {})
     state["nnodes"] = spec.get("nnodes")
     state["nproc"] = spec.get("nproc")
@@ -84,79 +65,39 @@ def one(run_id):
     return state
 
 
-def run_pids(run_id):
-    """Every process whose environment carries the run's id (never a name)."""
-    marker = f"DDPFLEET_RUN_ID={run_id}".encode()
-    me, found = os.getpid(), []
-    for e in os.listdir("/proc"):
-        if not e.isdigit() or int(e) == me:
-            continue
-        try:
-            with open(f"/proc/{e}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    found.append(int(e))
-        except OSError:
-            pass
-    return found
-
-
-def cgroup_pids(path):
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(p) for p in f.read().split()]
-    except (OSError, TypeError):
-        return []
-
-
 def stop(run_id, grace):
-    d = os.path.join(RUNS, run_id)
-    state = read_json(os.path.join(d, "state.json"))
+    d = os.path.join(m.records.RUNS, run_id)
+    path = os.path.join(d, "state.json")
+    state = m.records.read_json(path)
     if state is None:
         return {"found": False}
-    was, supervisor = state.get("status"), alive(state)
+    was, supervisor, cgroup = state.get("status"), m.records.alive(state), state.get("cgroup")
     if state.get("unit"):  # systemd: SIGTERM to the supervisor, then SIGKILL to the unit's cgroup
         subprocess.run(["systemctl", "stop", state["unit"]], capture_output=True, check=False)
-    if alive(state):
+    if m.records.alive(state):  # the supervisor ends its part, as a lifeline's stop would
         os.kill(state["supervisor_pid"], signal.SIGTERM)
         deadline = time.monotonic() + grace + 8
-        while alive(state) and time.monotonic() < deadline:
+        while m.records.alive(state) and time.monotonic() < deadline:
             time.sleep(0.05)
-    killed = []
-    for _ in range(3):  # what the supervisor could not end (or it was gone): by cgroup, by marker
-        left = sorted(set(cgroup_pids(state.get("cgroup")) + run_pids(run_id)))
-        if not left:
-            break
-        if state.get("cgroup") and os.path.exists(os.path.join(state["cgroup"], "cgroup.kill")):
-            with open(os.path.join(state["cgroup"], "cgroup.kill"), "w") as f:
-                f.write("1")
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                pass
-        time.sleep(0.1)
-    after = read_json(os.path.join(d, "state.json")) or state
-    if after.get("status") in ("RUNNING", "STARTING"):  # the supervisor was gone: say so
+    killed = m.part.sweep_out(m.proctree, run_id, cgroup)  # what it could not end, or it was gone
+    after = m.records.read_json(path) or state
+    if after.get("status") in m.records.LIVE:  # the supervisor was gone: say so
         after.update(status="STOPPED", reason="stopped by invoke stop (supervisor was gone)")
         after["ended"] = after.get("ended") or time.time()
-        with open(os.path.join(d, "state.json.tmp"), "w") as f:
-            json.dump(after, f)
-        os.replace(os.path.join(d, "state.json.tmp"), os.path.join(d, "state.json"))
-    left = sorted(set(cgroup_pids(state.get("cgroup")) + run_pids(run_id)))
+        m.records.write_json(path, after)
     return {
         "found": True,
         "was": was,
         "supervisor": supervisor,
-        "killed": sorted(set(killed)),
-        "left": left,
+        "killed": killed,
+        "left": m.part.leftovers(run_id, cgroup),
         "status": after.get("status"),
     }
 
 
 def logs(run_id, follow):
-    d = os.path.join(RUNS, run_id)
-    state = read_json(os.path.join(d, "state.json")) or {}
+    d = os.path.join(m.records.RUNS, run_id)
+    state = m.records.read_json(os.path.join(d, "state.json")) or {}
     out = sys.stdout.buffer
     try:
         f = open(os.path.join(d, "node.log"), "rb")  # noqa: SIM115
@@ -169,7 +110,7 @@ def logs(run_id, follow):
                 out.write(data)
                 out.flush()
                 continue
-            if not follow or not alive(state):
+            if not follow or not m.records.alive(state):
                 data = f.read()  # the last words, written as the supervisor ended
                 out.write(data)
                 out.flush()
@@ -181,23 +122,27 @@ def prune(keep):
     entries = []
     for run_id in run_ids(()):
         state = one(run_id)
-        if state.get("status") in ("RUNNING", "STARTING") and state["alive"]:
+        if state.get("status") in m.records.LIVE and state["alive"]:
             continue
         entries.append((state.get("started") or 0, run_id))
     removed = []
     for _, run_id in sorted(entries, reverse=True)[keep:]:
-        cgroup = (read_json(os.path.join(RUNS, run_id, "state.json")) or {}).get("cgroup")
-        if cgroup and not cgroup_pids(cgroup):  # left by a supervisor that was killed
+        d = os.path.join(m.records.RUNS, run_id)
+        cgroup = (m.records.read_json(os.path.join(d, "state.json")) or {}).get("cgroup")
+        if cgroup and not m.part.cgroup_pids(cgroup):  # left by a supervisor that was killed
             try:
                 os.rmdir(cgroup)
             except OSError:
                 pass
-        shutil.rmtree(os.path.join(RUNS, run_id), ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
         removed.append(run_id)
     return removed
 
 
 def main(argv):
+    # load_helper: defined by the loader this file runs under (ddpfleet.launch.sync.HELPER_LOADER)
+    for name in HELPERS:
+        setattr(m, name[:-3], load_helper(name))  # noqa: F821
     what = argv[0]
     if what == "list":
         print(json.dumps({r: one(r) for r in run_ids(set(argv[1:]))}))
@@ -207,8 +152,11 @@ def main(argv):
         return logs(argv[1], argv[2] == "1")
     elif what == "prune":
         print(json.dumps(prune(int(argv[1]))))
+    elif what == "sweep":
+        sweep = m.part.kill_marked if argv[1] == "1" else m.part.marked
+        print(json.dumps(sweep(argv[2:])))
     elif what == "spec":  # for --resume: all but the lifeline's secret, which stays here
-        spec = read_json(os.path.join(RUNS, argv[1], "spec.json"))
+        spec = m.records.read_json(os.path.join(m.records.RUNS, argv[1], "spec.json"))
         print(json.dumps(spec and {k: v for k, v in spec.items() if k != "lifeline_secret"}))
     return 0
 

@@ -1,6 +1,6 @@
 """The lifelines between a detached run's supervisors: one gang without a controller.
 
-Stdlib only; run_supervisor.py receives this file on stdin after proctree.py. Every worker's
+Stdlib only; run_supervisor.py receives this file on stdin after part.py. Every worker's
 supervisor keeps one TCP connection to the master's (node_rank 0). Lines both ways:
 
     challenge MNONCE         the master, on accept: a fresh random nonce

@@ -251,14 +251,18 @@ def test_a_sigkilled_runner_still_takes_its_run_with_it(runners):
     assert not gone_within(r.run_id, 2)
 
 
-def proctree():
-    """ddpfleet/node/proctree.py as a module, as the runner loads it."""
+def node_module(name: str):
+    """ddpfleet/node/<name> as a module, as the runner loads it."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("proctree", NODE_DIR / "proctree.py")
+    spec = importlib.util.spec_from_file_location(name[:-3], NODE_DIR / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def proctree():
+    return node_module("proctree.py")
 
 
 def cgroup_of(pid: int) -> str:

@@ -1,5 +1,5 @@
 """A detached run's master port, handed from the preflight runner to the run's supervisor
-(proctree.hand_over / take_over), here on one machine: gang_runner.py fed on stdin as
+(masterport.hand_over / take_over), here on one machine: gang_runner.py fed on stdin as
 launch.Member feeds it, this process as the supervisor. Linux only (abstract unix sockets,
 SO_PEERCRED)."""
 
@@ -15,12 +15,12 @@ import pytest
 
 from tests.unit.test_gang_runner import (  # noqa: F401 (the `runners` fixture)
     compete,
-    proctree,
+    node_module,
     runners,
 )
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the runner needs Linux")
-tree = proctree()
+masterport = node_module("masterport.py")
 
 
 def free_port() -> int:
@@ -47,7 +47,7 @@ def test_the_held_port_goes_to_the_supervisor_never_free_on_the_way(runners):  #
     port, rival = free_port(), []
     r, offer = offered(runners, port, then=lambda: rival.extend(compete(port)))
     taken, done = rival
-    held = tree.take_over(offer)
+    held = masterport.take_over(offer)
     try:
         assert r.proc.wait(timeout=10) == 0  # the runner is gone: the port lives in `held`
         with socket.create_connection(("127.0.0.1", port), timeout=5):
@@ -70,13 +70,13 @@ def test_a_peer_that_is_not_root_gets_nothing_and_root_still_does(runners):  # n
         try:
             os.setgid(65534)
             os.setuid(65534)
-            tree.take_over(offer)
+            masterport.take_over(offer)
         except ValueError as e:
             code = 0 if "sent 0 sockets" in str(e) else 3
         finally:
             os._exit(code)
     assert os.waitpid(child, 0)[1] == 0
-    held = tree.take_over(offer)
+    held = masterport.take_over(offer)
     held.close()
     assert r.proc.wait(timeout=10) == 0
 
@@ -87,7 +87,7 @@ def test_the_supervisor_takes_no_socket_from_another_process():
         impostor.bind("\0" + name)
         impostor.listen()
         with pytest.raises(ValueError, match=r"held by pid \d+ uid \d+, not by the preflight"):
-            tree.take_over({"name": name, "pid": 1, "uid": 0, "port": 29500})
+            masterport.take_over({"name": name, "pid": 1, "uid": 0, "port": 29500})
 
 
 def test_the_supervisor_takes_only_a_socket_listening_on_the_port():
@@ -99,13 +99,13 @@ def test_the_supervisor_takes_only_a_socket_listening_on_the_port():
         other.listen()
         ready, cancel = threading.Event(), os.pipe()
         giver = threading.Thread(
-            target=tree.hand_over, args=(other, name, cancel[0], ready.set, 10)
+            target=masterport.hand_over, args=(other, name, cancel[0], ready.set, 10)
         )
         giver.start()
         assert ready.wait(10)
         try:
             with pytest.raises(ValueError, match=f"port {port} .* does not listen on it"):
-                tree.take_over({"name": name, "pid": os.getpid(), "uid": 0, "port": port})
+                masterport.take_over({"name": name, "pid": os.getpid(), "uid": 0, "port": port})
         finally:
             giver.join()
             os.close(cancel[0])

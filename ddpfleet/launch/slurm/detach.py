@@ -5,7 +5,7 @@ once Slurm accepted the job, and keeps the run in the same index as SSH runs, wi
 launcher, job id and output dir. Slurm owns the run from there: `runs` asks the run's nodes
 (slurm_state), `logs` reads the job's output file on the node that has it, `stop` is scancel,
 then a sweep of every node for what is left of the job (SLURM_JOB_ID or DDPFLEET_RUN_ID in
-/proc/*/environ, never a name).
+/proc/*/environ, never a name: run_ctl.py's sweep, the one a detached SSH run's stop makes).
 """
 
 from __future__ import annotations
@@ -30,18 +30,10 @@ from ddpfleet.launch.slurm.run import (
 )
 from ddpfleet.launch.slurm.state import LIVE, NodeSays, fold, parse_probe, probe_argv
 from ddpfleet.launch.ssh import runctl
-from ddpfleet.launch.ssh.runstate import RunView
+from ddpfleet.launch.verdict import RunView
 from ddpfleet.ssh.connection import Conn, Fleet
 
 KILL_WAIT_S = 5.0
-# $1 job id, $2 run id, $3 KILL or nothing: the pids whose environment names the job or the
-# run (whole NUL-separated entries, fixed strings); this sh and its grep carry neither.
-SWEEP = """\
-pids=$(grep -l -a -s -z -x -F -e "SLURM_JOB_ID=$1" -e "DDPFLEET_RUN_ID=$2" \
-  /proc/[0-9]*/environ | cut -d/ -f3)
-if [ "$3" = KILL ] && [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null; fi
-echo $pids
-"""
 
 
 def train_detached(
@@ -143,20 +135,21 @@ def _show(out: Output, n: str, r: int | None, text: str, node: str | None, rank:
         out.line(f"[{n}] {text}" if r is None else f"[{n} r{r}] {text}")
 
 
-def sweep(conn: Conn, job_id: str, run_id: str, kill: bool = False) -> list[str]:
-    """The node's pids of the job or run (SIGKILLed first with `kill`); as root, who may read
-    every user's /proc/<pid>/environ."""
-    argv = ["sh", "-c", SWEEP, "sh", job_id, run_id, "KILL" if kill else ""]
-    return conn.run(argv, root=True).stdout.split()
+def sweep(conn: Conn, python: str, job_id: str, run_id: str, kill: bool = False) -> list[str]:
+    """The node's pids of the job or run (each SIGKILLed with `kill`): run_ctl.py's sweep, as
+    root, who may read every user's /proc/<pid>/environ."""
+    marks = (f"SLURM_JOB_ID={job_id}", f"DDPFLEET_RUN_ID={run_id}")
+    return [str(p) for p in runctl.node_call(conn, python, "sweep", str(int(kill)), *marks)]
 
 
-def stop(fleet: Fleet, entry: Mapping, grace: float) -> Stopped:
+def stop(fleet: Fleet, pythons: Mapping[str, str], entry: Mapping, grace: float) -> Stopped:
     """scancel the job, wait until Slurm says it ended, then make sure no process of it is left
-    on any node of the run: what Slurm did, and per node what ended and what is left."""
+    on any node of the run (`pythons`: each node's, for run_ctl.py): what Slurm did, and per
+    node what ended and what is left."""
     job_id, run_id = str(entry["job_id"]), str(entry["run_id"])
     fleet.open()
     nodes = [n for n in entry["nodes"] if n in {m.name for m in fleet.nodes}]
-    before = fleet.map(lambda c: sweep(c, job_id, run_id), nodes)
+    before = fleet.map(lambda c: sweep(c, pythons[c.name], job_id, run_id), nodes)
     reader = OutputReader(fleet, entry)
     if reader.asker is None:
         raise DdpfleetError(f"stop {run_id}: none of its nodes {entry['nodes']} is in --nodes")
@@ -169,7 +162,7 @@ def stop(fleet: Fleet, entry: Mapping, grace: float) -> Stopped:
         did = f"slurm job {job_id} cancelled (was {was})"
     else:
         did = f"slurm job {job_id} had ended ({was or 'Slurm no longer knows it'})"
-    after = fleet.map(lambda c: _leftovers(c, job_id, run_id, grace), nodes)
+    after = fleet.map(lambda c: _leftovers(c, pythons[c.name], job_id, run_id, grace), nodes)
     rows: dict[str, NodeStop] = {}
     for n in nodes:
         ran, left = before.get(n), after.get(n)
@@ -181,16 +174,18 @@ def stop(fleet: Fleet, entry: Mapping, grace: float) -> Stopped:
     return Stopped(run_id, rows, did)
 
 
-def _leftovers(conn: Conn, job_id: str, run_id: str, grace: float) -> tuple[list, list]:
+def _leftovers(
+    conn: Conn, python: str, job_id: str, run_id: str, grace: float
+) -> tuple[list, list]:
     """Waits `grace` for the job's processes to go, SIGKILLs the rest: (the pids SIGKILLed, the
     pids still there after KILL_WAIT_S)."""
     end = time.monotonic() + grace
-    while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
+    while (left := sweep(conn, python, job_id, run_id)) and time.monotonic() < end:
         time.sleep(POLL_S)
     if not left:
         return [], []
-    killed = sweep(conn, job_id, run_id, kill=True)
+    killed = sweep(conn, python, job_id, run_id, kill=True)
     end = time.monotonic() + KILL_WAIT_S
-    while (left := sweep(conn, job_id, run_id)) and time.monotonic() < end:
+    while (left := sweep(conn, python, job_id, run_id)) and time.monotonic() < end:
         time.sleep(POLL_S)
     return killed, left

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from ddpfleet.errors import DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.launcher import Runs, Stopped
+from ddpfleet.launch.index import Index
+from ddpfleet.launch.launcher import Runs, Stopped, pythons
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.slurm import detach, run
-from ddpfleet.launch.ssh.runctl import Index
-from ddpfleet.launch.ssh.runstate import RunView
+from ddpfleet.launch.verdict import RunView
 from ddpfleet.shell import Secret
 from ddpfleet.ssh.connection import Fleet
 
@@ -54,7 +54,7 @@ class SlurmLauncher:
         return []
 
     def stop(self, runs: Runs, run_id: str, grace: float) -> Stopped:
-        return detach.stop(runs.fleet, _entry(runs, run_id), grace)
+        return detach.stop(runs.fleet, pythons(runs.inventory), _entry(runs, run_id), grace)
 
 
 def _entry(runs: Runs, run_id: str) -> dict:

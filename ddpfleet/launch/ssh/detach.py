@@ -28,13 +28,15 @@ from ddpfleet.launch.ssh.member import STOP_GRACE_S
 from ddpfleet.launch.ssh.run import open_checked, prepare
 from ddpfleet.ssh.connection import Conn, Fleet
 
-SUPERVISOR_FILES = (
+SUPERVISOR_FILES = (  # run_supervisor.py and the helpers it loads, in that order
     "run_supervisor.py",
+    "records.py",
     "proctree.py",
+    "masterport.py",
+    "part.py",  # the node's part, as an attached run's; its guardian too
     "run_lifeline.py",
     "run_snapshot.py",
     "run_unit.py",  # where PID 1 is systemd: the supervisor as a transient service
-    "run_guardian.py",  # elsewhere: the supervisor's parent, ends the part if it is killed
 )
 START_TIMEOUT_S = 90
 
@@ -78,7 +80,7 @@ def node_spec(
 
 def start_node(conn: Conn, python: str, spec: Mapping) -> dict:
     """The node's launcher: its sources and the spec on stdin; its one JSON line back."""
-    stdin = b"".join(sync.helper_source(f) for f in SUPERVISOR_FILES) + json.dumps(spec).encode()
+    stdin = sync.helper_sources(SUPERVISOR_FILES) + json.dumps(spec).encode()
     r = conn.run(
         sync.helper_command(python, SUPERVISOR_FILES[0]),
         stdin=stdin + b"\n",

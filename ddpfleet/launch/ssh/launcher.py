@@ -10,21 +10,15 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 
-from ddpfleet import envs
 from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Runs, Stopped
+from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Runs, Stopped, pythons
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.ssh import detach, run, runctl, runlogs
-from ddpfleet.launch.ssh.runstate import RunView
+from ddpfleet.launch.verdict import RunView
 from ddpfleet.shell import Secret
 from ddpfleet.ssh.connection import Fleet
-
-
-def pythons(inventory: Inventory) -> dict[str, str]:
-    """Each node's env python, which runs run_ctl.py there."""
-    return {n.name: envs.env_python(inventory, n) for n in inventory.nodes}
 
 
 class SshLauncher:

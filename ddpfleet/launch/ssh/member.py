@@ -25,7 +25,8 @@ HEARTBEAT_S = 2.0
 WATCHDOG_S = 30  # silence either way this long: the connection is dead (runner stops the run)
 CONTROL = b"\x1e"
 TAIL_CHARS = 2000  # of each line kept for the last-lines of a failure message
-RUNNER_FILES = ("gang_runner.py", "node_helper.py", "proctree.py")  # in the order it loads them
+# gang_runner.py and the helpers it loads, in that order
+RUNNER_FILES = ("gang_runner.py", "node_helper.py", "proctree.py", "masterport.py", "part.py")
 
 
 class Member:
@@ -80,7 +81,7 @@ class Member:
         else:
             chan = self.conn.session(command, user=self.user)
         chan.sendall(
-            b"".join(sync.helper_source(h) for h in RUNNER_FILES)
+            sync.helper_sources(RUNNER_FILES)
             + json.dumps({**request, "node": self.name}).encode()
             + b"\n"
         )

@@ -13,6 +13,7 @@ from ddpfleet.launch.ssh.runstate import RunView, fold
 from ddpfleet.ssh.connection import Conn, Fleet
 
 CTL = "run_ctl.py"
+CTL_FILES = (CTL, "records.py", "proctree.py", "part.py")  # run_ctl.py and what it loads
 CALL_TIMEOUT_S = 60
 
 
@@ -24,7 +25,7 @@ def node_call(conn: Conn, python: str, *args: str, timeout: float = CALL_TIMEOUT
     """run_ctl.py on the node (as root: it reads and signals the run's processes); its JSON."""
     r = conn.run(
         ctl_command(python, *args),
-        stdin=sync.helper_source(CTL),
+        stdin=sync.helper_sources(CTL_FILES),
         check=False,
         timeout=timeout,
         root=True,

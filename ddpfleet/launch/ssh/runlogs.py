@@ -37,7 +37,7 @@ def show(
         conn = fleet.conns[node]
         command = runctl.ctl_command(pythons[node], "logs", run_id, "1" if follow else "0")
         chan = conn.session(command, root=True)  # node.log is root's: it may show --env values
-        chan.sendall(sync.helper_source(runctl.CTL))
+        chan.sendall(sync.helper_sources(runctl.CTL_FILES))
         chans.append((node, part, chan))
     threads = [
         threading.Thread(target=_pump, args=(n, p, c, rank, out, problems), daemon=True)

@@ -1,0 +1,91 @@
+"""run_ctl.py's sweep, run here as the controller ships it (runctl.CTL_FILES on stdin): the one
+environ sweep a detached SSH run's stop and a Slurm run's stop both make; and each node
+program's helper list against what the controller ships. Linux only."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from ddpfleet.launch import RUNNER_FILES, sync
+from ddpfleet.launch.ssh import runctl
+from ddpfleet.launch.ssh.detach import SUPERVISOR_FILES
+from ddpfleet.node import NODE_DIR
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/*/environ")
+
+
+def ctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        sync.helper_command(sys.executable, runctl.CTL, *args),
+        shell=True,
+        input=sync.helper_sources(runctl.CTL_FILES),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def sleeper(**env: str) -> subprocess.Popen:
+    clean = {k: v for k, v in os.environ.items() if k not in ("DDPFLEET_RUN_ID", "SLURM_JOB_ID")}
+    return subprocess.Popen(["sleep", "60"], env={**clean, **env})
+
+
+def test_the_sweep_finds_whole_entries_only_and_kills_what_it_found():
+    run, job = f"r{uuid.uuid4().hex[:8]}", str(os.getpid() + 1000000)
+    marked = [sleeper(DDPFLEET_RUN_ID=run), sleeper(SLURM_JOB_ID=job)]
+    others = [sleeper(DDPFLEET_RUN_ID=run + "x"), sleeper(SLURM_JOB_ID=job[:-1]), sleeper()]
+    marks = (f"SLURM_JOB_ID={job}", f"DDPFLEET_RUN_ID={run}")
+    try:
+        r = ctl("sweep", "0", *marks)
+        assert r.returncode == 0, r.stderr
+        assert sorted(json.loads(r.stdout)) == sorted(p.pid for p in marked)
+        assert all(p.poll() is None for p in marked)  # only listed: KILL was 0
+        r = ctl("sweep", "1", *marks)
+        assert sorted(json.loads(r.stdout)) == sorted(p.pid for p in marked)
+        assert [p.wait(timeout=10) for p in marked] == [-9, -9]
+        assert all(p.poll() is None for p in others)
+        assert json.loads(ctl("sweep", "1", *marks).stdout) == []
+    finally:
+        for p in marked + others:
+            p.kill()
+            p.wait()
+
+
+def test_list_with_no_run_of_that_id_is_an_empty_document():
+    """run_ctl loads its helpers (records, proctree, part) before it does anything."""
+    r = ctl("list", f"no-such-run-{uuid.uuid4().hex[:8]}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {}
+
+
+@pytest.mark.parametrize(
+    "files",
+    [runctl.CTL_FILES, RUNNER_FILES, SUPERVISOR_FILES],
+    ids=["run_ctl", "gang_runner", "run_supervisor"],
+)
+def test_each_program_loads_the_helpers_the_controller_ships_in_that_order(files):
+    """The wire carries no names: a program reads its helpers in the order it expects them."""
+    tree = ast.parse((NODE_DIR / files[0]).read_text())
+    listed = next(
+        (
+            [e.value for e in node.value.elts]
+            for node in tree.body
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HELPERS"
+        ),
+        None,
+    )
+    if listed is None:  # loaded one call at a time
+        calls = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "load_helper"
+        ]
+        listed = [c.args[0].value for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
+    assert tuple(listed) == tuple(files[1:])
