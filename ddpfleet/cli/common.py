@@ -79,3 +79,12 @@ def become_password(ask: bool):
             "ssh.become_password_file"
         )
     return Secret(getpass.getpass("sudo password on the nodes: "))
+
+
+def fleet(inventory, nodes, ask_become_pass=False, exclude=None):
+    """The Fleet of the inventory's --nodes minus --exclude (not yet opened: it opens lazily)."""
+    from ddpfleet.cli import select
+    from ddpfleet.ssh.connection import Fleet
+
+    loaded = select.load(inventory, nodes, exclude)
+    return Fleet(loaded, become_password=become_password(ask_become_pass))

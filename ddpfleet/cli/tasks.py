@@ -13,15 +13,11 @@ from ddpfleet import launchers, report
 from ddpfleet.cli import select
 from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
 from ddpfleet.cli.common import become_password as _become_password
+from ddpfleet.cli.common import fleet as _fleet
 from ddpfleet.cli.init import init
+from ddpfleet.cli.jupyter import jupyter_ns
+from ddpfleet.cli.sandbox import sandbox_ns
 from ddpfleet.errors import DdpfleetError
-
-
-def _fleet(inventory, nodes, ask_become_pass=False, exclude=None):
-    from ddpfleet.ssh.connection import Fleet
-
-    loaded = select.load(inventory, nodes, exclude)
-    return Fleet(loaded, become_password=_become_password(ask_become_pass))
 
 
 def _warm_fleet(inventory, nodes, exclude=None):
@@ -338,152 +334,6 @@ def doctor(c, inventory=None, nodes=None):
         doctor_mod.exit_if_failed(checks)
 
 
-# -- jupyter ----------------------------------------------------------------------------------
-
-
-@task(
-    name="tunnel",
-    default=True,
-    help={
-        "inventory": INVENTORY_HELP,
-        "node": "the node whose Jupyter to reach (default: the first node)",
-        "local_port": "port on this machine's 127.0.0.1 (default 8888; 0 picks a free one)",
-    },
-)
-@cli
-def jupyter_tunnel(c, node=None, local_port=8888, inventory=None):
-    """Open a node's Jupyter on a local port (SSH)."""
-    from ddpfleet import jupyter
-
-    jupyter.open_tunnel(inv.load(inventory, node), int(local_port))
-
-
-@task(
-    name="status",
-    help={
-        "inventory": INVENTORY_HELP,
-        "nodes": NODES_HELP,
-        "json": "one JSON object per node instead of the table",
-    },
-)
-@cli
-def jupyter_status(c, inventory=None, nodes=None, json=False):
-    """Show whether Jupyter is running on each node."""
-    from ddpfleet import jupyter
-
-    with _fleet(inventory, nodes) as fleet:
-        results = jupyter.status(fleet)
-    jupyter.show_status(results, as_json=json)
-    report.exit_if_failed(results, "jupyter.status")
-
-
-@task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP})
-@cli
-def jupyter_stop(c, inventory=None, nodes=None):
-    """Stop Jupyter on the nodes."""
-    from ddpfleet import jupyter
-
-    with _fleet(inventory, nodes) as fleet:
-        results = jupyter.stop(fleet)
-    report.show(report.table(None, ("node", "jupyter"), results.items()))
-    report.exit_if_failed(results, "jupyter.stop")
-
-
-jupyter_ns = Collection("jupyter", jupyter_tunnel, jupyter_status, jupyter_stop)
-
-
-# -- sandbox ----------------------------------------------------------------------------------
-
-
-def _sandbox_spec(inventory, count=None, login_user=None, sudo=None, init=None):
-    from ddpfleet import sandbox
-
-    loaded = inv.load(inventory, check_files=False)
-    return sandbox.spec_for(loaded, int(count) if count else None, login_user, sudo, init)
-
-
-@task(
-    name="up",
-    help={
-        "inventory": INVENTORY_HELP,
-        "nodes": "how many nodes (default: the inventory's nodes)",
-        "login-user": "who logs in (default: the inventory's ssh.user); not root: a cloud-style "
-        "user with the client key, and sshd refuses root",
-        "sudo": "that user's sudo: nopasswd (default), password (kept in "
-        "<state_dir>/become_password) or none",
-        "init": "the nodes' PID 1: sandbox (default, a small init running sshd) or systemd",
-    },
-)
-@cli
-def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None, init=None):
-    """Create a local test cluster here (needs root)."""
-    from ddpfleet import sandbox
-
-    spec, written = _sandbox_spec(inventory, nodes, login_user, sudo, init)
-    sandbox.preflight()
-    report.show(sandbox.render(sandbox.up(spec)))
-    if written:
-        report.show(f"inventory for these nodes: {written} (pass --inventory)")
-
-
-@task(
-    name="down",
-    help={
-        "inventory": INVENTORY_HELP,
-        "nodes": "how many nodes were brought up (default: the inventory's)",
-    },
-)
-@cli
-def sandbox_down(c, inventory=None, nodes=None):
-    """Remove the local test cluster, leaving no trace."""
-    from ddpfleet import sandbox
-
-    spec, _ = _sandbox_spec(inventory, nodes)
-    sandbox.preflight()
-    sandbox.down(spec)
-    report.show(f"sandbox {spec.prefix}: down")
-
-
-@task(name="status", help={"inventory": INVENTORY_HELP, "nodes": "how many nodes"})
-@cli
-def sandbox_status(c, inventory=None, nodes=None):
-    """Show the local test cluster's nodes."""
-    from ddpfleet import sandbox
-
-    spec, _ = _sandbox_spec(inventory, nodes)
-    report.show(sandbox.render(sandbox.status(spec)))
-
-
-@task(name="stop", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to stop"})
-@cli
-def sandbox_stop(c, nodes, inventory=None):
-    """Stop local test cluster nodes (files are kept)."""
-    from ddpfleet import sandbox
-
-    spec, _ = _sandbox_spec(inventory)
-    sandbox.stop(spec, _node_list(nodes))
-    report.show(f"stopped: {nodes}")
-
-
-@task(name="start", help={"inventory": INVENTORY_HELP, "nodes": NODES_HELP + " to start"})
-@cli
-def sandbox_start(c, nodes, inventory=None):
-    """Restart stopped nodes of the local test cluster."""
-    from ddpfleet import sandbox
-
-    spec, _ = _sandbox_spec(inventory)
-    sandbox.start(spec, _node_list(nodes))
-    report.show(f"started: {nodes}")
-
-
-def _node_list(nodes: str) -> list[str]:
-    # sandbox.stop/start name any unknown node, with the known ones.
-    return [n.strip() for n in nodes.split(",") if n.strip()]
-
-
-sandbox_ns = Collection(
-    "sandbox", sandbox_up, sandbox_down, sandbox_status, sandbox_stop, sandbox_start
-)
 ns = Collection(
     init,
     ping,
