@@ -120,7 +120,7 @@ def _release(conn: Conn, hold: Session, wait: bool) -> None:
     is what the caller hears about."""
     try:
         hold.shutdown_write()
-        if wait and conn.transport.is_active():
+        if wait and conn.active:
             hold.recv_exit_status()
     except NodeError:
         pass

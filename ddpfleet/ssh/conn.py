@@ -96,6 +96,11 @@ class Conn:
         return self.node.name
 
     @property
+    def active(self) -> bool:
+        """Whether the SSH transport is still up (code outside ssh/ asks this, not paramiko)."""
+        return self.transport.is_active()
+
+    @property
     def host(self) -> str:
         """The address this connection dialed (~/.ssh/config's HostName applied)."""
         return self.fabric.host

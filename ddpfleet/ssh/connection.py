@@ -256,7 +256,7 @@ class Fleet(FleetBase):
         self.become_password = become_password  # --ask-become-pass; else env or file per node
 
     def lost(self, conn: Conn) -> bool:
-        return not conn.transport.is_active()
+        return not conn.active
 
     def open_one(self, node: Node) -> Conn | NodeError:
         outcome = _try(connect)(node)

@@ -97,7 +97,7 @@ class Keeper:
             node_lock = self.locks.setdefault(name, threading.Lock())
         with node_lock:
             held = self.conns.get(name)
-            if held and not fresh and held[0] == fp and held[1].transport.is_active():
+            if held and not fresh and held[0] == fp and held[1].active:
                 return held[1], False
             if held:
                 self.conns.pop(name)

@@ -77,7 +77,7 @@ def _open(conn: Conn, port: int, origin: tuple[str, int], start_hint: str, rerun
 
 
 def _serve(conn: Conn, listener: socket.socket, port: int, start_hint: str, rerun: str) -> None:
-    while conn.transport.is_active():
+    while conn.active:
         if not select.select([listener], [], [], 1.0)[0]:
             continue
         client, origin = listener.accept()

@@ -79,6 +79,10 @@ class StandIn:
 
     name = "node1"
 
+    @property
+    def active(self) -> bool:
+        return self.transport.active
+
     def _here(self, command) -> str:
         cmd = shlex.join(command) if isinstance(command, list) else command
         return cmd.replace("/tmp/ddpfleet.", f"{self.tmp}/ddpfleet.")

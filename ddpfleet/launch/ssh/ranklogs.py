@@ -60,4 +60,4 @@ def fetch_rank_logs(
             raise NodeError(conn.name, f"SFTP from {n.log_dir} failed: {e}") from None
         return len(paths)
 
-    return fleet.map(one, [n for n in nodes if fleet.conns[n].transport.is_active()])
+    return fleet.map(one, [n for n in nodes if fleet.conns[n].active])
