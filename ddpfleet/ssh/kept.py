@@ -216,21 +216,40 @@ def start(path: Path, idle: float) -> None:
     )
 
 
-def fleet(inventory: Inventory):
-    """Warm connections when a keeper answers; else a direct Fleet (and a keeper started for
-    the next command, unless ssh.persist is 0). Nodes with ssh.become_password_file always get
-    a direct Fleet: the keeper never holds a sudo password (keeper.py), and their root work
-    (gpu-status reads other users' processes as root) needs it."""
+def keeper_socket(inventory: Inventory) -> Path | None:
+    """The socket a keeper of this inventory would serve; None when its nodes must not use one
+    (ssh.persist is 0, or a node names ssh.become_password_file: the keeper never holds a sudo
+    password (keeper.py), and their root work, gpu-status reading other users' processes as
+    root, needs it)."""
     direct = any(n.become_password_file is not None for n in inventory.nodes)
-    path = socket_path(inventory) if inventory.persist > 0 and not direct else None
+    return socket_path(inventory) if inventory.persist > 0 and not direct else None
+
+
+def warm(inventory: Inventory) -> KeptFleet | None:
+    """The keeper's fleet, opened, when a keeper answers for this inventory; else None (and
+    nothing started). The installed command's lean path asks this before loading anything
+    more (ddpfleet/__main__.py)."""
+    path = keeper_socket(inventory)
+    if path is None or not path.exists():
+        return None
+    try:
+        kept = KeptFleet(inventory, path)
+        kept.open()
+        return kept
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def fleet(inventory: Inventory):
+    """Warm connections when a keeper answers (warm()); else a direct Fleet, and a keeper
+    started for the next command unless keeper_socket() says none may serve these nodes."""
+    kept = warm(inventory)
+    if kept is not None:
+        return kept
+    path = keeper_socket(inventory)
     if path is not None:
-        try:
-            kept = KeptFleet(inventory, path)
-            kept.open()
-            return kept
-        except (OSError, ValueError, KeyError):
-            # started as this command exits: its imports and handshakes would compete with ours
-            atexit.register(start, path, inventory.persist)
+        # started as this command exits: its imports and handshakes would compete with ours
+        atexit.register(start, path, inventory.persist)
     dial.start(inventory.nodes)  # the nodes' sshd get going while paramiko loads
     from ddpfleet.ssh.connection import Fleet
 
