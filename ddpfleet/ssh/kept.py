@@ -21,7 +21,6 @@ import json
 import os
 import socket
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -31,7 +30,6 @@ from typing import Any
 from ddpfleet import errors
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.ssh import dial
 from ddpfleet.ssh.fleetbase import FleetBase
 from ddpfleet.ssh.result import Result
 
@@ -203,6 +201,8 @@ class KeptFleet(FleetBase):
 def start(path: Path, idle: float) -> None:
     """Start a keeper for `path` in the background, detached from this process and terminal.
     Two at once is harmless: the second finds the first's lock and exits."""
+    import subprocess  # here: a warm command never starts one (nor loads subprocess)
+
     env = {k: v for k, v in os.environ.items() if k != "DDPFLEET_BECOME_PASSWORD"}
     subprocess.Popen(
         [sys.executable, "-m", "ddpfleet.ssh.keeper", str(path), f"{idle:g}"],
@@ -250,6 +250,8 @@ def fleet(inventory: Inventory):
     if path is not None:
         # started as this command exits: its imports and handshakes would compete with ours
         atexit.register(start, path, inventory.persist)
+    from ddpfleet.ssh import dial
+
     dial.start(inventory.nodes)  # the nodes' sshd get going while paramiko loads
     from ddpfleet.ssh.connection import Fleet
 
