@@ -2,7 +2,8 @@
 in one run, in two shapes.
 
     .venv/bin/python bench/ping.py [--sizes 2,8,32] [--rss-nodes 64] [--repeat 5]
-        [--cloud-sizes 2,8,32] [--only root|cloud] [--prefix ddpb] [--subnet 10.219.0.0/24]
+        [--cloud-sizes 2,8,32] [--rounds 1] [--only root|cloud] [--prefix ddpb]
+        [--subnet 10.219.0.0/24]
 
 Root login (a sandbox of max(sizes, rss-nodes) nodes, `--prefix`, `--subnet`): `invoke ping`
 and `invoke gpu-status --json` cold (ssh.persist: 0, a handshake per node) and warm (the
@@ -15,7 +16,9 @@ passwordless sudo, root login refused): the installed command (`python -m ddpfle
 console script's main(); its lean path, ddpfleet/__main__.py) warm, beside the full `invoke`
 tasks warm, against `pdsh -l ubuntu` running the same node script the same way (the facts
 script as ubuntu; the GPU probe through the same `sudo -n -H -- /bin/sh -c ...` line; ours adds
-the node-side timeout wrapper around each).
+the node-side timeout wrapper around each). --rounds measures the cloud sizes again in the same
+sandboxes; each row ends with the machine's 1-minute load average, since on a shared machine a
+busy minute moves both columns.
 
 Every node has the recorded-output nvidia-smi stand-in (tests/standins, 8 A100s). Whole
 processes are timed alternating ours and pdsh's, so load from elsewhere hits both alike (median
@@ -209,11 +212,15 @@ def cloud_shape(args, big: Path, work: Path, socks: list) -> None:
     )
     print(
         f"{'N':>4} {'task':<11} {'ddpfleet':>8} {'invoke':>7} {'pdsh s':>7} {'ddpf':>5} {'inv':>5}"
+        f" {'load':>5}"
     )
-    for n in [int(s) for s in args.cloud_sizes.split(",")]:
+    sizes = [int(s) for s in args.cloud_sizes.split(",")]
+    for n in [n for _ in range(args.rounds) for n in sizes]:
         warm_inv = part(data, n, work / f"u{n}", 60)
         warm_env = {**env, "DDPFLEET_INVENTORY": str(warm_inv)}
-        socks.append((warm_up(warm_inv, warm_env), warm_env))
+        sock = kept.socket_path(inv.load(warm_inv))
+        if not sock.exists():  # a later round finds the keeper still warm
+            socks.append((warm_up(warm_inv, warm_env), warm_env))
         sub = dict(data, nodes=dict(list(data["nodes"].items())[:n]))
         for task, script in (("ping", FACTS_SCRIPT), ("gpu-status", probe)):
             flags = ["--json"] if task == "gpu-status" else []
@@ -226,6 +233,7 @@ def cloud_shape(args, big: Path, work: Path, socks: list) -> None:
             print(
                 f"{n:>4} {task:<11} {m['lean']:>8.3f} {m['invoke']:>7.3f} {m['pdsh']:>7.3f} "
                 f"{m['lean'] / m['pdsh']:>5.2f} {m['invoke'] / m['pdsh']:>5.2f}"
+                f" {os.getloadavg()[0]:>5.1f}"  # this box's 1-minute load: others' work too
             )
 
 
@@ -235,6 +243,7 @@ def main() -> None:
     ap.add_argument("--rss-nodes", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--cloud-sizes", default="2,8,32")
+    ap.add_argument("--rounds", type=int, default=1, help="cloud sizes measured this often")
     ap.add_argument("--only", choices=("root", "cloud"))
     ap.add_argument("--prefix", default="ddpb")
     ap.add_argument("--subnet", default="10.219.0.0/24")
