@@ -60,7 +60,7 @@ def node_spec(
         "nproc": p.nproc,
         "argv": list(n.argv),
         "env": dict(n.env),
-        "cwd": n.cwd,
+        "cwd": n.mirror,  # the supervisor copies it into the run's code/ (n.cwd) and runs there
         "user": n.user,
         "grace": STOP_GRACE_S,
         "master_host": p.master_addr,
