@@ -19,7 +19,8 @@ TRAIN_HELP = {
     "follow it with invoke runs / logs RUN -f / stop RUN",
     "max_restarts": "torchrun's elastic restarts after a rank failure (default: 0)",
     "resume": "start a new detached run in a copy of RUN's code snapshot, with its script, "
-    "--args and --env (its --checkpoint-dir): the script resumes from the last checkpoint",
+    "--args and --env; RUN's newest complete checkpoint is copied into the new run's "
+    "DDPFLEET_CHECKPOINT_DIR first, for the script to resume from",
 }
 
 

@@ -46,12 +46,9 @@ class SshLauncher:
             raise spec
         if not spec:
             raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
+        # What to resume from reaches the script through DDPFLEET_CHECKPOINT_DIR (the
+        # supervisors copy RUN's newest complete checkpoint there), whatever its flags are.
         meta = spec.get("meta", {})
-        if "--checkpoint-dir" not in " ".join(meta.get("args", ())):
-            raise PlanError(
-                f"--resume {run_id}: that run had no --checkpoint-dir in its --args, so there is "
-                "nothing to resume from; start a new run with --args '... --checkpoint-dir DIR'"
-            )
         return {
             "script": meta.get("script"),
             "args": shlex.join(meta.get("args", ())),
