@@ -72,6 +72,7 @@ def test_the_newest_complete_one_is_chosen(tmp_path: Path):
         "manifest half written",
         "wrong step in the manifest",
         "file is a symlink",
+        "dir is a symlink",
     ],
 )
 def test_a_partial_checkpoint_is_never_chosen(tmp_path: Path, spoil: str):
@@ -92,6 +93,9 @@ def test_a_partial_checkpoint_is_never_chosen(tmp_path: Path, spoil: str):
         (newer / "MANIFEST.json").write_text(text[: len(text) // 2])
     elif spoil == "wrong step in the manifest":
         newer.rename(tmp_path / "step-00000040")
+    elif spoil == "dir is a symlink":
+        newer.rename(tmp_path / "elsewhere")
+        newer.symlink_to(tmp_path / "elsewhere")
     elif spoil == "file is a symlink":
         (newer / "model.pt").rename(tmp_path / "elsewhere")
         (newer / "model.pt").symlink_to(tmp_path / "elsewhere")
