@@ -31,7 +31,7 @@ def check(
     """Raise HealthRefused naming every failing node (one line each) and the fix. `order`:
     the run's node_rank order (the master first); `env`: its --env pairs (an
     NCCL_SOCKET_IFNAME or GLOO_SOCKET_IFNAME there is the interface the run will use)."""
-    order = list(order or (n.name for n in fleet.nodes))
+    order = list(order or table.master_first(fleet.inventory, (n.name for n in fleet.nodes)))
     results = table.probe_all(fleet, order)
     probed = {n: r for n, r in results.items() if not isinstance(r, ConnectError)}
     if not probed:

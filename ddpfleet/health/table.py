@@ -44,15 +44,24 @@ def env_python(inventory: Inventory, name: str) -> str:
     return envs.location(inventory, node).python
 
 
+def master_first(inventory: Inventory, names: Iterable[str]) -> list[str]:
+    """`names` as train would rank them without --nodes: cluster.master first where chosen
+    (launch.config.run_order), whose host every node's interface check reaches for."""
+    names = list(names)
+    master = inventory.cluster.master
+    return [master, *(n for n in names if n != master)] if master in names else names
+
+
 def probe_all(
     fleet: FleetBase, names: Iterable[str] | None = None, master: str | None = None
 ) -> dict[str, object]:
     """{node: NodeFacts | NodeError}: the probe on every node (or `names`) in parallel.
-    `master`: the run's master node (default: the first one), whose host each node reaches."""
+    `master`: the run's master node (default: master_first's), the host each node reaches."""
     pythons = {n.name: env_python(fleet.inventory, n.name) for n in fleet.nodes}
     names = list(names) if names is not None else [n.name for n in fleet.nodes]
     hosts = {n.name: n.host for n in fleet.inventory.nodes}
-    master_host = hosts[master or names[0]] if names else None
+    master = master or next(iter(master_first(fleet.inventory, names)), None)
+    master_host = hosts[master] if master else None
 
     def one(conn) -> facts_mod.NodeFacts:
         return facts_mod.parse(probe.run(conn, pythons[conn.name], master_host))
@@ -67,10 +76,10 @@ def judge_all(
     env: Mapping[str, str] | None = None,
 ) -> list[Check]:
     """Every node's rows, in inventory order, the versions held against the fleet's. `order`:
-    the run's nodes, the master first (default: the results'); `env`: the run's --env, for the
+    the run's nodes, the master first (default: master_first's); `env`: the run's --env, for the
     interface NCCL and gloo would use."""
     nodes = {n.name: n for n in inventory.nodes}
-    order = list(order or results)
+    order = list(order or master_first(inventory, results))
     nets = {n: getattr(r, "net", None) for n, r in results.items()}
     interface = netif.rows(order, {n: nodes[n].host for n in order}, nets, env) if order else {}
     checks: list[Check] = []

@@ -4,11 +4,14 @@ healthy node passes, and the choice is the one launch/plan.py makes for the run.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from ddpfleet.gpu import MARK
-from ddpfleet.health import facts, netif, probe
+from ddpfleet.health import facts, netif, probe, table
 from ddpfleet.health.check import FAIL, PASS, WARN
+from ddpfleet.launch.config import run_order
 from ddpfleet.launch.plan import NodeFacts as LaunchFacts
 from ddpfleet.launch.plan import socket_ifname
 
@@ -162,3 +165,11 @@ def test_the_choice_is_the_one_train_makes(route_dev):
         assert netif.run_choice(is_master, "10.0.0.10", net) == socket_ifname(
             is_master, "10.0.0.10", launch
         )
+
+
+@pytest.mark.parametrize("master", ["node0", "node2", "gone"])
+def test_the_master_is_the_one_train_ranks_first(master):
+    inventory = SimpleNamespace(
+        cluster=SimpleNamespace(master=master), nodes=[SimpleNamespace(name=n) for n in IPS]
+    )
+    assert table.master_first(inventory, list(IPS)) == list(run_order(inventory, ()))
