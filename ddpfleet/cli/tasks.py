@@ -228,7 +228,7 @@ def train(
         if health_gate:  # a dry run checks this too
             from ddpfleet.health import gate
 
-            gate.check(fleet)
+            gate.check(fleet, config.order, dict(config.env))
         if dry_run:
             from ddpfleet.launch.ssh import dryrun
 
