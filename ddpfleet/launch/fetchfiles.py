@@ -158,7 +158,8 @@ def _get(sftp, remote: str, local: Path, e: Entry, at: int, sent, got: Fetched) 
         out.truncate(at)
         out.seek(at)
         f.seek(at)
-        f.prefetch(e.size, IN_FLIGHT)
+        if at < e.size:  # (nothing to ask for: a .part that was whole, an empty file)
+            f.prefetch(e.size, IN_FLIGHT)
         done = at
         while done < e.size:
             data = f.read(min(CHUNK, e.size - done))

@@ -84,6 +84,7 @@ def node_file(tmp_path: Path, data: bytes, mode=0o640, mtime=1_700_000_000) -> E
 
 
 def bring(tmp_path: Path, entries, sftp=None) -> Fetched:
+    (tmp_path / "home").mkdir(exist_ok=True)  # fetch.py makes it (0700)
     got = Fetched(tmp_path / "home" / "checkpoints")
     top = Entry("", "dir", mode=0o700)
     fetchfiles.bring("node0", sftp or LocalSftp(), str(tmp_path / "node"), [top, *entries], got)
@@ -133,3 +134,8 @@ def test_nothing_is_written_through_a_local_symlink_out(tmp_path):
     assert not got.problems and (home / "sub").is_dir() and not (home / "sub").is_symlink()
     assert (home / "sub" / "w.bin").read_bytes() == b"weights" and list(elsewhere.iterdir()) == []
     assert stat.S_IMODE((home / "sub").stat().st_mode) == 0o750
+
+
+def test_an_empty_file_comes_too(tmp_path):
+    got = bring(tmp_path, [node_file(tmp_path, b"", mode=0o600)])
+    assert got.files == 1 and (tmp_path / "home" / "checkpoints" / "w.bin").read_bytes() == b""
