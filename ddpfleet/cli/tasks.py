@@ -7,6 +7,7 @@ import sys
 from invoke import Collection, task
 
 import ddpfleet.cli.adhoc as adhoctasks
+import ddpfleet.cli.fetch as fetchtasks
 import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import launchers, report
@@ -350,5 +351,5 @@ ns = Collection(
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
-for t in runtasks.TASKS + adhoctasks.TASKS:
+for t in runtasks.TASKS + adhoctasks.TASKS + fetchtasks.TASKS:
     ns.add_task(t)

@@ -345,6 +345,9 @@ def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
     out = slurm.invoke("logs", ok_id, timeout=120).stdout
     checksums = dict(re.findall(r"^\[node\d r(\d)\] rank \1 checksum (\S+)$", out, re.M))
     assert sorted(checksums) == ["0", "1", "2", "3"] and len(set(checksums.values())) == 1, out
+    rank99 = slurm.invoke("logs", ok_id, "--rank", "99", timeout=120)  # issue 24 item 5
+    assert rank99.returncode == 1, rank99.stdout + rank99.stderr
+    assert f"--rank 99: run {ok_id} has ranks 0-3" in rank99.stderr, rank99.stderr
     view = until_ended(slurm, bad_id)
     assert (view["state"], view["failed_node"], view["failed_rank"]) == ("FAILED", "node1", 3)
     assert view["why"].startswith("node1 rank 3 failed first"), view
