@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from ddpfleet.errors import NodeError
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.index import shape
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if
@@ -139,7 +140,7 @@ def train_detached(
         started = [master.node] + [n for n, r in results.items() if isinstance(r, dict)]
         runctl.stop(fleet, config.python, p.run_id, started, STOP_GRACE_S)
         fail_if(problems, "detached start failed; the parts already started were stopped")
-    index.add(p.run_id, [n.node for n in p.nodes])
+    index.add(p.run_id, [n.node for n in p.nodes], launcher="ssh", **shape(p))
     took = time.monotonic() - began
     out.line(f"run {p.run_id}: started detached on {', '.join(config.order)} ({took:.2f}s)")
     return p

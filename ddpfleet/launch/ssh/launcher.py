@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.index import Attached
 from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Runs, Stopped, pythons
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.ssh import detach, run, runctl, runlogs
@@ -26,7 +27,8 @@ class SshLauncher:
     resumes = True
 
     def train(self, fleet: Fleet, config: TrainConfig) -> list[Outcome]:
-        return run.train(fleet, config)
+        """Attached; recorded in the controller's index from its start, with its verdict."""
+        return run.train(fleet, config, on=Attached(runctl.Index(fleet.inventory.root), self.name))
 
     def train_detached(
         self, fleet: Fleet, config: TrainConfig, index: runctl.Index, resume: str | None = None
@@ -63,8 +65,14 @@ class SshLauncher:
 
     def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
         removed = runctl.prune(runs.fleet, pythons(runs.inventory), keep)
-        lists = [set(r) for r in removed.values() if isinstance(r, list)]
-        runs.index.drop(set.intersection(*lists) if lists else ())  # gone from every node
+        # A run removed from any of its nodes leaves the index (its history is gone there: it
+        # would only ever show as LOST); attached runs (no records on the nodes) the same way,
+        # the newest `keep` ended ones kept.
+        gone = {r for said in removed.values() if isinstance(said, list) for r in said}
+        ended = [e for e in runs.index.launched_by(self.name) if e.get("attached")
+                 and "verdict" in e]  # fmt: skip
+        ended.sort(key=lambda e: e.get("started") or 0, reverse=True)
+        runs.index.drop(gone | {e["run_id"] for e in ended[keep:]})
         return removed
 
     def logs(
