@@ -75,6 +75,7 @@ def node_spec(
             "args": list(config.args),
             "env": [list(kv) for kv in config.env],
             "nproc": p.nproc,
+            "port": p.master_port,  # train --resume keeps the job's shape
         },
     }
 

@@ -36,18 +36,24 @@ class SshLauncher:
         detach.train_detached(fleet, config, index, resume=resume)
 
     def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> dict:
-        """RUN's script, args and env from its spec on its first node (the one asked)."""
+        """RUN's script, args, env and shape (nodes, nproc, master port) from its spec on its
+        first node the inventory still has (the one asked)."""
         index = runctl.Index(inventory.root)
         nodes = index.nodes(run_id) or tuple(n.name for n in inventory.nodes)
         py = pythons(inventory)
         first = [inventory.node(n) for n in nodes if n in py][:1]
+        if not first:
+            raise PlanError(
+                f"--resume {run_id}: none of its nodes ({', '.join(nodes)}) is in "
+                f"{inventory.path.name} any more; put them back to resume it"
+            )
         with Fleet(inventory, first, become_password=become_password) as fleet:
             said = fleet.map(lambda c: runctl.node_call(c, py[c.name], "spec", run_id))
         spec = next(iter(said.values()))
         if isinstance(spec, NodeError):
             raise spec
         if not spec:
-            raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
+            raise PlanError(f"--resume {run_id}: no such run on {first[0].name}; see invoke runs")
         meta = spec.get("meta", {})
         if "--checkpoint-dir" not in " ".join(meta.get("args", ())):
             raise PlanError(
@@ -58,6 +64,10 @@ class SshLauncher:
             "script": meta.get("script"),
             "args": shlex.join(meta.get("args", ())),
             "env": [f"{k}={v}" for k, v in meta.get("env", ())],
+            # the shape: a run started before meta had its port says it in the master's spec
+            "nodes": meta.get("nodes") or list(index.nodes(run_id) or ()),
+            "nproc": meta.get("nproc") or spec.get("nproc"),
+            "port": meta.get("port") or (spec.get("port_from") or {}).get("port"),
         }
 
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
