@@ -146,7 +146,7 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
         print(json_mod.dumps([v.as_json() for v in views], indent=1))
         return
     # a narrow terminal leaves these out first (runs --json has everything)
-    optional = ("started", "exit", "duration", "shape")
+    optional = ("started", "shape", "exit", "duration")
     report.show(report.table(None, runstate.COLUMNS, runstate.rows(views), optional))
 
 
