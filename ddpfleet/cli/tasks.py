@@ -176,7 +176,7 @@ def train(
     nodes=None,
     script=None,
     args="",
-    nproc_per_node="auto",
+    nproc_per_node=None,
     master_port=None,
     env=None,
     run_id=None,
@@ -193,29 +193,28 @@ def train(
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
-    from ddpfleet.launch.launcher import get, index, resumers
+    from ddpfleet.launch.launcher import get, index
     from ddpfleet.ssh.connection import Fleet
 
-    loaded = select.load(inventory, nodes, exclude)
     password = _become_password(ask_become_pass)
+    again = None
+    if resume and not dry_run:  # RUN's shape, unless a flag given now says otherwise
+        again = runtasks.resume(inventory, resume, password, launcher, nodes, nproc_per_node,
+                                master_port)  # fmt: skip
+        launcher, nodes, master_port = again.launcher, again.nodes, again.master_port
+        nproc_per_node = again.nproc_per_node
+        script, args, env = runtasks.resumed(again.meta, script, args, env)
+    loaded = select.load(inventory, nodes, exclude)
     how = get(launcher or loaded.launcher)
     if dry_run and (resume or how.name != "ssh"):
         raise DdpfleetError(
             "--dry-run checks a new run of the ssh launcher; drop --resume and use --launcher ssh"
         )
-    if resume and not how.resumes:
-        can = resumers()
-        raise DdpfleetError(
-            f"--resume works for runs of the {' or '.join(can)} launcher; use --launcher {can[0]}"
-        )
-    if resume:
-        meta = how.resumed(loaded, resume, password)
-        script, args, env = runtasks.resumed(meta, script, args, env)
     flags = launch.TrainFlags(
         nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
         script=script,
         args=args or "",
-        nproc_per_node=str(nproc_per_node),
+        nproc_per_node=str(nproc_per_node or "auto"),
         master_port=master_port,
         env=tuple(env or ()),
         run_id=run_id,
@@ -235,6 +234,8 @@ def train(
 
             dryrun.dry_run(fleet, config)
         elif detach or resume:
+            if again is not None:  # the plan below; what came from RUN is said first
+                report.show("\n".join([f"resume {resume}:", *(f"  {x}" for x in again.said)]))
             how.train_detached(fleet, config, index(loaded), resume)
             for command in ("runs", f"logs {config.run_id} -f", f"stop {config.run_id}"):
                 print(f"  invoke {command}")  # what to do with the run next

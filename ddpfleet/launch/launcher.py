@@ -121,7 +121,8 @@ class Launcher(Protocol):
 
     def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> Mapping:
         """For train --resume RUN: RUN's script, args (one string) and env (K=V list) as it
-        was started ({'script', 'args', 'env'}); a PlanError when there is nothing to resume."""
+        was started, and its shape: nodes (node_rank order), nproc, port ({'script', 'args',
+        'env', 'nodes', 'nproc', 'port'}); a PlanError when there is nothing to resume."""
 
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
         """One view (state, verdict) per run of this launcher that the nodes or the index know

@@ -42,6 +42,19 @@ def tail(path, lines=TAIL_LINES):
         return []
 
 
+def restarts(path):
+    """torchrun's restart lines in node.log (part.FRESH prints one a --max-restarts restart)."""
+    found = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(b"ddpfleet: restart "):
+                    found.append(line.decode(errors="replace").strip())
+    except OSError:
+        pass
+    return found
+
+
 def run_ids(wanted):
     try:
         found = sorted(os.listdir(m.records.RUNS))
@@ -64,6 +77,8 @@ def one(run_id):
     state["meta"] = spec.get("meta", {})
     state["nnodes"] = spec.get("nnodes")
     state["nproc"] = spec.get("nproc")
+    if "--max-restarts" in (spec.get("argv") or ()):
+        state["restarts"] = restarts(os.path.join(d, "node.log"))
     # A part the gang stopped may hold the first failure: its failing rank's torchrun was still
     # tearing down when the master's own failure stopped it.
     # ("node1 failed (exit 1)" on the master, "gang: node1 failed (exit 1)" on a worker)

@@ -130,7 +130,7 @@ def test_train_resume_asks_the_launcher_for_the_run_and_the_flags_win(fake):
 
 def test_resume_is_refused_for_a_launcher_without_it(fake, monkeypatch):
     monkeypatch.setattr(LAUNCHER, "resumes", False)
-    with pytest.raises(Exit, match=r"--resume works for runs of the ssh launcher; use --launch"):
+    with pytest.raises(Exit, match=r"--resume works for runs of the ssh launcher \(use --launch"):
         tasks.train(Context(), inventory=str(fake), resume="f1")
     assert LAUNCHER.calls == []
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from ddpfleet.errors import NodeError
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.index import shape
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if
@@ -75,6 +76,7 @@ def node_spec(
             "args": list(config.args),
             "env": [list(kv) for kv in config.env],
             "nproc": p.nproc,
+            "port": p.master_port,  # train --resume keeps the job's shape
         },
     }
 
@@ -140,7 +142,7 @@ def train_detached(
         started = [master.node] + [n for n, r in results.items() if isinstance(r, dict)]
         runctl.stop(fleet, config.python, p.run_id, started, STOP_GRACE_S)
         fail_if(problems, "detached start failed; the parts already started were stopped")
-    index.add(p.run_id, [n.node for n in p.nodes])
+    index.add(p.run_id, [n.node for n in p.nodes], launcher="ssh", **shape(p))
     if resume:
         out.line(resumed_line(resume, {master.node: said, **results}))
     took = time.monotonic() - began

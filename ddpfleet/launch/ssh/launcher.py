@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.index import Attached
 from ddpfleet.launch.launcher import (
     NO_RECORD,
     NodeStop,
@@ -35,7 +36,8 @@ class SshLauncher:
     resumes = True
 
     def train(self, fleet: Fleet, config: TrainConfig) -> list[Outcome]:
-        return run.train(fleet, config)
+        """Attached; recorded in the controller's index from its start, with its verdict."""
+        return run.train(fleet, config, on=Attached(runctl.Index(fleet.inventory.root), self.name))
 
     def train_detached(
         self, fleet: Fleet, config: TrainConfig, index: runctl.Index, resume: str | None = None
@@ -43,18 +45,24 @@ class SshLauncher:
         detach.train_detached(fleet, config, index, resume=resume)
 
     def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> dict:
-        """RUN's script, args and env from its spec on its first node (the one asked)."""
+        """RUN's script, args, env and shape (nodes, nproc, master port) from its spec on its
+        first node the inventory still has (the one asked)."""
         index = runctl.Index(inventory.root)
         nodes = index.nodes(run_id) or tuple(n.name for n in inventory.nodes)
         py = pythons(inventory)
         first = [inventory.node(n) for n in nodes if n in py][:1]
+        if not first:
+            raise PlanError(
+                f"--resume {run_id}: none of its nodes ({', '.join(nodes)}) is in "
+                f"{inventory.path.name} any more; put them back to resume it"
+            )
         with Fleet(inventory, first, become_password=become_password) as fleet:
             said = fleet.map(lambda c: runctl.node_call(c, py[c.name], "spec", run_id))
         spec = next(iter(said.values()))
         if isinstance(spec, NodeError):
             raise spec
         if not spec:
-            raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
+            raise PlanError(f"--resume {run_id}: no such run on {first[0].name}; see invoke runs")
         # What to resume from reaches the script through DDPFLEET_CHECKPOINT_DIR (the
         # supervisors copy RUN's newest complete checkpoint there), whatever its flags are.
         meta = spec.get("meta", {})
@@ -62,6 +70,10 @@ class SshLauncher:
             "script": meta.get("script"),
             "args": shlex.join(meta.get("args", ())),
             "env": [f"{k}={v}" for k, v in meta.get("env", ())],
+            # the shape: a run started before meta had its port says it in the master's spec
+            "nodes": meta.get("nodes") or list(index.nodes(run_id) or ()),
+            "nproc": meta.get("nproc") or spec.get("nproc"),
+            "port": meta.get("port") or (spec.get("port_from") or {}).get("port"),
         }
 
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
@@ -73,8 +85,14 @@ class SshLauncher:
         said = runctl.prune(runs.fleet, pythons(runs.inventory), keep, with_outputs)
         removed = {n: r if isinstance(r, NodeError) else Pruned(r["removed"], r["kept"])
                    for n, r in said.items()}  # fmt: skip
-        lists = [set(r.removed) for r in removed.values() if isinstance(r, Pruned)]
-        runs.index.drop(set.intersection(*lists) if lists else ())  # gone from every node
+        # A run removed from any of its nodes leaves the index (its history is gone there: it
+        # would only ever show as LOST); attached runs (no records on the nodes) the same way,
+        # the newest `keep` ended ones kept.
+        gone = {r for p in removed.values() if isinstance(p, Pruned) for r in p.removed}
+        ended = [e for e in runs.index.launched_by(self.name) if e.get("attached")
+                 and "verdict" in e]  # fmt: skip
+        ended.sort(key=lambda e: e.get("started") or 0, reverse=True)
+        runs.index.drop(gone | {e["run_id"] for e in ended[keep:]})
         return removed
 
     def logs(

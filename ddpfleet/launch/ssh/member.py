@@ -17,7 +17,7 @@ from ddpfleet.launch.clues import Clues, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
-from ddpfleet.launch.verdict import RunState, own_failure
+from ddpfleet.launch.verdict import RESTART_LINE, RunState, own_failure
 from ddpfleet.ssh.connection import Conn, Session
 
 STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
@@ -51,6 +51,7 @@ class Member:
         self.stopped_by_us = False  # the runner said it is stopping at our word
         self.told_to_stop = False
         self.failed_itself = False  # torchrun said a worker failed before we said stop
+        self.restarts: list[str] = []  # torchrun's restart lines (--max-restarts; part.FRESH)
         self.started = self.last_heard = time.monotonic()
         self.done = threading.Event()
         self.finishing = threading.Lock()
@@ -186,8 +187,11 @@ class Member:
             (None, text) if self.plan is None else split_rank(text, self.plan.rank, self.nproc)
         )
         self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
+        if rank is None and RESTART_LINE.match(body):
+            self.restarts.append(body)
         if self.plan is not None and self.clues.feed(rank, body, time.monotonic()):
-            self.failed_itself = self.failed_itself or not self.told_to_stop
+            # with a restart left, torchrun starts its workers again: not the gang's failure
+            self.failed_itself = self.failed_itself or not (self.told_to_stop or self.restarting())
         prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"
         self.out.line(f"{prefix} {body}", self.log)
 
@@ -250,6 +254,12 @@ class Member:
         o.last_lines = self.tail(o.rank)
         if self.log is not None:
             self.log.close()
+
+    def restarting(self) -> bool:
+        """torchrun has a --max-restarts restart left for the failure it just reported."""
+        argv = list(self.plan.argv) if self.plan is not None else []
+        most = int(argv[argv.index("--max-restarts") + 1]) if "--max-restarts" in argv else 0
+        return len(self.restarts) < most
 
     def raised_itself(self) -> bool:
         """A rank here raised (its traceback says why, and not that a peer went away), even if
