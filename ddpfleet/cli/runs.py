@@ -19,7 +19,8 @@ TRAIN_HELP = {
     "follow it with invoke runs / logs RUN -f / stop RUN",
     "max_restarts": "torchrun's elastic restarts after a rank failure (default: 0)",
     "resume": "start a new detached run in a copy of RUN's code snapshot, with its script, "
-    "--args and --env (its --checkpoint-dir): the script resumes from the last checkpoint",
+    "--args and --env; RUN's newest complete checkpoint is copied into the new run's "
+    "DDPFLEET_CHECKPOINT_DIR first, for the script to resume from",
 }
 
 
@@ -46,11 +47,13 @@ def _runs(inventory, nodes=None, ask_become_pass=False):
         "json": "print one JSON document (a list of runs, newest first) instead of the table",
         "prune": "remove ended runs' directories on every node, keeping the newest --keep",
         "keep": "with --prune: how many ended runs to keep (default: 10)",
+        "with_outputs": "with --prune: remove the pruned runs' checkpoints too (default: kept)",
         "ask_become_pass": ASK_BECOME_HELP,
     }
 )
 @cli
-def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_become_pass=False):
+def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_become_pass=False,
+         with_outputs=False):  # fmt: skip
     """List detached runs and their state."""
     from ddpfleet.launch import launcher
     from ddpfleet.launch.ssh import runstate
@@ -60,10 +63,12 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
     with _runs(inventory, nodes, ask_become_pass) as r:
         views = launcher.views(r)
         if prune:
-            removed = launcher.prune(r, int(keep))
-            rows = [(n, ", ".join(x) if isinstance(x, list) else str(x) or "-")
-                    for n, x in removed.items()]  # fmt: skip
-            report.show(report.table(None, ("node", "removed"), rows))
+            removed = launcher.prune(r, int(keep), with_outputs)
+            report.show(report.table(None, ("node", "removed", "checkpoints kept"),
+                                     [(n, *_pruned(x)) for n, x in removed.items()]))  # fmt: skip
+            if not with_outputs and any(getattr(x, "kept", None) for x in removed.values()):
+                print("kept: /var/lib/ddpfleet/runs/<run-id>/checkpoints of the runs above; "
+                      "runs --prune --with-outputs removes them too")  # fmt: skip
             report.exit_if_failed(removed, "runs --prune")
             return
     if json:
@@ -72,6 +77,12 @@ def runs(c, inventory=None, nodes=None, json=False, prune=False, keep=10, ask_be
     # a narrow terminal leaves these out first (runs --json has everything)
     optional = ("started", "exit", "duration")
     report.show(report.table(None, runstate.COLUMNS, runstate.rows(views), optional))
+
+
+def _pruned(said) -> tuple[str, str]:
+    if isinstance(said, Exception):
+        return str(said), ""
+    return ", ".join(said.removed) or "-", ", ".join(said.kept) or "-"
 
 
 @task(

@@ -221,6 +221,7 @@ def train(
         project_dir=project_dir,
         code_dir=code_dir,
         max_restarts=max_restarts or 0,
+        snapshot=bool(detach or resume) and how.name == "ssh",  # the plan's cwd: the copy
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
     with Fleet(loaded, become_password=password) as fleet:

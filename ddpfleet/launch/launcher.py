@@ -40,6 +40,15 @@ NO_RECORD = "no record"  # the node knows no such run: nothing to stop
 
 
 @dataclass(frozen=True)
+class Pruned:
+    """One node's part of `runs --prune`: the runs whose records went, and the runs whose
+    outputs (checkpoints) were kept there (only `--with-outputs` removes them)."""
+
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class NodeStop:
     """One node's part of `invoke stop`: what was done there and what is left."""
 
@@ -118,8 +127,11 @@ class Launcher(Protocol):
         """One view (state, verdict) per run of this launcher that the nodes or the index know
         (or only `only`)."""
 
-    def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
-        """Remove ended runs' records on every node but the newest `keep`: node -> run ids."""
+    def prune(
+        self, runs: Runs, keep: int, with_outputs: bool = False
+    ) -> dict[str, Pruned | NodeError]:
+        """Remove ended runs' records on every node but the newest `keep`; their checkpoints
+        stay unless `with_outputs`. Per node: what went and whose outputs were kept."""
 
     def logs(
         self, runs: Runs, run_id: str, node: str | None, rank: int | None, follow: bool
@@ -171,14 +183,15 @@ def views(runs: Runs) -> list[RunView]:
     return sorted(out, key=lambda v: v.started or 0, reverse=True)
 
 
-def prune(runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
-    """Every launcher's prune, per node: the run ids removed there, or why not."""
-    out: dict[str, list[str] | NodeError] = {}
+def prune(runs: Runs, keep: int, with_outputs: bool = False) -> dict[str, Pruned | NodeError]:
+    """Every launcher's prune, per node: what went there and whose outputs stayed, or why not."""
+    out: dict[str, Pruned | NodeError] = {}
     for launcher in every():
-        for node, said in launcher.prune(runs, keep).items():
-            had = out.setdefault(node, [])
+        for node, said in launcher.prune(runs, keep, with_outputs).items():
+            had = out.setdefault(node, Pruned())
             if isinstance(said, NodeError) and not isinstance(had, NodeError):
                 out[node] = said  # the first error a node gave is its answer
-            elif isinstance(had, list) and isinstance(said, list):
-                had.extend(said)
+            elif isinstance(had, Pruned) and isinstance(said, Pruned):
+                had.removed.extend(said.removed)
+                had.kept.extend(said.kept)
     return out

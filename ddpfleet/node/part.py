@@ -25,11 +25,16 @@ Everything else is here:
   the run's id SIGKILLed (marked: whole NAME=VALUE entries of /proc/*/environ, never a name).
 """
 
+import errno
 import os
+import pwd
 import signal
+import stat
 import subprocess
 import threading
 import time
+
+CHECKPOINT_ENV = "DDPFLEET_CHECKPOINT_DIR"  # the checkpoint contract (checkpoints.py)
 
 # torchrun with the master's held port: the static rendezvous's store adopts the listening
 # socket (argv[1]: its fd) instead of binding the port again, so it is never free in between.
@@ -84,6 +89,9 @@ class Part:
     def start(self, stdout, listener=None, inherit=False):
         """torchrun (OSError where it cannot start); `listener`: the master's held port."""
         tree, cgroup, user = self.tree, self.cgroup, self.spec.get("user")
+        path = self.spec["env"].get(CHECKPOINT_ENV)
+        if path:  # before torchrun: the script may look for a checkpoint at its first line
+            self.spec["env"][CHECKPOINT_ENV] = checkpoint_dir(tree, path, user)
         argv, fds = adopting(self.spec["argv"], listener)
         self.proc = subprocess.Popen(
             argv,
@@ -132,6 +140,47 @@ class Part:
         if self.cgroup and os.path.isdir(self.cgroup):
             self.tree.kill_cgroup(self.cgroup)
         return code
+
+
+def checkpoint_dir(tree, path, user):
+    """The run's checkpoint dir (RUNS/<run-id>/checkpoints), made if missing: its run dir
+    root's (0755), the dir itself the training user's, 0700, never through a symlink. A
+    runner that is not root (its login cannot become root) cannot make it under RUNS: it gets
+    ~/.ddpfleet/runs/<run-id>/checkpoints instead, its own. The path the ranks get."""
+    if os.getuid() != 0:
+        try:
+            return _make_checkpoint_dir(path, None)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            run_id = os.path.basename(os.path.dirname(path))
+            home = pwd.getpwuid(os.getuid()).pw_dir
+            return _make_checkpoint_dir(
+                os.path.join(home, ".ddpfleet", "runs", run_id, "checkpoints"), None
+            )
+    return _make_checkpoint_dir(path, user if tree.drops_to(user) else None)
+
+
+def _make_checkpoint_dir(path, user):
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if user is not None:
+                pw = pwd.getpwnam(user)
+                os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise OSError(e.errno, f"cannot make the checkpoint dir {path}: {why}") from None
+    return path
 
 
 # -- the guardian ---------------------------------------------------------------------------

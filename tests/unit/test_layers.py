@@ -30,6 +30,7 @@ LAYERS = {
     "ddpfleet.progress": ("ground", 0),
     "ddpfleet.rootlog": ("ground", 0),
     "ddpfleet.node": ("node", 0),  # NODE_DIR: where the node programs' bytes are
+    "ddpfleet.node.checkpoints": ("node", 0),  # the checkpoint contract's node side
     "ddpfleet.inventory": ("config", 1),
     "ddpfleet.inventory_types": ("config", 1),
     "ddpfleet.inventory_yaml": ("config", 1),

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Runs, Stopped, pythons
+from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Pruned, Runs, Stopped, pythons
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.ssh import detach, run, runctl, runlogs
 from ddpfleet.launch.verdict import RunView
@@ -46,12 +46,9 @@ class SshLauncher:
             raise spec
         if not spec:
             raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
+        # What to resume from reaches the script through DDPFLEET_CHECKPOINT_DIR (the
+        # supervisors copy RUN's newest complete checkpoint there), whatever its flags are.
         meta = spec.get("meta", {})
-        if "--checkpoint-dir" not in " ".join(meta.get("args", ())):
-            raise PlanError(
-                f"--resume {run_id}: that run had no --checkpoint-dir in its --args, so there is "
-                "nothing to resume from; start a new run with --args '... --checkpoint-dir DIR'"
-            )
         return {
             "script": meta.get("script"),
             "args": shlex.join(meta.get("args", ())),
@@ -61,9 +58,13 @@ class SshLauncher:
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
         return runctl.views(_ask(runs, only), runs.index, only)
 
-    def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
-        removed = runctl.prune(runs.fleet, pythons(runs.inventory), keep)
-        lists = [set(r) for r in removed.values() if isinstance(r, list)]
+    def prune(
+        self, runs: Runs, keep: int, with_outputs: bool = False
+    ) -> dict[str, Pruned | NodeError]:
+        said = runctl.prune(runs.fleet, pythons(runs.inventory), keep, with_outputs)
+        removed = {n: r if isinstance(r, NodeError) else Pruned(r["removed"], r["kept"])
+                   for n, r in said.items()}  # fmt: skip
+        lists = [set(r.removed) for r in removed.values() if isinstance(r, Pruned)]
         runs.index.drop(set.intersection(*lists) if lists else ())  # gone from every node
         return removed
 

@@ -38,10 +38,10 @@ def push_code(
         remote = probed[conn.name].manifest
         change = sync.diff(files, remote)
         stats = sync.push(
-            conn, n.argv[0], n.cwd, root, files, change, p.script, remote, p.run_id, n.user
+            conn, n.argv[0], n.mirror, root, files, change, p.script, remote, p.run_id, n.user
         )
         if not stats.script:
-            raise NodeError(conn.name, f"{n.cwd}/{p.script} is missing after the sync")
+            raise NodeError(conn.name, f"{n.mirror}/{p.script} is missing after the sync")
         return stats
 
     return fleet.map(one, [n.node for n in p.nodes])

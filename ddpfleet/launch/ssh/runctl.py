@@ -77,5 +77,9 @@ def stop(fleet: Fleet, pythons: Mapping[str, str], run_id: str, nodes: Sequence[
     return fleet.map(lambda c: node_call(c, pythons[c.name], "stop", run_id, str(grace)), nodes)
 
 
-def prune(fleet: Fleet, pythons: Mapping[str, str], keep: int) -> dict[str, list | NodeError]:
-    return fleet.map(lambda c: node_call(c, pythons[c.name], "prune", str(keep)))
+def prune(
+    fleet: Fleet, pythons: Mapping[str, str], keep: int, with_outputs: bool = False
+) -> dict[str, dict | NodeError]:
+    """{"removed": run ids, "kept": run ids whose checkpoints stayed} per node."""
+    outputs = "1" if with_outputs else "0"
+    return fleet.map(lambda c: node_call(c, pythons[c.name], "prune", str(keep), outputs))
