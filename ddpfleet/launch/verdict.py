@@ -162,6 +162,7 @@ class RunView:
     failed_node: str | None = None
     failed_rank: int | None = None
     unasked: Mapping[str, str] = field(default_factory=dict)  # node -> why it cannot be asked now
+    generations: tuple = ()  # detached runs with spares: each generation (node/generation.py)
 
     def as_json(self) -> dict:
         return {
@@ -175,4 +176,5 @@ class RunView:
             "failed_node": self.failed_node,
             "failed_rank": self.failed_rank,
             "unreachable_now": dict(self.unasked),
+            "generations": list(self.generations),
         }
