@@ -8,6 +8,7 @@ from dataclasses import replace
 from invoke import Collection, task
 
 import ddpfleet.cli.adhoc as adhoctasks
+import ddpfleet.cli.fetch as fetchtasks
 import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import launchers, report
@@ -238,7 +239,7 @@ def train(
         if health_gate:  # a dry run checks this too
             from ddpfleet.health import gate
 
-            gate.check(fleet)
+            gate.check(fleet, config.order, dict(config.env))
         if dry_run:
             from ddpfleet.launch.ssh import dryrun
 
@@ -360,5 +361,5 @@ ns = Collection(
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
-for t in runtasks.TASKS + adhoctasks.TASKS:
+for t in runtasks.TASKS + adhoctasks.TASKS + fetchtasks.TASKS:
     ns.add_task(t)

@@ -148,6 +148,8 @@ def _steps(directory):
     except OSError:
         return []
     found = [(int(m.group(1)), n) for n in names for m in [STEP.match(n)] if m]
+    # a symlink is no checkpoint: root reads these dirs, and they are the user's to change
+    found = [(s, n) for s, n in found if not os.path.islink(os.path.join(directory, n))]
     return sorted(found, reverse=True)
 
 

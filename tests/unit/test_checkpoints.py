@@ -72,6 +72,7 @@ def test_the_newest_complete_one_is_chosen(tmp_path: Path):
         "manifest half written",
         "wrong step in the manifest",
         "file is a symlink",
+        "dir is a symlink",
     ],
 )
 def test_a_partial_checkpoint_is_never_chosen(tmp_path: Path, spoil: str):
@@ -92,6 +93,9 @@ def test_a_partial_checkpoint_is_never_chosen(tmp_path: Path, spoil: str):
         (newer / "MANIFEST.json").write_text(text[: len(text) // 2])
     elif spoil == "wrong step in the manifest":
         newer.rename(tmp_path / "step-00000040")
+    elif spoil == "dir is a symlink":
+        newer.rename(tmp_path / "elsewhere")
+        newer.symlink_to(tmp_path / "elsewhere")
     elif spoil == "file is a symlink":
         (newer / "model.pt").rename(tmp_path / "elsewhere")
         (newer / "model.pt").symlink_to(tmp_path / "elsewhere")
@@ -226,3 +230,22 @@ def test_pack_refuses_a_partial_checkpoint(tmp_path: Path):
     (src / "MANIFEST.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError):
         list(ck.pack(str(src)))
+
+
+part = load("part.py")
+
+
+@as_root
+def test_part_makes_the_runs_checkpoint_dir_the_users_and_0700(tmp_path: Path):
+    """Before torchrun: the run dir root's 0755, the checkpoint dir the training user's 0700."""
+    path = tmp_path / "runs" / "r1" / "checkpoints"
+    assert part.checkpoint_dir(proctree, str(path), "nobody") == str(path)
+    assert path.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert oct(path.stat().st_mode & 0o777) == "0o700"
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o755" and path.parent.stat().st_uid == 0
+    assert part.checkpoint_dir(proctree, str(path), "nobody") == str(path)  # twice: the same
+    os.rmdir(path)
+    path.symlink_to(tmp_path)  # never chowned through a symlink
+    with pytest.raises(OSError, match="cannot make the checkpoint dir"):
+        part.checkpoint_dir(proctree, str(path), "nobody")
+    assert tmp_path.stat().st_uid == 0

@@ -45,6 +45,8 @@ LAYERS = {
     "roles": ("roles", 5),
     "ddpfleet.bootstrap": ("job", 6),
     "ddpfleet.launch": ("job", 6),
+    "ddpfleet.launch.fetch": ("job", 6),  # a run's files home
+    "ddpfleet.launch.fetchfiles": ("job", 6),  # its local half
     "ddpfleet.gpustatus": ("job", 6),
     "ddpfleet.ping": ("job", 6),
     "ddpfleet.doctor": ("job", 6),

@@ -13,7 +13,16 @@ from collections.abc import Mapping, Sequence
 from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Pruned, Runs, Stopped, pythons
+from ddpfleet.launch.launcher import (
+    NO_RECORD,
+    NodeStop,
+    Pruned,
+    Runs,
+    Stopped,
+    check_ranks,
+    missing,
+    pythons,
+)
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.ssh import detach, run, runctl, runlogs
 from ddpfleet.launch.verdict import RunView
@@ -71,10 +80,16 @@ class SshLauncher:
     def logs(
         self, runs: Runs, run_id: str, node: str | None, rank: int | None, follow: bool
     ) -> list[str]:
-        said, _ = _one(runs, run_id)
+        said, view = _one(runs, run_id)
         only = [n.strip() for n in (node or "").split(",") if n.strip()]
-        parts = runlogs.nodes_of(said, run_id, only)
-        return runlogs.show(runs.fleet, pythons(runs.inventory), run_id, parts, rank, follow)
+        check_ranks(run_id, runlogs.ranks_of(said, run_id, view.nodes) or
+                    dict.fromkeys(view.nodes, ()), rank, only)  # fmt: skip
+        parts, problems = runlogs.nodes_of(said, run_id, only or view.nodes)
+        for problem in problems:
+            missing(run_id, problem)
+        py = pythons(runs.inventory)
+        late = runlogs.show(runs.fleet, py, run_id, parts, rank, follow)
+        return problems + [missing(run_id, p) for p in late]
 
     def stop(self, runs: Runs, run_id: str, grace: float) -> Stopped:
         _, view = _one(runs, run_id)
