@@ -40,7 +40,7 @@ DEFAULT_PATH = "inventory.yaml"
 
 # The inventory's own top-level keys; beside them, each role's section (its SECTION: the
 # roles are discovered, ddpfleet.catalog), whose keys the roles validate against defaults.yaml.
-TOP_KEYS = ("cluster", "ssh", "train", "sandbox", "health", "nodes")
+TOP_KEYS = ("cluster", "ssh", "train", "sandbox", "health", "spares", "nodes")
 CLUSTER_KEYS = ("name", "master", "master_port")
 SSH_KEYS = (
     "user",
@@ -174,7 +174,27 @@ class _Builder:
             launcher=self.launcher(top.get("train")),
             declared=nodes,
             health=self.health(top.get("health")),
+            spares=self.spares(top.get("spares"), nodes),
         )
+
+    def spares(self, raw: Any, nodes: tuple[Node, ...]) -> tuple[str, ...]:
+        """spares: [node3, node4]: nodes of this file that stand by for detached runs."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+            raise self.fail(("spares",), f"must be a list of node names, got {raw!r}")
+        known = [n.name for n in nodes]
+        for name in raw:
+            if name not in known:
+                raise self.fail(
+                    ("spares",), f"unknown node {name!r}{did_you_mean(name, known)}; "
+                    f"a spare is one of nodes: ({', '.join(known)})"
+                )  # fmt: skip
+        if len(set(raw)) != len(raw):
+            raise self.fail(("spares",), "a node is named twice")
+        if len(raw) == len(known):
+            raise self.fail(("spares",), "every node is a spare: leave at least one to train")
+        return tuple(raw)
 
     def health(self, raw: Any) -> Mapping[str, float]:
         h = self.mapping(("health",), raw, HEALTH_KEYS)

@@ -67,6 +67,7 @@ class Inventory:
     # them stay home); () when built by hand: then `nodes`.
     declared: tuple[Node, ...] = field(default=(), repr=False, compare=False)
     health: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    spares: tuple[str, ...] = ()  # spares: nodes standing by for detached runs (train --spares)
 
     @property
     def root(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from invoke import Collection, task
 
@@ -12,6 +13,7 @@ import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import launchers, report
 from ddpfleet.cli import select
+from ddpfleet.cli import spares as spare_flags
 from ddpfleet.cli.common import ASK_BECOME_HELP, INVENTORY_HELP, NODES_HELP, cli
 from ddpfleet.cli.common import become_password as _become_password
 from ddpfleet.cli.common import fleet as _fleet
@@ -167,6 +169,7 @@ def bootstrap(
         "health_gate": "run invoke health's quick checks on the nodes first and refuse a "
         "failing node (default; --no-health-gate skips them)",
         **runtasks.TRAIN_HELP,
+        **spare_flags.HELP,
     },
 )
 @cli
@@ -190,6 +193,8 @@ def train(
     health_gate=True,
     exclude=None,
     dry_run=False,
+    spares=None,
+    max_recoveries=None,
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
@@ -206,6 +211,8 @@ def train(
         script, args, env = runtasks.resumed(again.meta, script, args, env)
     loaded = select.load(inventory, nodes, exclude)
     how = get(launcher or loaded.launcher)
+    loaded, standby = spare_flags.split(loaded, spares, bool(nodes), detach or resume, how.name)
+    recoveries = spare_flags.max_recoveries(max_recoveries)
     if dry_run and (resume or how.name != "ssh"):
         raise DdpfleetError(
             "--dry-run checks a new run of the ssh launcher; drop --resume and use --launcher ssh"
@@ -224,6 +231,9 @@ def train(
         snapshot=bool(detach or resume) and how.name == "ssh",  # the plan's cwd: the copy
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
+    if standby:  # planned and synced with the gang, outside its order (ssh/detach.py)
+        order = tuple(n for n in config.order if n not in standby)
+        config = replace(config, order=order, spares=standby, max_recoveries=recoveries)
     with Fleet(loaded, become_password=password) as fleet:
         if health_gate:  # a dry run checks this too
             from ddpfleet.health import gate

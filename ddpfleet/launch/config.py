@@ -74,6 +74,10 @@ class TrainConfig:
     users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_restarts: int = 0  # passed to torchrun (--max-restarts) when above 0
     snapshot: bool = False  # the ranks run in RUNS/<run-id>/code, a copy of the code dir
+    # A detached run's spares (train --spares / inventory spares:): not in `order`, each ready
+    # to take a lost node's place; at most max_recoveries replacements (node/generation.py).
+    spares: tuple[str, ...] = ()
+    max_recoveries: int = 3
     # Controller paths the sync never sends even when they lie in project_dir: the inventory's
     # secrets (ddpfleet.secretfiles) and the runs' logs.
     keep_out: frozenset[Path] = frozenset()

@@ -186,6 +186,7 @@ class RunView:
     # What the controller's index keeps of the run besides (launch/index.py): its shape
     # (nproc, port, launcher), attached or not, where its outputs are on each node.
     recorded: Mapping[str, object] = field(default_factory=dict)
+    generations: tuple = ()  # detached runs with spares: each generation (node/generation.py)
 
     def as_json(self) -> dict:
         return {
@@ -202,4 +203,5 @@ class RunView:
             "restarts": len(self.restarts),
             "restart_why": list(self.restarts),
             **self.recorded,
+            "generations": list(self.generations),
         }

@@ -140,6 +140,7 @@ class Part:
         if path:  # before torchrun: the script may look for a checkpoint at its first line
             self.spec["env"][CHECKPOINT_ENV] = checkpoint_dir(tree, path, user)
         argv, fds = adopting(self.spec["argv"], listener)
+        tree.forget_exits()
         self.proc = subprocess.Popen(
             argv,
             cwd=self.spec["cwd"],
@@ -153,7 +154,7 @@ class Part:
             # here: the run's cgroup, the training user, PDEATHSIG.
             preexec_fn=lambda: tree.enter(cgroup, user),  # noqa: PLW1509
         )
-        self.reaper = tree.Reaper(self.proc.pid)
+        self.reaper = tree.reaper_for(self.proc.pid)
         return self.proc
 
     def stop(self, grace=None, first=None):

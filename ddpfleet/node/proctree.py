@@ -327,10 +327,14 @@ def exit_code(status):
 class Reaper:
     """Collects every child's exit as it happens: as subreaper this process inherits every
     orphan of the run, and uncollected they pile up as zombies (against pids.max). Keeps the
-    exit of `keep` (torchrun) for wait(); nothing else may wait for children meanwhile."""
+    exit of `keep` (torchrun) for wait(); nothing else may wait for children meanwhile. One per
+    process (reaper_for): a detached run's next generation (generation.py) follows its new
+    torchrun with the same one, as two would take each other's exits."""
 
     def __init__(self, keep):
         self.keep, self.code, self.done = keep, None, threading.Event()
+        self.lock = threading.Lock()
+        self.others = {}  # exits not kept: a next torchrun's that ended before follow()
         threading.Thread(target=self._run, name="reaper", daemon=True).start()
 
     def _run(self):
@@ -342,10 +346,43 @@ class Reaper:
                 time.sleep(0.05)  # no child just now; orphans may still be re-parented to us
                 continue
             _reaped += 1
-            if pid == self.keep:
-                self.code = exit_code(status)
+            with self.lock:
+                if pid == self.keep:
+                    self.code = exit_code(status)
+                    self.done.set()
+                else:
+                    self.others[pid] = exit_code(status)
+
+    def follow(self, pid):
+        """Keep `pid`'s exit from now on (its exit may have come already)."""
+        with self.lock:
+            self.keep, self.code = pid, None
+            self.done.clear()
+            if pid in self.others:
+                self.code = self.others.pop(pid)
                 self.done.set()
+        return self
 
     def wait(self):
         self.done.wait()
         return self.code
+
+
+_reaper = None
+
+
+def forget_exits():
+    """Before a torchrun starts: the exits collected so far are no one's (a pid reused later
+    must not find an old one)."""
+    if _reaper is not None:
+        with _reaper.lock:
+            _reaper.others.clear()
+
+
+def reaper_for(pid):
+    """The process's one Reaper, now keeping `pid`'s exit."""
+    global _reaper
+    if _reaper is None:
+        _reaper = Reaper(pid)
+        return _reaper
+    return _reaper.follow(pid)

@@ -9,9 +9,16 @@ supervisor keeps one TCP connection to the master's (node_rank 0). Lines both wa
     welcome PROOF            the master: HMAC-SHA256(secret, "master", WNONCE, MNONCE, NODE)
     hb                       every HEARTBEAT_S, both ways
     fail NODE CODE           a worker's torchrun failed: the master stops the gang
+    left NODE REASON         with spares: a worker's or spare's supervisor was stopped (SIGTERM)
     done NODE                a worker's torchrun ended (any other way): its close is no loss
     done                     the master's torchrun succeeded: the workers finish on their own
     stop REASON              the master stops the gang: every worker stops its part
+
+A run with spares (spec "recovery") adds the words of generation.py's protocol (fence, take,
+ckpt, go one way; fenced, took, sick, ready, unready the other): the lifeline only passes them
+on (`heard`), and a worker's or spare's loss goes to `lost` instead of stopping the run. A
+member of the gang fetches a checkpoint on a connection of its own: `fetch NODE WNONCE PROOF
+STEP` instead of hello (role "fetch"), answered by welcome and the checkpoint's pack stream.
 
 The secret is the run's own (32 random bytes the controller made; it travels in the spec, on
 stdin, and is kept in the root-only spec.json). No line counts before the proofs: a connection
@@ -42,6 +49,8 @@ CONNECT_S = 15.0
 AUTH_S = 2.0  # a connection has this long to prove the secret
 MAX_LINE = 4096
 SPARE = 4  # connections beyond one per expected worker (a worker's proof still in flight)
+WORDS_DOWN = ("fence", "take", "ckpt", "go")  # master -> worker, with spares (generation.py)
+WORDS_UP = ("fenced", "took", "sick", "ready", "unready")  # worker -> master
 
 
 def proof(secret, role, *parts):
@@ -107,12 +116,17 @@ class Peer:
 class Lifeline:
     """`stop(reason)` ends this node's part; `failed(node, code)` records the first failure."""
 
-    def __init__(self, spec, stop, failed):
+    def __init__(self, spec, stop, failed, heard=None, lost=None):
         self.node, self.rank = spec["node"], spec["rank"]
         self.master_host, self.port = spec.get("master_host"), spec.get("lifeline_port")
         self.secret = bytes.fromhex(spec.get("lifeline_secret") or "")
-        self.expect = set(spec.get("workers") or ())
+        self.expect = set(spec.get("workers") or ()) | set(spec.get("spares") or ())
         self.stop, self.failed = stop, failed
+        # With spares (generation.py): its words go to heard(node, word, rest), a peer's loss
+        # to lost(node, why) (the master) and the master's close to heard("master", "closed").
+        self.heard, self.lost = heard, lost
+        self.gone = set()  # master: the peers already reported lost (once each)
+        self.serve_checkpoint = None  # master: step -> pack() stream, set by generation.py
         self.peers = {}  # master: worker name -> Peer, once it proved the secret
         self.joined = set()  # master: the names that proved it (each joins once)
         self.conns = 0  # master: connections open, pending or joined
@@ -216,6 +230,9 @@ class Lifeline:
         mine = secrets.token_hex(16)
         peer.send(f"challenge {mine}")
         hello = (peer.read_line(time.monotonic() + AUTH_S) or "").split(" ")
+        if len(hello) == 5 and hello[0] == "fetch":
+            self._serve_fetch(peer, mine, *hello[1:])
+            return False
         if len(hello) != 4 or hello[0] != "hello":
             return False
         _, node, theirs, said = hello
@@ -232,13 +249,84 @@ class Lifeline:
             self.peers[node] = peer
         return True
 
+    def _serve_fetch(self, peer, mine, node, theirs, said, step):
+        """A member proved the secret (role "fetch"): the checkpoint of `step`, then the close."""
+        if not proved(said, self.secret, "fetch", mine, theirs, node, step):
+            return
+        if node not in self.expect or self.serve_checkpoint is None or not step.isdigit():
+            return
+        peer.sock.settimeout(None)
+        peer.send(f"welcome {proof(self.secret, 'master', theirs, mine, node)}")
+        try:
+            with peer.lock:
+                for data in self.serve_checkpoint(int(step)):
+                    peer.sock.sendall(data)
+        except (OSError, ValueError):
+            pass  # the receiver's unpack sees the short stream and says so
+
+    def fetch(self, step, readable_into):
+        """A worker: the master's checkpoint of `step` on a connection of its own, proved like
+        the lifeline; `readable_into(file)` reads the stream (checkpoints.unpack)."""
+        sock = socket.create_connection((self.master_host, self.port), timeout=CONNECT_S)
+        peer = Peer(sock, "master")
+        try:
+            deadline = time.monotonic() + CONNECT_S
+            word, _, theirs = (peer.read_line(deadline) or "").partition(" ")
+            if word != "challenge" or not theirs:
+                raise ConnectionError("the master's lifeline sent no challenge")
+            mine = secrets.token_hex(16)
+            said = proof(self.secret, "fetch", theirs, mine, self.node, str(step))
+            peer.send(f"fetch {self.node} {mine} {said} {step}")
+            word, _, said = (peer.read_line(deadline) or "").partition(" ")
+            if word != "welcome" or not proved(
+                said, self.secret, "master", mine, theirs, self.node
+            ):
+                raise ConnectionError("the master refused the checkpoint fetch")
+            sock.settimeout(CONNECT_S * 4)
+            rest = bytes(peer.buf)
+            with sock.makefile("rb") as f:
+                return readable_into(_Prefixed(rest, f))
+        finally:
+            peer.close()
+
+    def say(self, line):
+        """A worker: one line to the master (generation.py's words)."""
+        if self.master is not None:
+            self.master.send(line)
+
+    def tell(self, node, line):
+        """The master: one line to `node`, if it is connected."""
+        peer = self.peers.get(node)
+        if peer is not None:
+            peer.send(line)
+
+    def reset(self, node):
+        """The master: `node` starts a new generation; its close is a loss again."""
+        peer = self.peers.get(node)
+        if peer is not None:
+            peer.done = False
+
+    def _lose(self, peer, why):
+        """The master: `peer` closed or went silent; with spares, generation.py decides."""
+        with self.guard:
+            if peer.name in self.gone:
+                return
+            self.gone.add(peer.name)
+            self.peers.pop(peer.name, None)
+        self.lost(peer.name, why)
+
     def _read_worker(self, peer):
         for line in peer.lines():
             word, _, rest = line.partition(" ")
             node, _, code = rest.partition(" ")
             if word == "hb":
                 continue
-            if word == "fail" and node == peer.name and code.lstrip("-").isdigit():
+            if self.lost is not None and word in WORDS_UP:
+                self.heard(peer.name, word, rest)
+            elif self.lost is not None and word == "left" and node == peer.name:
+                peer.done = True  # its close is said for: once, here
+                self._lose(peer, f"its supervisor was stopped ({rest.partition(' ')[2]})")
+            elif word == "fail" and node == peer.name and code.lstrip("-").isdigit():
                 peer.done = True
                 self.failed(node, int(code))
                 self.stop(f"{node} failed (exit {code})")
@@ -248,7 +336,10 @@ class Lifeline:
                 if not peer.done and not self.ended:
                     self.stop(f"{peer.name} broke the lifeline protocol ({line[:60]!r})")
                 return
-        if not peer.done and not self.ended:
+        if self.lost is not None and not self.ended:
+            if not peer.done:
+                self._lose(peer, "its lifeline closed (its supervisor or node is gone)")
+        elif not peer.done and not self.ended:
             self.stop(f"lost the lifeline to {peer.name} (its supervisor or node is gone)")
 
     def _read_master(self):
@@ -258,8 +349,12 @@ class Lifeline:
                 self.stop(f"gang: {rest}")
             elif word == "done":
                 self.master.done = True
+            elif self.heard is not None and word in WORDS_DOWN:
+                self.heard("master", word, rest)
         if not self.master.done and not self.ended:
             self.stop("lost the lifeline to the master (its supervisor or node is gone)")
+        if self.heard is not None:
+            self.heard("master", "closed", "")
 
     def _beat(self):
         while True:
@@ -270,7 +365,10 @@ class Lifeline:
             for peer in peers:
                 peer.send("hb")
                 if not peer.done and not self.ended and now - peer.last > SILENCE_S:
-                    self.stop(f"no word from {peer.name} for {SILENCE_S:g}s")
+                    if self.lost is not None and self.is_master:
+                        self._lose(peer, f"no word from it for {SILENCE_S:g}s")
+                    else:
+                        self.stop(f"no word from {peer.name} for {SILENCE_S:g}s")
             missing = self.expect - self.joined
             if self.is_master and missing and now - self.started > HELLO_S:
                 self.stop(f"{', '.join(sorted(missing))} never joined within {HELLO_S:g}s")
@@ -293,3 +391,16 @@ class Lifeline:
             self.master.send(f"fail {node} {code}")
         else:
             self.master.send(f"done {node}")
+
+
+class _Prefixed:
+    """A readable: what the handshake's reader had already buffered, then the file."""
+
+    def __init__(self, head, f):
+        self.head, self.f = head, f
+
+    def read(self, n):
+        if self.head:
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.f.read(n)

@@ -5,7 +5,8 @@ attached counterpart is gang_runner.py, and what both do alike is part.py. Stdli
 started as root.
 
 On stdin the controller sends: this file (a length line, then the source), then records.py,
-proctree.py, masterport.py, part.py, run_lifeline.py, run_snapshot.py and run_unit.py the same
+proctree.py, masterport.py, part.py, run_lifeline.py, run_snapshot.py, run_unit.py, checkpoints.py,
+generation.py and health_node.py the same
 way (launch.ssh.detach.SUPERVISOR_FILES), then one JSON line: the spec (run id, node, rank,
 argv, env, cwd, user, grace, the master's lifeline address or the workers to expect, the run's
 lifeline secret: spec.json is root's, 0600). This process (the launcher) makes
@@ -28,8 +29,14 @@ The supervisor:
   the reason, the exit code and, on the master, the gang's first failure. node.log is
   torchrun's output.
 SIGTERM (invoke stop) ends the run: part.Part.stop, after telling the other nodes.
+
+With spares (spec "recovery", generation.py) a spare's supervisor stands by with no part
+(STARTING, "standby": true) until the master tells it to take a lost node's place, and the lifelines' trouble
+fences the gang instead of ending it: the master decides, and the run may go on in a new
+generation (torchrun started again here: restart).
 """
 
+import faulthandler
 import json
 import os
 import select
@@ -50,7 +57,10 @@ HELPERS = (  # as launch.ssh.detach.SUPERVISOR_FILES sends them
     "run_snapshot.py",
     "run_unit.py",
     "checkpoints.py",
+    "generation.py",
+    "health_node.py",
 )
+PROGRESS = "progress/progress.json"  # DDPFLEET_PROGRESS_FILE below the run dir (the user's)
 
 
 class Supervisor:
@@ -59,9 +69,17 @@ class Supervisor:
     def __init__(self, spec, m, run_dir, cgroup):
         self.spec, self.m, self.run_dir = spec, m, run_dir
         self.lock = threading.Lock()
-        self.part = m.part.Part(m.proctree, spec, cgroup)
+        self.cgroup = cgroup
+        self.part = None if spec.get("spare") else m.part.Part(m.proctree, spec, cgroup)
         self.stop_reason = None
-        self.lifeline = m.run_lifeline.Lifeline(spec, self.stop, self.first_failure)
+        self.gen = None  # with spares: generation.Coordinator (the master) or Follower
+        if spec.get("recovery"):
+            kind = m.generation.Coordinator if spec["rank"] == 0 else m.generation.Follower
+            self.gen = kind(self, m)
+        lost = self.gen.lost if spec["rank"] == 0 and self.gen else None
+        self.lifeline = m.run_lifeline.Lifeline(
+            spec, self.stop, self.first_failure, self.gen and self.gen.heard, lost
+        )
         self.failure = None  # the gang's first failure, as the master saw it
         me = os.getpid()
         self.state = {
@@ -92,7 +110,10 @@ class Supervisor:
         # socket, so the port is never free between the preflight and the run.
         handoff = self.spec.get("port_from")
         held = self.m.masterport.take_over(handoff) if handoff else None
-        log = os.open(os.path.join(self.run_dir, "node.log"), os.O_WRONLY | os.O_CREAT, 0o640)
+        # O_APPEND: ddpfleet's own lines (generation.py) go between torchrun's, never over them
+        log = os.open(
+            os.path.join(self.run_dir, "node.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
+        )
         try:
             proc = self.part.start(log, held)
         finally:
@@ -102,7 +123,15 @@ class Supervisor:
         self.save(status="RUNNING", pid=proc.pid)
 
     def stop(self, reason):
-        """End this node's part (once); on the master, every worker is told to stop first."""
+        """End this node's part (once); on the master, every worker is told to stop first.
+        With spares, the master fences the gang instead (generation.py decides what next)."""
+        if isinstance(self.gen, self.m.generation.Coordinator) and not self.gen.final:
+            self.gen.fence(reason)
+            return
+        if self.gen is not None and not isinstance(self.gen, self.m.generation.Coordinator):
+            self.gen.stopped(reason)
+        if self.part is None:
+            return
 
         def first():
             self.stop_reason = reason
@@ -110,9 +139,51 @@ class Supervisor:
 
         self.part.stop(first=first)
 
-    def finish(self, code):
-        stopped = self.part.stopping.is_set()
-        if code == 0 and not stopped:
+    def end(self, reason):
+        """invoke stop (SIGTERM): the run ends, with spares too. A member or spare says so
+        first: this node going away is a loss to the master unless the whole run is stopping
+        (a machine shutting down SIGTERMs it too)."""
+        if isinstance(self.gen, self.m.generation.Coordinator):
+            self.gen.final = reason
+        elif self.gen is not None:
+            self.lifeline.say(f"left {self.spec['node']} SIGTERM")
+        self.stop(reason)
+
+    def log(self, line):
+        """A line of ddpfleet's own into node.log, between torchrun's output."""
+        stamp = time.strftime("%H:%M:%S")
+        fd = os.open(
+            os.path.join(self.run_dir, "node.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
+        )
+        try:
+            os.write(fd, f"{stamp} {line}\n".encode())
+        finally:
+            os.close(fd)
+
+    def restart(self, argv, listener):
+        """A new generation's torchrun here: the run's cgroup made again, node.log appended."""
+        self.spec["argv"] = argv
+        if self.cgroup:
+            self.cgroup = self.m.proctree.make_cgroup(self.spec["run_id"], self.spec["node"])
+        self.part = self.m.part.Part(self.m.proctree, self.spec, self.cgroup)
+        log = os.open(
+            os.path.join(self.run_dir, "node.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
+        )
+        try:
+            proc = self.part.start(log, listener)
+        finally:
+            os.close(log)
+            if listener is not None:
+                listener.close()
+        self.save(status="RUNNING", pid=proc.pid, cgroup=self.cgroup)
+
+    def finish(self, code, status=None, reason=None):
+        stopped = self.part is None or self.part.stopping.is_set()
+        if status is not None:  # generation.py's word: an own failure (no reason), or why
+            self.stop_reason = reason or self.stop_reason
+            if status == "FAILED" and reason is None:
+                self.first_failure(self.spec["node"], code)
+        elif code == 0 and not stopped:
             status = "SUCCEEDED"
         elif stopped:
             status = "STOPPED"
@@ -128,25 +199,53 @@ def supervise(spec, m, run_dir, cgroup, report):
     sup = Supervisor(spec, m, run_dir, cgroup)
     m.proctree.prctl(m.proctree.PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
-        target=sup.stop, args=("stopped by invoke stop",), daemon=True).start())  # fmt: skip
+        target=sup.end, args=("stopped by invoke stop",), daemon=True).start())  # fmt: skip
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1: every thread's stack in supervisor.log
     try:
+        progress(spec, run_dir, m)
         port = sup.lifeline.open()
-        sup.start()
+        if sup.part is None:
+            sup.save(status="STARTING", standby=True)  # a spare: no torchrun until it takes a place
+        else:
+            sup.start()
+        if isinstance(sup.gen, m.generation.Coordinator):
+            sup.save(generations=sup.gen.generations, spares=sup.gen.spares)
     except Exception as e:  # noqa: BLE001 - every reason goes back to the controller
         sup.save(status="FAILED", reason=f"could not start: {e}", ended=time.time())
         os.write(report, (json.dumps({"ok": False, "error": str(e)}) + "\n").encode())
         return 1
     if port is not None:  # where the workers' lifelines come in (never the secret)
         sup.save(lifeline=sup.lifeline.address)
-    said = {"ok": True, "pid": sup.part.proc.pid, "lifeline_port": port, "cgroup": cgroup,
+    pid = sup.part.proc.pid if sup.part else None
+    said = {"ok": True, "pid": pid, "lifeline_port": port, "cgroup": cgroup,
             "resumed": spec.get("resumed")}  # fmt: skip
     os.write(report, (json.dumps(said) + "\n").encode())
     os.close(report)
     sup.lifeline.run()
-    code = sup.part.wait()
-    sup.finish(code)
+    while True:
+        code = sup.part.wait() if sup.part else None
+        if sup.gen is None or not sup.gen.after_part(code):
+            break
+    status, reason = sup.gen.outcome if sup.gen else (None, None)
+    sup.finish(code, status, reason)
     return 0
+
+
+def progress(spec, run_dir, m):
+    """DDPFLEET_PROGRESS_FILE for the ranks (LOCAL_RANK 0 writes each step there): in a dir of
+    the run's that the training user owns; generation.py reads a new generation's first step."""
+    if not spec.get("recovery"):
+        return
+    path = os.path.join(run_dir, PROGRESS)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    m.generation.give_to(os.path.dirname(path), spec.get("user"))
+    spec["env"]["DDPFLEET_PROGRESS_FILE"] = path
+    if not spec["env"].get("DDPFLEET_CHECKPOINT_DIR"):  # where this ddpfleet does not set it
+        ckpt = os.path.join(run_dir, "checkpoints")
+        os.makedirs(ckpt, mode=0o700, exist_ok=True)
+        m.generation.give_to(ckpt, spec.get("user"))
+        spec["env"]["DDPFLEET_CHECKPOINT_DIR"] = ckpt
 
 
 def lost_part(m, run_dir, spec):

@@ -8,10 +8,15 @@ between; a failed hand-off fails the start, nothing started), listens for the wo
 lifelines on a free port and reports it; the workers' supervisors then start in parallel, each
 connecting to it. A node that cannot start stops the parts already started (nothing is left
 half-running).
+
+With spares (config.spares) every spare is checked and synced like a node, its supervisor
+stands by with no ranks (joined to the master's lifeline), and the master's supervisor may
+replace a lost node by one (ddpfleet/node/generation.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -39,6 +44,8 @@ SUPERVISOR_FILES = (  # run_supervisor.py and the helpers it loads, in that orde
     "run_snapshot.py",
     "run_unit.py",  # where PID 1 is systemd: the supervisor as a transient service
     "checkpoints.py",  # the run's checkpoint dir; --resume copies the old run's newest one
+    "generation.py",  # with spares: fence, replace, restart
+    "health_node.py",  # with spares: a spare's health, checked before it takes a place
 )
 START_TIMEOUT_S = 90
 
@@ -70,6 +77,14 @@ def node_spec(
         "lifeline_secret": secret,
         "resume_from": resume,
         "workers": [w.node for w in p.nodes[1:]] if n.rank == 0 else [],
+        "spares": list(config.spares) if n.rank == 0 else [],
+        "spare": n.node in config.spares,
+        "recovery": {
+            "max_recoveries": config.max_recoveries,
+            "expected_gpus": config.gpus.get(n.node),
+        }
+        if config.spares
+        else None,
         "meta": {
             "nodes": [m.node for m in p.nodes],
             "script": p.script,
@@ -111,9 +126,10 @@ def train_detached(
     DdpfleetError naming the node that could not start (the others' parts are stopped).
     With `resume` (a run id) every node runs in a copy of that run's code snapshot."""
     out = out or Output()
-    files, members = open_checked(fleet, config, out)
+    everyone = dataclasses.replace(config, order=config.order + config.spares)
+    files, members = open_checked(fleet, everyone, out)
     try:
-        p = prepare(fleet, config, members, files)
+        p, spares = without_spares(prepare(fleet, everyone, members, files), config.spares)
         began = time.monotonic()
         master = p.nodes[0]
         secret = secrets.token_hex(32)  # this run's only: a worker proves it to join the gang
@@ -133,21 +149,44 @@ def train_detached(
     port = said["lifeline_port"]
     results = fleet.map(
         lambda c: start_node(
-            c, config.python[c.name], node_spec(config, p, p.node(c.name), port, secret, resume)
+            c,
+            config.python[c.name],
+            node_spec(config, p, spares.get(c.name) or p.node(c.name), port, secret, resume),
         ),
-        [n.node for n in p.nodes[1:]],
+        [n.node for n in p.nodes[1:]] + list(config.spares),
     )
     problems = [str(r) for r in results.values() if isinstance(r, NodeError)]
     if problems:
         started = [master.node] + [n for n, r in results.items() if isinstance(r, dict)]
         runctl.stop(fleet, config.python, p.run_id, started, STOP_GRACE_S)
         fail_if(problems, "detached start failed; the parts already started were stopped")
-    index.add(p.run_id, [n.node for n in p.nodes], launcher="ssh", **shape(p))
+    index.add(p.run_id, [n.node for n in p.nodes] + list(config.spares), launcher="ssh", **shape(p))
     if resume:
         out.line(resumed_line(resume, {master.node: said, **results}))
     took = time.monotonic() - began
-    out.line(f"run {p.run_id}: started detached on {', '.join(config.order)} ({took:.2f}s)")
+    standby = f"; spares standing by: {', '.join(config.spares)}" if config.spares else ""
+    out.line(
+        f"run {p.run_id}: started detached on {', '.join(config.order)}{standby} ({took:.2f}s)"
+    )
     return p
+
+
+def without_spares(p: Plan, spares: tuple[str, ...]) -> tuple[Plan, dict[str, NodePlan]]:
+    """The gang's plan (the spares planned like nodes for the checks and the sync, then taken
+    out: --nnodes counts the gang only) and each spare's NodePlan (its node_rank a stand-in
+    until it takes a lost node's place)."""
+    if not spares:
+        return p, {}
+    nnodes = str(len(p.nodes) - len(spares))
+
+    def fixed(n: NodePlan) -> NodePlan:
+        argv = list(n.argv)
+        argv[argv.index("--nnodes") + 1] = nnodes
+        return dataclasses.replace(n, argv=tuple(argv))
+
+    gang = tuple(fixed(n) for n in p.nodes if n.node not in spares)
+    standby = {n.node: fixed(n) for n in p.nodes if n.node in spares}
+    return dataclasses.replace(p, nodes=gang), standby
 
 
 def resumed_line(old: str, said: Mapping[str, dict]) -> str:

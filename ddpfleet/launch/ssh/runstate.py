@@ -18,6 +18,8 @@ from ddpfleet.launch.verdict import Evidence, RunState, RunView, blame, restarts
 from ddpfleet.launch.verdict import fold as fold_states
 from ddpfleet.names import hostlist
 
+LIVE = (RunState.STARTING.value, RunState.RUNNING.value)
+
 
 def blamed_rank(part: Mapping) -> int | None:
     """The failed rank from a node's last lines: its traceback, else torchrun's word."""
@@ -55,18 +57,42 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
     None (the node has no record of the run)."""
     master = parts.get(order[0]) if order else None
     named = (master.get("first_failure") or {}).get("node") if isinstance(master, Mapping) else None
-    evidences = [evidence(n, parts.get(n), named) for n in order]
+    # With spares the master's record says who is in the gang now (node/generation.py): a node
+    # replaced, or a spare still standing by, is not part of the verdict; its generations are.
+    gens = master.get("generations") or [] if isinstance(master, Mapping) else []
+    gang = gens[-1]["nodes"] if gens else order
+    evidences = [evidence(n, parts.get(n), named) for n in order if n in gang]
     unasked = {n: p for n, p in parts.items() if isinstance(p, str)}
     said = {n: p.get("restarts") or () for n, p in parts.items() if isinstance(p, Mapping)}
-    view = {"run_id": run_id, "nodes": tuple(order), **_times(order, parts), "unasked": unasked,
-            "restarts": restarts(said)}  # fmt: skip
+    now = {n: p for n, p in parts.items() if n in gang}
+    view = {"run_id": run_id, "nodes": tuple(order), **_times([n for n in order if n in gang], now),
+            "unasked": unasked, "restarts": restarts(said), "generations": tuple(gens)}  # fmt: skip
     state = fold_states(evidences)
+    if state is RunState.LOST and gens and master.get("alive") and master.get("status") in LIVE:
+        # a run with spares whose master's supervisor lives: it replaces the lost node (or is
+        # about to notice the loss), and the run goes on or ends with its word
+        lost = master.get("recovering") or _why(state, evidences)
+        return RunView(**view, state=RunState.RUNNING, why=f"recovering: {lost}")
+    gave_up = master.get("gave_up") if isinstance(master, Mapping) else None
+    if gave_up and not state.live:  # the master's own word: a loss it could not recover from
+        lines = [gave_up, *map(generation_line, gens[1:])]
+        return RunView(**view, state=RunState.FAILED, why="; ".join(lines))
     if state is RunState.FAILED:
         first = blame(evidences)
         why = f"{who(first)} failed first (exit {first.exit_code})"
         return RunView(**view, state=state, why=why, failed_node=first.node,
                        failed_rank=first.rank)  # fmt: skip
-    return RunView(**view, state=state, why=_why(state, evidences))
+    why = _why(state, evidences)
+    if len(gens) > 1:  # which node replaced which, and how long it took
+        why = "; ".join(filter(None, [why, *map(generation_line, gens[1:])]))
+    return RunView(**view, state=state, why=why)
+
+
+def generation_line(g: Mapping) -> str:
+    """'gen 2: node3 for node1 (its lifeline closed ...), 23.4s to the first step'."""
+    took = g.get("recovery_s")
+    swaps = ", ".join(f"{r['by']} for {r['lost']} ({r['why']})" for r in g.get("replaced", ()))
+    return f"gen {g['generation']}: {swaps}" + (f", {took:.1f}s to the first step" if took else "")
 
 
 def held(entry: Mapping, alive: bool) -> RunView:
