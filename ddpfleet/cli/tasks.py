@@ -131,7 +131,6 @@ def bootstrap(
 
     with _fleet(inventory, nodes, ask_become_pass, exclude) as fleet:
         selected = roles_mod.select_roles(roles, skip_roles)
-        roles_mod.validate_sections(fleet.inventory, selected)
         runs = boot.bootstrap(
             fleet, selected, check=check, diff=diff, log_dir=fleet.inventory.root / "logs"
         )
