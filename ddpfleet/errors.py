@@ -12,7 +12,9 @@
     │   ├── BecomeError           the login user cannot become root (or the training user)
     │   └── CommandError          a remote command failed (node, command, exit code, stderr tail)
     │       └── CommandTimeout    it ran past its timeout (and was stopped on the node)
-    └── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
+    ├── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
+    └── RunFailed                 a run failed: its first line names the node and rank, a block
+                                  of that rank's last lines follows (the one multi-line error)
 
 SSH and socket exceptions become these at the connection boundary, so nothing outside
 `ddpfleet/ssh/` handles the SSH library's or socket's types, or imports that library.
@@ -37,6 +39,11 @@ class SandboxError(DdpfleetError):
 
 class PlanError(DdpfleetError):
     pass
+
+
+class RunFailed(DdpfleetError):
+    """The first line says which node and rank failed first; the lines after it are its last
+    output, each cleaned, shown as the block they were (a traceback, a SyntaxError's caret)."""
 
 
 class NodeError(DdpfleetError):

@@ -13,7 +13,7 @@ from pathlib import Path
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
-from ddpfleet.launch.clues import Clues, split_rank
+from ddpfleet.launch.clues import Clues, ExitBarrier, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
@@ -48,6 +48,7 @@ class Member:
         self.outcome = Outcome(conn.name)
         self.lines: deque[tuple[int | None, str]] = deque(maxlen=400)  # enough for a traceback
         self.clues = Clues()
+        self.barrier = ExitBarrier()  # torchrun's exit-barrier noise: to the log only
         self.stopped_by_us = False  # the runner said it is stopping at our word
         self.told_to_stop = False
         self.failed_itself = False  # torchrun said a worker failed before we said stop
@@ -173,6 +174,7 @@ class Member:
                     self.handle(raw)
             for raw in lines.end():
                 self.handle(raw)
+            self.show(self.barrier.end())
             code = self.chan.recv_exit_status()
         except NodeError:
             code = -1
@@ -186,10 +188,19 @@ class Member:
             (None, text) if self.plan is None else split_rank(text, self.plan.rank, self.nproc)
         )
         self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
-        if self.plan is not None and self.clues.feed(rank, body, time.monotonic()):
-            self.failed_itself = self.failed_itself or not self.told_to_stop
-        prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"
-        self.out.line(f"{prefix} {body}", self.log)
+        if self.plan is not None:
+            quiet = self.clues.first_at is None
+            if self.clues.feed(rank, body, time.monotonic()):
+                self.failed_itself = self.failed_itself or not self.told_to_stop
+            if quiet and self.clues.first_at is not None:  # this node's first sign of failure
+                self.out.hold((self.name, self.clues.rank))
+        self.show(self.barrier.feed(rank, body))
+
+    def show(self, lines) -> None:
+        """(rank, text, show) lines: on the console and in the node's log, or the log only."""
+        for rank, body, show in lines:
+            prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"
+            self.out.line(f"{prefix} {body}", self.log, key=(self.name, rank), show=show)
 
     def control(self, payload: bytes) -> None:
         try:

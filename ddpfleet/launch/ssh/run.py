@@ -6,11 +6,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ddpfleet import report
-from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.errors import NodeError, RunFailed
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.display import render_plan
-from ddpfleet.launch.outcome import Outcome, failure_message, first_failure, summary_line
+from ddpfleet.launch.outcome import (
+    Outcome,
+    failure_message,
+    first_failure,
+    held_lines,
+    summary_line,
+)
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import Plan
 from ddpfleet.launch.preflight import (
@@ -115,11 +121,13 @@ def verdict(fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output) -> li
         fleet, p, run_dir, [o.node for o in outcomes if o.state is not RunState.LOST]
     )
     first = first_failure(outcomes)
+    for line in held_lines(out.held(), outcomes, first, run_dir):
+        out.line(line)
     for o in outcomes:
         out.line(summary_line(o, first, gang.reason))
     missing = [str(r) for r in fetched.values() if isinstance(r, NodeError)]
     out.line(f"logs: {run_dir}" + (f" (not copied: {'; '.join(missing)})" if missing else ""))
     if first is not None:
-        raise DdpfleetError(failure_message(first, outcomes))
+        raise RunFailed(failure_message(first, outcomes))
     if gang.handled:
         raise KeyboardInterrupt
