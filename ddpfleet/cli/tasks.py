@@ -158,7 +158,8 @@ def bootstrap(
         "run_id": "name of the run (default: date-time-random); logs go to logs/<run-id>/; "
         "an id used before is refused",
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
-        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
+        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/<project>/"
+        "code, <project> the project dir's name and a hash of its path); "
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
         "launcher": launchers.flag_help(),
         "ask_become_pass": ASK_BECOME_HELP,

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ddpfleet.launch import project_key
 from tests.integration.conftest import INVOKE, ROOT, Cluster
 
 NODES = ("node0", "node1")
 TINY = "--epochs 1 --steps-per-epoch 2 --batch-size 4"
-CODE = "/root/ddpfleet/sandbox/code"  # the default --code-dir of the sandbox cluster
+CODE = "/root/ddpfleet/sandbox/code"  # the code dir these tests name (the default is per project)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_checkpoint_and_run_output_survive_the_next_sync(ready: Cluster, tmp_pat
     on_all(ready, f"rm -rf {CODE}")
     proj = project(tmp_path / "proj", **{"extra.py": "X = 1\n", "pkg/util.py": "Y = 1\n"})
     ckpt = "--checkpoint-dir ckpt"
-    ok(train(ready, proj, new_run_id("ckpt1"), f"{TINY} {ckpt}"))
+    ok(train(ready, proj, new_run_id("ckpt1"), f"{TINY} {ckpt}", "--code-dir", CODE))
     assert node_text(ready, "node0", f"test -s {CODE}/ckpt/checkpoint.pt && echo yes") == "yes"
     # What a job writes relative to its cwd, on both nodes: outside the project, never synced.
     on_all(
@@ -110,6 +111,8 @@ def test_checkpoint_and_run_output_survive_the_next_sync(ready: Cluster, tmp_pat
             proj,
             new_run_id("ckpt2"),
             f"--epochs 2 --steps-per-epoch 2 --batch-size 4 {ckpt}",
+            "--code-dir",
+            CODE,
         )
     )
     assert re.search(r"^\[node0 r0\] rank 0: resumed from epoch 1$", out, re.MULTILINE), out
@@ -310,3 +313,23 @@ def test_no_secret_of_an_inventory_in_the_project_reaches_a_node(ready: Cluster,
         grep = ready.ssh(node, f"grep -rl -e 'BEGIN OPENSSH' -e hunter2 -e MMMMMMMM {code}")
         assert grep.stdout.strip() == "", f"{node}: {grep.stdout}"
     assert (proj / "cluster" / "logs" / run_id).is_dir()  # the run's logs, beside the inventory
+
+
+def test_two_projects_on_one_cluster_keep_a_code_dir_each(ready: Cluster, tmp_path: Path):
+    """Issue 24 item 6: switching projects resent everything and deleted the other project's
+    files ("1 sent, 239 deleted"). Each project dir has its own code dir (its name and a hash
+    of its path), so the first project's files are still there and its next sync sends none."""
+    mine = project(tmp_path / "one" / "mytrain", **{f"pkg/m{i}.py": f"M = {i}\n" for i in range(5)})
+    other = project(tmp_path / "two" / "mytrain", **{"other.py": "O = 1\n"})  # the same name
+    ok(train(ready, mine, new_run_id("proj-a1"), TINY))
+    out = ok(train(ready, other, new_run_id("proj-b"), TINY))
+    assert re.search(r"code: node0 \d+ sent \([\d.]+ KiB\), 0 deleted;", out), out
+    out = ok(train(ready, mine, new_run_id("proj-a2"), TINY))
+    assert "code: node0 unchanged; node1 unchanged" in out, out
+    code_a, code_b = (
+        f"/root/ddpfleet/sandbox/{project_key(p.resolve())}/code" for p in (mine, other)
+    )
+    assert code_a != code_b and f"cwd: {code_a}" in out, out
+    for node in NODES:
+        assert node_text(ready, node, f"cat {code_a}/pkg/m4.py {code_b}/other.py") == "M = 4\nO = 1"
+        assert node_text(ready, node, f"test -e {code_a}/other.py || echo apart") == "apart"

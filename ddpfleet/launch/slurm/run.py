@@ -71,7 +71,7 @@ def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
     fresh_run_dir(config.run_dir)
     files, members = open_checked(fleet, config, out)
     try:  # the runners only check and sync here
-        return prepare(fleet, config, members, files)
+        return prepare(fleet, config, members, files, beside_slurm=True)
     finally:
         for m in members.values():
             m.call_off()

@@ -84,9 +84,11 @@ def prepare(
     config: TrainConfig,
     members: Mapping[str, Member],
     files: Mapping[str, sync.Entry],
+    beside_slurm: bool = False,
 ) -> Plan:
-    """Everything before launch: probes, the plan shown, the sync and the script check."""
-    p, probed = preflight(config, members)
+    """Everything before launch: probes, the plan shown, the sync and the script check
+    (beside_slurm: preflight's, for the Slurm launcher)."""
+    p, probed = preflight(config, members, beside_slurm)
     fail_if(reused_run_id(fleet, p), "preflight failed")
     report.show(render_plan(p, config.env))
     results = push_code(fleet, p, files, config.project_dir, probed)
