@@ -64,6 +64,11 @@ class Output:
         with self.lock:
             self.kept = self.kept or key
 
+    def release(self) -> None:
+        """torchrun restarts its workers (--max-restarts): every rank shows again."""
+        with self.lock:
+            self.kept = None
+
     def held(self) -> dict[Key, int]:
         with self.lock:
             return dict(self.counts)

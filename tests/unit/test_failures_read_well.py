@@ -154,3 +154,13 @@ def capture(renderable) -> str:
     console = Console(file=io.StringIO(), width=200)
     console.print(renderable)
     return console.file.getvalue()
+
+
+def test_a_restart_of_the_workers_shows_every_rank_again():
+    stream = io.StringIO()
+    out = Output(stream)
+    out.hold(("node1", 3))
+    out.line("[node0 r0] held", key=("node0", 0))
+    out.release()  # torchrun: '... attempts left; will restart worker group'
+    out.line("[node0 r0] shown", key=("node0", 0))
+    assert stream.getvalue().splitlines() == ["[node0 r0] shown"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
-from ddpfleet.launch.clues import Clues, ExitBarrier, split_rank
+from ddpfleet.launch.clues import RESTARTING, Clues, ExitBarrier, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
@@ -194,6 +194,8 @@ class Member:
                 self.failed_itself = self.failed_itself or not self.told_to_stop
             if quiet and self.clues.first_at is not None:  # this node's first sign of failure
                 self.out.hold((self.name, self.clues.rank))
+            elif rank is None and RESTARTING.search(body):
+                self.out.release()
         self.show(self.barrier.feed(rank, body))
 
     def show(self, lines) -> None:
