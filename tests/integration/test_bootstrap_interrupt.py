@@ -16,11 +16,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import ROOT, Cluster
 
 NODES = ("node0", "node1")
 STEP = "sleep 300 & sleep 301; wait"  # a shell and its child, as pip under sudo's shell
 LEFT = "pgrep -f 'sleep 30[01]' || true"
+CLEAN = "pkill -f 'sleep 30[01]' || true"  # after a failing run: nothing of it stays
 
 ROLE = """
 ORDER = 10
@@ -58,6 +61,13 @@ with Fleet(loaded) as fleet:
 """
 
 
+@pytest.fixture(autouse=True)
+def nothing_left(cluster: Cluster):
+    yield
+    for node in NODES:
+        cluster.ssh(node, CLEAN)
+
+
 def test_ctrl_c_stops_the_steps_on_the_nodes_before_the_lock_is_free(
     cluster: Cluster, tmp_path: Path
 ):
@@ -85,15 +95,16 @@ def test_ctrl_c_stops_the_steps_on_the_nodes_before_the_lock_is_free(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, out
-    assert "interrupted: stopping the bootstrap's work on every node" in out, out
     for node in NODES:
-        assert f"{node}: stopped (" in out and "lock free" in out, out
         # Right after the controller exits: the step's shell and its child are gone...
         assert cluster.ssh(node, LEFT).stdout.strip() == "", (node, out)
         # ...and the lock is free, so the next bootstrap runs alone.
         free = cluster.ssh(node, "flock -n /run/ddpfleet/bootstrap.lock true")
         assert free.returncode == 0, (node, free.stderr)
+    assert proc.returncode == 130, out
+    assert "interrupted: stopping the bootstrap's work on every node" in out, out
+    for node in NODES:
+        assert f"{node}: stopped (" in out and "lock free" in out, out
 
 
 def test_a_vanished_controller_gets_the_same_stop_from_the_node(cluster: Cluster, tmp_path: Path):

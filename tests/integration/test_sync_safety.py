@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpfleet.launch import project_key
 from tests.integration.conftest import INVOKE, ROOT, Cluster
 
 NODES = ("node0", "node1")
@@ -319,17 +318,18 @@ def test_two_projects_on_one_cluster_keep_a_code_dir_each(ready: Cluster, tmp_pa
     """Issue 24 item 6: switching projects resent everything and deleted the other project's
     files ("1 sent, 239 deleted"). Each project dir has its own code dir (its name and a hash
     of its path), so the first project's files are still there and its next sync sends none."""
-    mine = project(tmp_path / "one" / "mytrain", **{f"pkg/m{i}.py": f"M = {i}\n" for i in range(5)})
+    files = {f"pkg/m{i}.py": f"M = {i}\n" for i in range(5)}
+    mine = project(tmp_path / "one" / "mytrain", **files)
     other = project(tmp_path / "two" / "mytrain", **{"other.py": "O = 1\n"})  # the same name
     ok(train(ready, mine, new_run_id("proj-a1"), TINY))
-    out = ok(train(ready, other, new_run_id("proj-b"), TINY))
-    assert re.search(r"code: node0 \d+ sent \([\d.]+ KiB\), 0 deleted;", out), out
-    out = ok(train(ready, mine, new_run_id("proj-a2"), TINY))
-    assert "code: node0 unchanged; node1 unchanged" in out, out
-    code_a, code_b = (
-        f"/root/ddpfleet/sandbox/{project_key(p.resolve())}/code" for p in (mine, other)
+    out_b = ok(train(ready, other, new_run_id("proj-b"), TINY))
+    assert re.search(r"code: node0 \d+ sent \([\d.]+ KiB\), 0 deleted;", out_b), out_b
+    out_a = ok(train(ready, mine, new_run_id("proj-a2"), TINY))
+    assert "code: node0 unchanged; node1 unchanged" in out_a, out_a
+    code_a, code_b = (re.search(r"^cwd: (\S+)$", o, re.M).group(1) for o in (out_a, out_b))
+    assert code_a != code_b and re.fullmatch(
+        r"/root/ddpfleet/sandbox/mytrain-[0-9a-f]{8}/code", code_a
     )
-    assert code_a != code_b and f"cwd: {code_a}" in out, out
     for node in NODES:
         assert node_text(ready, node, f"cat {code_a}/pkg/m4.py {code_b}/other.py") == "M = 4\nO = 1"
         assert node_text(ready, node, f"test -e {code_a}/other.py || echo apart") == "apart"
