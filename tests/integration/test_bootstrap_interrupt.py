@@ -50,7 +50,7 @@ from ddpfleet import bootstrap, inventory
 from ddpfleet.engine.settings import select_roles
 from ddpfleet.ssh.connection import Fleet
 
-loaded = inventory.load(sys.argv[1], roles_dir=Path(sys.argv[2]))
+loaded = inventory.load(sys.argv[1])  # the shipped roles own its sections
 roles = select_roles(roles_dir=Path(sys.argv[2]))
 with Fleet(loaded) as fleet:
     try:
