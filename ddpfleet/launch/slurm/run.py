@@ -186,10 +186,10 @@ class Job:
     def show(self, node: str, rank: int | None, text: str) -> None:
         prefix = f"[{node}]" if rank is None else f"[{node} r{rank}]"
         if node in self.clues:
-            clues, quiet = self.clues[node], self.clues[node].first_at is None
+            clues, calm = self.clues[node], self.clues[node].first_at is None
             clues.feed(rank, text, time.monotonic())
             self.lines[node].append((rank, text))
-            if quiet and clues.first_at is not None:  # the first sign of failure: keep to it
+            if calm and clues.first_at is not None:  # the first sign of failure: keep to it
                 self.out.hold((node, clues.rank))
         key = (node, rank) if node in self.clues else None
         self.out.line(f"{prefix} {text}", self.logs.get(node), key=key)

@@ -189,10 +189,10 @@ class Member:
         )
         self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
         if self.plan is not None:
-            quiet = self.clues.first_at is None
+            calm = self.clues.first_at is None  # no sign of failure on this node yet
             if self.clues.feed(rank, body, time.monotonic()):
                 self.failed_itself = self.failed_itself or not self.told_to_stop
-            if quiet and self.clues.first_at is not None:  # this node's first sign of failure
+            if calm and self.clues.first_at is not None:  # its first sign of failure: keep to it
                 self.out.hold((self.name, self.clues.rank))
             elif rank is None and RESTARTING.search(body):
                 self.out.release()
