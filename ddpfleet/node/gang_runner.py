@@ -183,13 +183,20 @@ def preflight(helper, masterport, tree, ask):
     return held
 
 
+SLURM_CONFS = (
+    "/etc/slurm/slurm.conf",
+    "/etc/slurm-llnl/slurm.conf",
+)  # roles/slurm writes the first
+
+
 def slurm_jobs(node):
     """ddpfleet's Slurm jobs running on this node, [[job id, job name]]: an SSH run here would
     share its GPUs and re-sync its code. [] where Slurm is not installed or cannot say (the
     node's Slurm NodeName is its inventory name: roles/slurm)."""
     squeue = shutil.which("squeue")
-    if not squeue or not node:
-        return []
+    configured = os.environ.get("SLURM_CONF") or any(os.path.isfile(p) for p in SLURM_CONFS)
+    if not squeue or not configured or not node:
+        return []  # no Slurm here: no squeue, nor its ~40 ms failing to find a config
     argv = [squeue, "-h", "-w", node, "-t", "RUNNING,COMPLETING", "-o", "%i %j"]
     try:  # a slurmctld that does not answer must not hold up every SSH run's preflight
         got = subprocess.run(argv, capture_output=True, text=True, timeout=3)
