@@ -10,7 +10,7 @@ import sys
 
 from invoke import Exit
 
-from ddpfleet.errors import DdpfleetError, RunFailed
+from ddpfleet.errors import DdpfleetError
 from ddpfleet.hygiene import clean
 
 INVENTORY_HELP = "inventory file (default: $DDPFLEET_INVENTORY, else ./inventory.yaml)"
@@ -40,9 +40,9 @@ def cli(fn):
         except BrokenPipeError:
             quiet_stdout()
             raise Exit(code=PIPE_CLOSED) from None
-        except DdpfleetError as e:  # may quote node output: cleaned; a RunFailed's block of
-            # a rank's last lines keeps its newlines, every other error is one line
-            raise Exit(f"error: {clean(str(e), isinstance(e, RunFailed))}", code=1) from None
+        except DdpfleetError as e:  # may quote node output: cleaned; a block (a rank's last
+            # lines, one refusal per node) keeps its newlines, every other error is one line
+            raise Exit(f"error: {clean(str(e), e.block)}", code=1) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from ddpfleet.errors import NodeError, PlanError
-from ddpfleet.hygiene import private_dir
+from ddpfleet.errors import NodeError, PlanError, Refusals
+from ddpfleet.hygiene import clean, private_dir
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.output import Output
@@ -101,8 +101,11 @@ def slurm_problems(order: Sequence[str], probed: Mapping[str, Probed]) -> list[s
 
 
 def fail_if(problems: Sequence[str], what: str) -> None:
+    """Every problem found, one line each (a node's text cleaned of anything that could break
+    or add a line), under what failed."""
     if problems:
-        raise PlanError(f"{what}; nothing was started:\n  " + "\n  ".join(problems))
+        lines = "\n  ".join(clean(p) for p in problems)
+        raise Refusals(f"{what}; nothing was started:\n  {lines}")
 
 
 def preflight(
@@ -120,7 +123,8 @@ def preflight(
         except NodeError as e:
             problems.append(str(e))
         if name == order[0] and name in probed and not (probed[name].listen or {}).get("ok"):
-            fail_if(port_problems(order[:1], probed, port) + problems, "preflight failed")
+            jobs = [] if beside_slurm else slurm_problems(order[:1], probed)  # what holds it
+            fail_if(jobs + port_problems(order[:1], probed, port) + problems, "preflight failed")
     fail_if(problems, "preflight failed")
     facts = {n: p.facts for n, p in probed.items()}
     claims = {n: probed[n].code for n in order}

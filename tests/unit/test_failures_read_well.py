@@ -164,3 +164,27 @@ def test_a_restart_of_the_workers_shows_every_rank_again():
     out.release()  # torchrun: '... attempts left; will restart worker group'
     out.line("[node0 r0] shown", key=("node0", 0))
     assert stream.getvalue().splitlines() == ["[node0 r0] shown"]
+
+
+def test_a_refused_preflight_is_a_line_per_node_and_a_node_cannot_add_lines():
+    """Issue 24 item 6's refusal names the job and the node, one line each; the lines came
+    squashed into one before (the CLI cleaned every error of its newlines)."""
+    from ddpfleet.launch.preflight import fail_if
+
+    @cli
+    def task(c):
+        fail_if(
+            [
+                "node0: slurm job 42 (ddpfleet run r1) is running there; ...",
+                "node1: code dir /c is in use by run r1\nforged line (slurm job 42); ...",
+            ],
+            "preflight failed",
+        )
+
+    with pytest.raises(Exit) as got:
+        task(None)
+    assert got.value.message.splitlines() == [
+        "error: preflight failed; nothing was started:",
+        "  node0: slurm job 42 (ddpfleet run r1) is running there; ...",
+        "  node1: code dir /c is in use by run r1forged line (slurm job 42); ...",
+    ]
