@@ -366,7 +366,11 @@ def test_a_running_slurm_job_holds_its_nodes_and_its_code_dir(slurm: Cluster):
             ) in r.stderr, r.stderr
         assert "code: " not in r.stdout  # nothing synced
         queued = new_run_id("slurmbeside")
-        r = slurm.invoke(*train_args(queued, SHORT, "--launcher", "slurm", "--detach"))
+        # Another port: the job's store holds the default one, which the preflight checks first.
+        args = train_args(
+            queued, SHORT, "--launcher", "slurm", "--detach", "--master-port", "29612"
+        )
+        r = slurm.invoke(*args)
         assert r.returncode == 1, r.stdout[-3000:] + r.stderr
         assert f"is in use by run {run_id} (slurm job {job})" in r.stderr, r.stderr
         assert run_view(slurm, run_id)["state"] == "RUNNING"
