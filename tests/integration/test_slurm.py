@@ -338,8 +338,11 @@ def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
 
 
 def code_lock(c: Cluster, node: str, run_id: str) -> str:
-    """The code dir lock on the node that names the run, or ''."""
-    found = c.ssh(node, f"grep -l -s -e {run_id} /home/train/ddpfleet/*/*/code/.ddpfleet/lock")
+    """The code dir lock on the node that the run's Slurm job holds, or '' (the preflight's
+    claim names the run alone, until the job's task takes the lock)."""
+    found = c.ssh(
+        node, f"grep -l -s -F -e '{run_id} (slurm job' /home/train/ddpfleet/*/*/code/.ddpfleet/lock"
+    )
     return found.stdout.strip()
 
 
