@@ -360,13 +360,16 @@ def test_a_running_slurm_job_holds_its_nodes_and_its_code_dir(slurm: Cluster):
         lock = code_lock(slurm, "node0", run_id)
         assert slurm.ssh("node0", f"cat {lock}").stdout == f"{run_id} (slurm job {job})"
         beside = new_run_id("sshbeside")
-        r = slurm.invoke(*train_args(beside, SHORT, "--launcher", "ssh"), timeout=300)
+        # Another port: on the default one the master's refusal comes first (naming the job too).
+        args = train_args(beside, SHORT, "--launcher", "ssh", "--master-port", "29611")
+        r = slurm.invoke(*args, timeout=300)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr
         for node in NODES:
             assert (
                 f"{node}: slurm job {job} (ddpfleet run {run_id}) is running there; wait for it "
                 f"to end, stop it (invoke stop {run_id}) or leave {node} out (--exclude {node})"
             ) in r.stderr, r.stderr
+        assert f"code dir {lock[: -len('/.ddpfleet/lock')]} is in use by run {run_id}" in r.stderr
         assert "code: " not in r.stdout  # nothing synced
         queued = new_run_id("slurmbeside")
         # Another port: the job's store holds the default one, which the preflight checks first.
