@@ -10,13 +10,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from rich.live import Live
-
 from ddpfleet import report
 from ddpfleet.engine.roles import Host, NodeRun, Step, run_roles
 from ddpfleet.engine.settings import Role
 from ddpfleet.errors import NodeError, Unreachable
 from ddpfleet.hygiene import open_private, private_dir
+from ddpfleet.progress import Board, Clock
 from ddpfleet.ssh import become
 from ddpfleet.ssh.connection import Conn, Fleet, Session
 
@@ -175,29 +174,21 @@ class NodeLock:
 
 
 class Progress:
-    """A live line per node on a terminal; plain prefixed lines otherwise; all into the log."""
+    """What each node is doing: a live row per node on a terminal (progress.Board: its long
+    steps show their elapsed time), plain prefixed lines otherwise; all into the log."""
 
-    def __init__(self, nodes: list[str], log_path: Path):
-        self.state = {n: "waiting" for n in nodes}
+    def __init__(self, nodes: list[str], log_path: Path, clock: Clock = time.monotonic):
+        self.board = Board(nodes, clock=clock)
         self.lock = threading.Lock()
         self.log = open_private(log_path)  # step reasons name hosts, paths, package sources
-        self.live: Live | None = None
 
     def __enter__(self) -> Progress:
-        if report.is_tty():
-            self.live = Live(
-                self._render(), console=report.console, refresh_per_second=8, transient=True
-            )
-            self.live.__enter__()
+        self.board.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.live is not None:
-            self.live.__exit__(*exc)
+        self.board.__exit__(*exc)
         self.log.close()
-
-    def _render(self):
-        return report.table(None, ("node", "now"), sorted(self.state.items()))
 
     def step(self, node: str, step: Step) -> None:
         line = f"[{node}] {step.role}: {step.name}: {step.status}" + (
@@ -208,17 +199,12 @@ class Progress:
             if step.diff:
                 self.log.write(step.diff)
             self.log.flush()
-            self.state[node] = f"{step.role}: {step.name} {step.status}"
-            if self.live is not None:
-                self.live.update(self._render())
-            elif step.status in ("changed", "failed"):
+            self.board.set(node, f"{step.role}: {step.name} {step.status}")
+            if self.board.live is None and step.status in ("changed", "failed"):
                 report.console.print(line, markup=False)
 
     def doing(self, node: str, text: str) -> None:
-        with self.lock:
-            self.state[node] = text[:90]
-            if self.live is not None:
-                self.live.update(self._render())
+        self.board.set(node, text)  # whole: the board cuts it to the window, between words
 
 
 def bootstrap(

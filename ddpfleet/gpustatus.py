@@ -25,15 +25,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from rich.console import Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
-
-from ddpfleet import gpu, gpujson, report
+from ddpfleet import gpu, gpujson
 from ddpfleet.errors import BecomeError, ConnectError, NodeError
 
+# rich (and report, its user) load where a table is drawn, not with the module: `--json` never
+# needs them, and the installed command's lean path loads them while the nodes answer.
 if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
+    from rich.console import Group
+
     from ddpfleet.ssh.connection import Conn, Fleet
 
 PROBE_TIMEOUT_S = 30.0  # a GPU that fell off the bus can hang nvidia-smi for minutes
@@ -252,6 +251,10 @@ def totals_row(t: Totals) -> tuple[str, ...]:
 
 def render(results: Mapping[str, Outcome], title: str | None = None) -> Group:
     """The table (one row per GPU, the totals last), then any notes the parser left."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title, title_justify="left", header_style="bold")
     table.add_column(NODE, overflow="fold", no_wrap=True)
     for column in COLUMNS:
@@ -281,6 +284,8 @@ def run(fleet: Fleet, as_json: bool = False, every: float | None = None) -> dict
     if as_json:
         sys.stdout.write(json.dumps(document(results), indent=2) + "\n")
     else:
+        from ddpfleet import report
+
         report.show(render(results))
     return results
 
@@ -295,6 +300,10 @@ def watch(
 ) -> dict[str, Outcome]:
     """Refresh every `seconds` on the fleet's open connections until Ctrl-C; returns the last
     results. `draw` replaces the live table (--json: one document a line per refresh)."""
+    from rich.live import Live
+
+    from ddpfleet import report
+
     results = query(fleet)
     if draw is None and not report.console.is_terminal:
         # A pipe or a file: no screen to redraw in place, so one whole table per refresh.
@@ -324,6 +333,8 @@ def _requery(fleet: Fleet) -> dict[str, Outcome]:
 
 def _framed(results: Mapping[str, Outcome], seconds: float) -> Group:
     """The live table, fitted to the terminal's width now (it may have been resized)."""
+    from ddpfleet import report
+
     return report.fit(_titled(results, seconds), report.console.width)
 
 

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 from ddpfleet.errors import NodeError
 from ddpfleet.facts import FACTS_SCRIPT, human_kb, parse_facts
-from ddpfleet.report import table
 
 if TYPE_CHECKING:  # the warm path (kept.py) must not load the SSH library
+    from rich.table import Table
+
     from ddpfleet.ssh.connection import Conn, Fleet
 
 COLUMNS = (
@@ -42,7 +43,11 @@ def ping(fleet: Fleet) -> dict[str, Pong | NodeError]:
     return fleet.map(_probe)
 
 
-def render(fleet: Fleet, results: dict[str, Pong | NodeError]):
+def render(fleet: Fleet, results: dict[str, Pong | NodeError]) -> Table:
+    # rich loads here, not with the module: the installed command's lean path imports it while
+    # the nodes answer (ddpfleet/__main__.py)
+    from ddpfleet.report import table
+
     rows = []
     for node in fleet.nodes:
         r = results[node.name]

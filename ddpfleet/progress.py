@@ -1,5 +1,5 @@
-"""Progress of long transfers (the wheelhouse push, the code sync): bytes, rate and time left,
-per node, while nodes send in parallel threads.
+"""Progress for people while nodes work in parallel threads: long transfers (the wheelhouse
+push, the code sync) with bytes, rate and time left, and a Board of what each node is doing now.
 
     with progress.transfer("node0", "code", total_bytes) as sent:
         for chunk in chunks:
@@ -11,6 +11,14 @@ inside bootstrap's own live table it nests below it). Off a terminal (CI logs, p
 transfer prints a plain line at every ~10%, since a redrawn bar there would be hundreds of
 lines. A small or quick transfer (under MIN_BYTES, or done within MIN_SECONDS) prints nothing:
 the one-line summary after it says enough, and a bar that flashes for a moment is noise.
+
+    with progress.Board(["node0", "node1"]) as board:   # bootstrap's live "now" table
+        board.set("node0", "venv_env: python -m pip install ...")
+
+On a terminal a Board is one live row per node, redrawn a few times a second: the text cut
+between words to the window's width, and once it has not changed for ELAPSED_AFTER_S, how long
+it has lasted (a pip install of torch is a minute without a new line). Off a terminal it
+draws nothing (its caller prints the lines that matter).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -34,6 +43,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from ddpfleet import report
@@ -233,3 +243,55 @@ def transfer(
         yield Transfer(meter, view)
     finally:
         view.close()
+
+
+ELAPSED_AFTER_S = 3.0  # a node's "now" older than this shows how long it has lasted
+BOARD_REFRESH_PER_S = 4  # the elapsed time ticks by the second; 4 keeps it from lagging
+
+
+class Board:
+    """What each node is doing now: a live table on a terminal (see the module docstring);
+    set() from any thread."""
+
+    def __init__(self, nodes: list[str], out: Console | None = None, clock: Clock = time.monotonic):
+        self.out, self.clock = out or report.console, clock
+        self.state = {n: ("waiting", clock()) for n in nodes}
+        self.lock = threading.Lock()
+        self.live: Live | None = None
+
+    def __enter__(self) -> Board:
+        if self.out.is_terminal:
+            # get_renderable: every refresh draws anew, so the elapsed time ticks between set()s
+            self.live = Live(
+                console=self.out,
+                get_renderable=self.render,
+                refresh_per_second=BOARD_REFRESH_PER_S,
+                transient=True,
+            )
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def set(self, node: str, text: str) -> None:
+        with self.lock:
+            self.state[node] = (text, self.clock())
+
+    def render(self) -> Table:
+        with self.lock:
+            items = sorted(self.state.items())
+        now = self.clock()
+        # the "now" cell's room: the window less the node column, borders and padding
+        key = max(len("node"), *(len(name) for name, _ in items))
+        room = self.out.width - key - 7
+        rows = [(name, now_cell(text, now - since, room)) for name, (text, since) in items]
+        return report.table(None, ("node", "now"), rows)
+
+
+def now_cell(text: str, elapsed: float, width: int) -> str:
+    """'venv_env: python -m pip install … (1:05)': the text cut between words to leave room
+    for the elapsed time, which shows once it reaches ELAPSED_AFTER_S."""
+    tail = f" ({duration(elapsed)})" if elapsed >= ELAPSED_AFTER_S else ""
+    return report.shorten(text, width - len(tail)) + tail

@@ -170,6 +170,22 @@ def _tallest(columns, widths: Sequence[int]) -> int:
     return max((max(row) for row in zip(*heights)), default=1)
 
 
+def shorten(value: str, width: int) -> str:
+    """`value` on one line of at most `width` columns, cut only between words: the words that
+    fit, then ' …' ('pip install torch …'). A first word longer than the whole room is left
+    out rather than cut (a '…' alone): half a path reads as another path."""
+    words = value.split()
+    line = " ".join(words)
+    if len(line) <= width:
+        return line
+    kept = ""
+    for word in words:
+        if len(f"{kept} {word} …".lstrip()) > width:
+            break
+        kept = f"{kept} {word}".lstrip()
+    return f"{kept} …".lstrip() if width >= len(kept) + 2 else kept
+
+
 def failed(results: Mapping[str, object]) -> dict[str, NodeError]:
     return {n: r for n, r in results.items() if isinstance(r, NodeError)}
 

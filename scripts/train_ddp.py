@@ -1,15 +1,28 @@
-"""A small, real DDP job: an MLP on deterministic synthetic data, checkpoint and resume.
+"""A small, real DDP job: an MLP on deterministic synthetic data, checkpoints and resume.
 
 Runs on the nodes under torchrun (`invoke train`, or plain `torchrun --standalone
 --nproc-per-node 2 scripts/train_ddp.py`); reads RANK / WORLD_SIZE / LOCAL_RANK from torchrun.
-Stdlib + torch only. Lines tests and `invoke train` rely on (flushed):
+Stdlib + torch only. It follows ddpfleet's checkpoint contract (README "where your checkpoints
+go"), so a run resumed on other nodes, or by a recovery, ends with the same weights:
+
+- checkpoints go to $DDPFLEET_CHECKPOINT_DIR (ddpfleet sets it for every run), else to
+  --checkpoint-dir (plain torchrun); none without either. Each is a directory step-<8 digits>/
+  of files, then MANIFEST.json written last, atomically; every node's LOCAL_RANK 0 writes its
+  node's copy. The run resumes from the newest COMPLETE one (every file's SHA-256 as listed).
+- the data a step trains on depends only on (--seed, step), never on what ran before;
+- with DDPFLEET_PROGRESS_FILE set, LOCAL_RANK 0 writes {"step": steps done, "time": t} there
+  after each step.
+
+Lines tests and `invoke train` rely on (flushed):
 
     rank 1/2: first step                   every rank, at its first step
-    rank 1: resumed from epoch 1           every rank, when a checkpoint was loaded
+    rank 1: resumed from epoch 1 step 4    every rank, when a checkpoint was loaded
     epoch 2 loss 0.04913370                rank 0, mean over ranks of the epoch's losses
     rank 0 checksum 9f86d081884c7d65       every rank at the end: identical when DDP worked
+    final model sha256 <64 hex>            rank 0 at the end (also in <checkpoints>/final.json)
 
-Epochs count from 1; `--fail-at-step N` counts steps across epochs from 0.
+Epochs count from 1; steps count across epochs from 0 (`--fail-at-step N`), and a checkpoint's
+step is the number of steps done.
 """
 
 from __future__ import annotations
@@ -17,7 +30,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
+import shutil
 import struct
 import sys
 import time
@@ -28,10 +43,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 FEATURES = 16
-CHECKPOINT = "checkpoint.pt"
+FORMAT = "ddpfleet.checkpoint/1"
+MANIFEST = "MANIFEST.json"
+FILES = ("model.pt", "optimizer.pt")
 
 
 def say(line: str) -> None:
@@ -45,17 +62,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps-per-epoch", type=int, default=20, help="per rank")
+    parser.add_argument("--steps-per-epoch", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-dir", type=Path, help="rank 0 saves here; all resume")
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, help="where checkpoints go without $DDPFLEET_CHECKPOINT_DIR"
+    )
+    parser.add_argument("--checkpoint-every", type=int, help="steps (default: each epoch's end)")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="the newest N complete")
     parser.add_argument("--fail-at-step", type=int, help="raise at this global step (tests)")
     parser.add_argument("--fail-rank", type=int, default=0, help="the rank that fails")
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step")
+    parser.add_argument(
+        "--write-sleep", type=float, default=0.0, help="seconds before a manifest (tests)"
+    )
     # torch.distributed.launch (deprecated) passes this; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path | None:
+    """ddpfleet's dir for this run wins: a recovery or `train --resume` puts the checkpoint to
+    resume from there, whatever the script's own flags say."""
+    given = os.environ.get("DDPFLEET_CHECKPOINT_DIR")
+    if given:
+        if args.checkpoint_dir and dist.get_rank() == 0:
+            say(f"checkpoints in $DDPFLEET_CHECKPOINT_DIR {given}, not --checkpoint-dir")
+        return Path(given)
+    return args.checkpoint_dir
 
 
 def setup(backend: str) -> tuple[int, int, torch.device]:
@@ -98,81 +133,206 @@ def broadcast_bytes(payload: bytes, device: torch.device) -> bytes:
     return bytes(buf.cpu().tolist())
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def complete(path: Path) -> dict | None:
+    """The manifest of a complete checkpoint dir, or None (what ddpfleet's node side checks
+    too): no manifest, a file missing or with another SHA-256, a .tmp name: never loaded."""
+    if ".tmp" in path.name or not path.name.startswith("step-"):
+        return None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT or path.name != f"step-{manifest['step']:08d}":
+            return None
+        files = manifest["files"]
+        ok = all("/" not in n and sha256_file(path / n) == h for n, h in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest if ok and set(FILES) <= set(files) else None
+
+
+def steps_in(directory: Path) -> list[Path]:
+    """step-<n> dirs, newest first."""
+    try:
+        found = [p for p in directory.iterdir() if p.name.startswith("step-")]
+    except OSError:
+        return []
+    return sorted((p for p in found if p.name[5:].isdigit()), key=lambda p: -int(p.name[5:]))
+
+
+def newest_complete(directory: Path | None) -> tuple[Path, dict] | None:
+    for path in steps_in(directory) if directory else []:
+        manifest = complete(path)
+        if manifest is not None:
+            return path, manifest
+    return None
+
+
 def load_checkpoint(
     directory: Path | None, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device
 ) -> int:
-    """The last finished epoch (0 if none). Rank 0 reads the file and sends it to every rank,
-    so nodes need no shared filesystem; every rank then loads it."""
-    path = directory / CHECKPOINT if directory else None
-    found = dist.get_rank() == 0 and path is not None and path.exists()
-    payload = broadcast_bytes(path.read_bytes() if found else b"", device)
-    if not payload:
+    """Steps done by the newest complete checkpoint (0 if none). Rank 0 reads and verifies it
+    and sends it to every rank, so the other nodes' copies need not be there; all then load."""
+    found = newest_complete(directory) if dist.get_rank() == 0 else None
+    step = torch.tensor([found[1]["step"] if found else -1], dtype=torch.int64, device=device)
+    dist.broadcast(step, src=0)
+    if step.item() < 0:
         return 0
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    say(f"rank {dist.get_rank()}: resumed from epoch {state['epoch']}")
-    return int(state["epoch"])
+    states = {}
+    for name in FILES:
+        payload = broadcast_bytes((found[0] / name).read_bytes() if found else b"", device)
+        states[name] = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    model.load_state_dict(states["model.pt"])
+    opt.load_state_dict(states["optimizer.pt"])
+    return int(step.item())
 
 
-def save_checkpoint(
-    directory: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int
-) -> None:
-    """Write then rename: a crash mid-save leaves the previous checkpoint intact."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{CHECKPOINT}.{os.getpid()}.tmp"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp)
-    os.replace(tmp, directory / CHECKPOINT)
+def write_file(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename: a reader sees the whole file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
+                    write_sleep: float) -> None:  # fmt: skip
+    """step-<n>/ with each file written atomically, then MANIFEST.json last: a node killed
+    before the manifest leaves a partial checkpoint that is never loaded."""
+    path = directory / f"step-{step:08d}"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = {}
+    for name, state in zip(FILES, (model.state_dict(), opt.state_dict())):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_file(path / name, buf.getvalue())
+        files[name] = hashlib.sha256(buf.getvalue()).hexdigest()
+    time.sleep(write_sleep)
+    manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(),
+                "files": files, "time": time.time()}  # fmt: skip
+    write_file(path / MANIFEST, json.dumps(manifest, sort_keys=True).encode())
+    fsync_dir(path)
+
+
+def prune(directory: Path, keep: int) -> None:
+    """The newest `keep` complete checkpoints stay, and anything newer (never the newest
+    complete one); older ones, and partial ones older than the newest complete, go."""
+    done = 0
+    for path in steps_in(directory):
+        if complete(path) is not None:
+            done += 1
+            if done <= max(1, keep):
+                continue
+        elif done == 0:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def batch(data: TensorDataset, seed: int, step: int, rank: int, size: int, world: int):
+    """This rank's part of step `step`'s global batch: a permutation drawn from (seed, step)
+    alone, so a run resumed at any step trains on exactly what an uninterrupted one would."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    picked = torch.randperm(len(data), generator=gen)[: size * world][rank * size :][:size]
+    return data[picked]
 
 
 def checksum(model: nn.Module) -> str:
-    """sha256 of all parameters as float64 bytes (16 hex digits): one token, equal on every
-    rank if and only if the replicas stayed bit-for-bit in sync."""
+    """sha256 of all parameters as float64 bytes: one token, equal on every rank if and only
+    if the replicas stayed bit-for-bit in sync."""
     flat = torch.cat([p.detach().double().cpu().flatten() for p in model.parameters()]).tolist()
-    return hashlib.sha256(struct.pack(f"<{len(flat)}d", *flat)).hexdigest()[:16]
+    return hashlib.sha256(struct.pack(f"<{len(flat)}d", *flat)).hexdigest()
 
 
-def run_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer,
-              args: argparse.Namespace, epoch: int, first: bool) -> torch.Tensor:  # fmt: skip
-    """One epoch on this rank; returns (loss sum, steps) for the all-reduce."""
-    rank, device = dist.get_rank(), next(model.parameters()).device
-    total = torch.zeros(2, device=device)
-    for i, (x, y) in enumerate(loader):
-        step = (epoch - 1) * len(loader) + i
-        if first and i == 0:
-            say(f"rank {rank}/{dist.get_world_size()}: first step")
-        if step == args.fail_at_step and rank == args.fail_rank:
-            raise RuntimeError(f"rank {rank}: injected failure at step {step} (--fail-at-step)")
-        loss = nn.functional.mse_loss(model(x.to(device)), y.to(device))
-        opt.zero_grad()
+class Trainer:
+    """The loop: a step, its progress record, a checkpoint when one is due, a loss per epoch."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, data: TensorDataset,
+                 opt: torch.optim.Optimizer, ckpt: Path | None) -> None:  # fmt: skip
+        self.args, self.model, self.data, self.opt, self.ckpt = args, model, data, opt, ckpt
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.writer = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one copy per node
+        self.every = args.checkpoint_every or args.steps_per_epoch
+        self.progress = os.environ.get("DDPFLEET_PROGRESS_FILE")
+
+    def step(self, step: int) -> torch.Tensor:
+        args, device = self.args, next(self.model.parameters()).device
+        if step == args.fail_at_step and self.rank == args.fail_rank:
+            raise RuntimeError(
+                f"rank {self.rank}: injected failure at step {step} (--fail-at-step)"
+            )
+        x, y = batch(self.data, args.seed, step, self.rank, args.batch_size, self.world)
+        loss = nn.functional.mse_loss(self.model(x.to(device)), y.to(device))
+        self.opt.zero_grad()
         loss.backward()  # DDP averages the gradients across ranks here
-        opt.step()
-        total += torch.stack([loss.detach(), torch.ones((), device=device)])
+        self.opt.step()
         time.sleep(args.step_sleep)
-    return total
+        return loss.detach()
+
+    def run(self, start: int, total: int) -> None:
+        device = next(self.model.parameters()).device
+        spe, loss_sum = self.args.steps_per_epoch, torch.zeros(2, device=device)
+        for step in range(start, total):
+            if step == start:
+                say(f"rank {self.rank}/{self.world}: first step")
+            loss_sum += torch.stack([self.step(step), torch.ones((), device=device)])
+            done = step + 1
+            if self.writer and self.progress:
+                write_json(Path(self.progress), {"step": done, "time": time.time()})
+            if self.writer and self.ckpt and (done % self.every == 0 or done == total):
+                save_checkpoint(self.ckpt, self.model.module, self.opt, done,
+                                self.args.write_sleep)  # fmt: skip
+                prune(self.ckpt, self.args.keep_checkpoints)
+            if done % spe == 0 or done == total:
+                dist.all_reduce(loss_sum)
+                if self.rank == 0:
+                    say(f"epoch {-(-done // spe)} loss {(loss_sum[0] / loss_sum[1]).item():.8f}")
+                loss_sum.zero_()
 
 
 def train(args: argparse.Namespace) -> None:
     rank, world, device = setup(args.backend)
     try:
         data = synthetic_data(args.steps_per_epoch * args.batch_size * world, args.seed)
-        sampler = DistributedSampler(data, num_replicas=world, rank=rank, seed=args.seed)
-        loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True)
         module = make_model(args.seed).to(device)
         model = DistributedDataParallel(
             module, device_ids=[device] if device.type == "cuda" else None
         )
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        start = load_checkpoint(args.checkpoint_dir, module, opt, device) + 1
-        for epoch in range(start, args.epochs + 1):
-            sampler.set_epoch(epoch)  # a different, still deterministic, shuffle per epoch
-            total = run_epoch(model, loader, opt, args, epoch, first=epoch == start)
-            dist.all_reduce(total)
-            if rank == 0:
-                say(f"epoch {epoch} loss {(total[0] / total[1]).item():.8f}")
-                if args.checkpoint_dir:
-                    save_checkpoint(args.checkpoint_dir, module, opt, epoch)
-        say(f"rank {rank} checksum {checksum(module)}")
+        ckpt = checkpoint_dir(args)
+        start = load_checkpoint(ckpt, module, opt, device)
+        if start:
+            say(f"rank {rank}: resumed from epoch {start // args.steps_per_epoch} step {start}")
+        total = args.epochs * args.steps_per_epoch
+        Trainer(args, model, data, opt, ckpt).run(start, total)
+        digest = checksum(module)
+        say(f"rank {rank} checksum {digest[:16]}")
+        if rank == 0:
+            say(f"final model sha256 {digest}")
+            if ckpt:
+                final = {"sha256": digest, "step": total, "world_size": world, "time": time.time()}
+                write_json(ckpt / "final.json", final)
         leave()
     finally:  # reached only on a failure: leave() does not return
         dist.destroy_process_group()

@@ -15,8 +15,9 @@ from ddpfleet.cli.common import cli
 from ddpfleet.errors import DdpfleetError
 
 # What ddpfleet writes into a project: .ddpfleet/ (host keys, the run index, a sandbox's state)
-# and logs/ (every run's and bootstrap's logs). envs/ is env-export's output, kept on purpose.
-IGNORED = (".ddpfleet/", "logs/")
+# logs/ (every run's and bootstrap's logs) and /runs/ (what `fetch` brings home: checkpoints
+# are large and no one's source). envs/ is env-export's output, kept on purpose.
+IGNORED = (".ddpfleet/", "logs/", "/runs/")
 
 TEMPLATE = """\
 # ddpfleet's inventory for this project: the nodes, how to reach them, what to install.

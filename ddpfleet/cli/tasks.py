@@ -7,6 +7,7 @@ import sys
 from invoke import Collection, task
 
 import ddpfleet.cli.adhoc as adhoctasks
+import ddpfleet.cli.fetch as fetchtasks
 import ddpfleet.cli.runs as runtasks
 from ddpfleet import inventory as inv
 from ddpfleet import launchers, report
@@ -175,7 +176,7 @@ def train(
     nodes=None,
     script=None,
     args="",
-    nproc_per_node="auto",
+    nproc_per_node=None,
     master_port=None,
     env=None,
     run_id=None,
@@ -192,47 +193,49 @@ def train(
 ):
     """Run a PyTorch training script across the nodes."""
     from ddpfleet import launch
-    from ddpfleet.launch.launcher import get, index, resumers
+    from ddpfleet.launch.launcher import get, index
     from ddpfleet.ssh.connection import Fleet
 
-    loaded = select.load(inventory, nodes, exclude)
     password = _become_password(ask_become_pass)
+    again = None
+    if resume and not dry_run:  # RUN's shape, unless a flag given now says otherwise
+        again = runtasks.resume(inventory, resume, password, launcher, nodes, nproc_per_node,
+                                master_port)  # fmt: skip
+        launcher, nodes, master_port = again.launcher, again.nodes, again.master_port
+        nproc_per_node = again.nproc_per_node
+        script, args, env = runtasks.resumed(again.meta, script, args, env)
+    loaded = select.load(inventory, nodes, exclude)
     how = get(launcher or loaded.launcher)
     if dry_run and (resume or how.name != "ssh"):
         raise DdpfleetError(
             "--dry-run checks a new run of the ssh launcher; drop --resume and use --launcher ssh"
         )
-    if resume and not how.resumes:
-        can = resumers()
-        raise DdpfleetError(
-            f"--resume works for runs of the {' or '.join(can)} launcher; use --launcher {can[0]}"
-        )
-    if resume:
-        meta = how.resumed(loaded, resume, password)
-        script, args, env = runtasks.resumed(meta, script, args, env)
     flags = launch.TrainFlags(
         nodes=tuple(n.name for n in loaded.nodes) if nodes else (),
         script=script,
         args=args or "",
-        nproc_per_node=str(nproc_per_node),
+        nproc_per_node=str(nproc_per_node or "auto"),
         master_port=master_port,
         env=tuple(env or ()),
         run_id=run_id,
         project_dir=project_dir,
         code_dir=code_dir,
         max_restarts=max_restarts or 0,
+        snapshot=bool(detach or resume) and how.name == "ssh",  # the plan's cwd: the copy
     )
     config = launch.resolve(loaded, flags, log_root=loaded.root / "logs")
     with Fleet(loaded, become_password=password) as fleet:
         if health_gate:  # a dry run checks this too
             from ddpfleet.health import gate
 
-            gate.check(fleet)
+            gate.check(fleet, config.order, dict(config.env))
         if dry_run:
             from ddpfleet.launch.ssh import dryrun
 
             dryrun.dry_run(fleet, config)
         elif detach or resume:
+            if again is not None:  # the plan below; what came from RUN is said first
+                report.show("\n".join([f"resume {resume}:", *(f"  {x}" for x in again.said)]))
             how.train_detached(fleet, config, index(loaded), resume)
             for command in ("runs", f"logs {config.run_id} -f", f"stop {config.run_id}"):
                 print(f"  invoke {command}")  # what to do with the run next
@@ -349,5 +352,5 @@ ns = Collection(
 )
 ns.add_collection(jupyter_ns)
 ns.add_collection(slurm_ns)
-for t in runtasks.TASKS + adhoctasks.TASKS:
+for t in runtasks.TASKS + adhoctasks.TASKS + fetchtasks.TASKS:
     ns.add_task(t)

@@ -1,7 +1,7 @@
 """`invoke doctor`: what would break training, found before training starts.
 
 checks = diagnose(fleet)    # gather (node.py: three round trips a node) -> evaluate (pure)
-report.show(render(checks)) # one table: node, check, status, detail, fix; then the counts
+report.show(render(checks)) # one table: node, check, status, detail, fix; the counts; invoke health
 exit_if_failed(checks)      # non-zero when any check fails
 """
 
@@ -131,7 +131,22 @@ def render(checks: Mapping[str, Sequence[Check]]) -> Group:
             status = Text(c.status.value, style=_STYLE[c.status])
             cells = (name if j == 0 else "", c.name, status, Text(c.message), Text(c.fix))
             table.add_row(*cells)  # Text: "[Errno 111]" in a message is no markup
-    return Group(table, Text(summary(checks)))
+    return Group(table, Text(summary(checks)), Text(health_hint(checks)))
+
+
+def health_hint(checks: Mapping[str, Sequence[Check]]) -> str:
+    """The line after the counts: doctor checks the setup, `invoke health` the hardware."""
+    gpu_failed = sorted(
+        name
+        for name, rows in checks.items()
+        if any(c.status is Status.FAIL and c.name in ("driver", "gpus") for c in rows)
+    )
+    if gpu_failed:
+        return (
+            f"invoke health --nodes {','.join(gpu_failed)} names the GPU fault behind it "
+            "(ECC, Xid events, remapped rows, PCIe, NVLink)"
+        )
+    return "next: invoke health (GPU faults, the NCCL/gloo interface; --deep: all_reduce bandwidth)"
 
 
 def summary(checks: Mapping[str, Sequence[Check]]) -> str:

@@ -15,6 +15,7 @@ from ddpfleet.gpu import MARK, NOT_FOUND
 from ddpfleet.gpu import _cell as cell
 from ddpfleet.gpu import _int as integer
 from ddpfleet.gpu import _rows as csv_rows
+from ddpfleet.health import netif
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class NodeFacts:
     xids: tuple[Xid, ...] = ()
     klog: str | None = None  # dmesg | journal | none (unreadable); None: not read
     versions: dict | None = None  # the env python's {"python", "torch", "cuda", "nccl"}
+    net: netif.NetFacts | None = None  # None: the probe was not asked (no master given)
 
     @property
     def driver(self) -> str | None:
@@ -218,8 +220,9 @@ def parse(text: str) -> NodeFacts:
     """The whole probe output -> NodeFacts; odd output is a state with its reason, never raised."""
     sections = split(text)
     versions = _versions(sections.get("versions"))
+    net = netif.parse(sections)
     if "absent" in sections:
-        return NodeFacts("absent", 127, NOT_FOUND, versions=versions)
+        return NodeFacts("absent", 127, NOT_FOUND, versions=versions, net=net)
     xid = sections.get("xid")
     klog = dict(klog=xid.head or None, xids=parse_xids(xid.out)) if xid else {}
     query = sections.get("query-gpu")
@@ -227,7 +230,7 @@ def parse(text: str) -> NodeFacts:
         first = (text.strip().splitlines() or ["(empty)"])[0][:200]
         return NodeFacts("unparsed", None, f"probe output not recognised: {first}")
     if query.rc != 0:
-        return NodeFacts("failed", query.rc, _error_text(query), versions=versions, **klog)
+        return NodeFacts("failed", query.rc, _error_text(query), versions=versions, net=net, **klog)
     try:
         gpus = parse_gpus("\n".join(query.out), tuple(query.head.split(",")))
         remap_section = sections.get("query-remapped-rows")
@@ -245,5 +248,6 @@ def parse(text: str) -> NodeFacts:
         nvlinks=parse_nvlink_status(status.out) if status and status.rc == 0 else {},
         nvlink_errors=parse_nvlink_errors(errors.out) if errors and errors.rc == 0 else {},
         versions=versions,
+        net=net,
         **klog,
     )

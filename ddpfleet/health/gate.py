@@ -9,6 +9,7 @@ preflight compares them with the env it will really run, and names both versions
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ddpfleet.errors import ConnectError, DdpfleetError
@@ -24,13 +25,18 @@ class HealthRefused(DdpfleetError):
     pass
 
 
-def check(fleet: FleetBase) -> None:
-    """Raise HealthRefused naming every failing node (one line each) and the fix."""
-    results = table.probe_all(fleet)
+def check(
+    fleet: FleetBase, order: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> None:
+    """Raise HealthRefused naming every failing node (one line each) and the fix. `order`:
+    the run's node_rank order (the master first); `env`: its --env pairs (an
+    NCCL_SOCKET_IFNAME or GLOO_SOCKET_IFNAME there is the interface the run will use)."""
+    order = list(order or table.master_first(fleet.inventory, (n.name for n in fleet.nodes)))
+    results = table.probe_all(fleet, order)
     probed = {n: r for n, r in results.items() if not isinstance(r, ConnectError)}
     if not probed:
         return
-    checks = table.judge_all(fleet.inventory, probed)
+    checks = table.judge_all(fleet.inventory, probed, order, env)
     table.record(fleet.inventory, checks, source="train")
     bad = table.failures(c for c in checks if c.check != "versions")
     if bad:

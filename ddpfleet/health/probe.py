@@ -5,6 +5,11 @@ so ddpfleet.health.facts can split them without guessing:
 
     @@ddpfleet versions                      the env's python: one JSON line (torch, cuda, nccl)
     {"python": "3.10.12", "torch": "2.3.1+cu121", "cuda": "12.1", "nccl": "2.20.5"}
+    @@ddpfleet net                           the run's master as this node resolves it, the
+    master 10.0.0.10                         hostname's address (gloo's own pick goes by it),
+    hostname gpu-a 127.0.1.1                 then net-route (`ip -o route get` the master),
+    @@ddpfleet net-route ...                 net-addr (`ip -o -4 addr show`) and net-link
+                                             (`ip -o link show`): netif.py judges them
     @@ddpfleet query-gpu index,uuid,...      nvidia-smi --query-gpu=FIELDS (csv,noheader,nounits)
     0, GPU-5503..., NVIDIA H100 80GB HBM3, 00000000:18:00.0, 550.54.15, P0, 41, 0, ...
     @@ddpfleet rc 0
@@ -16,9 +21,10 @@ so ddpfleet.health.facts can split them without guessing:
     [ 8121.5] NVRM: Xid (PCI:0000:3b:00): 79, pid=2716, GPU has fallen off the bus.
     @@ddpfleet end
 
-A node without nvidia-smi prints only its versions and `@@ddpfleet absent`. The kernel log is
-read where nvidia-smi exists (a GPU that fell off the bus still leaves its Xid there); dmesg
-first, journalctl -k -b where dmesg is refused, `xid none` when neither can be read.
+A node without nvidia-smi prints only its versions, its net sections and `@@ddpfleet absent`.
+The kernel log is read where nvidia-smi exists (a GPU that fell off the bus still leaves its
+Xid there); dmesg first, journalctl -k -b where dmesg is refused, `xid none` when neither can
+be read.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ M={mark}
 mark() {{ printf '\\n%s %s\\n' "$M" "$*"; }}
 mark versions
 if [ -x {python} ]; then {python} -c {versions} 2>/dev/null | tail -n 1; fi
-if ! command -v nvidia-smi >/dev/null 2>&1; then mark absent; exit 0; fi
+{net}if ! command -v nvidia-smi >/dev/null 2>&1; then mark absent; exit 0; fi
 d=$(mktemp -d) || exit 1
 trap 'rm -rf "$d"' EXIT
 section() {{
@@ -124,11 +130,37 @@ mark end
 """
 
 
-def script(python: str) -> str:
-    """The probe for `sh -c`; `python` is the training env's interpreter (absent: no versions).
-    It exits 0 whatever nvidia-smi does: every exit code and message is in the output."""
+# What netif.py judges: how this node reaches the master (`master`: its inventory host; an
+# address is taken as it is where getent is missing) and what gloo's own pick would go by.
+_NET = """\
+net() {{
+  mark net
+  PATH=$PATH:/usr/sbin:/sbin  # ip lives there; a login user's PATH may lack it
+  if ! command -v ip >/dev/null 2>&1; then echo noip; return; fi
+  set -- $(getent ahostsv4 {master} 2>/dev/null); m=${{1:-}}
+  case {master} in *[!0-9.]*) ;; *) m=${{m:-{master}}} ;; esac
+  echo "master $m"
+  h=$(hostname 2>/dev/null || uname -n)
+  set -- $(getent ahostsv4 "$h" 2>/dev/null)
+  echo "hostname $h ${{1:-}}"
+  mark net-route
+  if [ -n "$m" ]; then ip -o route get "$m" 2>/dev/null; fi
+  mark net-addr
+  ip -o -4 addr show 2>/dev/null
+  mark net-link
+  ip -o link show 2>/dev/null
+}}
+net
+"""
+
+
+def script(python: str, master: str | None = None) -> str:
+    """The probe for `sh -c`; `python` is the training env's interpreter (absent: no versions),
+    `master` the run's master host (None: no interface check). It exits 0 whatever nvidia-smi
+    does: every exit code and message is in the output."""
     return _PROBE.format(
         mark=MARK,
+        net=_NET.format(master=shlex.quote(master)) if master else "",
         python=shlex.quote(python),
         versions=shlex.quote(VERSIONS_PY),
         fields=shlex.quote(",".join(QUERY_FIELDS)),
@@ -137,7 +169,9 @@ def script(python: str) -> str:
     )
 
 
-def run(conn: Conn, python: str, timeout: float = PROBE_TIMEOUT_S) -> str:
+def run(
+    conn: Conn, python: str, master: str | None = None, timeout: float = PROBE_TIMEOUT_S
+) -> str:
     """The probe's output from one node. As root where sudo makes that cheap: dmesg is often
     refused to other users (kernel.dmesg_restrict); a node that cannot become root is probed
     as the login user, and its kernel log may then read as unreadable (a warning)."""
@@ -145,7 +179,7 @@ def run(conn: Conn, python: str, timeout: float = PROBE_TIMEOUT_S) -> str:
         root = conn.escalation.via_sudo
     except BecomeError:
         root = False
-    result = conn.run(["sh", "-c", script(python)], timeout=timeout, root=root, check=False)
+    result = conn.run(["sh", "-c", script(python, master)], timeout=timeout, root=root, check=False)
     if f"{MARK} end" not in result.stdout and f"{MARK} absent" not in result.stdout:
         what = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise NodeError(conn.name, f"health probe failed (exit {result.exit_code}): {what[0]}")

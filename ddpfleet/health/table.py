@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +25,7 @@ from ddpfleet import envs, report
 from ddpfleet.errors import ConnectError, DdpfleetError, NodeError
 from ddpfleet.health import facts as facts_mod
 from ddpfleet.health import judge as judge_mod
-from ddpfleet.health import probe, versions
+from ddpfleet.health import netif, probe, versions
 from ddpfleet.health.judge import FAIL, Check
 from ddpfleet.hygiene import STATE_DIR, state_dir
 
@@ -44,19 +44,44 @@ def env_python(inventory: Inventory, name: str) -> str:
     return envs.location(inventory, node).python
 
 
-def probe_all(fleet: FleetBase, names: Iterable[str] | None = None) -> dict[str, object]:
-    """{node: NodeFacts | NodeError}: the probe on every node (or `names`) in parallel."""
+def master_first(inventory: Inventory, names: Iterable[str]) -> list[str]:
+    """`names` as train would rank them without --nodes: cluster.master first where chosen
+    (launch.config.run_order), whose host every node's interface check reaches for."""
+    names = list(names)
+    master = inventory.cluster.master
+    return [master, *(n for n in names if n != master)] if master in names else names
+
+
+def probe_all(
+    fleet: FleetBase, names: Iterable[str] | None = None, master: str | None = None
+) -> dict[str, object]:
+    """{node: NodeFacts | NodeError}: the probe on every node (or `names`) in parallel.
+    `master`: the run's master node (default: master_first's), the host each node reaches."""
     pythons = {n.name: env_python(fleet.inventory, n.name) for n in fleet.nodes}
+    names = list(names) if names is not None else [n.name for n in fleet.nodes]
+    hosts = {n.name: n.host for n in fleet.inventory.nodes}
+    master = master or next(iter(master_first(fleet.inventory, names)), None)
+    master_host = hosts[master] if master else None
 
     def one(conn) -> facts_mod.NodeFacts:
-        return facts_mod.parse(probe.run(conn, pythons[conn.name]))
+        return facts_mod.parse(probe.run(conn, pythons[conn.name], master_host))
 
     return fleet.map(one, names)
 
 
-def judge_all(inventory: Inventory, results: Mapping[str, object]) -> list[Check]:
-    """Every node's rows, in inventory order, the versions held against the fleet's."""
+def judge_all(
+    inventory: Inventory,
+    results: Mapping[str, object],
+    order: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[Check]:
+    """Every node's rows, in inventory order, the versions held against the fleet's. `order`:
+    the run's nodes, the master first (default: master_first's); `env`: the run's --env, for the
+    interface NCCL and gloo would use."""
     nodes = {n.name: n for n in inventory.nodes}
+    order = list(order or master_first(inventory, results))
+    nets = {n: getattr(r, "net", None) for n, r in results.items()}
+    interface = netif.rows(order, {n: nodes[n].host for n in order}, nets, env) if order else {}
     checks: list[Check] = []
     probed = {}
     for name, outcome in results.items():
@@ -69,13 +94,16 @@ def judge_all(inventory: Inventory, results: Mapping[str, object]) -> list[Check
             )
             continue
         probed[name] = outcome
-        checks += judge_mod.judge(
+        rows = judge_mod.judge(
             name,
             outcome,
             expected_gpus=nodes[name].gpus,
             limits=inventory.health,
             env=env_python(inventory, name),
         )
+        if name in interface:  # before the versions row, which is always last
+            rows.insert(len(rows) - 1, interface[name])
+        checks += rows
     return versions.compare(probed, checks)
 
 

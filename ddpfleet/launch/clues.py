@@ -20,8 +20,6 @@ PEER_GONE = re.compile(
     r"Connection (?:closed|reset) by peer|Broken pipe|gloo::IoException|"
     r"NCCL communicator was aborted|DistNetworkError|recvValue"
 )
-# torchrun going on after a failure (--max-restarts): '... attempts left; will restart worker group'
-RESTARTING = re.compile(r"attempts left; will restart worker group")
 AGENT_SAW_FAILURE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 
 

@@ -50,6 +50,7 @@ class TrainFlags:
     code_dir: str | None = None
     remote_logs: str = DEFAULT_REMOTE_LOGS
     max_restarts: str | int = 0  # torchrun's elastic restarts after a rank failure
+    snapshot: bool = False  # the ranks run in a copy of the code dir (ssh --detach, --resume)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TrainConfig:
     # node -> the training user every rank runs as (train_user role; root only when allowed)
     users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_restarts: int = 0  # passed to torchrun (--max-restarts) when above 0
+    snapshot: bool = False  # the ranks run in RUNS/<run-id>/code, a copy of the code dir
     # Controller paths the sync never sends even when they lie in project_dir: the inventory's
     # secrets (ddpfleet.secretfiles) and the runs' logs.
     keep_out: frozenset[Path] = frozenset()
@@ -121,6 +123,7 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
         run_dir=log_root / run_id,
         users=MappingProxyType({name: user.name for name, user in users.items()}),
         max_restarts=check_max_restarts(flags.max_restarts),
+        snapshot=flags.snapshot,
         keep_out=secretfiles.named(inventory) | {log_root.absolute()},
     )
 

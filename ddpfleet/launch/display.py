@@ -59,6 +59,9 @@ def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()) -> Group:
         node1  1          10.0.0.11
         env: DDPFLEET_RUN_ID=r1 OMP_NUM_THREADS=1 ...
         cwd: /root/ddpfleet/demo/code
+        checkpoints: /var/lib/ddpfleet/runs/r1/checkpoints (DDPFLEET_CHECKPOINT_DIR)
+
+    cwd is where the ranks run: a detached run's own copy of the code dir.
     """
     user = {k for k, _ in user_env}
     command, columns = _command(p)
@@ -87,6 +90,9 @@ def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()) -> Group:
         lines.append(report.text("  (a value starting with '=' is NCCL's: exactly that interface)"))
     if len(cwds) == 1:
         lines.append(report.text(f"cwd: {cwds.pop()}"))
+    checkpoints = {n.checkpoint_dir for n in p.nodes} - {""}
+    if checkpoints:  # the same path on every node: the run's id names it
+        lines.append(report.text(f"checkpoints: {checkpoints.pop()} ({CHECKPOINT_ENV})"))
     return Group(*lines)
 
 
@@ -115,10 +121,13 @@ def _command(p: Plan) -> tuple[str, list[tuple[str, list[str]]]]:
     return " ".join(words), columns
 
 
+CHECKPOINT_ENV = "DDPFLEET_CHECKPOINT_DIR"  # shown on its own line, not in env:
+
+
 def _env(p: Plan, user: set[str]) -> tuple[str, list[tuple[str, list[str]]]]:
     """NAME=value for what every node gets alike, and a column per variable that differs
     (unset on some, or another value); --env values that may be secrets show as ***."""
-    names = list(dict.fromkeys(k for n in p.nodes for k in n.env))
+    names = [k for k in dict.fromkeys(k for n in p.nodes for k in n.env) if k != CHECKPOINT_ENV]
     shared, columns = [], []
     for name in names:
         values = [n.env.get(name) for n in p.nodes]

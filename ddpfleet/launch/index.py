@@ -1,9 +1,20 @@
-"""The controller's index of the runs it started, both launchers: .ddpfleet/runs.jsonl beside
-the inventory, one JSON line a run (run id, nodes, started, and what another launcher needs to
-find it again: Slurm's launcher, job_id, output_dir, nproc, user). The truth is on the nodes;
+"""The controller's index of the runs it started, both launchers, attached and detached:
+.ddpfleet/runs.jsonl beside the inventory, one JSON object a run. The truth is on the nodes;
 this is how the controller knows which runs to ask about, and what each run did once it ended:
-SUCCEEDED, FAILED and STOPPED are recorded the first time `runs` sees them and shown from then
-on, whatever its nodes say later (down, rebuilt): history never lies."""
+SUCCEEDED, FAILED and STOPPED are recorded the first time they are seen and shown from then on,
+whatever its nodes say later (down, rebuilt): history never lies.
+
+An entry (extensible: a reader keeps keys it does not know, and `runs --json` shows SHOWN ones):
+
+    run_id, nodes (node_rank order), started       every run
+    launcher ("ssh", "slurm"), nproc, port          its shape, for `runs` and `train --resume`
+    attached                                        true: an attached run, recorded at its start
+    controller {pid, starttime}                     attached: the controller process holding it
+    outputs                                         where its outputs are on each of its nodes
+    verdict {state, why, started, ended, ...}       once final (record())
+    restarts [why, ...]                             torchrun's restarts seen (verdict.restarts)
+    job_id, output_dir, user ...                    what another launcher needs (Slurm)
+"""
 
 from __future__ import annotations
 
@@ -11,11 +22,21 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ddpfleet.hygiene import state_dir
 from ddpfleet.launch.verdict import RunState, RunView
 from ddpfleet.launchers import DEFAULT
+
+# The checkpoint contract (DDPFLEET_CHECKPOINT_DIR): a run's outputs on each of its nodes.
+OUTPUTS = "/var/lib/ddpfleet/runs/{run_id}/checkpoints"
+SHOWN = ("launcher", "nproc", "port", "attached", "outputs")  # beside the verdict in `runs`
+
+
+def shape(p) -> dict:
+    """What the index keeps of a run's plan (launch.plan.Plan) besides its nodes."""
+    return {"nproc": p.nproc, "port": p.master_port}
 
 
 class Index:
@@ -38,11 +59,21 @@ class Index:
         return out
 
     def add(self, run_id: str, nodes: Sequence[str], **more) -> None:
-        """`more`: what another launcher needs to find the run (Slurm: launcher, job_id ...)."""
+        """`more`: the run's shape (shape()) and what another launcher needs to find the run
+        (Slurm: launcher, job_id ...)."""
         state_dir(self.path.parent)
-        entry = {"run_id": run_id, "nodes": list(nodes), "started": time.time(), **more}
+        entry = {"run_id": run_id, "nodes": list(nodes), "started": time.time(),
+                 "outputs": OUTPUTS.format(run_id=run_id), **more}  # fmt: skip
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
+
+    def update(self, run_id: str, **changes) -> None:
+        """Change a run's entry (an attached run's verdict when it ended)."""
+        entries = self.entries()
+        for e in entries:
+            if e.get("run_id") == run_id:
+                e.update(changes)
+        self._write(entries)
 
     def entry(self, run_id: str) -> dict | None:
         return next((e for e in self.entries() if e.get("run_id") == run_id), None)
@@ -67,18 +98,23 @@ class Index:
     def settle(self, views: Sequence[RunView]) -> list[RunView]:
         """Each view as `runs` shows it: a run whose final verdict is recorded shows that one
         (with the nodes that cannot be asked now); a run seen final for the first time is
-        recorded. A run the index never started (known only from its nodes) is shown as read."""
+        recorded, and restarts seen are kept. Beside each: its shape from the index (SHOWN). A
+        run the index never started (known only from its nodes) is shown as read."""
         entries = self.entries()
         by_id = {e.get("run_id"): e for e in entries}
         out, fresh = [], False
         for v in views:
             entry = by_id.get(v.run_id)
-            if entry is not None and "verdict" in entry:
-                out.append(recorded(entry["verdict"], v))
+            if entry is None:
+                out.append(v)
                 continue
-            if entry is not None and v.state.final:
+            if len(v.restarts) > len(entry.get("restarts") or ()):
+                entry["restarts"], fresh = list(v.restarts), True
+            if "verdict" not in entry and v.state.final:
                 entry["verdict"], fresh = record(v), True
-            out.append(v)
+            seen = recorded(entry["verdict"], v) if "verdict" in entry else v
+            out.append(replace(seen, restarts=tuple(entry.get("restarts") or v.restarts),
+                               recorded=shown(entry)))  # fmt: skip
         if fresh:
             self._write(entries)
         return out
@@ -88,6 +124,12 @@ class Index:
         temp = self.path.with_name(self.path.name + ".tmp")
         temp.write_text("".join(json.dumps(e) + "\n" for e in entries))
         os.replace(temp, self.path)
+
+
+def shown(entry: Mapping) -> dict:
+    """The entry's shape, beside the verdict in `runs --json` (an old entry: what it has)."""
+    return {"launcher": entry.get("launcher", DEFAULT), "attached": bool(entry.get("attached")),
+            **{k: entry[k] for k in SHOWN if k in entry and k not in ("launcher", "attached")}}  # fmt: skip
 
 
 def record(v: RunView) -> dict:
@@ -111,3 +153,66 @@ def recorded(verdict: Mapping, now: RunView) -> RunView:
         failed_rank=verdict.get("failed_rank"),
         unasked=now.unasked,
     )
+
+
+def controller() -> dict:
+    """This process, as an attached run's entry names the controller holding it: its pid and
+    start time (a reused pid is not it)."""
+    return {"pid": os.getpid(), "starttime": _starttime(os.getpid())}
+
+
+def holds(entry: Mapping) -> bool:
+    """Whether the controller that started an attached run still runs (on this machine)."""
+    held = entry.get("controller") or {}
+    pid = held.get("pid")
+    return (
+        isinstance(pid, int)
+        and _starttime(pid) not in (None, "")
+        and (_starttime(pid) == held.get("starttime"))
+    )
+
+
+def _starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+class Attached:
+    """An attached run in the index (launch.ssh.run.train's `on`): recorded when its gang
+    starts, with its shape, and its verdict when it ends; `runs` lists it like a detached one."""
+
+    def __init__(self, index: Index, launcher: str):
+        self.index, self.launcher = index, launcher
+        self.began: float | None = None
+
+    def started(self, p) -> None:
+        self.began = time.time()
+        self.index.add(p.run_id, [n.node for n in p.nodes], launcher=self.launcher,
+                       attached=True, controller=controller(), **shape(p))  # fmt: skip
+
+    def ended(self, p, outcomes: Sequence, reason: str | None, said: Mapping) -> None:
+        from ddpfleet.launch.outcome import exit_text, first_failure
+        from ddpfleet.launch.verdict import fold, restarts
+
+        state = fold([o.evidence() for o in outcomes])
+        first = first_failure(outcomes)
+        why = ""
+        if state is RunState.FAILED and first is not None:
+            rank = f" rank {first.rank}" if first.rank is not None else ""
+            why = f"{first.node}{rank} failed first ({exit_text(first.exit_code)})"
+        elif state is RunState.LOST:
+            why = "; ".join(f"{o.node}: {o.why}" for o in outcomes if o.state is RunState.LOST)
+        elif state is RunState.STOPPED:
+            why = reason or ""
+        verdict = {
+            "state": state.value, "why": why, "started": self.began, "ended": time.time(),
+            "exits": {o.node: o.exit_code for o in outcomes},
+            "failed_node": first.node if first else None,
+            "failed_rank": first.rank if first else None,
+        }  # fmt: skip
+        # LOST is what could be said now (a dropped connection): kept, as nothing later will
+        # ask the nodes of an attached run again.
+        self.index.update(p.run_id, verdict=verdict, restarts=list(restarts(said)))

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ddpfleet import envs
+from ddpfleet import envs, report
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.index import Index
@@ -37,6 +37,15 @@ STOPPED = "stopped"  # nothing of the run is left on the node
 STILL_THERE = "still there"  # pids survived even SIGKILL: the stop is not confirmed
 UNREACHABLE = "unreachable"  # the node could not be asked (`error` says why)
 NO_RECORD = "no record"  # the node knows no such run: nothing to stop
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """One node's part of `runs --prune`: the runs whose records went, and the runs whose
+    outputs (checkpoints) were kept there (only `--with-outputs` removes them)."""
+
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -112,20 +121,26 @@ class Launcher(Protocol):
 
     def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> Mapping:
         """For train --resume RUN: RUN's script, args (one string) and env (K=V list) as it
-        was started ({'script', 'args', 'env'}); a PlanError when there is nothing to resume."""
+        was started, and its shape: nodes (node_rank order), nproc, port ({'script', 'args',
+        'env', 'nodes', 'nproc', 'port'}); a PlanError when there is nothing to resume."""
 
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
         """One view (state, verdict) per run of this launcher that the nodes or the index know
         (or only `only`)."""
 
-    def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
-        """Remove ended runs' records on every node but the newest `keep`: node -> run ids."""
+    def prune(
+        self, runs: Runs, keep: int, with_outputs: bool = False
+    ) -> dict[str, Pruned | NodeError]:
+        """Remove ended runs' records on every node but the newest `keep`; their checkpoints
+        stay unless `with_outputs`. Per node: what went and whose outputs were kept."""
 
     def logs(
         self, runs: Runs, run_id: str, node: str | None, rank: int | None, follow: bool
     ) -> list[str]:
-        """Print the run's lines prefixed by node and rank (`follow`: until it ends); one
-        problem line per node that could not be read."""
+        """Print the run's lines prefixed by node and rank (`follow`: until it ends). A node
+        whose lines cannot be read is one line on stderr as soon as that is known (missing());
+        returns those lines. --rank/--node the run does not have: a DdpfleetError naming what it
+        has (check_ranks), before anything is read."""
 
     def stop(self, runs: Runs, run_id: str, grace: float) -> Stopped:
         """Stop the run on every node: SIGTERM, `grace` seconds, SIGKILL what is left."""
@@ -171,14 +186,52 @@ def views(runs: Runs) -> list[RunView]:
     return sorted(out, key=lambda v: v.started or 0, reverse=True)
 
 
-def prune(runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
-    """Every launcher's prune, per node: the run ids removed there, or why not."""
-    out: dict[str, list[str] | NodeError] = {}
+def prune(runs: Runs, keep: int, with_outputs: bool = False) -> dict[str, Pruned | NodeError]:
+    """Every launcher's prune, per node: what went there and whose outputs stayed, or why not."""
+    out: dict[str, Pruned | NodeError] = {}
     for launcher in every():
-        for node, said in launcher.prune(runs, keep).items():
-            had = out.setdefault(node, [])
+        for node, said in launcher.prune(runs, keep, with_outputs).items():
+            had = out.setdefault(node, Pruned())
             if isinstance(said, NodeError) and not isinstance(had, NodeError):
                 out[node] = said  # the first error a node gave is its answer
-            elif isinstance(had, list) and isinstance(said, list):
-                had.extend(said)
+            elif isinstance(had, Pruned) and isinstance(said, Pruned):
+                had.removed.extend(said.removed)
+                had.kept.extend(said.kept)
     return out
+
+
+def missing(run_id: str, problem: str) -> str:
+    """A node whose lines `logs` cannot show: one line on stderr at once (a `logs -f` may run
+    for hours and end by Ctrl-C), never dropped silently. Returns the line."""
+    report.err_console.print(report.text(f"error: logs {run_id}: {problem}"))
+    return problem
+
+
+def check_ranks(
+    run_id: str, ranks: Mapping[str, Sequence[int]], rank: int | None, nodes: Sequence[str] = ()
+) -> None:
+    """`logs --node/--rank` against the run (ranks: node -> its global ranks, in node order):
+    a node or rank it does not have is an error naming the ones it has (a filter that matches
+    nothing printed nothing and exited 0)."""
+    if unknown := [n for n in nodes if n not in ranks]:
+        raise DdpfleetError(
+            f"--node {','.join(unknown)}: run {run_id} ran on {', '.join(ranks)}; give one of those"
+        )
+    have = sorted(r for n, rs in ranks.items() if not nodes or n in nodes for r in rs)
+    if rank is None or not have or rank in have:
+        return
+    where = f" on {', '.join(nodes)}" if nodes else ""
+    raise DdpfleetError(
+        f"--rank {rank}: run {run_id} has ranks {spans(have)}{where}; give one of those"
+    )
+
+
+def spans(numbers: Sequence[int]) -> str:
+    """[0, 1, 2, 3, 6, 7] -> '0-3, 6-7'."""
+    out: list[list[int]] = []
+    for n in sorted(numbers):
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)

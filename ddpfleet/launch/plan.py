@@ -11,6 +11,9 @@ from types import MappingProxyType
 from ddpfleet.errors import PlanError
 from ddpfleet.launch.config import TrainConfig
 
+# On every node, outside the code dir: the node programs' (node/records.py RUNS) run dirs.
+RUNS = "/var/lib/ddpfleet/runs"
+
 
 @dataclass(frozen=True)
 class NodeFacts:
@@ -35,9 +38,16 @@ class NodePlan:
     host: str
     argv: tuple[str, ...]
     env: Mapping[str, str]
-    cwd: str
+    cwd: str  # where the ranks run: the code dir, or (snapshot) the run's copy of it
     log_dir: str
     user: str | None = None  # who the ranks run as (the training user); None: the login user
+    code_dir: str = ""  # where the sync mirrors the project ("": cwd)
+    checkpoint_dir: str = ""  # DDPFLEET_CHECKPOINT_DIR: RUNS/<run-id>/checkpoints
+
+    @property
+    def mirror(self) -> str:
+        """The code dir the sync fills (and a snapshot is copied from)."""
+        return self.code_dir or self.cwd
 
 
 @dataclass(frozen=True)
@@ -148,13 +158,19 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
             config.script,
             *config.args,
         )
-        env = {"DDPFLEET_RUN_ID": run_id, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        checkpoints = checkpoint_dir(run_id)
+        env = {
+            "DDPFLEET_RUN_ID": run_id,
+            "DDPFLEET_CHECKPOINT_DIR": checkpoints,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         ifname = socket_ifname(rank == 0, addr, f)
         if ifname:
             # NCCL reads a prefix list; '=' asks for exactly this interface (eth1 != eth10).
             env.update(GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=f"={ifname}")
         env.update(config.env)
-        cwd = _under_home(config.code_dir, f.home)
+        code = _under_home(config.code_dir, f.home)
         nodes.append(
             NodePlan(
                 name,
@@ -162,12 +178,20 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
                 config.hosts[name],
                 argv,
                 MappingProxyType(env),
-                cwd,
+                f"{RUNS}/{run_id}/code" if config.snapshot else code,
                 log_dir,
                 config.users.get(name),
+                code,
+                checkpoints,
             )
         )
     return Plan(run_id, order[0], addr, config.port, nproc, config.script, tuple(nodes))
+
+
+def checkpoint_dir(run_id: str) -> str:
+    """Every run's checkpoint dir on every node, whichever launcher (the checkpoint contract):
+    outside the code dir, so a sync or a prune of the code never touches it."""
+    return f"{RUNS}/{run_id}/checkpoints"
 
 
 def check_versions(facts: Mapping[str, NodeFacts]) -> list[str]:

@@ -10,6 +10,7 @@ tests/unit/test_verdict.py.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -148,6 +149,25 @@ def who(p: Evidence) -> str:
     return f"{p.node} rank {p.rank}" if p.rank is not None else f"{p.node} its torchrun"
 
 
+# What a node's torchrun says at each --max-restarts restart (ddpfleet/node/part.py FRESH):
+# "ddpfleet: restart 1 of 2 after rank 3 exit 1, rank 2 exit -15 at 1796547007.373".
+RESTART_LINE = re.compile(r"^ddpfleet: restart (\d+) of \d+ after (.+) at ([0-9.]+)$")
+
+
+def restarts(said: Mapping[str, Iterable[str]]) -> tuple[str, ...]:
+    """Why each restart of the run happened, in order, from each node's restart lines: the node
+    whose workers failed first in that attempt (its peers' only failed after), and how."""
+    first: dict[int, tuple[float, str]] = {}
+    for node, lines in said.items():
+        for line in lines:
+            m = RESTART_LINE.match(line.strip())
+            if m:
+                n, why, at = int(m.group(1)), m.group(2), float(m.group(3))
+                if n not in first or at < first[n][0]:
+                    first[n] = (at, f"{node} {why}")
+    return tuple(first[n][1] for n in sorted(first))
+
+
 @dataclass(frozen=True)
 class RunView:
     """One run as `invoke runs` shows it (the table, `--json`), whatever launched it."""
@@ -162,6 +182,10 @@ class RunView:
     failed_node: str | None = None
     failed_rank: int | None = None
     unasked: Mapping[str, str] = field(default_factory=dict)  # node -> why it cannot be asked now
+    restarts: tuple[str, ...] = ()  # torchrun's restarts (--max-restarts), why each (restarts())
+    # What the controller's index keeps of the run besides (launch/index.py): its shape
+    # (nproc, port, launcher), attached or not, where its outputs are on each node.
+    recorded: Mapping[str, object] = field(default_factory=dict)
 
     def as_json(self) -> dict:
         return {
@@ -175,4 +199,7 @@ class RunView:
             "failed_node": self.failed_node,
             "failed_rank": self.failed_rank,
             "unreachable_now": dict(self.unasked),
+            "restarts": len(self.restarts),
+            "restart_why": list(self.restarts),
+            **self.recorded,
         }

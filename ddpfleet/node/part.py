@@ -25,34 +25,86 @@ Everything else is here:
   the run's id SIGKILLed (marked: whole NAME=VALUE entries of /proc/*/environ, never a name).
 """
 
+import errno
 import os
+import pwd
 import signal
+import stat
 import subprocess
 import threading
 import time
 
+CHECKPOINT_ENV = "DDPFLEET_CHECKPOINT_DIR"  # the checkpoint contract (checkpoints.py)
+
 # torchrun with the master's held port: the static rendezvous's store adopts the listening
-# socket (argv[1]: its fd) instead of binding the port again, so it is never free in between.
+# socket (argv[1]: its fd, '-' for none) instead of binding the port again, so it is never free
+# in between.
 ADOPT = (
-    "import runpy,sys;fd=int(sys.argv.pop(1));"
+    "import runpy,sys;fd=sys.argv.pop(1);fd=None if fd=='-' else int(fd);"
     "import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as m;T=m.TCPStore\n"
     "def S(*a,**k):\n"
     " global fd\n"
     " if fd is not None and (a[3] if len(a)>3 else k.get('is_master')):\n"
     "  k['master_listen_fd'],fd=fd,None\n"
     " return T(*a,**k)\n"
-    "m.TCPStore=S;sys.argv[0]='torchrun';"
+    "m.TCPStore=S\n"
+)
+# torchrun --max-restarts with the static rendezvous: every attempt reuses the first attempt's
+# store, where the dead workers' gloo/NCCL addresses still are, and a node restarts as soon as
+# its own workers fail, not when the others' do. So a restarted worker could read a dead peer's
+# address ("Gloo connectFullMesh failed ... Connection refused"). Here attempt n>0 waits for
+# the master's agent to reach attempt n too and gets a fresh store (an ephemeral port, bound
+# before it is told) under a prefix of its own; each restart prints one line saying why, which
+# `invoke runs` counts (run_ctl.py).
+FRESH = (
+    "import time\n"
+    "from torch.distributed import PrefixStore\n"
+    "from torch.distributed.elastic.rendezvous import RendezvousInfo,RendezvousStoreInfo\n"
+    "import torch.distributed.elastic.agent.server.api as A\n"
+    "import torch.distributed.elastic.agent.server.local_elastic_agent as L\n"
+    "N=m.StaticTCPRendezvous.next_rendezvous;R=A.SimpleElasticAgent._rendezvous\n"
+    "W=L.LocalElasticAgent._monitor_workers\n"
+    "def nxt(self):\n"
+    " i=N(self);n=getattr(self,'_ddpfleet_attempt',-1)+1;self._ddpfleet_attempt=n\n"
+    " if n==0:return i\n"
+    " s=PrefixStore('ddpfleet/%s/%d'%(self.run_id,n),self._store)\n"
+    " if self.rank==0:\n"
+    "  self._ddpfleet_store=T(self.master_addr,0,None,True,self.timeout,wait_for_workers=False)\n"
+    "  s.set('port',str(self._ddpfleet_store.port))\n"
+    " p=int(s.get('port'))\n"
+    " return RendezvousInfo(s,self.rank,self.world_size,RendezvousStoreInfo(self.master_addr,p))\n"
+    "def mon(self,g):\n"
+    " r=W(self,g)\n"
+    " if r.is_failed() and not getattr(self,'_ddpfleet_failed',None):\n"
+    "  self._ddpfleet_failed=(time.time(),r)\n"
+    " return r\n"
+    "def rdzv(self,g):\n"
+    " g.spec.master_addr=g.spec.master_port=None\n"
+    " f=getattr(self,'_ddpfleet_failed',None);self._ddpfleet_failed=None\n"
+    " if f:\n"
+    "  at,r=f;x=', '.join('rank %d exit %d'%(k,v.exitcode) for k,v in sorted(r.failures.items()))\n"
+    "  print('ddpfleet: restart %d of %d after %s at %.3f'%(g.spec.max_restarts-\n"
+    "   self._remaining_restarts,g.spec.max_restarts,x,at),file=sys.stderr,flush=True)\n"
+    " return R(self,g)\n"
+    "m.StaticTCPRendezvous.next_rendezvous=nxt;A.SimpleElasticAgent._rendezvous=rdzv\n"
+    "L.LocalElasticAgent._monitor_workers=mon\n"
+)
+RUN = (
+    "sys.argv[0]='torchrun';"
     "runpy.run_module('torch.distributed.run',run_name='__main__',alter_sys=True)"
 )
 
 
 def adopting(argv, listener):
-    """torchrun's argv and pass_fds for its store to adopt `listener` (None: unchanged)."""
+    """torchrun's argv and pass_fds: its store adopts `listener` (None: the port is not held
+    here), and with --max-restarts above 0 each restart starts clean (FRESH)."""
     argv = list(argv)
-    if listener is None or argv[1:3] != ["-m", "torch.distributed.run"]:
+    restarts = "--max-restarts" in argv and argv[argv.index("--max-restarts") + 1] != "0"
+    if (listener is None and not restarts) or argv[1:3] != ["-m", "torch.distributed.run"]:
         return argv, ()
-    fd = listener.fileno()
-    return [argv[0], "-c", ADOPT, str(fd), *argv[3:]], (fd,)
+    fds = (listener.fileno(),) if listener is not None else ()
+    code = ADOPT + (FRESH if restarts else "") + RUN
+    return [argv[0], "-c", code, str(fds[0]) if fds else "-", *argv[3:]], fds
 
 
 class Part:
@@ -84,6 +136,9 @@ class Part:
     def start(self, stdout, listener=None, inherit=False):
         """torchrun (OSError where it cannot start); `listener`: the master's held port."""
         tree, cgroup, user = self.tree, self.cgroup, self.spec.get("user")
+        path = self.spec["env"].get(CHECKPOINT_ENV)
+        if path:  # before torchrun: the script may look for a checkpoint at its first line
+            self.spec["env"][CHECKPOINT_ENV] = checkpoint_dir(tree, path, user)
         argv, fds = adopting(self.spec["argv"], listener)
         self.proc = subprocess.Popen(
             argv,
@@ -132,6 +187,47 @@ class Part:
         if self.cgroup and os.path.isdir(self.cgroup):
             self.tree.kill_cgroup(self.cgroup)
         return code
+
+
+def checkpoint_dir(tree, path, user):
+    """The run's checkpoint dir (RUNS/<run-id>/checkpoints), made if missing: its run dir
+    root's (0755), the dir itself the training user's, 0700, never through a symlink. A
+    runner that is not root (its login cannot become root) cannot make it under RUNS: it gets
+    ~/.ddpfleet/runs/<run-id>/checkpoints instead, its own. The path the ranks get."""
+    if os.getuid() != 0:
+        try:
+            return _make_checkpoint_dir(path, None)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            run_id = os.path.basename(os.path.dirname(path))
+            home = pwd.getpwuid(os.getuid()).pw_dir
+            return _make_checkpoint_dir(
+                os.path.join(home, ".ddpfleet", "runs", run_id, "checkpoints"), None
+            )
+    return _make_checkpoint_dir(path, user if tree.drops_to(user) else None)
+
+
+def _make_checkpoint_dir(path, user):
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if user is not None:
+                pw = pwd.getpwnam(user)
+                os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise OSError(e.errno, f"cannot make the checkpoint dir {path}: {why}") from None
+    return path
 
 
 # -- the guardian ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@ detached runs under /var/lib/ddpfleet/runs/ (see run_supervisor.py). Stdlib only
                            part.sweep_out: the run's cgroup killed and whatever carries its
                            DDPFLEET_RUN_ID SIGKILLed. Idempotent; one JSON line says what it did
     logs RUN FOLLOW        node.log from the start; FOLLOW=1 keeps reading until the run ends
-    prune KEEP             removes the run dirs of ended runs but the newest KEEP
+    prune KEEP OUTPUTS     removes the run dirs of ended runs but the newest KEEP; their
+                           checkpoints/ stay unless OUTPUTS=1; {"removed", "kept"}
     spec RUN               the run's spec.json, less its lifeline secret
     sweep KILL ENTRY...    the pids whose environment holds one of the NAME=VALUE entries
                            (part.marked; KILL=1: those SIGKILLed); one JSON list
@@ -41,12 +42,31 @@ def tail(path, lines=TAIL_LINES):
         return []
 
 
+def restarts(path):
+    """torchrun's restart lines in node.log (part.FRESH prints one a --max-restarts restart)."""
+    found = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(b"ddpfleet: restart "):
+                    found.append(line.decode(errors="replace").strip())
+    except OSError:
+        pass
+    return found
+
+
 def run_ids(wanted):
     try:
         found = sorted(os.listdir(m.records.RUNS))
     except FileNotFoundError:
         return []
     return [r for r in found if not wanted or r in wanted]
+
+
+def recorded(run_id):
+    """True for a detached run's dir (its supervisor wrote spec.json first)."""
+    d = os.path.join(m.records.RUNS, run_id)
+    return any(os.path.exists(os.path.join(d, f)) for f in ("spec.json", "state.json"))
 
 
 def one(run_id):
@@ -57,6 +77,8 @@ def one(run_id):
     state["meta"] = spec.get("meta", {})
     state["nnodes"] = spec.get("nnodes")
     state["nproc"] = spec.get("nproc")
+    if "--max-restarts" in (spec.get("argv") or ()):
+        state["restarts"] = restarts(os.path.join(d, "node.log"))
     # A part the gang stopped may hold the first failure: its failing rank's torchrun was still
     # tearing down when the master's own failure stopped it.
     # ("node1 failed (exit 1)" on the master, "gang: node1 failed (exit 1)" on a worker)
@@ -118,14 +140,23 @@ def logs(run_id, follow):
             time.sleep(0.1)
 
 
-def prune(keep):
+def prune(keep, with_outputs=False):
+    """The ended runs but the newest `keep`: each run dir's records (spec, state, logs, code)
+    go; its checkpoints/ stays unless `with_outputs` (a run dir left with checkpoints only, as
+    an attached or Slurm run's is, counts as an ended run too). A run still running here (its
+    supervisor alive, or a process carrying its DDPFLEET_RUN_ID) is never touched."""
     entries = []
     for run_id in run_ids(()):
+        d = os.path.join(m.records.RUNS, run_id)
         state = one(run_id)
         if state.get("status") in m.records.LIVE and state["alive"]:
             continue
-        entries.append((state.get("started") or 0, run_id))
-    removed = []
+        if m.part.marked([f"DDPFLEET_RUN_ID={run_id}"]):
+            continue  # an attached run's ranks, or a Slurm job's: no supervisor records them
+        # records-less: when it last wrote a checkpoint (what a prune of its records keeps)
+        when = state.get("started") or _mtime(os.path.join(d, "checkpoints")) or _mtime(d)
+        entries.append((when, run_id))
+    removed, kept = [], []
     for _, run_id in sorted(entries, reverse=True)[keep:]:
         d = os.path.join(m.records.RUNS, run_id)
         cgroup = (m.records.read_json(os.path.join(d, "state.json")) or {}).get("cgroup")
@@ -134,9 +165,36 @@ def prune(keep):
                 os.rmdir(cgroup)
             except OSError:
                 pass
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(run_id)
-    return removed
+        names = _listdir(d)
+        outputs = "checkpoints" in names and bool(_listdir(os.path.join(d, "checkpoints")))
+        if with_outputs or not outputs:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            for name in names:
+                if name != "checkpoints":
+                    path = os.path.join(d, name)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.unlink(path)
+            kept.append(run_id)
+        if names != ["checkpoints"] or with_outputs or not outputs:
+            removed.append(run_id)  # its records went (or all of it)
+    return {"removed": removed, "kept": kept}
+
+
+def _listdir(path):
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0
 
 
 def main(argv):
@@ -144,14 +202,14 @@ def main(argv):
     for name in HELPERS:
         setattr(m, name[:-3], load_helper(name))  # noqa: F821
     what = argv[0]
-    if what == "list":
-        print(json.dumps({r: one(r) for r in run_ids(set(argv[1:]))}))
+    if what == "list":  # a dir without records holds only an attached or Slurm run's outputs
+        print(json.dumps({r: one(r) for r in run_ids(set(argv[1:])) if recorded(r)}))
     elif what == "stop":
         print(json.dumps(stop(argv[1], float(argv[2]))))
     elif what == "logs":
         return logs(argv[1], argv[2] == "1")
     elif what == "prune":
-        print(json.dumps(prune(int(argv[1]))))
+        print(json.dumps(prune(int(argv[1]), argv[2:3] == ["1"])))
     elif what == "sweep":
         sweep = m.part.kill_marked if argv[1] == "1" else m.part.marked
         print(json.dumps(sweep(argv[2:])))

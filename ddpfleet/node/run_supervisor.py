@@ -49,6 +49,7 @@ HELPERS = (  # as launch.ssh.detach.SUPERVISOR_FILES sends them
     "run_lifeline.py",
     "run_snapshot.py",
     "run_unit.py",
+    "checkpoints.py",
 )
 
 
@@ -138,7 +139,8 @@ def supervise(spec, m, run_dir, cgroup, report):
         return 1
     if port is not None:  # where the workers' lifelines come in (never the secret)
         sup.save(lifeline=sup.lifeline.address)
-    said = {"ok": True, "pid": sup.part.proc.pid, "lifeline_port": port, "cgroup": cgroup}
+    said = {"ok": True, "pid": sup.part.proc.pid, "lifeline_port": port, "cgroup": cgroup,
+            "resumed": spec.get("resumed")}  # fmt: skip
     os.write(report, (json.dumps(said) + "\n").encode())
     os.close(report)
     sup.lifeline.run()
@@ -162,6 +164,23 @@ def lost_part(m, run_dir, spec):
             m.records.write_json(path, state, tmp=".guardian")
 
     return lost
+
+
+def checkpoints(m, spec, old, user):
+    """Make the run's checkpoint dir; with --resume, copy the old run's newest COMPLETE
+    checkpoint into it (as the training user, every file verified by hash) before torchrun
+    starts. What was resumed, for the controller's line: {"step", "from"}, {"step": None}
+    where the old run has no complete checkpoint here, None without --resume."""
+    path = spec["env"].get(m.part.CHECKPOINT_ENV)
+    if path:
+        spec["env"][m.part.CHECKPOINT_ENV] = path = m.part.checkpoint_dir(m.proctree, path, user)
+    if not spec.get("resume_from") or not path:
+        return None
+    found = m.checkpoints.newest_complete(old)
+    if found is None:
+        return {"step": None}
+    m.checkpoints.copy_into(found[0], path, user, m.proctree)
+    return {"step": found[1]["step"], "from": found[0]}
 
 
 def daemonize(run_dir):
@@ -209,6 +228,10 @@ def main():
     except (OSError, ValueError, KeyError) as e:
         return refuse(f"cannot snapshot the code into {code}: {e}")
     spec["code_dir"], spec["cwd"] = spec["cwd"], code
+    try:  # the run's DDPFLEET_CHECKPOINT_DIR, and (--resume) the old run's newest checkpoint in it
+        spec["resumed"] = checkpoints(m, spec, os.path.join(runs, old or "", "checkpoints"), user)
+    except (OSError, ValueError, KeyError) as e:
+        return refuse(str(e))
     # --env may hold secrets, and the lifeline's secret is here: root's alone
     m.records.write_json(os.path.join(run_dir, "spec.json"), spec, mode=0o600)
     if m.run_unit.systemd_is_pid1() and "__source__" in globals():

@@ -8,7 +8,7 @@ namespace, a UTS namespace and a PID namespace in which it is PID 1. It:
 1. writes its host-visible pid to P (the controller's handle on the node);
 2. sets the hostname, mounts the node's root (overlay: lower /, upper/work under D) with a
    fresh proc, sysfs (the host's cgroup tree bound at its /sys/fs/cgroup), /dev, devpts,
-   /dev/shm, /run, hides /var/lib/ddpfleet, pivots into it;
+   /dev/shm, /run, its own /var/lib/ddpfleet over the host's, pivots into it;
 3. runs `sshd -D -e` (restarted if it exits, like a service manager would), reaps every
    orphan, and on SIGTERM/SIGINT kills everything in the node and exits;
    or, with --cgroup and --exec-systemd (a systemd node, ddpfleet/sandbox/systemd_init.py),
@@ -117,8 +117,12 @@ def make_root(base: str, own_cgroup: bool) -> str:
     mount(f"{root}/dev/pts/ptmx", f"{root}/dev/ptmx", None, MS_BIND)
     mount("tmpfs", f"{root}/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("tmpfs", f"{root}/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    # Nodes must not see the sandbox's upper dirs (their own or the others').
-    mount("tmpfs", f"{root}/var/lib/ddpfleet", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    # Nodes must not see the sandbox's upper dirs (their own or the others'): the node's own
+    # /var/lib/ddpfleet (runs' records, checkpoints) is a dir beside its upper one, kept across
+    # sandbox.stop/start as a real disk keeps it; sandbox.down removes it with the node.
+    data = os.path.join(base, "data")
+    os.makedirs(data, mode=0o755, exist_ok=True)
+    mount(data, f"{root}/var/lib/ddpfleet", None, MS_BIND)
     os.makedirs(f"{root}/run/sshd", mode=0o755)
     os.makedirs(f"{root}/run/lock", exist_ok=True)
     os.chmod(f"{root}/run/lock", 0o1777)  # /var/lock points here (bootstrap's flock)

@@ -21,7 +21,6 @@ import json
 import os
 import socket
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -31,7 +30,6 @@ from typing import Any
 from ddpfleet import errors
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.inventory import Inventory, Node
-from ddpfleet.ssh import dial
 from ddpfleet.ssh.fleetbase import FleetBase
 from ddpfleet.ssh.result import Result
 
@@ -203,6 +201,8 @@ class KeptFleet(FleetBase):
 def start(path: Path, idle: float) -> None:
     """Start a keeper for `path` in the background, detached from this process and terminal.
     Two at once is harmless: the second finds the first's lock and exits."""
+    import subprocess  # here: a warm command never starts one (nor loads subprocess)
+
     env = {k: v for k, v in os.environ.items() if k != "DDPFLEET_BECOME_PASSWORD"}
     subprocess.Popen(
         [sys.executable, "-m", "ddpfleet.ssh.keeper", str(path), f"{idle:g}"],
@@ -216,21 +216,42 @@ def start(path: Path, idle: float) -> None:
     )
 
 
-def fleet(inventory: Inventory):
-    """Warm connections when a keeper answers; else a direct Fleet (and a keeper started for
-    the next command, unless ssh.persist is 0). Nodes with ssh.become_password_file always get
-    a direct Fleet: the keeper never holds a sudo password (keeper.py), and their root work
-    (gpu-status reads other users' processes as root) needs it."""
+def keeper_socket(inventory: Inventory) -> Path | None:
+    """The socket a keeper of this inventory would serve; None when its nodes must not use one
+    (ssh.persist is 0, or a node names ssh.become_password_file: the keeper never holds a sudo
+    password (keeper.py), and their root work, gpu-status reading other users' processes as
+    root, needs it)."""
     direct = any(n.become_password_file is not None for n in inventory.nodes)
-    path = socket_path(inventory) if inventory.persist > 0 and not direct else None
+    return socket_path(inventory) if inventory.persist > 0 and not direct else None
+
+
+def warm(inventory: Inventory) -> KeptFleet | None:
+    """The keeper's fleet, opened, when a keeper answers for this inventory; else None (and
+    nothing started). The installed command's lean path asks this before loading anything
+    more (ddpfleet/__main__.py)."""
+    path = keeper_socket(inventory)
+    if path is None or not path.exists():
+        return None
+    try:
+        kept = KeptFleet(inventory, path)
+        kept.open()
+        return kept
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def fleet(inventory: Inventory):
+    """Warm connections when a keeper answers (warm()); else a direct Fleet, and a keeper
+    started for the next command unless keeper_socket() says none may serve these nodes."""
+    kept = warm(inventory)
+    if kept is not None:
+        return kept
+    path = keeper_socket(inventory)
     if path is not None:
-        try:
-            kept = KeptFleet(inventory, path)
-            kept.open()
-            return kept
-        except (OSError, ValueError, KeyError):
-            # started as this command exits: its imports and handshakes would compete with ours
-            atexit.register(start, path, inventory.persist)
+        # started as this command exits: its imports and handshakes would compete with ours
+        atexit.register(start, path, inventory.persist)
+    from ddpfleet.ssh import dial
+
     dial.start(inventory.nodes)  # the nodes' sshd get going while paramiko loads
     from ddpfleet.ssh.connection import Fleet
 

@@ -67,6 +67,67 @@ def test_train_refuses_the_faulty_node_with_its_reason(cluster: Cluster) -> None
     assert last[0]["verdict"] == "fail" and last[1]["verdict"] != "fail"
 
 
+def test_quick_checks_never_fail_a_healthy_node_run_after_run(cluster: Cluster) -> None:
+    for _ in range(3):
+        r = cluster.invoke("health", "--json", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        doc = json.loads(r.stdout)
+        rows = [(n["node"], c["check"], c["verdict"]) for n in doc["nodes"] for c in n["checks"]]
+        assert [row for row in rows if row[2] == "fail"] == [], rows
+        assert {(n, v) for n, c, v in rows if c == "interface"} == {
+            ("node0", "pass"), ("node1", "pass")}, rows  # fmt: skip
+
+
+# --- the interface NCCL and gloo would use ------------------------------------------------------
+
+DECOYS = [  # what docker leaves on a host: its bridge, and a container's veth with an address
+    ["ip", "link", "add", "docker0", "type", "bridge"],
+    ["ip", "addr", "add", "172.17.0.1/16", "dev", "docker0"],
+    ["ip", "link", "set", "docker0", "up"],
+    ["ip", "link", "add", "veth9d0", "type", "veth", "peer", "name", "veth9d1"],
+    ["ip", "addr", "add", "192.168.77.1/24", "dev", "veth9d0"],
+    ["ip", "link", "set", "veth9d0", "up"],
+    ["ip", "link", "set", "veth9d1", "up"],
+]
+
+
+def test_decoy_interfaces_are_never_chosen_and_one_on_the_way_fails(cluster: Cluster) -> None:
+    for argv in DECOYS:
+        netns(cluster, "node1", *argv)
+    master, me = cluster.address("node0"), cluster.address("node1")
+    try:
+        r = cluster.invoke("health", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert rows_of(r.stdout)[("node1", "interface")][:2] == [
+            f"eth0 {me} (NCCL and gloo, as train sets them)", "pass"]  # fmt: skip
+        gate = cluster.invoke(
+            "train", "--project-dir", str(ROOT), "--run-id", "t-ifname", "--dry-run",
+            "--env", "NCCL_SOCKET_IFNAME=veth", timeout=120)  # fmt: skip
+        assert gate.returncode == 1, gate.stdout + gate.stderr
+        assert "health gate refused 2 of 2 node(s)" in gate.stderr
+        assert "node1: interface: NCCL would use veth9d0, which no other node reaches" in (
+            gate.stderr
+        )
+        assert "node0: interface: NCCL finds no interface" in gate.stderr
+        netns(cluster, "node1", "ip", "route", "add", f"{master}/32", "dev", "docker0")
+        r = cluster.invoke("health", "--json", timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        got = {(n["node"], c["check"]): c for n in json.loads(r.stdout)["nodes"]
+               for c in n["checks"]}  # fmt: skip
+        assert got[("node0", "interface")]["verdict"] == "pass"
+        bad = got[("node1", "interface")]
+        assert (bad["value"], bad["verdict"]) == (
+            "NCCL and gloo would use docker0, which no other node reaches by (as train sets them)",
+            "fail",
+        )
+        assert bad["fix"].endswith("--env NCCL_SOCKET_IFNAME==eth0 --env GLOO_SOCKET_IFNAME=eth0")
+    finally:
+        netns(cluster, "node1", "ip", "link", "del", "veth9d0")
+        netns(cluster, "node1", "ip", "link", "del", "docker0")  # and the route through it
+    again = cluster.invoke("health", timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 # --- --deep: all_reduce bandwidth between nodes ---------------------------------------------------
 
 SLOW = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "20mbit", "burst", "32kbit",

@@ -111,7 +111,7 @@ def test_list_and_init_in_an_empty_project(venv: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load((tmp_path / "inventory.yaml").read_text())
     assert data["cluster"]["name"] == tmp_path.name and data["nodes"]
-    assert (tmp_path / ".gitignore").read_text() == ".ddpfleet/\nlogs/\n"
+    assert (tmp_path / ".gitignore").read_text() == ".ddpfleet/\nlogs/\n/runs/\n"
     again = ddpfleet(venv, "init", cwd=tmp_path)
     assert again.returncode == 1 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr

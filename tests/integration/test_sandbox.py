@@ -229,6 +229,12 @@ def test_writes_stay_in_their_node(spec, cluster):
 def test_stop_kills_the_node_and_start_brings_it_back_with_its_files(spec, cluster):
     node0, node1 = spec.nodes
     assert ssh(spec, node1, f"echo kept > {PROBE}").returncode == 0
+    # ... /var/lib/ddpfleet too (runs' records, checkpoints), as a real disk keeps it (issue 24)
+    record = "/var/lib/ddpfleet/runs/r1/state.json"
+    assert (
+        ssh(spec, node1, f"mkdir -p {Path(record).parent} && echo '{{}}' > {record}").returncode
+        == 0
+    )
     sandbox.stop(spec, ["node1"])
     sandbox.stop(spec, ["node1"])  # idempotent
     assert not answers(node1.address)
@@ -239,8 +245,9 @@ def test_stop_kills_the_node_and_start_brings_it_back_with_its_files(spec, clust
     sandbox.start(spec, ["node1"])
     sandbox.start(spec, ["node1"])  # idempotent
     assert answers(node1.address)
-    r = ssh(spec, node1, f"cat {PROBE}")
-    assert r.stdout == "kept\n", r.stderr
+    r = ssh(spec, node1, f"cat {PROBE} {record}")
+    assert r.stdout == "kept\n{}\n", r.stderr
+    assert ssh(spec, node0, f"test ! -e {record}").returncode == 0  # each node its own
     assert not our_zombies()
 
 

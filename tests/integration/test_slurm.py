@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     second_subnet,
     write_inventory,
 )
+from tests.integration.test_checkpoint_dir import SEE, seen
 from tests.integration.test_gpu_status import select, standin
 from tests.integration.test_train import Live, new_run_id, run_pids, train_args, wait_gone
 
@@ -156,6 +157,26 @@ def test_train_through_slurm_four_ranks_one_checksum(slurm: Cluster):
     assert list(logs.glob("node0-slurm-*.out")), sorted(p.name for p in logs.iterdir())
     assert (logs / "node1-rank3.stdout.log").is_file(), sorted(p.name for p in logs.iterdir())
     assert status(slurm)["jobs"] == []
+
+
+def test_every_task_sees_the_runs_checkpoint_dir_the_users_and_0700(slurm: Cluster, tmp_path):
+    """The checkpoint contract through Slurm: the same DDPFLEET_CHECKPOINT_DIR as over SSH,
+    made before torchrun, the job user's (train), 0700, outside the code dir."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "see.py").write_text(SEE)
+    run_id = new_run_id("slurmckpt")
+    r = slurm.invoke(
+        "train", "--project-dir", str(project), "--script", "see.py", "--nproc-per-node", "2",
+        "--run-id", run_id, "--launcher", "slurm", "--nodes", ",".join(NODES), timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    want = f"/var/lib/ddpfleet/runs/{run_id}/checkpoints"
+    ranks = seen(r.stdout)
+    assert sorted(s["rank"] for s in ranks) == [0, 1, 2, 3], r.stdout[-3000:]
+    for s in ranks:
+        assert s["dir"] == want and s["uid"] == 2000 and s["mode"] == "0o700", s
+        assert not s["dir"].startswith(s["cwd"].rstrip("/") + "/"), s
 
 
 def test_a_crashing_rank_is_named_and_nothing_of_the_job_is_left(slurm: Cluster):
@@ -326,6 +347,9 @@ def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
     out = slurm.invoke("logs", ok_id, timeout=120).stdout
     checksums = dict(re.findall(r"^\[node\d r(\d)\] rank \1 checksum (\S+)$", out, re.M))
     assert sorted(checksums) == ["0", "1", "2", "3"] and len(set(checksums.values())) == 1, out
+    rank99 = slurm.invoke("logs", ok_id, "--rank", "99", timeout=120)  # issue 24 item 5
+    assert rank99.returncode == 1, rank99.stdout + rank99.stderr
+    assert f"--rank 99: run {ok_id} has ranks 0-3" in rank99.stderr, rank99.stderr
     view = until_ended(slurm, bad_id)
     assert (view["state"], view["failed_node"], view["failed_rank"]) == ("FAILED", "node1", 3)
     assert view["why"].startswith("node1 rank 3 failed first"), view

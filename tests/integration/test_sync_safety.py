@@ -94,9 +94,12 @@ def refused(r: subprocess.CompletedProcess) -> str:
 def test_checkpoint_and_run_output_survive_the_next_sync(ready: Cluster, tmp_path: Path):
     on_all(ready, f"rm -rf {CODE}")
     proj = project(tmp_path / "proj", **{"extra.py": "X = 1\n", "pkg/util.py": "Y = 1\n"})
-    ckpt = "--checkpoint-dir ckpt"
-    ok(train(ready, proj, new_run_id("ckpt1"), f"{TINY} {ckpt}", "--code-dir", CODE))
-    assert node_text(ready, "node0", f"test -s {CODE}/ckpt/checkpoint.pt && echo yes") == "yes"
+    ckpt = "--checkpoint-dir ckpt"  # under ddpfleet the run's DDPFLEET_CHECKPOINT_DIR wins
+    first = new_run_id("ckpt1")
+    ok(train(ready, proj, first, f"{TINY} {ckpt}", "--code-dir", CODE))
+    saved = f"/var/lib/ddpfleet/runs/{first}/checkpoints/step-00000002/MANIFEST.json"
+    assert node_text(ready, "node0", f"test -s {saved} && echo yes") == "yes"
+    assert node_text(ready, "node0", f"test -e {CODE}/ckpt || echo none") == "none"
     # What a job writes relative to its cwd, on both nodes: outside the project, never synced.
     on_all(
         ready,
@@ -114,10 +117,9 @@ def test_checkpoint_and_run_output_survive_the_next_sync(ready: Cluster, tmp_pat
             CODE,
         )
     )
-    assert re.search(r"^\[node0 r0\] rank 0: resumed from epoch 1$", out, re.MULTILINE), out
     assert re.search(r"^\[node0 r0\] epoch 2 loss ", out, re.MULTILINE), out
     assert re.search(r"code: node0 0 sent \([\d.]+ KiB\), 1 deleted;", out), out  # extra.py
-    assert node_text(ready, "node0", f"test -s {CODE}/ckpt/checkpoint.pt && echo yes") == "yes"
+    assert node_text(ready, "node0", f"test -s {saved} && echo yes") == "yes"  # untouched
     for node in NODES:
         assert (
             node_text(ready, node, f"cat {CODE}/outputs/note.txt {CODE}/pkg/made-on-node.txt")

@@ -527,7 +527,19 @@ def test_render(inventory) -> None:
         ["", "disk", "fail", "[Errno 5]", "free it"],
         ["node1", "sudo", "warn", "asks", "NOPASSWD"],
     ]
-    assert lines[-1] == "1 pass, 1 warn, 1 fail"
+    assert lines[-2] == "1 pass, 1 warn, 1 fail"
+    assert lines[-1] == (  # the link to the hardware checks
+        "next: invoke health (GPU faults, the NCCL/gloo interface; --deep: all_reduce bandwidth)"
+    )
+
+
+def test_doctor_points_at_health_for_the_nodes_whose_gpus_fail() -> None:
+    checks = {"node0": [doctor.fail("driver", "nvidia-smi exit 15: GPU is lost", "reboot")],
+              "node1": [doctor.ok("driver", "535.161.08")],
+              "node2": [doctor.fail("gpus", "7 GPUs, the inventory says gpus: 8", "check")]}  # fmt: skip
+    assert doctor.health_hint(checks).startswith(
+        "invoke health --nodes node0,node2 names the GPU fault behind it (ECC, Xid events"
+    )
 
 
 def test_master_of(inventory) -> None:

@@ -272,7 +272,7 @@ def test_watch_json_lines_until_ctrl_c(monkeypatch, capsys) -> None:
 
 def test_watch_live_table(monkeypatch) -> None:
     out = io.StringIO()
-    monkeypatch.setattr(gpustatus.report, "console", Console(file=out, width=200))
+    monkeypatch.setattr(report, "console", Console(file=out, width=200))
     sleeps_then_interrupt(monkeypatch, 1)
     fleet = FakeFleet([nodes(node0="a100x8"), nodes(node0="v100x4")])
     last = gpustatus.run(fleet, every=1)  # type: ignore[arg-type]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ddpfleet.launch.index import Index
-from ddpfleet.launch.ssh.runstate import fold, rows
+from ddpfleet.launch.index import Attached, Index, holds, shape
+from ddpfleet.launch.outcome import Outcome
+from ddpfleet.launch.ssh.runstate import fold, held, rows
 from ddpfleet.launch.verdict import RunState
 
 ORDER = ("node0", "node1")
@@ -72,3 +73,94 @@ def test_settling_keeps_the_index_whole_and_prune_still_drops(tmp_path):
     assert lines[0]["verdict"]["failed_node"] == "node1" and "verdict" not in lines[1]
     index.drop(["a"])
     assert [e["run_id"] for e in index.entries()] == ["b", "s"]
+
+
+def plan(run_id: str, nproc: int = 2, port: int = 29500):
+    from ddpfleet.launch.plan import NodePlan, Plan
+
+    nodes = tuple(NodePlan(n, i, f"10.0.0.{i}", (), {}, "/c", "/l") for i, n in enumerate(ORDER))
+    return Plan(run_id, ORDER[0], "10.0.0.0", port, nproc, "t.py", nodes)
+
+
+def test_the_index_keeps_each_runs_shape_and_where_its_outputs_are(tmp_path):
+    index = Index(tmp_path)
+    index.add("r", ORDER, launcher="ssh", **shape(plan("r", nproc=2, port=29511)))
+    seen = index.settle([fold("r", ORDER, ended("SUCCEEDED"))])[0].as_json()
+    assert {k: seen[k] for k in ("launcher", "nproc", "port", "attached", "outputs")} == {
+        "launcher": "ssh", "nproc": 2, "port": 29511, "attached": False,
+        "outputs": "/var/lib/ddpfleet/runs/r/checkpoints",
+    }  # fmt: skip
+    assert rows([index.settle([fold("r", ORDER, ended("SUCCEEDED"))])[0]], now=200.0)[0][3] == "2x2"
+
+
+def test_an_attached_run_is_listed_from_its_start_and_its_verdict_kept(tmp_path):
+    index = Index(tmp_path)
+    attached = Attached(index, "ssh")
+    attached.started(plan("a"))
+    entry = index.entry("a")
+    assert entry["attached"] and entry["nproc"] == 2 and holds(entry)  # this process holds it
+    assert held(entry, holds(entry)).state is RunState.RUNNING
+    failed = Outcome("node1", RunState.FAILED, exit_code=1, rank=3, last_lines=("boom",))
+    restart = "ddpfleet: restart 1 of 2 after rank 3 exit 1 at 5.000"
+    attached.ended(plan("a"), [Outcome("node0", RunState.STOPPED, exit_code=-15), failed],
+                   "node1 failed", {"node0": [], "node1": [restart]})  # fmt: skip
+    view = index.settle([held(index.entry("a"), False)])[0]
+    assert view.state is RunState.FAILED and view.why == "node1 rank 3 failed first (exit 1)"
+    assert view.restarts == ("node1 rank 3 exit 1",) and view.recorded["attached"]
+
+
+def test_an_attached_run_whose_controller_died_is_lost_and_does_not_grow_older(tmp_path):
+    index = Index(tmp_path)
+    index.add("a", ORDER, attached=True, controller={"pid": 2**22 + 7, "starttime": "1"})
+    entry = index.entry("a")
+    assert not holds(entry)
+    view = index.settle([held(entry, holds(entry))])[0]
+    assert view.state is RunState.LOST and "its controller ended" in view.why
+    assert rows([view], now=entry["started"] + 9999)[0][5] == "-"
+
+
+def test_a_lost_run_nobody_saw_end_shows_no_growing_duration():
+    never = {"node0": part("STARTING", ended=None), "node1": None}  # supervisor gone, no torchrun
+    view = fold("n", ORDER, never)
+    assert view.state is RunState.LOST and "before its torchrun started" in view.why
+    assert rows([view], now=1e9)[0][5] == "-"
+    running = {n: part("RUNNING", alive=True, ended=None) for n in ORDER}
+    assert rows([fold("r", ORDER, running)], now=160.0)[0][5] == "0:01:00"  # a live one does
+
+
+def test_restarts_seen_on_the_nodes_are_kept_by_the_index(tmp_path):
+    index = index_with(tmp_path, "r")
+    lines = ["ddpfleet: restart 1 of 1 after rank 0 exit 1 at 7.5"]
+    late = ["ddpfleet: restart 1 of 1 after rank 3 exit 1 at 7.1"]
+    running = {"node0": part("RUNNING", alive=True, ended=None, restarts=lines),
+               "node1": part("RUNNING", alive=True, ended=None, restarts=late)}  # fmt: skip
+    view = index.settle([fold("r", ORDER, running)])[0]
+    assert view.restarts == ("node1 rank 3 exit 1",)  # the node that failed first
+    assert index.entry("r")["restarts"] == ["node1 rank 3 exit 1"]
+    rebuilt = index.settle([fold("r", ORDER, dict(ended("SUCCEEDED"), node1=None))])[0]
+    assert rebuilt.restarts == ("node1 rank 3 exit 1",)
+    assert "restarts 1 (node1 rank 3 exit 1)" in rows([rebuilt], now=200.0)[0][-1]
+
+
+def test_a_run_pruned_from_its_nodes_leaves_the_index_on_a_grown_inventory(tmp_path, monkeypatch):
+    """The run ran on node0,node1; node2 joined later and never had it: its prune says nothing
+    of the run, and the run still leaves the index (it stayed, as LOST, before)."""
+    from types import SimpleNamespace
+
+    from ddpfleet.launch.ssh import launcher as ssh_launcher
+
+    index = index_with(tmp_path, "old", "new")
+    for n, run_id in enumerate(("a1", "a2", "a3")):
+        index.add(run_id, ORDER, attached=True, verdict={"state": "SUCCEEDED"}, started=n)
+    said = {n: {"removed": r, "kept": []} for n, r in (("node0", ["old"]), ("node1", ["old"]))}
+    said["node2"] = {"removed": [], "kept": []}
+    monkeypatch.setattr(ssh_launcher.runctl, "prune", lambda fleet, py, keep, outputs: said)
+    monkeypatch.setattr(ssh_launcher, "pythons", lambda inventory: {})
+    runs = SimpleNamespace(fleet=None, inventory=None, index=index)
+    pruned = ssh_launcher.LAUNCHER.prune(runs, 2)
+    assert {n: p.removed for n, p in pruned.items()} == {
+        "node0": ["old"],
+        "node1": ["old"],
+        "node2": [],
+    }
+    assert [e["run_id"] for e in index.entries()] == ["new", "a2", "a3"]  # the newest 2 attached

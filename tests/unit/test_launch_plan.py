@@ -319,6 +319,28 @@ def test_what_only_some_nodes_have_becomes_a_column(tmp_path):
     assert not any(line.startswith("cwd:") for line in lines)
 
 
+def test_every_node_gets_the_runs_checkpoint_dir_outside_the_code_dir(tmp_path):
+    p = plan(load(tmp_path), all_facts())
+    assert {n.env["DDPFLEET_CHECKPOINT_DIR"] for n in p.nodes} == {
+        "/var/lib/ddpfleet/runs/r1/checkpoints"
+    }
+    assert {n.checkpoint_dir for n in p.nodes} == {"/var/lib/ddpfleet/runs/r1/checkpoints"}
+    lines = shown(p)
+    assert "checkpoints: /var/lib/ddpfleet/runs/r1/checkpoints (DDPFLEET_CHECKPOINT_DIR)" in lines
+    (env,) = [line for line in lines if line.startswith("env: ")]
+    assert "DDPFLEET_CHECKPOINT_DIR" not in env  # its own line, once
+
+
+def test_a_detached_plan_shows_the_directory_the_ranks_really_run_in(tmp_path):
+    """Issue 24 item 2: the plan printed the code dir while the ranks ran in the run's copy."""
+    p = plan(load(tmp_path), all_facts(), snapshot=True)
+    assert {n.cwd for n in p.nodes} == {"/var/lib/ddpfleet/runs/r1/code"}
+    assert {n.mirror for n in p.nodes} == {f"/root/ddpfleet/demo/{HERE}/code"}  # the sync fills
+    assert "cwd: /var/lib/ddpfleet/runs/r1/code" in shown(p)
+    attached = plan(load(tmp_path), all_facts())
+    assert attached.nodes[0].cwd == attached.nodes[0].mirror == f"/root/ddpfleet/demo/{HERE}/code"
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

@@ -15,7 +15,7 @@ from ddpfleet.cli import runs as runtasks
 from ddpfleet.cli import tasks
 from ddpfleet.errors import DdpfleetError, InventoryError, NodeError
 from ddpfleet.launch import launcher
-from ddpfleet.launch.launcher import Launcher, NodeStop, Stopped
+from ddpfleet.launch.launcher import Launcher, NodeStop, Pruned, Stopped
 from ddpfleet.launch.verdict import RunState, RunView
 
 PROTOCOL = [
@@ -70,8 +70,8 @@ class Fake:
     def views(self, runs, only=()):
         return [RunView("f1", RunState.RUNNING, ("node0", "node1"), started=1.0, ended=None)]
 
-    def prune(self, runs, keep):
-        return {"node0": ["f0"], "node1": NodeError("node1", "cannot reach")}
+    def prune(self, runs, keep, with_outputs=False):
+        return {"node0": Pruned(["f0"], ["f0"]), "node1": NodeError("node1", "cannot reach")}
 
     def logs(self, runs, run_id, node, rank, follow):
         self.calls.append(("logs", run_id, node, rank, follow))
@@ -130,7 +130,7 @@ def test_train_resume_asks_the_launcher_for_the_run_and_the_flags_win(fake):
 
 def test_resume_is_refused_for_a_launcher_without_it(fake, monkeypatch):
     monkeypatch.setattr(LAUNCHER, "resumes", False)
-    with pytest.raises(Exit, match=r"--resume works for runs of the ssh launcher; use --launch"):
+    with pytest.raises(Exit, match=r"--resume works for runs of the ssh launcher \(use --launch"):
         tasks.train(Context(), inventory=str(fake), resume="f1")
     assert LAUNCHER.calls == []
 
@@ -146,10 +146,11 @@ def test_runs_lists_every_launchers_runs(fake, monkeypatch, capsys):
 def test_runs_prune_merges_every_launchers_prune_and_fails_on_an_error(fake, monkeypatch, capsys):
     for name in ("ssh", "slurm"):
         monkeypatch.setattr(launcher.get(name), "views", lambda runs, only=(): [])
-        monkeypatch.setattr(launcher.get(name), "prune", lambda runs, keep: {})
+        monkeypatch.setattr(launcher.get(name), "prune", lambda runs, keep, outputs=False: {})
     with pytest.raises(Exit, match=r"runs --prune failed on 1 of 2 node\(s\): node1: cannot reach"):
         runtasks.runs(Context(), inventory=str(fake), prune=True)
-    assert "f0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "f0" in out and "runs --prune --with-outputs removes them too" in out
 
 
 def test_logs_and_stop_go_to_the_launcher_that_started_the_run(fake, capsys):

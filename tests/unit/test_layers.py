@@ -30,6 +30,7 @@ LAYERS = {
     "ddpfleet.progress": ("ground", 0),
     "ddpfleet.rootlog": ("ground", 0),
     "ddpfleet.node": ("node", 0),  # NODE_DIR: where the node programs' bytes are
+    "ddpfleet.node.checkpoints": ("node", 0),  # the checkpoint contract's node side
     "ddpfleet.inventory": ("config", 1),
     "ddpfleet.inventory_types": ("config", 1),
     "ddpfleet.inventory_yaml": ("config", 1),
@@ -44,6 +45,8 @@ LAYERS = {
     "roles": ("roles", 5),
     "ddpfleet.bootstrap": ("job", 6),
     "ddpfleet.launch": ("job", 6),
+    "ddpfleet.launch.fetch": ("job", 6),  # a run's files home
+    "ddpfleet.launch.fetchfiles": ("job", 6),  # its local half
     "ddpfleet.gpustatus": ("job", 6),
     "ddpfleet.ping": ("job", 6),
     "ddpfleet.doctor": ("job", 6),

@@ -39,7 +39,7 @@ def test_init_writes_a_valid_commented_inventory_and_gitignore(tmp_path: Path):
     (project / ".gitignore").write_text("*.pt\nlogs")  # no newline at the end; logs/ there
     done = init_project(project)
     assert done[0].startswith("wrote inventory.yaml")
-    assert (project / ".gitignore").read_text() == "*.pt\nlogs\n.ddpfleet/\n"
+    assert (project / ".gitignore").read_text() == "*.pt\nlogs\n.ddpfleet/\n/runs/\n"
     text = (project / "inventory.yaml").read_text()
     assert text.count("#") > 10
     assert yaml.safe_load(text)["cluster"]["name"] == "my-proj"

@@ -1,14 +1,17 @@
 """Transfer progress with a fake clock: lines every ~10% off a terminal, bars on one, and
-nothing for a small or quick transfer."""
+nothing for a small or quick transfer; bootstrap's live "now" table on a terminal of a width."""
 
 from __future__ import annotations
 
 import io
 import math
+import re
+import time
 
+import pytest
 from rich.console import Console
 
-from ddpfleet import progress
+from ddpfleet import bootstrap, progress, report
 from ddpfleet.progress import MIN_BYTES, Meter, duration, size
 
 MIB = 1 << 20
@@ -141,3 +144,80 @@ def test_on_a_terminal_bars_nest_under_bootstraps_live_table():
     with Live("node0  venv_env: wheelhouse", console=terminal, transient=True):
         _send(terminal, 100 * MIB, seconds=20)
     assert "[node0] wheelhouse" in buf.getvalue()
+
+
+# --- the Board: bootstrap's live "now" table ------------------------------------------------
+
+PIP = (
+    "/opt/ddpfleet/venv/bin/python -m pip install --disable-pip-version-check --no-input "
+    "--no-index --find-links /var/lib/ddpfleet/wheelhouse torch==2.13.0 numpy jupyterlab"
+)
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def _terminal(width: int) -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, width=width, force_terminal=True, color_system=None), buf
+
+
+def _now_cells(drawn: str, node: str) -> list[str]:
+    """The "now" cells of a node's rows in everything drawn (every frame), control codes gone."""
+    lines = ANSI.sub("\n", drawn).splitlines()
+    return [line.split("│")[2].strip() for line in lines if f"│ {node} " in line]
+
+
+def _whole_words(cell: str, text: str) -> bool:
+    words = set(text.split()) | {"…"}
+    return all(w in words or re.fullmatch(r"\(\d+:\d\d\)", w) for w in cell.split())
+
+
+@pytest.mark.parametrize("width", [60, 100, 200])
+def test_bootstrap_now_cell_never_cuts_a_word(width, tmp_path, monkeypatch) -> None:
+    out, buf = _terminal(width)
+    monkeypatch.setattr(report, "console", out)
+    monkeypatch.setattr(report, "is_tty", lambda: True)
+    with bootstrap.Progress(["node0", "node1"], tmp_path / "bootstrap.log") as p:
+        p.doing("node0", PIP)
+        time.sleep(0.6)  # the live display redraws on its own
+    cells = _now_cells(buf.getvalue(), "node0")
+    assert cells and "install" in cells[-1], buf.getvalue()
+    assert all(_whole_words(c, PIP) for c in cells), cells
+    for line in ANSI.sub("\n", buf.getvalue()).splitlines():
+        assert len(line) <= width
+
+
+def test_bootstrap_long_steps_show_elapsed_time(tmp_path, monkeypatch) -> None:
+    out, buf = _terminal(100)
+    monkeypatch.setattr(report, "console", out)
+    clock = Clock()
+    with bootstrap.Progress(["node0", "node1"], tmp_path / "bootstrap.log", clock=clock) as p:
+        p.doing("node0", PIP)
+        clock.now += 1
+        p.board.live.refresh()
+        first = _now_cells(buf.getvalue(), "node0")[-1]
+        clock.now += 64  # pip is still installing, nothing new said
+        p.board.live.refresh()
+        later = _now_cells(buf.getvalue(), "node0")[-1]
+        p.doing("node0", "venv_env: verify ok")
+        p.board.live.refresh()
+        after = _now_cells(buf.getvalue(), "node0")[-1]
+    assert not re.search(r"\(\d+:\d\d\)", first), first
+    assert later.endswith("(1:05)") and "pip install" in later, later
+    assert after == "venv_env: verify ok"
+    assert _now_cells(buf.getvalue(), "node1")[-1] == "waiting (1:05)"
+
+
+def test_now_cell_and_shorten() -> None:
+    assert progress.now_cell("venv_env: packages ok", 2.9, 40) == "venv_env: packages ok"
+    assert progress.now_cell("venv_env: packages ok", 65, 40) == "venv_env: packages ok (1:05)"
+    assert progress.now_cell(PIP, 65, 50) == "/opt/ddpfleet/venv/bin/python -m pip … (1:05)"
+    assert report.shorten("a  b\nc", 10) == "a b c"
+    assert report.shorten("abc defgh", 8) == "abc …"
+    assert report.shorten("/a/very/long/path x", 6) == "…"  # never half a word
+
+
+def test_off_a_terminal_the_board_draws_nothing() -> None:
+    out, buf = _plain()
+    with progress.Board(["node0"], out=out) as board:
+        board.set("node0", PIP)
+    assert board.live is None and buf.getvalue() == ""

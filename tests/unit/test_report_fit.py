@@ -20,9 +20,9 @@ PING = (
     ],
 )  # fmt: skip
 RUNS = [
-    ("20261206-051233-ab12cd", "SUCCEEDED", "node[0-7]", "2026-12-06 05:12:33", "1m02s",
+    ("20261206-051233-ab12cd", "SUCCEEDED", "node[0-7]", "8x8", "2026-12-06 05:12:33", "1m02s",
      "node0=0 node1=0 node2=0", ""),
-    ("restart1", "LOST", "node[0-1]", "2026-12-06 05:12:33", "3m10s", "node0=- node1=-",
+    ("restart1", "LOST", "node[0-1]", "2x2", "2026-12-06 05:12:33", "3m10s", "node0=- node1=-",
      "node2 unreachable: timeout: no answer from 10.232.0.12:22 within 5s"),
 ]  # fmt: skip
 
@@ -65,7 +65,7 @@ def test_a_plan_group_is_fitted_too():
 
 
 def test_runs_leave_out_optional_columns_before_rows_grow_tall():
-    optional = ("started", "exit", "duration")
+    optional = ("started", "shape", "exit", "duration")  # as cli/runs.py says
     wide = rendered(report.table(None, runstate.COLUMNS, RUNS, optional), 200)
     assert "started" in wide and "2026-12-06 05:12:33" in wide
     assert all(len(r) == 1 for r in body_rows(wide))

@@ -89,3 +89,72 @@ def test_each_program_loads_the_helpers_the_controller_ships_in_that_order(files
         ]
         listed = [c.args[0].value for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
     assert tuple(listed) == tuple(files[1:])
+
+
+def load(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name[:-3], NODE_DIR / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    """run_ctl with its helpers loaded and RUNS in tmp_path (not the host's /var/lib)."""
+    ctl_module = load("run_ctl.py")
+    for name in ctl_module.HELPERS:
+        setattr(ctl_module.m, name[:-3], load(name))
+    monkeypatch.setattr(ctl_module.m.records, "RUNS", str(tmp_path))
+    return ctl_module, tmp_path
+
+
+def a_run(root, run_id, started, records=True, checkpoint=True):
+    d = root / run_id
+    d.mkdir()
+    if records:
+        (d / "code").mkdir()
+        (d / "spec.json").write_text("{}")
+        (d / "state.json").write_text(json.dumps({"status": "SUCCEEDED", "started": started}))
+        (d / "node.log").write_text("log\n")
+    (d / "checkpoints").mkdir()
+    if checkpoint:
+        (d / "checkpoints" / "step-00000004").mkdir()
+        (d / "checkpoints" / "step-00000004" / "MANIFEST.json").write_text("{}")
+    os.utime(d / "checkpoints", (started, started))
+
+
+def test_prune_keeps_checkpoints_unless_told_and_says_which(runs_root):
+    """Issue 24 item 2: `runs --prune` never deletes checkpoints unless --with-outputs."""
+    ctl_module, root = runs_root
+    a_run(root, "old", 100)
+    a_run(root, "empty", 150, checkpoint=False)
+    a_run(root, "attached", 200, records=False)  # an attached run: its checkpoints only
+    a_run(root, "new", 300)
+    said = ctl_module.prune(1)
+    assert said == {"removed": ["empty", "old"], "kept": ["attached", "old"]}
+    assert sorted(os.listdir(root)) == ["attached", "new", "old"]
+    assert os.listdir(root / "old") == ["checkpoints"]
+    assert os.listdir(root / "old" / "checkpoints") == ["step-00000004"]
+    assert sorted(os.listdir(root / "new")) == ["checkpoints", "code", "node.log", "spec.json",
+                                                 "state.json"]  # fmt: skip
+    # the records went: it is no run for `invoke runs` any more, its checkpoints stay
+    assert not ctl_module.recorded("old") and ctl_module.recorded("new")
+    said = ctl_module.prune(1, with_outputs=True)
+    assert said == {"removed": ["attached", "old"], "kept": []}
+    assert os.listdir(root) == ["new"]
+
+
+def test_prune_leaves_a_run_whose_processes_still_run(runs_root):
+    ctl_module, root = runs_root
+    run = f"live{uuid.uuid4().hex[:8]}"
+    a_run(root, run, 100, records=False)
+    a_run(root, "new", 300)
+    live = sleeper(DDPFLEET_RUN_ID=run)  # an attached run's rank: no supervisor records it
+    try:
+        assert ctl_module.prune(0, with_outputs=True)["removed"] == ["new"]
+        assert os.listdir(root) == [run]
+    finally:
+        live.kill()
+        live.wait()

@@ -75,7 +75,7 @@ def test_stopped_says_why_and_the_table_is_newest_first():
     new = fold("new", ORDER, {n: part("RUNNING", started=200.0) for n in ORDER})
     table = rows([old, new], now=260.0)
     assert [r[0] for r in table] == ["new", "old"]
-    assert table[0][4] == "0:01:00" and len(table[0]) == len(COLUMNS)
+    assert table[0][COLUMNS.index("duration")] == "0:01:00" and len(table[0]) == len(COLUMNS)
 
 
 def test_a_node_whose_rank_only_lost_its_peer_is_not_blamed():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shlex
 import subprocess
 import time
@@ -188,3 +190,38 @@ def test_job_commands_go_through_runuser_as_root_unless_the_login_is_the_job_use
     wire = become.Escalation("sudo", "ubuntu").wrap(shlex.join(argv))
     assert wire.startswith("sudo -n -H -- /bin/sh -c ")
     assert shlex.split(wire)[-1].endswith("runuser -u train -- sbatch --parsable")
+
+
+def test_each_task_makes_the_checkpoint_dir_before_torchrun(tmp_path):
+    """The contract's DDPFLEET_CHECKPOINT_DIR, 0700, there before torchrun starts; where the
+    task cannot make it (no root made it before sbatch), the user's own under $HOME."""
+    task = b.task_script(PLAN, b.split_env(PLAN)[1])
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\necho "$DDPFLEET_CHECKPOINT_DIR"\n')
+    (fake / "python").chmod(0o755)
+    code = code_dir(tmp_path)  # the task holds its lock (issue 24 item 6)
+    task = task.replace("/opt/v/bin/python", str(fake / "python")).replace("cd /c", f"cd {code}")
+    ckpt = tmp_path / "runs" / "run1" / "checkpoints"
+    env = {"PATH": "/usr/bin:/bin", "SLURMD_NODENAME": "node0", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "42", "DDPFLEET_RUN_ID": "run1", "HOME": str(tmp_path / "home"),
+           "DDPFLEET_CHECKPOINT_DIR": str(ckpt)}  # fmt: skip
+    out = subprocess.run(["sh", "-c", task], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(ckpt) and oct(ckpt.stat().st_mode & 0o777) == "0o700"
+    (tmp_path / "file").write_text("")  # a parent that cannot hold a dir: the fallback
+    env["DDPFLEET_CHECKPOINT_DIR"] = str(tmp_path / "file" / "run1" / "checkpoints")
+    out = subprocess.run(["sh", "-c", task], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "home/.ddpfleet/runs/run1/checkpoints")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown needs root")
+def test_root_makes_the_run_dir_and_the_users_checkpoint_dir(tmp_path):
+    path = tmp_path / "runs" / "run1" / "checkpoints"
+    subprocess.run(b.checkpoint_dir_argv(str(path), "nobody"), check=True)
+    assert path.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    assert oct(path.stat().st_mode & 0o777) == "0o700"
+    assert path.parent.stat().st_uid == 0 and oct(path.parent.stat().st_mode & 0o777) == "0o755"
+    os.rmdir(path)
+    path.symlink_to(tmp_path)  # never chowned through a symlink
+    r = subprocess.run(b.checkpoint_dir_argv(str(path), "nobody"), capture_output=True)
+    assert r.returncode != 0 and tmp_path.stat().st_uid == 0

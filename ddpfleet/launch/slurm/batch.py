@@ -89,12 +89,32 @@ HOLD_LOCK = (
 )
 
 
+# Each task, as the job's user, before torchrun: the run's DDPFLEET_CHECKPOINT_DIR (the
+# checkpoint contract), made by root before sbatch where the login can become root
+# (checkpoint_dir_argv); where it could not be, the user's own ~/.ddpfleet/runs/<run-id>/.
+CHECKPOINT_DIR_SH = (
+    '[ -z "$DDPFLEET_CHECKPOINT_DIR" ] || mkdir -p -m 0700 -- "$DDPFLEET_CHECKPOINT_DIR" '
+    '2>/dev/null || { export DDPFLEET_CHECKPOINT_DIR="$HOME/.ddpfleet/runs/$DDPFLEET_RUN_ID/'
+    'checkpoints"; mkdir -p -m 0700 -- "$DDPFLEET_CHECKPOINT_DIR" || exit 2; }'
+)
+
+
+def checkpoint_dir_argv(path: str, owner: str) -> list[str]:
+    """As root on every node before sbatch: the run dir (root's, 0755) and its checkpoint dir,
+    `owner`'s (the job's user), 0700, never through a symlink."""
+    script = (
+        'mkdir -p -m 0755 -- "$(dirname -- "$1")" && mkdir -p -m 0700 -- "$1" && '
+        '[ ! -L "$1" ] && chown -h -- "$2:" "$1" && chmod 0700 -- "$1"'
+    )
+    return ["sh", "-c", script, "sh", path, owner]
+
+
 def task_script(p: Plan, own: Mapping[str, Mapping[str, str]]) -> str:
     """What every srun task runs: its node's line of the plan, picked by SLURMD_NODENAME, in
     the code dir whose lock it holds."""
     endpoint = f"{p.master_addr}:{p.master_port}"
     lock = HOLD_LOCK.format(run_id=shlex.quote(p.run_id))
-    lines = ['case "$SLURMD_NODENAME" in']
+    lines = [CHECKPOINT_DIR_SH, 'case "$SLURMD_NODENAME" in']
     for n in p.nodes:
         env = "".join(f"export {shlex.quote(f'{k}={v}')}; " for k, v in own[n.node].items())
         lines.append(

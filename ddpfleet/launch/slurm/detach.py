@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.launcher import NodeStop, Stopped
+from ddpfleet.launch.launcher import NodeStop, Stopped, check_ranks
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_record
 from ddpfleet.launch.slurm.run import (
@@ -79,6 +79,7 @@ class OutputReader:
         self.user = entry.get("user")  # owns the output (None: the login user)
         self.path = output_path(entry["output_dir"], self.job_id)
         self.host: str | None = None
+        self.unasked: list[str] = []  # "node1 unreachable (...)": the nodes find() could not ask
         parsed = JobOutput(nodes=tuple(entry["nodes"]), nproc=int(entry.get("nproc") or 1))
         self.file = OutputFile(self.path, self.user, parsed)
         fleet.open()  # connections are made on first use; the asker is one that is up
@@ -88,7 +89,9 @@ class OutputReader:
         return self.asker is not None and ask(self.asker, self.job_id).get("JobState") in LIVE
 
     def find(self) -> None:
-        said = [(n, s) for n, s in probe(self.fleet, self.entry).items() if isinstance(s, NodeSays)]
+        every = probe(self.fleet, self.entry)
+        self.unasked = [f"{n} {s}" for n, s in every.items() if not isinstance(s, NodeSays)]
+        said = [(n, s) for n, s in every.items() if isinstance(s, NodeSays)]
         self.host = next((n for n, s in said if s.tail is not None), None)
         record = next((s.record for _, s in said if s.record), None)
         self.file.parsed.nodes = parse_record(record or "")[0] or self.file.parsed.nodes
@@ -111,8 +114,14 @@ def logs(
     out: Output | None = None,
 ) -> None:
     """The job's output, each line prefixed with its node and rank; `follow`: until the job
-    ends. Reading never touches the job."""
+    ends. Reading never touches the job. Slurm gathers every rank's lines into the one file, so
+    a node that is down drops none of them unless the file is there: then it is named."""
     out = out or Output()
+    nproc, run_nodes = int(entry.get("nproc") or 1), list(entry["nodes"])
+    ranks = {n: range(i * nproc, (i + 1) * nproc) for i, n in enumerate(run_nodes)}
+    # --node with --rank: Slurm may order the nodes otherwise, so only the world is checked
+    check_ranks(entry["run_id"], ranks, rank)
+    check_ranks(entry["run_id"], dict.fromkeys(run_nodes, ()), None, [node] if node else [])
     reader = OutputReader(fleet, entry)
     while True:
         live = follow and reader.live()  # asked first: the last read then has every line
@@ -123,6 +132,11 @@ def logs(
         time.sleep(POLL_S)
     for n, r, text in reader.end():
         _show(out, n, r, text, node, rank)
+    if reader.host is None and reader.unasked:  # the output may be on a node not asked
+        raise DdpfleetError(
+            f"{entry['run_id']}: slurm job {reader.job_id}'s output ({reader.path}) is on no "
+            f"node that answered; not asked: {'; '.join(reader.unasked)}"
+        )
     if reader.host is None:
         raise DdpfleetError(
             f"{entry['run_id']}: no node of the run has slurm job {reader.job_id}'s output "

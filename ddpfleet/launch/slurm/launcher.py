@@ -14,7 +14,7 @@ from ddpfleet.errors import DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.index import Index
-from ddpfleet.launch.launcher import Runs, Stopped, pythons
+from ddpfleet.launch.launcher import Pruned, Runs, Stopped, pythons
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.slurm import detach, run
 from ddpfleet.launch.verdict import RunView
@@ -44,7 +44,9 @@ class SlurmLauncher:
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
         return detach.views(runs.fleet, runs.index.launched_by(self.name, only))
 
-    def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
+    def prune(
+        self, runs: Runs, keep: int, with_outputs: bool = False
+    ) -> dict[str, Pruned | NodeError]:
         return {}  # a Slurm run's output and record stay where the job wrote them
 
     def logs(

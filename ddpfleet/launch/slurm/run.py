@@ -25,13 +25,14 @@ from ddpfleet.launch.outcome import (
     summary_line,
 )
 from ddpfleet.launch.output import LineSplitter, Output
-from ddpfleet.launch.plan import Plan
+from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if, fresh_run_dir
 from ddpfleet.launch.slurm.batch import (
     TERMINAL,
     JobOutput,
     as_job_user,
     batch_script,
+    checkpoint_dir_argv,
     exit_code,
     job_user,
     output_path,
@@ -108,6 +109,13 @@ class OutputFile:
         return [self.parsed.line(raw.decode(errors="replace")) for raw in self.lines.end()]
 
 
+def checkpoint_dir(conn: Conn, n: NodePlan, user: str | None) -> None:
+    """The run's DDPFLEET_CHECKPOINT_DIR, made by root for the job's user; a login that cannot
+    become root leaves it to the task (batch.CHECKPOINT_DIR_SH: the user's own then)."""
+    if n.checkpoint_dir and conn.escalation.how != "none":
+        conn.run(checkpoint_dir_argv(n.checkpoint_dir, user or conn.node.user), root=True)
+
+
 def submit(fleet: Fleet, p: Plan, out: Output) -> str:
     """sbatch the plan from its first node; the job id (Slurm accepted the job)."""
     output_dir, user = p.nodes[0].log_dir, plan_user(p)
@@ -117,6 +125,8 @@ def submit(fleet: Fleet, p: Plan, out: Output) -> str:
         lambda c: run_as(c, user, ["mkdir", "-p", "-m", "0700", "--", output_dir]),
         [n.node for n in p.nodes],
     )
+    fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
+    made = fleet.map(lambda c: checkpoint_dir(c, p.node(c.name), user), [n.node for n in p.nodes])
     fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
     head = fleet.conns[p.nodes[0].node]
     argv = sbatch_argv(p, output_path(output_dir))

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from ddpfleet.errors import NodeError
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.index import shape
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if
@@ -37,6 +38,7 @@ SUPERVISOR_FILES = (  # run_supervisor.py and the helpers it loads, in that orde
     "run_lifeline.py",
     "run_snapshot.py",
     "run_unit.py",  # where PID 1 is systemd: the supervisor as a transient service
+    "checkpoints.py",  # the run's checkpoint dir; --resume copies the old run's newest one
 )
 START_TIMEOUT_S = 90
 
@@ -60,7 +62,7 @@ def node_spec(
         "nproc": p.nproc,
         "argv": list(n.argv),
         "env": dict(n.env),
-        "cwd": n.cwd,
+        "cwd": n.mirror,  # the supervisor copies it into the run's code/ (n.cwd) and runs there
         "user": n.user,
         "grace": STOP_GRACE_S,
         "master_host": p.master_addr,
@@ -74,6 +76,7 @@ def node_spec(
             "args": list(config.args),
             "env": [list(kv) for kv in config.env],
             "nproc": p.nproc,
+            "port": p.master_port,  # train --resume keeps the job's shape
         },
     }
 
@@ -139,7 +142,23 @@ def train_detached(
         started = [master.node] + [n for n, r in results.items() if isinstance(r, dict)]
         runctl.stop(fleet, config.python, p.run_id, started, STOP_GRACE_S)
         fail_if(problems, "detached start failed; the parts already started were stopped")
-    index.add(p.run_id, [n.node for n in p.nodes])
+    index.add(p.run_id, [n.node for n in p.nodes], launcher="ssh", **shape(p))
+    if resume:
+        out.line(resumed_line(resume, {master.node: said, **results}))
     took = time.monotonic() - began
     out.line(f"run {p.run_id}: started detached on {', '.join(config.order)} ({took:.2f}s)")
     return p
+
+
+def resumed_line(old: str, said: Mapping[str, dict]) -> str:
+    """What each node's supervisor put in the new run's DDPFLEET_CHECKPOINT_DIR from `old`."""
+    steps: dict[object, list[str]] = {}
+    for node, s in said.items():
+        steps.setdefault((s.get("resumed") or {}).get("step"), []).append(node)
+    if list(steps) == [None]:
+        return f"resume: run {old} has no complete checkpoint; the script starts from step 0"
+    parts = [
+        f"step {step} on {', '.join(nodes)}" if step is not None else f"none on {', '.join(nodes)}"
+        for step, nodes in steps.items()
+    ]
+    return f"resume: run {old}'s newest complete checkpoint (verified) copied: {'; '.join(parts)}"

@@ -13,7 +13,17 @@ from collections.abc import Mapping, Sequence
 from ddpfleet.errors import BecomeError, DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.launcher import NO_RECORD, NodeStop, Runs, Stopped, pythons
+from ddpfleet.launch.index import Attached
+from ddpfleet.launch.launcher import (
+    NO_RECORD,
+    NodeStop,
+    Pruned,
+    Runs,
+    Stopped,
+    check_ranks,
+    missing,
+    pythons,
+)
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.ssh import detach, run, runctl, runlogs
 from ddpfleet.launch.verdict import RunView
@@ -26,7 +36,8 @@ class SshLauncher:
     resumes = True
 
     def train(self, fleet: Fleet, config: TrainConfig) -> list[Outcome]:
-        return run.train(fleet, config)
+        """Attached; recorded in the controller's index from its start, with its verdict."""
+        return run.train(fleet, config, on=Attached(runctl.Index(fleet.inventory.root), self.name))
 
     def train_detached(
         self, fleet: Fleet, config: TrainConfig, index: runctl.Index, resume: str | None = None
@@ -34,46 +45,69 @@ class SshLauncher:
         detach.train_detached(fleet, config, index, resume=resume)
 
     def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> dict:
-        """RUN's script, args and env from its spec on its first node (the one asked)."""
+        """RUN's script, args, env and shape (nodes, nproc, master port) from its spec on its
+        first node the inventory still has (the one asked)."""
         index = runctl.Index(inventory.root)
         nodes = index.nodes(run_id) or tuple(n.name for n in inventory.nodes)
         py = pythons(inventory)
         first = [inventory.node(n) for n in nodes if n in py][:1]
+        if not first:
+            raise PlanError(
+                f"--resume {run_id}: none of its nodes ({', '.join(nodes)}) is in "
+                f"{inventory.path.name} any more; put them back to resume it"
+            )
         with Fleet(inventory, first, become_password=become_password) as fleet:
             said = fleet.map(lambda c: runctl.node_call(c, py[c.name], "spec", run_id))
         spec = next(iter(said.values()))
         if isinstance(spec, NodeError):
             raise spec
         if not spec:
-            raise PlanError(f"--resume {run_id}: no such run on {nodes[0]}; see invoke runs")
+            raise PlanError(f"--resume {run_id}: no such run on {first[0].name}; see invoke runs")
+        # What to resume from reaches the script through DDPFLEET_CHECKPOINT_DIR (the
+        # supervisors copy RUN's newest complete checkpoint there), whatever its flags are.
         meta = spec.get("meta", {})
-        if "--checkpoint-dir" not in " ".join(meta.get("args", ())):
-            raise PlanError(
-                f"--resume {run_id}: that run had no --checkpoint-dir in its --args, so there is "
-                "nothing to resume from; start a new run with --args '... --checkpoint-dir DIR'"
-            )
         return {
             "script": meta.get("script"),
             "args": shlex.join(meta.get("args", ())),
             "env": [f"{k}={v}" for k, v in meta.get("env", ())],
+            # the shape: a run started before meta had its port says it in the master's spec
+            "nodes": meta.get("nodes") or list(index.nodes(run_id) or ()),
+            "nproc": meta.get("nproc") or spec.get("nproc"),
+            "port": meta.get("port") or (spec.get("port_from") or {}).get("port"),
         }
 
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
         return runctl.views(_ask(runs, only), runs.index, only)
 
-    def prune(self, runs: Runs, keep: int) -> dict[str, list[str] | NodeError]:
-        removed = runctl.prune(runs.fleet, pythons(runs.inventory), keep)
-        lists = [set(r) for r in removed.values() if isinstance(r, list)]
-        runs.index.drop(set.intersection(*lists) if lists else ())  # gone from every node
+    def prune(
+        self, runs: Runs, keep: int, with_outputs: bool = False
+    ) -> dict[str, Pruned | NodeError]:
+        said = runctl.prune(runs.fleet, pythons(runs.inventory), keep, with_outputs)
+        removed = {n: r if isinstance(r, NodeError) else Pruned(r["removed"], r["kept"])
+                   for n, r in said.items()}  # fmt: skip
+        # A run removed from any of its nodes leaves the index (its history is gone there: it
+        # would only ever show as LOST); attached runs (no records on the nodes) the same way,
+        # the newest `keep` ended ones kept.
+        gone = {r for p in removed.values() if isinstance(p, Pruned) for r in p.removed}
+        ended = [e for e in runs.index.launched_by(self.name) if e.get("attached")
+                 and "verdict" in e]  # fmt: skip
+        ended.sort(key=lambda e: e.get("started") or 0, reverse=True)
+        runs.index.drop(gone | {e["run_id"] for e in ended[keep:]})
         return removed
 
     def logs(
         self, runs: Runs, run_id: str, node: str | None, rank: int | None, follow: bool
     ) -> list[str]:
-        said, _ = _one(runs, run_id)
+        said, view = _one(runs, run_id)
         only = [n.strip() for n in (node or "").split(",") if n.strip()]
-        parts = runlogs.nodes_of(said, run_id, only)
-        return runlogs.show(runs.fleet, pythons(runs.inventory), run_id, parts, rank, follow)
+        check_ranks(run_id, runlogs.ranks_of(said, run_id, view.nodes) or
+                    dict.fromkeys(view.nodes, ()), rank, only)  # fmt: skip
+        parts, problems = runlogs.nodes_of(said, run_id, only or view.nodes)
+        for problem in problems:
+            missing(run_id, problem)
+        py = pythons(runs.inventory)
+        late = runlogs.show(runs.fleet, py, run_id, parts, rank, follow)
+        return problems + [missing(run_id, p) for p in late]
 
     def stop(self, runs: Runs, run_id: str, grace: float) -> Stopped:
         _, view = _one(runs, run_id)

@@ -13,11 +13,11 @@ from pathlib import Path
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
-from ddpfleet.launch.clues import RESTARTING, Clues, ExitBarrier, split_rank
+from ddpfleet.launch.clues import Clues, ExitBarrier, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
-from ddpfleet.launch.verdict import RunState, own_failure
+from ddpfleet.launch.verdict import RESTART_LINE, RunState, own_failure
 from ddpfleet.ssh.connection import Conn, Session
 
 STOP_GRACE_S = 3.0  # runner: SIGTERM, then SIGKILL this much later (torchrun's own is 30 s)
@@ -52,6 +52,7 @@ class Member:
         self.stopped_by_us = False  # the runner said it is stopping at our word
         self.told_to_stop = False
         self.failed_itself = False  # torchrun said a worker failed before we said stop
+        self.restarts: list[str] = []  # torchrun's restart lines (--max-restarts; part.FRESH)
         self.started = self.last_heard = time.monotonic()
         self.done = threading.Event()
         self.finishing = threading.Lock()
@@ -188,14 +189,18 @@ class Member:
             (None, text) if self.plan is None else split_rank(text, self.plan.rank, self.nproc)
         )
         self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
+        if rank is None and RESTART_LINE.match(body):
+            self.restarts.append(body)
+            self.out.release()  # torchrun starts its workers again: every rank shows again
         if self.plan is not None:
             calm = self.clues.first_at is None  # no sign of failure on this node yet
             if self.clues.feed(rank, body, time.monotonic()):
-                self.failed_itself = self.failed_itself or not self.told_to_stop
+                # with a restart left, torchrun starts its workers again: not the gang's failure
+                self.failed_itself = self.failed_itself or not (
+                    self.told_to_stop or self.restarting()
+                )
             if calm and self.clues.first_at is not None:  # its first sign of failure: keep to it
                 self.out.hold((self.name, self.clues.rank))
-            elif rank is None and RESTARTING.search(body):
-                self.out.release()
         self.show(self.barrier.feed(rank, body))
 
     def show(self, lines) -> None:
@@ -263,6 +268,12 @@ class Member:
         o.last_lines = self.tail(o.rank)
         if self.log is not None:
             self.log.close()
+
+    def restarting(self) -> bool:
+        """torchrun has a --max-restarts restart left for the failure it just reported."""
+        argv = list(self.plan.argv) if self.plan is not None else []
+        most = int(argv[argv.index("--max-restarts") + 1]) if "--max-restarts" in argv else 0
+        return len(self.restarts) < most
 
     def raised_itself(self) -> bool:
         """A rank here raised (its traceback says why, and not that a peer went away), even if

@@ -44,10 +44,10 @@ def push_code(
         remote = probed[conn.name].manifest
         change = sync.diff(files, remote)
         stats = sync.push(
-            conn, n.argv[0], n.cwd, root, files, change, p.script, remote, p.run_id, n.user
+            conn, n.argv[0], n.mirror, root, files, change, p.script, remote, p.run_id, n.user
         )
         if not stats.script:
-            raise NodeError(conn.name, f"{n.cwd}/{p.script} is missing after the sync")
+            raise NodeError(conn.name, f"{n.mirror}/{p.script} is missing after the sync")
         return stats
 
     return fleet.map(one, [n.node for n in p.nodes])
@@ -97,9 +97,11 @@ def prepare(
     return p
 
 
-def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[Outcome]:
+def train(fleet: Fleet, config: TrainConfig, out: Output | None = None, on=None) -> list[Outcome]:
     """Check, plan, sync, run as one gang, collect. Raises DdpfleetError naming the first
-    failing node and rank; KeyboardInterrupt after an interrupt stopped every node."""
+    failing node and rank; KeyboardInterrupt after an interrupt stopped every node. `on`: told
+    when the gang starts (on.started(plan)) and ends (on.ended(plan, outcomes, reason, restart
+    lines by node)): the controller's index (index.Attached)."""
     out = out or Output()
     fresh_run_dir(config.run_dir)  # made once the preflight passed
     files, members = open_checked(fleet, config, out)
@@ -111,11 +113,15 @@ def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[
             m.call_off()
         raise
     gang = Gang([members[n.node] for n in p.nodes], out)
+    if on is not None:
+        on.started(p)
     gang.run(p, config.run_dir)
-    return verdict(fleet, p, gang, config.run_dir, out)
+    return verdict(fleet, p, gang, config.run_dir, out, on)
 
 
-def verdict(fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output) -> list[Outcome]:
+def verdict(
+    fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output, on=None
+) -> list[Outcome]:
     """Rank logs back, one summary line per node, and the verdict."""
     outcomes = [m.outcome for m in gang.members]
     # Not from a lost node: SFTP to a peer that went silent would hang with it.
@@ -123,6 +129,8 @@ def verdict(fleet: Fleet, p: Plan, gang: Gang, run_dir: Path, out: Output) -> li
         fleet, p, run_dir, [o.node for o in outcomes if o.state is not RunState.LOST]
     )
     first = first_failure(outcomes)
+    if on is not None:
+        on.ended(p, outcomes, gang.reason, {m.name: m.restarts for m in gang.members})
     for line in held_lines(out.held(), outcomes, first, run_dir):
         out.line(line)
     for o in outcomes:

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 
 from ddpfleet.errors import NodeError
 from ddpfleet.launch import sync
-from ddpfleet.launch.index import Index
-from ddpfleet.launch.ssh.runstate import RunView, fold
+from ddpfleet.launch.index import Index, holds
+from ddpfleet.launch.ssh.runstate import RunView, fold, held
 from ddpfleet.ssh.connection import Conn, Fleet
 
 CTL = "run_ctl.py"
@@ -51,12 +51,15 @@ def views(
     """One view per run that any node or the index knows (or only `only`)."""
     # Only this launcher's: another's run (Slurm's) has no supervisor records, this fold would
     # call it LOST.
-    known = {e["run_id"]: tuple(e["nodes"]) for e in index.launched_by("ssh")}
+    entries = index.launched_by("ssh")
+    # An attached run has no records on its nodes: the index's own word is all there is.
+    attached = [e for e in entries if e.get("attached") and (not only or e["run_id"] in only)]
+    known = {e["run_id"]: tuple(e["nodes"]) for e in entries if not e.get("attached")}
     for answer in said.values():
         if isinstance(answer, dict):
             for run_id, part in answer.items():
                 known.setdefault(run_id, tuple(part.get("meta", {}).get("nodes") or ()))
-    out = []
+    out = [held(e, holds(e)) for e in attached]
     for run_id, order in known.items():
         if only and run_id not in only:
             continue
@@ -77,5 +80,9 @@ def stop(fleet: Fleet, pythons: Mapping[str, str], run_id: str, nodes: Sequence[
     return fleet.map(lambda c: node_call(c, pythons[c.name], "stop", run_id, str(grace)), nodes)
 
 
-def prune(fleet: Fleet, pythons: Mapping[str, str], keep: int) -> dict[str, list | NodeError]:
-    return fleet.map(lambda c: node_call(c, pythons[c.name], "prune", str(keep)))
+def prune(
+    fleet: Fleet, pythons: Mapping[str, str], keep: int, with_outputs: bool = False
+) -> dict[str, dict | NodeError]:
+    """{"removed": run ids, "kept": run ids whose checkpoints stayed} per node."""
+    outputs = "1" if with_outputs else "0"
+    return fleet.map(lambda c: node_call(c, pythons[c.name], "prune", str(keep), outputs))

@@ -29,7 +29,7 @@ def show(
     out: Output | None = None,
 ) -> list[str]:
     """Stream every node's lines (parts: node -> its run_ctl.py list entry); returns one
-    problem line per node that could not be read."""
+    problem line per node whose reading failed on the way."""
     out = out or Output()
     problems: list[str] = []
     chans = []
@@ -65,7 +65,7 @@ def _pump(node, part, chan, rank, out: Output, problems: list[str]) -> None:
         for raw in lines.end():
             _line(node, raw, node_rank, nproc, rank, out)
     except NodeError as e:
-        problems.append(f"{node}: {e.message}")
+        problems.append(f"{node}: reading its lines failed ({e.message}); the rest are not shown")
 
 
 def _line(node: str, raw: bytes, node_rank: int, nproc: int, want: int | None, out: Output):
@@ -75,9 +75,33 @@ def _line(node: str, raw: bytes, node_rank: int, nproc: int, want: int | None, o
     out.line(f"[{node}] {body}" if r is None else f"[{node} r{r}] {body}")
 
 
-def nodes_of(said: Mapping[str, dict | NodeError], run_id: str, only: Sequence[str]) -> dict:
-    return {
-        n: a[run_id]
-        for n, a in said.items()
-        if isinstance(a, dict) and run_id in a and (not only or n in only)
-    }
+def nodes_of(
+    said: Mapping[str, dict | NodeError], run_id: str, order: Sequence[str]
+) -> tuple[dict, list[str]]:
+    """The run's nodes in `order` whose lines can be read (node -> its run_ctl.py list
+    entry), and one problem line for each other one: unreachable, outside this inventory, or
+    without the run's record (rebuilt). None of them is left out silently."""
+    parts, problems = {}, []
+    for n in order:
+        answer = said.get(n)
+        if answer is None:
+            problems.append(f"{n} is not in this inventory; its lines are not shown")
+        elif isinstance(answer, NodeError):
+            problems.append(f"{n} unreachable ({answer.message}); its lines are not shown")
+        elif run_id not in answer:
+            problems.append(f"{n} has no record of the run (rebuilt or pruned?); no lines")
+        else:
+            parts[n] = answer[run_id]
+    return parts, problems
+
+
+def ranks_of(said: Mapping[str, dict | NodeError], run_id: str, order: Sequence[str]) -> dict:
+    """node -> its global ranks, from the spec any node of the run still has (its node order
+    and processes per node): known for a node that cannot be asked now, too."""
+    for answer in said.values():
+        part = answer.get(run_id) if isinstance(answer, dict) else None
+        if part and part.get("nproc"):
+            nodes = part.get("meta", {}).get("nodes") or order
+            nproc = int(part["nproc"])
+            return {n: range(i * nproc, (i + 1) * nproc) for i, n in enumerate(nodes)}
+    return {}

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from ddpfleet.launch.clues import Clues, split_rank
-from ddpfleet.launch.verdict import Evidence, RunState, RunView, blame, who
+from ddpfleet.launch.verdict import Evidence, RunState, RunView, blame, restarts, who
 from ddpfleet.launch.verdict import fold as fold_states
 from ddpfleet.names import hostlist
 
@@ -40,7 +40,8 @@ def evidence(node: str, part: Mapping | str | None, named: str | None = None) ->
     state = RunState.read(part.get("status"), RunState.STOPPED)
     why = f"{node}: {part['reason']}" if part.get("reason") else ""
     if state.live and not part.get("alive"):
-        state, why = RunState.LOST, f"{node}: its supervisor vanished"
+        started = " before its torchrun started" if state is RunState.STARTING else ""
+        state, why = RunState.LOST, f"{node}: its supervisor vanished{started}"
     elif state is RunState.LOST:
         why = part.get("reason") or f"{node}: lost"  # the guardian's reason names the node
     rank = blamed_rank(part)
@@ -56,7 +57,9 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
     named = (master.get("first_failure") or {}).get("node") if isinstance(master, Mapping) else None
     evidences = [evidence(n, parts.get(n), named) for n in order]
     unasked = {n: p for n, p in parts.items() if isinstance(p, str)}
-    view = {"run_id": run_id, "nodes": tuple(order), **_times(order, parts), "unasked": unasked}
+    said = {n: p.get("restarts") or () for n, p in parts.items() if isinstance(p, Mapping)}
+    view = {"run_id": run_id, "nodes": tuple(order), **_times(order, parts), "unasked": unasked,
+            "restarts": restarts(said)}  # fmt: skip
     state = fold_states(evidences)
     if state is RunState.FAILED:
         first = blame(evidences)
@@ -64,6 +67,18 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
         return RunView(**view, state=state, why=why, failed_node=first.node,
                        failed_rank=first.rank)  # fmt: skip
     return RunView(**view, state=state, why=_why(state, evidences))
+
+
+def held(entry: Mapping, alive: bool) -> RunView:
+    """An attached run the index has no verdict for yet (index.Attached): RUNNING while the
+    controller holding it lives, else LOST (that controller was killed before the verdict; the
+    nodes' runners end its ranks when their channel drops). A recorded verdict replaces this
+    view (Index.settle)."""
+    order = tuple(entry.get("nodes") or ())
+    why = "" if alive else "its controller ended before the run did (attached run, no verdict)"
+    return RunView(run_id=entry["run_id"], state=RunState.RUNNING if alive else RunState.LOST,
+                   nodes=order, started=entry.get("started"), ended=None,
+                   exits=dict.fromkeys(order), why=why)  # fmt: skip
 
 
 def _times(order: Sequence[str], parts: Mapping[str, Mapping | str | None]) -> dict:
@@ -100,7 +115,9 @@ def _own_lines(part: Mapping, rank: int | None) -> tuple[str, ...]:
 
 
 def duration(v: RunView, now: float | None = None) -> str:
-    if v.started is None:
+    """Until it ended, or now while it runs; '-' when unknown: a LOST run whose end nobody saw
+    (it never started, or its nodes cannot say) does not grow older."""
+    if v.started is None or (v.ended is None and not v.state.live):
         return "-"
     seconds = int((v.ended or now or time.time()) - v.started)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -114,8 +131,18 @@ def rows(views: Sequence[RunView], now: float | None = None) -> list[tuple[str, 
                                                                time.localtime(v.started))  # fmt: skip
         exits = " ".join(f"{n}={'-' if c is None else c}" for n, c in v.exits.items())
         nodes = hostlist(v.nodes)  # node[0-7]: short, and never cut on a narrow terminal
-        out.append((v.run_id, v.state, nodes, started, duration(v, now), exits, v.why))
+        nproc = v.recorded.get("nproc")
+        shape = f"{len(v.nodes)}x{nproc}" if nproc else "-"
+        out.append((v.run_id, v.state, nodes, shape, started, duration(v, now), exits,
+                    "; ".join(filter(None, [_restarted(v), v.why]))))  # fmt: skip
     return out
 
 
-COLUMNS = ("run", "state", "nodes", "started", "duration", "exit", "why")
+def _restarted(v: RunView) -> str:
+    """'restarts 2 (node1 rank 3 exit 1; node0 rank 0 exit 1)': torchrun's restarts, why each."""
+    if not v.restarts:
+        return ""
+    return f"restarts {len(v.restarts)} ({'; '.join(v.restarts)})"
+
+
+COLUMNS = ("run", "state", "nodes", "shape", "started", "duration", "exit", "why")
