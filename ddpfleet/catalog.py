@@ -5,6 +5,7 @@ A role declares itself in its own role.py, as plain literals at the top:
     ORDER = 30              # when it runs: lower first (train_user 10 ... slurm 70)
     SECTION = "miniconda"   # its inventory section (default: the role's name)
     OPT_IN = True           # off unless the inventory enables it or --roles names it
+    CHOICES = {"manager": ("conda", "venv")}   # a setting that takes one of a few words
 
 and its settings in defaults.yaml (every key prefixed by the role's name). Adding a role is its
 folder, a test and a line in the README: no central list names it.
@@ -19,12 +20,15 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ddpfleet.errors import DdpfleetError
+from ddpfleet.inventory_yaml import did_you_mean
 
 
 def _roles_dir() -> Path:
@@ -36,7 +40,7 @@ def _roles_dir() -> Path:
 
 
 ROLES_DIR = _roles_dir()
-HEADER = ("ORDER", "SECTION", "OPT_IN")
+HEADER = ("ORDER", "SECTION", "OPT_IN", "CHOICES")
 _HEADER_LINE = re.compile(rf"^({'|'.join(HEADER)})\s*(?::[^=]*)?=")
 
 
@@ -47,6 +51,7 @@ class RoleInfo:
     section: str
     opt_in: bool
     directory: Path
+    choices: Mapping[str, tuple] = field(default_factory=dict)  # CHOICES: setting -> its words
 
     @property
     def keys(self) -> frozenset[str]:
@@ -84,12 +89,18 @@ def info(directory: Path) -> RoleInfo:
     section = header.get("SECTION", name)
     if not isinstance(section, str) or not section:
         raise DdpfleetError(f"{where}: SECTION must be a string naming its inventory section")
+    choices = header.get("CHOICES", {})
+    if not isinstance(choices, dict) or not all(
+        isinstance(v, tuple) and v for v in choices.values()
+    ):
+        raise DdpfleetError(f"{where}: CHOICES must map a setting to a tuple of its values")
     return RoleInfo(
         name=name,
         order=order,
         section=section,
         opt_in=header.get("OPT_IN") is True,
         directory=directory,
+        choices=choices,
     )
 
 
@@ -99,6 +110,34 @@ def defaults(directory: Path) -> dict:
     raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
     prefix = directory.name + "_"
     return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+
+
+def setting_problem(section: str, key: str, value: Any, roles_dir: Path = ROLES_DIR) -> str | None:
+    """Why `section: {key: value}` in an inventory cannot work, or None: a key no role of that
+    section defines (a section is shared: python_env is conda_env's and venv_env's), a value
+    that is not one of the role's CHOICES, or not true/false where the default is a boolean."""
+    infos = [r for r in discover(roles_dir) if r.section == section]
+    known = {k: v for r in infos for k, v in defaults(r.directory).items()}
+    if key not in known:
+        keys = sorted(known)
+        return f"unknown key{did_you_mean(key, keys)} (known: {', '.join(keys)})"
+    for r in infos:
+        allowed = r.choices.get(key)
+        if allowed and value not in allowed:
+            return f"{value!r} is not a choice; use {' or '.join(map(str, allowed))}"
+    if isinstance(known[key], bool) and not isinstance(value, bool):
+        return f"must be true or false, got {value!r}"
+    return None
+
+
+def var_problem(name: str, value: Any, roles_dir: Path = ROLES_DIR) -> str | None:
+    """A node var that sets a role's setting (venv_env_manager) is checked as that setting;
+    any other var is the node's own."""
+    for r in discover(roles_dir):
+        key = name[len(r.name) + 1 :] if name.startswith(r.name + "_") else None
+        if key in r.choices and value not in r.choices[key]:
+            return f"{value!r} is not a choice; use {' or '.join(map(str, r.choices[key]))}"
+    return None
 
 
 def sections(roles_dir: Path = ROLES_DIR) -> tuple[str, ...]:

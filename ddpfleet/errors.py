@@ -12,7 +12,10 @@
     │   ├── BecomeError           the login user cannot become root (or the training user)
     │   └── CommandError          a remote command failed (node, command, exit code, stderr tail)
     │       └── CommandTimeout    it ran past its timeout (and was stopped on the node)
-    └── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
+    ├── PlanError                 a launch/bootstrap plan that cannot work (refused before acting)
+    │   └── Refusals              several: "what failed; nothing was started:" then a line each
+    └── RunFailed                 a run failed: its first line names the node and rank, a block
+                                  of that rank's last lines follows (the one multi-line error)
 
 SSH and socket exceptions become these at the connection boundary, so nothing outside
 `ddpfleet/ssh/` handles the SSH library's or socket's types, or imports that library.
@@ -24,7 +27,9 @@ from ddpfleet.hygiene import clean  # a node's stderr is shown: no escapes reach
 
 
 class DdpfleetError(Exception):
-    """Base: str(err) is a complete one-line message for the user."""
+    """Base: str(err) is a complete one-line message for the user (block: several lines)."""
+
+    block = False  # the CLI keeps its newlines (each line was cleaned where it was made)
 
 
 class InventoryError(DdpfleetError):
@@ -37,6 +42,20 @@ class SandboxError(DdpfleetError):
 
 class PlanError(DdpfleetError):
     pass
+
+
+class Refusals(PlanError):
+    """One problem per line under a first line (`preflight failed; nothing was started:`): every
+    node's own line, each cleaned of control characters, so a node's text cannot add lines."""
+
+    block = True
+
+
+class RunFailed(DdpfleetError):
+    """The first line says which node and rank failed first; the lines after it are its last
+    output, each cleaned, shown as the block they were (a traceback, a SyntaxError's caret)."""
+
+    block = True
 
 
 class NodeError(DdpfleetError):

@@ -104,7 +104,7 @@ def load(
         raise InventoryError(
             f"a role's SECTION = {name!r} is a key of the inventory itself; rename the section"
         )
-    return _Builder(p, data, lines, check_files, role_sections).build().select(nodes)
+    return _Builder(p, data, lines, check_files, role_sections, roles_dir).build().select(nodes)
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -118,9 +118,10 @@ class _Builder:
         lines: dict,
         check_files: bool = True,
         role_sections: tuple[str, ...] = (),
+        roles_dir: Path = catalog.ROLES_DIR,
     ):
         self.path, self.data, self.lines, self.check_files = path, data, lines, check_files
-        self.role_sections = role_sections
+        self.role_sections, self.roles_dir = role_sections, roles_dir
 
     def fail(self, keys: tuple[str, ...], problem: str) -> InventoryError:
         line = None
@@ -159,9 +160,11 @@ class _Builder:
         cluster = self.cluster(top.get("cluster"), nodes)
         sections = {}
         for name in self.role_sections:
-            sections[name] = MappingProxyType(
-                dict(self.mapping((name,), top.get(name), tuple(top.get(name) or ())))
-            )
+            section = self.mapping((name,), top.get(name), tuple(top.get(name) or ()))
+            for key, value in section.items():  # every setting checked here, once
+                if problem := catalog.setting_problem(name, str(key), value, self.roles_dir):
+                    raise self.fail((name, str(key)), problem)
+            sections[name] = MappingProxyType(dict(section))
         return Inventory(
             path=self.path,
             cluster=cluster,
@@ -278,6 +281,9 @@ class _Builder:
         node_vars = entry.get("vars") or {}
         if not isinstance(node_vars, dict):
             raise self.fail(keys + ("vars",), "must be a mapping")
+        for var, value in node_vars.items():
+            if problem := catalog.var_problem(str(var), value, self.roles_dir):
+                raise self.fail(keys + ("vars", str(var)), problem)
         return Node(
             name=name,
             host=self.checked(keys + ("host",), entry["host"], host_problem),

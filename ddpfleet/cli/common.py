@@ -40,8 +40,9 @@ def cli(fn):
         except BrokenPipeError:
             quiet_stdout()
             raise Exit(code=PIPE_CLOSED) from None
-        except DdpfleetError as e:
-            raise Exit(f"error: {clean(str(e))}", code=1) from None  # may quote node output
+        except DdpfleetError as e:  # may quote node output: cleaned; a block (a rank's last
+            # lines, one refusal per node) keeps its newlines, every other error is one line
+            raise Exit(f"error: {clean(str(e), e.block)}", code=1) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
 

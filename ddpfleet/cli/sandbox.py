@@ -7,20 +7,42 @@ from invoke import Collection, task
 from ddpfleet import inventory as inv
 from ddpfleet import report
 from ddpfleet.cli.common import INVENTORY_HELP, NODES_HELP, cli
+from ddpfleet.errors import InventoryError
+
+COUNT_HELP = "how many nodes, node0..node<N-1> (default: the inventory's nodes)"
 
 
 def _sandbox_spec(inventory, count=None, login_user=None, sudo=None, init=None):
     from ddpfleet import sandbox
 
     loaded = inv.load(inventory, check_files=False)
-    return sandbox.spec_for(loaded, int(count) if count else None, login_user, sudo, init)
+    return sandbox.spec_for(loaded, _count(count), login_user, sudo, init)
+
+
+def _count(count) -> int | None:
+    """--count N, checked before anything is read or made."""
+    if count in (None, ""):
+        return None
+    if not str(count).isdigit() or int(count) < 1:
+        raise InventoryError(f"--count {count!r}: give a number of nodes, e.g. --count 3")
+    return int(count)
+
+
+def _no_nodes(task: str, nodes) -> None:
+    """--nodes names nodes in every task; here a number once did: say so instead of guessing."""
+    if nodes is not None:
+        raise InventoryError(
+            f"sandbox.{task} --nodes {nodes}: --nodes names nodes (sandbox.stop/start, train, "
+            f"...); say how many nodes with --count N"
+        )
 
 
 @task(
     name="up",
     help={
         "inventory": INVENTORY_HELP,
-        "nodes": "how many nodes (default: the inventory's nodes)",
+        "count": COUNT_HELP,
+        "nodes": "not here: see --count (--nodes names nodes in the other tasks)",
         "login-user": "who logs in (default: the inventory's ssh.user); not root: a cloud-style "
         "user with the client key, and sshd refuses root",
         "sudo": "that user's sudo: nopasswd (default), password (kept in "
@@ -29,11 +51,12 @@ def _sandbox_spec(inventory, count=None, login_user=None, sudo=None, init=None):
     },
 )
 @cli
-def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None, init=None):
+def sandbox_up(c, inventory=None, count=None, login_user=None, sudo=None, init=None, nodes=None):
     """Create a local test cluster here (needs root)."""
     from ddpfleet import sandbox
 
-    spec, written = _sandbox_spec(inventory, nodes, login_user, sudo, init)
+    _no_nodes("up", nodes)
+    spec, written = _sandbox_spec(inventory, count, login_user, sudo, init)
     sandbox.preflight()
     report.show(sandbox.render(sandbox.up(spec)))
     if written:
@@ -44,27 +67,33 @@ def sandbox_up(c, inventory=None, nodes=None, login_user=None, sudo=None, init=N
     name="down",
     help={
         "inventory": INVENTORY_HELP,
-        "nodes": "how many nodes were brought up (default: the inventory's)",
+        "count": "how many nodes were brought up (default: the inventory's)",
+        "nodes": "not here: see --count",
     },
 )
 @cli
-def sandbox_down(c, inventory=None, nodes=None):
+def sandbox_down(c, inventory=None, count=None, nodes=None):
     """Remove the local test cluster, leaving no trace."""
     from ddpfleet import sandbox
 
-    spec, _ = _sandbox_spec(inventory, nodes)
+    _no_nodes("down", nodes)
+    spec, _ = _sandbox_spec(inventory, count)
     sandbox.preflight()
     sandbox.down(spec)
     report.show(f"sandbox {spec.prefix}: down")
 
 
-@task(name="status", help={"inventory": INVENTORY_HELP, "nodes": "how many nodes"})
+@task(
+    name="status",
+    help={"inventory": INVENTORY_HELP, "count": COUNT_HELP, "nodes": "not here: see --count"},
+)
 @cli
-def sandbox_status(c, inventory=None, nodes=None):
+def sandbox_status(c, inventory=None, count=None, nodes=None):
     """Show the local test cluster's nodes."""
     from ddpfleet import sandbox
 
-    spec, _ = _sandbox_spec(inventory, nodes)
+    _no_nodes("status", nodes)
+    spec, _ = _sandbox_spec(inventory, count)
     report.show(sandbox.render(sandbox.status(spec)))
 
 

@@ -134,7 +134,6 @@ def bootstrap(
 
     with _fleet(inventory, nodes, ask_become_pass, exclude) as fleet:
         selected = roles_mod.select_roles(roles, skip_roles)
-        roles_mod.validate_sections(fleet.inventory, selected)
         runs = boot.bootstrap(
             fleet, selected, check=check, diff=diff, log_dir=fleet.inventory.root / "logs"
         )
@@ -162,7 +161,8 @@ def bootstrap(
         "run_id": "name of the run (default: date-time-random); logs go to logs/<run-id>/; "
         "an id used before is refused",
         "project_dir": "the directory mirrored to the nodes (default: the current one)",
-        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/code); "
+        "code_dir": "where the nodes keep the mirror (default: ~/ddpfleet/<cluster>/<project>/"
+        "code, <project> the project dir's name and a hash of its path); "
         "made by ddpfleet, 0700; an existing directory it did not make is refused",
         "launcher": launchers.flag_help(),
         "ask_become_pass": ASK_BECOME_HELP,

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import difflib
 import posixpath
+import shlex
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +47,10 @@ from ddpfleet.inventory import Inventory, Node
 from ddpfleet.ssh.connection import NODE_IO_ERRORS, Conn, Result
 
 STATUSES = ("ok", "changed", "failed", "skipped")
+# Every command a role runs carries this bootstrap's token in its environment (and so do its
+# children: pip, apt's dpkg, conda's solver), so the node can find and stop them all when the
+# bootstrap is interrupted or its controller vanishes: bootstrap.NodeLock.
+MARK = "DDPFLEET_BOOTSTRAP"
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,22 @@ class Host:
     # What each role's survey(fleet, role, check) found across all the run's nodes before any
     # node changed, by role name (a role whose files must agree across nodes: slurm).
     surveys: Mapping[str, Any] = field(default_factory=dict)
+    mark: str = ""  # this bootstrap's token (MARK), given by the node lock it holds
+    stopping: threading.Event | None = None  # set on Ctrl-C: no command starts after it
 
     @property
     def name(self) -> str:
         return self.conn.name
+
+    def _marked(self, command: str | list[str]) -> str | list[str]:
+        """The command with MARK in its environment: `env MARK=token /bin/sh -c command` inside
+        the root script, so the shell itself and everything it starts carry it."""
+        if self.stopping is not None and self.stopping.is_set():
+            raise NodeError(self.name, "bootstrap interrupted; nothing more was started")
+        if not self.mark:
+            return command
+        text = command if isinstance(command, str) else shlex.join(command)
+        return ["env", f"{MARK}={self.mark}", "/bin/sh", "-c", text]
 
     @property
     def node(self) -> Node:
@@ -130,6 +148,7 @@ class Host:
         timeout: float | None = None,
     ) -> Result:
         """A read-only command, as root: runs under --check too."""
+        command = self._marked(command)
         return self.conn.run(command, stdin=stdin, check=check, timeout=timeout, root=True)
 
     def change(
@@ -145,6 +164,7 @@ class Host:
         text = command if isinstance(command, str) else " ".join(command)
         self.changes.append(text)
         self.on_progress(text)
+        command = self._marked(command)
         return self.conn.run(command, stdin=stdin, check=check, timeout=timeout, root=True)
 
     def changed(

@@ -14,7 +14,8 @@ A role's settings for a node, lowest precedence first (the one place this is wri
     < task flags                    what a task passes, e.g. the roles tests' overrides
     < the role's overrides          {enabled: true} for an opt-in role (OPT_IN) named in --roles
 
-A section key no role defines is an inventory mistake (validate_sections), named with its line.
+A section key no role defines, or a value outside a role's CHOICES, is an inventory mistake named
+with its line when the inventory loads (catalog.setting_problem).
 """
 
 from __future__ import annotations
@@ -122,19 +123,14 @@ def select_roles(
 
 
 def validate_sections(inventory: Inventory, roles: list[Role], roles_dir: Path = ROLES_DIR) -> None:
-    """Unknown keys in a role section are inventory mistakes: name the line and the fix.
-    Every role's keys count, also those of roles not selected: a section is shared
-    (python_env: conda_env and venv_env)."""
-    known: dict[str, set[str]] = {}
-    for info in catalog.discover(roles_dir):
-        known.setdefault(info.section, set()).update(info.keys)
-    for section, keys in known.items():
-        for key in inventory.section(section):
-            if key not in keys:
-                raise InventoryError(
-                    f"{inventory.where(section, key)}: {section}.{key}: unknown key"
-                    f"{did_you_mean(key, sorted(keys))} (known: {', '.join(sorted(keys))})"
-                )
+    """Unknown keys and values outside a role's CHOICES are inventory mistakes: name the line and
+    the fix. inventory.load already refuses them (catalog.setting_problem); this checks an
+    Inventory built some other way. Every role's keys count, also those of roles not selected:
+    a section is shared (python_env: conda_env and venv_env)."""
+    for section in catalog.sections(roles_dir):
+        for key, value in inventory.section(section).items():
+            if problem := catalog.setting_problem(section, key, value, roles_dir):
+                raise InventoryError(f"{inventory.where(section, key)}: {section}.{key}: {problem}")
 
 
 def _comma_list(text: str | None) -> list[str]:

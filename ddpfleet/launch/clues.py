@@ -1,5 +1,5 @@
-"""What a node's torchrun output says about a failure (pure): the global rank of a line,
-the rank to blame, each failed rank's exit code."""
+"""What a node's torchrun output says (pure): the global rank of a line, the rank to blame,
+each failed rank's exit code, and which lines are the exit barrier's harmless noise."""
 
 from __future__ import annotations
 
@@ -78,3 +78,56 @@ class Clues:
 def peer_gone(lines) -> bool:
     """True when a failed rank's own lines say a peer went away (see PEER_GONE)."""
     return any(PEER_GONE.search(line) for line in lines)
+
+
+# torchrun's exit barrier: after its workers finished, each agent waits on the master's store for
+# the others; the master's torchrun may exit first and take the store with it, and the others log
+# the lost connection with a traceback (~1 run in 10 on a fast finish). c10d warns first, then
+# the agent's "Error waiting on exit barrier" and its traceback follow.
+EXIT_BARRIER = re.compile(r"Error waiting on exit barrier")
+STORE_WARNING = re.compile(r"recvValueWithTimeout failed|Failed to recv, got 0 bytes")
+# A traceback's own lines: its header, indented frames, C++ frames, the exception's last line.
+TRACEBACK_PART = re.compile(
+    r"^($|Traceback \(most recent|\s|During handling of|The above exception|Exception raised from|"
+    r"frame #\d+:|[\w.]+(Error|Exception)\b)"
+)
+# torch's log prefix, on every line of a record (its traceback's too): 'E1206 08:10:00.124000 77
+# torch/distributed/elastic/agent/server/api.py:1008] '.
+GLOG = re.compile(r"^\[?[VIWEC]\d{4} [\d:.]+ \d+ \S+:\d+\]\s?")
+EXIT_BARRIER_SAID = (
+    "torchrun: the exit barrier lost the master's store (the master's torchrun had already "
+    "exited): harmless once this node's ranks finished; the full text is in the log"
+)
+
+
+@dataclass
+class ExitBarrier:
+    """Keeps the exit barrier's noise off the console (pure): feed each line, get back
+    (rank, text, show) for what to write now. The noise goes to the log only, with one line
+    saying what it was; a c10d store warning waits for the next line to tell whether it was."""
+
+    inside: bool = False
+    said: bool = False
+    waiting: list[tuple[int | None, str]] = field(default_factory=list)
+
+    def feed(self, rank: int | None, body: str) -> list[tuple[int | None, str, bool]]:
+        if rank is None and EXIT_BARRIER.search(body):
+            self.inside = True
+            out = [(r, t, False) for r, t in self.waiting] + [(rank, body, False)]
+            self.waiting = []
+            if not self.said:
+                self.said = True
+                out.append((None, EXIT_BARRIER_SAID, True))
+            return out
+        if rank is None and self.inside and TRACEBACK_PART.match(GLOG.sub("", body)):
+            return [(rank, body, False)]
+        self.inside = False
+        if rank is None and STORE_WARNING.search(body):
+            self.waiting.append((rank, body))
+            return []
+        return self.end() + [(rank, body, True)]
+
+    def end(self) -> list[tuple[int | None, str, bool]]:
+        """What still waits, shown: no barrier error followed it."""
+        out, self.waiting = [(r, t, True) for r, t in self.waiting], []
+        return out

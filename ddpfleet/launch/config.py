@@ -12,6 +12,7 @@ any connection, and everything below (preflight, plan, gang, logs) reads the Tra
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import shlex
@@ -26,7 +27,9 @@ from ddpfleet.errors import PlanError
 from ddpfleet.inventory import Inventory
 
 DEFAULT_SCRIPT = "scripts/train_ddp.py"
-DEFAULT_CODE_DIR = "~/ddpfleet/{cluster}/code"
+# One code dir per project: two projects on one cluster each keep their own mirror (a shared one
+# made every switch a full resend that deleted the other's files). {project}: project_key().
+DEFAULT_CODE_DIR = "~/ddpfleet/{cluster}/{project}/code"
 DEFAULT_REMOTE_LOGS = "~/ddpfleet/{cluster}/runs"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -97,6 +100,7 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
     env = parse_env(flags.env)
     run_id = check_run_id(flags.run_id or new_run_id())
     code_dir = check_code_dir(flags.code_dir or DEFAULT_CODE_DIR)
+    project_dir = Path(flags.project_dir).resolve()
     nproc = check_nproc(str(flags.nproc_per_node))
     order = run_order(inventory, flags.nodes)
     nodes = [inventory.node(name) for name in order]
@@ -116,8 +120,8 @@ def resolve(inventory: Inventory, flags: TrainFlags, log_root: Path) -> TrainCon
         script=flags.script or DEFAULT_SCRIPT,
         args=split_args(flags.args),
         env=env,
-        project_dir=Path(flags.project_dir).resolve(),
-        code_dir=code_dir.format(cluster=cluster),
+        project_dir=project_dir,
+        code_dir=code_dir.format(cluster=cluster, project=project_key(project_dir)),
         code_dir_flag=code_dir,
         remote_logs=flags.remote_logs.format(cluster=cluster),
         run_dir=log_root / run_id,
@@ -166,15 +170,23 @@ def parse_env(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def project_key(project_dir: Path) -> str:
+    """The project's name on the nodes: its directory's name, made safe, and 8 hex digits of
+    the hash of its absolute path, so two checkouts named alike still get a dir each:
+    /home/ann/mytrain -> mytrain-3f2a9c1e."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", project_dir.name).strip(".-_")[:40] or "project"
+    return f"{name}-{hashlib.sha256(str(project_dir).encode()).hexdigest()[:8]}"
+
+
 def check_code_dir(code_dir: str) -> str:
     try:
-        code_dir.format(cluster="x")
+        code_dir.format(cluster="x", project="y")
     except (KeyError, IndexError, ValueError):
         code_dir = ""
     if not code_dir.strip():
         raise PlanError(
-            "--code-dir: give a path on the nodes, e.g. ~/ddpfleet/{cluster}/code "
-            "({cluster} is the only placeholder; write braces as {{ and }})"
+            "--code-dir: give a path on the nodes, e.g. ~/ddpfleet/{cluster}/{project}/code "
+            "({cluster} and {project} are the placeholders; write braces as {{ and }})"
         )
     return code_dir
 

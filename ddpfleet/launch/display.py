@@ -86,6 +86,8 @@ def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()) -> Group:
         report.table(None, [name for name, _ in columns], rows),
         report.text(f"env: {env}"),
     ]
+    if "='=" in env:  # NCCL_SOCKET_IFNAME='=eth0' read as a typo for one '='
+        lines.append(report.text("  (a value starting with '=' is NCCL's: exactly that interface)"))
     if len(cwds) == 1:
         lines.append(report.text(f"cwd: {cwds.pop()}"))
     checkpoints = {n.checkpoint_dir for n in p.nodes} - {""}
@@ -138,4 +140,12 @@ def _env(p: Plan, user: set[str]) -> tuple[str, list[tuple[str, list[str]]]]:
 
 
 def _quoted(value: str) -> str:
-    return value if value == "***" else shlex.quote(value)
+    """Shell-quoted, and a value starting with '=' always quoted: NCCL_SOCKET_IFNAME's '=eth0'
+    (exactly eth0) printed bare reads NCCL_SOCKET_IFNAME==eth0, a typo to the eye."""
+    if value == "***":
+        return value
+    return (
+        f"'{value}'"
+        if value.startswith("=") and shlex.quote(value) == value
+        else shlex.quote(value)
+    )

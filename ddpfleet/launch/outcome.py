@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from ddpfleet.hygiene import clean
 from ddpfleet.launch.verdict import Evidence, RunState, blame
 
 
@@ -60,11 +62,36 @@ def summary_line(o: Outcome, first: Outcome | None, reason: str | None) -> str:
     return f"{o.node}: failed ({rank}{exit_text(o.exit_code)}, {secs}){mark}"
 
 
+def held_lines(
+    held: Mapping[tuple, int], outcomes: Sequence[Outcome], first: Outcome | None, logs: Path
+) -> list[str]:
+    """One line per rank whose output was kept off the console once the first failure began
+    (Output.hold): what became of it and where its lines are. The first failure's own rank is
+    left out: its last lines are the error's block."""
+    state = {o.node: o.state for o in outcomes}
+    out = []
+    for (node, rank), count in sorted(
+        held.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])
+    ):
+        if first is not None and (node, rank) == (first.node, first.rank):
+            continue
+        who = f"[{node}]" if rank is None else f"[{node} r{rank}]"
+        what = "torchrun" if rank is None else f"rank {rank}"
+        how = (
+            "stopped by the gang" if state.get(node) is RunState.STOPPED else "ended with the gang"
+        )
+        lines = f"{count} line{'s' if count != 1 else ''}"
+        out.append(f"{who} {what} {how} after the first failure: {lines} in {logs / node}.log")
+    return out
+
+
 def failure_message(first: Outcome, outcomes: Sequence[Outcome]) -> str:
+    """The first line names who failed first; a block of its last lines follows, one per line,
+    indented as they were (a SyntaxError's caret stays under its column)."""
     rank = f" rank {first.rank}" if first.rank is not None else ""
     how = exit_text(first.exit_code) if first.state is RunState.FAILED else first.why
     others = ", ".join(f"{o.node} {o.state.word}" for o in outcomes if o is not first)
-    lines = "\n    ".join(first.last_lines) or "(no output)"
+    lines = "\n    ".join(clean(line) for line in first.last_lines) or "(no output)"
     return (
         f"training failed: {first.node}{rank} failed first ({how})"
         f"{'; ' + others if others else ''}. Last lines of {first.node}{rank}:\n    {lines}"

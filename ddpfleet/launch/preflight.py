@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from ddpfleet.errors import NodeError, PlanError
-from ddpfleet.hygiene import private_dir
+from ddpfleet.errors import NodeError, PlanError, Refusals
+from ddpfleet.hygiene import clean, private_dir
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.output import Output
@@ -27,6 +27,7 @@ class Probed:
     code: Mapping[str, object]  # the code dir: claimed and locked for this run, or why not
     listen: Mapping[str, object] | None  # the master's bind test
     reach: Mapping[str, object] | None  # a worker's connect to the master's port
+    slurm_jobs: tuple[tuple[str, str], ...] = ()  # ddpfleet's Slurm jobs running there: id, name
 
 
 def _probed(conn: Conn, python: str, got: Mapping) -> Probed:
@@ -42,7 +43,8 @@ def _probed(conn: Conn, python: str, got: Mapping) -> Probed:
         master_resolved=got["master_resolved"],
         route_dev=got["route_dev"],
     )
-    return Probed(facts, got["manifest"], got["code"], got.get("listen"), got.get("reach"))
+    jobs = tuple((str(j[0]), str(j[1])) for j in got.get("slurm_jobs") or ())
+    return Probed(facts, got["manifest"], got["code"], got.get("listen"), got.get("reach"), jobs)
 
 
 def open_members(fleet: Fleet, config: TrainConfig, out: Output) -> dict[str, Member]:
@@ -84,13 +86,34 @@ def port_problems(order: Sequence[str], probed: Mapping[str, Probed], port: int)
     return problems
 
 
+def slurm_problems(order: Sequence[str], probed: Mapping[str, Probed]) -> list[str]:
+    """One line per node a running Slurm job of ddpfleet holds: an SSH run there would share
+    its devices and could re-sync its code (the job holds its own code dir's lock only)."""
+    problems = []
+    for name in order:
+        for job_id, job_name in probed[name].slurm_jobs if name in probed else ():
+            run = job_name.removeprefix("ddpfleet-")
+            problems.append(
+                f"{name}: slurm job {job_id} (ddpfleet run {run}) is running there; wait for "
+                f"it to end, stop it (invoke stop {run}) or leave {name} out (--exclude {name})"
+            )
+    return problems
+
+
 def fail_if(problems: Sequence[str], what: str) -> None:
+    """Every problem found, one line each (a node's text cleaned of anything that could break
+    or add a line), under what failed."""
     if problems:
-        raise PlanError(f"{what}; nothing was started:\n  " + "\n  ".join(problems))
+        lines = "\n  ".join(clean(p) for p in problems)
+        raise Refusals(f"{what}; nothing was started:\n  {lines}")
 
 
-def preflight(config: TrainConfig, members: Mapping[str, Member]) -> tuple[Plan, dict[str, Probed]]:
-    """Every node's facts (in parallel: the runners probe at once), then the pure plan."""
+def preflight(
+    config: TrainConfig, members: Mapping[str, Member], beside_slurm: bool = False
+) -> tuple[Plan, dict[str, Probed]]:
+    """Every node's facts (in parallel: the runners probe at once), then the pure plan.
+    beside_slurm: the run is itself a Slurm job (Slurm queues it behind a running one), so a
+    node that a Slurm job of ddpfleet holds is not refused."""
     order, port = config.order, config.port
     probed, problems = {}, []
     for name in order:  # the master first: a taken port need not wait for the workers' connects
@@ -100,12 +123,14 @@ def preflight(config: TrainConfig, members: Mapping[str, Member]) -> tuple[Plan,
         except NodeError as e:
             problems.append(str(e))
         if name == order[0] and name in probed and not (probed[name].listen or {}).get("ok"):
-            fail_if(port_problems(order[:1], probed, port) + problems, "preflight failed")
+            jobs = [] if beside_slurm else slurm_problems(order[:1], probed)  # what holds it
+            fail_if(jobs + port_problems(order[:1], probed, port) + problems, "preflight failed")
     fail_if(problems, "preflight failed")
     facts = {n: p.facts for n, p in probed.items()}
     claims = {n: probed[n].code for n in order}
     fail_if(
-        sync.code_dir_problems(claims, config.code_dir_flag)
+        ([] if beside_slurm else slurm_problems(order, probed))
+        + sync.code_dir_problems(claims, config.code_dir_flag)
         + check_versions(facts)
         + port_problems(order, probed, port),
         "preflight failed",

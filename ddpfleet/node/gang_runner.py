@@ -35,6 +35,7 @@ What the channel does, and only here:
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -177,8 +178,32 @@ def preflight(helper, masterport, tree, ask):
         master = helper.resolve(ask["master_host"]) or ask["master_host"]
         error = masterport.reach(master, ask["reach"]["port"], ask["reach"]["timeout"])
         found["reach"] = {"ok": error is None, "error": error}
+    found["slurm_jobs"] = slurm_jobs(ask.get("node"))
     control(event="facts", **found)
     return held
+
+
+SLURM_CONFS = (
+    "/etc/slurm/slurm.conf",
+    "/etc/slurm-llnl/slurm.conf",
+)  # roles/slurm writes the first
+
+
+def slurm_jobs(node):
+    """ddpfleet's Slurm jobs running on this node, [[job id, job name]]: an SSH run here would
+    share its GPUs and re-sync its code. [] where Slurm is not installed or cannot say (the
+    node's Slurm NodeName is its inventory name: roles/slurm)."""
+    squeue = shutil.which("squeue")
+    configured = os.environ.get("SLURM_CONF") or any(os.path.isfile(p) for p in SLURM_CONFS)
+    if not squeue or not configured or not node:
+        return []  # no Slurm here: no squeue, nor its ~40 ms failing to find a config
+    argv = [squeue, "-h", "-w", node, "-t", "RUNNING,COMPLETING", "-o", "%i %j"]
+    try:  # a slurmctld that does not answer must not hold up every SSH run's preflight
+        got = subprocess.run(argv, capture_output=True, text=True, timeout=3)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    jobs = [line.split(None, 1) for line in got.stdout.splitlines()]
+    return [j for j in jobs if got.returncode == 0 and len(j) == 2 and j[1].startswith("ddpfleet-")]
 
 
 def lost(signame):

@@ -15,7 +15,7 @@ What lives where:
                                                 run/<node>.pid (host pid of the init), logs/
 
 The package, by what a question is about:
-    spec.py   SandboxSpec and the names of everything it makes; its checks; --nodes N
+    spec.py   SandboxSpec and the names of everything it makes; its checks; --count N
     host.py   host commands, Debian packages, client and host keys, known_hosts
     net.py    bridge, netns, veth
     nodes.py  a node's overlay files (/etc/hosts ...) and its init process

@@ -145,7 +145,7 @@ def select(spec: SandboxSpec, names: Iterable[str]) -> list[SandboxNode]:
     return [by_name[n] for n in wanted]
 
 
-# -- inventories for --nodes N ---------------------------------------------------------------------
+# -- inventories for --count N ---------------------------------------------------------------------
 
 
 def spec_for(
@@ -196,7 +196,7 @@ def numbered(subnet: str, count: int) -> tuple[SandboxNode, ...]:
     net = ipaddress.IPv4Network(subnet)
     if count < 1 or FIRST_HOST + count >= net.num_addresses - 1:
         raise SandboxError(
-            f"--nodes {count}: subnet {net} holds 1 to "
+            f"--count {count}: subnet {net} holds 1 to "
             f"{max(0, net.num_addresses - 2 - FIRST_HOST)} sandbox nodes"
         )
     return tuple(SandboxNode(f"node{i}", str(net[FIRST_HOST + i])) for i in range(count))
@@ -222,7 +222,7 @@ def _write_inventory(inventory: Any, spec: SandboxSpec) -> Path:
     path = Path(inventory.root) / ".ddpfleet" / f"inventory-{len(spec.nodes)}{tag}.yaml"
     state_dir(path.parent)
     path.write_text(
-        f"# written by invoke sandbox.up --nodes {len(spec.nodes)} from "
+        f"# written by invoke sandbox.up --count {len(spec.nodes)} from "
         f"{inventory.path}\n" + yaml.safe_dump(data, sort_keys=False)
     )
     return path

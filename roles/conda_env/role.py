@@ -43,6 +43,7 @@ from ddpfleet.envs import (
 
 ORDER = 40
 SECTION = "python_env"
+CHOICES = {"manager": ("conda", "venv")}  # checked when the inventory loads
 ASIDE = ".ddpfleet-old"  # <env><ASIDE>: the old env while its replacement is built and verified
 # $1 env, $2 where the old one waits: the new env goes, the old one comes back as it was.
 RESTORE = 'rm -rf "$1" && mv -T "$2" "$1"'

@@ -41,6 +41,7 @@ from . import wheels
 
 ORDER = 50
 SECTION = "python_env"
+CHOICES = {"manager": ("conda", "venv")}  # checked when the inventory loads
 CU118_LAST = (2, 7)  # facts.md B: the cu118 wheel index ends at 2.7.x
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
 APT_VENV = ["env", "DEBIAN_FRONTEND=noninteractive", *APT_GET, "install", "-yq", "python3-venv"]

@@ -9,6 +9,7 @@ nothing is downloaded; ddpfleet itself is the wheel's copy, which the tests chec
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,7 @@ def test_a_new_project_bootstraps_and_trains(venv: Path, cluster: Cluster, tmp_p
     r = ddpfleet(venv, "train", "--script", "train.py", "--nproc-per-node", "1", cwd=project)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rank 0 of 2 trained" in r.stdout and "rank 1 of 2 trained" in r.stdout
-    # The project's own code dir on the nodes (the cluster is named after the project).
-    assert "/ddpfleet/myproj/code" in r.stdout, r.stdout
+    # The project's own code dir on the nodes (the cluster is named after the project, the code
+    # dir after the project dir: its name and a hash of its path).
+    assert re.search(r"/ddpfleet/myproj/myproj-[0-9a-f]{8}/code", r.stdout), r.stdout
     assert any((project / "logs").iterdir())

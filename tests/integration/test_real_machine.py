@@ -402,7 +402,8 @@ def test_a_planted_manifest_entry_stops_the_detached_run(booted: Cluster, tmp_pa
         assert ready[:1] == ["ready"], ready
         r = booted.invoke(
             "train", "--nodes", "node0", "--nproc-per-node", "1", "--script", "ok.py",
-            "--run-id", run_id, "--project-dir", str(tmp_path), "--detach", timeout=WAIT_S,
+            "--run-id", run_id, "--project-dir", str(tmp_path), "--detach", "--code-dir", CODE,
+            timeout=WAIT_S,
         )  # fmt: skip
         said = planter.communicate(timeout=90)[0]
         after = as_root(booted, "node0", "ls -la /etc/sudoers.d")

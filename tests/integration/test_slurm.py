@@ -339,9 +339,11 @@ def test_detached_job_runs_logs_gpu_status_and_stop(slurm: Cluster, sudo_login: 
 def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
     ok_id, bad_id = new_run_id("slurmok"), new_run_id("slurmbad")
     detach(slurm, ok_id, "--epochs 1 --steps-per-epoch 2 --batch-size 8")
-    bad = "--epochs 50 --steps-per-epoch 20 --step-sleep 0.05 --fail-at-step 3 --fail-rank 3"
-    detach(slurm, bad_id, bad)  # waits for the nodes (--exclusive) behind the first
+    # Not queued behind it: a running job holds its project's code dir (issue 24 item 6), so a
+    # second job of the same project waits for the first to end rather than re-sync under it.
     assert until_ended(slurm, ok_id)["state"] == "SUCCEEDED"
+    bad = "--epochs 50 --steps-per-epoch 20 --step-sleep 0.05 --fail-at-step 3 --fail-rank 3"
+    detach(slurm, bad_id, bad)
     out = slurm.invoke("logs", ok_id, timeout=120).stdout
     checksums = dict(re.findall(r"^\[node\d r(\d)\] rank \1 checksum (\S+)$", out, re.M))
     assert sorted(checksums) == ["0", "1", "2", "3"] and len(set(checksums.values())) == 1, out
@@ -357,6 +359,56 @@ def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
     table = slurm.invoke("runs", timeout=120).stdout
     assert re.search(rf"{bad_id} +│ FAILED", table) and re.search(rf"{ok_id} +│ SUCCEEDED", table)
     wait_gone(slurm, bad_id, time.monotonic(), within=30, nodes=NODES)
+
+
+def code_lock(c: Cluster, node: str, run_id: str) -> str:
+    """The code dir lock on the node that the run's Slurm job holds, or '' (the preflight's
+    claim names the run alone, until the job's task takes the lock)."""
+    found = c.ssh(
+        node, f"grep -l -s -F -e '{run_id} (slurm job' /home/train/ddpfleet/*/*/code/.ddpfleet/lock"
+    )
+    return found.stdout.strip()
+
+
+def test_a_running_slurm_job_holds_its_nodes_and_its_code_dir(slurm: Cluster):
+    """Issue 24 item 6: an SSH run re-synced train.py under a running Slurm job. The job's
+    tasks hold the code dir's lock as an SSH run's runners do, and an SSH run refuses the nodes
+    a running ddpfleet job holds, one line per node naming the job."""
+    run_id = new_run_id("slurmhold")
+    job = detach(slurm, run_id, "--epochs 100 --steps-per-epoch 100 --step-sleep 0.1")
+    try:
+        deadline = time.monotonic() + 240
+        while not all(code_lock(slurm, n, run_id) for n in NODES):
+            assert time.monotonic() < deadline, run_view(slurm, run_id)
+            time.sleep(0.5)
+        lock = code_lock(slurm, "node0", run_id)
+        assert slurm.ssh("node0", f"cat {lock}").stdout == f"{run_id} (slurm job {job})"
+        beside = new_run_id("sshbeside")
+        # Another port: on the default one the master's refusal comes first (naming the job too).
+        args = train_args(beside, SHORT, "--launcher", "ssh", "--master-port", "29611")
+        r = slurm.invoke(*args, timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr
+        for node in NODES:
+            assert (
+                f"{node}: slurm job {job} (ddpfleet run {run_id}) is running there; wait for it "
+                f"to end, stop it (invoke stop {run_id}) or leave {node} out (--exclude {node})"
+            ) in r.stderr, r.stderr
+        assert f"code dir {lock[: -len('/.ddpfleet/lock')]} is in use by run {run_id}" in r.stderr
+        assert "code: " not in r.stdout  # nothing synced
+        queued = new_run_id("slurmbeside")
+        # Another port: the job's store holds the default one, which the preflight checks first.
+        args = train_args(
+            queued, SHORT, "--launcher", "slurm", "--detach", "--master-port", "29612"
+        )
+        r = slurm.invoke(*args)
+        assert r.returncode == 1, r.stdout[-3000:] + r.stderr
+        assert f"is in use by run {run_id} (slurm job {job})" in r.stderr, r.stderr
+        assert run_view(slurm, run_id)["state"] == "RUNNING"
+    finally:
+        stop = slurm.invoke("stop", run_id, timeout=300)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+    free = slurm.ssh("node0", f"flock -n -x {lock} true")
+    assert free.returncode == 0, "the lock outlived the job"
 
 
 def test_a_node_added_to_the_inventory_joins_on_the_next_bootstrap(slurm: Cluster, tmp_path):

@@ -23,7 +23,7 @@ from tests.integration.conftest import INVOKE, ROOT, Cluster
 
 NODES = ("node0", "node1")
 TINY = "--epochs 1 --steps-per-epoch 2 --batch-size 4"
-CODE = "/root/ddpfleet/sandbox/code"  # the default --code-dir of the sandbox cluster
+CODE = "/root/ddpfleet/sandbox/code"  # the code dir these tests name (the default is per project)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_checkpoint_and_run_output_survive_the_next_sync(ready: Cluster, tmp_pat
     proj = project(tmp_path / "proj", **{"extra.py": "X = 1\n", "pkg/util.py": "Y = 1\n"})
     ckpt = "--checkpoint-dir ckpt"  # under ddpfleet the run's DDPFLEET_CHECKPOINT_DIR wins
     first = new_run_id("ckpt1")
-    ok(train(ready, proj, first, f"{TINY} {ckpt}"))
+    ok(train(ready, proj, first, f"{TINY} {ckpt}", "--code-dir", CODE))
     saved = f"/var/lib/ddpfleet/runs/{first}/checkpoints/step-00000002/MANIFEST.json"
     assert node_text(ready, "node0", f"test -s {saved} && echo yes") == "yes"
     assert node_text(ready, "node0", f"test -e {CODE}/ckpt || echo none") == "none"
@@ -113,6 +113,8 @@ def test_checkpoint_and_run_output_survive_the_next_sync(ready: Cluster, tmp_pat
             proj,
             new_run_id("ckpt2"),
             f"--epochs 2 --steps-per-epoch 2 --batch-size 4 {ckpt}",
+            "--code-dir",
+            CODE,
         )
     )
     assert re.search(r"^\[node0 r0\] epoch 2 loss ", out, re.MULTILINE), out
@@ -312,3 +314,24 @@ def test_no_secret_of_an_inventory_in_the_project_reaches_a_node(ready: Cluster,
         grep = ready.ssh(node, f"grep -rl -e 'BEGIN OPENSSH' -e hunter2 -e MMMMMMMM {code}")
         assert grep.stdout.strip() == "", f"{node}: {grep.stdout}"
     assert (proj / "cluster" / "logs" / run_id).is_dir()  # the run's logs, beside the inventory
+
+
+def test_two_projects_on_one_cluster_keep_a_code_dir_each(ready: Cluster, tmp_path: Path):
+    """Issue 24 item 6: switching projects resent everything and deleted the other project's
+    files ("1 sent, 239 deleted"). Each project dir has its own code dir (its name and a hash
+    of its path), so the first project's files are still there and its next sync sends none."""
+    files = {f"pkg/m{i}.py": f"M = {i}\n" for i in range(5)}
+    mine = project(tmp_path / "one" / "mytrain", **files)
+    other = project(tmp_path / "two" / "mytrain", **{"other.py": "O = 1\n"})  # the same name
+    ok(train(ready, mine, new_run_id("proj-a1"), TINY))
+    out_b = ok(train(ready, other, new_run_id("proj-b"), TINY))
+    assert re.search(r"code: node0 \d+ sent \([\d.]+ KiB\), 0 deleted;", out_b), out_b
+    out_a = ok(train(ready, mine, new_run_id("proj-a2"), TINY))
+    assert "code: node0 unchanged; node1 unchanged" in out_a, out_a
+    code_a, code_b = (re.search(r"^cwd: (\S+)$", o, re.M).group(1) for o in (out_a, out_b))
+    assert code_a != code_b and re.fullmatch(
+        r"/root/ddpfleet/sandbox/mytrain-[0-9a-f]{8}/code", code_a
+    )
+    for node in NODES:
+        assert node_text(ready, node, f"cat {code_a}/pkg/m4.py {code_b}/other.py") == "M = 4\nO = 1"
+        assert node_text(ready, node, f"test -e {code_a}/other.py || echo apart") == "apart"

@@ -168,6 +168,47 @@ def test_rank_failure_on_node1_stops_every_node(ready: Cluster):
     print(f"crash -> last process gone: {gone:.2f}s")
 
 
+def test_a_crash_reads_as_its_traceback_and_a_line_per_stopped_rank(ready: Cluster):
+    """Issue 24 item 9: ~190 lines of the healthy ranks' tracebacks buried the one that
+    mattered, and the last lines of the failed rank came squashed into one line."""
+    run_id = new_run_id("reads")
+    r = ready.invoke(*train_args(run_id, f"{LONG} --fail-at-step 8 --fail-rank 3"), timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    error = r.stderr.strip().splitlines()
+    assert error[0].startswith("error: training failed: node1 rank 3 failed first ("), error
+    assert error[0].endswith("Last lines of node1 rank 3:"), error
+    block = error[1:]  # the rank's last lines, one per line, indented (torch prefixes [rank3]:)
+    assert len(block) > 2 and all(line.startswith("    ") for line in block), error
+    assert any("RuntimeError: rank 3: injected failure at step 8" in line for line in block), error
+    stopping = "ddpfleet: node1 failed: stopping every node"
+    assert stopping in r.stdout, r.stdout[-3000:]
+    after = r.stdout.split(stopping, 1)[1].splitlines()
+    noisy = [
+        line
+        for line in after
+        if line.startswith("[node0") and "ddpfleet:" not in line and "first failure:" not in line
+    ]
+    assert noisy == [], r.stdout[-5000:]
+    summaries = [line for line in after if "after the first failure:" in line]
+    assert all(line.endswith(f"logs/{run_id}/{line[1:6]}.log") for line in summaries), summaries
+    assert "Traceback" in (ready.dir / "logs" / run_id / "node0.log").read_text()  # kept there
+
+
+def test_a_syntax_error_keeps_its_caret_under_the_column(ready: Cluster, tmp_path: Path):
+    (tmp_path / "bad.py").write_text("import sys\n\ndef main(:\n    pass\n")
+    run_id = new_run_id("syntax")
+    args = ["train", "--project-dir", str(tmp_path), "--script", "bad.py", "--run-id", run_id,
+            "--nproc-per-node", "1"]  # fmt: skip
+    r = ready.invoke(*args, timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    error = r.stderr.rstrip().splitlines()
+    assert re.match(r"error: training failed: node\d rank \d failed first", error[0]), error
+    code = next(i for i, line in enumerate(error) if line.strip() == "def main(:")
+    assert error[code + 1].strip() == "^", error
+    assert error[code + 1].index("^") == error[code].index("(") + 1, error  # under the column
+    assert error[code + 2].strip().startswith("SyntaxError: "), error
+
+
 def test_interrupt_stops_every_node(ready: Cluster):
     run_id = new_run_id("int")
     live = Live(ready, train_args(run_id, LONG))

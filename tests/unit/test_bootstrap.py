@@ -46,7 +46,9 @@ def role(apply) -> Role:
 
 @pytest.fixture
 def no_lock(monkeypatch):
-    monkeypatch.setattr(boot, "NodeLock", lambda conn, wait_s: contextlib.nullcontext())
+    # a held lock with no token: commands run unmarked, as they do for a fake host
+    held = SimpleNamespace(token="")
+    monkeypatch.setattr(boot, "NodeLock", lambda conn, wait_s: contextlib.nullcontext(held))
 
 
 def conn(name: str) -> FakeHost:

@@ -66,9 +66,8 @@ def test_a_new_role_folder_is_discovered_and_its_section_accepted(tmp_path):
     # The shipped roles know no such section; nor does the new role know a misspelt key.
     with pytest.raises(InventoryError, match=r"inventory.yaml:3: burn: unknown key"):
         inventory(tmp_path, "burn: {minutes: 3}\n")
-    mistyped = inventory(tmp_path, "burn: {minuts: 3}\n", roles_dir=roles_dir)
     with pytest.raises(InventoryError, match=r"burn.minuts: unknown key; did you mean 'minutes'"):
-        validate_sections(mistyped, chosen, roles_dir=roles_dir)
+        inventory(tmp_path, "burn: {minuts: 3}\n", roles_dir=roles_dir)
 
 
 def test_an_opt_in_role_is_off_unless_named(tmp_path):

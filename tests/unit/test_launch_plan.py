@@ -47,6 +47,9 @@ def all_facts(**kw) -> dict[str, NodeFacts]:
     return {n: facts(n, **kw) for n in ("node0", "node1", "node2")}
 
 
+HERE = launch.project_key(Path(".").resolve())  # the default project dir's name on the nodes
+
+
 def config(inventory: inv.Inventory, **flags) -> launch.TrainConfig:
     return launch.resolve(inventory, TrainFlags(**{"run_id": "r1", **flags}), Path("/logs"))
 
@@ -68,7 +71,9 @@ def test_flags_are_resolved_once_into_a_frozen_config(tmp_path):
     assert c.order == ("node2", "node0") and c.master == "node2" and c.port == 31000
     assert c.args == ("--name", "a b") and c.env == (("A", "1"),) and c.nproc is None
     assert not c.count_gpus("node2") and c.count_gpus("node0")  # node2's inventory says 2
-    assert c.code_dir == "~/ddpfleet/demo/code" and c.remote_logs == "~/ddpfleet/demo/runs"
+    # One code dir per project (issue 24 item 6): the project dir's name and a hash of its path.
+    assert c.code_dir == f"~/ddpfleet/demo/{launch.project_key(tmp_path.resolve())}/code"
+    assert c.remote_logs == "~/ddpfleet/demo/runs"
     assert c.run_dir == Path("/logs/r1") and c.project_dir == tmp_path.resolve()
     assert c.python["node0"].endswith("/bin/python") and c.hosts["node2"] == "10.0.0.12"
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -123,7 +128,7 @@ def test_argv_is_exact_and_ranks_follow_nodes_order(tmp_path):
         "--epochs",
         "2",
     )
-    assert p.nodes[0].cwd == "/root/ddpfleet/demo/code"
+    assert p.nodes[0].cwd == f"/root/ddpfleet/demo/{HERE}/code"
 
 
 def test_default_order_is_inventory_order_with_the_master_first(tmp_path):
@@ -279,7 +284,10 @@ def test_plan_shows_the_command_once_and_what_differs_per_node(tmp_path):
     )
     assert cells(lines, "node") == ["node", "host", "node_rank"]
     assert cells(lines, "node2") == ["node2", "10.0.0.12", "2"]
-    assert "cwd: /root/ddpfleet/demo/code" in lines and text.count("torch.distributed.run") == 1
+    assert (
+        f"cwd: /root/ddpfleet/demo/{HERE}/code" in lines
+        and text.count("torch.distributed.run") == 1
+    )
 
 
 def test_what_only_some_nodes_have_becomes_a_column(tmp_path):
@@ -304,7 +312,7 @@ def test_what_only_some_nodes_have_becomes_a_column(tmp_path):
         f"{home}/runs/r1",
         "ib0",
         "=ib0",
-        f"{home}/code",
+        f"{home}/{HERE}/code",
     ]
     assert cells(lines, "node2")[4:6] == ["(unset)", "(unset)"]
     assert any("--log-dir {log_dir}" in line for line in lines)
@@ -327,10 +335,10 @@ def test_a_detached_plan_shows_the_directory_the_ranks_really_run_in(tmp_path):
     """Issue 24 item 2: the plan printed the code dir while the ranks ran in the run's copy."""
     p = plan(load(tmp_path), all_facts(), snapshot=True)
     assert {n.cwd for n in p.nodes} == {"/var/lib/ddpfleet/runs/r1/code"}
-    assert {n.mirror for n in p.nodes} == {"/root/ddpfleet/demo/code"}  # what the sync fills
+    assert {n.mirror for n in p.nodes} == {f"/root/ddpfleet/demo/{HERE}/code"}  # the sync fills
     assert "cwd: /var/lib/ddpfleet/runs/r1/code" in shown(p)
     attached = plan(load(tmp_path), all_facts())
-    assert attached.nodes[0].cwd == attached.nodes[0].mirror == "/root/ddpfleet/demo/code"
+    assert attached.nodes[0].cwd == attached.nodes[0].mirror == f"/root/ddpfleet/demo/{HERE}/code"
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import os
 import pwd
 import shlex
 import subprocess
+import time
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -65,13 +66,22 @@ def test_shared_env_goes_into_the_script_and_only_per_node_values_onto_the_task_
     assert "s3cret" not in srun[-1]  # the task's command line (ps) has no --env value
 
 
+def code_dir(tmp_path):
+    """A code dir as node_helper.claim leaves it: .ddpfleet/lock beside the mirror."""
+    code = tmp_path / "code"
+    (code / ".ddpfleet").mkdir(parents=True)
+    (code / ".ddpfleet" / "lock").write_text("")
+    return code
+
+
 def test_each_task_runs_its_own_nodes_line(tmp_path):
     task = b.task_script(PLAN, b.split_env(PLAN)[1])
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python").write_text('#!/bin/sh\necho "$GLOO_SOCKET_IFNAME $*"\n')
     (fake / "python").chmod(0o755)
-    task = task.replace("/opt/v/bin/python", str(fake / "python")).replace("cd /c", "cd /")
+    code = code_dir(tmp_path)
+    task = task.replace("/opt/v/bin/python", str(fake / "python")).replace("cd /c", f"cd {code}")
     env = {"PATH": "/usr/bin:/bin", "SLURMD_NODENAME": "node1", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "42"}  # fmt: skip
     out = subprocess.run(["sh", "-c", task], env=env, capture_output=True, text=True).stdout
@@ -80,6 +90,35 @@ def test_each_task_runs_its_own_nodes_line(tmp_path):
     env["SLURMD_NODENAME"] = "node9"
     r = subprocess.run(["sh", "-c", task], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "no plan for node node9" in r.stderr
+
+
+def test_a_task_holds_the_code_dirs_lock_while_torchrun_runs_and_a_held_one_refuses(tmp_path):
+    """Issue 24 item 6: a Slurm run holds the code dir's lock like an SSH run's runner."""
+    code = code_dir(tmp_path)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nsleep 2\n")
+    fake.chmod(0o755)
+    task = b.task_script(PLAN, b.split_env(PLAN)[1])
+    task = task.replace("/opt/v/bin/python", str(fake)).replace("cd /c", f"cd {code}")
+    env = {"PATH": "/usr/bin:/bin", "SLURMD_NODENAME": "node0", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "42"}  # fmt: skip
+    job = subprocess.Popen(["sh", "-c", task], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = code / ".ddpfleet" / "lock"
+        deadline = time.monotonic() + 5
+        while lock.read_text() == "" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lock.read_text() == "run1 (slurm job 42)"
+        held = subprocess.run(["flock", "-n", "-x", str(lock), "true"])
+        assert held.returncode == 1  # an SSH run's claim finds it busy, naming the job
+        second = subprocess.run(["sh", "-c", task], env=env, capture_output=True, text=True)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (
+            f"ddpfleet: code dir {code} is in use by run run1 (slurm job 42)"
+        )
+    finally:
+        job.wait(10)
+    assert subprocess.run(["flock", "-n", "-x", str(lock), "true"]).returncode == 0
 
 
 def test_sbatch_asks_for_exactly_the_planned_nodes():
@@ -161,7 +200,8 @@ def test_each_task_makes_the_checkpoint_dir_before_torchrun(tmp_path):
     fake.mkdir()
     (fake / "python").write_text('#!/bin/sh\necho "$DDPFLEET_CHECKPOINT_DIR"\n')
     (fake / "python").chmod(0o755)
-    task = task.replace("/opt/v/bin/python", str(fake / "python")).replace("cd /c", "cd /")
+    code = code_dir(tmp_path)  # the task holds its lock (issue 24 item 6)
+    task = task.replace("/opt/v/bin/python", str(fake / "python")).replace("cd /c", f"cd {code}")
     ckpt = tmp_path / "runs" / "run1" / "checkpoints"
     env = {"PATH": "/usr/bin:/bin", "SLURMD_NODENAME": "node0", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "42", "DDPFLEET_RUN_ID": "run1", "HOME": str(tmp_path / "home"),

@@ -78,6 +78,17 @@ def split_env(p: Plan) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     return common, own
 
 
+# The code dir's lock (node_helper.LOCK, flocked as node_helper.claim does), taken by each task
+# and kept by its torchrun (fd 9, inherited through exec) for as long as it runs, as an SSH run's
+# runner keeps it: no other run re-syncs the code under the job. Its text names the holder, which
+# a refused run quotes. flock(1) is util-linux's.
+HOLD_LOCK = (
+    "exec 9<>.ddpfleet/lock && flock -n -x 9 || "
+    '{{ echo "ddpfleet: code dir $PWD is in use by run $(cat .ddpfleet/lock)" >&2; exit 2; }}; '
+    "printf '%s (slurm job %s)' {run_id} \"$SLURM_JOB_ID\" >.ddpfleet/lock; "
+)
+
+
 # Each task, as the job's user, before torchrun: the run's DDPFLEET_CHECKPOINT_DIR (the
 # checkpoint contract), made by root before sbatch where the login can become root
 # (checkpoint_dir_argv); where it could not be, the user's own ~/.ddpfleet/runs/<run-id>/.
@@ -99,13 +110,15 @@ def checkpoint_dir_argv(path: str, owner: str) -> list[str]:
 
 
 def task_script(p: Plan, own: Mapping[str, Mapping[str, str]]) -> str:
-    """What every srun task runs: its node's line of the plan, picked by SLURMD_NODENAME."""
+    """What every srun task runs: its node's line of the plan, picked by SLURMD_NODENAME, in
+    the code dir whose lock it holds."""
     endpoint = f"{p.master_addr}:{p.master_port}"
+    lock = HOLD_LOCK.format(run_id=shlex.quote(p.run_id))
     lines = [CHECKPOINT_DIR_SH, 'case "$SLURMD_NODENAME" in']
     for n in p.nodes:
         env = "".join(f"export {shlex.quote(f'{k}={v}')}; " for k, v in own[n.node].items())
         lines.append(
-            f"  {shlex.quote(n.node)}) cd {shlex.quote(n.cwd)} || exit 2; {env}"
+            f"  {shlex.quote(n.node)}) cd {shlex.quote(n.cwd)} || exit 2; {lock}{env}"
             f"exec {torchrun_argv(n, endpoint)} ;;"
         )
     lines.append('  *) echo "ddpfleet: no plan for node $SLURMD_NODENAME" >&2; exit 2 ;;')

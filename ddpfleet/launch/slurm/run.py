@@ -13,11 +13,17 @@ import time
 from collections import deque
 from pathlib import Path
 
-from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.errors import DdpfleetError, NodeError, RunFailed
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch.clues import Clues
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.outcome import Outcome, failure_message, first_failure, summary_line
+from ddpfleet.launch.outcome import (
+    Outcome,
+    failure_message,
+    first_failure,
+    held_lines,
+    summary_line,
+)
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.preflight import fail_if, fresh_run_dir
@@ -66,7 +72,7 @@ def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
     fresh_run_dir(config.run_dir)
     files, members = open_checked(fleet, config, out)
     try:  # the runners only check and sync here
-        return prepare(fleet, config, members, files)
+        return prepare(fleet, config, members, files, beside_slurm=True)
     finally:
         for m in members.values():
             m.call_off()
@@ -189,10 +195,14 @@ class Job:
 
     def show(self, node: str, rank: int | None, text: str) -> None:
         prefix = f"[{node}]" if rank is None else f"[{node} r{rank}]"
-        self.out.line(f"{prefix} {text}", self.logs.get(node))
         if node in self.clues:
-            self.clues[node].feed(rank, text, time.monotonic())
+            clues, calm = self.clues[node], self.clues[node].first_at is None
+            clues.feed(rank, text, time.monotonic())
             self.lines[node].append((rank, text))
+            if calm and clues.first_at is not None:  # the first sign of failure: keep to it
+                self.out.hold((node, clues.rank))
+        key = (node, rank) if node in self.clues else None
+        self.out.line(f"{prefix} {text}", self.logs.get(node), key=key)
 
     def follow(self) -> None:
         while True:
@@ -247,6 +257,8 @@ class Job:
         fetched = fetch_rank_logs(self.fleet, self.p, self.run_dir, [n.node for n in self.p.nodes])
         first = first_failure(outcomes)
         reason = f"slurm job {self.id} {self.state.lower()}"
+        for line in held_lines(self.out.held(), outcomes, first, self.run_dir):
+            self.out.line(line)
         for o in outcomes:
             self.out.line(summary_line(o, first, reason))
         missing = [str(r) for r in fetched.values() if isinstance(r, NodeError)]
@@ -254,7 +266,7 @@ class Job:
             f"logs: {self.run_dir}" + (f" (not copied: {'; '.join(missing)})" if missing else "")
         )
         if first is not None:
-            raise DdpfleetError(f"slurm job {self.id}: " + failure_message(first, outcomes))
+            raise RunFailed(f"slurm job {self.id}: " + failure_message(first, outcomes))
         if self.state != "COMPLETED" or exit_code(self.info):
             raise DdpfleetError(
                 f"slurm job {self.id} ended {self.state} ({self.info.get('Reason', '')}); "

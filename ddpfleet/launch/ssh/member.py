@@ -13,7 +13,7 @@ from pathlib import Path
 from ddpfleet.errors import NodeError
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch import sync
-from ddpfleet.launch.clues import Clues, split_rank
+from ddpfleet.launch.clues import Clues, ExitBarrier, split_rank
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.output import LineSplitter, Output
 from ddpfleet.launch.plan import NodePlan
@@ -48,6 +48,7 @@ class Member:
         self.outcome = Outcome(conn.name)
         self.lines: deque[tuple[int | None, str]] = deque(maxlen=400)  # enough for a traceback
         self.clues = Clues()
+        self.barrier = ExitBarrier()  # torchrun's exit-barrier noise: to the log only
         self.stopped_by_us = False  # the runner said it is stopping at our word
         self.told_to_stop = False
         self.failed_itself = False  # torchrun said a worker failed before we said stop
@@ -174,6 +175,7 @@ class Member:
                     self.handle(raw)
             for raw in lines.end():
                 self.handle(raw)
+            self.show(self.barrier.end())
             code = self.chan.recv_exit_status()
         except NodeError:
             code = -1
@@ -189,11 +191,23 @@ class Member:
         self.lines.append((rank, body[:TAIL_CHARS]))  # the tail for a failure message
         if rank is None and RESTART_LINE.match(body):
             self.restarts.append(body)
-        if self.plan is not None and self.clues.feed(rank, body, time.monotonic()):
-            # with a restart left, torchrun starts its workers again: not the gang's failure
-            self.failed_itself = self.failed_itself or not (self.told_to_stop or self.restarting())
-        prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"
-        self.out.line(f"{prefix} {body}", self.log)
+            self.out.release()  # torchrun starts its workers again: every rank shows again
+        if self.plan is not None:
+            calm = self.clues.first_at is None  # no sign of failure on this node yet
+            if self.clues.feed(rank, body, time.monotonic()):
+                # with a restart left, torchrun starts its workers again: not the gang's failure
+                self.failed_itself = self.failed_itself or not (
+                    self.told_to_stop or self.restarting()
+                )
+            if calm and self.clues.first_at is not None:  # its first sign of failure: keep to it
+                self.out.hold((self.name, self.clues.rank))
+        self.show(self.barrier.feed(rank, body))
+
+    def show(self, lines) -> None:
+        """(rank, text, show) lines: on the console and in the node's log, or the log only."""
+        for rank, body, show in lines:
+            prefix = f"[{self.name}]" if rank is None else f"[{self.name} r{rank}]"
+            self.out.line(f"{prefix} {body}", self.log, key=(self.name, rank), show=show)
 
     def control(self, payload: bytes) -> None:
         try:

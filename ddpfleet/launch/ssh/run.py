@@ -6,11 +6,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ddpfleet import report
-from ddpfleet.errors import DdpfleetError, NodeError
+from ddpfleet.errors import NodeError, RunFailed
 from ddpfleet.launch import sync
 from ddpfleet.launch.config import TrainConfig
 from ddpfleet.launch.display import render_plan
-from ddpfleet.launch.outcome import Outcome, failure_message, first_failure, summary_line
+from ddpfleet.launch.outcome import (
+    Outcome,
+    failure_message,
+    first_failure,
+    held_lines,
+    summary_line,
+)
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import Plan
 from ddpfleet.launch.preflight import (
@@ -78,9 +84,11 @@ def prepare(
     config: TrainConfig,
     members: Mapping[str, Member],
     files: Mapping[str, sync.Entry],
+    beside_slurm: bool = False,
 ) -> Plan:
-    """Everything before launch: probes, the plan shown, the sync and the script check."""
-    p, probed = preflight(config, members)
+    """Everything before launch: probes, the plan shown, the sync and the script check
+    (beside_slurm: preflight's, for the Slurm launcher)."""
+    p, probed = preflight(config, members, beside_slurm)
     fail_if(reused_run_id(fleet, p), "preflight failed")
     report.show(render_plan(p, config.env))
     results = push_code(fleet, p, files, config.project_dir, probed)
@@ -123,11 +131,13 @@ def verdict(
     first = first_failure(outcomes)
     if on is not None:
         on.ended(p, outcomes, gang.reason, {m.name: m.restarts for m in gang.members})
+    for line in held_lines(out.held(), outcomes, first, run_dir):
+        out.line(line)
     for o in outcomes:
         out.line(summary_line(o, first, gang.reason))
     missing = [str(r) for r in fetched.values() if isinstance(r, NodeError)]
     out.line(f"logs: {run_dir}" + (f" (not copied: {'; '.join(missing)})" if missing else ""))
     if first is not None:
-        raise DdpfleetError(failure_message(first, outcomes))
+        raise RunFailed(failure_message(first, outcomes))
     if gang.handled:
         raise KeyboardInterrupt
