@@ -134,7 +134,16 @@ def shown(entry: Mapping) -> dict:
 
 def record(v: RunView) -> dict:
     """What the index keeps of a run's final verdict."""
-    keep = ("state", "why", "started", "ended", "exits", "failed_node", "failed_rank")
+    keep = (
+        "state",
+        "why",
+        "started",
+        "ended",
+        "exits",
+        "failed_node",
+        "failed_rank",
+        "generations",
+    )
     return {k: v.as_json()[k] for k in keep}
 
 
@@ -152,6 +161,7 @@ def recorded(verdict: Mapping, now: RunView) -> RunView:
         failed_node=verdict.get("failed_node"),
         failed_rank=verdict.get("failed_rank"),
         unasked=now.unasked,
+        generations=tuple(verdict.get("generations") or now.generations),
     )
 
 

@@ -52,6 +52,22 @@ def test_a_final_verdict_stays_when_a_node_is_down_later(tmp_path):
     assert rebuilt.state is RunState.STOPPED and "now" not in rebuilt.why
 
 
+def test_a_recorded_verdict_keeps_the_runs_generations(tmp_path):
+    """A run with spares (node/generation.py): once SUCCEEDED is recorded, `runs` still shows
+    which node replaced which, whatever the nodes say later (the spare gone, node1 rebuilt)."""
+    gens = [{"generation": 1, "nodes": ["node0", "node1"]},
+            {"generation": 2, "nodes": ["node0", "node2"], "recovery_s": 23.0,
+             "replaced": [{"lost": "node1", "by": "node2", "why": "silent", "node_rank": 1}]}]  # fmt: skip
+    index = index_with(tmp_path, "r")
+    parts = dict(ended("SUCCEEDED"))
+    parts["node0"] = dict(parts["node0"], generations=gens)
+    seen = index.settle([fold("r", ORDER, parts)])[0]
+    assert seen.state is RunState.SUCCEEDED and len(seen.generations) == 2
+    later = index.settle([fold("r", ORDER, dict(parts, node0="unreachable (timed out)"))])[0]
+    assert later.state is RunState.SUCCEEDED
+    assert later.as_json()["generations"] == gens
+
+
 def test_only_final_verdicts_are_recorded(tmp_path):
     index = index_with(tmp_path, "r")
     running = {n: part("RUNNING", alive=True, ended=None) for n in ORDER}
