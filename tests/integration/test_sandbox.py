@@ -8,6 +8,7 @@ that carries our prefix, plus a scan for any process still in one of our namespa
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -114,10 +115,8 @@ def ssh(
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> SandboxSpec:
     state = tmp_path_factory.mktemp("sandbox") / "state"
-    nodes = (
-        SandboxNode("node0", SUBNET.rsplit(".", 1)[0] + ".10"),
-        SandboxNode("node1", SUBNET.rsplit(".", 1)[0] + ".11"),
-    )
+    net = ipaddress.IPv4Network(SUBNET)  # net[10]: a /26 need not start at .0
+    nodes = (SandboxNode("node0", str(net[10])), SandboxNode("node1", str(net[11])))
     known = state.parent / "known_hosts"
     # A foreign line must survive; a stale line for node0's address must be replaced.
     known.write_text(f"example.org ssh-ed25519 AAAAforeign\n{nodes[0].address} ssh-rsa AAAAold\n")

@@ -182,10 +182,13 @@ def test_proxyjump_hop_with_an_unknown_key_is_refused_then_trusted(
 def test_trust_after_a_last_line_without_newline(cluster: Cluster, tmp_path: Path):
     known = _known_copy(cluster, tmp_path, drop=cluster.address("node1"))
     known.write_text(known.read_text().rstrip("\n"))
+    kept = known.read_text().splitlines()  # node0's pin (and any node an earlier module added)
     invent = _inventory(cluster, tmp_path, known)
     r = cluster.invoke("trust", "--yes", "--nodes", "node1", inventory=invent)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert len(known.read_text().splitlines()) == 2
+    lines = known.read_text().splitlines()
+    assert lines[: len(kept)] == kept, lines  # the last line was not glued to node1's
+    assert len(lines) == len(kept) + 1 and lines[-1].split()[0] == cluster.address("node1")
     r = cluster.invoke("ping", inventory=invent)
     assert r.returncode == 0, r.stdout + r.stderr
 
