@@ -107,3 +107,17 @@ def test_a_fifo_or_a_hard_link_is_refused_without_hanging(start, tmp_path: Path)
     assert r.returncode != 0 and "not a regular file of root's with one link" in r.stderr
     time.sleep(0.3)
     assert other.read_text() == "kept\n"
+
+
+def test_the_jupyter_server_is_started_without_the_bootstraps_token():
+    """A bootstrap stops what carries its token when it ends short of 'done' (bootstrap.HOLD);
+    the server it started must outlive it (seen: a server SIGTERMed 2.8 s after its start)."""
+    from ddpfleet.engine.roles import MARK
+    from ddpfleet.jupyter.node import BOOTSTRAP_MARK
+
+    defaults = load_role("jupyter").defaults
+    s = jupyter.settings({**defaults, "env_dir": "/opt/env"}, "/opt/env")
+    state = jupyter.NodeState(uid="999", gid="999", home="/home/j", shell="/bin/sh")
+    argv = jupyter.start_command(s, state, "/home/j")
+    assert BOOTSTRAP_MARK == MARK
+    assert argv[argv.index("env") : argv.index("env") + 3] == ["env", "-u", MARK]
