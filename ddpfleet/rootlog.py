@@ -12,6 +12,11 @@ and execs `setsid -f COMMAND` with it as stdout and stderr (stdin /dev/null).
 
 from __future__ import annotations
 
+# What a bootstrap marks its commands with (engine.roles.MARK), so an interrupted one can stop
+# them all (bootstrap.HOLD). A daemon started detached outlives the bootstrap that started it:
+# it drops the mark, and no sweep of that bootstrap ever finds it.
+BOOTSTRAP_MARK = "DDPFLEET_BOOTSTRAP"
+
 # argv: the log, then the command. Refuses with one line naming the log and the fix.
 OPEN_PY = r"""
 import errno, os, stat, sys
@@ -31,11 +36,13 @@ os.fchmod(fd, 0o600)
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.dup2(fd, 1)
 os.dup2(fd, 2)
+os.environ.pop(@MARK@, None)  # the bootstrap's mark: the daemon outlives that bootstrap
 os.execvp(argv[0], argv)
-"""
+""".replace("@MARK@", repr(BOOTSTRAP_MARK))
 
 
 def start_detached(python: str, log: str, command: list[str]) -> list[str]:
-    """argv that starts `command` detached (setsid -f), its output appended to `log`; run as
-    root on the node with `python` (any python3 there: the script is stdlib only)."""
+    """argv that starts `command` detached (setsid -f), its output appended to `log`, without
+    the bootstrap's mark; run as root on the node with `python` (any python3 there: the script
+    is stdlib only)."""
     return [python, "-I", "-c", OPEN_PY, log, "setsid", "-f", *command]

@@ -44,13 +44,15 @@ from ddpfleet.engine.settings import (  # noqa: F401  (re-exported: roles and te
 from ddpfleet.errors import CommandError, DdpfleetError, NodeError
 from ddpfleet.facts import FACTS_SCRIPT, parse_facts
 from ddpfleet.inventory import Inventory, Node
+from ddpfleet.rootlog import BOOTSTRAP_MARK
 from ddpfleet.ssh.connection import NODE_IO_ERRORS, Conn, Result
 
 STATUSES = ("ok", "changed", "failed", "skipped")
 # Every command a role runs carries this bootstrap's token in its environment (and so do its
 # children: pip, apt's dpkg, conda's solver), so the node can find and stop them all when the
-# bootstrap is interrupted or its controller vanishes: bootstrap.NodeLock.
-MARK = "DDPFLEET_BOOTSTRAP"
+# bootstrap is interrupted or its controller vanishes: bootstrap.NodeLock. A daemon a role
+# starts through rootlog.start_detached drops it (it outlives the bootstrap).
+MARK = BOOTSTRAP_MARK
 
 
 @dataclass(frozen=True)

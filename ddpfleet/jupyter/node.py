@@ -39,7 +39,6 @@ SERVICE = "ddpfleet-jupyter"
 UNIT_PATH = f"/etc/systemd/system/{SERVICE}.service"
 LIBEXEC = "/usr/local/libexec/ddpfleet"
 SUPERVISOR = f"{LIBEXEC}/jupyter-supervise"
-BOOTSTRAP_MARK = "DDPFLEET_BOOTSTRAP"  # engine.roles.MARK (a job module never imports the engine)
 PROCTREE = f"{LIBEXEC}/proctree.py"  # the supervisor imports it from its own directory
 # The one copy of proctree.py, the training runs' too: the role installs it as it is.
 PROCTREE_SOURCE = NODE_DIR / "proctree.py"
@@ -243,11 +242,8 @@ sys.exit(1)
 
 
 def start_command(s: Settings, state: NodeState, root_dir: str) -> list[str]:
-    """The supervisor started detached, its output appended to LOG_PATH (ddpfleet.rootlog),
-    without the bootstrap's token (engine.roles.MARK): the server outlives the bootstrap that
-    started it, and a sweep of that bootstrap's processes must never find it."""
-    argv = ["env", "-u", BOOTSTRAP_MARK, *supervisor_argv(s, state, root_dir)]
-    return rootlog.start_detached(s.python, LOG_PATH, argv)
+    """The supervisor started detached, its output appended to LOG_PATH (ddpfleet.rootlog)."""
+    return rootlog.start_detached(s.python, LOG_PATH, supervisor_argv(s, state, root_dir))
 
 
 def stop_command(state: NodeState) -> list[str]:

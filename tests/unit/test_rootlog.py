@@ -109,15 +109,16 @@ def test_a_fifo_or_a_hard_link_is_refused_without_hanging(start, tmp_path: Path)
     assert other.read_text() == "kept\n"
 
 
-def test_the_jupyter_server_is_started_without_the_bootstraps_token():
-    """A bootstrap stops what carries its token when it ends short of 'done' (bootstrap.HOLD);
-    the server it started must outlive it (seen: a server SIGTERMed 2.8 s after its start)."""
+@STARTS
+def test_the_daemon_is_started_without_the_bootstraps_mark(start, tmp_path: Path):
+    """A bootstrap stops what carries its mark when it ends short of 'done' (bootstrap.HOLD);
+    a daemon it started (Jupyter's, Slurm's) must outlive it (seen: a Jupyter server SIGTERMed
+    2.8 s after the bootstrap that started it)."""
     from ddpfleet.engine.roles import MARK
-    from ddpfleet.jupyter.node import BOOTSTRAP_MARK
 
-    defaults = load_role("jupyter").defaults
-    s = jupyter.settings({**defaults, "env_dir": "/opt/env"}, "/opt/env")
-    state = jupyter.NodeState(uid="999", gid="999", home="/home/j", shell="/bin/sh")
-    argv = jupyter.start_command(s, state, "/home/j")
-    assert BOOTSTRAP_MARK == MARK
-    assert argv[argv.index("env") : argv.index("env") + 3] == ["env", "-u", MARK]
+    log = tmp_path / "ddpfleet-x.log"
+    argv = start(log)[: -len(SAYS)] + ["sh", "-c", f'echo "mark=${{{MARK}:-none}}"']
+    marked = {**os.environ, MARK: "t0k3n"}
+    assert subprocess.run(argv, env=marked, timeout=10, stdin=subprocess.DEVNULL).returncode == 0
+    assert _until(lambda: "mark=" in log.read_text())
+    assert "mark=none" in log.read_text()
