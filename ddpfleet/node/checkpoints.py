@@ -75,7 +75,7 @@ def _manifest(data):
 
 def _open_file(top, name):
     """A read fd on the regular file `name` below `top`, no symlink anywhere on its path."""
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         parts = name.split("/")
         for part in parts[:-1]:

@@ -28,7 +28,6 @@ master's state.json ("generations"), and a line into node.log.
 """
 
 import os
-import pwd
 import queue
 import shutil
 import socket
@@ -69,16 +68,6 @@ def discard_newer(ck, directory, step):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
             gone.append(name)
     return gone
-
-
-def give_to(path, user):
-    """`path` and everything below it made the training user's (a fetched checkpoint)."""
-    if not user:
-        return
-    pw = pwd.getpwnam(user)
-    for top, dirs, files in os.walk(path):
-        for name in [top] + [os.path.join(top, n) for n in dirs + files]:
-            os.lchown(name, pw.pw_uid, pw.pw_gid)
 
 
 def spare_health(m, spec):
@@ -287,7 +276,8 @@ class Coordinator:
         directory = checkpoint_dir(self.sup.spec, self.sup.run_dir)
         found = ck.newest_complete(directory)
         step = found[1]["step"] if found else -1
-        discard_newer(ck, directory, step)
+        # the training user's dir: changed as that user, never by root (proctree.as_user)
+        self.m.proctree.as_user(self.sup.spec.get("user"), discard_newer, ck, directory, step)
         paths = {step: found[0]} if found else {}
         self.sup.lifeline.serve_checkpoint = lambda s: ck.pack(paths[s])
         members, self.nodes_ready = self.members(), {}
@@ -397,19 +387,24 @@ class Follower:
         self.sup.lifeline.say(f"took {gen}")
         return True
 
+    def keep_only(self, ck, directory, step, fetch):
+        """As the training user: nothing newer than `step` kept, and `step` fetched from the
+        master when `fetch` (checkpoints.unpack: verified, renamed into place only whole)."""
+        discard_newer(ck, directory, step)
+        if fetch:
+            self.sup.lifeline.fetch(step, lambda f: ck.unpack(f, directory))
+
     def checkpoint(self, gen, step):
         """The checkpoint of `step` here (fetched from the master when missing), nothing
         newer: ready GEN SECONDS FETCHED, or unready GEN WHY."""
         ck, spec, began = self.m.checkpoints, self.sup.spec, time.monotonic()
         directory, step = checkpoint_dir(spec, self.sup.run_dir), int(step)
         try:
-            discard_newer(ck, directory, step)
             here = os.path.join(directory, ck.step_name(step))
-            fetched = 0
-            if step >= 0 and ck.complete(here) is None:
-                self.sup.lifeline.fetch(step, lambda f: ck.unpack(f, directory))
-                give_to(directory, spec.get("user"))
-                fetched = 1
+            fetched = int(step >= 0 and ck.complete(here) is None)
+            # The training user's dir: the discard and the fetched files are that user's work
+            # (a child dropped to it), so a symlink planted there reaches nothing of root's.
+            self.m.proctree.as_user(spec.get("user"), self.keep_only, ck, directory, step, fetched)
             took = time.monotonic() - began
             self.sup.lifeline.say(f"ready {gen} {took:.3f}s fetched={fetched}")
         except (OSError, ValueError, KeyError) as e:

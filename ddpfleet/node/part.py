@@ -197,19 +197,19 @@ def checkpoint_dir(tree, path, user):
     ~/.ddpfleet/runs/<run-id>/checkpoints instead, its own. The path the ranks get."""
     if os.getuid() != 0:
         try:
-            return _make_checkpoint_dir(path, None)
+            return user_dir(path, None)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM):
                 raise
             run_id = os.path.basename(os.path.dirname(path))
             home = pwd.getpwuid(os.getuid()).pw_dir
-            return _make_checkpoint_dir(
-                os.path.join(home, ".ddpfleet", "runs", run_id, "checkpoints"), None
-            )
-    return _make_checkpoint_dir(path, user if tree.drops_to(user) else None)
+            return user_dir(os.path.join(home, ".ddpfleet", "runs", run_id, "checkpoints"), None)
+    return user_dir(path, user if tree.drops_to(user) else None)
 
 
-def _make_checkpoint_dir(path, user):
+def user_dir(path, user, what="the checkpoint dir"):
+    """`path` made if missing (its parents 0755) and made `user`'s (None: ours), 0700, never
+    through a symlink: a dir of the run's that the training user writes (checkpoints, progress)."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         try:
@@ -227,7 +227,7 @@ def _make_checkpoint_dir(path, user):
             os.close(fd)
     except OSError as e:
         why = e.strerror or str(e)
-        raise OSError(e.errno, f"cannot make the checkpoint dir {path}: {why}") from None
+        raise OSError(e.errno, f"cannot make {what} {path}: {why}") from None
     return path
 
 

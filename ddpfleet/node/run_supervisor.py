@@ -109,18 +109,22 @@ class Supervisor:
         # The master: its preflight runner still holds the port; torchrun's store adopts that
         # socket, so the port is never free between the preflight and the run.
         handoff = self.spec.get("port_from")
-        held = self.m.masterport.take_over(handoff) if handoff else None
-        # O_APPEND: ddpfleet's own lines (generation.py) go between torchrun's, never over them
+        self.launch(self.m.masterport.take_over(handoff) if handoff else None)
+
+    def launch(self, listener, **saved):
+        """This part's torchrun, its output appended to node.log (O_APPEND: ddpfleet's own lines,
+        generation.py's, go between torchrun's, never over them); `listener`, the master port,
+        closed once torchrun has its own copy (ours would keep the port after it)."""
         log = os.open(
             os.path.join(self.run_dir, "node.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640
         )
         try:
-            proc = self.part.start(log, held)
+            proc = self.part.start(log, listener)
         finally:
             os.close(log)
-            if held is not None:
-                held.close()  # torchrun has its own copy; ours would keep the port after it
-        self.save(status="RUNNING", pid=proc.pid)
+            if listener is not None:
+                listener.close()
+        self.save(status="RUNNING", pid=proc.pid, **saved)
 
     def stop(self, reason):
         """End this node's part (once); on the master, every worker is told to stop first.
@@ -166,16 +170,7 @@ class Supervisor:
         if self.cgroup:
             self.cgroup = self.m.proctree.make_cgroup(self.spec["run_id"], self.spec["node"])
         self.part = self.m.part.Part(self.m.proctree, self.spec, self.cgroup)
-        log = os.open(
-            os.path.join(self.run_dir, "node.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
-        )
-        try:
-            proc = self.part.start(log, listener)
-        finally:
-            os.close(log)
-            if listener is not None:
-                listener.close()
-        self.save(status="RUNNING", pid=proc.pid, cgroup=self.cgroup)
+        self.launch(listener, cgroup=self.cgroup)
 
     def finish(self, code, status=None, reason=None):
         stopped = self.part is None or self.part.stopping.is_set()
@@ -238,14 +233,10 @@ def progress(spec, run_dir, m):
     if not spec.get("recovery"):
         return
     path = os.path.join(run_dir, PROGRESS)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    m.generation.give_to(os.path.dirname(path), spec.get("user"))
+    user = spec.get("user")
+    owner = user if m.proctree.drops_to(user) else None
+    m.part.user_dir(os.path.dirname(path), owner, "the progress dir")
     spec["env"]["DDPFLEET_PROGRESS_FILE"] = path
-    if not spec["env"].get("DDPFLEET_CHECKPOINT_DIR"):  # where this ddpfleet does not set it
-        ckpt = os.path.join(run_dir, "checkpoints")
-        os.makedirs(ckpt, mode=0o700, exist_ok=True)
-        m.generation.give_to(ckpt, spec.get("user"))
-        spec["env"]["DDPFLEET_CHECKPOINT_DIR"] = ckpt
 
 
 def lost_part(m, run_dir, spec):
