@@ -35,10 +35,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.gpu_status import pdsh  # noqa: E402
+from bench.ping import part, warm_up  # noqa: E402
 from ddpfleet import envs  # noqa: E402
 from ddpfleet import inventory as inv  # noqa: E402
 from ddpfleet.health import probe  # noqa: E402
-from ddpfleet.ssh import kept  # noqa: E402
 from tests.integration.conftest import write_inventory  # noqa: E402
 from tests.integration.test_gpu_status import install_standin  # noqa: E402
 
@@ -52,42 +53,6 @@ def once(argv: list[str], env: dict, check: bool = True) -> tuple[float, int]:
     if check and r.returncode != 0:
         raise SystemExit(f"{' '.join(argv[-3:])} failed ({r.returncode}): {r.stderr[-800:]}")
     return seconds, r.returncode
-
-
-def pdsh(data: dict, command: str) -> tuple[list[str], dict]:
-    """pdsh -R ssh on every node at once (fanout = N), strict host keys, curve25519 as ours."""
-    hosts = ",".join(node["host"] for node in data["nodes"].values())
-    ssh = data["ssh"]
-    ssh_args = (
-        f"-i {ssh['key']} -o KexAlgorithms=curve25519-sha256 -o BatchMode=yes "
-        f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={ssh['known_hosts']}"
-    )
-    env = {**os.environ, "PDSH_SSH_ARGS_APPEND": ssh_args, "PDSH_RCMD_TYPE": "ssh"}
-    n = str(len(data["nodes"]))
-    return ["pdsh", "-S", "-R", "ssh", "-l", "root", "-f", n, "-w", hosts, command], env
-
-
-def part(data: dict, n: int, directory: Path, persist: int) -> Path:
-    """The first n nodes of the big inventory, with ssh.persist set (its own state dir for
-    the history file and the keeper's socket)."""
-    directory.mkdir(exist_ok=True)
-    small = dict(data, nodes=dict(list(data["nodes"].items())[:n]))
-    small["ssh"] = dict(data["ssh"], persist=persist)
-    path = directory / "inventory.yaml"
-    path.write_text(yaml.safe_dump(small, sort_keys=False))
-    return path
-
-
-def warm_up(inventory: Path, env: dict) -> None:
-    """Start the keeper (one command), wait for its socket, then one more for its handshakes."""
-    once([*INVOKE, "ping"], env)
-    sock = kept.socket_path(inv.load(inventory))
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if time.monotonic() > deadline:
-            raise SystemExit("the keeper did not start")
-        time.sleep(0.05)
-    once([*INVOKE, "ping"], env)
 
 
 def quick(data: dict, work: Path, env: dict, n: int, repeat: int) -> None:

@@ -33,9 +33,9 @@ from ddpfleet.launch import fetchfiles
 from ddpfleet.launch.config import RUN_ID_RE
 from ddpfleet.launch.fetchfiles import Entry, Fetched
 from ddpfleet.launch.index import Index
+from ddpfleet.launch.plan import RUNS
 from ddpfleet.ssh.connection import Conn, Fleet
 
-RUNS = "/var/lib/ddpfleet/runs"  # the node side's records.RUNS
 DEFAULT_PATH = "checkpoints"  # the checkpoint contract's $DDPFLEET_CHECKPOINT_DIR
 
 

@@ -26,11 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ddpfleet.hygiene import state_dir
+from ddpfleet.launch.plan import checkpoint_dir
 from ddpfleet.launch.verdict import RunState, RunView
 from ddpfleet.launchers import DEFAULT
 
-# The checkpoint contract (DDPFLEET_CHECKPOINT_DIR): a run's outputs on each of its nodes.
-OUTPUTS = "/var/lib/ddpfleet/runs/{run_id}/checkpoints"
 SHOWN = ("launcher", "nproc", "port", "attached", "outputs")  # beside the verdict in `runs`
 
 
@@ -63,7 +62,7 @@ class Index:
         (Slurm: launcher, job_id ...)."""
         state_dir(self.path.parent)
         entry = {"run_id": run_id, "nodes": list(nodes), "started": time.time(),
-                 "outputs": OUTPUTS.format(run_id=run_id), **more}  # fmt: skip
+                 "outputs": checkpoint_dir(run_id), **more}  # fmt: skip
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
