@@ -1,8 +1,8 @@
 """A real 2-node sandbox cluster for the integration tests (one per test session).
 
 Its inventory is the project's inventory.yaml with its own prefix, subnet and state directory,
-so a test session never touches a sandbox someone brought up by hand. Override with
-DDPFLEET_TEST_PREFIX / DDPFLEET_TEST_SUBNET to run two sessions side by side.
+so a test session never touches a sandbox someone brought up by hand. Two sessions side by side
+each claim their own (netclaim.py); DDPFLEET_TEST_PREFIX / DDPFLEET_TEST_SUBNET pin them.
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.netclaim import claim
+
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
-PREFIX = os.environ.get("DDPFLEET_TEST_PREFIX", "ddpi")
-SUBNET = os.environ.get("DDPFLEET_TEST_SUBNET", "10.215.0.0/24")
+if "DDPFLEET_TEST_PREFIX" in os.environ or "DDPFLEET_TEST_SUBNET" in os.environ:
+    PREFIX = os.environ.get("DDPFLEET_TEST_PREFIX", "ddpi")
+    SUBNET = os.environ.get("DDPFLEET_TEST_SUBNET", "10.215.0.0/24")
+else:  # ddpi on 10.215.0.0/24 unless another session on this kernel has it (netclaim.py)
+    PREFIX, SUBNET = claim("ddpi", "10.215.0.0/24")
 USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()  # under the test HOME (../conftest.py)
 # The system ssh takes ~ from the password database, not $HOME: no user config, no default keys.
 HERMETIC = ["-F", "/dev/null", "-o", "IdentitiesOnly=yes"]

@@ -1,7 +1,7 @@
 """The sandbox itself, against the real kernel: namespaces, bridge, overlay roots, sshd.
 
-Uses its own prefix and subnet (DDPFLEET_SANDBOX_TEST_PREFIX / _SUBNET override them), so it
-never touches the project's sandbox or the integration session's. Other people's sandboxes may
+Uses its own prefix and subnet (claimed free, netclaim.py; DDPFLEET_SANDBOX_TEST_PREFIX / _SUBNET
+pin them), so it never touches the project's sandbox or the integration session's. Other people's sandboxes may
 come and go on the same box while this runs, so "the host is as it was" is checked on everything
 that carries our prefix, plus a scan for any process still in one of our namespaces.
 """
@@ -21,9 +21,13 @@ import yaml
 
 from ddpfleet import sandbox
 from ddpfleet.sandbox import SandboxError, SandboxNode, SandboxSpec
+from tests.integration.netclaim import claim
 
-PREFIX = os.environ.get("DDPFLEET_SANDBOX_TEST_PREFIX", "ddpt")
-SUBNET = os.environ.get("DDPFLEET_SANDBOX_TEST_SUBNET", "10.214.0.0/24")
+if "DDPFLEET_SANDBOX_TEST_PREFIX" in os.environ or "DDPFLEET_SANDBOX_TEST_SUBNET" in os.environ:
+    PREFIX = os.environ.get("DDPFLEET_SANDBOX_TEST_PREFIX", "ddpt")
+    SUBNET = os.environ.get("DDPFLEET_SANDBOX_TEST_SUBNET", "10.214.0.0/24")
+else:  # ddpt on 10.214.0.0/24 unless another session on this kernel has it
+    PREFIX, SUBNET = claim("ddpt", "10.214.0.0/24", span=1)
 PROBE = f"/opt/{PREFIX}-probe"
 
 needs_root = pytest.mark.skipif(
