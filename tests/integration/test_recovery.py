@@ -226,7 +226,7 @@ def partial(c: Cluster, node: str, run_id: str, step: int) -> list[str]:
     return out.split()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)  # alone, its fixtures bootstrap 4 nodes
 def test_a_node_lost_while_a_checkpoint_is_written_resumes_from_the_complete_one(
     four: Cluster, reference: str
 ):
