@@ -38,9 +38,11 @@ class Resume:
     nproc_per_node: str
     master_port: str | int | None
     said: tuple[str, ...]  # "nodes: node0,node1 (from RUN)", one line a value
+    spares: str | None = None  # comma-separated: RUN's (detached ssh runs), unless --spares now
 
 
-def resume(inventory, run_id: str, password, launcher, nodes, nproc_per_node, master_port):
+def resume(inventory, run_id: str, password, launcher, nodes, nproc_per_node, master_port,
+           spares=None):  # fmt: skip
     """RUN's shape for `train --resume RUN` (shape()), asked of the launcher that ran it."""
     from ddpfleet.launch.launcher import get, index, of_run, resumers
 
@@ -59,12 +61,12 @@ def resume(inventory, run_id: str, password, launcher, nodes, nproc_per_node, ma
         )
     meta = how.resumed(full, run_id, password)
     given = {"launcher": launcher, "nodes": nodes, "nproc-per-node": nproc_per_node,
-             "master-port": master_port}  # fmt: skip
+             "master-port": master_port, "spares": spares}  # fmt: skip
     return shape(run_id, meta, how.name, [n.name for n in full.nodes], full.path.name, given)
 
 
 def shape(run_id: str, meta: Mapping, launcher: str, known, where: str, given: Mapping) -> Resume:
-    """RUN's nodes, --nproc-per-node, launcher and master port, each unless `given` now (flag
+    """RUN's nodes, --nproc-per-node, launcher, master port and spares, each unless `given` now (flag
     -> value, None: not given). A node of RUN the inventory (`known`, file `where`) no longer
     has is a one-line error naming it, unless --nodes says where instead; a --nodes entry that
     never ran RUN is one too (it has no copy of RUN's code)."""
@@ -84,7 +86,8 @@ def shape(run_id: str, meta: Mapping, launcher: str, known, where: str, given: M
             f"it has no copy of its code; use nodes of {run_id} ({','.join(ran_on)})"
         )
     ran = {"launcher": launcher, "nodes": ",".join(ran_on) or None,
-           "nproc-per-node": meta.get("nproc"), "master-port": meta.get("port")}  # fmt: skip
+           "nproc-per-node": meta.get("nproc"), "master-port": meta.get("port"),
+           "spares": ",".join(meta.get("spares") or ()) or None}  # fmt: skip
     values, said = {}, []
     for name, had in ran.items():
         now = given.get(name)
@@ -97,7 +100,7 @@ def shape(run_id: str, meta: Mapping, launcher: str, known, where: str, given: M
                 said.append(f"{name}: {had} (from {run_id})")
     return Resume(meta, values["launcher"], values["nodes"],
                   str(values["nproc-per-node"] or "auto"), values["master-port"],
-                  tuple(said))  # fmt: skip
+                  tuple(said), values["spares"])  # fmt: skip
 
 
 def resumed(meta: Mapping, script, args, env):

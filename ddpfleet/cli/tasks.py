@@ -205,8 +205,9 @@ def train(
     again = None
     if resume and not dry_run:  # RUN's shape, unless a flag given now says otherwise
         again = runtasks.resume(inventory, resume, password, launcher, nodes, nproc_per_node,
-                                master_port)  # fmt: skip
+                                master_port, spares)  # fmt: skip
         launcher, nodes, master_port = again.launcher, again.nodes, again.master_port
+        spares = again.spares  # RUN's standby nodes stand by again, unless --spares now
         nproc_per_node = again.nproc_per_node
         script, args, env = runtasks.resumed(again.meta, script, args, env)
     loaded = select.load(inventory, nodes, exclude)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from rich.console import Group
 
 from ddpfleet import report
-from ddpfleet.launch.plan import Plan
+from ddpfleet.launch.plan import NodePlan, Plan
 
 SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 # --env names whose values the plan table shows: knobs of torch, NCCL, CUDA and the runtime.
@@ -60,18 +60,21 @@ def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()) -> Group:
         env: DDPFLEET_RUN_ID=r1 OMP_NUM_THREADS=1 ...
         cwd: /root/ddpfleet/demo/code
         checkpoints: /var/lib/ddpfleet/runs/r1/checkpoints (DDPFLEET_CHECKPOINT_DIR)
+        spares: node3 at 10.0.0.13 (standing by, no ranks: one takes a lost node's node_rank)
 
-    cwd is where the ranks run: a detached run's own copy of the code dir.
+    cwd is where the ranks run: a detached run's own copy of the code dir. Spares are not rows:
+    they get a node_rank only when they replace a node.
     """
     user = {k for k, _ in user_env}
-    command, columns = _command(p)
-    env, env_columns = _env(p, user)
-    cwds = {n.cwd for n in p.nodes}
+    gang = p.gang
+    command, columns = _command(gang)
+    env, env_columns = _env(gang, user)
+    cwds = {n.cwd for n in gang}
     if len(cwds) > 1:
-        env_columns.append(("cwd", [n.cwd for n in p.nodes]))
+        env_columns.append(("cwd", [n.cwd for n in gang]))
     columns = [
-        ("node", [n.node for n in p.nodes]),
-        ("host", [n.host for n in p.nodes]),
+        ("node", [n.node for n in gang]),
+        ("host", [n.host for n in gang]),
         *columns,
         *env_columns,
     ]
@@ -93,16 +96,24 @@ def render_plan(p: Plan, user_env: Sequence[tuple[str, str]] = ()) -> Group:
     checkpoints = {n.checkpoint_dir for n in p.nodes} - {""}
     if checkpoints:  # the same path on every node: the run's id names it
         lines.append(report.text(f"checkpoints: {checkpoints.pop()} ({CHECKPOINT_ENV})"))
+    standby = [n for n in p.nodes if n.node in p.spares]
+    if standby:
+        where = ", ".join(f"{n.node} at {n.host}" for n in standby)
+        lines.append(
+            report.text(
+                f"spares: {where} (standing by, no ranks: one takes a lost node's node_rank)"
+            )
+        )
     return Group(*lines)
 
 
-def _command(p: Plan) -> tuple[str, list[tuple[str, list[str]]]]:
+def _command(nodes: Sequence[NodePlan]) -> tuple[str, list[tuple[str, list[str]]]]:
     """The argv every node runs, quoted once, and a column per word that differs: named after
     the flag before it ('--node-rank' -> node_rank), 'python' for the interpreter."""
-    argvs = [n.argv for n in p.nodes]
+    argvs = [n.argv for n in nodes]
     if len({len(a) for a in argvs}) > 1:  # not one command: show each node's whole
         return "(per node)", [("command", [shlex.join(a) for a in argvs])]
-    words, columns = [], [("node_rank", [str(n.rank) for n in p.nodes])]
+    words, columns = [], [("node_rank", [str(n.rank) for n in nodes])]
     for i, values in enumerate(zip(*argvs)):
         if len(set(values)) == 1:
             words.append(shlex.quote(values[0]))
@@ -124,13 +135,13 @@ def _command(p: Plan) -> tuple[str, list[tuple[str, list[str]]]]:
 CHECKPOINT_ENV = "DDPFLEET_CHECKPOINT_DIR"  # shown on its own line, not in env:
 
 
-def _env(p: Plan, user: set[str]) -> tuple[str, list[tuple[str, list[str]]]]:
+def _env(nodes: Sequence[NodePlan], user: set[str]) -> tuple[str, list[tuple[str, list[str]]]]:
     """NAME=value for what every node gets alike, and a column per variable that differs
     (unset on some, or another value); --env values that may be secrets show as ***."""
-    names = [k for k in dict.fromkeys(k for n in p.nodes for k in n.env) if k != CHECKPOINT_ENV]
+    names = [k for k in dict.fromkeys(k for n in nodes for k in n.env) if k != CHECKPOINT_ENV]
     shared, columns = [], []
     for name in names:
-        values = [n.env.get(name) for n in p.nodes]
+        values = [n.env.get(name) for n in nodes]
         shown = [None if v is None else _shown_env(name, v, user).split("=", 1)[1] for v in values]
         if len(set(values)) == 1:
             shared.append(f"{name}={_quoted(shown[0])}")

@@ -59,10 +59,17 @@ class Plan:
     nproc: int
     script: str
     nodes: tuple[NodePlan, ...]
+    # Detached runs' spares: planned (checked, synced) like nodes, after the gang, with no
+    # ranks until one takes a lost node's node_rank (its NodePlan's rank is a stand-in).
+    spares: tuple[str, ...] = ()
+
+    @property
+    def gang(self) -> tuple[NodePlan, ...]:
+        return tuple(n for n in self.nodes if n.node not in self.spares)
 
     @property
     def nnodes(self) -> int:
-        return len(self.nodes)
+        return len(self.gang)
 
     def node(self, name: str) -> NodePlan:
         return next(n for n in self.nodes if n.node == name)
@@ -127,8 +134,10 @@ def _under_home(path: str, home: str) -> str:
 
 def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
     """Per node: the exact torchrun argv, its environment and working directory."""
-    order, run_id = config.order, config.run_id
-    addr = master_address(order, facts)
+    run_id, spares = config.run_id, tuple(n for n in config.order if n in config.spares)
+    gang = [n for n in config.order if n not in spares]
+    order = (*gang, *spares)  # a spare's node_rank: after the gang's, a stand-in
+    addr = master_address(gang, facts)
     nproc = nproc_per_node(config, facts)
     nodes = []
     for rank, name in enumerate(order):
@@ -139,7 +148,7 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
             "-m",
             "torch.distributed.run",
             "--nnodes",
-            str(len(order)),
+            str(len(gang)),
             "--node-rank",
             str(rank),
             "--master-addr",
@@ -185,7 +194,7 @@ def plan(config: TrainConfig, facts: Mapping[str, NodeFacts]) -> Plan:
                 checkpoints,
             )
         )
-    return Plan(run_id, order[0], addr, config.port, nproc, config.script, tuple(nodes))
+    return Plan(run_id, order[0], addr, config.port, nproc, config.script, tuple(nodes), spares)
 
 
 def checkpoint_dir(run_id: str) -> str:

@@ -90,8 +90,23 @@ def ended(c: Cluster, run_id: str, within: float = 300) -> dict:
         raise
 
 
+def cgroup_pids(c: Cluster, node: str, run_id: str) -> list[str]:
+    """The node's processes grouped with the run: whose /proc/PID/cgroup names it (the run's
+    own cgroup v2, ddpfleet/<run>.<node>, or its systemd unit), and what that cgroup's
+    cgroup.procs holds. Sandbox nodes share the host's cgroup2 tree (bind-mounted), their
+    runs' cgroups named by node, so each node reads its own."""
+    out = c.ssh(
+        node,
+        f"grep -l -s -e '{run_id}' /proc/[0-9]*/cgroup | cut -d/ -f3; "
+        "for m in $(awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts); do "
+        f"cat $m/ddpfleet/{run_id}.{node}/cgroup.procs 2>/dev/null; done; true",
+    ).stdout
+    return sorted(set(out.split()))
+
+
 def nothing_left(c: Cluster, run_id: str, nodes=NODES) -> None:
-    left = {n: run_pids(c, n, run_id) for n in nodes}
+    """Nothing of the run on these nodes: by the run's id in /proc/*/environ, and by cgroup."""
+    left = {n: run_pids(c, n, run_id) + cgroup_pids(c, n, run_id) for n in nodes}
     assert not any(left.values()), left
 
 
@@ -201,3 +216,60 @@ def test_a_partitioned_node_stops_itself_and_out_of_spares_is_failed(four: Clust
         up = four.invoke("sandbox.start", "--nodes", "node3", timeout=180)
         assert up.returncode == 0, up.stdout + up.stderr
     nothing_left(four, run_id)
+
+
+def partial(c: Cluster, node: str, run_id: str, step: int) -> list[str]:
+    """The files of the node's step-<step> checkpoint while it has no MANIFEST.json (being
+    written), else []."""
+    path = f"{RUNS}/{run_id}/checkpoints/step-{step:08d}"
+    out = c.ssh(node, f"test -d {path} && ! test -e {path}/MANIFEST.json && ls {path}").stdout
+    return out.split()
+
+
+@pytest.mark.timeout(1200)  # alone, its fixtures bootstrap 4 nodes
+def test_a_node_lost_while_a_checkpoint_is_written_resumes_from_the_complete_one(
+    four: Cluster, reference: str
+):
+    """node1 stopped while node0's rank 0 is inside the checkpoint of step 10 (its files
+    written, its manifest held back 20 s): the gang is fenced with that checkpoint partial, the
+    new generation resumes from step 8, the newest complete one, never from the partial 10,
+    and the run ends as the uninterrupted one did. Also: the run's processes were in its
+    cgroup while it ran, so nothing_left's cgroup check sees what it must."""
+    run_id = new_run_id("torn")
+    start(four, run_id, SLOW + " --write-sleep 20 --write-sleep-at 10", "--spares", "node3")
+    deadline = time.monotonic() + 120
+    while not {"model.pt", "optimizer.pt"} <= set(partial(four, "node0", run_id, 10)):
+        assert time.monotonic() < deadline, f"{run_id}: no partial step 10 on node0 in 120s"
+        time.sleep(0.2)
+    assert cgroup_pids(four, "node0", run_id), "the run's ranks are not in its cgroup"
+    stop = four.invoke("sandbox.stop", "--nodes", "node1", timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    try:
+        view = ended(four, run_id)
+        assert view["state"] == "SUCCEEDED", view
+        assert final_sha(four, run_id) == reference
+        gens = view["generations"]
+        assert [g["nodes"] for g in gens] == [list(GANG), ["node0", "node3", "node2"]], gens
+        assert gens[1]["resumed_step"] == 8, gens
+        logs = four.invoke("logs", run_id, timeout=60).stdout
+        resumed = re.findall(r"rank \d+: resumed from epoch \d+ step (\d+)", logs)
+        assert sorted(set(resumed)) == ["8"] and len(resumed) >= 6, logs[-4000:]
+        assert "resuming from step 8" in logs, logs[-4000:]
+    finally:
+        up = four.invoke("sandbox.start", "--nodes", "node1", timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
+    nothing_left(four, run_id)
+
+
+def test_the_plan_lists_a_spare_as_a_spare(four: Cluster):
+    """train --dry-run --detach --spares node3: node3 checked like the nodes, but no table row,
+    no node_rank 3, and --nnodes counts the gang."""
+    run_id = new_run_id("plan")
+    args = train_args(run_id, SCRIPT, "--nodes", ",".join(GANG), "--detach", "--spares", "node3")
+    r = four.invoke(*args, "--dry-run", "--no-health-gate", timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rows = [[w for w in line.split() if w.strip("│┃|")][:1] for line in r.stdout.splitlines()]
+    assert f"spares: node3 at {four.address('node3')} (standing by" in r.stdout, r.stdout
+    assert ["node2"] in rows and ["node3"] not in rows, r.stdout
+    assert "--nnodes 3 " in r.stdout and f"run {run_id}: 3 node(s) x 2" in r.stdout, r.stdout
+    assert "node3 " in r.stdout.split("code (not sent):")[1], r.stdout  # checked and compared

@@ -341,6 +341,25 @@ def test_a_detached_plan_shows_the_directory_the_ranks_really_run_in(tmp_path):
     assert attached.nodes[0].cwd == attached.nodes[0].mirror == f"/root/ddpfleet/demo/{HERE}/code"
 
 
+def test_spares_are_listed_as_spares_not_as_rows_with_node_rank_3_and_up(tmp_path):
+    """A detached run plans its spares with the gang (checked and synced alike), but a spare has
+    no rank until it takes a lost node's place: not a table row, not in --nnodes."""
+    c = dataclasses.replace(config(load(tmp_path)), spares=("node1",))
+    p = launch.plan(c, all_facts())
+    assert p.spares == ("node1",) and p.nnodes == 2
+    assert [(n.node, n.rank) for n in p.gang] == [("node0", 0), ("node2", 1)]
+    assert {n.argv[n.argv.index("--nnodes") + 1] for n in p.nodes} == {"2"}
+    lines = shown(p)
+    text = "\n".join(lines)
+    assert lines[0].startswith("run r1: 2 node(s) x 1 process(es)")
+    assert cells(lines, "node2") == ["node2", "10.0.0.12", "1"]
+    with pytest.raises(AssertionError):
+        cells(lines, "node1")
+    assert "spares: node1 at 10.0.0.11 (standing by, no ranks: one takes a lost node's " in text
+    assert "--nnodes 2 " in text
+    assert not any(line.startswith("spares:") for line in shown(plan(load(tmp_path), all_facts())))
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

@@ -62,6 +62,7 @@ class Fake:
 
     def train_detached(self, fleet, config, index, resume=None):
         self.calls.append(("train_detached", config.script, config.args, resume))
+        self.config = config
 
     def resumed(self, inventory, run_id, become_password):
         self.calls.append(("resumed", run_id))
@@ -126,6 +127,21 @@ def test_train_resume_asks_the_launcher_for_the_run_and_the_flags_win(fake):
         ("resumed", "f1"),
         ("train_detached", "new.py", ("--checkpoint-dir", "ck"), "f1"),
     ]
+
+
+def test_a_resumed_run_keeps_its_spares_unless_spares_is_given_now(fake, monkeypatch):
+    """RUN's spares (the launcher's word on RUN) stand by again; --spares now wins."""
+    fake.write_text(fake.read_text().replace("}\ntrain", "}\n  node2: {host: 10.0.0.12}\ntrain"))
+    monkeypatch.setattr(LAUNCHER, "name", "ssh")  # spares are the ssh launcher's, for now
+    monkeypatch.setitem(launchers.LAUNCHERS, "ssh", launchers.LAUNCHERS["fake"])
+    had = {"script": "t.py", "nodes": ["node0"], "spares": ["node1", "node2"]}
+    monkeypatch.setattr(LAUNCHER, "resumed", lambda inventory, run_id, password: had)
+    (fake.parent / "t.py").write_text("")
+    again = {"inventory": str(fake), "resume": "f1", "project_dir": str(fake.parent)}
+    tasks.train(Context(), **again, health_gate=False)
+    assert (LAUNCHER.config.order, LAUNCHER.config.spares) == (("node0",), ("node1", "node2"))
+    tasks.train(Context(), **again, spares="node2", health_gate=False)
+    assert (LAUNCHER.config.order, LAUNCHER.config.spares) == (("node0",), ("node2",))
 
 
 def test_resume_is_refused_for_a_launcher_without_it(fake, monkeypatch):

@@ -57,3 +57,12 @@ def test_nodes_that_never_ran_it_are_refused_naming_them():
         DdpfleetError, match=r"--nodes node0,node3: node3 never ran det2, so it has"
     ):
         shape("det2", META, "ssh", GROWN, "inventory.yaml", {**NONE, "nodes": "node0,node3"})
+
+
+def test_a_run_with_spares_is_resumed_with_them_unless_spares_is_given_now():
+    meta = {**META, "spares": ["node3"]}
+    r = shape("heal", meta, "ssh", GROWN, "inventory.yaml", NONE)
+    assert r.spares == "node3" and "spares: node3 (from heal)" in r.said
+    r = shape("heal", meta, "ssh", GROWN + ["node4"], "inv.yaml", {**NONE, "spares": "node4"})
+    assert r.spares == "node4" and "spares: node4 (--spares)" in r.said
+    assert shape("det2", META, "ssh", GROWN, "inventory.yaml", NONE).spares is None

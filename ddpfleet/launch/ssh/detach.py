@@ -92,6 +92,7 @@ def node_spec(
             "env": [list(kv) for kv in config.env],
             "nproc": p.nproc,
             "port": p.master_port,  # train --resume keeps the job's shape
+            "spares": list(config.spares),  # and its spares
         },
     }
 

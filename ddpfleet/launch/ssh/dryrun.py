@@ -11,6 +11,7 @@ claim of any run makes it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from ddpfleet import report
@@ -28,6 +29,7 @@ def dry_run(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> Pla
     """Preflight and plan; a failed check raises PlanError (one line per problem)."""
     out = out or Output()
     fresh_run_dir(config.run_dir)
+    config = dataclasses.replace(config, order=config.order + config.spares)  # checked too
     files, members = open_checked(fleet, config, out)
     try:
         p, probed = preflight(config, members)

@@ -74,6 +74,7 @@ class SshLauncher:
             "nodes": meta.get("nodes") or list(index.nodes(run_id) or ()),
             "nproc": meta.get("nproc") or spec.get("nproc"),
             "port": meta.get("port") or (spec.get("port_from") or {}).get("port"),
+            "spares": meta.get("spares") or [],  # as started, whoever replaced whom since
         }
 
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
