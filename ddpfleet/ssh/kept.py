@@ -204,6 +204,10 @@ def start(path: Path, idle: float) -> None:
     import subprocess  # here: a warm command never starts one (nor loads subprocess)
 
     env = {k: v for k, v in os.environ.items() if k != "DDPFLEET_BECOME_PASSWORD"}
+    # The keeper runs this very ddpfleet (a checkout's, a wheel's), whatever its cwd ("/")
+    # and the environment would find first: client and keeper speak one version.
+    here = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
     subprocess.Popen(
         [sys.executable, "-m", "ddpfleet.ssh.keeper", str(path), f"{idle:g}"],
         env=env,
