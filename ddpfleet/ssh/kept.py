@@ -107,7 +107,8 @@ class Escalated:
 
 
 class KeptConn:
-    """One node through the keeper: `run` as Conn.run (same wrapper, timeout and errors)."""
+    """One node through the keeper: `run` as Conn.run (same wrapper, timeout and errors; with
+    root=IF_ABLE the keeper's connection decides and runs in the one request)."""
 
     def __init__(self, path: Path, node: Node):
         self.path, self.node, self.spec = path, node, node_spec(node)
@@ -137,7 +138,7 @@ class KeptConn:
         stdin: str | bytes | None = None,
         check: bool = True,
         timeout: float | None = None,
-        root: bool = False,
+        root: bool | str = False,
     ) -> Result:
         data = stdin.encode() if isinstance(stdin, str) else stdin
         request = {
