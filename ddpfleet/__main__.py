@@ -83,14 +83,11 @@ def _finish(task: str, fleet, as_json: bool) -> int:
     """Run and print as cli/tasks.py's ping and gpu_status do, through cli.common.cli's rules:
     a DdpfleetError is one `error: ...` line on stderr and exit 1, a closed pipe exit 1 quietly,
     Ctrl-C `interrupted` and 130."""
-    import atexit
-    import gc
     import threading
 
     from ddpfleet.errors import DdpfleetError, NodeError
     from ddpfleet.hygiene import clean
 
-    atexit.register(gc.freeze)  # as cli/common.py does, for the same reason
     try:
         if task == "ping":
             from ddpfleet import ping as job
@@ -169,10 +166,29 @@ def program():
     )
 
 
+def end(code: int) -> None:
+    """The lean path's exit: its output flushed (a reader gone: exit quietly, as _finish
+    does), then straight out, without the interpreter's teardown, which clears every module
+    and collects once more: ~6 ms of a ~75 ms run, and nothing of ours waits on it (no atexit
+    work, no file left open for writing)."""
+    import os
+
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what is left unwritten stays so: os._exit flushes nothing
+        from ddpfleet.cli.common import PIPE_CLOSED
+
+        code = PIPE_CLOSED
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 def main() -> None:
     code = lean(sys.argv[1:])
     if code is not None:
-        sys.exit(code)
+        end(code)
     try:
         program().run()
     except BrokenPipeError:  # `ddpfleet --list | head -1`: Invoke's own output, a reader gone
