@@ -85,6 +85,7 @@ def _finish(task: str, fleet, as_json: bool) -> int:
     Ctrl-C `interrupted` and 130."""
     import threading
 
+    from ddpfleet import plaintable
     from ddpfleet.errors import DdpfleetError, NodeError
     from ddpfleet.hygiene import clean
 
@@ -108,12 +109,18 @@ def _finish(task: str, fleet, as_json: bool) -> int:
 
         worker = threading.Thread(target=probe, daemon=True)
         worker.start()
-        if not as_json:
+        plain = task == "ping" and plaintable.usable()  # off a terminal: no rich (~30 ms)
+        if not (as_json or plain):
             from ddpfleet import report  # rich: ~40 ms of imports while the nodes answer
         worker.join()
         if crashed:
             raise crashed[0]
-        if task == "ping":
+        drawn = plaintable.draw(job.COLUMNS, job.rows(fleet, results)) if plain else None
+        if drawn is not None:
+            sys.stdout.write(drawn)
+        elif task == "ping":
+            from ddpfleet import report  # a cell rich may draw otherwise: loaded now
+
             report.show(job.render(fleet, results))
         elif as_json:
             import json
