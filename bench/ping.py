@@ -3,7 +3,7 @@ in one run, in two shapes.
 
     .venv/bin/python bench/ping.py [--sizes 2,8,32] [--rss-nodes 64] [--repeat 5]
         [--cloud-sizes 2,8,32] [--rounds 1] [--only root|cloud] [--prefix ddpb]
-        [--subnet 10.219.0.0/24]
+        [--subnet 10.219.0.0/24] [--from-source]
 
 Root login (a sandbox of max(sizes, rss-nodes) nodes, `--prefix`, `--subnet`): `invoke ping`
 and `invoke gpu-status --json` cold (ssh.persist: 0, a handshake per node) and warm (the
@@ -19,6 +19,10 @@ script as ubuntu; the GPU probe through the same `sudo -n -H -- /bin/sh -c ...` 
 the node-side timeout wrapper around each). --rounds measures the cloud sizes again in the same
 sandboxes; each row ends with the machine's 1-minute load average, since on a shared machine a
 busy minute moves both columns.
+
+The package's bytecode is written first (compileall), as `pip install` writes it: where
+PYTHONDONTWRITEBYTECODE is set (this box, CI) every run would otherwise compile ~60 modules
+from source, ~18 ms of CPU that an installed command never spends (--from-source keeps that).
 
 Every node has the recorded-output nvidia-smi stand-in (tests/standins, 8 A100s). Whole
 processes are timed alternating ours and pdsh's, so load from elsewhere hits both alike (median
@@ -212,7 +216,7 @@ def cloud_shape(args, big: Path, work: Path, socks: list) -> None:
     )
     print(
         f"{'N':>4} {'task':<11} {'ddpfleet':>8} {'invoke':>7} {'pdsh s':>7} {'ddpf':>5} {'inv':>5}"
-        f" {'load':>5}"
+        f" {'load':>11}"
     )
     sizes = [int(s) for s in args.cloud_sizes.split(",")]
     for n in [n for _ in range(args.rounds) for n in sizes]:
@@ -229,11 +233,12 @@ def cloud_shape(args, big: Path, work: Path, socks: list) -> None:
                 "invoke": ([*INVOKE, task, *flags], warm_env),
                 "pdsh": pdsh(sub, script),
             }
+            load = os.getloadavg()[0]
             m = medians(runs, args.repeat)
             print(
                 f"{n:>4} {task:<11} {m['lean']:>8.3f} {m['invoke']:>7.3f} {m['pdsh']:>7.3f} "
                 f"{m['lean'] / m['pdsh']:>5.2f} {m['invoke'] / m['pdsh']:>5.2f}"
-                f" {os.getloadavg()[0]:>5.1f}"  # this box's 1-minute load: others' work too
+                f" {load:>5.1f}-{os.getloadavg()[0]:<5.1f}"  # 1-minute load before and after
             )
 
 
@@ -247,7 +252,11 @@ def main() -> None:
     ap.add_argument("--only", choices=("root", "cloud"))
     ap.add_argument("--prefix", default="ddpb")
     ap.add_argument("--subnet", default="10.219.0.0/24")
+    ap.add_argument("--from-source", action="store_true", help="no bytecode written first")
     args = ap.parse_args()
+    if not args.from_source:
+        compile_all = [sys.executable, "-m", "compileall", "-q", str(ROOT / "ddpfleet")]
+        subprocess.run(compile_all, check=True, capture_output=True)
     work = Path(tempfile.mkdtemp(prefix="ddpfleet-bench-"))
     socks: list[tuple[Path, dict]] = []
     shapes = [

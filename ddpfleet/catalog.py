@@ -104,10 +104,15 @@ def info(directory: Path) -> RoleInfo:
     )
 
 
+# libyaml's loader where PyYAML has it: an inventory's load reads defaults.yaml once per setting
+# it checks, ~1 ms each in pure Python, ~0.1 ms here (the same values: plain scalars and lists)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def defaults(directory: Path) -> dict:
     """defaults.yaml, its keys without the role's prefix (miniconda_prefix -> prefix)."""
     path = directory / "defaults.yaml"
-    raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    raw = (yaml.load(path.read_text(), Loader=_SAFE_LOADER) if path.is_file() else None) or {}
     prefix = directory.name + "_"
     return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
 

@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ddpfleet import gpu, gpujson
-from ddpfleet.errors import BecomeError, ConnectError, NodeError
+from ddpfleet.errors import ConnectError, NodeError
+from ddpfleet.ssh.result import IF_ABLE
 
 # rich (and report, its user) load where a table is drawn, not with the module: `--json` never
 # needs them, and the installed command's lean path loads them while the nodes answer.
@@ -42,13 +43,10 @@ Outcome = gpu.NodeGpus | NodeError
 
 def probe(conn: Conn) -> gpu.NodeGpus:
     """One round trip: gpu.probe_script() under sh, parsed. Unrecognised output is an error."""
-    # As root where sudo makes that cheap: the training user's /proc/<pid>/environ (its run id)
-    # is unreadable to the login user. A node that cannot become root is still queried.
-    try:
-        root = conn.escalation.via_sudo
-    except BecomeError:
-        root = False
-    result = conn.run(["sh", "-c", gpu.probe_script()], timeout=PROBE_TIMEOUT_S, root=root)
+    # As root where the connection can become root: the training user's /proc/<pid>/environ
+    # (its run id) is unreadable to the login user. A node that cannot is still queried, as
+    # the login user. IF_ABLE decides that in the run itself: one keeper request, not two.
+    result = conn.run(["sh", "-c", gpu.probe_script()], timeout=PROBE_TIMEOUT_S, root=IF_ABLE)
     node = gpu.parse_probe(result.stdout)
     if node.driver_error and node.exit_code is None:
         raise NodeError(conn.name, node.driver_error)

@@ -8,7 +8,6 @@ two equal keys.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import yaml
@@ -63,5 +62,7 @@ def read(path: Path) -> tuple[dict, dict]:
 
 
 def did_you_mean(word: str, choices) -> str:
+    import difflib  # here: only a mistake needs it, and every command loads this module
+
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f"; did you mean {close[0]!r}?" if close else ""

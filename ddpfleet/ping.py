@@ -44,20 +44,26 @@ def ping(fleet: Fleet) -> dict[str, Pong | NodeError]:
 
 
 def render(fleet: Fleet, results: dict[str, Pong | NodeError]) -> Table:
-    # rich loads here, not with the module: the installed command's lean path imports it while
-    # the nodes answer (ddpfleet/__main__.py)
+    # rich loads here, not with the module: the installed command's lean path draws without it
+    # off a terminal, or imports it while the nodes answer (ddpfleet/__main__.py)
     from ddpfleet.report import table
 
-    rows = []
+    # a narrow terminal leaves these out first, so an unbroken address and OS fit
+    return table(None, COLUMNS, rows(fleet, results), optional=("rtt ms", "arch"))
+
+
+def rows(fleet: Fleet, results: dict[str, Pong | NodeError]) -> list[tuple[str, ...]]:
+    """The table's rows, a node each, in the fleet's order."""
+    out = []
     for node in fleet.nodes:
         r = results[node.name]
         if isinstance(r, NodeError):
-            rows.append(
+            out.append(
                 (node.name, node.address, f"no ({r.kind}): {r.message}", "", "", "", "", "", "")
             )
             continue
         f = r.facts
-        rows.append(
+        out.append(
             (
                 node.name,
                 node.address,
@@ -70,5 +76,4 @@ def render(fleet: Fleet, results: dict[str, Pong | NodeError]) -> Table:
                 f"{r.rtt_ms:.1f}",
             )
         )
-    # a narrow terminal leaves these out first, so an unbroken address and OS fit
-    return table(None, COLUMNS, rows, optional=("rtt ms", "arch"))
+    return out

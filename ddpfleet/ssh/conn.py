@@ -34,7 +34,7 @@ from ddpfleet.errors import (
 from ddpfleet.inventory import Node
 from ddpfleet.shell import Secret
 from ddpfleet.ssh import become
-from ddpfleet.ssh.result import Result
+from ddpfleet.ssh.result import IF_ABLE, Result
 
 T = TypeVar("T")
 KILL_GRACE_S = 5  # timeout(1) on the node: SIGKILL this long after SIGTERM
@@ -111,18 +111,21 @@ class Conn:
         stdin: str | bytes | None = None,
         check: bool = True,
         timeout: float | None = None,
-        root: bool = False,
+        root: bool | str = False,
     ) -> Result:
         """Run a command (argv lists are quoted once with shlex.join); stdin is how secrets go.
 
         With a timeout the node enforces it too: the command is stopped there, never left
         running behind a closed channel (a later run would race with it). root=True runs it as
-        one root script (through sudo unless the login user is root: see ddpfleet.become).
+        one root script (through sudo unless the login user is root: see ddpfleet.become);
+        root=IF_ABLE (ssh.result) does so where this connection can become root, else runs it
+        as the login user.
         """
         cmd = shlex.join(command) if isinstance(command, list) else command
         sent = cmd
-        if root:
-            sent, stdin = self.escalation.wrap(cmd), self.escalation.stdin(stdin)
+        esc = self._root(root)
+        if esc is not None:
+            sent, stdin = esc.wrap(cmd), esc.stdin(stdin)
         wire = (
             sent
             if timeout is None
@@ -165,6 +168,17 @@ class Conn:
         if check and code != 0:
             raise CommandError(self.name, cmd, code, result.stderr or result.stdout)
         return result
+
+    def _root(self, root: bool | str) -> become.Escalation | None:
+        """The escalation a run's `root` asks for; None for none (a BecomeError from root=True)."""
+        if not root:
+            return None
+        try:
+            return self.escalation
+        except BecomeError:
+            if root != IF_ABLE:
+                raise
+            return None
 
     def session(
         self, command: str | list[str], root: bool = False, user: str | None = None

@@ -4,12 +4,12 @@
 
 One per user, inventory file and $HOME (the socket's name says which). It serves one JSON
 request per Unix connection: `open` (connect the nodes it is given), `run` (a command on one
-node, exactly as Conn.run), `stats`, `exit`. Every node arrives with its full spec; a
-connection is reused only while that spec, the key file and the known_hosts files are unchanged
-and its transport is alive, else it is replaced through connect(), which checks the host key
-exactly as a direct connection does. Nodes no longer in the inventory file are dropped. The
-keeper exits when nothing asked for IDLE_SECONDS, and accepts only its own user (SO_PEERCRED),
-on a 0600 socket in a 0700 directory.
+node, exactly as Conn.run, root=IF_ABLE included), `escalation`, `stats`, `exit`. Every
+node arrives with its full spec; a connection is reused only while that spec, the key file and
+the known_hosts files are unchanged and its transport is alive, else it is replaced through
+connect(), which checks the host key exactly as a direct connection does. Nodes no longer in
+the inventory file are dropped. The keeper exits when nothing asked for IDLE_SECONDS, and
+accepts only its own user (SO_PEERCRED), on a 0600 socket in a 0700 directory.
 
 It never holds a sudo password: it never reads ssh.become_password_file (nor the password's
 environment variable), so its root work is only what a passwordless sudo (or a root login)
@@ -38,6 +38,7 @@ from ddpfleet.ssh import connection, knownhosts
 from ddpfleet.ssh.become import PASSWORD_ENV
 from ddpfleet.ssh.connection import Conn, connect
 from ddpfleet.ssh.parallel import parallel
+from ddpfleet.ssh.result import IF_ABLE
 
 PATHS = ("key", "known_hosts", "become_password_file")  # the Node fields that are Paths
 
@@ -87,6 +88,7 @@ class Keeper:
         self.locks: dict[str, threading.Lock] = {}
         self.lock = threading.Lock()
         self.handshakes = 0
+        self.asked: dict[str, int] = {}  # requests per op, for `stats` (tests count round trips)
         self.inventory_stamp: tuple | None = None
 
     def conn(self, spec: dict, fresh: bool = False) -> tuple[Conn, bool]:
@@ -141,7 +143,9 @@ class Keeper:
         node's failure then reads as a direct connection's would."""
         stdin = request["stdin"]
         data = None if stdin is None else base64.b64decode(stdin)
-        how = {"timeout": request["timeout"], "root": bool(request.get("root"))}
+        root = request.get("root")
+        # True, False, or IF_ABLE: the escalation decided here, in the same request
+        how = {"timeout": request["timeout"], "root": root if root == IF_ABLE else bool(root)}
         try:
             conn, fresh = self.conn(request["node"])
             try:
@@ -161,6 +165,8 @@ class Keeper:
     def handle(self, request: dict) -> dict:
         self.last = time.monotonic()
         op = request.get("op")
+        with self.lock:
+            self.asked[str(op)] = self.asked.get(str(op), 0) + 1
         if op == "open":
             return self.open(request)
         if op == "run":
@@ -171,7 +177,13 @@ class Keeper:
             except DdpfleetError as e:
                 return {"error": error_dict(e)}
         if op == "stats":
-            return {"handshakes": self.handshakes, "nodes": sorted(self.conns), "pid": os.getpid()}
+            nodes, pid = sorted(self.conns), os.getpid()
+            return {
+                "handshakes": self.handshakes,
+                "nodes": nodes,
+                "pid": pid,
+                "asked": dict(self.asked),
+            }
         if op == "exit":
             return {"closed": self.close()}
         return {"error": {"class": "DdpfleetError", "message": f"unknown op {op!r}"}}

@@ -107,7 +107,8 @@ class Escalated:
 
 
 class KeptConn:
-    """One node through the keeper: `run` as Conn.run (same wrapper, timeout and errors)."""
+    """One node through the keeper: `run` as Conn.run (same wrapper, timeout and errors; with
+    root=IF_ABLE the keeper's connection decides and runs in the one request)."""
 
     def __init__(self, path: Path, node: Node):
         self.path, self.node, self.spec = path, node, node_spec(node)
@@ -137,7 +138,7 @@ class KeptConn:
         stdin: str | bytes | None = None,
         check: bool = True,
         timeout: float | None = None,
-        root: bool = False,
+        root: bool | str = False,
     ) -> Result:
         data = stdin.encode() if isinstance(stdin, str) else stdin
         request = {
@@ -204,6 +205,10 @@ def start(path: Path, idle: float) -> None:
     import subprocess  # here: a warm command never starts one (nor loads subprocess)
 
     env = {k: v for k, v in os.environ.items() if k != "DDPFLEET_BECOME_PASSWORD"}
+    # The keeper runs this very ddpfleet (a checkout's, a wheel's), whatever its cwd ("/")
+    # and the environment would find first: client and keeper speak one version.
+    here = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
     subprocess.Popen(
         [sys.executable, "-m", "ddpfleet.ssh.keeper", str(path), f"{idle:g}"],
         env=env,

@@ -126,7 +126,8 @@ def test_a_warm_ping_skips_invoke_and_prints_what_the_task_prints(cloud: Cluster
     assert [r[0] for r in cells(lean.stdout)] == ["node1", "node0"]
     loaded = imported(ddpfleet(cloud, "ping", importtime=True))
     assert "ddpfleet.ping" in loaded
-    assert not loaded & {"invoke", "paramiko", "fabric", "ddpfleet.cli.tasks"}, loaded
+    # to a pipe the table is plaintable's (rich's own drawing, tests/unit/test_plaintable.py)
+    assert not loaded & {"invoke", "paramiko", "fabric", "ddpfleet.cli.tasks", "rich"}, loaded
 
 
 def test_a_warm_gpu_status_table_and_json_are_the_tasks_own(cloud: Cluster):
@@ -146,6 +147,46 @@ def test_a_warm_gpu_status_table_and_json_are_the_tasks_own(cloud: Cluster):
     assert "ddpfleet.gpustatus" in loaded
     # --json draws no table: not even rich is loaded
     assert not loaded & {"invoke", "paramiko", "rich", "ddpfleet.report"}, loaded
+
+
+RUN_ID = "20261206-120000-lean"
+
+
+def as_root(c: Cluster, node: str, script: str) -> str:
+    """`script` as root on the node (the login user's passwordless sudo); its stdout."""
+    with Fleet(inv.load(c.inventory, node)) as fleet:
+        (r,) = fleet.map(lambda conn: conn.run(script, root=True)).values()
+    assert getattr(r, "ok", False), r
+    return r.stdout
+
+
+def test_gpu_status_probes_as_root_in_one_keeper_request_per_node(cloud: Cluster):
+    """The probe runs as root where sudo allows (root's process shows its run id, which
+    /proc/PID/environ shows root only), and that costs one keeper request per node: the run
+    decides the escalation itself (root=IF_ABLE), no separate escalation request."""
+    sock = warm(cloud)
+    pid = as_root(
+        cloud,
+        "node0",
+        f"DDPFLEET_RUN_ID={RUN_ID} setsid sleep 600 >/dev/null 2>&1 </dev/null & echo $!",
+    ).strip()
+    config = f"a100x8 recordings=/{STANDIN_DIR}/recordings"
+    as_root(cloud, "node0", f"echo '{config} pids={pid},{pid}' >/etc/ddpfleet-standin-gpu")
+    try:
+        before = kept.ask(sock, {"op": "stats"})["asked"]
+        lean = ddpfleet(cloud, "gpu-status", "--json")
+        after = kept.ask(sock, {"op": "stats"})["asked"]
+        asked = {op: n - before.get(op, 0) for op, n in after.items() if op != "stats"}
+        assert {op: n for op, n in asked.items() if n} == {"open": 1, "run": 2}, asked
+        full = cloud.invoke("gpu-status", "--json")
+        docs = [yaml.safe_load(r.stdout) for r in (lean, full)]
+        for d in docs:
+            d.pop("time")
+        assert lean.returncode == full.returncode == 0 and docs[0] == docs[1]
+        (app,) = docs[0]["nodes"][0]["gpus"][0]["processes"]
+        assert (app["pid"], app["user"], app["run_id"]) == (int(pid), "root", RUN_ID)
+    finally:
+        as_root(cloud, "node0", f"kill {pid}; echo '{config}' >/etc/ddpfleet-standin-gpu")
 
 
 def test_a_stopped_node_fails_both_paths_alike(cloud: Cluster):

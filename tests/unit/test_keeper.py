@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from ddpfleet import inventory as inv
+from ddpfleet.errors import BecomeError
 from ddpfleet.inventory import Node
 from ddpfleet.ssh import become, connection, dial, keeper, kept
 from ddpfleet.ssh.connection import Conn
-from ddpfleet.ssh.result import Result
+from ddpfleet.ssh.result import IF_ABLE, Result
 
 PASSWORD = "hunter2-sudo"
 
@@ -119,3 +120,85 @@ def test_an_inventory_with_a_password_file_goes_direct(tmp_path: Path, monkeypat
     monkeypatch.setattr(kept.atexit, "register", lambda *a: started.append(a))
     f = kept.fleet(inv.load(path))
     assert isinstance(f, connection.Fleet) and asked == [] and started == []
+
+
+class Channel:
+    """A paramiko channel as Conn.run drives it: the command's answer is ready at once."""
+
+    def __init__(self, answer):
+        self.answer, self.sent = answer, []
+        self.out, self.code = b"", -1
+        self.eof_received, self.closed = True, False
+
+    def exec_command(self, wire: str) -> None:
+        self.sent.append(wire)
+        self.code, out = self.answer(wire)
+        self.out = out.encode()
+
+    def recv_ready(self) -> bool:
+        return bool(self.out)
+
+    def recv(self, n: int) -> bytes:
+        out, self.out = self.out, b""
+        return out
+
+    def recv_stderr_ready(self) -> bool:
+        return False
+
+    def exit_status_ready(self) -> bool:
+        return True
+
+    def recv_exit_status(self) -> int:
+        return self.code
+
+    def sendall(self, data: bytes) -> None:
+        pass
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def sudo_node(said: str):
+    """A real Conn over a stand-in channel: the become probe answers `said` (as ubuntu),
+    any other command prints `ran`; every command line sent is kept in `.sent`."""
+    channels: list[Channel] = []
+
+    def answer(wire: str) -> tuple[int, str]:
+        return (0, said) if "ddpfleet-sudo-ok" in wire else (0, "ran\n")
+
+    def open_session(timeout=None) -> Channel:
+        channels.append(Channel(answer))
+        return channels[-1]
+
+    transport = SimpleNamespace(is_active=lambda: True, open_session=open_session)
+    node = Node("node1", "10.0.0.11", 22, "ubuntu", None, Path("/nonexistent"), 2.0)
+    conn = Conn(node, SimpleNamespace(transport=transport, close=lambda: None))
+    return conn, lambda: [w for c in channels for w in c.sent]
+
+
+def test_root_if_able_runs_as_root_where_sudo_allows_else_as_the_login_user():
+    conn, sent = sudo_node("1000\nddpfleet-sudo-ok\nddpfleet-pw-P\n")
+    assert conn.run("id -u", root=IF_ABLE).stdout == "ran\n"
+    assert "sudo -n -H -- /bin/sh -c" in sent()[-1]  # the probe, then the command as root
+    conn, sent = sudo_node("1000\nsudo: a password is required\nddpfleet-pw-P\n")
+    assert conn.run("id -u", root=IF_ABLE).stdout == "ran\n" and sent()[-1] == "id -u"
+    with pytest.raises(BecomeError, match="sudo asks ubuntu's password"):
+        conn.run("id -u", root=True)  # root demanded: the node's error, as before
+
+
+def test_the_keeper_runs_root_if_able_in_the_one_request(monkeypatch):
+    """gpu-status's probe through the keeper: one `run` request decides the escalation and
+    runs, where the client used to ask `escalation` first."""
+    conn, sent = sudo_node("1000\nddpfleet-sudo-ok\nddpfleet-pw-P\n")
+    monkeypatch.setattr(keeper, "connect", lambda node: conn)
+    k = keeper.Keeper(60)
+    s = kept.node_spec(conn.node)
+    request = {"op": "run", "node": s, "command": "id -u", "stdin": None, "timeout": None}
+    answer = k.handle({**request, "root": IF_ABLE})
+    assert answer["result"]["stdout"] == "ran\n" and sent()[-1].startswith("sudo -n -H")
+    assert k.handle({**request, "root": False})["result"] and sent()[-1] == "id -u"
+    assert k.handle({"op": "stats"})["asked"] == {"run": 2, "stats": 1}
+    k.close()

@@ -27,6 +27,7 @@ LAYERS = {
     "ddpfleet.gpujson": ("ground", 0),
     "ddpfleet.shell": ("ground", 0),
     "ddpfleet.report": ("ground", 0),
+    "ddpfleet.plaintable": ("ground", 0),
     "ddpfleet.progress": ("ground", 0),
     "ddpfleet.rootlog": ("ground", 0),
     "ddpfleet.node": ("node", 0),  # NODE_DIR: where the node programs' bytes are
