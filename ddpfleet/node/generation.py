@@ -10,7 +10,8 @@ secret like the lifeline itself):
     fence GEN                       fenced GEN          its part stopped, nothing left running
     take GEN RANK LOST              took GEN | sick GEN WHY   a spare, health-checked first
     ckpt GEN STEP                   ready GEN SECONDS FETCHED | unready GEN WHY
-    go GEN PORT RANK                (torchrun again: that node_rank, the new master port)
+    go GEN PORT RANK HOST           (torchrun again: that node_rank, the new master port)
+    roster JSON                     listen HOST:PORT    (where it would lead: succession.py)
 
 On trouble (a lost lifeline, a failed rank, its own torchrun's end) the master fences the gang
 (every part stopped and confirmed) and waits SETTLE_S from the first sign, so that a dead node's
@@ -20,6 +21,7 @@ replaced by the first healthy spare (its node_rank taken over), the master's new
 checkpoint made the one every node resumes from (newer ones discarded, the missing one fetched
 from the master and verified by hash: checkpoints.py pack/unpack), and torchrun started on
 every node with a fresh rendezvous (a new master port, held until its store adopts it).
+The master's own loss: a survivor leads instead (succession.py).
 
 Policy: at most `max_recoveries`; a generation lost at the same node_rank before its first
 step is the same failure twice in a row (the circuit breaker stops there); no healthy spare
@@ -102,6 +104,10 @@ class Coordinator:
         self.generations = [{"generation": 1, "nodes": self.nodes(), "started": time.time()}]
         self.skipped = []  # spares not taken: {"node", "why"}
         self.outcome = (None, None)  # (status, reason) when the run ends otherwise than usual
+        self.listen = {}  # node -> "host:port" where it would lead (succession.py)
+        self.voters = set(self.roster.values()) | set(self.spares)  # this generation's
+        self.master_lost = None  # the old master, in the generation that replaced it
+        self.leaving = None  # SIGTERMed without invoke stop: a survivor leads (succession.py)
 
     def nodes(self):
         return [self.roster[r] for r in sorted(self.roster)]
@@ -130,7 +136,16 @@ class Coordinator:
             self.fence(f"{node} lost: {why}")
 
     def heard(self, node, word, rest):
-        self.q.put((word, node, rest))
+        if word == "listen":
+            self.listen[node] = rest
+            self.broadcast()
+        else:
+            self.q.put((word, node, rest))
+
+    def broadcast(self):
+        line = self.m.succession.roster_line(self)
+        for node in list(self.sup.lifeline.peers):
+            self.sup.lifeline.tell(node, line)
 
     # -- the run's own events ----------------------------------------------------------------
 
@@ -150,18 +165,29 @@ class Coordinator:
         """After this node's torchrun ended: None (finish as without spares; the status, when
         not the usual one, is in self.outcome) or True (a new generation runs)."""
         self.outcome = (None, None)
+        if self.leaving:  # no stop said to anyone: its close is the master's loss to them
+            self.outcome = ("STOPPED", self.leaving)
+            return None
         if self.final:  # invoke stop: whoever the fence told, every node hears the end
             self.sup.lifeline.stop_all(self.final)
             return None
         if code == 0 and not self.sup.part.stopping.is_set():
             return None
         self.fence(f"{self.roster[0]} exit {code}", own=False)
+        return self.settle()
+
+    def settle(self):
+        """Every member's fence confirmed (or it is out), then: a loss is recovered from, a
+        rank's own error ends the run as without spares (None)."""
         waiting = set(self.members())
         settle = self.trouble[2] + SETTLE_S
         deadline = time.monotonic() + (self.sup.spec.get("grace") or 0) + FENCE_S
         while (waiting or time.monotonic() < settle) and time.monotonic() < deadline:
             if self.final:
                 self.sup.lifeline.stop_all(self.final)
+                return None
+            if self.leaving:  # SIGTERMed meanwhile: said to no one (see after_part)
+                self.outcome = ("STOPPED", self.leaving)
                 return None
             word, node, _ = self.next(0.2)
             if word in ("fenced", "lost") and node in waiting:
@@ -170,6 +196,9 @@ class Coordinator:
         for node in waiting:  # still running, or cannot say: it is out of the gang
             self.sup.lifeline.tell(node, "stop did not confirm its fence")
             self.lost_now.setdefault(node, ("did not confirm its stop", time.time()))
+        if self.leaving:
+            self.outcome = ("STOPPED", self.leaving)
+            return None
         if not self.lost_now:  # a rank's own error: as without spares
             self.sup.stop_reason = self.trouble[0]
             self.sup.lifeline.stop_all(self.trouble[0])
@@ -217,6 +246,10 @@ class Coordinator:
                 f"{names} lost at node_rank {ranks} again before the new generation's first "
                 "step: the same failure twice in a row, not recovering"
             )
+        reached = {self.roster[0], *self.sup.lifeline.peers}
+        if self.spares and not self.m.succession.majority(reached, self.voters):
+            return self.give_up(f"{names} lost and only {len(reached & self.voters)} of "
+                                f"{len(self.voters)} nodes answer: cut off, not recovering")  # fmt: skip
         self.recovering = True
         self.gen += 1
         lost_at = min(t for _, t in lost.values())
@@ -236,8 +269,11 @@ class Coordinator:
         for r, node in sorted(self.roster.items()):
             if r:
                 self.sup.lifeline.reset(node)
-                self.sup.lifeline.tell(node, f"go {self.gen} {port} {r}")
+                self.sup.lifeline.tell(
+                    node, f"go {self.gen} {port} {r} {self.sup.spec['master_host']}"
+                )
         entry = {"generation": self.gen, "nodes": self.nodes(), "replaced": replaced,
+                 "master": self.roster[0], "master_lost": self.master_lost,
                  "lost_ranks": ranks, "lost_at": lost_at, "resumed_step": step,
                  "checkpoint_s": took, "checkpoint_nodes": self.nodes_ready,
                  "master_port": port, "started": time.time(),
@@ -248,9 +284,11 @@ class Coordinator:
                      f"of {rep['lost']} ({rep['why']})")  # fmt: skip
         self.log(f"generation {self.gen}: resuming from step {step}, master port {port}")
         self.lost_now, self.trouble, self.fenced = {}, None, False
+        self.voters, self.master_lost = set(self.roster.values()) | set(self.spares), None
         self.sup.restart(rewrite(self.sup.spec["argv"], master_port=port), listener)
         self.sup.save(generation=self.gen, generations=self.generations, spares=self.spares,
                       skipped=self.skipped, roster=self.nodes(), recovering=None)  # fmt: skip
+        self.broadcast()
         self.recovering = False
         threading.Thread(target=self.watch, args=(entry,), daemon=True).start()
         return True
@@ -306,106 +344,9 @@ class Coordinator:
                 self.log(f"generation {entry['generation']}: first step {said['step']}, "
                          f"{entry['recovery_s']:.1f}s after the loss")  # fmt: skip
                 self.sup.save(generations=self.generations)
+                self.broadcast()
                 return
             time.sleep(PROGRESS_POLL_S)
 
     def log(self, line):
         self.sup.log(f"[ddpfleet recovery] {line}")
-
-
-class Follower:
-    """A member's or a spare's side: obeys the master's fence, take, ckpt and go."""
-
-    def __init__(self, sup, m):
-        self.sup, self.m = sup, m
-        self.q = queue.Queue()
-        self.gen = 1
-        self.fenced = 0
-        self.final = None
-        self.outcome = (None, None)
-
-    def heard(self, node, word, rest):
-        if word == "fence" and rest == str(self.gen):
-            self.fenced = self.gen
-            if self.sup.part is not None:
-                self.sup.part.stop()
-        self.q.put((word, rest))
-
-    def stopped(self, reason):
-        self.final = reason
-        self.q.put(("final", reason))
-
-    def after_part(self, code):
-        """After this node's torchrun ended (None: a spare standing by): True when a new
-        generation runs here; else None, with self.outcome = (status or None, reason)."""
-        sup, say = self.sup, self.sup.lifeline.say
-        own = None
-        self.outcome = (None, None)
-        if code is not None and not self.final:
-            if self.fenced == self.gen:
-                say(f"fenced {self.gen}")
-            elif code == 0 and not sup.part.stopping.is_set():
-                return None
-            else:
-                own = code
-                say(f"fail {sup.spec['node']} {code}")
-        while True:
-            if self.final:
-                self.outcome = ("FAILED" if own else None, None)
-                return None
-            word, rest = self.q.get()
-            if word == "fence" and rest == str(self.gen):
-                say(f"fenced {self.gen}")
-            elif word == "closed":
-                self.outcome = ("FAILED" if own else "STOPPED", "the master's lifeline closed")
-                return None
-            elif word == "take":
-                if not self.take(*rest.split(" ")):
-                    return None
-            elif word == "ckpt":
-                self.checkpoint(*rest.split(" "))
-            elif word == "go":
-                gen, port, rank = rest.split(" ")
-                self.gen, self.fenced = int(gen), 0
-                argv = rewrite(sup.spec["argv"], master_port=port, node_rank=rank)
-                sup.spec["rank"] = int(rank)
-                sup.restart(argv, None)
-                sup.save(generation=self.gen, rank=int(rank))
-                return True
-
-    def take(self, gen, rank, lost):
-        ok, why = spare_health(self.m, self.sup.spec)
-        self.gen = int(gen)
-        if not ok:
-            self.sup.lifeline.say(f"sick {gen} {why}")
-            self.sup.log(f"[ddpfleet recovery] not taking {lost}'s place: {why}")
-            self.outcome = ("STOPPED", f"spare not healthy: {why}")
-            return False
-        self.sup.spec["rank"] = int(rank)
-        self.sup.save(status="STARTING", standby=False, rank=int(rank), replaces=lost, health=why)
-        self.sup.log(f"[ddpfleet recovery] taking node_rank {rank} of {lost} (health: {why})")
-        self.sup.lifeline.say(f"took {gen}")
-        return True
-
-    def keep_only(self, ck, directory, step, fetch):
-        """As the training user: nothing newer than `step` kept, and `step` fetched from the
-        master when `fetch` (checkpoints.unpack: verified, renamed into place only whole)."""
-        discard_newer(ck, directory, step)
-        if fetch:
-            self.sup.lifeline.fetch(step, lambda f: ck.unpack(f, directory))
-
-    def checkpoint(self, gen, step):
-        """The checkpoint of `step` here (fetched from the master when missing), nothing
-        newer: ready GEN SECONDS FETCHED, or unready GEN WHY."""
-        ck, spec, began = self.m.checkpoints, self.sup.spec, time.monotonic()
-        directory, step = checkpoint_dir(spec, self.sup.run_dir), int(step)
-        try:
-            here = os.path.join(directory, ck.step_name(step))
-            fetched = int(step >= 0 and ck.complete(here) is None)
-            # The training user's dir: the discard and the fetched files are that user's work
-            # (a child dropped to it), so a symlink planted there reaches nothing of root's.
-            self.m.proctree.as_user(spec.get("user"), self.keep_only, ck, directory, step, fetched)
-            took = time.monotonic() - began
-            self.sup.lifeline.say(f"ready {gen} {took:.3f}s fetched={fetched}")
-        except (OSError, ValueError, KeyError) as e:
-            self.sup.lifeline.say(f"unready {gen} {e}")

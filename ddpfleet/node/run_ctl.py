@@ -94,6 +94,10 @@ def stop(run_id, grace):
     if state is None:
         return {"found": False}
     was, supervisor, cgroup = state.get("status"), m.records.alive(state), state.get("cgroup")
+    # the word that this SIGTERM is invoke stop's: with spares, a master SIGTERMed otherwise (its
+    # machine going down) leaves the run to a survivor instead of ending it (run_supervisor.end)
+    with open(os.path.join(d, "stop-requested"), "w"):
+        pass
     if state.get("unit"):  # systemd: SIGTERM to the supervisor, then SIGKILL to the unit's cgroup
         subprocess.run(["systemctl", "stop", state["unit"]], capture_output=True, check=False)
     if m.records.alive(state):  # the supervisor ends its part, as a lifeline's stop would

@@ -15,23 +15,21 @@ supervisor keeps one TCP connection to the master's (node_rank 0). Lines both wa
     stop REASON              the master stops the gang: every worker stops its part
 
 A run with spares (spec "recovery") adds the words of generation.py's protocol (fence, take,
-ckpt, go one way; fenced, took, sick, ready, unready the other): the lifeline only passes them
-on (`heard`), and a worker's or spare's loss goes to `lost` instead of stopping the run. A
+ckpt, go, roster one way; fenced, took, sick, ready, unready, listen the other): the lifeline
+only passes them on (`heard`); a worker's or spare's loss goes to `lost`, the master's to
+heard("master", "lost", why) (succession.py: a survivor leads), instead of stopping the run. A
 member of the gang fetches a checkpoint on a connection of its own: `fetch NODE WNONCE PROOF
 STEP` instead of hello (role "fetch"), answered by welcome and the checkpoint's pack stream.
 
-The secret is the run's own (32 random bytes the controller made; it travels in the spec, on
-stdin, and is kept in the root-only spec.json). No line counts before the proofs: a connection
-that has not proved the secret within AUTH_S is closed, each expected worker joins once, and a
-worker names only itself. The worker checks the master's proof too, so it never obeys a `stop`
-from whoever else answers on the port. Lines are at most MAX_LINE bytes; the master holds at
-most one connection per expected worker plus SPARE. Both ends check only who is at the other
-end of the connection, not each line: someone who can rewrite the TCP stream in flight can
-still cut it, which stops the run (as a lost lifeline always does).
-
-A lifeline that closes before "done", or is silent for SILENCE_S (a dead node, a partition),
-stops the run on both sides. A worker that never says hello within HELLO_S stops the master.
-So a failed rank or a dead node ends every node's part within SILENCE_S plus the grace.
+The secret is the run's own (32 random bytes from the controller, in the spec on stdin and the
+root-only spec.json). No line counts before the proofs: a connection that has not proved the
+secret within AUTH_S is closed, each expected worker joins once and names only itself, and the
+worker checks the master's proof too (it never obeys a `stop` from whoever else answers).
+Lines are at most MAX_LINE bytes; the master holds one connection per expected worker plus
+SPARE. Only the other end is checked, not each line: whoever can rewrite the TCP stream can
+still cut it, which stops the run (as a lost lifeline always does). A lifeline that closes
+before "done", or is silent for SILENCE_S, stops the run on both sides (without spares); a
+worker that never says hello within HELLO_S stops the master.
 """
 
 import errno
@@ -49,8 +47,8 @@ CONNECT_S = 15.0
 AUTH_S = 2.0  # a connection has this long to prove the secret
 MAX_LINE = 4096
 SPARE = 4  # connections beyond one per expected worker (a worker's proof still in flight)
-WORDS_DOWN = ("fence", "take", "ckpt", "go")  # master -> worker, with spares (generation.py)
-WORDS_UP = ("fenced", "took", "sick", "ready", "unready")  # worker -> master
+WORDS_DOWN = ("fence", "take", "ckpt", "go", "roster")  # master -> worker, with spares
+WORDS_UP = ("fenced", "took", "sick", "ready", "unready", "listen")  # worker -> master
 
 
 def proof(secret, role, *parts):
@@ -136,6 +134,9 @@ class Lifeline:
         self.address = None  # master: where it listens, for state.json
         self.ended = False  # this node's torchrun is done: closes are expected now
         self.started = time.monotonic()
+        self.recovery = bool(spec.get("recovery"))
+        self.after_join = []  # a worker's lines once joined (succession.py's listen)
+        self.orphaned = self.retired = False  # the master lost; a new lifeline replaced this
 
     @property
     def is_master(self):
@@ -187,6 +188,20 @@ class Lifeline:
         word, _, said = (self.master.read_line(deadline) or "").partition(" ")
         if word != "welcome" or not proved(said, self.secret, "master", mine, theirs, self.node):
             raise ConnectionError(f"{where} refused {self.node} or did not prove the run's secret")
+        for line in self.after_join:
+            self.master.send(line)
+
+    def adopt(self, server):
+        """A new master (succession.py): its standby listener is where the workers come in."""
+        self.server, self.started = server, time.monotonic()
+        host, port = server.getsockname()[:2]
+        self.address = f"{host}:{port}"
+
+    def retire(self):
+        """Replaced by a new lifeline (the master moved): nothing of this one counts now."""
+        self.retired = self.ended = True
+        if self.master is not None:
+            self.master.close()
 
     def run(self):
         if self.is_master:
@@ -264,31 +279,6 @@ class Lifeline:
         except (OSError, ValueError):
             pass  # the receiver's unpack sees the short stream and says so
 
-    def fetch(self, step, readable_into):
-        """A worker: the master's checkpoint of `step` on a connection of its own, proved like
-        the lifeline; `readable_into(file)` reads the stream (checkpoints.unpack)."""
-        sock = socket.create_connection((self.master_host, self.port), timeout=CONNECT_S)
-        peer = Peer(sock, "master")
-        try:
-            deadline = time.monotonic() + CONNECT_S
-            word, _, theirs = (peer.read_line(deadline) or "").partition(" ")
-            if word != "challenge" or not theirs:
-                raise ConnectionError("the master's lifeline sent no challenge")
-            mine = secrets.token_hex(16)
-            said = proof(self.secret, "fetch", theirs, mine, self.node, str(step))
-            peer.send(f"fetch {self.node} {mine} {said} {step}")
-            word, _, said = (peer.read_line(deadline) or "").partition(" ")
-            if word != "welcome" or not proved(
-                said, self.secret, "master", mine, theirs, self.node
-            ):
-                raise ConnectionError("the master refused the checkpoint fetch")
-            sock.settimeout(CONNECT_S * 4)
-            rest = bytes(peer.buf)
-            with sock.makefile("rb") as f:
-                return readable_into(_Prefixed(rest, f))
-        finally:
-            peer.close()
-
     def say(self, line):
         """A worker: one line to the master (generation.py's words)."""
         if self.master is not None:
@@ -351,13 +341,26 @@ class Lifeline:
                 self.master.done = True
             elif self.heard is not None and word in WORDS_DOWN:
                 self.heard("master", word, rest)
-        if not self.master.done and not self.ended:
-            self.stop("lost the lifeline to the master (its supervisor or node is gone)")
+        if self.retired:
+            return
+        why = "lost the lifeline to the master (its supervisor or node is gone)"
+        if not self.master.done and not self.ended and self._orphan(why):
+            return
         if self.heard is not None:
             self.heard("master", "closed", "")
 
+    def _orphan(self, why):
+        """A worker lost its master: with spares a survivor leads (True), else the part stops."""
+        if not (self.recovery and self.heard is not None):
+            return self.stop(why)
+        with self.guard:
+            first, self.orphaned = not self.orphaned, True
+        if first and not self.retired:
+            self.heard("master", "lost", why)
+        return True
+
     def _beat(self):
-        while True:
+        while not self.retired:
             time.sleep(HEARTBEAT_S)
             now = time.monotonic()
             with self.guard:
@@ -367,8 +370,10 @@ class Lifeline:
                 if not peer.done and not self.ended and now - peer.last > SILENCE_S:
                     if self.lost is not None and self.is_master:
                         self._lose(peer, f"no word from it for {SILENCE_S:g}s")
-                    else:
-                        self.stop(f"no word from {peer.name} for {SILENCE_S:g}s")
+                    else:  # a worker: its master (with spares a survivor leads)
+                        (self._orphan if self.master is peer else self.stop)(
+                            f"no word from {peer.name} for {SILENCE_S:g}s"
+                        )
             missing = self.expect - self.joined
             if self.is_master and missing and now - self.started > HELLO_S:
                 self.stop(f"{', '.join(sorted(missing))} never joined within {HELLO_S:g}s")
@@ -391,16 +396,3 @@ class Lifeline:
             self.master.send(f"fail {node} {code}")
         else:
             self.master.send(f"done {node}")
-
-
-class _Prefixed:
-    """A readable: what the handshake's reader had already buffered, then the file."""
-
-    def __init__(self, head, f):
-        self.head, self.f = head, f
-
-    def read(self, n):
-        if self.head:
-            data, self.head = self.head[:n], self.head[n:]
-            return data
-        return self.f.read(n)

@@ -6,7 +6,7 @@ started as root.
 
 On stdin the controller sends: this file (a length line, then the source), then records.py,
 proctree.py, masterport.py, part.py, run_lifeline.py, run_snapshot.py, run_unit.py, checkpoints.py,
-generation.py and health_node.py the same
+generation.py, follower.py, succession.py and health_node.py the same
 way (launch.ssh.detach.SUPERVISOR_FILES), then one JSON line: the spec (run id, node, rank,
 argv, env, cwd, user, grace, the master's lifeline address or the workers to expect, the run's
 lifeline secret: spec.json is root's, 0600). This process (the launcher) makes
@@ -58,8 +58,11 @@ HELPERS = (  # as launch.ssh.detach.SUPERVISOR_FILES sends them
     "run_unit.py",
     "checkpoints.py",
     "generation.py",
+    "follower.py",
+    "succession.py",
     "health_node.py",
 )
+STOP_MARK = "stop-requested"  # run_ctl.py stop's word in the run dir before its SIGTERM
 PROGRESS = "progress/progress.json"  # DDPFLEET_PROGRESS_FILE below the run dir (the user's)
 
 
@@ -74,12 +77,14 @@ class Supervisor:
         self.stop_reason = None
         self.gen = None  # with spares: generation.Coordinator (the master) or Follower
         if spec.get("recovery"):
-            kind = m.generation.Coordinator if spec["rank"] == 0 else m.generation.Follower
+            kind = m.generation.Coordinator if spec["rank"] == 0 else m.follower.Follower
             self.gen = kind(self, m)
         lost = self.gen.lost if spec["rank"] == 0 and self.gen else None
         self.lifeline = m.run_lifeline.Lifeline(
             spec, self.stop, self.first_failure, self.gen and self.gen.heard, lost
         )
+        if getattr(self.gen, "standby", None) is not None:  # where it would lead (succession.py)
+            self.lifeline.after_join = [m.succession.listen_line(spec, self.gen.standby)]
         self.failure = None  # the gang's first failure, as the master saw it
         me = os.getpid()
         self.state = {
@@ -146,8 +151,15 @@ class Supervisor:
     def end(self, reason):
         """invoke stop (SIGTERM): the run ends, with spares too. A member or spare says so
         first: this node going away is a loss to the master unless the whole run is stopping
-        (a machine shutting down SIGTERMs it too)."""
+        (a machine shutting down SIGTERMs it too). The master's SIGTERM without invoke stop's
+        word (STOP_MARK): its machine is going down, and a survivor leads (succession.py)."""
         if isinstance(self.gen, self.m.generation.Coordinator):
+            if not os.path.exists(os.path.join(self.run_dir, STOP_MARK)):
+                self.gen.leaving = "SIGTERM without invoke stop (its machine going down?)"
+                self.log(f"[ddpfleet recovery] {self.gen.leaving}: leaving the run to the others")
+                if self.part is not None:
+                    self.part.stop()
+                return
             self.gen.final = reason
         elif self.gen is not None:
             self.lifeline.say(f"left {self.spec['node']} SIGTERM")

@@ -33,6 +33,7 @@ def load(name):
 
 
 L, G, CK = load("run_lifeline"), load("generation"), load("checkpoints")
+F, S = load("follower"), load("succession")
 
 
 class Side:
@@ -116,7 +117,7 @@ def test_a_member_fetches_the_masters_checkpoint_verified(gang, tmp_path):
     src = checkpoint(tmp_path / "master", 8)
     master.line.serve_checkpoint = lambda step: CK.pack(str(src))
     dest = tmp_path / "spare"
-    manifest = worker.line.fetch(8, lambda f: CK.unpack(f, str(dest)))
+    manifest = F.fetch_checkpoint(L, worker.line, 8, lambda f: CK.unpack(f, str(dest)))
     assert manifest["step"] == 8
     assert CK.complete(str(dest / "step-00000008")) is not None
     assert (dest / "step-00000008" / "model.pt").read_bytes() == (src / "model.pt").read_bytes()
@@ -130,7 +131,7 @@ def test_a_fetch_without_the_secret_gets_nothing(gang, tmp_path):
             "lifeline_port": master.port, "lifeline_secret": secrets.token_hex(32)}  # fmt: skip
     thief = L.Lifeline(spec, lambda r: None, lambda n, c: None)
     with pytest.raises(ConnectionError):
-        thief.fetch(8, lambda f: CK.unpack(f, str(tmp_path / "thief")))
+        F.fetch_checkpoint(L, thief, 8, lambda f: CK.unpack(f, str(tmp_path / "thief")))
     assert not (tmp_path / "thief").exists()
 
 

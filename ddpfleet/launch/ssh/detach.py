@@ -45,6 +45,8 @@ SUPERVISOR_FILES = (  # run_supervisor.py and the helpers it loads, in that orde
     "run_unit.py",  # where PID 1 is systemd: the supervisor as a transient service
     "checkpoints.py",  # the run's checkpoint dir; --resume copies the old run's newest one
     "generation.py",  # with spares: fence, replace, restart
+    "follower.py",  # with spares: a member's or spare's side
+    "succession.py",  # with spares: the master's loss, a survivor leads
     "health_node.py",  # with spares: a spare's health, checked before it takes a place
 )
 START_TIMEOUT_S = 90
@@ -57,10 +59,12 @@ def node_spec(
     port: int | None,
     secret: str,
     resume: str | None = None,
+    hosts: Mapping[str, str] | None = None,
 ) -> dict:
     """What the node's supervisor runs: the plan's torchrun, and (resume) whose snapshot.
     `secret`: the run's lifeline secret (hex), which every supervisor proves to its peers; it
-    travels on stdin and stays in the root-only spec.json."""
+    travels on stdin and stays in the root-only spec.json. `hosts`: the spares' addresses."""
+    hosts = dict(hosts or {})
     return {
         "run_id": p.run_id,
         "node": n.node,
@@ -82,6 +86,10 @@ def node_spec(
         "recovery": {
             "max_recoveries": config.max_recoveries,
             "expected_gpus": config.gpus.get(n.node),
+            # every node's: whoever may lead after the master's loss (node/succession.py)
+            "gang": [m.node for m in p.nodes],
+            "spares": list(config.spares),
+            "hosts": {**{m.node: m.host for m in p.nodes}, **hosts},
         }
         if config.spares
         else None,
@@ -136,7 +144,8 @@ def train_detached(
         secret = secrets.token_hex(32)  # this run's only: a worker proves it to join the gang
         # The master's runner holds the port from the preflight on and hands the socket to the
         # master's supervisor, whose torchrun adopts it: no local user can take it in between.
-        spec = node_spec(config, p, master, None, secret, resume)
+        hosts = {name: sp.host for name, sp in spares.items()}  # where a spare could be reached
+        spec = node_spec(config, p, master, None, secret, resume, hosts)
         name = f"ddpfleet-port.{p.run_id}.{secrets.token_hex(8)}"
         spec["port_from"] = {**members[master.node].hand_off(name), "port": config.port}
         said = start_node(fleet.conns[master.node], config.python[master.node], spec)
@@ -152,7 +161,7 @@ def train_detached(
         lambda c: start_node(
             c,
             config.python[c.name],
-            node_spec(config, p, spares.get(c.name) or p.node(c.name), port, secret, resume),
+            node_spec(config, p, spares.get(c.name) or p.node(c.name), port, secret, resume, hosts),
         ),
         [n.node for n in p.nodes[1:]] + list(config.spares),
     )

@@ -55,7 +55,7 @@ def evidence(node: str, part: Mapping | str | None, named: str | None = None) ->
 def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | None]) -> RunView:
     """`parts`: node -> its state (run_ctl.py list), a string (why it could not be asked), or
     None (the node has no record of the run)."""
-    master = parts.get(order[0]) if order else None
+    master = leader(order, parts)
     named = (master.get("first_failure") or {}).get("node") if isinstance(master, Mapping) else None
     # With spares the master's record says who is in the gang now (node/generation.py): a node
     # replaced, or a spare still standing by, is not part of the verdict; its generations are.
@@ -88,10 +88,31 @@ def fold(run_id: str, order: Sequence[str], parts: Mapping[str, Mapping | str | 
     return RunView(**view, state=state, why=why)
 
 
+def leader(order: Sequence[str], parts: Mapping[str, Mapping | str | None]) -> Mapping | None:
+    """The record that speaks for the run: the first node's, unless the run has spares and its
+    master moved (node/succession.py): then the record with the most generations, a live one
+    first, then the master's (node_rank 0), then the first in `order`. While no new master
+    leads yet, a survivor's record (the roster it was told) stands in."""
+    first = parts.get(order[0]) if order else None
+    records = [(n, p) for n, p in parts.items() if isinstance(p, Mapping) and p.get("generations")]
+    if not records:
+        return first
+
+    def rank(item):
+        n, p = item
+        where = order.index(n) if n in order else len(order)
+        return (len(p["generations"]), bool(p.get("alive")), p.get("rank") == 0, -where)
+
+    return max(records, key=rank)[1]
+
+
 def generation_line(g: Mapping) -> str:
-    """'gen 2: node3 for node1 (its lifeline closed ...), 23.4s to the first step'."""
+    """'gen 2: node3 for node1 (its lifeline closed ...), 23.4s to the first step'; where the
+    master was lost, 'gen 2: node1 the master for node0, node3 for node0 (...)'."""
     took = g.get("recovery_s")
     swaps = ", ".join(f"{r['by']} for {r['lost']} ({r['why']})" for r in g.get("replaced", ()))
+    if g.get("master_lost"):
+        swaps = f"{g.get('master')} the master for {g['master_lost']}, {swaps}"
     return f"gen {g['generation']}: {swaps}" + (f", {took:.1f}s to the first step" if took else "")
 
 
