@@ -180,3 +180,35 @@ def test_a_run_pruned_from_its_nodes_leaves_the_index_on_a_grown_inventory(tmp_p
         "node2": [],
     }
     assert [e["run_id"] for e in index.entries()] == ["new", "a2", "a3"]  # the newest 2 attached
+
+
+def _busy_controller(root, me: str, start, runs: int) -> None:
+    """One controller's `train` and `runs`, over and over: a new run (appended), its verdict
+    (a rewrite), and `runs` recording another's (a rewrite)."""
+    index = Index(root)
+    start.wait()
+    for i in range(runs):
+        index.add(f"{me}{i}", ORDER, launcher="ssh")
+        index.update(f"{me}{i}", verdict={"state": "SUCCEEDED"})
+        index.settle([fold(f"{me}{i}", ORDER, ended("SUCCEEDED"))])
+
+
+def test_two_controllers_at_once_lose_no_run_and_no_verdict(tmp_path):
+    """Two processes each add, update and settle their own runs in one index at once: every
+    run and every verdict is there afterwards (each rewrite is under the index's lock)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_busy_controller, args=(tmp_path, me, start, 60)) for me in "ab"]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = Index(tmp_path).entries()
+    assert sorted(e["run_id"] for e in entries) == sorted(
+        f"{m}{i}" for m in "ab" for i in range(60)
+    )
+    assert all(e["verdict"]["state"] == "SUCCEEDED" for e in entries)
