@@ -214,31 +214,44 @@ def _starttime(pid: int) -> str | None:
 
 
 class Attached:
-    """An attached run in the index (launch.ssh.run.train's `on`): recorded when its gang
-    starts, with its shape, and its verdict when it ends; `runs` lists it like a detached one."""
+    """An attached run in the index (the `on` of launch.ssh.run.train and launch.slurm.run's):
+    recorded when its gang starts (Slurm: once the job is accepted), with its shape, and its
+    verdict when it ends; `runs` lists it like a detached one."""
 
     def __init__(self, index: Index, launcher: str):
         self.index, self.launcher = index, launcher
         self.began: float | None = None
 
-    def started(self, p) -> None:
+    def started(self, p, **more) -> None:
+        """`more`: what the launcher needs to find the run later (Slurm: job_id ...)."""
         self.began = time.time()
         self.index.add(p.run_id, [n.node for n in p.nodes], launcher=self.launcher,
-                       attached=True, controller=controller(), **shape(p))  # fmt: skip
+                       attached=True, controller=controller(), **shape(p), **more)  # fmt: skip
 
-    def ended(self, p, outcomes: Sequence, reason: str | None, said: Mapping) -> None:
+    def ended(
+        self,
+        p,
+        outcomes: Sequence,
+        reason: str | None,
+        said: Mapping,
+        state: RunState | None = None,
+    ) -> None:
+        """`said`: each node's lines that may say a restart; `state`: the launcher's own word
+        on the run where its outcomes do not tell it (Slurm's time limit: FAILED), else the
+        outcomes' fold."""
         from ddpfleet.launch.outcome import exit_text, first_failure
         from ddpfleet.launch.verdict import fold, restarts
 
-        state = fold([o.evidence() for o in outcomes])
+        state = state or fold([o.evidence() for o in outcomes])
         first = first_failure(outcomes)
+        lost = [f"{o.node}: {o.why}" for o in outcomes if o.state is RunState.LOST]
         why = ""
         if state is RunState.FAILED and first is not None:
             rank = f" rank {first.rank}" if first.rank is not None else ""
             why = f"{first.node}{rank} failed first ({exit_text(first.exit_code)})"
-        elif state is RunState.LOST:
-            why = "; ".join(f"{o.node}: {o.why}" for o in outcomes if o.state is RunState.LOST)
-        elif state is RunState.STOPPED:
+        elif state is RunState.LOST and lost:
+            why = "; ".join(lost)
+        elif state is not RunState.SUCCEEDED:
             why = reason or ""
         verdict = {
             "state": state.value, "why": why, "started": self.began, "ended": time.time(),

@@ -39,6 +39,7 @@ from ddpfleet.launch.slurm.batch import (
     parse_job,
     sbatch_argv,
 )
+from ddpfleet.launch.slurm.state import job_state
 from ddpfleet.launch.ssh.ranklogs import fetch_rank_logs
 from ddpfleet.launch.ssh.run import open_checked, prepare
 from ddpfleet.launch.verdict import RunState
@@ -137,18 +138,32 @@ def submit(fleet: Fleet, p: Plan, out: Output) -> str:
     return job_id
 
 
-def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[Outcome]:
+def found(p: Plan, job_id: str) -> dict:
+    """What the index keeps to find a Slurm run's job and output again (`runs`, `logs`,
+    `stop`), attached or detached."""
+    return {"job_id": job_id, "output_dir": p.nodes[0].log_dir, "user": plan_user(p)}
+
+
+def train(fleet: Fleet, config: TrainConfig, out: Output | None = None, on=None) -> list[Outcome]:
+    """`on`: told once Slurm accepted the job (on.started(plan, job's place)) and when it
+    ended (on.ended(...)): the controller's index (index.Attached)."""
     out = out or Output()
     p = ready(fleet, config, out)
     fresh_run_dir(config.run_dir, make=True)
     job = Job(fleet, p, config.run_dir, out)
     job.submit()
+    if on is not None:
+        on.started(p, **found(p, job.id))
     try:
         job.follow()
     except KeyboardInterrupt:
         job.cancel()
+        if on is not None:
+            outcomes = job.outcomes()
+            reason = f"interrupted: slurm job {job.id} cancelled"
+            on.ended(p, outcomes, reason, job.said(), job.final(outcomes))
         raise
-    return job.verdict()
+    return job.verdict(on)
 
 
 class Job:
@@ -251,12 +266,26 @@ class Job:
             outs.append(o)
         return outs
 
-    def verdict(self) -> list[Outcome]:
+    def said(self) -> dict[str, list[str]]:
+        """Each node's last lines, which may say a restart (verdict.restarts)."""
+        return {node: [text for _, text in lines] for node, lines in self.lines.items()}
+
+    def final(self, outcomes: list[Outcome]) -> RunState | None:
+        """The run's state from Slurm's word on the job (a time limit: FAILED, a node's
+        failure: LOST) where no failed rank tells it; None: as the outcomes fold."""
+        if first_failure(outcomes) is not None or "JobState" not in self.info:
+            return None
+        state = job_state(self.info)
+        return state if state.final else None
+
+    def verdict(self, on=None) -> list[Outcome]:
         self.close()
         outcomes = self.outcomes()
         fetched = fetch_rank_logs(self.fleet, self.p, self.run_dir, [n.node for n in self.p.nodes])
         first = first_failure(outcomes)
         reason = f"slurm job {self.id} {self.state.lower()}"
+        if on is not None:
+            on.ended(self.p, outcomes, reason, self.said(), self.final(outcomes))
         for line in held_lines(self.out.held(), outcomes, first, self.run_dir):
             self.out.line(line)
         for o in outcomes:
