@@ -431,6 +431,51 @@ def test_a_running_slurm_job_holds_its_nodes_and_its_code_dir(slurm: Cluster):
     assert free.returncode == 0, "the lock outlived the job"
 
 
+def reservations(c: Cluster, node: str) -> str:
+    """The code dir reservations on the node (launch/slurm/run.py reserve): their run ids."""
+    return c.ssh(node, "cat /home/train/ddpfleet/*/*/code/.ddpfleet/slurm-run 2>/dev/null").stdout
+
+
+def test_a_pending_slurm_job_holds_its_code_dir_until_it_is_gone(slurm: Cluster):
+    """Issue 24 item 6's last gap: a job pending behind another (Slurm's, not ddpfleet's) holds
+    its code dir against SSH runs from its preflight on, though its tasks have not locked it
+    yet; cancelled behind ddpfleet's back (scancel), it holds nothing any more."""
+    submit = "sbatch --parsable -N2 -w node0,node1 --exclusive -o /dev/null --wrap 'sleep 600'"
+    blocker = slurm.ssh("node0", submit).stdout.strip()
+    assert blocker.isdigit(), blocker
+    run_id, job = new_run_id("slurmpend"), ""
+    try:
+        deadline = time.monotonic() + 60
+        while slurm.ssh("node0", f"squeue -h -j {blocker} -o %T").stdout.strip() != "RUNNING":
+            assert time.monotonic() < deadline, status(slurm)
+            time.sleep(0.5)
+        job = detach(slurm, run_id, SHORT)
+        view = run_view(slurm, run_id)
+        assert view["state"] == "RUNNING" and f"slurm job {job} pending" in view["why"], view
+        beside = new_run_id("sshpend")
+        r = slurm.invoke(*train_args(beside, SHORT, "--launcher", "ssh"), timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr
+        for node in NODES:
+            assert re.search(
+                rf"^  {node}: slurm job {job} \(ddpfleet run {run_id}\) is pending and will run "
+                rf"in code dir /home/train/ddpfleet/\S+/code; wait for it to end, stop it "
+                rf"\(invoke stop {run_id}\) or leave {node} out \(--exclude {node}\)$",
+                r.stderr,
+                re.M,
+            ), r.stderr
+        assert "code: " not in r.stdout  # nothing synced
+        assert slurm.ssh("node0", f"scancel {job}").returncode == 0  # not through ddpfleet
+        deadline = time.monotonic() + 60
+        while slurm.ssh("node0", f"squeue -h -n ddpfleet-{run_id}").stdout.strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        r = slurm.invoke(*train_args(new_run_id("sshafter"), SHORT, "--launcher", "ssh"))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        assert all(reservations(slurm, n) == "" for n in NODES)  # the stale one went
+    finally:
+        slurm.ssh("node0", f"scancel {blocker} {job}")
+
+
 def test_a_node_added_to_the_inventory_joins_on_the_next_bootstrap(slurm: Cluster, tmp_path):
     """Last in the module: node2 is added to the inventory, made by sandbox.up, and the next
     bootstrap makes it a Slurm node: every node's slurm.conf lists it and Slurm shows it idle.

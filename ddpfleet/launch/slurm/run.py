@@ -67,16 +67,40 @@ def plan_user(p: Plan) -> str | None:
 
 
 def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
-    """The SSH launcher's checks, plan and code sync (open_checked, prepare); Slurm starts the
-    ranks."""
+    """The SSH launcher's checks, plan and code sync (open_checked, prepare), and the code dirs
+    reserved for the job; Slurm starts the ranks."""
     job_user([(n, config.users.get(n)) for n in config.order])  # one user, before any change
     fresh_run_dir(config.run_dir)
     files, members = open_checked(fleet, config, out)
-    try:  # the runners only check and sync here
-        return prepare(fleet, config, members, files, beside_slurm=True)
+    try:  # the runners only check, sync and hold the code dir's lock here
+        p = prepare(fleet, config, members, files, beside_slurm=True)
+        reserve(fleet, p)
+        return p
     finally:
         for m in members.values():
             m.call_off()
+
+
+# $1 the reservation's path, $2 the run id (node_helper.RESERVED), replaced whole.
+RESERVE_SH = 'umask 077 && printf "%s\\n" "$2" >"$1.tmp" && mv -f -- "$1.tmp" "$1"'
+
+
+def reserve(fleet: Fleet, p: Plan) -> None:
+    """Each node's code dir reserved for the run's job, written while the runners still hold
+    its lock: from the runners' end until the job's tasks take the lock (the job may pend for
+    hours), an SSH run's claim finds it and refuses the node while Slurm has the job
+    (node_helper.reserved); once the job ended, or Slurm never had it, it is stale, and the
+    next claim removes it."""
+    user = plan_user(p)
+    made = fleet.map(
+        lambda c: run_as(c, user, ["sh", "-c", RESERVE_SH, "sh", reservation(p, c.name), p.run_id]),
+        [n.node for n in p.nodes],
+    )
+    fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
+
+
+def reservation(p: Plan, node: str) -> str:
+    return f"{p.node(node).mirror}/.ddpfleet/slurm-run"  # node_helper.RESERVED
 
 
 def ask(conn: Conn, job_id: str) -> dict[str, str]:
