@@ -243,7 +243,8 @@ class Attached:
         from ddpfleet.launch.verdict import fold, restarts
 
         state = state or fold([o.evidence() for o in outcomes])
-        first = first_failure(outcomes)
+        # a stopped run blames no one (Slurm's cancel: its ranks' words on SIGTERM)
+        first = first_failure(outcomes) if state is not RunState.STOPPED else None
         lost = [f"{o.node}: {o.why}" for o in outcomes if o.state is RunState.LOST]
         why = ""
         if state is RunState.FAILED and first is not None:

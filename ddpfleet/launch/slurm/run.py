@@ -182,10 +182,9 @@ def train(fleet: Fleet, config: TrainConfig, out: Output | None = None, on=None)
         job.follow()
     except KeyboardInterrupt:
         job.cancel()
-        if on is not None:
-            outcomes = job.outcomes()
+        if on is not None:  # STOPPED: the ranks' words on the cancel's SIGTERM are no failure
             reason = f"interrupted: slurm job {job.id} cancelled"
-            on.ended(p, outcomes, reason, job.said(), job.final(outcomes))
+            on.ended(p, job.outcomes(), reason, job.said(), RunState.STOPPED)
         raise
     return job.verdict(on)
 
