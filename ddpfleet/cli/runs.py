@@ -168,7 +168,7 @@ def _pruned(said) -> tuple[str, str]:
     help={
         "run": RUN_HELP,
         "inventory": INVENTORY_HELP,
-        "node": "only this node's lines",
+        "node": "only these nodes' lines (comma-separated: node0,node1)",
         "rank": "only this global rank's lines",
         "follow": "keep printing new lines until the run ends (Ctrl-C leaves the run alone)",
         "ask_become_pass": ASK_BECOME_HELP,

@@ -14,14 +14,20 @@ An entry (extensible: a reader keeps keys it does not know, and `runs --json` sh
     verdict {state, why, started, ended, ...}       once final (record())
     restarts [why, ...]                             torchrun's restarts seen (verdict.restarts)
     job_id, output_dir, user ...                    what another launcher needs (Slurm)
+
+Every change takes runs.lock (flock) first: two controllers' `train` and `runs` at once each
+read, change and rewrite the whole file, and one would otherwise write back a list without the
+other's new run or verdict.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +50,18 @@ class Index:
     def __init__(self, root: Path):
         self.path = root / ".ddpfleet" / "runs.jsonl"
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The index to this process alone while it reads, changes and writes it (a reader
+        needs no lock: _write replaces the file whole)."""
+        state_dir(self.path.parent)
+        fd = os.open(self.path.with_name("runs.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # frees the flock
+
     def entries(self) -> list[dict]:
         try:
             text = self.path.read_text()
@@ -60,19 +78,19 @@ class Index:
     def add(self, run_id: str, nodes: Sequence[str], **more) -> None:
         """`more`: the run's shape (shape()) and what another launcher needs to find the run
         (Slurm: launcher, job_id ...)."""
-        state_dir(self.path.parent)
         entry = {"run_id": run_id, "nodes": list(nodes), "started": time.time(),
                  "outputs": checkpoint_dir(run_id), **more}  # fmt: skip
-        with self.path.open("a") as f:
+        with self._locked(), self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def update(self, run_id: str, **changes) -> None:
         """Change a run's entry (an attached run's verdict when it ended)."""
-        entries = self.entries()
-        for e in entries:
-            if e.get("run_id") == run_id:
-                e.update(changes)
-        self._write(entries)
+        with self._locked():
+            entries = self.entries()
+            for e in entries:
+                if e.get("run_id") == run_id:
+                    e.update(changes)
+            self._write(entries)
 
     def entry(self, run_id: str) -> dict | None:
         return next((e for e in self.entries() if e.get("run_id") == run_id), None)
@@ -90,16 +108,22 @@ class Index:
 
     def drop(self, run_ids: Iterable[str]) -> None:
         gone = set(run_ids)
-        kept = [e for e in self.entries() if e.get("run_id") not in gone]
-        if self.path.exists():
-            self._write(kept)
+        with self._locked():
+            kept = [e for e in self.entries() if e.get("run_id") not in gone]
+            if self.path.exists():
+                self._write(kept)
 
     def settle(self, views: Sequence[RunView]) -> list[RunView]:
         """Each view as `runs` shows it: a run whose final verdict is recorded shows that one
         (with the nodes that cannot be asked now); a run seen final for the first time is
         recorded, and restarts seen are kept. Beside each: its shape from the index (SHOWN). A
         run the index never started (known only from its nodes) is shown as read."""
-        entries = self.entries()
+        if not self.path.exists():  # nothing to settle: `runs` makes no .ddpfleet/
+            return self._settle([], views)
+        with self._locked():
+            return self._settle(self.entries(), views)
+
+    def _settle(self, entries: list[dict], views: Sequence[RunView]) -> list[RunView]:
         by_id = {e.get("run_id"): e for e in entries}
         out, fresh = [], False
         for v in views:
@@ -190,31 +214,45 @@ def _starttime(pid: int) -> str | None:
 
 
 class Attached:
-    """An attached run in the index (launch.ssh.run.train's `on`): recorded when its gang
-    starts, with its shape, and its verdict when it ends; `runs` lists it like a detached one."""
+    """An attached run in the index (the `on` of launch.ssh.run.train and launch.slurm.run's):
+    recorded when its gang starts (Slurm: once the job is accepted), with its shape, and its
+    verdict when it ends; `runs` lists it like a detached one."""
 
     def __init__(self, index: Index, launcher: str):
         self.index, self.launcher = index, launcher
         self.began: float | None = None
 
-    def started(self, p) -> None:
+    def started(self, p, **more) -> None:
+        """`more`: what the launcher needs to find the run later (Slurm: job_id ...)."""
         self.began = time.time()
         self.index.add(p.run_id, [n.node for n in p.nodes], launcher=self.launcher,
-                       attached=True, controller=controller(), **shape(p))  # fmt: skip
+                       attached=True, controller=controller(), **shape(p), **more)  # fmt: skip
 
-    def ended(self, p, outcomes: Sequence, reason: str | None, said: Mapping) -> None:
+    def ended(
+        self,
+        p,
+        outcomes: Sequence,
+        reason: str | None,
+        said: Mapping,
+        state: RunState | None = None,
+    ) -> None:
+        """`said`: each node's lines that may say a restart; `state`: the launcher's own word
+        on the run where its outcomes do not tell it (Slurm's time limit: FAILED), else the
+        outcomes' fold."""
         from ddpfleet.launch.outcome import exit_text, first_failure
         from ddpfleet.launch.verdict import fold, restarts
 
-        state = fold([o.evidence() for o in outcomes])
-        first = first_failure(outcomes)
+        state = state or fold([o.evidence() for o in outcomes])
+        # a stopped run blames no one (Slurm's cancel: its ranks' words on SIGTERM)
+        first = first_failure(outcomes) if state is not RunState.STOPPED else None
+        lost = [f"{o.node}: {o.why}" for o in outcomes if o.state is RunState.LOST]
         why = ""
         if state is RunState.FAILED and first is not None:
             rank = f" rank {first.rank}" if first.rank is not None else ""
             why = f"{first.node}{rank} failed first ({exit_text(first.exit_code)})"
-        elif state is RunState.LOST:
-            why = "; ".join(f"{o.node}: {o.why}" for o in outcomes if o.state is RunState.LOST)
-        elif state is RunState.STOPPED:
+        elif state is RunState.LOST and lost:
+            why = "; ".join(lost)
+        elif state is not RunState.SUCCEEDED:
             why = reason or ""
         verdict = {
             "state": state.value, "why": why, "started": self.began, "ended": time.time(),

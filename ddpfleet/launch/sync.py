@@ -303,6 +303,15 @@ def code_dir_problems(claims: Mapping[str, Mapping], flag: str) -> list[str]:
                 f"{name}: code dir {where} is in use by run {detail}; wait for it "
                 "to finish or pass another --code-dir"
             )
+        elif code.get("problem") == "reserved":
+            job = code.get("job") or {}
+            run, state = job.get("run_id"), str(job.get("state")).lower()
+            what = f"slurm job {job['job_id']}" if job.get("job_id") else "a slurm job"
+            problems.append(
+                f"{name}: {what} (ddpfleet run {run}) is {state} and will run in code dir "
+                f"{where}; wait for it to end, stop it (invoke stop {run}) or leave {name} out "
+                f"(--exclude {name})"
+            )
         elif code.get("problem"):
             problems.append(
                 f"{name}: cannot use code dir {where} ({detail}); fix that or "

@@ -29,6 +29,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 
 STDIN = sys.stdin.buffer
 
@@ -128,6 +129,17 @@ META = ".ddpfleet"
 MANIFEST = META + "/manifest.json"
 LOCK = META + "/lock"
 _HELD = []  # lock fds of this process: the lock lasts as long as the run's runner does
+# A Slurm run's claim on the code dir from its preflight until its tasks take the lock: its run
+# id, written by the controller while its runners still hold the lock (launch/slurm/run.py
+# reserve). It holds while Slurm has the run's job (ddpfleet-<run id>) in any state but an
+# ended one, and, before sbatch answered, for SUBMIT_GRACE_S after it was written; past that
+# the next claim finds it stale and removes it, so a job that ended or was cancelled, or never
+# was submitted, blocks nothing.
+RESERVED = META + "/slurm-run"
+SUBMIT_GRACE_S = 60
+ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE", "OUT_OF_MEMORY")  # fmt: skip
+SLURM_CONFS = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf")  # roles/slurm: the first
 
 
 def safe_target(root, name):
@@ -231,6 +243,11 @@ def claim(root, run_id):
             found.update(problem="busy", detail=os.read(fd, 200).decode(errors="replace"))
             os.close(fd)
             return found
+        job = reserved(root)
+        if job is not None:  # a pending Slurm job will run here: the lock is not this run's
+            found.update(problem="reserved", job=job)
+            os.close(fd)
+            return found
         os.ftruncate(fd, 0)
         os.pwrite(fd, run_id.encode(), 0)
         _HELD.append(fd)
@@ -239,6 +256,46 @@ def claim(root, run_id):
     except ValueError as e:
         found.update(problem="error", detail=str(e))
     return found
+
+
+def reserved(root):
+    """{"run_id", "job_id", "state"} of the Slurm job the code dir is reserved for (RESERVED),
+    or None; a stale reservation is removed. Called with the code dir's lock held."""
+    path = os.path.join(root, RESERVED)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd) as f:
+        said = f.read(200).split() + [None]
+        age = time.time() - os.fstat(f.fileno()).st_mtime
+    run_id = said[0]
+    jobs = slurm_jobs_named("ddpfleet-" + run_id) if run_id else []
+    if isinstance(jobs, str):  # Slurm could not say: held, as the job may still start
+        return {"run_id": run_id, "job_id": None, "state": "unknown (" + jobs + ")"}
+    live = [j for j in jobs if j[1] not in ENDED]
+    if live:
+        return {"run_id": run_id, "job_id": live[0][0], "state": live[0][1]}
+    if run_id and not jobs and age < SUBMIT_GRACE_S:
+        return {"run_id": run_id, "job_id": None, "state": "being submitted"}
+    os.unlink(path)
+    return None
+
+
+def slurm_jobs_named(name):
+    """[[job id, state]] of the jobs Slurm knows by `name`, ended ones too (for MinJobAge);
+    [] where this node has no Slurm; squeue's error text when it could not say."""
+    squeue = shutil.which("squeue")
+    if not squeue or not (os.environ.get("SLURM_CONF") or any(map(os.path.isfile, SLURM_CONFS))):
+        return []
+    argv = [squeue, "-h", "-n", name, "-t", "all", "-o", "%i %T"]
+    try:
+        got = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "squeue: " + str(e)
+    if got.returncode != 0:
+        return "squeue: " + (got.stderr.strip().splitlines() or ["exit %d" % got.returncode])[-1]
+    return [line.split() for line in got.stdout.splitlines() if len(line.split()) == 2]
 
 
 def release():

@@ -157,6 +157,14 @@ def test_train_through_slurm_four_ranks_one_checksum(slurm: Cluster):
     assert list(logs.glob("node0-slurm-*.out")), sorted(p.name for p in logs.iterdir())
     assert (logs / "node1-rank3.stdout.log").is_file(), sorted(p.name for p in logs.iterdir())
     assert status(slurm)["jobs"] == []
+    # Issue 24 item 4: an attached Slurm run is in the index, as an SSH attached run is.
+    view = run_view(slurm, run_id)
+    shown = {k: view[k] for k in ("state", "launcher", "attached", "nproc", "nodes", "outputs")}
+    assert shown == {
+        "state": "SUCCEEDED", "launcher": "slurm", "attached": True, "nproc": 2,
+        "nodes": list(NODES), "outputs": f"/var/lib/ddpfleet/runs/{run_id}/checkpoints",
+    }, view  # fmt: skip
+    assert view["restarts"] == 0 and view["ended"] > view["started"], view
 
 
 def test_every_task_sees_the_runs_checkpoint_dir_the_users_and_0700(slurm: Cluster, tmp_path):
@@ -186,6 +194,9 @@ def test_a_crashing_rank_is_named_and_nothing_of_the_job_is_left(slurm: Cluster)
     assert r.returncode == 1, r.stdout[-3000:]
     last = r.stderr.strip().splitlines()[0]
     assert "node1 rank 3 failed first (exit 1)" in last, r.stderr[-2000:]
+    view = run_view(slurm, run_id)  # the attached run's verdict, as the controller saw it
+    assert (view["state"], view["failed_node"], view["failed_rank"]) == ("FAILED", "node1", 3)
+    assert view["why"] == "node1 rank 3 failed first (exit 1)" and view["attached"], view
     wait_gone(slurm, run_id, time.monotonic(), within=30, nodes=NODES)
     assert status(slurm)["jobs"] == []
     assert all(n["state"] == "idle" for n in status(slurm)["nodes"])
@@ -207,6 +218,9 @@ def test_ctrl_c_cancels_the_job(slurm: Cluster):
     assert "cancelling job" in live.text
     wait_gone(slurm, run_id, time.monotonic(), within=30, nodes=NODES)
     assert status(slurm)["jobs"] == []
+    view = run_view(slurm, run_id)
+    assert (view["state"], view["attached"]) == ("STOPPED", True), view
+    assert view["why"].startswith("interrupted: slurm job "), view
 
 
 def test_training_as_root_through_slurm_is_refused_as_the_ssh_launcher_refuses_it(slurm: Cluster):
@@ -350,6 +364,12 @@ def test_detached_jobs_that_succeed_and_fail(slurm: Cluster):
     rank99 = slurm.invoke("logs", ok_id, "--rank", "99", timeout=120)  # issue 24 item 5
     assert rank99.returncode == 1, rank99.stdout + rank99.stderr
     assert f"--rank 99: run {ok_id} has ranks 0-3" in rank99.stderr, rank99.stderr
+    for nodes, want in (("node0,node1", ["0", "1", "2", "3"]), ("node1", ["2", "3"])):
+        r = slurm.invoke("logs", ok_id, "--node", nodes, timeout=120)  # as an SSH run's logs
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+        got = re.findall(r"^\[node\d r(\d)\] rank \1 checksum", r.stdout, re.M)
+        assert sorted(got) == want, r.stdout[-2000:]
+        assert {line[1:6] for line in r.stdout.splitlines()} <= set(nodes.split(",")), r.stdout
     view = until_ended(slurm, bad_id)
     assert (view["state"], view["failed_node"], view["failed_rank"]) == ("FAILED", "node1", 3)
     assert view["why"].startswith("node1 rank 3 failed first"), view
@@ -409,6 +429,51 @@ def test_a_running_slurm_job_holds_its_nodes_and_its_code_dir(slurm: Cluster):
         assert stop.returncode == 0, stop.stdout + stop.stderr
     free = slurm.ssh("node0", f"flock -n -x {lock} true")
     assert free.returncode == 0, "the lock outlived the job"
+
+
+def reservations(c: Cluster, node: str) -> str:
+    """The code dir reservations on the node (launch/slurm/run.py reserve): their run ids."""
+    return c.ssh(node, "cat /home/train/ddpfleet/*/*/code/.ddpfleet/slurm-run 2>/dev/null").stdout
+
+
+def test_a_pending_slurm_job_holds_its_code_dir_until_it_is_gone(slurm: Cluster):
+    """Issue 24 item 6's last gap: a job pending behind another (Slurm's, not ddpfleet's) holds
+    its code dir against SSH runs from its preflight on, though its tasks have not locked it
+    yet; cancelled behind ddpfleet's back (scancel), it holds nothing any more."""
+    submit = "sbatch --parsable -N2 -w node0,node1 --exclusive -o /dev/null --wrap 'sleep 600'"
+    blocker = slurm.ssh("node0", submit).stdout.strip()
+    assert blocker.isdigit(), blocker
+    run_id, job = new_run_id("slurmpend"), ""
+    try:
+        deadline = time.monotonic() + 60
+        while slurm.ssh("node0", f"squeue -h -j {blocker} -o %T").stdout.strip() != "RUNNING":
+            assert time.monotonic() < deadline, status(slurm)
+            time.sleep(0.5)
+        job = detach(slurm, run_id, SHORT)
+        view = run_view(slurm, run_id)
+        assert view["state"] == "RUNNING" and f"slurm job {job} pending" in view["why"], view
+        beside = new_run_id("sshpend")
+        r = slurm.invoke(*train_args(beside, SHORT, "--launcher", "ssh"), timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr
+        for node in NODES:
+            assert re.search(
+                rf"^  {node}: slurm job {job} \(ddpfleet run {run_id}\) is pending and will run "
+                rf"in code dir /home/train/ddpfleet/\S+/code; wait for it to end, stop it "
+                rf"\(invoke stop {run_id}\) or leave {node} out \(--exclude {node}\)$",
+                r.stderr,
+                re.M,
+            ), r.stderr
+        assert "code: " not in r.stdout  # nothing synced
+        assert slurm.ssh("node0", f"scancel {job}").returncode == 0  # not through ddpfleet
+        deadline = time.monotonic() + 60
+        while slurm.ssh("node0", f"squeue -h -n ddpfleet-{run_id}").stdout.strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        r = slurm.invoke(*train_args(new_run_id("sshafter"), SHORT, "--launcher", "ssh"))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        assert all(reservations(slurm, n) == "" for n in NODES)  # the stale one went
+    finally:
+        slurm.ssh("node0", f"scancel {blocker} {job}")
 
 
 def test_a_node_added_to_the_inventory_joins_on_the_next_bootstrap(slurm: Cluster, tmp_path):

@@ -125,6 +125,29 @@ def test_an_attached_run_is_listed_from_its_start_and_its_verdict_kept(tmp_path)
     assert view.restarts == ("node1 rank 3 exit 1",) and view.recorded["attached"]
 
 
+def test_an_attached_slurm_run_keeps_its_job_and_slurms_word_on_its_end(tmp_path):
+    """launch/slurm/run.py's `on`: the job's place from its start; a job Slurm ended on a time
+    limit (no rank failed) is FAILED, a Ctrl-C'd one STOPPED whatever its ranks said."""
+    from ddpfleet.launch.slurm.run import found
+
+    index = Index(tmp_path)
+    attached = Attached(index, "slurm")
+    attached.started(plan("s"), **found(plan("s"), "7"))
+    entry = index.entry("s")
+    assert {k: entry[k] for k in ("launcher", "attached", "job_id", "output_dir", "nproc")} == {
+        "launcher": "slurm", "attached": True, "job_id": "7", "output_dir": "/l", "nproc": 2,
+    }  # fmt: skip
+    stopped = [Outcome(n, RunState.STOPPED) for n in ORDER]
+    attached.ended(plan("s"), stopped, "slurm job 7 timeout", {}, RunState.FAILED)
+    assert index.entry("s")["verdict"]["state"] == "FAILED"
+    assert index.entry("s")["verdict"]["why"] == "slurm job 7 timeout"
+    failed = [Outcome("node0", RunState.STOPPED), Outcome("node1", RunState.FAILED, rank=3)]
+    attached.ended(plan("s"), failed, "interrupted: slurm job 7 cancelled", {}, RunState.STOPPED)
+    assert index.entry("s")["verdict"]["state"] == "STOPPED"
+    assert index.entry("s")["verdict"]["why"] == "interrupted: slurm job 7 cancelled"
+    assert index.entry("s")["verdict"]["failed_node"] is None
+
+
 def test_an_attached_run_whose_controller_died_is_lost_and_does_not_grow_older(tmp_path):
     index = Index(tmp_path)
     index.add("a", ORDER, attached=True, controller={"pid": 2**22 + 7, "starttime": "1"})
@@ -180,3 +203,35 @@ def test_a_run_pruned_from_its_nodes_leaves_the_index_on_a_grown_inventory(tmp_p
         "node2": [],
     }
     assert [e["run_id"] for e in index.entries()] == ["new", "a2", "a3"]  # the newest 2 attached
+
+
+def _busy_controller(root, me: str, start, runs: int) -> None:
+    """One controller's `train` and `runs`, over and over: a new run (appended), its verdict
+    (a rewrite), and `runs` recording another's (a rewrite)."""
+    index = Index(root)
+    start.wait()
+    for i in range(runs):
+        index.add(f"{me}{i}", ORDER, launcher="ssh")
+        index.update(f"{me}{i}", verdict={"state": "SUCCEEDED"})
+        index.settle([fold(f"{me}{i}", ORDER, ended("SUCCEEDED"))])
+
+
+def test_two_controllers_at_once_lose_no_run_and_no_verdict(tmp_path):
+    """Two processes each add, update and settle their own runs in one index at once: every
+    run and every verdict is there afterwards (each rewrite is under the index's lock)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_busy_controller, args=(tmp_path, me, start, 60)) for me in "ab"]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = Index(tmp_path).entries()
+    assert sorted(e["run_id"] for e in entries) == sorted(
+        f"{m}{i}" for m in "ab" for i in range(60)
+    )
+    assert all(e["verdict"]["state"] == "SUCCEEDED" for e in entries)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from ddpfleet.errors import DdpfleetError, NodeError
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.index import shape
 from ddpfleet.launch.launcher import NodeStop, Stopped, check_ranks
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.slurm.batch import JobOutput, output_path, parse_record
@@ -23,7 +24,7 @@ from ddpfleet.launch.slurm.run import (
     POLL_S,
     OutputFile,
     ask,
-    plan_user,
+    found,
     ready,
     run_as,
     submit,
@@ -44,8 +45,8 @@ def train_detached(
     p = ready(fleet, config, out)
     began = time.monotonic()
     job_id = submit(fleet, p, out)
-    index.add(p.run_id, [n.node for n in p.nodes], launcher="slurm", job_id=job_id,
-              output_dir=p.nodes[0].log_dir, nproc=p.nproc, user=plan_user(p))  # fmt: skip
+    index.add(p.run_id, [n.node for n in p.nodes], launcher="slurm", **found(p, job_id),
+              **shape(p))  # fmt: skip
     took = time.monotonic() - began
     state = ask(fleet.conns[p.nodes[0].node], job_id).get("JobState", "accepted").lower()
     out.line(f"run {p.run_id}: slurm job {job_id} {state} ({took:.2f}s)")
@@ -113,25 +114,27 @@ def logs(
     follow: bool = False,
     out: Output | None = None,
 ) -> None:
-    """The job's output, each line prefixed with its node and rank; `follow`: until the job
-    ends. Reading never touches the job. Slurm gathers every rank's lines into the one file, so
-    a node that is down drops none of them unless the file is there: then it is named."""
+    """The job's output, each line prefixed with its node and rank (`node`: only these,
+    comma-separated, as an SSH run's logs take them); `follow`: until the job ends. Reading
+    never touches the job. Slurm gathers every rank's lines into the one file, so a node that
+    is down drops none of them unless the file is there: then it is named."""
     out = out or Output()
     nproc, run_nodes = int(entry.get("nproc") or 1), list(entry["nodes"])
     ranks = {n: range(i * nproc, (i + 1) * nproc) for i, n in enumerate(run_nodes)}
+    only = [n.strip() for n in (node or "").split(",") if n.strip()]  # as an SSH run's logs
     # --node with --rank: Slurm may order the nodes otherwise, so only the world is checked
     check_ranks(entry["run_id"], ranks, rank)
-    check_ranks(entry["run_id"], dict.fromkeys(run_nodes, ()), None, [node] if node else [])
+    check_ranks(entry["run_id"], dict.fromkeys(run_nodes, ()), None, only)
     reader = OutputReader(fleet, entry)
     while True:
         live = follow and reader.live()  # asked first: the last read then has every line
         for n, r, text in reader.read():
-            _show(out, n, r, text, node, rank)
+            _show(out, n, r, text, only, rank)
         if not live:
             break
         time.sleep(POLL_S)
     for n, r, text in reader.end():
-        _show(out, n, r, text, node, rank)
+        _show(out, n, r, text, only, rank)
     if reader.host is None and reader.unasked:  # the output may be on a node not asked
         raise DdpfleetError(
             f"{entry['run_id']}: slurm job {reader.job_id}'s output ({reader.path}) is on no "
@@ -144,8 +147,10 @@ def logs(
         )
 
 
-def _show(out: Output, n: str, r: int | None, text: str, node: str | None, rank: int | None):
-    if (node is None or n == node) and (rank is None or r == rank):
+def _show(out: Output, n: str, r: int | None, text: str, only: list[str], rank: int | None):
+    """One line of the job's output, unless --node (`only`, none: every node) or --rank
+    leaves it out."""
+    if (not only or n in only) and (rank is None or r == rank):
         out.line(f"[{n}] {text}" if r is None else f"[{n} r{r}] {text}")
 
 

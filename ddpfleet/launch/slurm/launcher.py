@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from ddpfleet.errors import DdpfleetError, NodeError, PlanError
 from ddpfleet.inventory import Inventory
 from ddpfleet.launch.config import TrainConfig
-from ddpfleet.launch.index import Index
+from ddpfleet.launch.index import Attached, Index
 from ddpfleet.launch.launcher import Pruned, Runs, Stopped, pythons
 from ddpfleet.launch.outcome import Outcome
 from ddpfleet.launch.slurm import detach, run
@@ -29,7 +29,9 @@ class SlurmLauncher:
     resumes = False
 
     def train(self, fleet: Fleet, config: TrainConfig) -> list[Outcome]:
-        return run.train(fleet, config)
+        """Attached; recorded in the controller's index once Slurm accepted the job, with its
+        verdict when it ends (as an SSH attached run is)."""
+        return run.train(fleet, config, on=Attached(Index(fleet.inventory.root), self.name))
 
     def train_detached(
         self, fleet: Fleet, config: TrainConfig, index: Index, resume: str | None = None

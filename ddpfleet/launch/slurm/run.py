@@ -39,6 +39,7 @@ from ddpfleet.launch.slurm.batch import (
     parse_job,
     sbatch_argv,
 )
+from ddpfleet.launch.slurm.state import job_state
 from ddpfleet.launch.ssh.ranklogs import fetch_rank_logs
 from ddpfleet.launch.ssh.run import open_checked, prepare
 from ddpfleet.launch.verdict import RunState
@@ -66,16 +67,40 @@ def plan_user(p: Plan) -> str | None:
 
 
 def ready(fleet: Fleet, config: TrainConfig, out: Output) -> Plan:
-    """The SSH launcher's checks, plan and code sync (open_checked, prepare); Slurm starts the
-    ranks."""
+    """The SSH launcher's checks, plan and code sync (open_checked, prepare), and the code dirs
+    reserved for the job; Slurm starts the ranks."""
     job_user([(n, config.users.get(n)) for n in config.order])  # one user, before any change
     fresh_run_dir(config.run_dir)
     files, members = open_checked(fleet, config, out)
-    try:  # the runners only check and sync here
-        return prepare(fleet, config, members, files, beside_slurm=True)
+    try:  # the runners only check, sync and hold the code dir's lock here
+        p = prepare(fleet, config, members, files, beside_slurm=True)
+        reserve(fleet, p)
+        return p
     finally:
         for m in members.values():
             m.call_off()
+
+
+# $1 the reservation's path, $2 the run id (node_helper.RESERVED), replaced whole.
+RESERVE_SH = 'umask 077 && printf "%s\\n" "$2" >"$1.tmp" && mv -f -- "$1.tmp" "$1"'
+
+
+def reserve(fleet: Fleet, p: Plan) -> None:
+    """Each node's code dir reserved for the run's job, written while the runners still hold
+    its lock: from the runners' end until the job's tasks take the lock (the job may pend for
+    hours), an SSH run's claim finds it and refuses the node while Slurm has the job
+    (node_helper.reserved); once the job ended, or Slurm never had it, it is stale, and the
+    next claim removes it."""
+    user = plan_user(p)
+    made = fleet.map(
+        lambda c: run_as(c, user, ["sh", "-c", RESERVE_SH, "sh", reservation(p, c.name), p.run_id]),
+        [n.node for n in p.nodes],
+    )
+    fail_if([str(r) for r in made.values() if isinstance(r, NodeError)], "cannot submit")
+
+
+def reservation(p: Plan, node: str) -> str:
+    return f"{p.node(node).mirror}/.ddpfleet/slurm-run"  # node_helper.RESERVED
 
 
 def ask(conn: Conn, job_id: str) -> dict[str, str]:
@@ -137,18 +162,31 @@ def submit(fleet: Fleet, p: Plan, out: Output) -> str:
     return job_id
 
 
-def train(fleet: Fleet, config: TrainConfig, out: Output | None = None) -> list[Outcome]:
+def found(p: Plan, job_id: str) -> dict:
+    """What the index keeps to find a Slurm run's job and output again (`runs`, `logs`,
+    `stop`), attached or detached."""
+    return {"job_id": job_id, "output_dir": p.nodes[0].log_dir, "user": plan_user(p)}
+
+
+def train(fleet: Fleet, config: TrainConfig, out: Output | None = None, on=None) -> list[Outcome]:
+    """`on`: told once Slurm accepted the job (on.started(plan, job's place)) and when it
+    ended (on.ended(...)): the controller's index (index.Attached)."""
     out = out or Output()
     p = ready(fleet, config, out)
     fresh_run_dir(config.run_dir, make=True)
     job = Job(fleet, p, config.run_dir, out)
     job.submit()
+    if on is not None:
+        on.started(p, **found(p, job.id))
     try:
         job.follow()
     except KeyboardInterrupt:
         job.cancel()
+        if on is not None:  # STOPPED: the ranks' words on the cancel's SIGTERM are no failure
+            reason = f"interrupted: slurm job {job.id} cancelled"
+            on.ended(p, job.outcomes(), reason, job.said(), RunState.STOPPED)
         raise
-    return job.verdict()
+    return job.verdict(on)
 
 
 class Job:
@@ -251,12 +289,26 @@ class Job:
             outs.append(o)
         return outs
 
-    def verdict(self) -> list[Outcome]:
+    def said(self) -> dict[str, list[str]]:
+        """Each node's last lines, which may say a restart (verdict.restarts)."""
+        return {node: [text for _, text in lines] for node, lines in self.lines.items()}
+
+    def final(self, outcomes: list[Outcome]) -> RunState | None:
+        """The run's state from Slurm's word on the job (a time limit: FAILED, a node's
+        failure: LOST) where no failed rank tells it; None: as the outcomes fold."""
+        if first_failure(outcomes) is not None or "JobState" not in self.info:
+            return None
+        state = job_state(self.info)
+        return state if state.final else None
+
+    def verdict(self, on=None) -> list[Outcome]:
         self.close()
         outcomes = self.outcomes()
         fetched = fetch_rank_logs(self.fleet, self.p, self.run_dir, [n.node for n in self.p.nodes])
         first = first_failure(outcomes)
         reason = f"slurm job {self.id} {self.state.lower()}"
+        if on is not None:
+            on.ended(self.p, outcomes, reason, self.said(), self.final(outcomes))
         for line in held_lines(self.out.held(), outcomes, first, self.run_dir):
             self.out.line(line)
         for o in outcomes:
