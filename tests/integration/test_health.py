@@ -164,6 +164,9 @@ def netns(c: Cluster, node: str, *argv: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True)
 
 
+GPU_CHECKS = ("gemm", "memory", "allreduce in node")  # deepgpu's rows, a node without CUDA
+
+
 def allreduce_rows(stdout: str) -> dict[str, list[str]]:
     return {node: rest for (node, check), rest in rows_of(stdout).items() if check == "allreduce"}
 
@@ -173,6 +176,9 @@ def test_deep_names_the_node_whose_link_is_slowed_and_no_other(four: Cluster) ->
     for r in healthy:  # zero fails on healthy nodes, run after run
         assert r.returncode == 0, r.stdout + r.stderr
         assert {v[1] for v in allreduce_rows(r.stdout).values()} == {"pass"}, r.stdout
+    gpu_rows = {k: v for k, v in rows_of(healthy[0].stdout).items() if k[1] in GPU_CHECKS}
+    assert len(gpu_rows) == 4 * len(GPU_CHECKS), healthy[0].stdout  # CUDA-less: "no GPU", pass
+    assert {(v[0].startswith("no GPU (torch"), v[1]) for v in gpu_rows.values()} == {(True, "pass")}
     netns(four, "node2", *SLOW)
     try:
         began = time.monotonic()
