@@ -13,7 +13,8 @@
 
 A node where torch sees no CUDA device passes as "no GPU", as the quick checks do, unless it
 has GPUs (the inventory's `gpus`, else nvidia-smi's list): then CUDA is broken under a driver
-that answers, and its one `cuda` row fails. Recorded outputs (tests/standins/health/deep/)
+that answers, and its one `cuda` row fails. A node without nvidia-smi and without GPUs in the
+inventory is not probed (NO_DRIVER). Recorded outputs (tests/standins/health/deep/)
 drive judge in the tests.
 """
 
@@ -31,6 +32,9 @@ from ddpfleet.health.check import FAIL, PASS, WARN, Check, worst
 if TYPE_CHECKING:
     from ddpfleet.ssh.fleetbase import FleetBase
 
+# What a node without nvidia-smi (and no GPUs in the inventory) answers, unasked: the probe's
+# torch import costs seconds, and CUDA cannot work without the driver.
+NO_DRIVER = {"cuda": False, "reason": "nvidia-smi not found", "torch": None}
 PROBE_TIMEOUT_S = 300.0  # ~30 s on 8 H100s; CUDA init and NCCL's first communicator are slow
 DEFAULT_RATIO = 0.8
 NODE_PROGRAM = Path(__file__).with_name("deep_node.py")

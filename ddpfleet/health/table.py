@@ -261,11 +261,16 @@ def deep_checks(fleet: FleetBase, results: Mapping[str, object]) -> list[Check]:
     reached = [n.name for n in fleet.nodes if n.name in fleet.conns]
     pythons = {n: env_python(fleet.inventory, n) for n in reached}
     limits = fleet.inventory.health
-    gpus = {}
+    gpus, driverless = {}, []
     for node in fleet.inventory.nodes:  # torch seeing no GPU fails where the node has some
-        listed = getattr(results.get(node.name), "gpus", ())
-        gpus[node.name] = node.gpus if node.gpus is not None else len(listed)
-    rows = deepgpu.judge(deepgpu.measure(fleet, reached, pythons), limits, gpus)
+        facts = results.get(node.name)
+        gpus[node.name] = node.gpus if node.gpus is not None else len(getattr(facts, "gpus", ()))
+        if not gpus[node.name] and getattr(facts, "smi", None) == "absent":
+            driverless.append(node.name)  # no driver, no CUDA: spare it a torch import
+    probed = [n for n in reached if n not in driverless]
+    measured = deepgpu.measure(fleet, probed, pythons) if probed else {}
+    measured.update({n: deepgpu.NO_DRIVER for n in reached if n in driverless})
+    rows = deepgpu.judge({n: measured[n] for n in reached}, limits, gpus)
     return rows + deep.judge(deep.measure(fleet, reached, pythons), limits)
 
 

@@ -121,6 +121,8 @@ def test_no_gpu_passes_unless_the_node_has_gpus() -> None:
         assert {(c, v) for (_, c), v in verdicts(got).items()} == {
             ("gemm", PASS), ("memory", PASS), ("allreduce in node", PASS)}  # fmt: skip
         assert got[("n0", "gemm")].value == "no GPU (torch.cuda.is_available() is False)"
+    unasked = deepgpu.judge({"n0": deepgpu.NO_DRIVER}, {}, {"n0": 0})  # no nvidia-smi: not probed
+    assert {(c.value, c.verdict) for c in unasked} == {("no GPU (nvidia-smi not found)", PASS)}
     broken = rows({"n0": "nocuda"}, gpus={"n0": 8})  # the driver answers, CUDA does not
     assert list(broken) == [("n0", "cuda")]
     assert broken[("n0", "cuda")].verdict == FAIL
