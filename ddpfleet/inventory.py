@@ -57,9 +57,11 @@ SSH_KEYS = (
 NODE_KEYS = ("host", "gpus", "vars") + tuple(k for k in SSH_KEYS if k not in ("forks", "persist"))
 SANDBOX_KEYS = ("prefix", "subnet", "state_dir", "sudo", "init")
 TRAIN_KEYS = ("launcher",)
-# invoke health's thresholds (ddpfleet.health): GPU temperature warn/fail, and --deep's
-# all_reduce bus bandwidth between nodes (GB/s floor; else a ratio of the fleet's median).
-HEALTH_KEYS = ("temp_warn_c", "temp_fail_c", "busbw_gbps", "busbw_ratio")
+# invoke health's thresholds (ddpfleet.health): GPU temperature warn/fail, and --deep's floors:
+# all_reduce bus bandwidth between nodes and inside one (GB/s), GEMM TFLOPS per GPU; each of
+# them else a ratio of the median (busbw_ratio, node_busbw_ratio, gemm_ratio; 0.8).
+HEALTH_KEYS = ("temp_warn_c", "temp_fail_c", "busbw_gbps", "busbw_ratio", "node_busbw_gbps",
+               "node_busbw_ratio", "gemm_tflops", "gemm_ratio")  # fmt: skip
 
 SSH_DEFAULTS = {
     "user": "root",
@@ -204,8 +206,8 @@ class _Builder:
         for key, value in h.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise self.fail(("health", key), f"must be a number > 0, got {value!r}")
-        if "busbw_ratio" in h and h["busbw_ratio"] >= 1:
-            raise self.fail(("health", "busbw_ratio"), "must be below 1, e.g. 0.8")
+        for key in (k for k in h if k.endswith("_ratio") and h[k] >= 1):
+            raise self.fail(("health", key), "must be below 1, e.g. 0.8")
         return MappingProxyType(dict(h))
 
     def launcher(self, raw: Any) -> str:

@@ -298,7 +298,8 @@ def gpu_status(c, inventory=None, nodes=None, json=False, watch=None, exclude=No
         "nodes": NODES_HELP,
         "exclude": select.EXCLUDE_HELP,
         "json": "print the ddpfleet.health/1 document instead of the table",
-        "deep": "also measure all_reduce bandwidth between the nodes (gloo, about a minute)",
+        "deep": "also each GPU's GEMM TFLOPS and memory, NCCL all_reduce inside each node and "
+        "gloo all_reduce between nodes (about a minute)",
     }
 )
 @cli

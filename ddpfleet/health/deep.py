@@ -3,8 +3,8 @@
 The nodes form a ring (0-1, 1-2, ..., N-1 - 0): every node meets two partners. The ring's
 edges go into rounds of disjoint pairs (two rounds for an even N, three for an odd one), each
 round's pairs measured at once; so 32 nodes take the time of 2 pairs, not 32*31/2 of them.
-A pair is two processes of the env's python, gloo over TCP (the CPU path; NCCL on GPUs is not
-measured here), the best of ITERS all_reduces of SIZE bytes:
+A pair is two processes of the env's python, gloo over TCP (the CPU path; NCCL between a node's
+own GPUs is deepgpu.py's), the best of ITERS all_reduces of SIZE bytes:
 
     algbw = SIZE / seconds        busbw = algbw * 2(n-1)/n   (n = 2 ranks: busbw = algbw)
 

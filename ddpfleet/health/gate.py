@@ -4,7 +4,8 @@ One probe per node on the run's own fleet (its connections are the ones the laun
 so the gate costs one round trip, in parallel). A node with a failing check is refused with
 its one-line reason; warnings never refuse. A node SSH cannot reach is left to the launch,
 which names it in its own words, and so are differing torch/CUDA/NCCL versions (the launch's
-preflight compares them with the env it will really run, and names both versions). The result goes to .ddpfleet/health.jsonl as `source: train`.
+preflight compares them with the env it will really run, and names both versions). The result
+goes to .ddpfleet/health.jsonl as `source: train`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ddpfleet.errors import ConnectError, DdpfleetError
+from ddpfleet.errors import ConnectError, Refusals
 from ddpfleet.health import table
+from ddpfleet.health.check import Check
+from ddpfleet.hygiene import clean
 
 if TYPE_CHECKING:
     from ddpfleet.ssh.fleetbase import FleetBase
@@ -21,8 +24,8 @@ if TYPE_CHECKING:
 SKIP_HINT = "--no-health-gate skips this check"
 
 
-class HealthRefused(DdpfleetError):
-    pass
+class HealthRefused(Refusals):
+    """One line per refused node under the first; shown as lines (Refusals.block), not folded."""
 
 
 def check(
@@ -40,8 +43,14 @@ def check(
     table.record(fleet.inventory, checks, source="train")
     bad = table.failures(c for c in checks if c.check != "versions")
     if bad:
-        lines = "\n  ".join(c.line for c in bad.values())
-        raise HealthRefused(
-            f"health gate refused {len(bad)} of {len(probed)} node(s); nothing was started:\n  "
-            f"{lines}\n  (invoke health shows every check; {SKIP_HINT})"
-        )
+        raise refusal(list(bad.values()), len(probed))
+
+
+def refusal(bad: Sequence[Check], probed: int) -> HealthRefused:
+    """What train prints, as launch's Refusals do: the count, then a line per refused node (its
+    text cleaned of anything that could break the line or add one), then the way round it."""
+    lines = "\n  ".join(clean(c.line) for c in bad)
+    return HealthRefused(
+        f"health gate refused {len(bad)} of {probed} node(s); nothing was started:\n  "
+        f"{lines}\n  (invoke health shows every check; {SKIP_HINT})"
+    )

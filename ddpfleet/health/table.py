@@ -138,7 +138,14 @@ _CHECK = {
     "required": ["check", "value", "verdict", "fix"],
     "additionalProperties": False,
     "properties": {
-        "check": _STR,  # gpus, ecc, retired pages, remapped rows, throttle, temperature, ...
+        # quick: reach, probe, gpus, nvidia-smi, ecc, retired pages, remapped rows, throttle,
+        # temperature, pcie link, nvlink, xid, interface, versions; --deep adds gemm
+        # (TFLOPS per GPU), memory (fill-and-verify per GPU), allreduce in node (NCCL busbw
+        # between its GPUs), cuda (torch sees no GPU on a node that has some) or gpu probe (the
+        # GPU probe did not finish), and allreduce (gloo busbw between nodes). A per-GPU row
+        # names each GPU that is off ("GPU 3: 427 TFLOPS bf16, below 0.8x the node's median
+        # 712"), else sums them up; a node without GPUs passes each as "no GPU (...)".
+        "check": _STR,
         "value": _STR,
         "verdict": {"enum": ["pass", "warn", "fail"]},
         "fix": _STR,  # empty on a pass
@@ -246,19 +253,38 @@ def record(
     return path
 
 
+def deep_checks(fleet: FleetBase, results: Mapping[str, object]) -> list[Check]:
+    """--deep on the nodes the quick checks reached: each node's GPUs (deepgpu: GEMM, memory,
+    NCCL inside it, all nodes at once), then gloo all_reduce between nodes (deep: the ring)."""
+    from ddpfleet.health import deep, deepgpu
+
+    reached = [n.name for n in fleet.nodes if n.name in fleet.conns]
+    pythons = {n: env_python(fleet.inventory, n) for n in reached}
+    limits = fleet.inventory.health
+    gpus, driverless = {}, []
+    for node in fleet.inventory.nodes:  # torch seeing no GPU fails where the node has some
+        facts = results.get(node.name)
+        gpus[node.name] = node.gpus if node.gpus is not None else len(getattr(facts, "gpus", ()))
+        if not gpus[node.name] and getattr(facts, "smi", None) == "absent":
+            driverless.append(node.name)  # no driver, no CUDA: spare it a torch import
+    probed = [n for n in reached if n not in driverless]
+    measured = deepgpu.measure(fleet, probed, pythons) if probed else {}
+    measured.update({n: deepgpu.NO_DRIVER for n in reached if n in driverless})
+    rows = deepgpu.judge({n: measured[n] for n in reached}, limits, gpus)
+    return rows + deep.judge(deep.measure(fleet, reached, pythons), limits)
+
+
 # --- the task ----------------------------------------------------------------------------------
 
 
 def run(fleet: FleetBase, as_json: bool = False, deep: bool = False) -> list[Check]:
     """The table (or --json), the history; raises naming every failing node after both.
-    `deep`: then all_reduce bandwidth between the nodes the quick checks reached."""
-    checks = quick(fleet)
+    `deep`: then the GPUs' GEMM, memory and NCCL rows and all_reduce bandwidth between the
+    nodes the quick checks reached."""
+    results = probe_all(fleet)
+    checks = judge_all(fleet.inventory, results)
     if deep:
-        from ddpfleet.health import deep as deep_mod
-
-        reached = [n.name for n in fleet.nodes if n.name in fleet.conns]
-        pythons = {n: env_python(fleet.inventory, n) for n in reached}
-        checks += deep_mod.judge(deep_mod.measure(fleet, reached, pythons), fleet.inventory.health)
+        checks += deep_checks(fleet, results)
         order = {n.name: i for i, n in enumerate(fleet.nodes)}
         checks.sort(key=lambda c: order.get(c.node, len(order)))  # stable: each node's rows
     record(fleet.inventory, checks)

@@ -105,10 +105,11 @@ def test_decoy_interfaces_are_never_chosen_and_one_on_the_way_fails(cluster: Clu
             "--env", "NCCL_SOCKET_IFNAME=veth", timeout=120)  # fmt: skip
         assert gate.returncode == 1, gate.stdout + gate.stderr
         assert "health gate refused 2 of 2 node(s)" in gate.stderr
-        assert "node1: interface: NCCL would use veth9d0, which no other node reaches" in (
-            gate.stderr
-        )
-        assert "node0: interface: NCCL finds no interface" in gate.stderr
+        lines = gate.stderr.splitlines()  # a line per refused node, not one squashed line
+        assert any(line.startswith("  node1: interface: NCCL would use veth9d0, which no other "
+                                   "node reaches") for line in lines), gate.stderr  # fmt: skip
+        assert any(line.startswith("  node0: interface: NCCL finds no interface")
+                   for line in lines), gate.stderr  # fmt: skip
         netns(cluster, "node1", "ip", "route", "add", f"{master}/32", "dev", "docker0")
         r = cluster.invoke("health", "--json", timeout=120)
         assert r.returncode == 1, r.stdout + r.stderr
@@ -163,6 +164,9 @@ def netns(c: Cluster, node: str, *argv: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True)
 
 
+GPU_CHECKS = ("gemm", "memory", "allreduce in node")  # deepgpu's rows, a node without CUDA
+
+
 def allreduce_rows(stdout: str) -> dict[str, list[str]]:
     return {node: rest for (node, check), rest in rows_of(stdout).items() if check == "allreduce"}
 
@@ -172,6 +176,9 @@ def test_deep_names_the_node_whose_link_is_slowed_and_no_other(four: Cluster) ->
     for r in healthy:  # zero fails on healthy nodes, run after run
         assert r.returncode == 0, r.stdout + r.stderr
         assert {v[1] for v in allreduce_rows(r.stdout).values()} == {"pass"}, r.stdout
+    gpu_rows = {k: v for k, v in rows_of(healthy[0].stdout).items() if k[1] in GPU_CHECKS}
+    assert len(gpu_rows) == 4 * len(GPU_CHECKS), healthy[0].stdout  # driverless: "no GPU", pass
+    assert {(v[0], v[1]) for v in gpu_rows.values()} == {("no GPU (nvidia-smi not found)", "pass")}
     netns(four, "node2", *SLOW)
     try:
         began = time.monotonic()
@@ -187,3 +194,22 @@ def test_deep_names_the_node_whose_link_is_slowed_and_no_other(four: Cluster) ->
     print(f"measured: health --deep on 4 sandbox nodes, one slowed: {took:.1f}s")
     again = four.invoke("health", "--deep", timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_deep_probes_gpus_where_nvidia_smi_answers_and_fails_cuda_torch_cannot_use(four) -> None:
+    """node1 gets the stand-in nvidia-smi (8 A100s) while its torch has no CUDA: the GPU probe
+    runs there (deep_node.py over SSH, in the env's python) and fails node1's cuda row, the
+    GPU operator's false "Ready"; the driverless nodes pass as "no GPU", unprobed."""
+    with standin(four, ["node1"], "a100x8"):
+        r = four.invoke("health", "--deep", "--json", timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    validate(doc, HEALTH_SCHEMA)
+    got = {(n["node"], c["check"]): c for n in doc["nodes"] for c in n["checks"]}
+    assert {k for k, c in got.items() if c["verdict"] == "fail"} == {("node1", "cuda")}, got
+    assert got[("node1", "cuda")]["value"] == (
+        "torch sees no GPU (torch.cuda.is_available() is False), but the node has 8"
+    )
+    assert got[("node1", "cuda")]["fix"].startswith("torch cannot use the GPUs")
+    for node in ("node0", "node2", "node3"):
+        assert got[(node, "gemm")]["value"] == "no GPU (nvidia-smi not found)"
