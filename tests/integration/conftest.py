@@ -172,8 +172,9 @@ RUN_PROCS = "grep -l -a -s -e DDPFLEET_RUN_ID= /proc/[0-9]*/environ"  # any run'
 
 class Four:
     """The grown sandbox. `lend(dir)` gives a module an inventory of its own naming all four
-    (its own runs index and health log; `changes` as write_inventory's), healed and checked;
-    when the module is done, it must have left the four as it found them."""
+    (its own runs index and health log; `changes` as write_inventory's), healed and checked,
+    bootstrapped again if a node's env is no longer the one made (test_jupyter remakes
+    node0/node1's with its own spec); when done, the module must leave the four as it found them."""
 
     def __init__(self, session: Cluster, directory: Path):
         self.session, self.dir = session, directory
@@ -181,6 +182,7 @@ class Four:
         self.cluster = Cluster(directory, self._inventory(directory))
         self.nodes = list(self.cluster.data["nodes"])
         self.qdiscs: dict[str, str] = {}
+        self.envs: dict[str, str] = {}
 
     def _inventory(self, directory: Path, **changes) -> Path:
         """A 4-node inventory on the session's sandbox (its state dir, key, known_hosts), in
@@ -202,11 +204,21 @@ class Four:
     def _qdisc(self, node: str) -> str:
         return _netns(self.prefix, node, "tc", "qdisc", "show", "dev", "eth0").stdout
 
+    def _envs(self) -> dict[str, str]:
+        """venv_env's record of the spec it installed and verified, per node ('' where none)."""
+        spec = f"{self.cluster.data['python_env']['path']}/.ddpfleet-spec.sha256"
+        return self._each(lambda n: self.cluster.ssh(n, f"cat {spec} 2>/dev/null").stdout.strip())
+
+    def bootstrap(self) -> None:
+        boot = self.cluster.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
+        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+        self.envs = self._envs()
+        assert all(self.envs.values()), f"bootstrap left no env spec hash on a node: {self.envs}"
+
     def grow(self) -> None:
         up = self.cluster.invoke("sandbox.up", timeout=600)
         assert up.returncode == 0, up.stdout + up.stderr
-        boot = self.cluster.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
-        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+        self.bootstrap()
         self.qdiscs = self._each(self._qdisc)
 
     def wrongs(self) -> list[str]:
@@ -253,6 +265,9 @@ class Four:
             self.heal()
             found = self.wrongs()
         assert not found, "the shared 4-node sandbox is not healthy: " + "; ".join(found)
+        if self._envs() != self.envs:  # node0/node1's env remade by another module's bootstrap
+            print("shared 4-node sandbox: an env changed since its bootstrap; bootstrapping again")
+            self.bootstrap()
         yield Cluster(directory, self._inventory(directory, **changes))
         deadline = time.monotonic() + 15  # a run that just ended may still be exiting
         while (wrong := self.wrongs()) and time.monotonic() < deadline:
