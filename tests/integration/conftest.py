@@ -1,4 +1,5 @@
-"""A real 2-node sandbox cluster for the integration tests (one per test session).
+"""A real 2-node sandbox cluster for the integration tests (one per test session), and the same
+sandbox grown to 4 nodes for the modules that need four (`grown_four`, made once per session).
 
 Its inventory is the project's inventory.yaml with its own prefix, subnet and state directory,
 so a test session never touches a sandbox someone brought up by hand. Two sessions side by side
@@ -11,7 +12,9 @@ import ipaddress
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,3 +157,139 @@ def cluster(tmp_path_factory) -> Cluster:
     directory = tmp_path_factory.mktemp("cluster")
     with sandbox(Cluster(directory, write_inventory(directory))) as c:
         yield c
+
+
+# --- the session's sandbox grown to 4 nodes, lent to one module at a time -----------------------
+# Bringing up and bootstrapping (venv_env, torch) four nodes takes minutes on a 2-core box; the
+# modules that need four (test_health's --deep, test_recovery, test_runs_history) each did it
+# for a sandbox of their own. Now the session's sandbox grows once: node2 and node3 made by
+# `sandbox.up` with a 4-node inventory beside the session's (as a user adds machines; the
+# session's own inventory still names node0 and node1 only), all four bootstrapped once.
+
+
+RUN_PROCS = "grep -l -a -s -e DDPFLEET_RUN_ID= /proc/[0-9]*/environ"  # any run's processes
+
+
+class Four:
+    """The grown sandbox. `lend(dir)` gives a module an inventory of its own naming all four
+    (its own runs index and health log; `changes` as write_inventory's), healed and checked,
+    bootstrapped again if a node's env is no longer the one made (test_jupyter remakes
+    node0/node1's with its own spec); when done, the module must leave the four as it found them."""
+
+    def __init__(self, session: Cluster, directory: Path):
+        self.session, self.dir = session, directory
+        self.prefix = session.data["sandbox"]["prefix"]
+        self.cluster = Cluster(directory, self._inventory(directory))
+        self.nodes = list(self.cluster.data["nodes"])
+        self.qdiscs: dict[str, str] = {}
+        self.envs: dict[str, str] = {}
+
+    def _inventory(self, directory: Path, **changes) -> Path:
+        """A 4-node inventory on the session's sandbox (its state dir, key, known_hosts), in
+        `directory`, sharing the session's wheel cache."""
+        d = self.session.data
+        changes = {"sandbox": {**d["sandbox"]}, "ssh": {**d["ssh"]}, **changes}
+        directory.mkdir(parents=True, exist_ok=True)
+        wheels = self.session.dir / ".ddpfleet" / "wheelhouse"
+        wheels.mkdir(parents=True, exist_ok=True)
+        (directory / ".ddpfleet").mkdir(exist_ok=True)
+        if not (directory / ".ddpfleet" / "wheelhouse").exists():
+            (directory / ".ddpfleet" / "wheelhouse").symlink_to(wheels)
+        return write_inventory(directory, 4, self.prefix, d["sandbox"]["subnet"], **changes)
+
+    def _each(self, fn) -> dict:
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            return dict(zip(self.nodes, pool.map(fn, self.nodes)))
+
+    def _qdisc(self, node: str) -> str:
+        return _netns(self.prefix, node, "tc", "qdisc", "show", "dev", "eth0").stdout
+
+    def _envs(self) -> dict[str, str]:
+        """venv_env's record of the spec it installed and verified, per node ('' where none)."""
+        spec = f"{self.cluster.data['python_env']['path']}/.ddpfleet-spec.sha256"
+        return self._each(lambda n: self.cluster.ssh(n, f"cat {spec} 2>/dev/null").stdout.strip())
+
+    def bootstrap(self) -> None:
+        boot = self.cluster.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
+        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+        self.envs = self._envs()
+        assert all(self.envs.values()), f"bootstrap left no env spec hash on a node: {self.envs}"
+
+    def grow(self) -> None:
+        up = self.cluster.invoke("sandbox.up", timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        self.bootstrap()
+        self.qdiscs = self._each(self._qdisc)
+
+    def wrongs(self) -> list[str]:
+        """What is not as the sandbox was grown: a node down or unreachable, a host veth down, a
+        qdisc on a node's eth0, a process of a run (DDPFLEET_RUN_ID) left on a node."""
+        found = []
+        for i, node in enumerate(self.nodes):
+            if "state UP" not in _ip("link", "show", f"{self.prefix}-{i}h").stdout:
+                found.append(f"{node}: its veth {self.prefix}-{i}h is not up")
+        for node, qdisc in self._each(self._qdisc).items():
+            if qdisc != self.qdiscs[node]:
+                found.append(f"{node}: eth0 has a qdisc: {qdisc.strip()}")
+        for node, r in self._each(lambda n: self.cluster.ssh(n, RUN_PROCS + " || true")).items():
+            if r.returncode != 0:
+                found.append(f"{node}: unreachable ({r.stderr.strip()[-200:]})")
+            elif r.stdout.split():
+                pids = [line.split("/")[2] for line in r.stdout.split()]
+                found.append(f"{node}: processes of a run left: {' '.join(pids)}")
+        return found
+
+    def heal(self) -> None:
+        """Everything back as grown: veths up, qdiscs removed, run processes killed, stopped
+        nodes started (`sandbox.start` is idempotent)."""
+        for i in range(len(self.nodes)):
+            _ip("link", "set", f"{self.prefix}-{i}h", "up")
+        for node, qdisc in self._each(self._qdisc).items():
+            if qdisc != self.qdiscs[node]:
+                _netns(self.prefix, node, "tc", "qdisc", "del", "dev", "eth0", "root")
+        kill = RUN_PROCS + " | cut -d/ -f3 | xargs -r kill -9"
+        killed = self._each(lambda n: self.cluster.ssh(n, kill))
+        down = [node for node, r in killed.items() if r.returncode == 255]  # ssh's own failure
+        if down:
+            r = self.cluster.invoke("sandbox.start", "--nodes", ",".join(down), timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+
+    @contextmanager
+    def lend(self, directory: Path, **changes) -> Iterator[Cluster]:
+        """The four for one module: healed and checked when handed out; when the module is
+        done, whatever it left (a node stopped, a qdisc, a run still running) fails its
+        teardown by name and is put right for the next module."""
+        found = self.wrongs()
+        if found:  # a module before this one left it so (said there, if it was a lender)
+            print("shared 4-node sandbox put right before lending it: " + "; ".join(found))
+            self.heal()
+            found = self.wrongs()
+        assert not found, "the shared 4-node sandbox is not healthy: " + "; ".join(found)
+        if self._envs() != self.envs:  # node0/node1's env remade by another module's bootstrap
+            print("shared 4-node sandbox: an env changed since its bootstrap; bootstrapping again")
+            self.bootstrap()
+        yield Cluster(directory, self._inventory(directory, **changes))
+        deadline = time.monotonic() + 15  # a run that just ended may still be exiting
+        while (wrong := self.wrongs()) and time.monotonic() < deadline:
+            time.sleep(1)
+        if wrong:
+            self.heal()
+            pytest.fail("the module left the shared 4-node sandbox changed: " + "; ".join(wrong))
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+def _netns(prefix: str, node: str, *argv: str) -> subprocess.CompletedProcess:
+    return _ip("netns", "exec", f"{prefix}-{node}", *argv)
+
+
+@pytest.fixture(scope="session")
+def grown_four(cluster: Cluster) -> Four:
+    """The session's sandbox grown to node0-node3, venv_env bootstrapped on all four, once per
+    session; modules take it with `grown_four.lend(their_dir)`. The session's `sandbox.down`
+    takes node2 and node3 down with the rest (it removes every node dir of the state dir)."""
+    four = Four(cluster, cluster.dir / "four")
+    four.grow()
+    return four

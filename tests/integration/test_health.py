@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from ddpfleet.health.table import HEALTH_SCHEMA
-from tests.integration.conftest import ROOT, Cluster, sandbox, second_subnet, write_inventory
+from tests.integration.conftest import ROOT, Cluster, Four
 from tests.integration.test_gpu_status import standin, table_rows
 from tests.unit.test_gpu_parse import validate
 
@@ -136,26 +136,14 @@ SLOW = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "20mbit", "b
 
 
 @pytest.fixture(scope="module")
-def four(cluster: Cluster, tmp_path_factory) -> Iterator[Cluster]:
-    """A 4-node cluster of its own (prefix +d, the next subnet) with the training env, sharing
-    the session's wheel cache: a ring of 4 meets every node twice, in two rounds.
+def four(grown_four: Four, tmp_path_factory) -> Iterator[Cluster]:
+    """The session's sandbox grown to 4 nodes with the training env (conftest.py), lent with an
+    inventory of its own: a ring of 4 meets every node twice, in two rounds.
 
     Its health.busbw_ratio is 0.1, not the default 0.8: the sandbox's nodes share this
     machine's two cores with each other and the other tests, and healthy pairs measured 0.15 to
     0.7 GB/s in one run; the tbf-slowed link is ~0.0025 GB/s, two hundred times below."""
-    directory = tmp_path_factory.mktemp("deep")
-    prefix = cluster.data["sandbox"]["prefix"] + "d"
-    inventory = write_inventory(
-        directory, 4, prefix=prefix, subnet=second_subnet(), health={"busbw_ratio": 0.1}
-    )
-    c = Cluster(directory, inventory)
-    shared = cluster.dir / ".ddpfleet" / "wheelhouse"
-    shared.mkdir(parents=True, exist_ok=True)
-    (directory / ".ddpfleet").mkdir(exist_ok=True)
-    (directory / ".ddpfleet" / "wheelhouse").symlink_to(shared)
-    with sandbox(c):
-        boot = c.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
-        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+    with grown_four.lend(tmp_path_factory.mktemp("deep"), health={"busbw_ratio": 0.1}) as c:
         yield c
 
 
@@ -171,6 +159,7 @@ def allreduce_rows(stdout: str) -> dict[str, list[str]]:
     return {node: rest for (node, check), rest in rows_of(stdout).items() if check == "allreduce"}
 
 
+@pytest.mark.timeout(1200)  # first in a session, its fixture bootstraps 4 nodes (6-7 min)
 def test_deep_names_the_node_whose_link_is_slowed_and_no_other(four: Cluster) -> None:
     healthy = [four.invoke("health", "--deep", timeout=300) for _ in range(2)]
     for r in healthy:  # zero fails on healthy nodes, run after run

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import Cluster, sandbox, second_subnet, write_inventory
+from tests.integration.conftest import Cluster, Four
 from tests.integration.test_detach import RUNS, runs, wait_state
 from tests.integration.test_train import new_run_id, run_pids, train_args
 
@@ -31,20 +31,10 @@ SHA = re.compile(r"final model sha256 ([0-9a-f]{64})")
 
 
 @pytest.fixture(scope="module")
-def four(cluster: Cluster, tmp_path_factory) -> Iterator[Cluster]:
-    """A 4-node cluster of its own (prefix +r, the next subnet) with the training env, sharing
-    the session's wheel cache."""
-    directory = tmp_path_factory.mktemp("recover")
-    prefix = cluster.data["sandbox"]["prefix"] + "r"
-    inventory = write_inventory(directory, 4, prefix=prefix, subnet=second_subnet())
-    c = Cluster(directory, inventory)
-    shared = cluster.dir / ".ddpfleet" / "wheelhouse"
-    shared.mkdir(parents=True, exist_ok=True)
-    (directory / ".ddpfleet").mkdir(exist_ok=True)
-    (directory / ".ddpfleet" / "wheelhouse").symlink_to(shared)
-    with sandbox(c):
-        boot = c.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
-        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+def four(grown_four: Four, tmp_path_factory) -> Iterator[Cluster]:
+    """The session's sandbox grown to 4 nodes with the training env (conftest.py), lent to this
+    module with an inventory of its own; given back as found (nodes started, links up)."""
+    with grown_four.lend(tmp_path_factory.mktemp("recover")) as c:
         yield c
 
 
@@ -120,7 +110,7 @@ def reference(four: Cluster) -> str:
     return final_sha(four, run_id)
 
 
-@pytest.mark.timeout(1200)  # its fixtures bootstrap 4 nodes (6-7 min on a loaded box)
+@pytest.mark.timeout(1200)  # first in a session, its fixtures bootstrap 4 nodes (6-7 min)
 def test_a_lost_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(
     four: Cluster, reference: str
 ):

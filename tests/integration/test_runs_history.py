@@ -1,8 +1,8 @@
 """Runs a team can trust (issue 24 items 1, 4, 10), in the new user's shapes, on real nodes:
 a 3 x 2 run resumed on a grown inventory, a node stopped and started again, a crash that
-torchrun restarts. The session's 2-node sandbox grows to 4 nodes here (node2 and node3 are
-made by `sandbox.up` with a 4-node inventory beside the session's, as a user adds machines);
-the session's own inventory and the other modules' tests still see node0 and node1 only.
+torchrun restarts. The session's 2-node sandbox grown to 4 nodes (conftest.py's grown_four:
+node2 and node3 made by `sandbox.up` with a 4-node inventory beside the session's, as a user
+adds machines); the session's own inventory still names node0 and node1 only.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import re
 import subprocess
 import textwrap
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import INVOKE, ROOT, Cluster, write_inventory
+from tests.integration.conftest import INVOKE, ROOT, Cluster, Four
 from tests.integration.test_train import new_run_id
 
 RUNS = "/var/lib/ddpfleet/runs"
@@ -82,20 +83,12 @@ class Grown:
 
 
 @pytest.fixture(scope="module")
-def grown(cluster: Cluster) -> Grown:
+def grown(cluster: Cluster, grown_four: Four) -> Iterator[Grown]:
     """node2 and node3 up beside the session's node0 and node1, all four bootstrapped (in one
-    bootstrap: the nodes converge in parallel; node0 and node1 are quick when already done)."""
-    data = cluster.data
-    directory = cluster.dir / "grown"
-    directory.mkdir(exist_ok=True)
-    inventory = write_inventory(
-        directory, 4, data["sandbox"]["prefix"], data["sandbox"]["subnet"],
-        sandbox={**data["sandbox"]}, ssh={**data["ssh"]},
-    )  # fmt: skip
-    g = Grown(cluster, inventory)
-    g.ok("sandbox.up", timeout=600)
-    g.ok("bootstrap", "--roles", "venv_env", timeout=1800)
-    return g
+    bootstrap: the nodes converge in parallel): the session's grown sandbox (conftest.py), lent
+    with a 4-node inventory of this module's own beside the session's."""
+    with grown_four.lend(cluster.dir / "grown") as four:
+        yield Grown(cluster, four.inventory)
 
 
 def project(tmp_path, name: str, text: str):

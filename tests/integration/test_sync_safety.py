@@ -20,18 +20,11 @@ import pytest
 import yaml
 
 from tests.integration.conftest import INVOKE, ROOT, Cluster
+from tests.integration.test_train import ready  # noqa: F401 (the fixture)
 
 NODES = ("node0", "node1")
 TINY = "--epochs 1 --steps-per-epoch 2 --batch-size 4"
 CODE = "/root/ddpfleet/sandbox/code"  # the code dir these tests name (the default is per project)
-
-
-@pytest.fixture(scope="module")
-def ready(cluster: Cluster) -> Cluster:
-    """The nodes' training env (venv + torch through the wheelhouse), as bootstrap makes it."""
-    r = cluster.invoke("bootstrap", "--roles", "venv_env", timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return cluster
 
 
 def new_run_id(what: str) -> str:
