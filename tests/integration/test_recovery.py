@@ -367,9 +367,9 @@ def test_the_replaced_node_started_again_mid_run_runs_nothing_of_it(four: Cluste
     """node1 stopped, node3 takes its place; node1 started again while generation 2 trains:
     from then on nothing of the run runs on node1 (by run id and by cgroup, watched while the
     run goes on), and the run ends SUCCEEDED with the uninterrupted run's weights, node1 never
-    back in its roster. Steps of 2 s: generation 2 is still training when node1 is back."""
+    back in its roster. Steps of 1.5 s: generation 2 is still training when node1 is back."""
     run_id = new_run_id("back")
-    start(four, run_id, SCRIPT + " --step-sleep 2", "--spares", "node3")
+    start(four, run_id, SCRIPT + " --step-sleep 1.5", "--spares", "node3")
     wait_step(four, run_id, 3)
     stop_node(four, "node1")
     try:
