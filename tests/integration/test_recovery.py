@@ -38,8 +38,8 @@ def four(grown_four: Four, tmp_path_factory) -> Iterator[Cluster]:
         yield c
 
 
-def start(c: Cluster, run_id: str, script_args: str, *extra: str) -> None:
-    args = train_args(run_id, script_args, "--nodes", ",".join(GANG), "--detach", *extra)
+def start(c: Cluster, run_id: str, script_args: str, *extra: str, gang=GANG) -> None:
+    args = train_args(run_id, script_args, "--nodes", ",".join(gang), "--detach", *extra)
     r = c.invoke(*args, "--no-health-gate", timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
@@ -313,4 +313,85 @@ def test_the_masters_loss_elects_a_survivor_and_the_run_ends_as_if_uninterrupted
         assert up.returncode == 0, up.stdout + up.stderr
     # back, node0 runs nothing of the run and its stale record does not speak for it
     assert runs(four)[run_id]["state"] == "SUCCEEDED"
+    nothing_left(four, run_id)
+
+
+def stop_node(c: Cluster, node: str) -> None:
+    """`sandbox.stop` of one node: its init killed, so every process in it (a dead machine)."""
+    stop = c.invoke("sandbox.stop", "--nodes", node, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+@pytest.mark.timeout(1200)  # alone, its fixtures bootstrap 4 nodes
+def test_two_spares_three_kills_two_recoveries_then_no_spare_left(four: Cluster):
+    """A 2-node gang (node0, node1) with spares node2 and node3; node1 stopped -> node2 takes
+    node_rank 1 (generation 2), node2 stopped -> node3 takes it (generation 3), node3 stopped
+    -> FAILED "node3 lost, no spare left", nothing of the run left on any node.
+
+    The majority rule holds for this shape: generation 1's voters are the four nodes, node0
+    reaches node2 and node3 (3 of 4); generation 2's are node0, node2 and the spare node3,
+    node0 reaches node3 (2 of 3); with no spare left no majority is asked. A run long enough
+    (80 steps) that the third kill always lands mid-run; it ends FAILED well before."""
+    run_id = new_run_id("kills")
+    long = "--epochs 20 --steps-per-epoch 4 --batch-size 8 --checkpoint-every 2 --step-sleep 0.5"
+    start(four, run_id, long, "--spares", "node2,node3", gang=("node0", "node1"))
+    try:
+        wait_step(four, run_id, 3)
+        stop_node(four, "node1")
+        wait_generation(four, run_id, 2)
+        stop_node(four, "node2")
+        wait_generation(four, run_id, 3)
+        stop_node(four, "node3")
+        view = ended(four, run_id, 180)
+        assert view["state"] == "FAILED", view
+        assert view["why"].startswith("node3 lost, no spare left"), view
+        gens = view["generations"]
+        assert [g["nodes"] for g in gens] == [
+            ["node0", "node1"],
+            ["node0", "node2"],
+            ["node0", "node3"],
+        ], gens
+        assert [(r["lost"], r["by"], r["node_rank"]) for g in gens[1:] for r in g["replaced"]] == [
+            ("node1", "node2", 1),
+            ("node2", "node3", 1),
+        ], gens
+        nothing_left(four, run_id, ("node0",))  # the one node still up: the master
+    finally:
+        up = four.invoke("sandbox.start", "--nodes", "node1,node2,node3", timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
+    nothing_left(four, run_id)  # and nothing came back with the stopped nodes
+
+
+@pytest.mark.timeout(1200)  # alone, its fixtures bootstrap 4 nodes
+def test_the_replaced_node_started_again_mid_run_runs_nothing_of_it(four: Cluster, reference: str):
+    """node1 stopped, node3 takes its place; node1 started again while generation 2 trains:
+    from then on nothing of the run runs on node1 (by run id and by cgroup, watched while the
+    run goes on), and the run ends SUCCEEDED with the uninterrupted run's weights, node1 never
+    back in its roster. Steps of 1.5 s: generation 2 is still training when node1 is back."""
+    run_id = new_run_id("back")
+    start(four, run_id, SCRIPT + " --step-sleep 1.5", "--spares", "node3")
+    wait_step(four, run_id, 3)
+    stop_node(four, "node1")
+    try:
+        wait_generation(four, run_id, 2)
+    finally:
+        up = four.invoke("sandbox.start", "--nodes", "node1", timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
+    back, step = time.monotonic(), step_on(four, "node0", run_id)
+    seen = []  # (seconds since node1 is back, its processes of the run)
+    while time.monotonic() < back + 12:
+        pids = run_pids(four, "node1", run_id) + cgroup_pids(four, "node1", run_id)
+        seen.append((round(time.monotonic() - back, 1), pids))
+        time.sleep(0.5)
+    view, now = runs(four)[run_id], step_on(four, "node0", run_id)
+    print(f"\nnode1 back at step {step}, watched for 12 s until step {now}: {seen[-1]}")
+    assert view["state"] == "RUNNING" and now > step, (view, step)
+    assert not any(pids for _, pids in seen), seen
+    view = ended(four, run_id)
+    assert view["state"] == "SUCCEEDED", view
+    assert final_sha(four, run_id) == reference
+    assert [g["nodes"] for g in view["generations"]] == [
+        list(GANG),
+        ["node0", "node3", "node2"],
+    ], view
     nothing_left(four, run_id)
