@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,11 @@ _saved: dict[str, str | None] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a shell without job control (`cmd &` in a script)
+    # inherits SIGINT ignored, and so would every invoke it starts: the Ctrl-C tests would then
+    # time out on an ignored signal. Python's own handler here gives the children SIG_DFL back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     real = Path(os.environ.get("HOME") or Path("~").expanduser())
     names = ["HOME", *XDG_DEFAULTS]
     _saved.update({name: os.environ.get(name) for name in names})
