@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 from ddpfleet.launch.ssh.runstate import fold, leader
+from tests.unit.test_generation import until
 
 NODE = Path(__file__).resolve().parents[2] / "ddpfleet" / "node"
 SECRET = secrets.token_hex(32)
@@ -28,15 +29,6 @@ def load(name):
 
 
 L, S = load("run_lifeline"), load("succession")
-
-
-def until(check, within=5.0):
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_the_successor_is_the_lowest_node_rank_after_the_masters():
