@@ -18,6 +18,8 @@ import os
 
 RUNS = "/var/lib/ddpfleet/runs"
 LIVE = ("STARTING", "RUNNING")  # a part that has not ended (if its supervisor still lives)
+# run_ctl.py stop's word in the run dir before its SIGTERM (run_supervisor reads it)
+STOP_MARK = "stop-requested"
 
 
 def write_json(path, data, mode=0o644, tmp=".tmp"):

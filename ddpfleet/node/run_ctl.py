@@ -96,7 +96,7 @@ def stop(run_id, grace):
     was, supervisor, cgroup = state.get("status"), m.records.alive(state), state.get("cgroup")
     # the word that this SIGTERM is invoke stop's: with spares, a master SIGTERMed otherwise (its
     # machine going down) leaves the run to a survivor instead of ending it (run_supervisor.end)
-    with open(os.path.join(d, "stop-requested"), "w"):
+    with open(os.path.join(d, m.records.STOP_MARK), "w"):
         pass
     if state.get("unit"):  # systemd: SIGTERM to the supervisor, then SIGKILL to the unit's cgroup
         subprocess.run(["systemctl", "stop", state["unit"]], capture_output=True, check=False)

@@ -62,7 +62,6 @@ HELPERS = (  # as launch.ssh.detach.SUPERVISOR_FILES sends them
     "succession.py",
     "health_node.py",
 )
-STOP_MARK = "stop-requested"  # run_ctl.py stop's word in the run dir before its SIGTERM
 PROGRESS = "progress/progress.json"  # DDPFLEET_PROGRESS_FILE below the run dir (the user's)
 
 
@@ -152,9 +151,9 @@ class Supervisor:
         """invoke stop (SIGTERM): the run ends, with spares too. A member or spare says so
         first: this node going away is a loss to the master unless the whole run is stopping
         (a machine shutting down SIGTERMs it too). The master's SIGTERM without invoke stop's
-        word (STOP_MARK): its machine is going down, and a survivor leads (succession.py)."""
+        word (records.STOP_MARK): its machine is going down, and a survivor leads (succession.py)."""
         if isinstance(self.gen, self.m.generation.Coordinator):
-            if not os.path.exists(os.path.join(self.run_dir, STOP_MARK)):
+            if not os.path.exists(os.path.join(self.run_dir, self.m.records.STOP_MARK)):
                 self.gen.leaving = "SIGTERM without invoke stop (its machine going down?)"
                 self.log(f"[ddpfleet recovery] {self.gen.leaving}: leaving the run to the others")
                 if self.part is not None:

@@ -225,5 +225,4 @@ def test_invoke_stop_says_so_before_its_sigterm_so_a_master_tells_it_from_a_shut
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "state.json").write_text(json.dumps({"status": "SUCCEEDED"}))
     assert ctl.stop("r1", 0)["found"]
-    sup = load("run_supervisor")
-    assert (tmp_path / "r1" / sup.STOP_MARK).exists()
+    assert (tmp_path / "r1" / load("records").STOP_MARK).exists()  # what run_supervisor reads
