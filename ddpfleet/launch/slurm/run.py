@@ -9,6 +9,7 @@ job` says how the job stands. Without a shared filesystem this is the one place 
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -52,6 +53,29 @@ POLL_S = 0.3
 # itself waits (both defaults; roles/slurm sets neither). Ctrl-C on an attached job and `invoke
 # stop` wait alike: a shorter wait returns while ranks may still run.
 CANCEL_WAIT_S = 90.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupts:
+    """SIGINT, SIGTERM and SIGHUP counted while the job is followed, acted on between polls
+    (as the SSH gang does): a KeyboardInterrupt raised inside an SSH write can leave half a
+    packet on the wire, the node's sshd drops the connection, and the scancel sent through it
+    is lost with the job left running (seen in CI: "connection lost while running scancel")."""
+
+    def __init__(self):
+        self.count = 0
+        self.previous: dict = {}
+
+    def __enter__(self) -> Interrupts:
+        self.previous = {s: signal.signal(s, self.on_signal) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def on_signal(self, signum, frame) -> None:
+        self.count += 1  # only count: the loop acts (a handler must not touch the connection)
 
 
 def run_as(conn: Conn, user: str | None, argv: list[str], **kw) -> Result:
@@ -175,17 +199,16 @@ def train(fleet: Fleet, config: TrainConfig, out: Output | None = None, on=None)
     p = ready(fleet, config, out)
     fresh_run_dir(config.run_dir, make=True)
     job = Job(fleet, p, config.run_dir, out)
-    job.submit()
-    if on is not None:
-        on.started(p, **found(p, job.id))
-    try:
-        job.follow()
-    except KeyboardInterrupt:
-        job.cancel()
-        if on is not None:  # STOPPED: the ranks' words on the cancel's SIGTERM are no failure
-            reason = f"interrupted: slurm job {job.id} cancelled"
-            on.ended(p, job.outcomes(), reason, job.said(), RunState.STOPPED)
-        raise
+    with Interrupts() as interrupts:  # from sbatch on: a job submitted is a job cancelled
+        job.submit()
+        if on is not None:
+            on.started(p, **found(p, job.id))
+        if not job.follow(interrupts):
+            job.cancel(interrupts)
+            if on is not None:  # STOPPED: the ranks' words on the cancel's SIGTERM are no failure
+                reason = f"interrupted: slurm job {job.id} cancelled"
+                on.ended(p, job.outcomes(), reason, job.said(), RunState.STOPPED)
+            raise KeyboardInterrupt
     return job.verdict(on)
 
 
@@ -242,8 +265,12 @@ class Job:
         key = (node, rank) if node in self.clues else None
         self.out.line(f"{prefix} {text}", self.logs.get(node), key=key)
 
-    def follow(self) -> None:
+    def follow(self, interrupts: Interrupts) -> bool:
+        """Until the job ended (True) or a signal came (False); signals are looked at only
+        between polls, never inside one."""
         while True:
+            if interrupts.count:
+                return False
             self.poll()
             if self.state in TERMINAL:
                 break
@@ -251,14 +278,23 @@ class Job:
         self.read()  # what the last poll raced
         for line in self.output.end() if self.output else ():
             self.show(*line)
+        return True
 
-    def cancel(self) -> None:
+    def cancel(self, interrupts: Interrupts) -> None:
+        """scancel, then wait until Slurm says the job ended; another signal stops the wait
+        (Slurm still ends the job: the scancel was sent)."""
         if not self.id:
             return
-        self.out.line(f"[slurm] interrupted: cancelling job {self.id}")
+        self.out.line(
+            f"[slurm] interrupted: cancelling job {self.id} (interrupt again to not wait)"
+        )
+        seen = interrupts.count
         run_as(self.head, self.user, ["scancel", self.id], check=False)
         end = time.monotonic() + CANCEL_WAIT_S
         while time.monotonic() < end and self.state not in TERMINAL:
+            if interrupts.count > seen:
+                self.out.line(f"[slurm] job {self.id} cancelled; not waiting for it to end")
+                break
             time.sleep(POLL_S)
             self.poll()
         self.close()
