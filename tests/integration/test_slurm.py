@@ -93,6 +93,24 @@ def sudo_login(slurm: Cluster) -> Cluster:
     return Cluster(slurm.dir, inventory)  # the same index: .ddpfleet/ beside both inventories
 
 
+# As root on node0: every job cancelled, then until Slurm has none (KillWait + a margin).
+CANCEL_ALL = """
+scancel --user train
+for i in $(seq 400); do [ -z "$(squeue -h)" ] && exit 0; sleep 0.3; done
+squeue; exit 1
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(slurm: Cluster):
+    """A test that failed with its job still running must not fail every test after it (each
+    asserts its own job went, before this runs): the job is cancelled here."""
+    yield
+    if (left := slurm.ssh("node0", "squeue -h", timeout=30)).stdout.strip():
+        gone = slurm.ssh("node0", CANCEL_ALL, timeout=150)
+        assert gone.returncode == 0, f"jobs left behind: {left.stdout}{gone.stdout}"
+
+
 def status(c: Cluster) -> dict:
     r = c.invoke("slurm.status", "--json", timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
