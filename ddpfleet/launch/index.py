@@ -22,6 +22,7 @@ other's new run or verdict.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -42,6 +43,10 @@ SHOWN = ("launcher", "nproc", "port", "attached", "outputs")  # beside the verdi
 def shape(p) -> dict:
     """What the index keeps of a run's plan (launch.plan.Plan) besides its nodes."""
     return {"nproc": p.nproc, "port": p.master_port}
+
+
+# What a project dir that may be read but not written answers a lock or a write.
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class Index:
@@ -120,10 +125,19 @@ class Index:
         run the index never started (known only from its nodes) is shown as read."""
         if not self.path.exists():  # nothing to settle: `runs` makes no .ddpfleet/
             return self._settle([], views)
-        with self._locked():
-            return self._settle(self.entries(), views)
+        try:
+            with self._locked():
+                return self._settle(self.entries(), views)
+        except OSError as e:
+            if e.errno not in READ_ONLY:
+                raise
+            # a project this user may read but not write (a teammate's checkout, a read-only
+            # mount): `runs` shows what it read and records nothing
+            return self._settle(self.entries(), views, write=False)
 
-    def _settle(self, entries: list[dict], views: Sequence[RunView]) -> list[RunView]:
+    def _settle(
+        self, entries: list[dict], views: Sequence[RunView], write: bool = True
+    ) -> list[RunView]:
         by_id = {e.get("run_id"): e for e in entries}
         out, fresh = [], False
         for v in views:
@@ -138,7 +152,7 @@ class Index:
             seen = recorded(entry["verdict"], v) if "verdict" in entry else v
             out.append(replace(seen, restarts=tuple(entry.get("restarts") or v.restarts),
                                recorded=shown(entry)))  # fmt: skip
-        if fresh:
+        if fresh and write:
             self._write(entries)
         return out
 

@@ -235,3 +235,23 @@ def test_two_controllers_at_once_lose_no_run_and_no_verdict(tmp_path):
         f"{m}{i}" for m in "ab" for i in range(60)
     )
     assert all(e["verdict"]["state"] == "SUCCEEDED" for e in entries)
+
+
+def test_a_project_that_cannot_be_written_still_shows_its_runs(tmp_path, monkeypatch):
+    """A teammate's checkout or a read-only mount: the lock is refused, and `runs` shows what
+    the nodes and the index say, recording nothing (it used to fail)."""
+    import errno
+
+    index = index_with(tmp_path, "r")
+    before = index.path.read_text()
+
+    def refused(self):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(Index, "_locked", refused)
+    seen = index.settle([fold("r", ORDER, ended("SUCCEEDED"))])[0]
+    assert seen.state is RunState.SUCCEEDED
+    assert index.path.read_text() == before  # nothing recorded
+    monkeypatch.undo()
+    index.settle([fold("r", ORDER, ended("SUCCEEDED"))])
+    assert index.entry("r")["verdict"]["state"] == "SUCCEEDED"  # writable again: recorded
