@@ -95,9 +95,35 @@ def cgroup_pids(c: Cluster, node: str, run_id: str) -> list[str]:
 
 
 def nothing_left(c: Cluster, run_id: str, nodes=NODES) -> None:
-    """Nothing of the run on these nodes: by the run's id in /proc/*/environ, and by cgroup."""
+    """Nothing of the run on these nodes: by the run's id in /proc/*/environ, and by cgroup.
+    Each node must answer first: on a stopped one both would find nothing and pass unseen."""
+    silent = [n for n in nodes if c.ssh(n, "true").returncode != 0]
+    assert not silent, f"{run_id}: cannot look on {silent} (stopped or cut off)"
     left = {n: run_pids(c, n, run_id) + cgroup_pids(c, n, run_id) for n in nodes}
     assert not any(left.values()), left
+
+
+def stop_node(c: Cluster, node: str) -> None:
+    """`sandbox.stop` of one node: its init killed, so every process in it (a dead machine)."""
+    stop = c.invoke("sandbox.stop", "--nodes", node, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+def start_nodes(c: Cluster, nodes: str) -> None:
+    """`sandbox.start` of stopped nodes (comma-separated): a machine booted again."""
+    up = c.invoke("sandbox.start", "--nodes", nodes, timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+
+
+def healed(c: Cluster, run_id: str, reference: str, nodes: list[str]) -> list[dict]:
+    """The run's generations once it ended SUCCEEDED with the uninterrupted run's weights, its
+    second generation on `nodes`."""
+    view = ended(c, run_id)
+    assert view["state"] == "SUCCEEDED", view
+    assert final_sha(c, run_id) == reference
+    gens = view["generations"]
+    assert [g["nodes"] for g in gens] == [list(GANG), nodes], gens
+    return gens
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +151,9 @@ def test_a_lost_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(
     link(four, "node2", "up")
     wait_step(four, run_id, 9)
     killed = time.time()
-    stop = four.invoke("sandbox.stop", "--nodes", "node1", timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    stop_node(four, "node1")
     try:
-        view = ended(four, run_id)
-        assert view["state"] == "SUCCEEDED", view
-        assert final_sha(four, run_id) == reference
-        gens = view["generations"]
-        assert [g["nodes"] for g in gens] == [list(GANG), ["node0", "node3", "node2"]], gens
+        gens = healed(four, run_id, reference, ["node0", "node3", "node2"])
         (replaced,) = gens[1]["replaced"]
         assert (replaced["lost"], replaced["by"], replaced["node_rank"]) == ("node1", "node3", 1)
         assert gens[1]["resumed_step"] >= 8 and gens[1]["first_step"], gens
@@ -145,8 +166,7 @@ def test_a_lost_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(
             f"({gens[1]['checkpoint_nodes']})"
         )
     finally:
-        up = four.invoke("sandbox.start", "--nodes", "node1", timeout=180)
-        assert up.returncode == 0, up.stdout + up.stderr
+        start_nodes(four, "node1")
     nothing_left(four, run_id)
 
 
@@ -195,16 +215,14 @@ def test_a_partitioned_node_stops_itself_and_out_of_spares_is_failed(four: Clust
     while run_pids(four, "node1", run_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     nothing_left(four, run_id, ("node1",))
-    stop = four.invoke("sandbox.stop", "--nodes", "node3", timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    stop_node(four, "node3")
     try:
         view = ended(four, run_id, 180)
         assert view["state"] == "FAILED", view
         assert view["why"].startswith("node3 lost, no spare left"), view
         nothing_left(four, run_id, GANG)
     finally:
-        up = four.invoke("sandbox.start", "--nodes", "node3", timeout=180)
-        assert up.returncode == 0, up.stdout + up.stderr
+        start_nodes(four, "node3")
     nothing_left(four, run_id)
 
 
@@ -232,22 +250,16 @@ def test_a_node_lost_while_a_checkpoint_is_written_resumes_from_the_complete_one
         assert time.monotonic() < deadline, f"{run_id}: no partial step 10 on node0 in 120s"
         time.sleep(0.2)
     assert cgroup_pids(four, "node0", run_id), "the run's ranks are not in its cgroup"
-    stop = four.invoke("sandbox.stop", "--nodes", "node1", timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    stop_node(four, "node1")
     try:
-        view = ended(four, run_id)
-        assert view["state"] == "SUCCEEDED", view
-        assert final_sha(four, run_id) == reference
-        gens = view["generations"]
-        assert [g["nodes"] for g in gens] == [list(GANG), ["node0", "node3", "node2"]], gens
+        gens = healed(four, run_id, reference, ["node0", "node3", "node2"])
         assert gens[1]["resumed_step"] == 8, gens
         logs = four.invoke("logs", run_id, timeout=60).stdout
         resumed = re.findall(r"rank \d+: resumed from epoch \d+ step (\d+)", logs)
         assert sorted(set(resumed)) == ["8"] and len(resumed) >= 6, logs[-4000:]
         assert "resuming from step 8" in logs, logs[-4000:]
     finally:
-        up = four.invoke("sandbox.start", "--nodes", "node1", timeout=180)
-        assert up.returncode == 0, up.stdout + up.stderr
+        start_nodes(four, "node1")
     nothing_left(four, run_id)
 
 
@@ -277,8 +289,7 @@ def test_the_masters_loss_elects_a_survivor_and_the_run_ends_as_if_uninterrupted
     start(four, run_id, SLOW, "--spares", "node3")
     wait_step(four, run_id, 9)
     killed = time.time()
-    stop = four.invoke("sandbox.stop", "--nodes", "node0", timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
+    stop_node(four, "node0")
     try:
         seen = []
         deadline = time.monotonic() + 300
@@ -309,17 +320,10 @@ def test_the_masters_loss_elects_a_survivor_and_the_run_ends_as_if_uninterrupted
             f"({gens[1]['checkpoint_nodes']})"
         )
     finally:
-        up = four.invoke("sandbox.start", "--nodes", "node0", timeout=180)
-        assert up.returncode == 0, up.stdout + up.stderr
+        start_nodes(four, "node0")
     # back, node0 runs nothing of the run and its stale record does not speak for it
     assert runs(four)[run_id]["state"] == "SUCCEEDED"
     nothing_left(four, run_id)
-
-
-def stop_node(c: Cluster, node: str) -> None:
-    """`sandbox.stop` of one node: its init killed, so every process in it (a dead machine)."""
-    stop = c.invoke("sandbox.stop", "--nodes", node, timeout=120)
-    assert stop.returncode == 0, stop.stdout + stop.stderr
 
 
 @pytest.mark.timeout(1200)  # alone, its fixtures bootstrap 4 nodes
@@ -357,8 +361,7 @@ def test_two_spares_three_kills_two_recoveries_then_no_spare_left(four: Cluster)
         ], gens
         nothing_left(four, run_id, ("node0",))  # the one node still up: the master
     finally:
-        up = four.invoke("sandbox.start", "--nodes", "node1,node2,node3", timeout=180)
-        assert up.returncode == 0, up.stdout + up.stderr
+        start_nodes(four, "node1,node2,node3")
     nothing_left(four, run_id)  # and nothing came back with the stopped nodes
 
 
@@ -375,8 +378,7 @@ def test_the_replaced_node_started_again_mid_run_runs_nothing_of_it(four: Cluste
     try:
         wait_generation(four, run_id, 2)
     finally:
-        up = four.invoke("sandbox.start", "--nodes", "node1", timeout=180)
-        assert up.returncode == 0, up.stdout + up.stderr
+        start_nodes(four, "node1")
     back, step = time.monotonic(), step_on(four, "node0", run_id)
     seen = []  # (seconds since node1 is back, its processes of the run)
     while time.monotonic() < back + 12:
@@ -387,11 +389,5 @@ def test_the_replaced_node_started_again_mid_run_runs_nothing_of_it(four: Cluste
     print(f"\nnode1 back at step {step}, watched for 12 s until step {now}: {seen[-1]}")
     assert view["state"] == "RUNNING" and now > step, (view, step)
     assert not any(pids for _, pids in seen), seen
-    view = ended(four, run_id)
-    assert view["state"] == "SUCCEEDED", view
-    assert final_sha(four, run_id) == reference
-    assert [g["nodes"] for g in view["generations"]] == [
-        list(GANG),
-        ["node0", "node3", "node2"],
-    ], view
+    healed(four, run_id, reference, ["node0", "node3", "node2"])
     nothing_left(four, run_id)
