@@ -70,7 +70,8 @@ def shape(run_id: str, meta: Mapping, launcher: str, known, where: str, given: M
     -> value, None: not given). A node of RUN the inventory (`known`, file `where`) no longer
     has is a one-line error naming it, unless --nodes says where instead; a --nodes entry that
     never ran RUN is one too (it has no copy of RUN's code)."""
-    ran_on = list(meta.get("nodes") or ())
+    ran_on = list(meta.get("nodes") or ())  # its last generation's, after recoveries
+    trained = list(meta.get("trained") or ran_on)  # every node that trained it
     nodes = given.get("nodes")
     gone = [n for n in ran_on if n not in known]
     if gone and not nodes:
@@ -79,11 +80,11 @@ def shape(run_id: str, meta: Mapping, launcher: str, known, where: str, given: M
             f"back (its copy of the run is there), or pass --nodes with nodes of {run_id} "
             f"({','.join(ran_on)})"
         )
-    elsewhere = [n for n in select.names(nodes) if ran_on and n not in ran_on]
+    elsewhere = [n for n in select.names(nodes) if trained and n not in trained]
     if elsewhere:
         raise DdpfleetError(
             f"--resume {run_id} --nodes {nodes}: {', '.join(elsewhere)} never ran {run_id}, so "
-            f"it has no copy of its code; use nodes of {run_id} ({','.join(ran_on)})"
+            f"it has no copy of its code; use nodes of {run_id} ({','.join(trained)})"
         )
     ran = {"launcher": launcher, "nodes": ",".join(ran_on) or None,
            "nproc-per-node": meta.get("nproc"), "master-port": meta.get("port"),
@@ -97,7 +98,9 @@ def shape(run_id: str, meta: Mapping, launcher: str, known, where: str, given: M
         else:
             values[name] = had
             if had is not None:
-                said.append(f"{name}: {had} (from {run_id})")
+                gen = meta.get("generation", 1) if name in ("nodes", "spares") else 1
+                of = f"{run_id}'s generation {gen}" if gen > 1 else run_id
+                said.append(f"{name}: {had} (from {of})")
     return Resume(meta, values["launcher"], values["nodes"],
                   str(values["nproc-per-node"] or "auto"), values["master-port"],
                   tuple(said), values["spares"])  # fmt: skip

@@ -168,6 +168,16 @@ def test_a_lost_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(
     finally:
         start_nodes(four, "node1")
     nothing_left(four, run_id)
+    # --resume starts where the newest checkpoints are: the last generation's nodes, node3 in
+    # node1's place (node1, back, holds only older ones); its spare was used, so none now
+    again = new_run_id("healed")
+    r = four.invoke(*train_args(again, "", "--resume", run_id), "--no-health-gate", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"nodes: node0,node3,node2 (from {run_id}'s generation 2)" in r.stdout, r.stdout
+    assert "spares:" not in r.stdout, r.stdout
+    view = ended(four, again, 180)
+    assert (view["state"], view["nodes"]) == ("SUCCEEDED", ["node0", "node3", "node2"]), view
+    assert final_sha(four, again) == reference
 
 
 def test_a_rank_raising_uses_no_spare_and_names_node_and_rank(four: Cluster):

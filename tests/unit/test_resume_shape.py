@@ -66,3 +66,20 @@ def test_a_run_with_spares_is_resumed_with_them_unless_spares_is_given_now():
     r = shape("heal", meta, "ssh", GROWN + ["node4"], "inv.yaml", {**NONE, "spares": "node4"})
     assert r.spares == "node4" and "spares: node4 (--spares)" in r.said
     assert shape("det2", META, "ssh", GROWN, "inventory.yaml", NONE).spares is None
+
+
+def test_a_recovered_run_resumes_on_its_last_generation_and_the_spares_it_did_not_use():
+    """node1 lost, node3 took its node_rank (generation 2); node4 still a spare: the resume
+    names node0,node3,node2 (where the newest checkpoints are), spare node4, and --nodes may
+    still name node1 (it trained generation 1 and has RUN's code)."""
+    meta = {**META, "nodes": ["node0", "node3", "node2"], "generation": 2,
+            "trained": ["node0", "node1", "node2", "node3"], "spares": ["node4"]}  # fmt: skip
+    known = GROWN + ["node4"]
+    r = shape("heal", meta, "ssh", known, "inventory.yaml", NONE)
+    assert (r.nodes, r.spares) == ("node0,node3,node2", "node4")
+    assert "nodes: node0,node3,node2 (from heal's generation 2)" in r.said, r.said
+    assert "spares: node4 (from heal's generation 2)" in r.said, r.said
+    again = shape("heal", meta, "ssh", known, "inventory.yaml", {**NONE, "nodes": "node0,node1"})
+    assert again.nodes == "node0,node1"
+    with pytest.raises(DdpfleetError, match=r"node5 never ran heal.*\(node0,node1,node2,node3\)"):
+        shape("heal", meta, "ssh", known + ["node5"], "inv.yaml", {**NONE, "nodes": "node5"})

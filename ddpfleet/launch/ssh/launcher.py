@@ -45,36 +45,53 @@ class SshLauncher:
         detach.train_detached(fleet, config, index, resume=resume)
 
     def resumed(self, inventory: Inventory, run_id: str, become_password: Secret | None) -> dict:
-        """RUN's script, args, env and shape (nodes, nproc, master port) from its spec on its
-        first node the inventory still has (the one asked)."""
+        """RUN's script, args, env and shape (nodes, nproc, master port, spares) from its spec,
+        asked of every node of RUN (spares too) the inventory still has: the first in RUN's
+        order that knows it answers. After recoveries (node/generation.py) the nodes are RUN's
+        last generation's in node_rank order, and its spares those no generation took."""
         index = runctl.Index(inventory.root)
         nodes = index.nodes(run_id) or tuple(n.name for n in inventory.nodes)
         py = pythons(inventory)
-        first = [inventory.node(n) for n in nodes if n in py][:1]
-        if not first:
+        here = [inventory.node(n) for n in nodes if n in py]
+        if not here:
             raise PlanError(
                 f"--resume {run_id}: none of its nodes ({', '.join(nodes)}) is in "
                 f"{inventory.path.name} any more; put them back to resume it"
             )
-        with Fleet(inventory, first, become_password=become_password) as fleet:
-            said = fleet.map(lambda c: runctl.node_call(c, py[c.name], "spec", run_id))
-        spec = next(iter(said.values()))
-        if isinstance(spec, NodeError):
-            raise spec
-        if not spec:
-            raise PlanError(f"--resume {run_id}: no such run on {first[0].name}; see invoke runs")
+
+        def ask(c) -> tuple[dict | None, dict]:
+            spec = runctl.node_call(c, py[c.name], "spec", run_id)
+            return spec, runctl.node_call(c, py[c.name], "list", run_id)
+
+        with Fleet(inventory, here, become_password=become_password) as fleet:
+            said = fleet.map(ask)
+        answers = [said[n.name] for n in here]
+        spec = next((a[0] for a in answers if isinstance(a, tuple) and a[0]), None)
+        if spec is None:
+            failed = [a for a in answers if isinstance(a, NodeError)]
+            if failed:
+                raise failed[0]
+            raise PlanError(f"--resume {run_id}: no such run on {here[0].name}; see invoke runs")
+        records = {n: a[1] if isinstance(a, tuple) else a for n, a in said.items()}
+        views = runctl.views(records, index, only=(run_id,))
+        gens = list(views[0].generations) if views else []
         # What to resume from reaches the script through DDPFLEET_CHECKPOINT_DIR (the
         # supervisors copy RUN's newest complete checkpoint there), whatever its flags are.
         meta = spec.get("meta", {})
+        first = list(meta.get("nodes") or index.nodes(run_id) or ())
+        last = list(gens[-1]["nodes"]) if len(gens) > 1 else first
+        trained = list(dict.fromkeys([*first, *(n for g in gens for n in g.get("nodes", ()))]))
         return {
             "script": meta.get("script"),
             "args": shlex.join(meta.get("args", ())),
             "env": [f"{k}={v}" for k, v in meta.get("env", ())],
+            "nodes": last,
+            "generation": max(len(gens), 1),
+            "trained": trained,  # every node with RUN's code and checkpoints of its own
             # the shape: a run started before meta had its port says it in the master's spec
-            "nodes": meta.get("nodes") or list(index.nodes(run_id) or ()),
             "nproc": meta.get("nproc") or spec.get("nproc"),
             "port": meta.get("port") or (spec.get("port_from") or {}).get("port"),
-            "spares": meta.get("spares") or [],  # as started, whoever replaced whom since
+            "spares": [s for s in meta.get("spares") or () if s not in trained],
         }
 
     def views(self, runs: Runs, only: Sequence[str] = ()) -> list[RunView]:
