@@ -288,7 +288,7 @@ def as_user(user, work, *args):
     os.close(wr)
     with os.fdopen(rd, "rb") as f:
         said = f.read().decode(errors="replace")
-    status = exit_code(os.waitpid(pid, 0)[1])
+    status = wait_child(pid)
     if status != 0:
         raise OSError(said or f"the work done as {user} ended with {status}")
     return None
@@ -319,6 +319,17 @@ def acting_as(user):
             os.environ["HOME"] = home
 
 
+def wait_child(pid):
+    """The exit code of this process's own child `pid`. Where this process's Reaper runs (a
+    detached run's supervisor, from its first torchrun on) its waitpid(-1) may collect the exit
+    first, and a waitpid of our own then fails with ECHILD (seen: a recovery's checkpoint
+    placement as the training user failed "[Errno 10] No child processes"): the Reaper hands
+    it over instead."""
+    if _reaper is not None:
+        return _reaper.take(pid)
+    return exit_code(os.waitpid(pid, 0)[1])
+
+
 def exit_code(status):
     """A wait status as Popen reports it: the exit code, or minus the signal that ended it."""
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -334,6 +345,7 @@ class Reaper:
     def __init__(self, keep):
         self.keep, self.code, self.done = keep, None, threading.Event()
         self.lock = threading.Lock()
+        self.reaped = threading.Condition(self.lock)  # told of every exit collected
         self.others = {}  # exits not kept: a next torchrun's that ended before follow()
         threading.Thread(target=self._run, name="reaper", daemon=True).start()
 
@@ -352,6 +364,7 @@ class Reaper:
                     self.done.set()
                 else:
                     self.others[pid] = exit_code(status)
+                self.reaped.notify_all()
 
     def follow(self, pid):
         """Keep `pid`'s exit from now on (its exit may have come already)."""
@@ -366,6 +379,14 @@ class Reaper:
     def wait(self):
         self.done.wait()
         return self.code
+
+    def take(self, pid):
+        """The exit code of `pid`, a child another thread of this process forked and waits for
+        (wait_child): collected here like every other, handed over once it came."""
+        with self.reaped:
+            while pid not in self.others:
+                self.reaped.wait(1.0)
+            return self.others.pop(pid)
 
 
 _reaper = None

@@ -78,3 +78,34 @@ def test_root_or_no_user_does_the_work_itself(dirs):
     _, roots = dirs
     assert proctree.as_user(None, Path.read_text, roots / "secret") == "root's"
     assert proctree.as_user("root", Path.read_text, roots / "secret") == "root's"
+
+
+# In a process of its own: a Reaper's waitpid(-1) would take the exits of pytest's children too.
+BESIDE_A_REAPER = """
+import subprocess, sys
+from ddpfleet.node import proctree
+kept = subprocess.Popen(["sleep", "60"])  # torchrun's place: the child the Reaper keeps
+proctree.reaper_for(kept.pid)
+fails = []
+for i in range(int(sys.argv[1])):
+    try:
+        proctree.as_user("nobody", lambda: None)
+    except OSError as e:
+        fails.append(str(e))
+kept.kill()
+print(len(fails), fails[:1])
+"""
+
+
+def test_as_user_beside_a_running_reaper_gets_its_childs_exit():
+    """A detached run's supervisor reaps every child (proctree.Reaper) while a recovery places
+    the checkpoint as the training user: the Reaper's waitpid(-1) took the dropped child's exit
+    and as_user's own waitpid failed, "[Errno 10] No child processes" (bench/recovery.py in the
+    cloud shape: the run FAILED instead of recovering). 200 tries, none may fail."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", BESIDE_A_REAPER, "200"], capture_output=True,
+                       text=True, cwd=root, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.split()[0] == "0", r.stdout + r.stderr
