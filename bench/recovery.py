@@ -4,8 +4,10 @@ generation's first step (issue 22's target: <= 60 s on the sandbox), in its phas
     .venv/bin/python bench/recovery.py [--repeat 3] [--prefix drcb] [--subnet 10.238.0.0/24]
         [--kill-at 9] [--wheelhouse DIR]
 
-Brings up its own sandbox (--prefix, --subnet) of 3 nodes + 1 spare, the training env on each
-(`bootstrap --roles venv_env`, its time shown, not counted), then --repeat times: the
+Brings up its own sandbox (--prefix, --subnet) of 3 nodes + 1 spare in the default cloud shape
+(login `ubuntu` with passwordless sudo, root login refused, training as the non-root `train`),
+the training user and env on each (`bootstrap --roles train_user,venv_env`, its time shown, not
+counted), then --repeat times: the
 deterministic scripts/train_ddp.py detached on node0-2 (2 ranks each, a checkpoint every 2
 steps, 0.5 s a step) with node3 standing by, `invoke sandbox.stop` of node1 once node0 is past
 step --kill-at, the run left to end (it must SUCCEED), node1 started again for the next round.
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -41,10 +44,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.integration.conftest import Cluster, sandbox, write_inventory  # noqa: E402
+from tests.integration.test_real_machine import ssh  # noqa: E402
 from tests.integration.test_train import train_args  # noqa: E402
 
 GANG = ("node0", "node1", "node2")
@@ -66,8 +72,20 @@ def view(c: Cluster, run_id: str) -> dict:
     return next((v for v in runs if v["run_id"] == run_id), {})
 
 
+def cloud(work: Path, prefix: str, subnet: str) -> Cluster:
+    """The 4-node inventory in the default shape: login ubuntu (sudo), the default train user."""
+    path = write_inventory(work, 4, prefix=prefix, subnet=subnet)
+    data = yaml.safe_load(path.read_text())
+    data["ssh"]["user"] = "ubuntu"
+    del data["train_user"]  # the default: train, uid 2000
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return Cluster(work, path)
+
+
 def step(c: Cluster, run_id: str) -> int:
-    out = c.ssh("node0", f"cat {RUNS}/{run_id}/progress/progress.json 2>/dev/null").stdout
+    """node0's step, read as root through ubuntu's sudo (the run's state is root's)."""
+    path = f"{RUNS}/{run_id}/progress/progress.json"
+    out = ssh(c, "node0", shlex.join(["sudo", "-n", "cat", path]) + " 2>/dev/null").stdout
     try:
         return json.loads(out)["step"]
     except (ValueError, KeyError):
@@ -102,7 +120,10 @@ def round_(c: Cluster, n: int, kill_at: int) -> dict[str, float]:
         invoke(c, "sandbox.start", "--nodes", "node1", timeout=180)
     gens = ended.get("generations") or []
     if ended["state"] != "SUCCEEDED" or len(gens) != 2 or not gens[1].get("first_step"):
-        raise SystemExit(f"{run_id}: {ended['state']}, generations {gens}: not one recovery")
+        raise SystemExit(
+            f"{run_id}: {ended['state']} ({ended.get('why')}), generations {gens}: not one "
+            f"recovery\n{invoke(c, 'logs', run_id, timeout=120)[-3000:]}"
+        )
     g = gens[1]
     loads = LOADED.findall(invoke(c, "logs", run_id, timeout=120))
     return {
@@ -129,16 +150,16 @@ def main() -> None:
     ap.add_argument("--wheelhouse", type=Path, help="an existing .ddpfleet/wheelhouse to link")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ddpfleet-bench-recovery-"))
-    c = Cluster(work, write_inventory(work, 4, prefix=args.prefix, subnet=args.subnet))
+    c = cloud(work, args.prefix, args.subnet)
     if args.wheelhouse:
         (work / ".ddpfleet").mkdir(exist_ok=True)
         (work / ".ddpfleet" / "wheelhouse").symlink_to(args.wheelhouse.resolve())
     try:
-        with sandbox(c):
+        with sandbox(c, "--sudo", "nopasswd"):
             began = time.perf_counter()
-            invoke(c, "bootstrap", "--roles", "venv_env", timeout=1800)
-            print(f"bootstrap --roles venv_env on 4 nodes: {time.perf_counter() - began:.1f} s "
-                  "(not counted)")  # fmt: skip
+            invoke(c, "bootstrap", "--roles", "train_user,venv_env", timeout=1800)
+            print(f"bootstrap --roles train_user,venv_env on 4 nodes (login ubuntu + sudo): "
+                  f"{time.perf_counter() - began:.1f} s (not counted)")  # fmt: skip
             print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
             rounds = []
             for n in range(args.repeat):
