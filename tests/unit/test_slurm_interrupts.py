@@ -5,7 +5,8 @@ through (CI saw the job left running)."""
 import os
 import signal
 
-from ddpfleet.launch.slurm.run import Interrupts, Job
+from ddpfleet.launch.interrupts import Interrupts
+from ddpfleet.launch.slurm.run import Job
 
 
 class Polled(Job):

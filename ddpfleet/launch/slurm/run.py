@@ -9,7 +9,6 @@ job` says how the job stands. Without a shared filesystem this is the one place 
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -18,6 +17,7 @@ from ddpfleet.errors import DdpfleetError, NodeError, RunFailed
 from ddpfleet.hygiene import open_private
 from ddpfleet.launch.clues import Clues
 from ddpfleet.launch.config import TrainConfig
+from ddpfleet.launch.interrupts import Interrupts
 from ddpfleet.launch.outcome import (
     Outcome,
     failure_message,
@@ -53,29 +53,6 @@ POLL_S = 0.3
 # itself waits (both defaults; roles/slurm sets neither). Ctrl-C on an attached job and `invoke
 # stop` wait alike: a shorter wait returns while ranks may still run.
 CANCEL_WAIT_S = 90.0
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Interrupts:
-    """SIGINT, SIGTERM and SIGHUP counted while the job is followed, acted on between polls
-    (as the SSH gang does): a KeyboardInterrupt raised inside an SSH write can leave half a
-    packet on the wire, the node's sshd drops the connection, and the scancel sent through it
-    is lost with the job left running (seen in CI: "connection lost while running scancel")."""
-
-    def __init__(self):
-        self.count = 0
-        self.previous: dict = {}
-
-    def __enter__(self) -> Interrupts:
-        self.previous = {s: signal.signal(s, self.on_signal) for s in SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def on_signal(self, signum, frame) -> None:
-        self.count += 1  # only count: the loop acts (a handler must not touch the connection)
 
 
 def run_as(conn: Conn, user: str | None, argv: list[str], **kw) -> Result:

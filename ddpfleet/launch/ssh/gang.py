@@ -3,12 +3,12 @@ stops them all."""
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from ddpfleet.errors import NodeError
+from ddpfleet.launch.interrupts import Interrupts
 from ddpfleet.launch.output import Output
 from ddpfleet.launch.plan import NodePlan, Plan
 from ddpfleet.launch.ssh.member import HEARTBEAT_S, STOP_GRACE_S, WATCHDOG_S, Member
@@ -21,33 +21,22 @@ class Gang:
 
     def __init__(self, members: Sequence[Member], out: Output):
         self.members, self.out = list(members), out
-        self.signals = 0
+        self.interrupts = Interrupts()
         self.handled = 0
         self.reason: str | None = None  # why the gang was stopped, once it was
         self.deadline: float | None = None
 
     def run(self, p: Plan, run_dir: Path) -> None:
-        previous = {
-            s: signal.signal(s, self.on_signal)
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        }
-        try:
+        with self.interrupts:
             for m, node in zip(self.members, p.nodes):
                 self.launch(m, node, p.nproc, run_dir / f"{node.node}.log")
             self.loop()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def launch(self, m: Member, node: NodePlan, nproc: int, log_path: Path) -> None:
         try:
             m.launch(node, nproc, log_path)
         except NodeError as e:
             m.outcome.why = f"could not start: {e.message}"
-
-    def on_signal(self, signum, frame) -> None:
-        # Only count here: the loop acts on it (a handler must not take locks the loop holds).
-        self.signals += 1
 
     def loop(self) -> None:
         beat = time.monotonic()
@@ -66,7 +55,7 @@ class Gang:
                 return
 
     def check_signals(self) -> None:
-        while self.handled < self.signals:
+        while self.handled < self.interrupts.count:
             self.handled += 1
             if self.handled == 1:
                 self.out.line(
