@@ -217,9 +217,12 @@ def main(argv):
     elif what == "sweep":
         sweep = m.part.kill_marked if argv[1] == "1" else m.part.marked
         print(json.dumps(sweep(argv[2:])))
-    elif what == "spec":  # for --resume: all but the lifeline's secret, which stays here
-        spec = m.records.read_json(os.path.join(m.records.RUNS, argv[1], "spec.json"))
-        print(json.dumps(spec and {k: v for k, v in spec.items() if k != "lifeline_secret"}))
+    elif what == "resume":  # for --resume, in one round trip: the run's spec (all but the
+        # lifeline's secret, which stays here) and its record, as `list` gives it
+        run_id = argv[1]
+        spec = m.records.read_json(os.path.join(m.records.RUNS, run_id, "spec.json"))
+        spec = spec and {k: v for k, v in spec.items() if k != "lifeline_secret"}
+        print(json.dumps({"spec": spec, "runs": {run_id: one(run_id)} if recorded(run_id) else {}}))
     return 0
 
 

@@ -158,3 +158,23 @@ def test_prune_leaves_a_run_whose_processes_still_run(runs_root):
     finally:
         live.kill()
         live.wait()
+
+
+def test_resume_answers_the_spec_without_its_secret_and_the_record_in_one_call(
+    runs_root, capsys, monkeypatch
+):
+    """train --resume asks each node once: the spec (the lifeline's secret stays on the node)
+    and the run's record as `list` gives it; a node without the run answers nothing of it."""
+    ctl_module, root = runs_root
+    a_run(root, "r", 100)
+    (root / "r" / "spec.json").write_text(json.dumps({"meta": {"nodes": ["node0"]},
+                                                      "lifeline_secret": "s3"}))  # fmt: skip
+    # main() loads its helpers through the loader it runs under: here, the ones loaded already
+    loaded = lambda name: getattr(ctl_module.m, name[:-3])  # noqa: E731
+    monkeypatch.setattr(ctl_module, "load_helper", loaded, raising=False)
+    ctl_module.main(["resume", "r"])
+    said = json.loads(capsys.readouterr().out)
+    assert said["spec"] == {"meta": {"nodes": ["node0"]}}
+    assert said["runs"]["r"]["status"] == "SUCCEEDED" and said["runs"]["r"]["meta"]["nodes"]
+    ctl_module.main(["resume", "other"])
+    assert json.loads(capsys.readouterr().out) == {"spec": None, "runs": {}}

@@ -58,21 +58,16 @@ class SshLauncher:
                 f"--resume {run_id}: none of its nodes ({', '.join(nodes)}) is in "
                 f"{inventory.path.name} any more; put them back to resume it"
             )
-
-        def ask(c) -> tuple[dict | None, dict]:
-            spec = runctl.node_call(c, py[c.name], "spec", run_id)
-            return spec, runctl.node_call(c, py[c.name], "list", run_id)
-
         with Fleet(inventory, here, become_password=become_password) as fleet:
-            said = fleet.map(ask)
+            said = fleet.map(lambda c: runctl.node_call(c, py[c.name], "resume", run_id))
         answers = [said[n.name] for n in here]
-        spec = next((a[0] for a in answers if isinstance(a, tuple) and a[0]), None)
+        spec = next((a["spec"] for a in answers if isinstance(a, dict) and a["spec"]), None)
         if spec is None:
             failed = [a for a in answers if isinstance(a, NodeError)]
             if failed:
                 raise failed[0]
             raise PlanError(f"--resume {run_id}: no such run on {here[0].name}; see invoke runs")
-        records = {n: a[1] if isinstance(a, tuple) else a for n, a in said.items()}
+        records = {n: a["runs"] if isinstance(a, dict) else a for n, a in said.items()}
         views = runctl.views(records, index, only=(run_id,))
         gens = list(views[0].generations) if views else []
         # What to resume from reaches the script through DDPFLEET_CHECKPOINT_DIR (the
