@@ -135,12 +135,9 @@ def main() -> None:
         max(args.nodes, args.deep_nodes),
         prefix=args.prefix,
         subnet=args.subnet,
+        cloud=True,
         health={"busbw_ratio": 0.1},
     )
-    data = yaml.safe_load(big.read_text())
-    data["ssh"]["user"] = "ubuntu"
-    del data["train_user"]  # the default: train, uid 2000
-    big.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {**os.environ, "DDPFLEET_INVENTORY": str(big)}
     began = time.perf_counter()
     up = [*INVOKE, "sandbox.up", "--sudo", "nopasswd"]

@@ -135,12 +135,7 @@ def sandbox(
     """A sandbox of `count` nodes, up (its env added to `ups` first, for the take-down), the GPU
     stand-in on each: root login, or the cloud shape (ubuntu + passwordless sudo, the
     project's default)."""
-    path = write_inventory(directory, count, prefix=prefix, subnet=subnet)
-    if cloud:
-        data = yaml.safe_load(path.read_text())
-        data["ssh"]["user"] = "ubuntu"
-        del data["train_user"]  # the default, as a new project has it
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path = write_inventory(directory, count, prefix=prefix, subnet=subnet, cloud=cloud)
     env = {**os.environ, "DDPFLEET_INVENTORY": str(path)}
     ups.append(env)
     up = [*INVOKE, "sandbox.up"] + (["--sudo", "nopasswd"] if cloud else [])

@@ -44,8 +44,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -70,16 +68,6 @@ def invoke(c: Cluster, *args: str, timeout: float = 300) -> str:
 def view(c: Cluster, run_id: str) -> dict:
     runs = json.loads(invoke(c, "runs", "--json", timeout=120))
     return next((v for v in runs if v["run_id"] == run_id), {})
-
-
-def cloud(work: Path, prefix: str, subnet: str) -> Cluster:
-    """The 4-node inventory in the default shape: login ubuntu (sudo), the default train user."""
-    path = write_inventory(work, 4, prefix=prefix, subnet=subnet)
-    data = yaml.safe_load(path.read_text())
-    data["ssh"]["user"] = "ubuntu"
-    del data["train_user"]  # the default: train, uid 2000
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return Cluster(work, path)
 
 
 def step(c: Cluster, run_id: str) -> int:
@@ -150,7 +138,7 @@ def main() -> None:
     ap.add_argument("--wheelhouse", type=Path, help="an existing .ddpfleet/wheelhouse to link")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ddpfleet-bench-recovery-"))
-    c = cloud(work, args.prefix, args.subnet)
+    c = Cluster(work, write_inventory(work, 4, prefix=args.prefix, subnet=args.subnet, cloud=True))
     if args.wheelhouse:
         (work / ".ddpfleet").mkdir(exist_ok=True)
         (work / ".ddpfleet" / "wheelhouse").symlink_to(args.wheelhouse.resolve())

@@ -43,12 +43,19 @@ def second_subnet(subnet: str = SUBNET) -> str:
 
 
 def write_inventory(
-    directory: Path, count: int = 2, prefix: str = PREFIX, subnet: str = SUBNET, **changes
+    directory: Path,
+    count: int = 2,
+    prefix: str = PREFIX,
+    subnet: str = SUBNET,
+    cloud: bool = False,
+    **changes,
 ) -> Path:
     """The project inventory, moved to `directory`, its own prefix/subnet, `count` nodes.
 
     These clusters log in as root and train as root, said explicitly (train_user.allow_root):
-    the tests written for them read root's files; test_real_machine.py is the cloud shape."""
+    the tests written for them read root's files. `cloud`: the default cloud shape instead,
+    login `ubuntu` (its sandbox brought up with `--sudo nopasswd`, which refuses root logins)
+    and the default training user `train` (test_real_machine.py, the benches)."""
     data = yaml.safe_load((ROOT / "inventory.yaml").read_text())
     net = ipaddress.IPv4Network(subnet)
     data["sandbox"].update(prefix=prefix, subnet=subnet, state_dir=str(directory / "state"))
@@ -60,7 +67,11 @@ def write_inventory(
     # Direct connections unless a test is about the keeper (test_keeper.py): every test has a
     # HOME of its own, so kept connections would mean a keeper per test, idling for a minute.
     data["ssh"]["persist"] = 0
-    data["train_user"] = {"name": "root", "uid": 0, "gid": 0, "allow_root": True}
+    if cloud:
+        data["ssh"]["user"] = "ubuntu"
+        data.pop("train_user", None)  # the default: train, uid 2000
+    else:
+        data["train_user"] = {"name": "root", "uid": 0, "gid": 0, "allow_root": True}
     data["nodes"] = {f"node{i}": {"host": str(net[10 + i])} for i in range(count)}
     for key, value in changes.items():
         data[key] = value

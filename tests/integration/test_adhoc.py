@@ -21,11 +21,10 @@ NODES = [f"node{i}" for i in range(8)]
 def eight(tmp_path_factory) -> Iterator[Cluster]:
     """8 nodes in the cloud shape; the training user is `www-data` (no bootstrap needed)."""
     directory = tmp_path_factory.mktemp("adhoc")
-    path = write_inventory(directory, count=8, prefix=PREFIX + "a", subnet=second_subnet())
-    data = yaml.safe_load(path.read_text())
-    data["ssh"]["user"] = "ubuntu"
-    data["train_user"] = {"name": "www-data", "uid": 33, "gid": 33}
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    www = {"name": "www-data", "uid": 33, "gid": 33}
+    path = write_inventory(
+        directory, count=8, prefix=PREFIX + "a", subnet=second_subnet(), cloud=True, train_user=www
+    )
     with sandbox(Cluster(directory, path), "--sudo", "nopasswd") as c:
         yield c
 

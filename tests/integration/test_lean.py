@@ -60,10 +60,9 @@ def install_standin_sudo(inventory: Path, selection: str) -> None:
 def cloud(tmp_path_factory) -> Iterator[Cluster]:
     """2 nodes in the default cloud shape, kept connections on, 8 recorded A100s each."""
     directory = tmp_path_factory.mktemp("lean")
-    path = write_inventory(directory, prefix=PREFIX + "l", subnet=second_subnet())
+    path = write_inventory(directory, prefix=PREFIX + "l", subnet=second_subnet(), cloud=True)
     data = yaml.safe_load(path.read_text())
-    data["ssh"].update(user="ubuntu", persist=120)
-    del data["train_user"]
+    data["ssh"]["persist"] = 120  # kept connections on: the lean path's subject
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     c = Cluster(directory, path)
     with sandbox(c, "--sudo", "nopasswd"):

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.integration.conftest import (
     HERMETIC,
@@ -61,12 +60,10 @@ done
 @pytest.fixture(scope="module")
 def cloud(cluster: Cluster, tmp_path_factory) -> Iterator[Cluster]:
     directory = tmp_path_factory.mktemp("cloud")
-    path = write_inventory(directory, prefix=PREFIX + "c", subnet=second_subnet(second_subnet()))
-    data = yaml.safe_load(path.read_text())
-    data["ssh"]["user"] = "ubuntu"
-    del data["train_user"]  # the default: train, uid 2000
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    c = Cluster(directory, path)
+    subnet = second_subnet(second_subnet())
+    c = Cluster(
+        directory, write_inventory(directory, prefix=PREFIX + "c", subnet=subnet, cloud=True)
+    )
     (directory / ".ddpfleet").mkdir(exist_ok=True)
     shared = cluster.dir / ".ddpfleet" / "wheelhouse"
     shared.mkdir(parents=True, exist_ok=True)
