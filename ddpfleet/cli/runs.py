@@ -44,8 +44,11 @@ class Resume:
 def resume(inventory, run_id: str, password, launcher, nodes, nproc_per_node, master_port,
            spares=None):  # fmt: skip
     """RUN's shape for `train --resume RUN` (shape()), asked of the launcher that ran it."""
+    from ddpfleet.launch.config import RUN_ID_RE
     from ddpfleet.launch.launcher import get, index, of_run, resumers
 
+    if not RUN_ID_RE.match(run_id):  # it names a directory on every node
+        raise DdpfleetError(f"--resume {run_id!r}: not a run id; see invoke runs for yours")
     full = inv.load(inventory)
     if launcher:
         how = get(launcher)

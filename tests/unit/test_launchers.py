@@ -151,6 +151,14 @@ def test_resume_is_refused_for_a_launcher_without_it(fake, monkeypatch):
     assert LAUNCHER.calls == []
 
 
+def test_resume_of_what_is_no_run_id_asks_no_node(fake):
+    """--resume names a directory on every node: a path in it is one line, and no node is
+    asked (the nodes' run_ctl reads RUN's spec as root)."""
+    with pytest.raises(Exit, match=r"--resume '../x': not a run id; see invoke runs"):
+        tasks.train(Context(), inventory=str(fake), resume="../x")
+    assert LAUNCHER.calls == []
+
+
 def test_runs_lists_every_launchers_runs(fake, monkeypatch, capsys):
     for name in ("ssh", "slurm"):  # the real ones would connect: no runs of theirs here
         monkeypatch.setattr(launcher.get(name), "views", lambda runs, only=(): [])
